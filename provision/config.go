@@ -1,0 +1,130 @@
+package provision
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+)
+
+// Config is the provisioner daemon's configuration. Each setting comes from
+// an environment variable and can be overridden by a flag.
+type Config struct {
+	ListenPath     string      // PROVISIONER_LISTEN_PATH, --listen-path (required)
+	SocketMode     fs.FileMode // PROVISIONER_SOCKET_MODE, --socket-mode (0660)
+	SocketGroup    string      // PROVISIONER_SOCKET_GROUP, --socket-group
+	ImageConfigDir string      // IMAGE_CONFIG_DIRECTORY, --image-config-directory (required)
+	EngineBin      string      // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
+	// EngineListen is PROVISIONER_ENGINE_LISTEN, --engine-listen: empty
+	// means a Unix socket in a private runtime directory.
+	EngineListen string
+	// Secret is MVPS_TE_JWT_SECRET; environment only, never a flag, since
+	// argv is readable by every user. Empty means generate one.
+	Secret   string
+	LogLevel string // PROVISIONER_LOG_LEVEL, --log-level (info)
+}
+
+// Defaults.
+const (
+	DefaultSocketMode fs.FileMode = 0o660
+	DefaultEngineBin              = "/usr/bin/mvps-te"
+)
+
+// setting ties an environment variable to a flag.
+type setting struct {
+	env, flag, def, usage string
+}
+
+var settings = []setting{
+	{"PROVISIONER_LISTEN_PATH", "listen-path", "", "SEQPACKET socket to serve callers on (required)"},
+	{"PROVISIONER_SOCKET_MODE", "socket-mode", "0660", "permission bits of the socket, octal"},
+	{"PROVISIONER_SOCKET_GROUP", "socket-group", "", "group (name or gid) that owns the socket"},
+	{"IMAGE_CONFIG_DIRECTORY", "image-config-directory", "", "directory with one JSON file per image key (required)"},
+	{"PROVISIONER_ENGINE_BIN", "engine-bin", DefaultEngineBin, "mvps-te executable"},
+	{"PROVISIONER_ENGINE_LISTEN", "engine-listen", "", "engine address, unix:/path or host:port (default: a socket in a private runtime directory)"},
+	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error"},
+}
+
+// ParseConfig reads the configuration from args (without the program name)
+// and the environment. Its errors are one line naming the setting.
+func ParseConfig(args []string, getenv func(string) string) (Config, error) {
+	var cfg Config
+	var mode string
+	dst := []*string{&cfg.ListenPath, &mode, &cfg.SocketGroup, &cfg.ImageConfigDir, &cfg.EngineBin, &cfg.EngineListen, &cfg.LogLevel}
+	fset := flag.NewFlagSet("mvps-provisioner", flag.ContinueOnError)
+	fset.SetOutput(io.Discard)
+	for i, s := range settings {
+		v := getenv(s.env)
+		if v == "" {
+			v = s.def
+		}
+		fset.StringVar(dst[i], s.flag, v, s.usage+" [$"+s.env+"]")
+	}
+	if err := fset.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return Config{}, err
+		}
+		return Config{}, fmt.Errorf("command line: %w", err)
+	}
+	if fset.NArg() > 0 {
+		return Config{}, fmt.Errorf("command line: unexpected argument %q", fset.Arg(0))
+	}
+	cfg.Secret = getenv("MVPS_TE_JWT_SECRET")
+
+	if cfg.ListenPath == "" {
+		return Config{}, errors.New("PROVISIONER_LISTEN_PATH (--listen-path) is required")
+	}
+	m, err := strconv.ParseUint(mode, 8, 32)
+	if err != nil || m > 0o777 {
+		return Config{}, fmt.Errorf("PROVISIONER_SOCKET_MODE (--socket-mode) %q is not an octal mode like 0660", mode)
+	}
+	cfg.SocketMode = fs.FileMode(m)
+	if cfg.ImageConfigDir == "" {
+		return Config{}, errors.New("IMAGE_CONFIG_DIRECTORY (--image-config-directory) is required")
+	}
+	if cfg.EngineListen != "" {
+		if _, _, err := ParseEngineListen(cfg.EngineListen); err != nil {
+			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_LISTEN (--engine-listen): %v", err)
+		}
+	}
+	switch strings.ToLower(cfg.LogLevel) {
+	case "debug", "info", "warn", "error":
+	default:
+		return Config{}, fmt.Errorf("PROVISIONER_LOG_LEVEL (--log-level) %q is not debug, info, warn or error", cfg.LogLevel)
+	}
+	return cfg, nil
+}
+
+// Check verifies what ParseConfig cannot see without the file system.
+func (cfg Config) Check() error {
+	st, err := os.Stat(cfg.ImageConfigDir)
+	if err != nil {
+		return fmt.Errorf("IMAGE_CONFIG_DIRECTORY %s: %w", cfg.ImageConfigDir, err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("IMAGE_CONFIG_DIRECTORY %s is not a directory", cfg.ImageConfigDir)
+	}
+	if _, err := exec.LookPath(cfg.EngineBin); err != nil {
+		return fmt.Errorf("PROVISIONER_ENGINE_BIN %s: %w", cfg.EngineBin, err)
+	}
+	return nil
+}
+
+// Usage describes the settings, for --help.
+func Usage() string {
+	var b strings.Builder
+	b.WriteString("usage: mvps-provisioner [flags]\n\nEach flag overrides the environment variable named with it.\n")
+	fset := flag.NewFlagSet("mvps-provisioner", flag.ContinueOnError)
+	fset.SetOutput(&b)
+	for _, s := range settings {
+		fset.String(s.flag, s.def, s.usage+" [$"+s.env+"]")
+	}
+	fset.PrintDefaults()
+	b.WriteString("\nMVPS_TE_JWT_SECRET (environment only): the engine's token secret; random when unset.\n")
+	return b.String()
+}

@@ -1,0 +1,70 @@
+package provision
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestParseConfig(t *testing.T) {
+	base := map[string]string{
+		"PROVISIONER_LISTEN_PATH": "/run/p.sock",
+		"IMAGE_CONFIG_DIRECTORY":  "/etc/images",
+	}
+	env := func(extra map[string]string) func(string) string {
+		return func(k string) string {
+			if v, ok := extra[k]; ok {
+				return v
+			}
+			return base[k]
+		}
+	}
+	tests := []struct {
+		name  string
+		args  []string
+		extra map[string]string
+		want  Config
+		err   string
+	}{
+		{name: "defaults", want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
+			EngineBin: "/usr/bin/mvps-te", LogLevel: "info"}},
+		{name: "environment", extra: map[string]string{
+			"PROVISIONER_SOCKET_MODE": "0600", "PROVISIONER_SOCKET_GROUP": "disk", "PROVISIONER_ENGINE_BIN": "/opt/te",
+			"PROVISIONER_ENGINE_LISTEN": "127.0.0.1:2192", "MVPS_TE_JWT_SECRET": "s3cret"},
+			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o600, SocketGroup: "disk", ImageConfigDir: "/etc/images",
+				EngineBin: "/opt/te", EngineListen: "127.0.0.1:2192", Secret: "s3cret", LogLevel: "info"}},
+		{name: "flags override", args: []string{"--listen-path", "/tmp/x", "--socket-mode=0666", "--engine-listen", "unix:/tmp/e"},
+			want: Config{ListenPath: "/tmp/x", SocketMode: 0o666, ImageConfigDir: "/etc/images",
+				EngineBin: "/usr/bin/mvps-te", EngineListen: "unix:/tmp/e", LogLevel: "info"}},
+		{name: "missing listen path", extra: map[string]string{"PROVISIONER_LISTEN_PATH": ""}, err: "PROVISIONER_LISTEN_PATH"},
+		{name: "missing config dir", extra: map[string]string{"IMAGE_CONFIG_DIRECTORY": ""}, err: "IMAGE_CONFIG_DIRECTORY"},
+		{name: "bad mode", extra: map[string]string{"PROVISIONER_SOCKET_MODE": "rw"}, err: "PROVISIONER_SOCKET_MODE"},
+		{name: "mode too big", extra: map[string]string{"PROVISIONER_SOCKET_MODE": "4777"}, err: "PROVISIONER_SOCKET_MODE"},
+		{name: "bad engine listen", extra: map[string]string{"PROVISIONER_ENGINE_LISTEN": "nowhere"}, err: "PROVISIONER_ENGINE_LISTEN"},
+		{name: "empty unix path", extra: map[string]string{"PROVISIONER_ENGINE_LISTEN": "unix:"}, err: "PROVISIONER_ENGINE_LISTEN"},
+		{name: "bad log level", extra: map[string]string{"PROVISIONER_LOG_LEVEL": "loud"}, err: "PROVISIONER_LOG_LEVEL"},
+		{name: "unknown flag", args: []string{"--jwt-secret=x"}, err: "command line"},
+		{name: "stray argument", args: []string{"extra"}, err: "unexpected argument"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := ParseConfig(tt.args, env(tt.extra))
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) || strings.Contains(err.Error(), "\n") {
+					t.Fatalf("err = %v, want one line naming %s", err, tt.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Fatalf("(-want +got):\n%s", diff)
+			}
+		})
+	}
+	if u := Usage(); !strings.Contains(u, "PROVISIONER_LISTEN_PATH") || !strings.Contains(u, "MVPS_TE_JWT_SECRET") {
+		t.Fatalf("usage lacks settings:\n%s", u)
+	}
+}

@@ -1,0 +1,131 @@
+package provision
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// ShutdownTimeout bounds detaching everything and stopping the engine.
+const ShutdownTimeout = 2 * time.Minute
+
+// Run is the daemon: it starts the engine, serves callers until ctx ends,
+// then detaches every device, stops the engine and removes its socket. It
+// returns nil after a clean shutdown and an error when start-up failed or
+// the engine died.
+func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	if err := cfg.Check(); err != nil {
+		return err
+	}
+	secret := cfg.Secret
+	if secret == "" {
+		var err error
+		if secret, err = NewSecret(); err != nil {
+			return err
+		}
+		log.Info("MVPS_TE_JWT_SECRET is unset: using a random secret for this run")
+	}
+
+	devices, err := NewNBDDevices()
+	if err != nil {
+		return err
+	}
+	defer devices.Close()
+
+	// Listening first fails fast when another instance owns the socket,
+	// before a second engine is started.
+	ln, err := Listen(ListenConfig{Path: cfg.ListenPath, Mode: cfg.SocketMode, Group: cfg.SocketGroup})
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+
+	engineListen := cfg.EngineListen
+	if engineListen == "" {
+		dir, err := privateRuntimeDir()
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		engineListen = "unix:" + filepath.Join(dir, "engine.sock")
+	}
+	engine, err := StartEngine(ctx, EngineConfig{
+		Bin:    cfg.EngineBin,
+		Listen: engineListen,
+		Secret: []byte(secret),
+		Env:    os.Environ(),
+		Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	stopEngine := func() {
+		sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
+		defer cancel()
+		if err := engine.Stop(sctx); err != nil {
+			log.Error("stopping engine", "err", err)
+		}
+	}
+
+	srv, err := NewServer(ServerConfig{
+		ImageConfigDir: cfg.ImageConfigDir,
+		Secret:         []byte(secret),
+		DialEngine:     engine.Dial,
+		Devices:        devices,
+		Logger:         log,
+	})
+	if err != nil {
+		stopEngine()
+		return err
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
+		"engine", cfg.EngineBin, "engine_pid", engine.Pid())
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case <-engine.Done():
+		runErr = engine.Err()
+		log.Error("engine died; detaching everything", "err", runErr)
+		srv.EngineFailed()
+	case err := <-served:
+		runErr = err
+		log.Error("serving stopped", "err", err)
+	}
+
+	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Error("shutdown", "err", err)
+		runErr = errors.Join(runErr, err)
+	}
+	stopEngine()
+	if runErr == nil {
+		log.Info("stopped cleanly")
+	}
+	return runErr
+}
+
+// privateRuntimeDir makes a 0700 directory for the engine's socket, so only
+// this user can reach the engine (which trusts any valid token).
+func privateRuntimeDir() (string, error) {
+	base := os.Getenv("RUNTIME_DIRECTORY")
+	if base == "" {
+		base = "/run"
+		if st, err := os.Stat(base); err != nil || !st.IsDir() {
+			base = os.TempDir()
+		}
+	}
+	dir, err := os.MkdirTemp(base, "mvps-provisioner-")
+	if err != nil {
+		return "", fmt.Errorf("create runtime directory: %w", err)
+	}
+	return dir, nil
+}

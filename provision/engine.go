@@ -1,0 +1,242 @@
+package provision
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/nbd"
+)
+
+// EngineConfig says how to run mvps-te.
+type EngineConfig struct {
+	// Bin is the engine executable.
+	Bin string
+	// Listen is the engine's MVPS_TE_LISTEN: "unix:/path" or "host:port".
+	Listen string
+	// Secret becomes the engine's MVPS_TE_JWT_SECRET. It goes through the
+	// environment only: argv is world-readable in /proc.
+	Secret []byte
+	// Env is the rest of the engine's environment (image store, buffer
+	// store, AWS settings...); MVPS_TE_LISTEN and MVPS_TE_JWT_SECRET in it
+	// are replaced.
+	Env []string
+	// StartTimeout bounds the wait for the engine's first NBD greeting.
+	StartTimeout time.Duration
+	Logger       *slog.Logger
+}
+
+// Engine is a running engine process.
+type Engine struct {
+	cfg  EngineConfig
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error // set before done is closed
+	logs sync.WaitGroup
+}
+
+// DefaultEngineStartTimeout is the StartTimeout used when it is zero.
+const DefaultEngineStartTimeout = 30 * time.Second
+
+// StartEngine starts the engine and returns once it answers the NBD
+// greeting on its listen address. If the provisioner dies, the kernel sends
+// the engine SIGTERM, so the engine never outlives it and still gets to
+// checkpoint.
+func StartEngine(ctx context.Context, cfg EngineConfig) (*Engine, error) {
+	if cfg.StartTimeout == 0 {
+		cfg.StartTimeout = DefaultEngineStartTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	network, address, err := ParseEngineListen(cfg.Listen)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(cfg.Bin)
+	cmd.Env = engineEnv(cfg.Env, cfg.Listen, cfg.Secret)
+	// Pdeathsig fires when the thread that forked exits, not the process:
+	// the fork happens on a thread locked for the engine's whole life.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM, Setpgid: true}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	e := &Engine{cfg: cfg, cmd: cmd, done: make(chan struct{})}
+
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// Never unlocked: the thread dies with this goroutine, after the
+		// engine has exited.
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		e.logs.Add(2)
+		go e.copyLog(stdout, "stdout")
+		go e.copyLog(stderr, "stderr")
+		// Wait only after the pipes are drained, as exec requires.
+		e.logs.Wait()
+		err := cmd.Wait()
+		if err == nil {
+			err = errors.New("engine exited with status 0")
+		}
+		e.err = fmt.Errorf("engine exited: %w", err)
+		close(e.done)
+	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("start engine %s: %w", cfg.Bin, err)
+	}
+	cfg.Logger.Info("engine started", "bin", cfg.Bin, "pid", cmd.Process.Pid, "listen", cfg.Listen)
+
+	if err := e.waitReady(ctx, network, address); err != nil {
+		e.Stop(context.Background())
+		return nil, err
+	}
+	return e, nil
+}
+
+// waitReady dials until the engine sends its greeting: a socket that
+// accepts is not yet a server that answers.
+func (e *Engine) waitReady(ctx context.Context, network, address string) error {
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.StartTimeout)
+	defer cancel()
+	start := time.Now()
+	var lastErr error
+	for {
+		if err := probeGreeting(ctx, network, address); err == nil {
+			e.cfg.Logger.Info("engine ready", "after", time.Since(start).Round(time.Millisecond).String())
+			return nil
+		} else {
+			lastErr = err
+		}
+		select {
+		case <-e.done:
+			return fmt.Errorf("engine did not start: %w", e.err)
+		case <-ctx.Done():
+			return fmt.Errorf("engine did not answer on %s within %v: %v", e.cfg.Listen, e.cfg.StartTimeout, lastErr)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func probeGreeting(ctx context.Context, network, address string) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, network, address)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if deadline, ok := ctx.Deadline(); ok {
+		c.SetDeadline(deadline)
+	}
+	var b [nbd.GreetingSize]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		return fmt.Errorf("read greeting: %w", err)
+	}
+	_, err = nbd.ParseGreeting(b[:])
+	return err
+}
+
+func (e *Engine) copyLog(r io.Reader, stream string) {
+	defer e.logs.Done()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		e.cfg.Logger.Info("engine: "+sc.Text(), "source", "engine", "stream", stream)
+	}
+	// Keep draining after an over-long line so the engine never blocks on
+	// a full pipe.
+	io.Copy(io.Discard, r)
+}
+
+// Done is closed when the engine has exited.
+func (e *Engine) Done() <-chan struct{} { return e.done }
+
+// Err says why the engine exited; valid after Done is closed.
+func (e *Engine) Err() error { return e.err }
+
+// Pid is the engine's process id.
+func (e *Engine) Pid() int { return e.cmd.Process.Pid }
+
+// Stop sends SIGTERM, which makes mvps-te fsync and checkpoint every open
+// image, and waits for the exit; SIGKILL when ctx ends first.
+func (e *Engine) Stop(ctx context.Context) error {
+	select {
+	case <-e.done:
+		return nil
+	default:
+	}
+	if err := e.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("stop engine: %w", err)
+	}
+	select {
+	case <-e.done:
+		return nil
+	case <-ctx.Done():
+		e.cmd.Process.Kill()
+		<-e.done
+		return fmt.Errorf("engine did not stop in time, killed: %w", ctx.Err())
+	}
+}
+
+// Dial connects to the engine.
+func (e *Engine) Dial(ctx context.Context) (net.Conn, error) {
+	return DialEngine(ctx, e.cfg.Listen)
+}
+
+// DialEngine connects to an engine listening on listen ("unix:/path" or
+// "host:port").
+func DialEngine(ctx context.Context, listen string) (net.Conn, error) {
+	network, address, err := ParseEngineListen(listen)
+	if err != nil {
+		return nil, err
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, address)
+}
+
+// ParseEngineListen splits an MVPS_TE_LISTEN value into a network and an
+// address.
+func ParseEngineListen(listen string) (network, address string, err error) {
+	if path, ok := strings.CutPrefix(listen, "unix:"); ok {
+		if path == "" {
+			return "", "", errors.New("engine listen address \"unix:\" has no path")
+		}
+		return "unix", path, nil
+	}
+	if _, _, err := net.SplitHostPort(listen); err != nil {
+		return "", "", fmt.Errorf("engine listen address %q is neither unix:/path nor host:port: %w", listen, err)
+	}
+	return "tcp", listen, nil
+}
+
+func engineEnv(base []string, listen string, secret []byte) []string {
+	env := make([]string, 0, len(base)+2)
+	for _, kv := range base {
+		if strings.HasPrefix(kv, "MVPS_TE_LISTEN=") || strings.HasPrefix(kv, "MVPS_TE_JWT_SECRET=") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return append(env, "MVPS_TE_LISTEN="+listen, "MVPS_TE_JWT_SECRET="+string(secret))
+}
