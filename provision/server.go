@@ -79,6 +79,10 @@ type attachment struct {
 	caller  callerInfo
 	start   time.Time
 	once    sync.Once
+	// detaching is set, under Server.mu, when the detach starts; released
+	// is closed when the image id is free again.
+	detaching bool
+	released  chan struct{}
 }
 
 type callerInfo struct {
@@ -264,20 +268,38 @@ func (s *Server) reject(conn *net.UnixConn, caller callerInfo, key string, rerr 
 
 // reserve claims image id for one attachment: the engine would let a second
 // connection write the same image, or fence the first, so the provisioner
-// is what keeps an image attached at most once on this host.
+// is what keeps an image attached at most once on this host. A request that
+// arrives while the image's previous attachment is being detached waits for
+// that detach instead of failing: a caller that closes and reattaches at
+// once is not refused.
 func (s *Server) reserve(imageID, key string, caller callerInfo) (*attachment, *ReplyError) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing {
-		return nil, replyErrorf(CodeInternal, "provisioner is shutting down")
+	for {
+		s.mu.Lock()
+		if s.closing {
+			s.mu.Unlock()
+			return nil, replyErrorf(CodeInternal, "provisioner is shutting down")
+		}
+		other, ok := s.attachments[imageID]
+		if !ok {
+			a := &attachment{imageID: imageID, key: key, caller: caller, released: make(chan struct{})}
+			s.attachments[imageID] = a
+			s.mu.Unlock()
+			return a, nil
+		}
+		detaching := other.detaching
+		s.mu.Unlock()
+		if !detaching {
+			return nil, replyErrorf(CodeBusy, "image %s is already attached on this host (key %q, caller pid %d)",
+				imageID, other.key, other.caller.pid)
+		}
+		select {
+		case <-other.released:
+		case <-s.ctx.Done():
+			return nil, replyErrorf(CodeInternal, "provisioner is shutting down")
+		case <-time.After(s.cfg.FlushTimeout + s.cfg.DetachTimeout):
+			return nil, replyErrorf(CodeBusy, "image %s is still being detached", imageID)
+		}
 	}
-	if other, ok := s.attachments[imageID]; ok {
-		return nil, replyErrorf(CodeBusy, "image %s is already attached on this host (key %q, caller pid %d)",
-			imageID, other.key, other.caller.pid)
-	}
-	a := &attachment{imageID: imageID, key: key, caller: caller}
-	s.attachments[imageID] = a
-	return a, nil
 }
 
 func (s *Server) release(a *attachment) {
@@ -285,6 +307,7 @@ func (s *Server) release(a *attachment) {
 	defer s.mu.Unlock()
 	if s.attachments[a.imageID] == a {
 		delete(s.attachments, a.imageID)
+		close(a.released)
 	}
 }
 
@@ -317,6 +340,10 @@ func (s *Server) attach(image ImageConfig) (*Device, *ReplyError) {
 		return nil, replyErrorf(CodeAttachFailed, "engine exports %d bytes for %s, config says %d",
 			export.Size, image.ImageID, image.ImageSize)
 	}
+	if err := probeSession(ctx, conn); err != nil {
+		conn.Close()
+		return nil, replyErrorf(CodeAttachFailed, "%s: %v", image.ImageID, err)
+	}
 	dev, err := s.cfg.Devices.Attach(ctx, conn, export, "mvps:"+image.ImageID)
 	if err != nil {
 		return nil, replyErrorf(CodeAttachFailed, "%v", err)
@@ -331,6 +358,7 @@ func (s *Server) detach(a *attachment, reason string) {
 		defer s.release(a)
 		s.mu.Lock()
 		engineDead := s.engineDead
+		a.detaching = true
 		s.mu.Unlock()
 
 		flushErr := errors.New("skipped: engine is gone")
