@@ -1,0 +1,379 @@
+// Package devengine is mvps-te-dev, a stand-in for mvps-te, the NBD
+// transaction engine of mvps (github.com/losfair/mvps). It speaks exactly
+// mvps-te's dialect of NBD, token checks included, and is as strict as
+// mvps-te wherever a client can tell, but keeps each image in a sparse local
+// file instead of a page store with a write-ahead log. It exists so that the
+// provisioner can be tested end to end where the real engine cannot be
+// installed; it is not for production.
+package devengine
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown, and is the reason
+// given to connections that Shutdown ends.
+var ErrServerClosed = errors.New("devengine: server closed")
+
+// DefaultMaxInFlightBytes is mvps-te's per-image concurrency limit: 16 MiB,
+// charged 4096 + length per request.
+const DefaultMaxInFlightBytes = 16 << 20
+
+// Config configures a Server.
+type Config struct {
+	// Secret is the HMAC-SHA256 key of the export-name tokens. Required.
+	Secret []byte
+	// ImageDir holds one sparse file per image, named by the image id. It
+	// must exist.
+	ImageDir string
+	// BufferDir is mvps-te's write buffer directory. The stand-in writes
+	// straight to the image files and does not use it; if set it must be a
+	// directory, so that a configuration that works here works there.
+	BufferDir string
+	// Logger receives one line per connection event. nil discards.
+	Logger *slog.Logger
+	// SyncWrites makes every WRITE fdatasync the image file before it is
+	// acknowledged, as durable as mvps-te's write-ahead log. Off, a WRITE is
+	// acknowledged once pwrite returned: the data survives the engine
+	// process but not a crash of the machine. Shutdown always fsyncs.
+	SyncWrites bool
+	// MaxInFlightBytes bounds the memory of requests being served per image,
+	// each counted as 4096 + its length. 0 means DefaultMaxInFlightBytes.
+	MaxInFlightBytes int64
+	// Now is the clock that token expiry is checked against; nil means
+	// time.Now.
+	Now func() time.Time
+}
+
+// Server is an NBD server speaking mvps-te's dialect.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	maxBytes int64
+
+	mu        sync.Mutex
+	closing   bool
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	sessions  map[string]*session
+
+	// handlers counts connection goroutines. Add happens under mu while
+	// closing is false, so that Shutdown's Wait sees every one of them.
+	handlers sync.WaitGroup
+	nextID   atomic.Uint64
+
+	// syncHook, if set by a test, is called after an image file was
+	// fsynced at shutdown.
+	syncHook func(imageID string)
+}
+
+// New checks cfg and returns a Server that is not yet serving.
+func New(cfg Config) (*Server, error) {
+	if len(cfg.Secret) == 0 {
+		return nil, errors.New("devengine: Config.Secret is empty")
+	}
+	if cfg.ImageDir == "" {
+		return nil, errors.New("devengine: Config.ImageDir is empty")
+	}
+	if err := checkDir(cfg.ImageDir); err != nil {
+		return nil, fmt.Errorf("devengine: image directory: %w", err)
+	}
+	if cfg.BufferDir != "" {
+		if err := checkDir(cfg.BufferDir); err != nil {
+			return nil, fmt.Errorf("devengine: buffer directory: %w", err)
+		}
+	}
+	maxBytes := cfg.MaxInFlightBytes
+	if maxBytes == 0 {
+		maxBytes = DefaultMaxInFlightBytes
+	}
+	if maxBytes < requestCost(MaxRequestLength) {
+		return nil, fmt.Errorf("devengine: Config.MaxInFlightBytes %d is below one maximal request (%d)",
+			maxBytes, requestCost(MaxRequestLength))
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	cfg.Secret = slices.Clone(cfg.Secret)
+	return &Server{
+		cfg:       cfg,
+		log:       log,
+		maxBytes:  maxBytes,
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*conn]struct{}),
+		sessions:  make(map[string]*session),
+	}, nil
+}
+
+func checkDir(path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", path)
+	}
+	return nil
+}
+
+// Serve accepts connections on ln until Shutdown, then returns
+// ErrServerClosed. It closes ln when it returns.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closing := s.closing
+			s.mu.Unlock()
+			if closing {
+				return ErrServerClosed
+			}
+			// Out of file descriptors and the like: wait and retry
+			// rather than give up serving.
+			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+				errors.Is(err, syscall.ECONNABORTED) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "err", err, "in", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return fmt.Errorf("devengine: accept: %w", err)
+		}
+		backoff = 0
+		c := s.newConn(nc)
+		s.mu.Lock()
+		if s.closing {
+			// mvps-te also drops connections accepted while it shuts down.
+			s.mu.Unlock()
+			nc.Close()
+			return ErrServerClosed
+		}
+		s.conns[c] = struct{}{}
+		s.handlers.Add(1)
+		s.mu.Unlock()
+		go s.handle(c)
+	}
+}
+
+// Shutdown stops accepting, ends every connection, waits for their
+// handlers and then fsyncs and closes every open image file. If ctx ends
+// first it still fsyncs the files, leaves them open for the handlers that
+// are left, and returns ctx's error.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closing = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.abort(ErrServerClosed)
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		s.handlers.Wait()
+		close(done)
+	}()
+	var waitErr error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		waitErr = fmt.Errorf("devengine: shutdown: connections still open: %w", context.Cause(ctx))
+	}
+
+	s.mu.Lock()
+	sessions := s.sessions
+	if waitErr == nil {
+		s.sessions = make(map[string]*session)
+	}
+	s.mu.Unlock()
+	errs := []error{waitErr}
+	for _, id := range slices.Sorted(maps.Keys(sessions)) {
+		sess := sessions[id]
+		if err := sess.file.Sync(); err != nil {
+			errs = append(errs, fmt.Errorf("devengine: fsync image %s: %w", id, err))
+			s.log.Error("fsync failed", "image_id", id, "err", err)
+		} else {
+			s.log.Info("image fsynced", "image_id", id)
+			if s.syncHook != nil {
+				s.syncHook(id)
+			}
+		}
+		if waitErr == nil {
+			if err := sess.file.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("devengine: close image %s: %w", id, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// NumConns is the number of open connections, in any phase.
+func (s *Server) NumConns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// NumSessions is the number of open images. Like mvps-te's sessions they
+// stay open, with their page size, until Shutdown.
+func (s *Server) NumSessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
+// conn is one client connection.
+type conn struct {
+	id     uint64
+	nc     net.Conn
+	remote string
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	// done is closed when the connection's handler and every request it
+	// dispatched have finished: after that it cannot touch the image.
+	done chan struct{}
+}
+
+func (s *Server) newConn(nc net.Conn) *conn {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	remote := nc.RemoteAddr().String()
+	if nc.RemoteAddr().Network() == "unix" {
+		remote = "unix:" + remote
+	}
+	return &conn{
+		id:     s.nextID.Add(1),
+		nc:     nc,
+		remote: remote,
+		ctx:    ctx,
+		cancel: cancel,
+		done:   make(chan struct{}),
+	}
+}
+
+// abort ends the connection from outside (fencing, shutdown): the socket
+// is closed, which unblocks the reader and any reply being written.
+func (c *conn) abort(cause error) {
+	c.cancel(cause)
+	c.nc.Close()
+}
+
+func (s *Server) handle(c *conn) {
+	defer s.handlers.Done()
+	log := s.log.With("conn", c.id, "remote", c.remote)
+	log.Info("connection accepted")
+	start := time.Now()
+	err := s.serveConn(c, log)
+	c.abort(err)
+	close(c.done)
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+	log.Info("connection closed", "reason", closeReason(c, err), "duration", time.Since(start).Round(time.Millisecond))
+}
+
+// serveConn runs a connection through the handshake, the session checks
+// and transmission. The error says why it ended.
+func (s *Server) serveConn(c *conn, log *slog.Logger) error {
+	br := bufio.NewReaderSize(c.nc, 128<<10)
+	name, err := negotiate(br, c.nc)
+	if err != nil {
+		log.Info("handshake failed", "err", err)
+		return err
+	}
+	claims, err := verifyToken(name, s.cfg.Secret, s.cfg.Now())
+	if err != nil {
+		log.Warn("connection refused", "err", err)
+		return err
+	}
+	// mvps-te answers with the token's size before it looks at the image
+	// id or the session: a refused session shows as a close after the
+	// export info.
+	if err := sendExportInfo(c.nc, claims.ImageSize); err != nil {
+		return fmt.Errorf("send export info: %w", err)
+	}
+	log = log.With("image_id", truncate(claims.ImageID, 80), "client_id", clientIDAttr(claims.ClientID))
+	sess, fenced, err := s.attach(c, claims)
+	if err != nil {
+		log.Warn("session refused", "err", err)
+		return err
+	}
+	defer s.detach(sess, c)
+	if fenced != nil {
+		// mvps-te's fence: the old connection must be gone, with all it
+		// had in flight, before the new one is served.
+		fenced.abort(errFenced)
+		<-fenced.done
+		log.Warn("aborted previous connection with the same client_id", "old_conn", fenced.id)
+	}
+	if err := context.Cause(c.ctx); err != nil {
+		return err
+	}
+	log.Info("serving", "image_size", claims.ImageSize, "page_size_bits", claims.PageSizeBits)
+	return s.transmit(c, br, sess)
+}
+
+func clientIDAttr(id *string) string {
+	if id == nil {
+		return "(none)"
+	}
+	return truncate(*id, 80)
+}
+
+// errFenced ends a connection that a newer one with the same client_id
+// replaced.
+var errFenced = errors.New("replaced by a newer connection with the same client_id")
+
+// errClientClosed: the client ended the connection between requests.
+var errClientClosed = errors.New("client closed the connection")
+
+func closeReason(c *conn, err error) string {
+	if cause := context.Cause(c.ctx); cause != nil && cause != err {
+		// The socket was closed under the reader: report why.
+		if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+			err = cause
+		}
+	}
+	switch {
+	case err == nil:
+		return "done"
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET):
+		return "client closed the connection: " + err.Error()
+	}
+	return strings.TrimPrefix(err.Error(), "devengine: ")
+}
