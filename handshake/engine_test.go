@@ -1,0 +1,52 @@
+package handshake_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/nbd"
+)
+
+// Against the stand-in engine, which is as strict as mvps-te: over Unix
+// and TCP, a valid token negotiates and a bad one is refused.
+func TestAgainstEngine(t *testing.T) {
+	for name, start := range map[string]func(testing.TB) *devenginetest.Engine{
+		"unix": devenginetest.New, "tcp": devenginetest.NewTCP,
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := start(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+
+			conn, err := e.Dial(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			token := e.Token(devenginetest.Claims{ImageID: "h.mvps-image", ImageSize: 1 << 20, PageSizeBits: 12, ClientID: "c1"})
+			export, err := handshake.Negotiate(ctx, conn, token)
+			if err != nil {
+				t.Fatalf("Negotiate: %v", err)
+			}
+			if export != (handshake.Export{Size: 1 << 20, Flags: nbd.FlagHasFlags}) {
+				t.Fatalf("export %+v", export)
+			}
+
+			bad, err := e.Dial(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer bad.Close()
+			forged := devenginetest.Sign([]byte("wrong secret"), map[string]any{
+				"image_id": "h.mvps-image", "image_size": 1 << 20, "page_size_bits": 12, "exp": time.Now().Add(time.Minute).Unix(),
+			})
+			if _, err := handshake.Negotiate(ctx, bad, forged); !errors.Is(err, handshake.ErrTokenRefused) {
+				t.Fatalf("forged token: %v, want ErrTokenRefused", err)
+			}
+		})
+	}
+}
