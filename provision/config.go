@@ -27,6 +27,10 @@ type Config struct {
 	// argv is readable by every user. Empty means generate one.
 	Secret   string
 	LogLevel string // PROVISIONER_LOG_LEVEL, --log-level (info)
+	// Mke2fs and Blkid are the tools mount mode formats and probes with;
+	// without them mount mode is disabled.
+	Mke2fs string // PROVISIONER_MKE2FS, --mke2fs (/usr/sbin/mke2fs)
+	Blkid  string // PROVISIONER_BLKID, --blkid (/usr/sbin/blkid)
 }
 
 // Defaults.
@@ -48,6 +52,8 @@ var settings = []setting{
 	{"PROVISIONER_ENGINE_BIN", "engine-bin", DefaultEngineBin, "mvps-te executable"},
 	{"PROVISIONER_ENGINE_LISTEN", "engine-listen", "", "engine address, unix:/path or host:port (default: a socket in a private runtime directory)"},
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error"},
+	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images"},
+	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures"},
 }
 
 // ParseConfig reads the configuration from args (without the program name)
@@ -55,7 +61,7 @@ var settings = []setting{
 func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	var cfg Config
 	var mode string
-	dst := []*string{&cfg.ListenPath, &mode, &cfg.SocketGroup, &cfg.ImageConfigDir, &cfg.EngineBin, &cfg.EngineListen, &cfg.LogLevel}
+	dst := []*string{&cfg.ListenPath, &mode, &cfg.SocketGroup, &cfg.ImageConfigDir, &cfg.EngineBin, &cfg.EngineListen, &cfg.LogLevel, &cfg.Mke2fs, &cfg.Blkid}
 	fset := flag.NewFlagSet("mvps-provisioner", flag.ContinueOnError)
 	fset.SetOutput(io.Discard)
 	for i, s := range settings {

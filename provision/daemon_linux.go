@@ -71,7 +71,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 	}
 
+	var mounter Mounter
+	if m, err := NewExtMounter(cfg.Mke2fs, cfg.Blkid); err != nil {
+		log.Warn("mount mode disabled", "err", err)
+	} else {
+		mounter = m
+	}
 	srv, err := NewServer(ServerConfig{
+		Mounter:        mounter,
 		ImageConfigDir: cfg.ImageConfigDir,
 		Secret:         []byte(secret),
 		DialEngine:     engine.Dial,

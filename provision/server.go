@@ -30,6 +30,8 @@ type ServerConfig struct {
 	DialEngine func(ctx context.Context) (net.Conn, error)
 	// Devices attaches negotiated connections as block devices.
 	Devices Devices
+	// Mounter serves mount-mode requests; nil refuses them.
+	Mounter Mounter
 	// Host names this machine in client ids.
 	Host string
 	// RequestTimeout bounds how long a connected caller may take to send
@@ -51,7 +53,7 @@ const (
 	DefaultRequestTimeout = 10 * time.Second
 	DefaultAttachTimeout  = 60 * time.Second
 	DefaultFlushTimeout   = 60 * time.Second
-	DefaultDetachTimeout  = 30 * time.Second
+	DefaultDetachTimeout  = 10 * time.Second
 )
 
 // Server serves attach requests.
@@ -76,9 +78,11 @@ type attachment struct {
 	imageID string
 	key     string
 	dev     *Device
-	caller  callerInfo
-	start   time.Time
-	once    sync.Once
+	// root, in mount mode, is held open on the file system's root.
+	root   *os.File
+	caller callerInfo
+	start  time.Time
+	once   sync.Once
 	// detaching is set, under Server.mu, when the detach starts; released
 	// is closed when the image id is free again.
 	detaching bool
@@ -214,9 +218,22 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		s.reject(conn, caller, req.Key, err.(*ReplyError))
 		return
 	}
-	if len(fds) != 0 {
+	mountMode := false
+	switch len(fds) {
+	case 0:
+	case 2:
+		if err := checkMountFDs(fds[0], fds[1]); err != nil {
+			s.reject(conn, caller, req.Key, replyErrorf(CodeBadRequest, "mount mode: %v", err))
+			return
+		}
+		if s.cfg.Mounter == nil {
+			s.reject(conn, caller, req.Key, replyErrorf(CodeInternal, "mount mode is not available on this provisioner"))
+			return
+		}
+		mountMode = true
+	default:
 		s.reject(conn, caller, req.Key, replyErrorf(CodeBadRequest,
-			"request carries %d fds; fd mode takes none", len(fds)))
+			"request carries %d fds; fd mode takes none, mount mode a mount namespace and a directory", len(fds)))
 		return
 	}
 	image, err := LoadImageConfig(s.cfg.ImageConfigDir, req.Key)
@@ -239,13 +256,35 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 	a.dev = dev
 	a.start = time.Now()
 
-	if err := sendOK(conn, dev.File); err != nil {
+	var reply *os.File = dev.File
+	mode := "fd"
+	formatted := false
+	if mountMode {
+		mode, reply = "mount", nil
+		ns, dir := os.NewFile(uintptr(fds[0]), "mount-namespace"), os.NewFile(uintptr(fds[1]), "mount-directory")
+		fds = nil
+		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.AttachTimeout)
+		a.root, formatted, err = s.cfg.Mounter.Mount(ctx, dev, ns, dir)
+		cancel()
+		// Holding the namespace would keep the caller's mounts alive
+		// after the caller is gone.
+		ns.Close()
+		dir.Close()
+		if err != nil {
+			s.detach(a, "mount failed")
+			s.reject(conn, caller, req.Key, replyErrorf(CodeAttachFailed, "%s: %v", image.ImageID, err))
+			return
+		}
+	}
+
+	if err := sendOK(conn, reply); err != nil {
 		s.log.Warn("caller gone before the reply", "image_id", image.ImageID, "device", dev.Path, "err", err)
 		s.detach(a, "caller gone before reply")
 		return
 	}
-	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path,
-		"caller_pid", caller.pid, "caller_uid", caller.uid)
+	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
+		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
+		"took", time.Since(a.start).Round(time.Millisecond).String())
 
 	s.mu.Lock()
 	closing := s.closing
@@ -361,6 +400,12 @@ func (s *Server) detach(a *attachment, reason string) {
 		a.detaching = true
 		s.mu.Unlock()
 
+		var fsErr error
+		if a.root != nil {
+			// The file system first: its dirty data goes to the device,
+			// and once released an unmounted file system shuts down.
+			fsErr = syncAndRelease(a.root)
+		}
 		flushErr := errors.New("skipped: engine is gone")
 		if !engineDead {
 			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.FlushTimeout)
@@ -374,6 +419,9 @@ func (s *Server) detach(a *attachment, reason string) {
 		attrs := []any{"image_id", a.imageID, "device", a.dev.Path, "reason", reason,
 			"caller_pid", a.caller.pid, "caller_uid", a.caller.uid,
 			"duration", time.Since(a.start).Round(time.Millisecond).String()}
+		if fsErr != nil {
+			attrs = append(attrs, "fs_err", fsErr)
+		}
 		switch {
 		case detachErr != nil:
 			s.log.Error("detach failed", append(attrs, "err", detachErr, "flush_err", flushErr)...)

@@ -349,7 +349,7 @@ func TestBadRequests(t *testing.T) {
 func TestUnaskedFDsAreClosed(t *testing.T) {
 	ts := startServer(t, nil)
 	ts.addImage(t, "vol", "vol.mvps-image", 1<<20)
-	for _, n := range []int{1, 3, 9} {
+	for _, n := range []int{1, 2, 3, 9} {
 		t.Run(fmt.Sprint(n), func(t *testing.T) {
 			r, w, err := os.Pipe()
 			if err != nil {
