@@ -2,10 +2,13 @@
 // holds it until Enter or a signal:
 //
 //	example-client [--check] <socket> <image_key>
+//	example-client --mount DIR <socket> <image_key>
 //
 // It prints the device's path and size. With --check it reads the last
 // block, writes the same bytes back and reads them again: a read/write
-// round trip through the engine that leaves the data as it was.
+// round trip through the engine that leaves the data as it was. With
+// --mount the provisioner mounts the image's ext4 on DIR in this process's
+// mount namespace instead; on exit the client unmounts it.
 package main
 
 import (
@@ -27,8 +30,9 @@ import (
 
 func main() {
 	check := flag.Bool("check", false, "do a non-destructive read/write check of the last block")
+	mountDir := flag.String("mount", "", "mount the image's file system on this directory instead of receiving the device")
 	flag.Usage = func() {
-		fmt.Fprintln(os.Stderr, "usage: example-client [--check] <socket> <image_key>")
+		fmt.Fprintln(os.Stderr, "usage: example-client [--check | --mount DIR] <socket> <image_key>")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
@@ -36,13 +40,17 @@ func main() {
 		flag.Usage()
 		os.Exit(2)
 	}
+	run := func(socket, key string, check bool) error { return runDevice(socket, key, check) }
+	if *mountDir != "" {
+		run = func(socket, key string, _ bool) error { return runMount(socket, key, *mountDir) }
+	}
 	if err := run(flag.Arg(0), flag.Arg(1), *check); err != nil {
 		fmt.Fprintln(os.Stderr, "example-client:", err)
 		os.Exit(1)
 	}
 }
 
-func run(socket, key string, check bool) error {
+func runDevice(socket, key string, check bool) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	a, err := provision.Attach(ctx, socket, key)
 	cancel()
@@ -68,6 +76,40 @@ func run(socket, key string, check bool) error {
 		fmt.Println("read/write check: OK")
 	}
 
+	return hold(a)
+}
+
+func runMount(socket, key, dir string) error {
+	ns, err := os.Open("/proc/self/ns/mnt")
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	d, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	a, err := provision.AttachMount(ctx, socket, key, ns, d)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	fmt.Printf("mounted %s at %s\n", key, dir)
+	err = hold(a)
+	// Lazily: the provisioner holds the file system until the connection
+	// closes, and syncs it then.
+	if uerr := unix.Unmount(dir, unix.MNT_DETACH); uerr != nil && err == nil {
+		err = fmt.Errorf("unmount %s: %w", dir, uerr)
+	}
+	return err
+}
+
+// hold keeps the attachment until Enter, a signal, or the provisioner
+// going away.
+func hold(a *provision.Attachment) error {
 	fmt.Println("holding the attachment; press Enter or send SIGTERM to detach")
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)

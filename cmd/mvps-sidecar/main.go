@@ -1,0 +1,150 @@
+// Command mvps-sidecar holds an mvps image mounted for a container's life.
+//
+// It creates MOUNTPOINT, asks mvps-provisioner to mount the image named
+// IMAGE_KEY there inside the sidecar's own mount namespace, prints a
+// readiness line (and writes READY_FILE when set), then holds the
+// connection. SIGTERM or SIGINT unmounts and exits 0; losing the
+// provisioner exits 1 so that a supervisor restarts the sidecar.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+)
+
+type config struct {
+	key, mountpoint, socket, readyFile string
+	timeout                            time.Duration
+}
+
+func parse(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("mvps-sidecar", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.key, "image-key", getenv("IMAGE_KEY"), "image key to mount [$IMAGE_KEY]")
+	fs.StringVar(&c.mountpoint, "mountpoint", getenv("MOUNTPOINT"), "directory to mount on, created if missing [$MOUNTPOINT]")
+	fs.StringVar(&c.socket, "socket", getenv("PROVISIONER_LISTEN_PATH"), "provisioner socket [$PROVISIONER_LISTEN_PATH]")
+	fs.StringVar(&c.readyFile, "ready-file", getenv("READY_FILE"), "file written once the mount is ready [$READY_FILE]")
+	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the provisioner's answer")
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	switch {
+	case fs.NArg() > 0:
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	case c.key == "":
+		return c, errors.New("IMAGE_KEY (--image-key) is required")
+	case c.mountpoint == "":
+		return c, errors.New("MOUNTPOINT (--mountpoint) is required")
+	case c.socket == "":
+		return c, errors.New("PROVISIONER_LISTEN_PATH (--socket) is required")
+	}
+	return c, nil
+}
+
+func main() {
+	c, err := parse(os.Args[1:], os.Getenv, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mvps-sidecar:", err)
+		os.Exit(2)
+	}
+	os.Exit(run(c))
+}
+
+func run(c config) int {
+	// Signals are caught from the start so that one arriving during the
+	// attach still ends in an unmount.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+
+	a, err := mount(c)
+	if err != nil {
+		// Provisioner errors arrive as "ERR <code> <message>" and are
+		// printed as they came.
+		fmt.Fprintln(os.Stderr, "mvps-sidecar:", err)
+		return 1
+	}
+	fmt.Printf("ready: image key %s mounted at %s\n", c.key, c.mountpoint)
+	if c.readyFile != "" {
+		if err := os.WriteFile(c.readyFile, []byte(c.mountpoint+"\n"), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "mvps-sidecar: write ready file:", err)
+			unmount(c.mountpoint)
+			a.Close()
+			return 1
+		}
+	}
+
+	gone := make(chan error, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { gone <- a.Wait(ctx) }()
+	select {
+	case sig := <-sigs:
+		fmt.Printf("%v: unmounting %s\n", sig, c.mountpoint)
+		code := 0
+		if err := unmount(c.mountpoint); err != nil {
+			fmt.Fprintln(os.Stderr, "mvps-sidecar:", err)
+			code = 1
+		}
+		// Closing the connection makes the provisioner sync the file
+		// system and detach the device.
+		a.Close()
+		removeReady(c.readyFile)
+		return code
+	case err := <-gone:
+		fmt.Fprintf(os.Stderr, "mvps-sidecar: lost the provisioner (%v); the mount at %s is dead, unmounting\n", err, c.mountpoint)
+		unmount(c.mountpoint)
+		a.Close()
+		removeReady(c.readyFile)
+		return 1
+	}
+}
+
+func mount(c config) (*provision.Attachment, error) {
+	if err := os.MkdirAll(c.mountpoint, 0o755); err != nil {
+		return nil, fmt.Errorf("create mount point: %w", err)
+	}
+	ns, err := os.Open("/proc/self/ns/mnt")
+	if err != nil {
+		return nil, fmt.Errorf("open own mount namespace: %w", err)
+	}
+	defer ns.Close()
+	dir, err := os.OpenFile(c.mountpoint, os.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open mount point: %w", err)
+	}
+	defer dir.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	defer cancel()
+	return provision.AttachMount(ctx, c.socket, c.key, ns, dir)
+}
+
+// unmount detaches the mount lazily: the provisioner holds the file system
+// open until the connection closes, so a plain unmount would report busy;
+// the file system is synced and shut down when the provisioner lets go.
+func unmount(mountpoint string) error {
+	if err := unix.Unmount(mountpoint, unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("unmount %s: %w", mountpoint, err)
+	}
+	return nil
+}
+
+func removeReady(path string) {
+	if path != "" {
+		os.Remove(path)
+	}
+}
