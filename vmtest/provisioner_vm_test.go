@@ -143,6 +143,8 @@ func (p *provProc) attach(t *testing.T, key string) (*provision.Attachment, uint
 	if err != nil {
 		t.Fatalf("attach %s: %v", key, err)
 	}
+	// A failing test must not keep devices open for the tests after it.
+	t.Cleanup(func() { a.Close() })
 	return a, deviceIndex(t, a.Device)
 }
 
@@ -487,8 +489,9 @@ func TestVMProvisionerSIGTERM(t *testing.T) {
 	for _, a := range atts {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		err := a.Wait(ctx)
+		timedOut := ctx.Err() != nil
 		cancel()
-		if ctx.Err() != nil {
+		if timedOut {
 			t.Fatalf("caller not released on SIGTERM: %v", err)
 		}
 		a.Close()
@@ -527,6 +530,13 @@ func TestVMProvisionerEngineDeath(t *testing.T) {
 	a, idx := p.attach(t, "vol")
 	defer a.Close()
 	syscall.Kill(p.enginePid(t), syscall.SIGKILL)
+	// The provisioner drops the caller, who then lets go of the device.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := a.Wait(ctx); ctx.Err() != nil {
+		t.Fatalf("caller not released after the engine died: %v", err)
+	}
+	a.Close()
 	select {
 	case <-p.exited:
 	case <-time.After(60 * time.Second):

@@ -30,11 +30,16 @@ func main() {
 	level.UnmarshalText([]byte(strings.ToUpper(cfg.LogLevel)))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		sig := <-sigs
+		log.Info("received signal", "signal", sig.String())
+		cancel()
+	}()
 	if err := provision.Run(ctx, cfg, log); err != nil {
 		log.Error("mvps-provisioner failed", "err", err)
-		stop()
 		os.Exit(1)
 	}
 }

@@ -78,7 +78,6 @@ func run(c config) int {
 		fmt.Fprintln(os.Stderr, "mvps-sidecar:", err)
 		return 1
 	}
-	fmt.Printf("ready: image key %s mounted at %s\n", c.key, c.mountpoint)
 	if c.readyFile != "" {
 		if err := os.WriteFile(c.readyFile, []byte(c.mountpoint+"\n"), 0o644); err != nil {
 			fmt.Fprintln(os.Stderr, "mvps-sidecar: write ready file:", err)
@@ -87,6 +86,10 @@ func run(c config) int {
 			return 1
 		}
 	}
+
+	// Printed last: whoever waits for this line may use the mount and the
+	// ready file at once.
+	fmt.Printf("ready: image key %s mounted at %s\n", c.key, c.mountpoint)
 
 	gone := make(chan error, 1)
 	ctx, cancel := context.WithCancel(context.Background())
