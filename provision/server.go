@@ -203,7 +203,7 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 	caller := peerCredentials(conn)
 	msg, fds, err := readRequest(conn, time.Now().Add(s.cfg.RequestTimeout))
 	// Nothing a caller sends is kept unless a mode below takes it over.
-	defer closeFDs(fds)
+	defer func() { closeFDs(fds) }()
 	if err != nil {
 		var rerr *ReplyError
 		if errors.As(err, &rerr) {
