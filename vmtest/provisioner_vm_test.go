@@ -42,6 +42,13 @@ const testSecret = "vmtest-secret-4f1c9a0b7d2e"
 // waits until it answers a request.
 func startProvisioner(t *testing.T) *provProc {
 	t.Helper()
+	return startProvisionerWith(t, nil)
+}
+
+// startProvisionerWith overrides the environment: a key with an empty value
+// is removed.
+func startProvisionerWith(t *testing.T, override map[string]string) *provProc {
+	t.Helper()
 	requireVM(t)
 	dir := t.TempDir()
 	p := &provProc{
@@ -65,6 +72,22 @@ func startProvisioner(t *testing.T) *provProc {
 		"MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "store"),
 		"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buffer"),
 	)
+	var env []string
+	for _, kv := range cmd.Env {
+		k, _, _ := strings.Cut(kv, "=")
+		if _, ok := override[k]; !ok {
+			env = append(env, kv)
+		}
+	}
+	for k, v := range override {
+		if v != "" {
+			env = append(env, k+"="+v)
+		}
+	}
+	if _, ok := override["MVPS_TE_JWT_SECRET"]; ok {
+		p.Secret = override["MVPS_TE_JWT_SECRET"]
+	}
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -599,5 +622,46 @@ func TestVMProvisionerNoTokenInCmdlineOrLogs(t *testing.T) {
 	}
 	if bytes.Contains(b, []byte(p.Secret)) || bytes.Contains(b, []byte("eyJ")) {
 		t.Fatalf("log contains the secret or a token:\n%s", b)
+	}
+}
+
+// Without MVPS_TE_JWT_SECRET the provisioner makes up a random secret and
+// gives it to the engine through the environment; the engine may also
+// listen on TCP.
+func TestVMProvisionerRandomSecretTCPEngine(t *testing.T) {
+	p := startProvisionerWith(t, map[string]string{
+		"MVPS_TE_JWT_SECRET":        "",
+		"PROVISIONER_ENGINE_LISTEN": "127.0.0.1:2192",
+	})
+	p.addImage(t, "vol", "vol.mvps-image", 32<<20)
+	a, _ := p.attach(t, "vol")
+	defer a.Close()
+	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.enginePid(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var secret, listen string
+	for _, kv := range strings.Split(string(environ), "\x00") {
+		if v, ok := strings.CutPrefix(kv, "MVPS_TE_JWT_SECRET="); ok {
+			secret = v
+		}
+		if v, ok := strings.CutPrefix(kv, "MVPS_TE_LISTEN="); ok {
+			listen = v
+		}
+	}
+	if len(secret) != 64 || strings.Trim(secret, "0123456789abcdef") != "" {
+		t.Fatalf("engine secret is not 32 random bytes in hex (length %d)", len(secret))
+	}
+	if listen != "127.0.0.1:2192" {
+		t.Fatalf("engine listens on %q", listen)
+	}
+	a.Close()
+	p.stop(t)
+	log, _ := os.ReadFile(p.LogPath)
+	if strings.Contains(string(log), secret) {
+		t.Fatal("the generated secret is in the log")
+	}
+	if !strings.Contains(string(log), "random secret") {
+		t.Fatalf("the log does not say the secret is random:\n%s", log)
 	}
 }
