@@ -53,7 +53,7 @@ const (
 	DefaultRequestTimeout = 10 * time.Second
 	DefaultAttachTimeout  = 60 * time.Second
 	DefaultFlushTimeout   = 60 * time.Second
-	DefaultDetachTimeout  = 10 * time.Second
+	DefaultDetachTimeout  = 5 * time.Second
 )
 
 // Server serves attach requests.
@@ -401,7 +401,13 @@ func (s *Server) detach(a *attachment, reason string) {
 		s.mu.Unlock()
 
 		var fsErr error
-		if a.root != nil {
+		switch {
+		case a.root != nil && engineDead:
+			// A sync would wait out the dead-connection timeout for an
+			// engine that is gone.
+			a.root.Close()
+			fsErr = errors.New("sync skipped: engine is gone")
+		case a.root != nil:
 			// The file system first: its dirty data goes to the device,
 			// and once released an unmounted file system shuts down.
 			fsErr = syncAndRelease(a.root)
