@@ -176,6 +176,15 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			// The main thread is what /proc/<pid> shows, and the runtime
+			// never retires it: a namespace entered here would stay
+			// pinned. Holding it, try again on another thread.
+			err := moveMountInNamespace(mntfd, nsfd, dirfd)
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
 		if err := unix.Unshare(unix.CLONE_FS); err != nil {
 			errc <- fmt.Errorf("unshare CLONE_FS: %w", err)
 			return
