@@ -50,3 +50,21 @@ func TestAgainstEngine(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkNegotiate measures a whole handshake with the stand-in engine
+// over a Unix socket: dial, greeting, token check, export info.
+func BenchmarkNegotiate(b *testing.B) {
+	e := devenginetest.New(b)
+	token := e.Token(devenginetest.Claims{ImageID: "b.mvps-image", ImageSize: 1 << 20, PageSizeBits: 12})
+	ctx := context.Background()
+	for b.Loop() {
+		conn, err := e.Dial(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := handshake.Negotiate(ctx, conn, token); err != nil {
+			b.Fatal(err)
+		}
+		conn.Close()
+	}
+}

@@ -172,3 +172,14 @@ func TestStrings(t *testing.T) {
 		t.Error("IsError is wrong")
 	}
 }
+
+func BenchmarkRequestRoundTrip(b *testing.B) {
+	buf := make([]byte, 0, 64)
+	req := nbd.Request{Type: nbd.CmdWrite, Handle: 7, Offset: 4096, Length: 4096}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := nbd.ParseRequest(req.Append(buf[:0])); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
