@@ -14,7 +14,7 @@
 // which builds the commands under ./cmd and every package with vmtest files as static
 // test binaries, boots the VM, runs each test binary as root with -test.v and reports
 // the results. Inside the VM the environment has MVPS_VM=1 and MVPS_BIN_DIR pointing at
-// the built commands; tests should skip when MVPS_VM is not set.
+// the built commands; a test run elsewhere fails at once (requireVM).
 //
 // Without the vmtest build tag this package is empty, so "go test ./..." on the host
 // does not run anything from here.

@@ -72,7 +72,23 @@ ip link set lo up || {
 }
 echo "vmtest: setup done, uptime $(uptime_s)s"
 
+# kill_leftovers PID: SIGKILL every user process except init and PID (the tee), so that each
+# test binary starts clean and nothing keeps the console fifo open.
+kill_leftovers() {
+	left=
+	for p in /proc/[0-9]*; do
+		pid=${p#/proc/}
+		[ "$pid" = 1 ] || [ "$pid" = "$1" ] || [ ! -e "$p/exe" ] && continue # kernel threads have no exe
+		comm=
+		read -r comm <"$p/comm" 2>/dev/null
+		left="$left $pid($comm)"
+		kill -KILL "$pid" 2>/dev/null
+	done
+	[ -z "$left" ] || echo "vmtest: killed processes left behind by the test:$left"
+}
+
 # --- tests
+fifo=/run/vmtest/console.fifo
 passed=0 failed=0 skipped=0 bins=0 bins_failed=0
 mkdir -p /run/vmtest
 for t in /opt/mvps/tests/*.test; do
@@ -82,22 +98,29 @@ for t in /opt/mvps/tests/*.test; do
 	bins=$((bins + 1))
 	dir=/tmp/vmtest/$name
 	log=/run/vmtest/$name.log
-	rcfile=/run/vmtest/$name.rc
 	rm -rf "$dir"
 	mkdir -p "$dir"
 	[ -d "/opt/mvps/tests/$name.testdata" ] && cp -a "/opt/mvps/tests/$name.testdata" "$dir/testdata"
 	echo "=== vmtest: $name (uptime $(uptime_s)s)"
 	t0=$(uptime_s)
+	# The test writes into a fifo that tee copies to the console and the log. Not a plain pipe:
+	# a process the test leaves behind would keep the pipe open and hang us; here it is killed.
+	rm -f "$fifo"
+	mkfifo "$fifo"
+	tee "$log" <"$fifo" &
+	tee_pid=$!
+	# In the foreground: an asynchronous command would start with SIGINT and SIGQUIT ignored.
 	(
-		cd "$dir" || exit 1
+		cd "$dir" || exit 127
 		if [ -n "${VM_TEST_RUN:-}" ]; then
-			"$t" -test.v -test.timeout="$VM_TEST_TIMEOUT" -test.run "$VM_TEST_RUN" </dev/null
+			exec "$t" -test.v -test.timeout="$VM_TEST_TIMEOUT" -test.run "$VM_TEST_RUN"
 		else
-			"$t" -test.v -test.timeout="$VM_TEST_TIMEOUT" </dev/null
+			exec "$t" -test.v -test.timeout="$VM_TEST_TIMEOUT"
 		fi
-		echo $? >"$rcfile"
-	) 2>&1 | tee "$log"
-	rc=$(cat "$rcfile" 2>/dev/null || echo 255)
+	) </dev/null >"$fifo" 2>&1
+	rc=$?
+	kill_leftovers "$tee_pid"
+	wait "$tee_pid"
 	p=$(grep -c '^--- PASS: ' "$log")
 	f=$(grep -c '^--- FAIL: ' "$log")
 	s=$(grep -c '^--- SKIP: ' "$log")
@@ -131,6 +154,6 @@ fi
 echo "RESULT: $result"
 sync
 # The serial console is written synchronously enough, but give the UART a moment to drain
-# before the power goes off; the host stops reading at the marker anyway.
+# before the power goes off (the kernel's "reboot: Power down" arrives after RESULT).
 sleep 0.1
 poweroff -f

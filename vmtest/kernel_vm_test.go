@@ -15,11 +15,9 @@ import (
 )
 
 // TestVMSmoke checks that the guest offers what the other VM tests rely on. It runs in the
-// VM that vmtest/run.sh boots; elsewhere it skips.
+// VM that vmtest/run.sh boots.
 func TestVMSmoke(t *testing.T) {
-	if os.Getenv("MVPS_VM") != "1" {
-		t.Skip("MVPS_VM is not 1: not inside the vmtest VM (run it with bash vmtest/run.sh)")
-	}
+	requireVM(t)
 
 	t.Run("root", func(t *testing.T) {
 		if uid := os.Getuid(); uid != 0 {
