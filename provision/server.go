@@ -202,6 +202,7 @@ func (s *Server) untrack(conn *net.UnixConn) {
 func (s *Server) serveConn(conn *net.UnixConn) {
 	caller := peerCredentials(conn)
 	msg, fds, err := readRequest(conn, time.Now().Add(s.cfg.RequestTimeout))
+	received := time.Now()
 	// Nothing a caller sends is kept unless a mode below takes it over.
 	defer func() { closeFDs(fds) }()
 	if err != nil {
@@ -284,7 +285,7 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 	}
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
-		"took", time.Since(a.start).Round(time.Millisecond).String())
+		"took", time.Since(received).Round(time.Millisecond).String())
 
 	s.mu.Lock()
 	closing := s.closing
