@@ -64,6 +64,14 @@ func StartEngine(ctx context.Context, cfg EngineConfig) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
+	if network == "tcp" {
+		// Whatever answers there first would pass the readiness check
+		// below in place of our engine, and refuse our tokens.
+		if c, err := net.DialTimeout(network, address, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("engine listen address %s is already in use by another process", address)
+		}
+	}
 	cmd := exec.Command(cfg.Bin)
 	cmd.Env = engineEnv(cfg.Env, cfg.Listen, cfg.Secret)
 	// Pdeathsig fires when the thread that forked exits, not the process:

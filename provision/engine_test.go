@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -56,6 +57,16 @@ func TestStartEngineFailures(t *testing.T) {
 	}
 	if time.Since(start) > 20*time.Second {
 		t.Fatal("silent engine not stopped promptly")
+	}
+
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	if _, err := StartEngine(context.Background(), EngineConfig{Bin: "/bin/true", Listen: busy.Addr().String()}); err == nil ||
+		!strings.Contains(err.Error(), "already in use") {
+		t.Fatalf("engine address taken by another process: %v", err)
 	}
 
 	if _, err := StartEngine(context.Background(), EngineConfig{Bin: "/nonexistent/mvps-te", Listen: listen}); err == nil {
