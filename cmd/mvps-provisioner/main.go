@@ -22,6 +22,9 @@ func main() {
 		fmt.Print(provision.Usage())
 		return
 	}
+	if err == nil {
+		err = cfg.Check()
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "mvps-provisioner: %v\n", err)
 		os.Exit(2)
