@@ -1,0 +1,70 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestBadSettings runs the real binary: every bad or missing setting stops
+// start-up with exit 2 and one line naming it, and never echoes the secret.
+func TestBadSettings(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "mvps-provisioner")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	good := map[string]string{
+		"PROVISIONER_LISTEN_PATH": filepath.Join(dir, "p.sock"),
+		"IMAGE_CONFIG_DIRECTORY":  dir,
+		"PROVISIONER_ENGINE_BIN":  "/bin/true",
+		"MVPS_TE_JWT_SECRET":      "do-not-print-me",
+	}
+	tests := []struct {
+		name   string
+		change map[string]string
+		args   []string
+		names  string
+	}{
+		{"no listen path", map[string]string{"PROVISIONER_LISTEN_PATH": ""}, nil, "PROVISIONER_LISTEN_PATH"},
+		{"no config dir", map[string]string{"IMAGE_CONFIG_DIRECTORY": ""}, nil, "IMAGE_CONFIG_DIRECTORY"},
+		{"config dir missing", map[string]string{"IMAGE_CONFIG_DIRECTORY": filepath.Join(dir, "nope")}, nil, "IMAGE_CONFIG_DIRECTORY"},
+		{"config dir is a file", map[string]string{"IMAGE_CONFIG_DIRECTORY": "/etc/hostname"}, nil, "IMAGE_CONFIG_DIRECTORY"},
+		{"engine missing", map[string]string{"PROVISIONER_ENGINE_BIN": "/nonexistent/mvps-te"}, nil, "PROVISIONER_ENGINE_BIN"},
+		{"bad mode", map[string]string{"PROVISIONER_SOCKET_MODE": "0999"}, nil, "PROVISIONER_SOCKET_MODE"},
+		{"bad engine listen", map[string]string{"PROVISIONER_ENGINE_LISTEN": "localhost"}, nil, "PROVISIONER_ENGINE_LISTEN"},
+		{"bad flag", nil, []string{"--socket-mode=abc"}, "PROVISIONER_SOCKET_MODE"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cmd := exec.Command(bin, tt.args...)
+			cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+			for k, v := range good {
+				if c, ok := tt.change[k]; ok {
+					v = c
+				}
+				cmd.Env = append(cmd.Env, k+"="+v)
+			}
+			for k, v := range tt.change {
+				if _, ok := good[k]; !ok {
+					cmd.Env = append(cmd.Env, k+"="+v)
+				}
+			}
+			out, err := cmd.CombinedOutput()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 2 {
+				t.Fatalf("exit: %v, want status 2\n%s", err, out)
+			}
+			lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+			if len(lines) != 1 || !strings.Contains(lines[0], tt.names) {
+				t.Fatalf("output %q, want one line naming %s", out, tt.names)
+			}
+			if strings.Contains(string(out), "do-not-print-me") {
+				t.Fatal("secret printed")
+			}
+		})
+	}
+}
