@@ -154,6 +154,9 @@ func (s *Server) detach(a *attachment, reason string) {
 			attrs = append(attrs, "fs_err", fsErr)
 		}
 		switch {
+		case errors.Is(detachErr, ErrStillOpen):
+			s.log.Warn("detached; the device stays busy until its last opener closes it",
+				append(attrs, "err", detachErr, "flush_err", flushErr)...)
 		case detachErr != nil:
 			s.log.Error("detach failed", append(attrs, "err", detachErr, "flush_err", flushErr)...)
 		case flushErr != nil:

@@ -2,6 +2,7 @@ package provision
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 
@@ -31,3 +32,9 @@ type Devices interface {
 	// exactly once per attached device.
 	Detach(ctx context.Context, dev *Device) error
 }
+
+// ErrStillOpen is a detach that disconnected the device from the engine
+// while some process still had it open (a caller's fd, or a mount left in
+// the caller's namespace): I/O through it fails, and the kernel frees the
+// device when the last opener is gone.
+var ErrStillOpen = errors.New("disconnected, but still open elsewhere")

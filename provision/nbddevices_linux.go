@@ -174,7 +174,7 @@ func (d *NBDDevices) Detach(ctx context.Context, dev *Device) error {
 		return !st.Connected, nil
 	})
 	if err != nil {
-		return fmt.Errorf("%s disconnected but still in use: %w", dev.Path, err)
+		return fmt.Errorf("%s: %w (%v)", dev.Path, ErrStillOpen, err)
 	}
 	return nil
 }
