@@ -61,15 +61,20 @@ var settings = []setting{
 func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	var cfg Config
 	var mode string
-	dst := []*string{&cfg.ListenPath, &mode, &cfg.SocketGroup, &cfg.ImageConfigDir, &cfg.EngineBin, &cfg.EngineListen, &cfg.LogLevel, &cfg.Mke2fs, &cfg.Blkid}
+	dst := map[string]*string{
+		"PROVISIONER_LISTEN_PATH": &cfg.ListenPath, "PROVISIONER_SOCKET_MODE": &mode,
+		"PROVISIONER_SOCKET_GROUP": &cfg.SocketGroup, "IMAGE_CONFIG_DIRECTORY": &cfg.ImageConfigDir,
+		"PROVISIONER_ENGINE_BIN": &cfg.EngineBin, "PROVISIONER_ENGINE_LISTEN": &cfg.EngineListen,
+		"PROVISIONER_LOG_LEVEL": &cfg.LogLevel, "PROVISIONER_MKE2FS": &cfg.Mke2fs, "PROVISIONER_BLKID": &cfg.Blkid,
+	}
 	fset := flag.NewFlagSet("mvps-provisioner", flag.ContinueOnError)
 	fset.SetOutput(io.Discard)
-	for i, s := range settings {
+	for _, s := range settings {
 		v := getenv(s.env)
 		if v == "" {
 			v = s.def
 		}
-		fset.StringVar(dst[i], s.flag, v, s.usage+" [$"+s.env+"]")
+		fset.StringVar(dst[s.env], s.flag, v, s.usage+" [$"+s.env+"]")
 	}
 	if err := fset.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

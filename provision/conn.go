@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -76,25 +77,23 @@ func closeFDs(fds []int) {
 
 // sendOK replies OK, with f's fd attached when f is not nil.
 func sendOK(conn *net.UnixConn, f *os.File) error {
-	var oob []byte
-	if f != nil {
-		rc, err := f.SyscallConn()
-		if err != nil {
-			return fmt.Errorf("send reply: %w", err)
-		}
-		var werr error
-		err = rc.Control(func(fd uintptr) {
-			_, _, werr = conn.WriteMsgUnix([]byte(ReplyOK), unix.UnixRights(int(fd)), nil)
-		})
-		if err == nil {
-			err = werr
-		}
-		if err != nil {
-			return fmt.Errorf("send reply: %w", err)
-		}
-		return nil
+	send := func(oob []byte) error {
+		_, _, err := conn.WriteMsgUnix([]byte(ReplyOK), oob, nil)
+		return err
 	}
-	if _, _, err := conn.WriteMsgUnix([]byte(ReplyOK), oob, nil); err != nil {
+	var err error
+	if f == nil {
+		err = send(nil)
+	} else {
+		var rc syscall.RawConn
+		if rc, err = f.SyscallConn(); err == nil {
+			var werr error
+			if err = rc.Control(func(fd uintptr) { werr = send(unix.UnixRights(int(fd))) }); err == nil {
+				err = werr
+			}
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("send reply: %w", err)
 	}
 	return nil

@@ -129,11 +129,10 @@ func (e *Engine) waitReady(ctx context.Context, network, address string) error {
 	start := time.Now()
 	var lastErr error
 	for {
-		if err := probeGreeting(ctx, network, address); err == nil {
+		lastErr = probeGreeting(ctx, network, address)
+		if lastErr == nil {
 			e.cfg.Logger.Info("engine ready", "after", time.Since(start).Round(time.Millisecond).String())
 			return nil
-		} else {
-			lastErr = err
 		}
 		select {
 		case <-e.done:

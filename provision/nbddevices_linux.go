@@ -81,7 +81,7 @@ func (d *NBDDevices) Attach(ctx context.Context, conn net.Conn, export handshake
 	}
 	dev := &Device{Index: index, Path: fmt.Sprintf("%s/nbd%d", d.DevRoot, index)}
 	if err := d.prepare(ctx, dev, export.Size); err != nil {
-		d.disconnect(context.Background(), dev)
+		d.disconnect(dev)
 		return nil, err
 	}
 	return dev, nil
@@ -157,7 +157,7 @@ func (d *NBDDevices) Flush(ctx context.Context, dev *Device) error {
 
 // Detach implements Devices.
 func (d *NBDDevices) Detach(ctx context.Context, dev *Device) error {
-	err := d.disconnect(ctx, dev)
+	err := d.disconnect(dev)
 	if dev.File != nil {
 		dev.File.Close()
 	}
@@ -179,7 +179,7 @@ func (d *NBDDevices) Detach(ctx context.Context, dev *Device) error {
 	return nil
 }
 
-func (d *NBDDevices) disconnect(ctx context.Context, dev *Device) error {
+func (d *NBDDevices) disconnect(dev *Device) error {
 	err := d.Netlink.Disconnect(dev.Index)
 	if err != nil && !errors.Is(err, netlinknbd.ErrNotConnected) {
 		return fmt.Errorf("disconnect %s: %w", dev.Path, err)

@@ -180,6 +180,17 @@ func (p *provProc) enginePid(t *testing.T) int {
 	return pids[0]
 }
 
+// procStat returns the fields of /proc/<pid>/stat after the command name
+// (state first, then the parent pid), or nil if there is no such process.
+func procStat(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil
+	}
+	// The command name in parentheses may contain spaces.
+	return strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+}
+
 // childrenOf lists the processes whose parent is pid.
 func childrenOf(pid int) []int {
 	var kids []int
@@ -189,13 +200,7 @@ func childrenOf(pid int) []int {
 		if err != nil {
 			continue
 		}
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", child))
-		if err != nil {
-			continue
-		}
-		// The command name in parentheses may contain spaces.
-		fields := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-		if len(fields) > 1 && fields[1] == strconv.Itoa(pid) {
+		if fields := procStat(child); len(fields) > 1 && fields[1] == strconv.Itoa(pid) {
 			kids = append(kids, child)
 		}
 	}
@@ -203,11 +208,7 @@ func childrenOf(pid int) []int {
 }
 
 func processAlive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	fields := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	fields := procStat(pid)
 	return len(fields) > 0 && fields[0] != "Z"
 }
 
