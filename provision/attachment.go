@@ -26,10 +26,6 @@ type attachment struct {
 	released  chan struct{}
 }
 
-type callerInfo struct {
-	pid, uid int32
-}
-
 // reserve claims image id for one attachment: the engine would let a second
 // connection write the same image, or fence the first, so the provisioner
 // is what keeps an image attached at most once on this host. A request that
@@ -53,8 +49,11 @@ func (s *Server) reserve(imageID, key string, caller callerInfo) (*attachment, *
 		detaching := other.detaching
 		s.mu.Unlock()
 		if !detaching {
-			return nil, replyErrorf(CodeBusy, "image %s is already attached on this host (key %q, caller pid %d)",
-				imageID, other.key, other.caller.pid)
+			// Who holds it is the operator's business, not another
+			// caller's: the log has it, the reply does not.
+			s.log.Info("image busy", "image_id", imageID, "held_by_key", other.key,
+				"held_by_pid", other.caller.pid, "held_by_uid", other.caller.uid)
+			return nil, replyErrorf(CodeBusy, "image %s is already attached on this host", imageID)
 		}
 		select {
 		case <-other.released:
@@ -80,11 +79,7 @@ func (s *Server) attach(image ImageConfig) (*Device, *ReplyError) {
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.AttachTimeout)
 	defer cancel()
 
-	clientID, err := NewClientID(s.cfg.Host)
-	if err != nil {
-		return nil, replyErrorf(CodeInternal, "%v", err)
-	}
-	token, err := SignToken(s.cfg.Secret, image, clientID, time.Now())
+	token, err := SignToken(s.cfg.Secret, image, ClientID(s.cfg.Host, image.ImageID), time.Now())
 	if err != nil {
 		return nil, replyErrorf(CodeInternal, "%v", err)
 	}
@@ -155,8 +150,9 @@ func (s *Server) detach(a *attachment, reason string) {
 		}
 		switch {
 		case errors.Is(detachErr, ErrStillOpen):
+			n := s.linger(a.dev)
 			s.log.Warn("detached; the device stays busy until its last opener closes it",
-				append(attrs, "err", detachErr, "flush_err", flushErr)...)
+				append(attrs, "err", detachErr, "flush_err", flushErr, "lingering_devices", n)...)
 		case detachErr != nil:
 			s.log.Error("detach failed", append(attrs, "err", detachErr, "flush_err", flushErr)...)
 		case flushErr != nil:
@@ -165,4 +161,77 @@ func (s *Server) detach(a *attachment, reason string) {
 			s.log.Info("detached", attrs...)
 		}
 	})
+}
+
+// checkLingering refuses a new attach while too many detached devices are
+// still held open by earlier callers: each takes a kernel device, and
+// without a bound a caller could take them all by keeping its fds.
+func (s *Server) checkLingering() *ReplyError {
+	s.mu.Lock()
+	n := len(s.lingering)
+	s.mu.Unlock()
+	if n < s.cfg.MaxLingering {
+		return nil
+	}
+	s.log.Warn("attach refused: too many detached devices are still held open", "lingering_devices", n,
+		"max_lingering", s.cfg.MaxLingering)
+	return replyErrorf(CodeBusy, "%d detached devices are still held open by earlier callers; try again once they are closed", n)
+}
+
+// lingerPoll is how often a lingering device is checked: the kernel has no
+// event for its last opener going away.
+const lingerPoll = time.Second
+
+// linger counts dev as held open until the kernel frees it, and returns how
+// many devices linger now.
+func (s *Server) linger(dev *Device) int {
+	s.mu.Lock()
+	s.lingering[dev.Index] = dev
+	n := len(s.lingering)
+	s.mu.Unlock()
+	go func() {
+		t := time.NewTicker(lingerPoll)
+		defer t.Stop()
+		for {
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-t.C:
+			}
+			busy, err := s.cfg.Devices.Busy(dev)
+			if err != nil || busy {
+				continue
+			}
+			s.mu.Lock()
+			delete(s.lingering, dev.Index)
+			s.mu.Unlock()
+			s.log.Info("lingering device freed", "device", dev.Path)
+			return
+		}
+	}()
+	return n
+}
+
+// rateLimited lets one log line through per interval and counts the rest.
+type rateLimited struct {
+	every time.Duration
+
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
+}
+
+// allow returns how many lines were suppressed since the last one it let
+// through, or -1 to suppress this one.
+func (r *rateLimited) allow() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	if !r.last.IsZero() && now.Sub(r.last) < r.every {
+		r.suppressed++
+		return -1
+	}
+	n := r.suppressed
+	r.last, r.suppressed = now, 0
+	return n
 }

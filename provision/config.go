@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 )
@@ -31,6 +32,9 @@ type Config struct {
 	// without them mount mode is disabled.
 	Mke2fs string // PROVISIONER_MKE2FS, --mke2fs (/usr/sbin/mke2fs)
 	Blkid  string // PROVISIONER_BLKID, --blkid (/usr/sbin/blkid)
+	// MountBase is PROVISIONER_MOUNT_BASE, --mount-base: when set, callers
+	// other than uid 0 may mount only below it.
+	MountBase string
 }
 
 // Defaults.
@@ -54,6 +58,7 @@ var settings = []setting{
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error"},
 	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images"},
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures"},
+	{"PROVISIONER_MOUNT_BASE", "mount-base", "", "absolute directory that mounts of callers other than uid 0 must be under (default: anywhere they own)"},
 }
 
 // ParseConfig reads the configuration from args (without the program name)
@@ -66,6 +71,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		"PROVISIONER_SOCKET_GROUP": &cfg.SocketGroup, "IMAGE_CONFIG_DIRECTORY": &cfg.ImageConfigDir,
 		"PROVISIONER_ENGINE_BIN": &cfg.EngineBin, "PROVISIONER_ENGINE_LISTEN": &cfg.EngineListen,
 		"PROVISIONER_LOG_LEVEL": &cfg.LogLevel, "PROVISIONER_MKE2FS": &cfg.Mke2fs, "PROVISIONER_BLKID": &cfg.Blkid,
+		"PROVISIONER_MOUNT_BASE": &cfg.MountBase,
 	}
 	fset := flag.NewFlagSet("mvps-provisioner", flag.ContinueOnError)
 	fset.SetOutput(io.Discard)
@@ -102,6 +108,9 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		if _, _, err := ParseEngineListen(cfg.EngineListen); err != nil {
 			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_LISTEN (--engine-listen): %v", err)
 		}
+	}
+	if cfg.MountBase != "" && (!filepath.IsAbs(cfg.MountBase) || filepath.Clean(cfg.MountBase) != cfg.MountBase) {
+		return Config{}, fmt.Errorf("PROVISIONER_MOUNT_BASE (--mount-base) %q is not a clean absolute path", cfg.MountBase)
 	}
 	switch strings.ToLower(cfg.LogLevel) {
 	case "debug", "info", "warn", "error":

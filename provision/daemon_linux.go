@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ShutdownTimeout bounds detaching everything and stopping the engine.
@@ -21,6 +23,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err := cfg.Check(); err != nil {
 		return err
 	}
+	raiseFileLimit(log)
 	secret := cfg.Secret
 	if secret == "" {
 		var err error
@@ -83,6 +86,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Secret:         []byte(secret),
 		DialEngine:     engine.Dial,
 		Devices:        devices,
+		MountBase:      cfg.MountBase,
 		Logger:         log,
 	})
 	if err != nil {
@@ -135,4 +139,24 @@ func privateRuntimeDir() (string, error) {
 		return "", fmt.Errorf("create runtime directory: %w", err)
 	}
 	return dir, nil
+}
+
+// raiseFileLimit lifts the soft limit on open files to the hard one: every
+// caller and every attachment holds descriptors, and a low soft limit would
+// let a burst of callers lock the rest out. (Go's runtime does the same at
+// start-up; doing it here makes it explicit and logged.)
+func raiseFileLimit(log *slog.Logger) {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		log.Warn("cannot read the open file limit", "err", err)
+		return
+	}
+	if lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+			log.Warn("cannot raise the open file limit", "err", err)
+			return
+		}
+	}
+	log.Debug("open file limit", "limit", lim.Cur)
 }

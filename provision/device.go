@@ -31,6 +31,9 @@ type Devices interface {
 	// Detach disconnects the device and closes dev.File. It is called
 	// exactly once per attached device.
 	Detach(ctx context.Context, dev *Device) error
+	// Busy reports whether the kernel still holds a detached device, as
+	// it does while some process has it open.
+	Busy(dev *Device) (bool, error)
 }
 
 // ErrStillOpen is a detach that disconnected the device from the engine

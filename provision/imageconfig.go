@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 )
 
 // ImageConfig is the content of one file in the image config directory.
@@ -18,6 +19,24 @@ type ImageConfig struct {
 	ImageID string `json:"image_id"`
 	// ImageSize is the device size in bytes.
 	ImageSize uint64 `json:"image_size"`
+	// TEMPORARY until the parser lands.
+	AllowedUIDs, AllowedGIDs []uint32
+	Modes, MountOptions      []string
+}
+
+func (c ImageConfig) AllowsCaller(uid, gid uint32) bool {
+	if c.AllowedUIDs == nil && c.AllowedGIDs == nil {
+		return true
+	}
+	return slices.Contains(c.AllowedUIDs, uid) || slices.Contains(c.AllowedGIDs, gid)
+}
+
+func (c ImageConfig) AllowsMode(mode string) bool {
+	return c.Modes == nil || slices.Contains(c.Modes, mode)
+}
+
+func (c ImageConfig) AllowsMountOption(opt string) bool {
+	return slices.Contains(c.MountOptions, opt)
 }
 
 // imageIDPattern is mvps-te's own check; an id it would refuse after the

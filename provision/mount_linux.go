@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -19,11 +20,47 @@ import (
 // namespace. ExtMounter is the Linux implementation.
 type Mounter interface {
 	// Mount formats dev if it is provably fresh, mounts its file system and
-	// attaches the mount on dir inside the mount namespace ns. It returns
-	// an open directory on the file system's root, which the provisioner
-	// holds for the life of the attachment.
-	Mount(ctx context.Context, dev *Device, ns, dir *os.File) (root *os.File, formatted bool, err error)
+	// attaches the mount as req asks. It returns an open directory on the
+	// file system's root, which the provisioner holds for the life of the
+	// attachment.
+	Mount(ctx context.Context, dev *Device, req MountRequest) (root *os.File, formatted bool, err error)
 }
+
+// MountRequest is where and how a caller's mount is made.
+type MountRequest struct {
+	// Namespace is the caller's mount namespace, Dir the directory in it
+	// to mount on.
+	Namespace, Dir *os.File
+	// Options are what the image config grants beyond nosuid,nodev.
+	Options MountOptions
+	// Base, when set, is a directory (as the caller's namespace sees it)
+	// that Dir must be inside of.
+	Base string
+}
+
+// MountOptions lift the default nosuid,nodev of a mount: a file system a
+// caller wrote could otherwise carry a setuid-root shell or a device node
+// onto the host.
+type MountOptions struct {
+	Suid, Dev bool
+}
+
+func (o MountOptions) attributes() uint64 {
+	var attr uint64
+	if !o.Suid {
+		attr |= unix.MOUNT_ATTR_NOSUID
+	}
+	if !o.Dev {
+		attr |= unix.MOUNT_ATTR_NODEV
+	}
+	return attr
+}
+
+// FormatTimeout bounds mke2fs. A format, once started, runs to its end even
+// when the caller or the provisioner gives up on the attach: killed part-way
+// it would leave bytes in the first MiB and no signature, a device that is
+// neither fresh nor ext4.
+const FormatTimeout = 5 * time.Minute
 
 // ExtMounter formats with Debian's mke2fs and mounts ext4 with the new
 // mount API.
@@ -51,7 +88,7 @@ func NewExtMounter(mke2fs, blkid string) (*ExtMounter, error) {
 }
 
 // Mount implements Mounter.
-func (m *ExtMounter) Mount(ctx context.Context, dev *Device, ns, dir *os.File) (*os.File, bool, error) {
+func (m *ExtMounter) Mount(ctx context.Context, dev *Device, req MountRequest) (*os.File, bool, error) {
 	fsType, err := m.probe(ctx, dev)
 	if err != nil {
 		return nil, false, err
@@ -72,7 +109,7 @@ func (m *ExtMounter) Mount(ctx context.Context, dev *Device, ns, dir *os.File) (
 	default:
 		return nil, false, fmt.Errorf("%w (found %s)", errNotExt4, fsType)
 	}
-	root, err := mountInto(dev, ns, dir)
+	root, err := mountInto(dev, req)
 	return root, formatted, err
 }
 
@@ -121,19 +158,41 @@ func (m *ExtMounter) zeroPrefix(dev *Device) bool {
 
 // format makes ext4 suited to a thin, page-granular remote device: 4 KiB
 // blocks match the engine's pages, lazy init avoids writing every inode
-// table up front, and no discard since the engine has no TRIM.
+// table up front, and no discard since the engine has no TRIM. It runs to
+// its end (bounded by FormatTimeout) whatever happens to ctx; if it fails
+// anyway, the first MiB, where a part-made file system shows, is zeroed so
+// that the device counts as fresh again.
 func (m *ExtMounter) format(ctx context.Context, dev *Device) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), FormatTimeout)
+	defer cancel()
 	cmd := exec.CommandContext(ctx, m.Mke2fs, "-F", "-q", "-t", "ext4", "-b", "4096",
 		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", dev.Path)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("mke2fs %s: %v: %s", dev.Path, err, strings.TrimSpace(string(out)))
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		return nil
+	}
+	err = fmt.Errorf("mke2fs %s: %v: %s", dev.Path, err, strings.TrimSpace(string(out)))
+	if zerr := zeroFreshPrefix(dev); zerr != nil {
+		return fmt.Errorf("%w; and the device could not be made fresh again: %v", err, zerr)
+	}
+	return err
+}
+
+// zeroFreshPrefix writes zeros over the part of dev that decides freshness,
+// and flushes them.
+func zeroFreshPrefix(dev *Device) error {
+	if _, err := dev.File.WriteAt(make([]byte, freshBytes), 0); err != nil {
+		return fmt.Errorf("zero the first MiB: %w", err)
+	}
+	if err := dev.File.Sync(); err != nil {
+		return fmt.Errorf("zero the first MiB: %w", err)
 	}
 	return nil
 }
 
 // mountInto creates the mount in the provisioner's namespace, where the
 // device node lives, and moves it onto dir inside ns.
-func mountInto(dev *Device, ns, dir *os.File) (*os.File, error) {
+func mountInto(dev *Device, req MountRequest) (*os.File, error) {
 	fsfd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("fsopen ext4: %w", err)
@@ -150,7 +209,7 @@ func mountInto(dev *Device, ns, dir *os.File) (*os.File, error) {
 	if err := unix.FsconfigCreate(fsfd); err != nil {
 		return nil, fmt.Errorf("mount ext4 from %s: %w", dev.Path, err)
 	}
-	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, 0)
+	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, int(req.Options.attributes()))
 	if err != nil {
 		return nil, fmt.Errorf("fsmount: %w", err)
 	}
@@ -160,7 +219,7 @@ func mountInto(dev *Device, ns, dir *os.File) (*os.File, error) {
 		return nil, fmt.Errorf("open file system root: %w", err)
 	}
 	root := os.NewFile(uintptr(rootfd), dev.Path+":/")
-	if err := moveMountInNamespace(mntfd, int(ns.Fd()), int(dir.Fd())); err != nil {
+	if err := moveMountInNamespace(mntfd, int(req.Namespace.Fd()), int(req.Dir.Fd()), req.Base); err != nil {
 		root.Close()
 		return nil, err
 	}
@@ -168,11 +227,12 @@ func mountInto(dev *Device, ns, dir *os.File) (*os.File, error) {
 }
 
 // moveMountInNamespace attaches the detached mount mntfd on dirfd inside
-// the mount namespace nsfd. move_mount only attaches into the caller's own
+// the mount namespace nsfd, after checking that dirfd is inside base there
+// (when base is set). move_mount only attaches into the caller's own
 // namespace, so this runs on a thread that enters ns; that thread's file
 // system state is never shared with other goroutines: it is locked and
 // never unlocked, so the runtime discards it when the goroutine ends.
-func moveMountInNamespace(mntfd, nsfd, dirfd int) error {
+func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -180,7 +240,7 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int) error {
 			// The main thread is what /proc/<pid> shows, and the runtime
 			// never retires it: a namespace entered here would stay
 			// pinned. Holding it, try again on another thread.
-			err := moveMountInNamespace(mntfd, nsfd, dirfd)
+			err := moveMountInNamespace(mntfd, nsfd, dirfd, base)
 			runtime.UnlockOSThread()
 			errc <- err
 			return
@@ -193,6 +253,12 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int) error {
 			errc <- fmt.Errorf("enter caller's mount namespace: %w", err)
 			return
 		}
+		if base != "" {
+			if err := checkInside(dirfd, base); err != nil {
+				errc <- err
+				return
+			}
+		}
 		err := unix.MoveMount(mntfd, "", dirfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH)
 		if err != nil {
 			err = fmt.Errorf("move mount onto the caller's directory: %w", err)
@@ -200,6 +266,69 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int) error {
 		errc <- err
 	}()
 	return <-errc
+}
+
+// checkInside runs on a thread that has entered the caller's namespace:
+// the directory's path as that namespace sees it is the thread's working
+// directory after fchdir, which /proc of some other pid namespace could
+// not tell.
+func checkInside(dirfd int, base string) error {
+	if err := unix.Fchdir(dirfd); err != nil {
+		return fmt.Errorf("enter the mount directory: %w", err)
+	}
+	buf := make([]byte, unix.PathMax)
+	n, err := unix.Getcwd(buf)
+	if err != nil {
+		return fmt.Errorf("%w: the mount directory's path cannot be told: %v", ErrForbidden, err)
+	}
+	path := strings.TrimRight(string(buf[:n]), "\x00")
+	if !pathInside(path, base) {
+		return fmt.Errorf("%w: %s is not inside %s, where this provisioner allows mounts", ErrForbidden, path, base)
+	}
+	return nil
+}
+
+// pathInside reports whether path is base or below it. Both are clean
+// absolute paths; a path the kernel cannot reach from the root comes back
+// as "(unreachable)/..." and is inside nothing.
+func pathInside(path, base string) bool {
+	if !strings.HasPrefix(path, "/") {
+		return false
+	}
+	return path == base || base == "/" || strings.HasPrefix(path, base+"/")
+}
+
+// authorizeMount decides whether caller may mount on dir in ns. uid 0 may
+// act for anyone, as a sidecar or an orchestrator does. Any other caller
+// gets what an unprivileged user gets from fusermount: its own mount
+// namespace only, and only onto a directory it owns; otherwise it could
+// mount over /etc/cron.d or a root-owned bin directory.
+func authorizeMount(caller callerInfo, ns, dir *os.File) error {
+	if caller.root() {
+		return nil
+	}
+	if !caller.known() {
+		return fmt.Errorf("%w: mount mode needs the caller's credentials", ErrForbidden)
+	}
+	own, err := caller.mountNamespace()
+	if err != nil {
+		return fmt.Errorf("%w: mount mode: %v", ErrForbidden, err)
+	}
+	got, err := namespaceOf(ns)
+	if err != nil {
+		return err
+	}
+	if got != own {
+		return fmt.Errorf("%w: uid %d may mount only into its own mount namespace", ErrForbidden, caller.uid)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(dir.Fd()), &st); err != nil {
+		return fmt.Errorf("stat mount directory: %w", err)
+	}
+	if int64(st.Uid) != int64(caller.uid) {
+		return fmt.Errorf("%w: uid %d may mount only onto a directory it owns (this one is uid %d's)", ErrForbidden, caller.uid, st.Uid)
+	}
+	return nil
 }
 
 // checkMountFDs verifies a mount request's fds: a mount namespace, then a

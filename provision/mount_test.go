@@ -14,15 +14,17 @@ type fakeMounter struct {
 	err    error
 	mounts int
 	dir    string
+	last   MountRequest
 }
 
-func (m *fakeMounter) Mount(ctx context.Context, dev *Device, ns, dir *os.File) (*os.File, bool, error) {
+func (m *fakeMounter) Mount(ctx context.Context, dev *Device, req MountRequest) (*os.File, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.err != nil {
 		return nil, false, m.err
 	}
 	m.mounts++
+	m.last = req
 	root, err := os.Open(m.dir)
 	return root, true, err
 }

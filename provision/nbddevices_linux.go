@@ -179,6 +179,15 @@ func (d *NBDDevices) Detach(ctx context.Context, dev *Device) error {
 	return nil
 }
 
+// Busy implements Devices.
+func (d *NBDDevices) Busy(dev *Device) (bool, error) {
+	st, err := d.Netlink.Status(dev.Index)
+	if err != nil {
+		return false, fmt.Errorf("status of %s: %w", dev.Path, err)
+	}
+	return st.Connected, nil
+}
+
 func (d *NBDDevices) disconnect(dev *Device) error {
 	err := d.Netlink.Disconnect(dev.Index)
 	if err != nil && !errors.Is(err, netlinknbd.ErrNotConnected) {

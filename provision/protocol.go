@@ -92,9 +92,12 @@ func ValidateKey(key string) error {
 
 // Reply codes, the second word of an ERR reply.
 const (
-	CodeBadRequest        = "bad_request"
-	CodeUnknownCommand    = "unknown_command"
-	CodeNotFound          = "not_found"
+	CodeBadRequest     = "bad_request"
+	CodeUnknownCommand = "unknown_command"
+	CodeNotFound       = "not_found"
+	// CodeForbidden: the image config does not grant this caller the image,
+	// or the mode, or the mount target it asked for.
+	CodeForbidden         = "forbidden"
 	CodeInvalidConfig     = "invalid_config"
 	CodeBusy              = "busy"
 	CodeEngineUnavailable = "engine_unavailable"

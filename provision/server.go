@@ -14,8 +14,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // ServerConfig is what a Server needs besides its listener.
@@ -43,7 +41,18 @@ type ServerConfig struct {
 	// DetachTimeout bounds the disconnect and the wait for the device to
 	// become free.
 	DetachTimeout time.Duration
-	Logger        *slog.Logger
+	// MountBase, when set, confines the mounts of callers other than uid 0
+	// to directories under it (as their namespace sees it).
+	MountBase string
+	// MaxWaiting and MaxWaitingPerUID bound the connections that have not
+	// sent their request yet: an idle flood from one user must not use up
+	// the daemon's file descriptors and lock every other caller out.
+	MaxWaiting, MaxWaitingPerUID int
+	// MaxLingering bounds the detached devices that earlier callers still
+	// hold open: each keeps a kernel device busy, and past this bound new
+	// attaches are refused with busy until some are closed.
+	MaxLingering int
+	Logger       *slog.Logger
 }
 
 // Defaults for zero ServerConfig durations.
@@ -52,6 +61,10 @@ const (
 	DefaultAttachTimeout  = 60 * time.Second
 	DefaultFlushTimeout   = 60 * time.Second
 	DefaultDetachTimeout  = 5 * time.Second
+
+	DefaultMaxWaiting       = 256
+	DefaultMaxWaitingPerUID = 32
+	DefaultMaxLingering     = 16
 )
 
 // Server serves attach requests.
@@ -66,6 +79,14 @@ type Server struct {
 	closing     bool
 	engineDead  bool
 	wg          sync.WaitGroup
+	// waiting counts connections that have not sent their request, in
+	// all and by uid.
+	waiting      int
+	waitingByUID map[int32]int
+	// lingering holds the devices detached while a caller still had them
+	// open, until the kernel frees them.
+	lingering map[uint32]*Device
+	dropLog   rateLimited
 
 	ctx    context.Context // cancelled by Shutdown: aborts attaches in progress
 	cancel context.CancelFunc
@@ -95,6 +116,15 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.DetachTimeout == 0 {
 		cfg.DetachTimeout = DefaultDetachTimeout
 	}
+	if cfg.MaxWaiting == 0 {
+		cfg.MaxWaiting = DefaultMaxWaiting
+	}
+	if cfg.MaxWaitingPerUID == 0 {
+		cfg.MaxWaitingPerUID = DefaultMaxWaitingPerUID
+	}
+	if cfg.MaxLingering == 0 {
+		cfg.MaxLingering = DefaultMaxLingering
+	}
 	if cfg.Host == "" {
 		cfg.Host, _ = os.Hostname()
 	}
@@ -103,13 +133,16 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Server{
-		cfg:         cfg,
-		log:         cfg.Logger,
-		listeners:   make(map[*net.UnixListener]struct{}),
-		conns:       make(map[*net.UnixConn]struct{}),
-		attachments: make(map[string]*attachment),
-		ctx:         ctx,
-		cancel:      cancel,
+		cfg:          cfg,
+		log:          cfg.Logger,
+		listeners:    make(map[*net.UnixListener]struct{}),
+		conns:        make(map[*net.UnixConn]struct{}),
+		attachments:  make(map[string]*attachment),
+		waitingByUID: make(map[int32]int),
+		lingering:    make(map[uint32]*Device),
+		dropLog:      rateLimited{every: time.Second},
+		ctx:          ctx,
+		cancel:       cancel,
 	}, nil
 }
 
@@ -145,15 +178,51 @@ func (s *Server) Serve(ln *net.UnixListener) error {
 			}
 			return fmt.Errorf("provision: accept: %w", err)
 		}
+		caller := peerCredentials(conn)
+		if reason := s.admit(caller); reason != "" {
+			conn.Close()
+			if n := s.dropLog.allow(); n >= 0 {
+				s.log.Warn("connection dropped", "reason", reason, "caller_pid", caller.pid, "caller_uid", caller.uid,
+					"dropped_since_last_line", n)
+			}
+			continue
+		}
 		if !s.track(conn) {
+			s.requestDone(caller)
 			conn.Close()
 			return ErrServerClosed
 		}
 		go func() {
 			defer s.wg.Done()
 			defer s.untrack(conn)
-			s.serveConn(conn)
+			s.serveConn(conn, caller)
 		}()
+	}
+}
+
+// admit counts a new connection as waiting for its request, or says why it
+// is dropped at once.
+func (s *Server) admit(caller callerInfo) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.waiting >= s.cfg.MaxWaiting:
+		return fmt.Sprintf("%d connections are waiting for their request already", s.waiting)
+	case s.waitingByUID[caller.uid] >= s.cfg.MaxWaitingPerUID:
+		return fmt.Sprintf("uid %d has %d connections waiting for their request already", caller.uid, s.waitingByUID[caller.uid])
+	}
+	s.waiting++
+	s.waitingByUID[caller.uid]++
+	return ""
+}
+
+// requestDone ends a connection's wait for its request.
+func (s *Server) requestDone(caller callerInfo) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.waiting--
+	if s.waitingByUID[caller.uid]--; s.waitingByUID[caller.uid] <= 0 {
+		delete(s.waitingByUID, caller.uid)
 	}
 }
 
@@ -177,9 +246,9 @@ func (s *Server) untrack(conn *net.UnixConn) {
 
 // serveConn handles one caller: one request, then, on success, the life of
 // the attachment, which ends with the connection.
-func (s *Server) serveConn(conn *net.UnixConn) {
-	caller := peerCredentials(conn)
+func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	msg, fds, err := readRequest(conn, time.Now().Add(s.cfg.RequestTimeout))
+	s.requestDone(caller)
 	received := time.Now()
 	// Nothing a caller sends is kept unless a mode below takes it over.
 	defer func() { closeFDs(fds) }()
@@ -188,13 +257,18 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		if errors.As(err, &rerr) {
 			s.reject(conn, caller, "", rerr)
 		} else if !errors.Is(err, errEmptyConnection) {
-			s.log.Info("caller dropped before sending a request", "caller_pid", caller.pid, "caller_uid", caller.uid, "err", err)
+			if n := s.dropLog.allow(); n >= 0 {
+				s.log.Info("caller dropped before sending a request", "caller_pid", caller.pid, "caller_uid", caller.uid,
+					"err", err, "dropped_since_last_line", n)
+			}
 		}
 		return
 	}
+	caller.openPidfd(conn)
+	defer caller.close()
 	req, err := ParseRequest(msg)
 	if err != nil {
-		s.reject(conn, caller, req.Key, err.(*ReplyError))
+		s.reject(conn, caller, req.Key, asReplyError(err))
 		return
 	}
 	mountMode := false
@@ -217,10 +291,47 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 	}
 	image, err := LoadImageConfig(s.cfg.ImageConfigDir, req.Key)
 	if err != nil {
-		s.reject(conn, caller, req.Key, err.(*ReplyError))
+		s.reject(conn, caller, req.Key, asReplyError(err))
 		return
 	}
+	mode := "fd"
+	if mountMode {
+		mode = "mount"
+	}
+	if err := authorize(caller, image, mode); err != nil {
+		s.reject(conn, caller, req.Key, asReplyError(err))
+		return
+	}
+	var mountReq MountRequest
+	if mountMode {
+		mountReq = MountRequest{
+			Namespace: os.NewFile(uintptr(fds[0]), "mount-namespace"),
+			Dir:       os.NewFile(uintptr(fds[1]), "mount-directory"),
+			// Only root may have suid programs or device files on a
+			// file system someone else may have written.
+			Options: MountOptions{
+				Suid: caller.root() && image.AllowsMountOption("suid"),
+				Dev:  caller.root() && image.AllowsMountOption("dev"),
+			},
+		}
+		fds = nil
+		// Holding the namespace would keep the caller's mounts alive
+		// after the caller is gone.
+		defer mountReq.Namespace.Close()
+		defer mountReq.Dir.Close()
+		if !caller.root() {
+			mountReq.Base = s.cfg.MountBase
+		}
+		if err := authorizeMount(caller, mountReq.Namespace, mountReq.Dir); err != nil {
+			s.reject(conn, caller, req.Key, asReplyError(err))
+			return
+		}
+	}
 
+	if rerr := s.checkLingering(); rerr != nil {
+		s.reject(conn, caller, req.Key, rerr)
+		return
+	}
 	a, rerr := s.reserve(image.ImageID, req.Key, caller)
 	if rerr != nil {
 		s.reject(conn, caller, req.Key, rerr)
@@ -236,22 +347,20 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 	a.start = time.Now()
 
 	var reply *os.File = dev.File
-	mode := "fd"
 	formatted := false
 	if mountMode {
-		mode, reply = "mount", nil
-		ns, dir := os.NewFile(uintptr(fds[0]), "mount-namespace"), os.NewFile(uintptr(fds[1]), "mount-directory")
-		fds = nil
+		reply = nil
 		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.AttachTimeout)
-		a.root, formatted, err = s.cfg.Mounter.Mount(ctx, dev, ns, dir)
+		a.root, formatted, err = s.cfg.Mounter.Mount(ctx, dev, mountReq)
 		cancel()
-		// Holding the namespace would keep the caller's mounts alive
-		// after the caller is gone.
-		ns.Close()
-		dir.Close()
+		mountReq.Namespace.Close()
 		if err != nil {
 			s.detach(a, "mount failed")
-			s.reject(conn, caller, req.Key, replyErrorf(CodeAttachFailed, "%s: %v", image.ImageID, err))
+			code := CodeAttachFailed
+			if errors.Is(err, ErrForbidden) {
+				code = CodeForbidden
+			}
+			s.reject(conn, caller, req.Key, replyErrorf(code, "%s: %v", image.ImageID, err))
 			return
 		}
 	}
@@ -272,6 +381,36 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		waitForClose(conn)
 	}
 	s.detach(a, "connection closed")
+}
+
+// authorize checks what the image config grants: the mode, and the callers.
+func authorize(caller callerInfo, image ImageConfig, mode string) error {
+	if !image.AllowsMode(mode) {
+		return fmt.Errorf("%w: image %s is not offered in %s mode", ErrForbidden, image.ImageID, mode)
+	}
+	if !caller.known() {
+		if image.AllowedUIDs != nil || image.AllowedGIDs != nil {
+			return fmt.Errorf("%w: the caller's credentials are unknown", ErrForbidden)
+		}
+		return nil
+	}
+	if !image.AllowsCaller(uint32(caller.uid), uint32(caller.gid)) {
+		return fmt.Errorf("%w: uid %d gid %d may not attach image %s", ErrForbidden, caller.uid, caller.gid, image.ImageID)
+	}
+	return nil
+}
+
+// asReplyError turns an error into the reply a caller gets.
+func asReplyError(err error) *ReplyError {
+	var rerr *ReplyError
+	switch {
+	case errors.As(err, &rerr):
+		return rerr
+	case errors.Is(err, ErrForbidden):
+		return &ReplyError{Code: CodeForbidden, Message: err.Error()}
+	default:
+		return &ReplyError{Code: CodeInternal, Message: err.Error()}
+	}
 }
 
 // reject answers a failed request and logs it.
@@ -330,18 +469,4 @@ func (s *Server) Attachments() []string {
 		ids = append(ids, id)
 	}
 	return ids
-}
-
-func peerCredentials(conn *net.UnixConn) callerInfo {
-	info := callerInfo{pid: -1, uid: -1}
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return info
-	}
-	rc.Control(func(fd uintptr) {
-		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
-			info = callerInfo{pid: cred.Pid, uid: int32(cred.Uid)}
-		}
-	})
-	return info
 }

@@ -35,12 +35,19 @@ type fakeDevices struct {
 	detached  chan uint32
 	attachErr error
 	gate      chan struct{} // when set, Attach waits for it
+	// stillOpen makes Detach report ErrStillOpen and Busy report true
+	// while it holds the device's index.
+	stillOpen map[uint32]bool
+	// keepConns leaves the engine connection open at Detach, as a kernel
+	// does while the engine still works on requests it was sent.
+	keepConns bool
 }
 
 func newFakeDevices(t *testing.T) *fakeDevices {
 	return &fakeDevices{
 		dir: t.TempDir(), attached: map[uint32]string{}, detaches: map[uint32]int{},
 		flushes: map[uint32]int{}, conns: map[uint32]net.Conn{}, detached: make(chan uint32, 100),
+		stillOpen: map[uint32]bool{},
 	}
 }
 
@@ -85,11 +92,23 @@ func (f *fakeDevices) Flush(ctx context.Context, dev *Device) error {
 func (f *fakeDevices) Detach(ctx context.Context, dev *Device) error {
 	f.mu.Lock()
 	f.detaches[dev.Index]++
-	f.conns[dev.Index].Close()
+	if !f.keepConns {
+		f.conns[dev.Index].Close()
+	}
+	stillOpen := f.stillOpen[dev.Index]
 	f.mu.Unlock()
 	dev.File.Close()
 	f.detached <- dev.Index
+	if stillOpen {
+		return ErrStillOpen
+	}
 	return nil
+}
+
+func (f *fakeDevices) Busy(dev *Device) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.stillOpen[dev.Index], nil
 }
 
 func (f *fakeDevices) waitDetached(t *testing.T, index uint32) {

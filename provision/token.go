@@ -42,16 +42,14 @@ func SignToken(secret []byte, image ImageConfig, clientID string, now time.Time)
 	return s, nil
 }
 
-// NewClientID returns an id unique to one attachment. The engine fences a
-// new connection with the same client id against the old one; a fresh id
-// per attachment means only a deliberate reconnect of that attachment can
-// fence it.
-func NewClientID(host string) (string, error) {
-	var b [12]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		return "", fmt.Errorf("client id: %w", err)
-	}
-	return host + "-" + hex.EncodeToString(b[:]), nil
+// ClientID is the engine client id of image on this host. It is the same
+// for every attachment of the image here, across reconnects and restarts of
+// the provisioner: the engine fences a live connection whose client_id a new
+// one repeats, so a write the kernel sent on an old connection of the image
+// can never land after a newer attachment wrote the same block. The
+// provisioner's own exclusivity keeps two live attachments apart.
+func ClientID(host, imageID string) string {
+	return "mvps-provisioner/" + host + "/" + imageID
 }
 
 // NewSecret returns 32 random bytes, hex encoded, for an engine started

@@ -1,7 +1,6 @@
 package provision
 
 import (
-	"strings"
 	"testing"
 	"time"
 
@@ -42,11 +41,13 @@ func TestSignToken(t *testing.T) {
 	}
 }
 
-func TestClientIDsAreUnique(t *testing.T) {
-	a, _ := NewClientID("node1")
-	b, _ := NewClientID("node1")
-	if a == b || !strings.HasPrefix(a, "node1-") {
-		t.Fatalf("client ids %q and %q", a, b)
+func TestClientIDIsOnePerHostAndImage(t *testing.T) {
+	a := ClientID("node1", "a.mvps-image")
+	if b := ClientID("node1", "a.mvps-image"); a != b {
+		t.Fatalf("two attachments of one image get client ids %q and %q", a, b)
+	}
+	if ClientID("node1", "b.mvps-image") == a || ClientID("node2", "a.mvps-image") == a {
+		t.Fatal("client id does not tell images or hosts apart")
 	}
 	s, err := NewSecret()
 	if err != nil || len(s) != 64 {

@@ -1,0 +1,108 @@
+package provision
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+// callerInfo is who sent a request: the credentials the kernel recorded when
+// the caller connected (SO_PEERCRED), and a pidfd on that process. A field
+// the kernel did not tell is -1.
+type callerInfo struct {
+	pid, uid, gid int32
+	// pidfd pins the caller's process: a pid can be reused once its process
+	// is gone, a pidfd cannot.
+	pidfd int
+}
+
+func (c callerInfo) known() bool { return c.uid >= 0 && c.gid >= 0 }
+
+// root reports a caller with uid 0, the only one trusted to act for others
+// (mount into another namespace, onto a directory it does not own, with
+// suid or device files).
+func (c callerInfo) root() bool { return c.uid == 0 }
+
+// peerCredentials reads SO_PEERCRED. It never fails: a caller whose
+// credentials are unknown is treated as nobody in particular.
+func peerCredentials(conn *net.UnixConn) callerInfo {
+	info := callerInfo{pid: -1, uid: -1, gid: -1, pidfd: -1}
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return info
+	}
+	rc.Control(func(fd uintptr) {
+		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+			info.pid, info.uid, info.gid = cred.Pid, int32(cred.Uid), int32(cred.Gid)
+		}
+	})
+	return info
+}
+
+// openPidfd takes a pidfd on the caller. The kernel's own (SO_PEERPIDFD,
+// Linux 6.5) names the process that connected even if it is gone by now;
+// on older kernels pidfd_open on the SO_PEERCRED pid is the next best, and
+// is taken as soon as the request is in.
+func (c *callerInfo) openPidfd(conn *net.UnixConn) {
+	if c.pid <= 0 || c.pidfd >= 0 {
+		return
+	}
+	if rc, err := conn.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) {
+			if pfd, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PEERPIDFD); err == nil {
+				unix.CloseOnExec(pfd)
+				c.pidfd = pfd
+			}
+		})
+	}
+	if c.pidfd < 0 {
+		if pfd, err := unix.PidfdOpen(int(c.pid), unix.PIDFD_NONBLOCK); err == nil {
+			c.pidfd = pfd
+		}
+	}
+}
+
+func (c *callerInfo) close() {
+	if c.pidfd >= 0 {
+		unix.Close(c.pidfd)
+		c.pidfd = -1
+	}
+}
+
+// errCallerGone: the process that connected is no longer there to compare
+// a request against.
+var errCallerGone = errors.New("the calling process is gone")
+
+// mountNamespace identifies the caller's own mount namespace. It reads
+// /proc/<pid>, then proves through the pidfd that the process is still
+// alive, so the pid could not have been reused for another process in
+// between.
+func (c callerInfo) mountNamespace() (nsID, error) {
+	if c.pidfd < 0 {
+		return nsID{}, errCallerGone
+	}
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/"+strconv.Itoa(int(c.pid))+"/ns/mnt", &st); err != nil {
+		return nsID{}, fmt.Errorf("%w: %v", errCallerGone, err)
+	}
+	if err := unix.PidfdSendSignal(c.pidfd, 0, nil, 0); err != nil {
+		return nsID{}, fmt.Errorf("%w: %v", errCallerGone, err)
+	}
+	return nsID{dev: st.Dev, ino: st.Ino}, nil
+}
+
+// nsID is what tells two namespaces apart: the device and inode of their
+// nsfs file.
+type nsID struct{ dev, ino uint64 }
+
+func namespaceOf(f *os.File) (nsID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return nsID{}, fmt.Errorf("stat mount namespace fd: %w", err)
+	}
+	return nsID{dev: st.Dev, ino: st.Ino}, nil
+}

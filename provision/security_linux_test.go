@@ -1,0 +1,595 @@
+package provision
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/nbd"
+)
+
+const nobody = 65534
+
+// requireRoot stops a test that needs to act as other users.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Fatal("this test changes a thread's credentials and needs root (CI and make test run as root)")
+	}
+}
+
+// openToAll lets callers of any uid reach the test server's socket.
+func (ts *testServer) openToAll(t *testing.T) {
+	t.Helper()
+	if err := os.Chmod(filepath.Dir(ts.socket), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(ts.socket, 0o666); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// onThread runs fn on an OS thread of its own that is never handed back to
+// the scheduler: whatever fn changes about the thread (credentials,
+// namespaces, working directory) ends with it.
+func onThread(fn func() error) error {
+	errc := make(chan error, 1)
+	var run func()
+	run = func() {
+		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			// The main thread is never retired: hold it and use another.
+			done := make(chan struct{})
+			go func() { run(); close(done) }()
+			<-done
+			runtime.UnlockOSThread()
+			return
+		}
+		errc <- fn()
+	}
+	go run()
+	return <-errc
+}
+
+// onThreadAs runs fn on a thread of its own with the credentials of uid and
+// gid, as a process of that user would.
+func onThreadAs(t *testing.T, uid, gid int, fn func() error) error {
+	t.Helper()
+	return onThread(func() error {
+		// Raw syscalls change this thread only; syscall.Setuid would
+		// change every thread of the test process.
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(gid), uintptr(gid), uintptr(gid)); e != 0 {
+			return fmt.Errorf("setresgid: %w", e)
+		}
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(uid), uintptr(uid), uintptr(uid)); e != 0 {
+			return fmt.Errorf("setresuid: %w", e)
+		}
+		return fn()
+	})
+}
+
+// dialAs connects to socket as uid and gid.
+func dialAs(t *testing.T, socket string, uid, gid int) *net.UnixConn {
+	t.Helper()
+	fd := -1
+	err := onThreadAs(t, uid, gid, func() error {
+		s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		if err := unix.Connect(s, &unix.SockaddrUnix{Name: socket}); err != nil {
+			unix.Close(s)
+			return err
+		}
+		fd = s
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("connect as %d:%d: %v", uid, gid, err)
+	}
+	f := os.NewFile(uintptr(fd), "caller")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.(*net.UnixConn)
+}
+
+// requestAs sends one request for key as uid:gid with fds, and returns the
+// reply (nil for OK) and the connection, which holds the attachment.
+func requestAs(t *testing.T, socket string, uid, gid int, key string, fds []int) (*net.UnixConn, error) {
+	t.Helper()
+	conn := dialAs(t, socket, uid, gid)
+	t.Cleanup(func() { conn.Close() })
+	var oob []byte
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, _, err := conn.WriteMsgUnix(AppendRequest(nil, CommandMount, key), oob, nil); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1024)
+	roob := make([]byte, unix.CmsgSpace(4*4))
+	n, oobn, _, _, err := conn.ReadMsgUnix(buf, roob)
+	closeFDs(parseFDs(roob[:oobn]))
+	if err != nil {
+		t.Fatalf("read reply: %v", err)
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, ParseReply(buf[:n])
+}
+
+func (ts *testServer) writeConfig(t *testing.T, key, content string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(ts.config, key), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestImageConfigGrants(t *testing.T) {
+	requireRoot(t)
+	mounter := &fakeMounter{dir: t.TempDir()}
+	ts := startServer(t, func(c *ServerConfig) { c.Mounter = mounter })
+	ts.openToAll(t)
+	ts.writeConfig(t, "rootonly", `{"image_id": "r.mvps-image", "image_size": 4096, "allowed_uids": [0]}`)
+	ts.writeConfig(t, "staff", `{"image_id": "s.mvps-image", "image_size": 4096, "allowed_gids": [4242]}`)
+	ts.writeConfig(t, "fdonly", `{"image_id": "f.mvps-image", "image_size": 4096, "modes": ["fd"]}`)
+	ts.writeConfig(t, "mountonly", `{"image_id": "m.mvps-image", "image_size": 4096, "modes": ["mount"]}`)
+	ts.addImage(t, "open", "o.mvps-image", 4096)
+
+	ownDir := t.TempDir()
+	if err := os.Chown(ownDir, nobody, nobody); err != nil {
+		t.Fatal(err)
+	}
+	mountFDsFor := func() []int { return mountFDs(t, "/proc/self/ns/mnt", ownDir) }
+
+	tests := []struct {
+		name     string
+		uid, gid int
+		key      string
+		mount    bool
+		code     string // "" for OK
+	}{
+		{"nobody refused by allowed_uids", nobody, nobody, "rootonly", false, CodeForbidden},
+		{"root allowed by allowed_uids", 0, 0, "rootonly", false, ""},
+		{"gid allowed by allowed_gids", nobody, 4242, "staff", false, ""},
+		{"other gid refused", nobody, nobody, "staff", false, CodeForbidden},
+		{"uid 0 is not exempt from allowed_gids", 0, 0, "staff", false, CodeForbidden},
+		{"mount refused on an fd-only image", 0, 0, "fdonly", true, CodeForbidden},
+		{"fd allowed on an fd-only image", 0, 0, "fdonly", false, ""},
+		{"fd refused on a mount-only image", 0, 0, "mountonly", false, CodeForbidden},
+		{"mount allowed on a mount-only image", 0, 0, "mountonly", true, ""},
+		{"no restriction, nobody", nobody, nobody, "open", false, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var fds []int
+			if tt.mount {
+				fds = mountFDsFor()
+			}
+			conn, err := requestAs(t, ts.socket, tt.uid, tt.gid, tt.key, fds)
+			if got := codeOf(err); got != tt.code {
+				t.Fatalf("reply %v, want code %q", err, tt.code)
+			}
+			conn.Close()
+		})
+	}
+	waitFor(t, func() bool { return len(ts.Attachments()) == 0 })
+	if !strings.Contains(ts.logs.String(), "code=forbidden") {
+		t.Error("refusals are not logged with their code")
+	}
+}
+
+// otherMountNamespace returns a mount namespace that is not the test's.
+func otherMountNamespace(t *testing.T) *os.File {
+	t.Helper()
+	var ns *os.File
+	err := onThread(func() error {
+		if err := unix.Unshare(unix.CLONE_NEWNS | unix.CLONE_FS); err != nil {
+			return err
+		}
+		var err error
+		ns, err = os.Open(fmt.Sprintf("/proc/self/task/%d/ns/mnt", unix.Gettid()))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("new mount namespace: %v", err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	return ns
+}
+
+func TestMountModeUnprivilegedCaller(t *testing.T) {
+	requireRoot(t)
+	mounter := &fakeMounter{dir: t.TempDir()}
+	base := t.TempDir()
+	ts := startServer(t, func(c *ServerConfig) {
+		c.Mounter = mounter
+		c.MountBase = base
+	})
+	ts.openToAll(t)
+	ts.writeConfig(t, "vol", `{"image_id": "vol.mvps-image", "image_size": 4096, "mount_options": ["suid", "dev"]}`)
+	ts.addImage(t, "plain", "plain.mvps-image", 4096)
+
+	ownDir := t.TempDir()
+	if err := os.Chown(ownDir, nobody, nobody); err != nil {
+		t.Fatal(err)
+	}
+	rootDir := t.TempDir() // like /usr/local/bin or /etc/cron.d
+	self := "/proc/self/ns/mnt"
+	other := otherMountNamespace(t)
+
+	lastRequest := func() MountRequest {
+		mounter.mu.Lock()
+		defer mounter.mu.Unlock()
+		r := mounter.last
+		mounter.last = MountRequest{}
+		return r
+	}
+
+	// Another namespace than the caller's own, or a directory it does not
+	// own, is refused before any device is attached.
+	for name, fds := range map[string][]int{
+		"root-owned directory": mountFDs(t, self, rootDir),
+		"other namespace":      {int(other.Fd()), mountFDs(t, ownDir, ownDir)[0]},
+	} {
+		conn, err := requestAs(t, ts.socket, nobody, nobody, "vol", fds)
+		if codeOf(err) != CodeForbidden {
+			t.Errorf("%s: reply %v, want forbidden", name, err)
+		}
+		conn.Close()
+	}
+	if a, _ := ts.devices.counts(); a != 0 {
+		t.Fatalf("%d devices attached for refused mounts", a)
+	}
+
+	// Its own namespace and directory: allowed, but nosuid,nodev whatever
+	// the image config offers, and confined to the base directory.
+	conn, err := requestAs(t, ts.socket, nobody, nobody, "vol", mountFDs(t, self, ownDir))
+	if err != nil {
+		t.Fatalf("own namespace and directory: %v", err)
+	}
+	want := MountRequest{Options: MountOptions{}, Base: base}
+	if diff := cmp.Diff(want, lastRequest(), cmp.Comparer(func(a, b *os.File) bool { return true })); diff != "" {
+		t.Errorf("unprivileged mount request (-want +got):\n%s", diff)
+	}
+	conn.Close()
+	ts.devices.waitDetached(t, 0)
+
+	// Root gets what the image config grants, anywhere.
+	for _, tc := range []struct {
+		key  string
+		want MountOptions
+	}{{"vol", MountOptions{Suid: true, Dev: true}}, {"plain", MountOptions{}}} {
+		conn, err := requestAs(t, ts.socket, 0, 0, tc.key, []int{int(other.Fd()), mountFDs(t, rootDir, rootDir)[0]})
+		if err != nil {
+			t.Fatalf("root mount of %s: %v", tc.key, err)
+		}
+		got := lastRequest()
+		if got.Options != tc.want || got.Base != "" {
+			t.Errorf("root mount of %s: options %+v base %q, want %+v and no base", tc.key, got.Options, got.Base, tc.want)
+		}
+		conn.Close()
+	}
+}
+
+func TestMountOptionAttributes(t *testing.T) {
+	for _, tc := range []struct {
+		opts MountOptions
+		want uint64
+	}{
+		{MountOptions{}, unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV},
+		{MountOptions{Suid: true}, unix.MOUNT_ATTR_NODEV},
+		{MountOptions{Dev: true}, unix.MOUNT_ATTR_NOSUID},
+		{MountOptions{Suid: true, Dev: true}, 0},
+	} {
+		if got := tc.opts.attributes(); got != tc.want {
+			t.Errorf("%+v: attributes %#x, want %#x", tc.opts, got, tc.want)
+		}
+	}
+}
+
+func TestMountBaseConfinement(t *testing.T) {
+	base := t.TempDir()
+	inside := filepath.Join(base, "a", "b")
+	os.MkdirAll(inside, 0o755)
+	outside := t.TempDir()
+	sibling := base + "-sibling"
+	os.MkdirAll(sibling, 0o755)
+	t.Cleanup(func() { os.RemoveAll(sibling) })
+	for _, tc := range []struct {
+		dir string
+		ok  bool
+	}{{base, true}, {inside, true}, {outside, false}, {sibling, false}} {
+		d, err := os.Open(tc.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = onThread(func() error {
+			if err := unix.Unshare(unix.CLONE_FS); err != nil {
+				return err
+			}
+			return checkInside(int(d.Fd()), base)
+		})
+		d.Close()
+		if tc.ok && err != nil || !tc.ok && !errors.Is(err, ErrForbidden) {
+			t.Errorf("%s under %s: %v", tc.dir, base, err)
+		}
+	}
+	if pathInside("(unreachable)/x", "/") {
+		t.Error("an unreachable path counts as inside /")
+	}
+}
+
+func TestBusyReplyHidesHolder(t *testing.T) {
+	ts := startServer(t, nil)
+	ts.addImage(t, "secret-project-key", "vol.mvps-image", 1<<20)
+	ts.addImage(t, "alias", "vol.mvps-image", 1<<20)
+	first := ts.attach(t, "secret-project-key")
+	defer first.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := Attach(ctx, ts.socket, "alias")
+	if codeOf(err) != CodeBusy {
+		t.Fatalf("second attach: %v", err)
+	}
+	pid := fmt.Sprint(os.Getpid())
+	if msg := err.Error(); strings.Contains(msg, "secret-project-key") || strings.Contains(msg, pid) {
+		t.Fatalf("busy reply tells another caller's key or pid: %q", msg)
+	}
+	if logs := ts.logs.String(); !strings.Contains(logs, "held_by_key=secret-project-key") {
+		t.Fatalf("the log does not say who holds the image:\n%s", logs)
+	}
+}
+
+// nbdWrite sends a WRITE of data at off and returns after the header and
+// the first n bytes of data are sent.
+func nbdWritePartial(t *testing.T, c net.Conn, handle uint64, off uint64, data []byte, n int) {
+	t.Helper()
+	req := nbd.Request{Type: nbd.CmdWrite, Handle: handle, Offset: off, Length: uint32(len(data))}.Append(nil)
+	if _, err := c.Write(append(req, data[:n]...)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// nbdReply reads one simple reply, and n bytes of data after a successful
+// one.
+func nbdReply(c net.Conn, n int) (nbd.SimpleReply, []byte, error) {
+	var hdr [nbd.SimpleReplySize]byte
+	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		return nbd.SimpleReply{}, nil, err
+	}
+	r, err := nbd.ParseSimpleReply(hdr[:])
+	if err != nil || r.Error != 0 || n == 0 {
+		return r, nil, err
+	}
+	data := make([]byte, n)
+	_, err = io.ReadFull(c, data)
+	return r, data, err
+}
+
+// TestStaleWriteFencedByNextAttachment: a write the kernel sent on an
+// attachment's connection that the engine has not finished when the
+// attachment ends must not land after the next attachment of the image
+// wrote the same block.
+func TestStaleWriteFencedByNextAttachment(t *testing.T) {
+	ts := startServer(t, nil)
+	ts.devices.keepConns = true
+	t.Cleanup(func() {
+		ts.devices.mu.Lock()
+		defer ts.devices.mu.Unlock()
+		for _, c := range ts.devices.conns {
+			c.Close()
+		}
+	})
+	ts.addImage(t, "vol", "vol.mvps-image", 1<<20)
+	conn := func(i uint32) net.Conn {
+		ts.devices.mu.Lock()
+		defer ts.devices.mu.Unlock()
+		return ts.devices.conns[i]
+	}
+	blockA := bytes.Repeat([]byte("A"), BlockSize)
+	blockB := bytes.Repeat([]byte("B"), BlockSize)
+
+	first := ts.attach(t, "vol")
+	old := conn(0)
+	// The engine holds the start of a write to block 0 when the
+	// attachment ends.
+	nbdWritePartial(t, old, 1, 0, blockA, 100)
+	first.Close()
+	ts.devices.waitDetached(t, 0)
+
+	second := ts.attach(t, "vol")
+	defer second.Close()
+	cur := conn(1)
+	cur.SetDeadline(time.Now().Add(10 * time.Second))
+	nbdWritePartial(t, cur, 2, 0, blockB, BlockSize)
+	if r, _, err := nbdReply(cur, 0); err != nil || r.Error != 0 {
+		t.Fatalf("write B: %+v %v", r, err)
+	}
+
+	// The rest of the old write arrives. It must not be acknowledged,
+	// and must not land.
+	old.SetDeadline(time.Now().Add(10 * time.Second))
+	old.Write(blockA[100:])
+	if r, _, err := nbdReply(old, 0); err == nil {
+		t.Errorf("the old connection's write was answered (%+v) after the next attachment wrote the block", r)
+	}
+	nbdReadReq := nbd.Request{Type: nbd.CmdRead, Handle: 3, Offset: 0, Length: BlockSize}.Append(nil)
+	if _, err := cur.Write(nbdReadReq); err != nil {
+		t.Fatal(err)
+	}
+	_, got, err := nbdReply(cur, BlockSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, blockB) {
+		t.Fatalf("block 0 reads %q..., want the acknowledged B", got[:8])
+	}
+}
+
+func TestLingeringDevicesBounded(t *testing.T) {
+	ts := startServer(t, func(c *ServerConfig) { c.MaxLingering = 2 })
+	for i := range 3 {
+		ts.addImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 1<<20)
+	}
+	// Callers that keep their device fds after closing the connection.
+	ts.devices.mu.Lock()
+	ts.devices.stillOpen[0], ts.devices.stillOpen[1] = true, true
+	ts.devices.mu.Unlock()
+	for i := range 2 {
+		a := ts.attach(t, fmt.Sprint("vol", i))
+		a.Conn.Close()
+		ts.devices.waitDetached(t, uint32(i))
+		defer a.Device.Close()
+	}
+	waitFor(t, func() bool { return strings.Count(ts.logs.String(), "stays busy") == 2 })
+	if code := attachCode(t, ts.socket, "vol2"); code != CodeBusy {
+		t.Fatalf("attach with 2 lingering devices: code %q, want busy", code)
+	}
+	if !strings.Contains(ts.logs.String(), "too many detached devices") {
+		t.Error("refusal for lingering devices not logged")
+	}
+	// Once one is free, attaches go through again.
+	ts.devices.mu.Lock()
+	ts.devices.stillOpen[0] = false
+	ts.devices.mu.Unlock()
+	waitFor(t, func() bool { return strings.Contains(ts.logs.String(), "lingering device freed") })
+	ts.attach(t, "vol2").Close()
+}
+
+// TestIdleFloodDoesNotLockOutOthers: one user's idle connections, more
+// than the daemon has file descriptors, must not keep another caller from
+// being served.
+func TestIdleFloodDoesNotLockOutOthers(t *testing.T) {
+	requireRoot(t)
+	ts := startServer(t, nil)
+	ts.openToAll(t)
+	ts.addImage(t, "vol", "vol.mvps-image", 1<<20)
+
+	// The test process is the daemon here: give it a low soft limit and
+	// leave room for what the test itself holds.
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	low := lim
+	low.Cur = 256
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &low); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Setrlimit(unix.RLIMIT_NOFILE, &lim) })
+
+	// The flood comes from another process, whose fds do not count
+	// against this one's limit.
+	flood := startFlooder(t, ts.socket, 400)
+	defer flood.stop()
+
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	a, err := Attach(ctx, ts.socket, "vol")
+	if err != nil {
+		t.Fatalf("attach during a flood of idle connections: %v", err)
+	}
+	took := time.Since(start)
+	a.Close()
+	t.Logf("attach during the flood took %v", took)
+	if took > time.Second {
+		t.Errorf("attach during the flood took %v, want under a second", took)
+	}
+	if n := strings.Count(ts.logs.String(), "connection dropped"); n == 0 || n > 10 {
+		t.Errorf("%d log lines for dropped connections, want a few (rate-limited)", n)
+	}
+}
+
+type flooder struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+}
+
+func (f *flooder) stop() {
+	f.stdin.Close()
+	f.cmd.Wait()
+}
+
+// startFlooder starts a process of uid nobody that holds n idle
+// connections to socket, and returns once they are made.
+func startFlooder(t *testing.T, socket string, n int) *flooder {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperFlood$")
+	cmd.Env = append(os.Environ(), "MVPS_FLOOD_SOCKET="+socket, fmt.Sprint("MVPS_FLOOD_N=", n))
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	f := &flooder{cmd: cmd, stdin: stdin}
+	line := make([]byte, 64)
+	k, _ := out.Read(line)
+	if !strings.HasPrefix(string(line[:k]), "flooding") {
+		f.stop()
+		t.Fatalf("flooder did not start: %q", line[:k])
+	}
+	return f
+}
+
+// TestHelperFlood is the flooder process of TestIdleFloodDoesNotLockOutOthers;
+// run on its own it does nothing.
+func TestHelperFlood(t *testing.T) {
+	socket := os.Getenv("MVPS_FLOOD_SOCKET")
+	if socket == "" {
+		return
+	}
+	var n int
+	fmt.Sscan(os.Getenv("MVPS_FLOOD_N"), &n)
+	lim := unix.Rlimit{Cur: uint64(n + 64), Max: uint64(n + 64)}
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Setgroups(nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Setresgid(nobody, nobody, nobody); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Setresuid(nobody, nobody, nobody); err != nil {
+		t.Fatal(err)
+	}
+	var conns []int
+	for range n {
+		s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Connect(s, &unix.SockaddrUnix{Name: socket}); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, s)
+	}
+	fmt.Println("flooding with", len(conns), "connections")
+	io.Copy(io.Discard, os.Stdin)
+	closeFDs(conns)
+}
