@@ -1,0 +1,401 @@
+//go:build vmtest
+
+package vmtest
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+)
+
+// The uid and group of the unprivileged caller: nobody, given the socket's
+// group as a supplementary one, as a container handed the socket would be.
+const (
+	nobodyUID   = 65534
+	socketGroup = 4242
+)
+
+// TestMain lets the test binary play other processes: the unprivileged
+// caller and the probe that reports its effective uid.
+func TestMain(m *testing.M) {
+	switch os.Getenv("MVPS_VMTEST_HELPER") {
+	case "":
+		os.Exit(m.Run())
+	case "euid":
+		fmt.Println(os.Geteuid())
+		os.Exit(0)
+	case "caller":
+		os.Exit(unprivilegedCaller())
+	default:
+		fmt.Fprintln(os.Stderr, "unknown MVPS_VMTEST_HELPER")
+		os.Exit(2)
+	}
+}
+
+// callerReport is what the unprivileged caller saw.
+type callerReport struct {
+	Err        string // the provisioner's refusal or a local error, "" on success
+	MountOpts  string // the mount's options in the caller's mountinfo
+	ProbeEUID  string // what the setuid-root probe on the mount reported
+	DevOpenErr string // opening the 0666 device node on the mount for writing
+}
+
+// unprivilegedCaller drops to nobody with the socket group, asks for the
+// image in CALLER_KEY (mounted on CALLER_DIR when set, in its own namespace
+// or the one on fd 3), reports what it got on stdout as JSON, and holds the
+// attachment until its stdin closes.
+func unprivilegedCaller() int {
+	if err := unix.Setgroups([]int{socketGroup}); err != nil {
+		fmt.Fprintln(os.Stderr, "setgroups:", err)
+		return 2
+	}
+	if err := unix.Setresgid(nobodyUID, nobodyUID, nobodyUID); err != nil {
+		fmt.Fprintln(os.Stderr, "setresgid:", err)
+		return 2
+	}
+	if err := unix.Setresuid(nobodyUID, nobodyUID, nobodyUID); err != nil {
+		fmt.Fprintln(os.Stderr, "setresuid:", err)
+		return 2
+	}
+	var rep callerReport
+	a, err := callerAttach()
+	if err != nil {
+		rep.Err = err.Error()
+	} else {
+		defer a.Close()
+		if dir := os.Getenv("CALLER_DIR"); dir != "" {
+			rep.MountOpts = mountOptions(dir)
+			probe := exec.Command(filepath.Join(dir, "probe"))
+			probe.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=euid")
+			out, err := probe.Output()
+			rep.ProbeEUID = strings.TrimSpace(string(out))
+			if err != nil {
+				rep.ProbeEUID += " (" + err.Error() + ")"
+			}
+			if f, err := os.OpenFile(filepath.Join(dir, "null"), os.O_WRONLY, 0); err != nil {
+				rep.DevOpenErr = err.Error()
+			} else {
+				f.Close()
+			}
+		}
+	}
+	json.NewEncoder(os.Stdout).Encode(rep)
+	io.Copy(io.Discard, os.Stdin)
+	return 0
+}
+
+func callerAttach() (*provision.Attachment, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	socket, key, dir := os.Getenv("CALLER_SOCKET"), os.Getenv("CALLER_KEY"), os.Getenv("CALLER_DIR")
+	if dir == "" {
+		return provision.Attach(ctx, socket, key)
+	}
+	ns := os.NewFile(3, "namespace")
+	if os.Getenv("CALLER_OWN_NS") == "1" {
+		var err error
+		if ns, err = os.Open("/proc/self/ns/mnt"); err != nil {
+			return nil, err
+		}
+	}
+	d, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	return provision.AttachMount(ctx, socket, key, ns, d)
+}
+
+// mountOptions returns the per-mount options of the mount on dir.
+func mountOptions(dir string) string {
+	info, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(info), "\n") {
+		if f := strings.Fields(line); len(f) > 5 && f[4] == dir {
+			return f[5]
+		}
+	}
+	return ""
+}
+
+// caller is a running unprivileged caller process.
+type caller struct {
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	report callerReport
+}
+
+// startCaller runs the unprivileged caller; nsFile, when set, is the
+// namespace it sends instead of its own.
+func startCaller(t *testing.T, p *provProc, key, dir string, nsFile *os.File) *caller {
+	t.Helper()
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=caller", "CALLER_SOCKET="+p.Socket, "CALLER_KEY="+key,
+		"CALLER_DIR="+dir)
+	if nsFile != nil {
+		cmd.ExtraFiles = []*os.File{nsFile}
+	} else {
+		cmd.Env = append(cmd.Env, "CALLER_OWN_NS=1")
+	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := &caller{cmd: cmd, stdin: stdin}
+	t.Cleanup(c.stop)
+	line, err := bufio.NewReader(out).ReadBytes('\n')
+	if err != nil {
+		t.Fatalf("caller: %v", err)
+	}
+	if err := json.Unmarshal(line, &c.report); err != nil {
+		t.Fatalf("caller report %q: %v", line, err)
+	}
+	return c
+}
+
+// stop lets the caller close its connection and exit.
+func (c *caller) stop() {
+	if c.stdin != nil {
+		c.stdin.Close()
+		c.cmd.Wait()
+		c.stdin = nil
+	}
+}
+
+// sharedDir makes a directory that uid nobody can reach, owned by uid.
+func sharedDir(t *testing.T, uid int) string {
+	t.Helper()
+	base, err := os.MkdirTemp("", "shared")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(base) })
+	dir := filepath.Join(base, "d")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{base, dir} {
+		os.Chmod(d, 0o755)
+	}
+	if err := os.Chown(dir, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// startSharedProvisioner runs the daemon with its socket open to the socket
+// group, as an operator shares it with containers.
+func startSharedProvisioner(t *testing.T, override map[string]string) *provProc {
+	t.Helper()
+	if override == nil {
+		override = map[string]string{}
+	}
+	override["PROVISIONER_SOCKET_GROUP"] = strconv.Itoa(socketGroup)
+	p := startProvisionerWith(t, override)
+	if err := os.Chmod(filepath.Dir(p.Socket), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func writeImageConfig(t *testing.T, p *provProc, key, content string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(p.ConfigDir, key), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestVMMountModeUnprivilegedCaller is the escalation a review found: a
+// user whose only privilege is the socket's group writes a setuid-root
+// program and a 0666 device node into its image, then mounts it. Root's
+// mount of the image shows the program would work; the unprivileged mount
+// is nosuid,nodev, and mounting over a root-owned directory or into another
+// namespace is refused.
+func TestVMMountModeUnprivilegedCaller(t *testing.T) {
+	p := startSharedProvisioner(t, nil)
+	// The image config offers suid and devices: only root may have them.
+	writeImageConfig(t, p, "vol", `{"image_id": "vol.mvps-image", "image_size": 67108864, "mount_options": ["suid", "dev"]}`)
+
+	// Root, as the image's writer here, mounts it with what the config
+	// grants and plants the probe and the device node.
+	rootDir := sharedDir(t, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	ns, _ := os.Open("/proc/self/ns/mnt")
+	defer ns.Close()
+	d, _ := os.Open(rootDir)
+	a, err := provision.AttachMount(ctx, p.Socket, "vol", ns, d)
+	d.Close()
+	if err != nil {
+		t.Fatalf("root mount: %v", err)
+	}
+	if opts := mountOptions(rootDir); strings.Contains(opts, "nosuid") || strings.Contains(opts, "nodev") {
+		t.Fatalf("root mount with suid and dev granted has options %q", opts)
+	}
+	self, _ := os.ReadFile(os.Args[0])
+	probe := filepath.Join(rootDir, "probe")
+	if err := os.WriteFile(probe, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Chown(probe, 0, 0)
+	if err := os.Chmod(probe, 0o4755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mknod(filepath.Join(rootDir, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(filepath.Join(rootDir, "null"), 0o666)
+	// The control: on a suid mount the probe does run as root.
+	cmd := exec.Command(probe)
+	cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=euid")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobodyUID, Gid: nobodyUID}}
+	out, err := cmd.Output()
+	if got := strings.TrimSpace(string(out)); err != nil || got != "0" {
+		t.Fatalf("control: the setuid probe on a suid mount reports euid %q (%v), want 0", got, err)
+	}
+	unix.Unmount(rootDir, unix.MNT_DETACH)
+	a.Close()
+	waitUntil(t, 10*time.Second, "root's attachment detached", func() bool {
+		_, attached := ourDevice(t, "vol.mvps-image")
+		return !attached
+	})
+
+	// The unprivileged caller, its own namespace, its own directory.
+	ownDir := sharedDir(t, nobodyUID)
+	c := startCaller(t, p, "vol", ownDir, nil)
+	if c.report.Err != "" {
+		t.Fatalf("unprivileged mount into its own namespace and directory: %s", c.report.Err)
+	}
+	t.Logf("unprivileged mount: options %s, probe euid %s, device node: %s", c.report.MountOpts, c.report.ProbeEUID, c.report.DevOpenErr)
+	opts := strings.Split(c.report.MountOpts, ",")
+	if !contains(opts, "nosuid") || !contains(opts, "nodev") {
+		t.Errorf("unprivileged mount has options %q, want nosuid and nodev", c.report.MountOpts)
+	}
+	if c.report.ProbeEUID != strconv.Itoa(nobodyUID) {
+		t.Errorf("the setuid-root probe ran with euid %q, want %d", c.report.ProbeEUID, nobodyUID)
+	}
+	if !strings.Contains(c.report.DevOpenErr, "permission denied") {
+		t.Errorf("the 0666 device node opened for writing (%q), want permission denied", c.report.DevOpenErr)
+	}
+	unix.Unmount(ownDir, unix.MNT_DETACH)
+	c.stop()
+	waitUntil(t, 10*time.Second, "unprivileged attachment detached", func() bool {
+		_, attached := ourDevice(t, "vol.mvps-image")
+		return !attached
+	})
+
+	// A root-owned directory, like /usr/local/bin or /etc/cron.d.
+	if c := startCaller(t, p, "vol", sharedDir(t, 0), nil); !strings.HasPrefix(c.report.Err, "ERR forbidden") {
+		t.Errorf("mount onto a root-owned directory: %q, want ERR forbidden", c.report.Err)
+	}
+	// Another mount namespace than the caller's own.
+	child := newNSThread(t)
+	var other *os.File
+	child.do(func() { other, err = os.Open("/proc/thread-self/ns/mnt") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if c := startCaller(t, p, "vol", sharedDir(t, nobodyUID), other); !strings.HasPrefix(c.report.Err, "ERR forbidden") {
+		t.Errorf("mount into another namespace: %q, want ERR forbidden", c.report.Err)
+	}
+	if _, attached := ourDevice(t, "vol.mvps-image"); attached {
+		t.Error("a device is attached after refused mounts")
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func TestVMAllowedUIDs(t *testing.T) {
+	p := startSharedProvisioner(t, nil)
+	writeImageConfig(t, p, "rootonly", `{"image_id": "rootonly.mvps-image", "image_size": 1048576, "allowed_uids": [0]}`)
+	if c := startCaller(t, p, "rootonly", "", nil); !strings.HasPrefix(c.report.Err, "ERR forbidden") {
+		t.Fatalf("uid %d attaching an image for uid 0 only: %q, want ERR forbidden", nobodyUID, c.report.Err)
+	}
+	a, _ := p.attach(t, "rootonly")
+	a.Close()
+	log, _ := os.ReadFile(p.LogPath)
+	if !strings.Contains(string(log), "code=forbidden") {
+		t.Errorf("the refusal is not in the log:\n%s", log)
+	}
+}
+
+// TestVMInterruptedFormat: a format killed part-way leaves bytes in the
+// first MiB and no signature. The next attach must still see a fresh
+// device, format it and mount it.
+func TestVMInterruptedFormat(t *testing.T) {
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "killed-once")
+	wrapper := filepath.Join(dir, "mke2fs")
+	script := fmt.Sprintf(`#!/bin/sh
+for dev; do :; done
+if [ ! -e %[1]s ]; then
+	touch %[1]s
+	# What mke2fs has written when it dies: some metadata, no superblock yet.
+	printf 'half a file system' | dd of="$dev" bs=4096 seek=64 conv=notrunc 2>/dev/null
+	kill -9 $$
+fi
+exec /usr/sbin/mke2fs "$@"
+`, marker)
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := startProvisionerWith(t, map[string]string{"PROVISIONER_MKE2FS": wrapper})
+	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
+	child := newNSThread(t)
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	if _, err := child.mount(t, p, "vol", mnt); err == nil || !strings.Contains(err.Error(), "mke2fs") {
+		t.Fatalf("first mount with mke2fs killed: %v, want a refusal naming mke2fs", err)
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatal("the killed format did not run")
+	}
+	waitUntil(t, 10*time.Second, "failed attachment detached", func() bool {
+		_, attached := ourDevice(t, "vol.mvps-image")
+		return !attached
+	})
+	a, err := child.mount(t, p, "vol", mnt)
+	if err != nil {
+		t.Fatalf("mount after an interrupted format: %v", err)
+	}
+	child.do(func() {
+		err = os.WriteFile(filepath.Join(mnt, "ok"), []byte("ok"), 0o644)
+		unix.Unmount(mnt, unix.MNT_DETACH)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	log, _ := os.ReadFile(p.LogPath)
+	if !strings.Contains(string(log), "formatted=true") {
+		t.Fatalf("the second attach did not format:\n%s", log)
+	}
+}
