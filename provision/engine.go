@@ -8,9 +8,12 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -223,16 +226,40 @@ func DialEngine(ctx context.Context, listen string) (net.Conn, error) {
 }
 
 // ParseEngineListen splits an MVPS_TE_LISTEN value into a network and an
-// address.
+// address. The engine serves anyone holding a valid token and the
+// provisioner hands it one on every dial, so only addresses nobody else
+// can take first are accepted: an absolute Unix socket path, or a literal
+// loopback IP (127.0.0.0/8, [::1]) with a port. Host names are refused:
+// "localhost" was seen to resolve to [::1], where an unprivileged process
+// could listen while the engine listened on 127.0.0.1.
 func ParseEngineListen(listen string) (network, address string, err error) {
 	if path, ok := strings.CutPrefix(listen, "unix:"); ok {
 		if path == "" {
 			return "", "", errors.New("engine listen address \"unix:\" has no path")
 		}
+		if !filepath.IsAbs(path) {
+			return "", "", fmt.Errorf("engine listen address %q: the socket path must be absolute", listen)
+		}
 		return "unix", path, nil
 	}
-	if _, _, err := net.SplitHostPort(listen); err != nil {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
 		return "", "", fmt.Errorf("engine listen address %q is neither unix:/path nor host:port: %w", listen, err)
+	}
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return "", "", fmt.Errorf("engine listen address %q: host %q is not an IP address; host names are refused, use 127.0.0.1 or [::1]", listen, host)
+	}
+	if addr.Zone() != "" {
+		return "", "", fmt.Errorf("engine listen address %q: an IPv6 zone is not allowed", listen)
+	}
+	// An IPv4-mapped address is not "::1" and not a 127/8 socket either:
+	// refusing it keeps one spelling per loopback address.
+	if !(addr.Is4() && addr.IsLoopback()) && addr != netip.IPv6Loopback() {
+		return "", "", fmt.Errorf("engine listen address %q is not a loopback address (127.0.0.0/8 or [::1])", listen)
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+		return "", "", fmt.Errorf("engine listen address %q: port %q is not a number from 1 to 65535", listen, port)
 	}
 	return "tcp", listen, nil
 }

@@ -131,3 +131,59 @@ func TestStartEngineStandIn(t *testing.T) {
 		t.Fatalf("engine output not logged:\n%s", logs.String())
 	}
 }
+
+// The engine trusts any valid token, so the provisioner only talks to it
+// where nobody else can listen first: a Unix socket path or a literal
+// loopback address. A host name could resolve to an address (e.g. [::1]
+// for localhost) that an unprivileged process bound before the engine.
+func TestParseEngineListen(t *testing.T) {
+	type result struct{ Network, Address string }
+	tests := []struct {
+		listen string
+		want   result
+		err    string
+	}{
+		{listen: "unix:/run/mvps/engine.sock", want: result{"unix", "/run/mvps/engine.sock"}},
+		{listen: "127.0.0.1:2192", want: result{"tcp", "127.0.0.1:2192"}},
+		{listen: "127.3.2.1:1", want: result{"tcp", "127.3.2.1:1"}},
+		{listen: "[::1]:65535", want: result{"tcp", "[::1]:65535"}},
+		{listen: "unix:", err: "no path"},
+		{listen: "unix:engine.sock", err: "absolute"},
+		{listen: "unix:./engine.sock", err: "absolute"},
+		{listen: "localhost:2192", err: "not an IP address"},
+		{listen: "engine.example.com:2192", err: "not an IP address"},
+		{listen: "0.0.0.0:2192", err: "loopback"},
+		{listen: "10.0.0.1:2192", err: "loopback"},
+		{listen: "[::]:2192", err: "loopback"},
+		{listen: "[::ffff:127.0.0.1]:2192", err: "loopback"},
+		{listen: "[::1%lo]:2192", err: "zone"},
+		{listen: "[fe80::1%lo]:2192", err: "zone"},
+		{listen: ":2192", err: "not an IP address"},
+		{listen: "127.1:2192", err: "not an IP address"},
+		{listen: "127.0.0.1", err: "host:port"},
+		{listen: "::1:2192", err: "host:port"},
+		{listen: "127.0.0.1:0", err: "port"},
+		{listen: "127.0.0.1:65536", err: "port"},
+		{listen: "127.0.0.1:http", err: "port"},
+		{listen: "127.0.0.1:", err: "port"},
+		{listen: "nowhere", err: "host:port"},
+		{listen: "", err: "host:port"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.listen, func(t *testing.T) {
+			network, address, err := ParseEngineListen(tt.listen)
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) {
+					t.Fatalf("err = %v, want one containing %q", err, tt.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, result{network, address}); diff != "" {
+				t.Fatalf("(-want +got):\n%s", diff)
+			}
+		})
+	}
+}

@@ -1,15 +1,20 @@
 package provision
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"net"
 	"os"
 	"os/user"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ListenConfig says where and for whom the provisioner listens.
@@ -24,6 +29,14 @@ type ListenConfig struct {
 // Listen opens the SEQPACKET socket. A socket file left by a dead instance
 // is replaced; one that a live instance answers on is left alone and is an
 // error, as is any other kind of file at the path.
+//
+// The socket never appears at its path with anything but its final owner
+// and mode, and no symlink is ever followed: it is bound inside a fresh
+// 0700 directory next to the path, given its group and mode there where
+// nobody else can swap it, and renamed into place without replacing
+// anything. Closing the listener removes the socket from its path, as
+// net.ListenUnix does. Listen needs /proc; it keeps one O_PATH descriptor
+// on the socket's directory open for good (see bindPrivate).
 func Listen(cfg ListenConfig) (*net.UnixListener, error) {
 	gid := -1
 	if cfg.Group != "" {
@@ -32,25 +45,122 @@ func Listen(cfg ListenConfig) (*net.UnixListener, error) {
 			return nil, err
 		}
 	}
+	if cfg.Mode&^fs.ModePerm != 0 {
+		return nil, fmt.Errorf("socket mode %v: only permission bits can be set", cfg.Mode)
+	}
 	if err := removeStaleSocket(cfg.Path); err != nil {
 		return nil, err
 	}
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: cfg.Path, Net: "unixpacket"})
+	dir, name := filepath.Split(filepath.Clean(cfg.Path))
+	if dir == "" {
+		dir = "."
+	}
+	parent, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open socket directory %s: %w", dir, err)
+	}
+	defer unix.Close(parent)
+	privName, private, err := makePrivateDir(parent, name)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Path, err)
 	}
+	ln, err := bindPrivate(private, name)
+	if err != nil {
+		unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR)
+		unix.Close(private)
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Path, err)
+	}
+	// fail undoes everything before the rename: the listener's own unlink
+	// still resolves inside the private directory then.
+	fail := func(err error) (*net.UnixListener, error) {
+		ln.Close()
+		unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR)
+		unix.Close(private)
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Path, err)
+	}
+	if listenRaceHook != nil {
+		listenRaceHook()
+	}
 	if gid >= 0 {
-		if err := os.Chown(cfg.Path, -1, gid); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("set group of %s: %w", cfg.Path, err)
+		if err := unix.Fchownat(private, name, -1, gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return fail(fmt.Errorf("set group of the socket: %w", err))
 		}
 	}
-	if err := os.Chmod(cfg.Path, cfg.Mode); err != nil {
+	// The private directory is ours alone, so nothing can have replaced
+	// the socket by a symlink that this would follow.
+	if err := unix.Fchmodat(private, name, uint32(cfg.Mode.Perm()), 0); err != nil {
+		return fail(fmt.Errorf("set mode of the socket: %w", err))
+	}
+	if err := unix.Renameat2(private, name, parent, name, unix.RENAME_NOREPLACE); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			err = errors.New("something else appeared at the path meanwhile; not replacing it")
+		}
+		return fail(fmt.Errorf("move the socket into place: %w", err))
+	}
+	// From here on the listener's name resolves to the socket's real path:
+	// the descriptor it is bound through now stands for the directory the
+	// socket moved to.
+	if err := unix.Dup3(parent, private, unix.O_CLOEXEC); err != nil {
+		unix.Unlinkat(parent, name, 0)
+		return fail(fmt.Errorf("keep the socket's directory: %w", err))
+	}
+	if err := unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR); err != nil {
 		ln.Close()
-		return nil, fmt.Errorf("set mode of %s: %w", cfg.Path, err)
+		return nil, fmt.Errorf("listen on %s: remove the private directory %s: %w", cfg.Path, privName, err)
 	}
 	return ln, nil
 }
+
+// makePrivateDir creates a 0700 directory with a random name in parent and
+// opens it without following symlinks, so that whoever else can write
+// parent cannot slip in a directory of theirs.
+func makePrivateDir(parent int, name string) (string, int, error) {
+	var b [8]byte
+	rand.Read(b[:])
+	privName := "." + name + "." + hex.EncodeToString(b[:])
+	if len(privName) > 255 {
+		privName = "." + hex.EncodeToString(b[:])
+	}
+	if err := unix.Mkdirat(parent, privName, 0o700); err != nil {
+		return "", -1, fmt.Errorf("create a private directory: %w", err)
+	}
+	fd, err := unix.Openat(parent, privName, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR)
+		return "", -1, fmt.Errorf("open the private directory: %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return "", -1, fmt.Errorf("stat the private directory: %w", err)
+	}
+	if st.Uid != uint32(os.Geteuid()) || st.Mode&0o077 != 0 {
+		// Not the directory just made: leave it to its owner.
+		unix.Close(fd)
+		return "", -1, errors.New("the private directory was replaced by someone else's")
+	}
+	return privName, fd, nil
+}
+
+// bindPrivate binds a socket called name in the directory open as dirfd.
+// There is no bindat, so the socket is bound through /proc/self/fd; that
+// name is also what net.UnixListener unlinks on Close, which is why Listen
+// later turns dirfd into the socket's final directory and never closes it.
+func bindPrivate(dirfd int, name string) (*net.UnixListener, error) {
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{
+		Name: "/proc/self/fd/" + strconv.Itoa(dirfd) + "/" + name,
+		Net:  "unixpacket",
+	})
+	if err != nil {
+		return nil, fmt.Errorf("bind the socket (a name of at most about 85 bytes fits): %w", err)
+	}
+	return ln, nil
+}
+
+// listenRaceHook, when a test sets it, runs after the socket is bound and
+// before its owner and mode are set: where another user who can write the
+// socket's directory could swap things around.
+var listenRaceHook func()
 
 func removeStaleSocket(path string) error {
 	st, err := os.Lstat(path)

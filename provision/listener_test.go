@@ -4,9 +4,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 func TestListen(t *testing.T) {
@@ -17,7 +20,9 @@ func TestListen(t *testing.T) {
 	defer os.RemoveAll(dir)
 	path := filepath.Join(dir, "p.sock")
 
-	ln, err := Listen(ListenConfig{Path: path, Mode: 0o660, Group: "0"})
+	// The caller's own group, so that the test also runs unprivileged.
+	gid := os.Getgid()
+	ln, err := Listen(ListenConfig{Path: path, Mode: 0o660, Group: strconv.Itoa(gid)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,8 +33,11 @@ func TestListen(t *testing.T) {
 	if st.Mode().Type() != os.ModeSocket || st.Mode().Perm() != 0o660 {
 		t.Fatalf("socket mode %v", st.Mode())
 	}
-	if gid := st.Sys().(*syscall.Stat_t).Gid; gid != 0 {
-		t.Fatalf("socket group %d", gid)
+	if got := st.Sys().(*syscall.Stat_t).Gid; got != uint32(gid) {
+		t.Fatalf("socket group %d, want %d", got, gid)
+	}
+	if diff := cmp.Diff([]string{"p.sock"}, dirNames(t, dir)); diff != "" {
+		t.Fatalf("directory after Listen (-want +got):\n%s", diff)
 	}
 
 	// A live instance's socket is left alone.
@@ -69,4 +77,63 @@ func TestListen(t *testing.T) {
 	if _, err := Listen(ListenConfig{Path: filepath.Join(dir, "g.sock"), Mode: 0o660, Group: "no-such-group-here"}); err == nil {
 		t.Fatal("unknown group accepted")
 	}
+}
+
+// Someone who can write the socket's directory swaps a symlink in right
+// after the bind. Setting the mode by path would follow it and make its
+// target (here a private file) world-writable; the socket must also never
+// appear at its path with the umask's permissions.
+func TestListenRace(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "p.sock")
+	victim := filepath.Join(dir, "victim")
+	if err := os.WriteFile(victim, []byte("secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var exposed []string
+	listenRaceHook = func() {
+		if st, err := os.Lstat(path); err == nil {
+			exposed = append(exposed, st.Mode().String())
+		}
+		os.Remove(path)
+		if err := os.Symlink(victim, path); err != nil {
+			t.Error(err)
+		}
+	}
+	defer func() { listenRaceHook = nil }()
+
+	ln, err := Listen(ListenConfig{Path: path, Mode: 0o666, Group: strconv.Itoa(os.Getgid())})
+	if err == nil {
+		ln.Close()
+		t.Fatal("Listen replaced what appeared at its path")
+	}
+	if !strings.Contains(err.Error(), "appeared") {
+		t.Errorf("err = %v", err)
+	}
+	if diff := cmp.Diff([]string{"p.sock", "victim"}, dirNames(t, dir)); diff != "" {
+		t.Errorf("directory after a failed Listen (-want +got):\n%s", diff)
+	}
+	st, err := os.Stat(victim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Errorf("symlink target's mode changed to %v", st.Mode().Perm())
+	}
+	if len(exposed) > 0 {
+		t.Errorf("socket visible at its path before its mode was set: %v", exposed)
+	}
+}
+
+func dirNames(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
 }
