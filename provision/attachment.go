@@ -8,13 +8,17 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
 // attachment is one image attached for one caller connection.
 type attachment struct {
 	imageID string
 	key     string
-	dev     *Device
+	dev     *nbddev.Device
 	// root, in mount mode, is held open on the file system's root.
 	root   *os.File
 	caller callerInfo
@@ -32,12 +36,12 @@ type attachment struct {
 // arrives while the image's previous attachment is being detached waits for
 // that detach instead of failing: a caller that closes and reattaches at
 // once is not refused.
-func (s *Server) reserve(imageID, key string, caller callerInfo) (*attachment, *ReplyError) {
+func (s *Server) reserve(imageID, key string, caller callerInfo) (*attachment, error) {
 	for {
 		s.mu.Lock()
 		if s.closing {
 			s.mu.Unlock()
-			return nil, replyErrorf(CodeInternal, "provisioner is shutting down")
+			return nil, ErrShuttingDown
 		}
 		other, ok := s.attachments[imageID]
 		if !ok {
@@ -53,14 +57,14 @@ func (s *Server) reserve(imageID, key string, caller callerInfo) (*attachment, *
 			// caller's: the log has it, the reply does not.
 			s.log.Info("image busy", "image_id", imageID, "held_by_key", other.key,
 				"held_by_pid", other.caller.pid, "held_by_uid", other.caller.uid)
-			return nil, replyErrorf(CodeBusy, "image %s is already attached on this host", imageID)
+			return nil, failf(ErrBusy, "image %s is already attached on this host", imageID)
 		}
 		select {
 		case <-other.released:
 		case <-s.ctx.Done():
-			return nil, replyErrorf(CodeInternal, "provisioner is shutting down")
+			return nil, ErrShuttingDown
 		case <-time.After(s.cfg.FlushTimeout + s.cfg.DetachTimeout):
-			return nil, replyErrorf(CodeBusy, "image %s is still being detached", imageID)
+			return nil, failf(ErrBusy, "image %s is still being detached", imageID)
 		}
 	}
 }
@@ -75,37 +79,39 @@ func (s *Server) release(a *attachment) {
 }
 
 // attach signs a token, negotiates with the engine and attaches the device.
-func (s *Server) attach(image ImageConfig) (*Device, *ReplyError) {
+func (s *Server) attach(image imageconfig.Config) (*nbddev.Device, error) {
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.AttachTimeout)
 	defer cancel()
 
-	token, err := SignToken(s.cfg.Secret, image, ClientID(s.cfg.Host, image.ImageID), time.Now())
+	token, err := engine.SignToken(s.cfg.Secret, engine.Session{
+		ImageID: image.ImageID, ImageSize: image.ImageSize, ClientID: engine.ClientID(s.cfg.Host, image.ImageID),
+	}, time.Now())
 	if err != nil {
-		return nil, replyErrorf(CodeInternal, "%v", err)
+		return nil, err
 	}
 	conn, err := s.cfg.DialEngine(ctx)
 	if err != nil {
-		return nil, replyErrorf(CodeEngineUnavailable, "connect to engine: %v", err)
+		return nil, failf(ErrEngineUnavailable, "connect to engine: %w", err)
 	}
 	export, err := handshake.Negotiate(ctx, conn, token)
 	if err != nil {
 		conn.Close()
 		// The token is never part of an error: handshake errors carry
 		// steps and byte counts only.
-		return nil, replyErrorf(CodeEngineUnavailable, "%v", err)
+		return nil, failf(ErrEngineUnavailable, "%w", err)
 	}
 	if export.Size != image.ImageSize {
 		conn.Close()
-		return nil, replyErrorf(CodeAttachFailed, "engine exports %d bytes for %s, config says %d",
+		return nil, failf(ErrAttachFailed, "engine exports %d bytes for %s, config says %d",
 			export.Size, image.ImageID, image.ImageSize)
 	}
-	if err := probeSession(ctx, conn); err != nil {
+	if err := engine.ProbeSession(ctx, conn); err != nil {
 		conn.Close()
-		return nil, replyErrorf(CodeAttachFailed, "%s: %v", image.ImageID, err)
+		return nil, failf(ErrAttachFailed, "%s: %w", image.ImageID, err)
 	}
 	dev, err := s.cfg.Devices.Attach(ctx, conn, export, "mvps:"+image.ImageID)
 	if err != nil {
-		return nil, replyErrorf(CodeAttachFailed, "%v", err)
+		return nil, failf(ErrAttachFailed, "%w", err)
 	}
 	return dev, nil
 }
@@ -130,7 +136,7 @@ func (s *Server) detach(a *attachment, reason string) {
 		case a.root != nil:
 			// The file system first: its dirty data goes to the device,
 			// and once released an unmounted file system shuts down.
-			fsErr = syncAndRelease(a.root)
+			fsErr = mount.SyncAndRelease(a.root)
 		}
 		flushErr := errors.New("skipped: engine is gone")
 		if !engineDead {
@@ -149,7 +155,7 @@ func (s *Server) detach(a *attachment, reason string) {
 			attrs = append(attrs, "fs_err", fsErr)
 		}
 		switch {
-		case errors.Is(detachErr, ErrStillOpen):
+		case errors.Is(detachErr, nbddev.ErrStillOpen):
 			n := s.linger(a.dev)
 			s.log.Warn("detached; the device stays busy until its last opener closes it",
 				append(attrs, "err", detachErr, "flush_err", flushErr, "lingering_devices", n)...)
@@ -166,7 +172,7 @@ func (s *Server) detach(a *attachment, reason string) {
 // checkLingering refuses a new attach while too many detached devices are
 // still held open by earlier callers: each takes a kernel device, and
 // without a bound a caller could take them all by keeping its fds.
-func (s *Server) checkLingering() *ReplyError {
+func (s *Server) checkLingering() error {
 	s.mu.Lock()
 	n := len(s.lingering)
 	s.mu.Unlock()
@@ -175,7 +181,7 @@ func (s *Server) checkLingering() *ReplyError {
 	}
 	s.log.Warn("attach refused: too many detached devices are still held open", "lingering_devices", n,
 		"max_lingering", s.cfg.MaxLingering)
-	return replyErrorf(CodeBusy, "%d detached devices are still held open by earlier callers; try again once they are closed", n)
+	return failf(ErrBusy, "%d detached devices are still held open by earlier callers; try again once they are closed", n)
 }
 
 // lingerPoll is how often a lingering device is checked: the kernel has no
@@ -184,7 +190,7 @@ const lingerPoll = time.Second
 
 // linger counts dev as held open until the kernel frees it, and returns how
 // many devices linger now.
-func (s *Server) linger(dev *Device) int {
+func (s *Server) linger(dev *nbddev.Device) int {
 	s.mu.Lock()
 	s.lingering[dev.Index] = dev
 	n := len(s.lingering)

@@ -106,3 +106,36 @@ func namespaceOf(f *os.File) (nsID, error) {
 	}
 	return nsID{dev: st.Dev, ino: st.Ino}, nil
 }
+
+// authorizeMount decides whether caller may mount on dir in ns. uid 0 may
+// act for anyone, as a sidecar or an orchestrator does. Any other caller
+// gets what an unprivileged user gets from fusermount: its own mount
+// namespace only, and only onto a directory it owns; otherwise it could
+// mount over /etc/cron.d or a root-owned bin directory.
+func authorizeMount(caller callerInfo, ns, dir *os.File) error {
+	if caller.root() {
+		return nil
+	}
+	if !caller.known() {
+		return failf(ErrForbidden, "mount mode needs the caller's credentials")
+	}
+	own, err := caller.mountNamespace()
+	if err != nil {
+		return failf(ErrForbidden, "mount mode: %w", err)
+	}
+	got, err := namespaceOf(ns)
+	if err != nil {
+		return err
+	}
+	if got != own {
+		return failf(ErrForbidden, "uid %d may mount only into its own mount namespace", caller.uid)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(dir.Fd()), &st); err != nil {
+		return fmt.Errorf("stat mount directory: %w", err)
+	}
+	if int64(st.Uid) != int64(caller.uid) {
+		return failf(ErrForbidden, "uid %d may mount only onto a directory it owns (this one is uid %d's)", caller.uid, st.Uid)
+	}
+	return nil
+}

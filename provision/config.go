@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 )
 
 // Config is the provisioner daemon's configuration. Each setting comes from
@@ -105,7 +107,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		return Config{}, errors.New("IMAGE_CONFIG_DIRECTORY (--image-config-directory) is required")
 	}
 	if cfg.EngineListen != "" {
-		if _, _, err := ParseEngineListen(cfg.EngineListen); err != nil {
+		if _, _, err := engine.ParseListen(cfg.EngineListen); err != nil {
 			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_LISTEN (--engine-listen): %v", err)
 		}
 	}

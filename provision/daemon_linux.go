@@ -10,6 +10,11 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
 // ShutdownTimeout bounds detaching everything and stopping the engine.
@@ -27,13 +32,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	secret := cfg.Secret
 	if secret == "" {
 		var err error
-		if secret, err = NewSecret(); err != nil {
+		if secret, err = engine.NewSecret(); err != nil {
 			return err
 		}
 		log.Info("MVPS_TE_JWT_SECRET is unset: using a random secret for this run")
 	}
 
-	devices, err := NewNBDDevices()
+	devices, err := nbddev.New()
 	if err != nil {
 		return err
 	}
@@ -56,7 +61,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		defer os.RemoveAll(dir)
 		engineListen = "unix:" + filepath.Join(dir, "engine.sock")
 	}
-	engine, err := StartEngine(ctx, EngineConfig{
+	eng, err := engine.Start(ctx, engine.Config{
 		Bin:    cfg.EngineBin,
 		Listen: engineListen,
 		Secret: []byte(secret),
@@ -69,25 +74,25 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	stopEngine := func() {
 		sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 		defer cancel()
-		if err := engine.Stop(sctx); err != nil {
+		if err := eng.Stop(sctx); err != nil {
 			log.Error("stopping engine", "err", err)
 		}
 	}
 
 	var mounter Mounter
-	if m, err := NewExtMounter(cfg.Mke2fs, cfg.Blkid); err != nil {
+	if m, err := mount.New(cfg.Mke2fs, cfg.Blkid); err != nil {
 		log.Warn("mount mode disabled", "err", err)
 	} else {
 		mounter = m
 	}
 	srv, err := NewServer(ServerConfig{
-		Mounter:        mounter,
-		ImageConfigDir: cfg.ImageConfigDir,
-		Secret:         []byte(secret),
-		DialEngine:     engine.Dial,
-		Devices:        devices,
-		MountBase:      cfg.MountBase,
-		Logger:         log,
+		Mounter:    mounter,
+		Images:     imageconfig.Dir(cfg.ImageConfigDir),
+		Secret:     []byte(secret),
+		DialEngine: eng.Dial,
+		Devices:    devices,
+		MountBase:  cfg.MountBase,
+		Logger:     log,
 	})
 	if err != nil {
 		stopEngine()
@@ -96,14 +101,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
-		"engine", cfg.EngineBin, "engine_pid", engine.Pid())
+		"engine", cfg.EngineBin, "engine_pid", eng.Pid())
 
 	var runErr error
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")
-	case <-engine.Done():
-		runErr = engine.Err()
+	case <-eng.Done():
+		runErr = eng.Err()
 		log.Error("engine died; detaching everything", "err", runErr)
 		srv.EngineFailed()
 	case err := <-served:

@@ -1,9 +1,8 @@
-package provision
+package provision_test
 
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -19,6 +18,11 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
 
 const nobody = 65534
@@ -32,12 +36,12 @@ func requireRoot(t *testing.T) {
 }
 
 // openToAll lets callers of any uid reach the test server's socket.
-func (ts *testServer) openToAll(t *testing.T) {
+func openToAll(t *testing.T, ts *provisiontest.Server) {
 	t.Helper()
-	if err := os.Chmod(filepath.Dir(ts.socket), 0o755); err != nil {
+	if err := os.Chmod(filepath.Dir(ts.Socket), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chmod(ts.socket, 0o666); err != nil {
+	if err := os.Chmod(ts.Socket, 0o666); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -120,37 +124,35 @@ func requestAs(t *testing.T, socket string, uid, gid int, key string, fds []int)
 		oob = unix.UnixRights(fds...)
 	}
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, _, err := conn.WriteMsgUnix(AppendRequest(nil, CommandMount, key), oob, nil); err != nil {
+	if _, _, err := conn.WriteMsgUnix(protocol.AppendRequest(nil, protocol.CommandAttach, key), oob, nil); err != nil {
 		t.Fatal(err)
 	}
 	buf := make([]byte, 1024)
 	roob := make([]byte, unix.CmsgSpace(4*4))
 	n, oobn, _, _, err := conn.ReadMsgUnix(buf, roob)
-	closeFDs(parseFDs(roob[:oobn]))
+	if msgs, err := unix.ParseSocketControlMessage(roob[:oobn]); err == nil {
+		for _, m := range msgs {
+			fds, _ := unix.ParseUnixRights(&m)
+			protocol.CloseFDs(fds)
+		}
+	}
 	if err != nil {
 		t.Fatalf("read reply: %v", err)
 	}
 	conn.SetDeadline(time.Time{})
-	return conn, ParseReply(buf[:n])
-}
-
-func (ts *testServer) writeConfig(t *testing.T, key, content string) {
-	t.Helper()
-	if err := os.WriteFile(filepath.Join(ts.config, key), []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	return conn, protocol.ParseReply(buf[:n])
 }
 
 func TestImageConfigGrants(t *testing.T) {
 	requireRoot(t)
 	mounter := &fakeMounter{dir: t.TempDir()}
-	ts := startServer(t, func(c *ServerConfig) { c.Mounter = mounter })
-	ts.openToAll(t)
-	ts.writeConfig(t, "rootonly", `{"image_id": "r.mvps-image", "image_size": 4096, "allowed_uids": [0]}`)
-	ts.writeConfig(t, "staff", `{"image_id": "s.mvps-image", "image_size": 4096, "allowed_gids": [4242]}`)
-	ts.writeConfig(t, "fdonly", `{"image_id": "f.mvps-image", "image_size": 4096, "modes": ["fd"]}`)
-	ts.writeConfig(t, "mountonly", `{"image_id": "m.mvps-image", "image_size": 4096, "modes": ["mount"]}`)
-	ts.addImage(t, "open", "o.mvps-image", 4096)
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Mounter = mounter })
+	openToAll(t, ts)
+	ts.WriteConfig(t, "rootonly", `{"image_id": "r.mvps-image", "image_size": 4096, "allowed_uids": [0]}`)
+	ts.WriteConfig(t, "staff", `{"image_id": "s.mvps-image", "image_size": 4096, "allowed_gids": [4242]}`)
+	ts.WriteConfig(t, "fdonly", `{"image_id": "f.mvps-image", "image_size": 4096, "modes": ["fd"]}`)
+	ts.WriteConfig(t, "mountonly", `{"image_id": "m.mvps-image", "image_size": 4096, "modes": ["mount"]}`)
+	ts.AddImage(t, "open", "o.mvps-image", 4096)
 
 	ownDir := t.TempDir()
 	if err := os.Chown(ownDir, nobody, nobody); err != nil {
@@ -165,14 +167,14 @@ func TestImageConfigGrants(t *testing.T) {
 		mount    bool
 		code     string // "" for OK
 	}{
-		{"nobody refused by allowed_uids", nobody, nobody, "rootonly", false, CodeForbidden},
+		{"nobody refused by allowed_uids", nobody, nobody, "rootonly", false, protocol.CodeForbidden},
 		{"root allowed by allowed_uids", 0, 0, "rootonly", false, ""},
 		{"gid allowed by allowed_gids", nobody, 4242, "staff", false, ""},
-		{"other gid refused", nobody, nobody, "staff", false, CodeForbidden},
-		{"uid 0 is not exempt from allowed_gids", 0, 0, "staff", false, CodeForbidden},
-		{"mount refused on an fd-only image", 0, 0, "fdonly", true, CodeForbidden},
+		{"other gid refused", nobody, nobody, "staff", false, protocol.CodeForbidden},
+		{"uid 0 is not exempt from allowed_gids", 0, 0, "staff", false, protocol.CodeForbidden},
+		{"mount refused on an fd-only image", 0, 0, "fdonly", true, protocol.CodeForbidden},
 		{"fd allowed on an fd-only image", 0, 0, "fdonly", false, ""},
-		{"fd refused on a mount-only image", 0, 0, "mountonly", false, CodeForbidden},
+		{"fd refused on a mount-only image", 0, 0, "mountonly", false, protocol.CodeForbidden},
 		{"mount allowed on a mount-only image", 0, 0, "mountonly", true, ""},
 		{"no restriction, nobody", nobody, nobody, "open", false, ""},
 	}
@@ -182,15 +184,15 @@ func TestImageConfigGrants(t *testing.T) {
 			if tt.mount {
 				fds = mountFDsFor()
 			}
-			conn, err := requestAs(t, ts.socket, tt.uid, tt.gid, tt.key, fds)
-			if got := codeOf(err); got != tt.code {
+			conn, err := requestAs(t, ts.Socket, tt.uid, tt.gid, tt.key, fds)
+			if got := provisiontest.Code(err); got != tt.code {
 				t.Fatalf("reply %v, want code %q", err, tt.code)
 			}
 			conn.Close()
 		})
 	}
 	waitFor(t, func() bool { return len(ts.Attachments()) == 0 })
-	if !strings.Contains(ts.logs.String(), "code=forbidden") {
+	if !strings.Contains(ts.Logs(), "code=forbidden") {
 		t.Error("refusals are not logged with their code")
 	}
 }
@@ -218,13 +220,13 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 	requireRoot(t)
 	mounter := &fakeMounter{dir: t.TempDir()}
 	base := t.TempDir()
-	ts := startServer(t, func(c *ServerConfig) {
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) {
 		c.Mounter = mounter
 		c.MountBase = base
 	})
-	ts.openToAll(t)
-	ts.writeConfig(t, "vol", `{"image_id": "vol.mvps-image", "image_size": 4096, "mount_options": ["suid", "dev"]}`)
-	ts.addImage(t, "plain", "plain.mvps-image", 4096)
+	openToAll(t, ts)
+	ts.WriteConfig(t, "vol", `{"image_id": "vol.mvps-image", "image_size": 4096, "mount_options": ["suid", "dev"]}`)
+	ts.AddImage(t, "plain", "plain.mvps-image", 4096)
 
 	ownDir := t.TempDir()
 	if err := os.Chown(ownDir, nobody, nobody); err != nil {
@@ -234,11 +236,11 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 	self := "/proc/self/ns/mnt"
 	other := otherMountNamespace(t)
 
-	lastRequest := func() MountRequest {
+	lastRequest := func() mount.Request {
 		mounter.mu.Lock()
 		defer mounter.mu.Unlock()
 		r := mounter.last
-		mounter.last = MountRequest{}
+		mounter.last = mount.Request{}
 		return r
 	}
 
@@ -248,35 +250,35 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 		"root-owned directory": mountFDs(t, self, rootDir),
 		"other namespace":      {int(other.Fd()), mountFDs(t, ownDir, ownDir)[0]},
 	} {
-		conn, err := requestAs(t, ts.socket, nobody, nobody, "vol", fds)
-		if codeOf(err) != CodeForbidden {
+		conn, err := requestAs(t, ts.Socket, nobody, nobody, "vol", fds)
+		if provisiontest.Code(err) != protocol.CodeForbidden {
 			t.Errorf("%s: reply %v, want forbidden", name, err)
 		}
 		conn.Close()
 	}
-	if a, _ := ts.devices.counts(); a != 0 {
+	if a, _ := ts.Devices.Counts(t); a != 0 {
 		t.Fatalf("%d devices attached for refused mounts", a)
 	}
 
 	// Its own namespace and directory: allowed, but nosuid,nodev whatever
 	// the image config offers, and confined to the base directory.
-	conn, err := requestAs(t, ts.socket, nobody, nobody, "vol", mountFDs(t, self, ownDir))
+	conn, err := requestAs(t, ts.Socket, nobody, nobody, "vol", mountFDs(t, self, ownDir))
 	if err != nil {
 		t.Fatalf("own namespace and directory: %v", err)
 	}
-	want := MountRequest{Options: MountOptions{}, Base: base}
+	want := mount.Request{Options: mount.Options{}, Base: base}
 	if diff := cmp.Diff(want, lastRequest(), cmp.Comparer(func(a, b *os.File) bool { return true })); diff != "" {
 		t.Errorf("unprivileged mount request (-want +got):\n%s", diff)
 	}
 	conn.Close()
-	ts.devices.waitDetached(t, 0)
+	ts.Devices.WaitDetached(t, 0)
 
 	// Root gets what the image config grants, anywhere.
 	for _, tc := range []struct {
 		key  string
-		want MountOptions
-	}{{"vol", MountOptions{Suid: true, Dev: true}}, {"plain", MountOptions{}}} {
-		conn, err := requestAs(t, ts.socket, 0, 0, tc.key, []int{int(other.Fd()), mountFDs(t, rootDir, rootDir)[0]})
+		want mount.Options
+	}{{"vol", mount.Options{Suid: true, Dev: true}}, {"plain", mount.Options{}}} {
+		conn, err := requestAs(t, ts.Socket, 0, 0, tc.key, []int{int(other.Fd()), mountFDs(t, rootDir, rootDir)[0]})
 		if err != nil {
 			t.Fatalf("root mount of %s: %v", tc.key, err)
 		}
@@ -288,71 +290,23 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 	}
 }
 
-func TestMountOptionAttributes(t *testing.T) {
-	for _, tc := range []struct {
-		opts MountOptions
-		want uint64
-	}{
-		{MountOptions{}, unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV},
-		{MountOptions{Suid: true}, unix.MOUNT_ATTR_NODEV},
-		{MountOptions{Dev: true}, unix.MOUNT_ATTR_NOSUID},
-		{MountOptions{Suid: true, Dev: true}, 0},
-	} {
-		if got := tc.opts.attributes(); got != tc.want {
-			t.Errorf("%+v: attributes %#x, want %#x", tc.opts, got, tc.want)
-		}
-	}
-}
-
-func TestMountBaseConfinement(t *testing.T) {
-	base := t.TempDir()
-	inside := filepath.Join(base, "a", "b")
-	os.MkdirAll(inside, 0o755)
-	outside := t.TempDir()
-	sibling := base + "-sibling"
-	os.MkdirAll(sibling, 0o755)
-	t.Cleanup(func() { os.RemoveAll(sibling) })
-	for _, tc := range []struct {
-		dir string
-		ok  bool
-	}{{base, true}, {inside, true}, {outside, false}, {sibling, false}} {
-		d, err := os.Open(tc.dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		err = onThread(func() error {
-			if err := unix.Unshare(unix.CLONE_FS); err != nil {
-				return err
-			}
-			return checkInside(int(d.Fd()), base)
-		})
-		d.Close()
-		if tc.ok && err != nil || !tc.ok && !errors.Is(err, ErrForbidden) {
-			t.Errorf("%s under %s: %v", tc.dir, base, err)
-		}
-	}
-	if pathInside("(unreachable)/x", "/") {
-		t.Error("an unreachable path counts as inside /")
-	}
-}
-
 func TestBusyReplyHidesHolder(t *testing.T) {
-	ts := startServer(t, nil)
-	ts.addImage(t, "secret-project-key", "vol.mvps-image", 1<<20)
-	ts.addImage(t, "alias", "vol.mvps-image", 1<<20)
-	first := ts.attach(t, "secret-project-key")
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "secret-project-key", "vol.mvps-image", 1<<20)
+	ts.AddImage(t, "alias", "vol.mvps-image", 1<<20)
+	first := ts.Attach(t, "secret-project-key")
 	defer first.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := Attach(ctx, ts.socket, "alias")
-	if codeOf(err) != CodeBusy {
+	_, err := protocol.Attach(ctx, ts.Socket, "alias")
+	if provisiontest.Code(err) != protocol.CodeBusy {
 		t.Fatalf("second attach: %v", err)
 	}
 	pid := fmt.Sprint(os.Getpid())
 	if msg := err.Error(); strings.Contains(msg, "secret-project-key") || strings.Contains(msg, pid) {
 		t.Fatalf("busy reply tells another caller's key or pid: %q", msg)
 	}
-	if logs := ts.logs.String(); !strings.Contains(logs, "held_by_key=secret-project-key") {
+	if logs := ts.Logs(); !strings.Contains(logs, "held_by_key=secret-project-key") {
 		t.Fatalf("the log does not say who holds the image:\n%s", logs)
 	}
 }
@@ -388,37 +342,32 @@ func nbdReply(c net.Conn, n int) (nbd.SimpleReply, []byte, error) {
 // attachment ends must not land after the next attachment of the image
 // wrote the same block.
 func TestStaleWriteFencedByNextAttachment(t *testing.T) {
-	ts := startServer(t, nil)
-	ts.devices.keepConns = true
-	t.Cleanup(func() {
-		ts.devices.mu.Lock()
-		defer ts.devices.mu.Unlock()
-		for _, c := range ts.devices.conns {
-			c.Close()
-		}
-	})
-	ts.addImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts := provisiontest.New(t, nil)
+	ts.Devices.Mu.Lock()
+	ts.Devices.KeepConns = true
+	ts.Devices.Mu.Unlock()
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	conn := func(i uint32) net.Conn {
-		ts.devices.mu.Lock()
-		defer ts.devices.mu.Unlock()
-		return ts.devices.conns[i]
+		c := ts.Devices.Conn(i)
+		t.Cleanup(func() { c.Close() })
+		return c
 	}
-	blockA := bytes.Repeat([]byte("A"), BlockSize)
-	blockB := bytes.Repeat([]byte("B"), BlockSize)
+	blockA := bytes.Repeat([]byte("A"), engine.BlockSize)
+	blockB := bytes.Repeat([]byte("B"), engine.BlockSize)
 
-	first := ts.attach(t, "vol")
+	first := ts.Attach(t, "vol")
 	old := conn(0)
 	// The engine holds the start of a write to block 0 when the
 	// attachment ends.
 	nbdWritePartial(t, old, 1, 0, blockA, 100)
 	first.Close()
-	ts.devices.waitDetached(t, 0)
+	ts.Devices.WaitDetached(t, 0)
 
-	second := ts.attach(t, "vol")
+	second := ts.Attach(t, "vol")
 	defer second.Close()
 	cur := conn(1)
 	cur.SetDeadline(time.Now().Add(10 * time.Second))
-	nbdWritePartial(t, cur, 2, 0, blockB, BlockSize)
+	nbdWritePartial(t, cur, 2, 0, blockB, engine.BlockSize)
 	if r, _, err := nbdReply(cur, 0); err != nil || r.Error != 0 {
 		t.Fatalf("write B: %+v %v", r, err)
 	}
@@ -430,11 +379,11 @@ func TestStaleWriteFencedByNextAttachment(t *testing.T) {
 	if r, _, err := nbdReply(old, 0); err == nil {
 		t.Errorf("the old connection's write was answered (%+v) after the next attachment wrote the block", r)
 	}
-	nbdReadReq := nbd.Request{Type: nbd.CmdRead, Handle: 3, Offset: 0, Length: BlockSize}.Append(nil)
+	nbdReadReq := nbd.Request{Type: nbd.CmdRead, Handle: 3, Offset: 0, Length: engine.BlockSize}.Append(nil)
 	if _, err := cur.Write(nbdReadReq); err != nil {
 		t.Fatal(err)
 	}
-	_, got, err := nbdReply(cur, BlockSize)
+	_, got, err := nbdReply(cur, engine.BlockSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -444,33 +393,33 @@ func TestStaleWriteFencedByNextAttachment(t *testing.T) {
 }
 
 func TestLingeringDevicesBounded(t *testing.T) {
-	ts := startServer(t, func(c *ServerConfig) { c.MaxLingering = 2 })
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.MaxLingering = 2 })
 	for i := range 3 {
-		ts.addImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 1<<20)
+		ts.AddImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 1<<20)
 	}
 	// Callers that keep their device fds after closing the connection.
-	ts.devices.mu.Lock()
-	ts.devices.stillOpen[0], ts.devices.stillOpen[1] = true, true
-	ts.devices.mu.Unlock()
+	ts.Devices.Mu.Lock()
+	ts.Devices.StillOpen[0], ts.Devices.StillOpen[1] = true, true
+	ts.Devices.Mu.Unlock()
 	for i := range 2 {
-		a := ts.attach(t, fmt.Sprint("vol", i))
+		a := ts.Attach(t, fmt.Sprint("vol", i))
 		a.Conn.Close()
-		ts.devices.waitDetached(t, uint32(i))
+		ts.Devices.WaitDetached(t, uint32(i))
 		defer a.Device.Close()
 	}
-	waitFor(t, func() bool { return strings.Count(ts.logs.String(), "stays busy") == 2 })
-	if code := attachCode(t, ts.socket, "vol2"); code != CodeBusy {
+	waitFor(t, func() bool { return strings.Count(ts.Logs(), "stays busy") == 2 })
+	if code := ts.AttachCode(t, "vol2"); code != protocol.CodeBusy {
 		t.Fatalf("attach with 2 lingering devices: code %q, want busy", code)
 	}
-	if !strings.Contains(ts.logs.String(), "too many detached devices") {
+	if !strings.Contains(ts.Logs(), "too many detached devices") {
 		t.Error("refusal for lingering devices not logged")
 	}
 	// Once one is free, attaches go through again.
-	ts.devices.mu.Lock()
-	ts.devices.stillOpen[0] = false
-	ts.devices.mu.Unlock()
-	waitFor(t, func() bool { return strings.Contains(ts.logs.String(), "lingering device freed") })
-	ts.attach(t, "vol2").Close()
+	ts.Devices.Mu.Lock()
+	ts.Devices.StillOpen[0] = false
+	ts.Devices.Mu.Unlock()
+	waitFor(t, func() bool { return strings.Contains(ts.Logs(), "lingering device freed") })
+	ts.Attach(t, "vol2").Close()
 }
 
 // TestIdleFloodDoesNotLockOutOthers: one user's idle connections, more
@@ -478,9 +427,9 @@ func TestLingeringDevicesBounded(t *testing.T) {
 // being served.
 func TestIdleFloodDoesNotLockOutOthers(t *testing.T) {
 	requireRoot(t)
-	ts := startServer(t, nil)
-	ts.openToAll(t)
-	ts.addImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts := provisiontest.New(t, nil)
+	openToAll(t, ts)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 
 	// The test process is the daemon here: give it a low soft limit and
 	// leave room for what the test itself holds.
@@ -497,13 +446,13 @@ func TestIdleFloodDoesNotLockOutOthers(t *testing.T) {
 
 	// The flood comes from another process, whose fds do not count
 	// against this one's limit.
-	flood := startFlooder(t, ts.socket, 400)
+	flood := startFlooder(t, ts.Socket, 400)
 	defer flood.stop()
 
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	a, err := Attach(ctx, ts.socket, "vol")
+	a, err := protocol.Attach(ctx, ts.Socket, "vol")
 	if err != nil {
 		t.Fatalf("attach during a flood of idle connections: %v", err)
 	}
@@ -513,7 +462,7 @@ func TestIdleFloodDoesNotLockOutOthers(t *testing.T) {
 	if took > time.Second {
 		t.Errorf("attach during the flood took %v, want under a second", took)
 	}
-	if n := strings.Count(ts.logs.String(), "connection dropped"); n == 0 || n > 10 {
+	if n := strings.Count(ts.Logs(), "connection dropped"); n == 0 || n > 10 {
 		t.Errorf("%d log lines for dropped connections, want a few (rate-limited)", n)
 	}
 }
@@ -591,5 +540,5 @@ func TestHelperFlood(t *testing.T) {
 	}
 	fmt.Println("flooding with", len(conns), "connections")
 	io.Copy(io.Discard, os.Stdin)
-	closeFDs(conns)
+	protocol.CloseFDs(conns)
 }

@@ -1,7 +1,8 @@
 // Package provision is the mvps provisioner: a Unix SEQPACKET service that
 // attaches mvps images as /dev/nbdX for local callers and detaches them when
-// the caller's connection ends. It holds both sides of the caller protocol
-// (Server and Client), the engine supervisor and the image configuration.
+// the caller's connection ends. It serves callers, keeps the registry of
+// attachments and runs the attach pipeline; its parts live in the packages
+// below it (protocol, imageconfig, engine, nbddev, mount).
 package provision
 
 import (
@@ -14,12 +15,50 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
+
+// Devices turns a negotiated engine connection into a block device and
+// back. nbddev.Devices is the kernel's; tests substitute files.
+type Devices interface {
+	// Attach hands conn, which has completed the handshake, to the kernel.
+	// It takes ownership of conn whatever it returns.
+	Attach(ctx context.Context, conn net.Conn, export handshake.Export, backend string) (*nbddev.Device, error)
+	// Flush writes everything written to the device so far to the engine.
+	Flush(ctx context.Context, dev *nbddev.Device) error
+	// Detach disconnects the device and closes dev.File. It is called
+	// exactly once per attached device.
+	Detach(ctx context.Context, dev *nbddev.Device) error
+	// Busy reports whether the kernel still holds a detached device, as
+	// it does while some process has it open.
+	Busy(dev *nbddev.Device) (bool, error)
+}
+
+// Mounter puts an attached device's file system into a caller's mount
+// namespace. mount.Ext4 is the Linux implementation.
+type Mounter interface {
+	// Mount formats dev if it is provably fresh, mounts its file system and
+	// attaches the mount as req asks. It returns an open directory on the
+	// file system's root, which the provisioner holds for the life of the
+	// attachment.
+	Mount(ctx context.Context, dev *nbddev.Device, req mount.Request) (root *os.File, formatted bool, err error)
+}
+
+// ImageSource looks up the image config of a key. Its errors wrap
+// imageconfig.ErrNotFound and imageconfig.ErrInvalid where they apply.
+type ImageSource interface {
+	Lookup(key string) (imageconfig.Config, error)
+}
 
 // ServerConfig is what a Server needs besides its listener.
 type ServerConfig struct {
-	// ImageConfigDir holds one JSON file per image key.
-	ImageConfigDir string
+	// Images holds the image configs, by key.
+	Images ImageSource
 	// Secret signs export-name tokens; the engine must know the same one.
 	Secret []byte
 	// DialEngine opens a new connection to the engine.
@@ -85,7 +124,7 @@ type Server struct {
 	waitingByUID map[int32]int
 	// lingering holds the devices detached while a caller still had them
 	// open, until the kernel frees them.
-	lingering map[uint32]*Device
+	lingering map[uint32]*nbddev.Device
 	dropLog   rateLimited
 
 	ctx    context.Context // cancelled by Shutdown: aborts attaches in progress
@@ -95,8 +134,8 @@ type Server struct {
 // NewServer checks cfg and returns a Server.
 func NewServer(cfg ServerConfig) (*Server, error) {
 	switch {
-	case cfg.ImageConfigDir == "":
-		return nil, errors.New("provision: ServerConfig.ImageConfigDir is empty")
+	case cfg.Images == nil:
+		return nil, errors.New("provision: ServerConfig.Images is nil")
 	case len(cfg.Secret) == 0:
 		return nil, errors.New("provision: ServerConfig.Secret is empty")
 	case cfg.DialEngine == nil:
@@ -139,7 +178,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		conns:        make(map[*net.UnixConn]struct{}),
 		attachments:  make(map[string]*attachment),
 		waitingByUID: make(map[int32]int),
-		lingering:    make(map[uint32]*Device),
+		lingering:    make(map[uint32]*nbddev.Device),
 		dropLog:      rateLimited{every: time.Second},
 		ctx:          ctx,
 		cancel:       cancel,
@@ -247,16 +286,15 @@ func (s *Server) untrack(conn *net.UnixConn) {
 // serveConn handles one caller: one request, then, on success, the life of
 // the attachment, which ends with the connection.
 func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
-	msg, fds, err := readRequest(conn, time.Now().Add(s.cfg.RequestTimeout))
+	msg, fds, err := protocol.ReadRequest(conn, time.Now().Add(s.cfg.RequestTimeout))
 	s.requestDone(caller)
 	received := time.Now()
 	// Nothing a caller sends is kept unless a mode below takes it over.
-	defer func() { closeFDs(fds) }()
+	defer func() { protocol.CloseFDs(fds) }()
 	if err != nil {
-		var rerr *ReplyError
-		if errors.As(err, &rerr) {
-			s.reject(conn, caller, "", rerr)
-		} else if !errors.Is(err, errEmptyConnection) {
+		if errors.Is(err, protocol.ErrBadRequest) {
+			s.reject(conn, caller, "", err)
+		} else if !errors.Is(err, protocol.ErrEmptyConnection) {
 			if n := s.dropLog.allow(); n >= 0 {
 				s.log.Info("caller dropped before sending a request", "caller_pid", caller.pid, "caller_uid", caller.uid,
 					"err", err, "dropped_since_last_line", n)
@@ -266,32 +304,32 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	}
 	caller.openPidfd(conn)
 	defer caller.close()
-	req, err := ParseRequest(msg)
+	req, err := protocol.ParseRequest(msg)
 	if err != nil {
-		s.reject(conn, caller, req.Key, asReplyError(err))
+		s.reject(conn, caller, req.Key, err)
 		return
 	}
 	mountMode := false
 	switch len(fds) {
 	case 0:
 	case 2:
-		if err := checkMountFDs(fds[0], fds[1]); err != nil {
-			s.reject(conn, caller, req.Key, replyErrorf(CodeBadRequest, "mount mode: %v", err))
+		if err := mount.CheckFDs(fds[0], fds[1]); err != nil {
+			s.reject(conn, caller, req.Key, fmt.Errorf("%w: mount mode: %v", protocol.ErrBadRequest, err))
 			return
 		}
 		if s.cfg.Mounter == nil {
-			s.reject(conn, caller, req.Key, replyErrorf(CodeInternal, "mount mode is not available on this provisioner"))
+			s.reject(conn, caller, req.Key, errors.New("mount mode is not available on this provisioner"))
 			return
 		}
 		mountMode = true
 	default:
-		s.reject(conn, caller, req.Key, replyErrorf(CodeBadRequest,
-			"request carries %d fds; fd mode takes none, mount mode a mount namespace and a directory", len(fds)))
+		s.reject(conn, caller, req.Key, fmt.Errorf(
+			"%w: request carries %d fds; fd mode takes none, mount mode a mount namespace and a directory", protocol.ErrBadRequest, len(fds)))
 		return
 	}
-	image, err := LoadImageConfig(s.cfg.ImageConfigDir, req.Key)
+	image, err := s.cfg.Images.Lookup(req.Key)
 	if err != nil {
-		s.reject(conn, caller, req.Key, asReplyError(err))
+		s.reject(conn, caller, req.Key, err)
 		return
 	}
 	mode := "fd"
@@ -299,17 +337,17 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		mode = "mount"
 	}
 	if err := authorize(caller, image, mode); err != nil {
-		s.reject(conn, caller, req.Key, asReplyError(err))
+		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	var mountReq MountRequest
+	var mountReq mount.Request
 	if mountMode {
-		mountReq = MountRequest{
+		mountReq = mount.Request{
 			Namespace: os.NewFile(uintptr(fds[0]), "mount-namespace"),
 			Dir:       os.NewFile(uintptr(fds[1]), "mount-directory"),
 			// Only root may have suid programs or device files on a
 			// file system someone else may have written.
-			Options: MountOptions{
+			Options: mount.Options{
 				Suid: caller.root() && image.AllowsMountOption("suid"),
 				Dev:  caller.root() && image.AllowsMountOption("dev"),
 			},
@@ -323,24 +361,24 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 			mountReq.Base = s.cfg.MountBase
 		}
 		if err := authorizeMount(caller, mountReq.Namespace, mountReq.Dir); err != nil {
-			s.reject(conn, caller, req.Key, asReplyError(err))
+			s.reject(conn, caller, req.Key, err)
 			return
 		}
 	}
 
-	if rerr := s.checkLingering(); rerr != nil {
-		s.reject(conn, caller, req.Key, rerr)
+	if err := s.checkLingering(); err != nil {
+		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	a, rerr := s.reserve(image.ImageID, req.Key, caller)
-	if rerr != nil {
-		s.reject(conn, caller, req.Key, rerr)
+	a, err := s.reserve(image.ImageID, req.Key, caller)
+	if err != nil {
+		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	dev, rerr := s.attach(image)
-	if rerr != nil {
+	dev, err := s.attach(image)
+	if err != nil {
 		s.release(a)
-		s.reject(conn, caller, req.Key, rerr)
+		s.reject(conn, caller, req.Key, err)
 		return
 	}
 	a.dev = dev
@@ -356,16 +394,12 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		mountReq.Namespace.Close()
 		if err != nil {
 			s.detach(a, "mount failed")
-			code := CodeAttachFailed
-			if errors.Is(err, ErrForbidden) {
-				code = CodeForbidden
-			}
-			s.reject(conn, caller, req.Key, replyErrorf(code, "%s: %v", image.ImageID, err))
+			s.reject(conn, caller, req.Key, classify(ErrAttachFailed, fmt.Errorf("%s: %w", image.ImageID, err)))
 			return
 		}
 	}
 
-	if err := sendOK(conn, reply); err != nil {
+	if err := protocol.SendOK(conn, reply); err != nil {
 		s.log.Warn("caller gone before the reply", "image_id", image.ImageID, "device", dev.Path, "err", err)
 		s.detach(a, "caller gone before reply")
 		return
@@ -378,47 +412,34 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	closing := s.closing
 	s.mu.Unlock()
 	if !closing {
-		waitForClose(conn)
+		protocol.WaitForClose(conn)
 	}
 	s.detach(a, "connection closed")
 }
 
 // authorize checks what the image config grants: the mode, and the callers.
-func authorize(caller callerInfo, image ImageConfig, mode string) error {
+func authorize(caller callerInfo, image imageconfig.Config, mode string) error {
 	if !image.AllowsMode(mode) {
-		return fmt.Errorf("%w: image %s is not offered in %s mode", ErrForbidden, image.ImageID, mode)
+		return failf(ErrForbidden, "image %s is not offered in %s mode", image.ImageID, mode)
 	}
 	if !caller.known() {
 		if image.AllowedUIDs != nil || image.AllowedGIDs != nil {
-			return fmt.Errorf("%w: the caller's credentials are unknown", ErrForbidden)
+			return failf(ErrForbidden, "the caller's credentials are unknown")
 		}
 		return nil
 	}
 	if !image.AllowsCaller(uint32(caller.uid), uint32(caller.gid)) {
-		return fmt.Errorf("%w: uid %d gid %d may not attach image %s", ErrForbidden, caller.uid, caller.gid, image.ImageID)
+		return failf(ErrForbidden, "uid %d gid %d may not attach image %s", caller.uid, caller.gid, image.ImageID)
 	}
 	return nil
 }
 
-// asReplyError turns an error into the reply a caller gets.
-func asReplyError(err error) *ReplyError {
-	var rerr *ReplyError
-	switch {
-	case errors.As(err, &rerr):
-		return rerr
-	case errors.Is(err, ErrForbidden):
-		return &ReplyError{Code: CodeForbidden, Message: err.Error()}
-	default:
-		return &ReplyError{Code: CodeInternal, Message: err.Error()}
-	}
-}
-
 // reject answers a failed request and logs it.
-func (s *Server) reject(conn *net.UnixConn, caller callerInfo, key string, rerr *ReplyError) {
+func (s *Server) reject(conn *net.UnixConn, caller callerInfo, key string, err error) {
+	rerr := replyFor(err)
 	s.log.Info("request refused", "key", key, "code", rerr.Code, "reason", rerr.Message,
 		"caller_pid", caller.pid, "caller_uid", caller.uid)
-	conn.SetWriteDeadline(time.Now().Add(s.cfg.RequestTimeout))
-	if _, _, err := conn.WriteMsgUnix(rerr.Payload(), nil, nil); err != nil {
+	if err := protocol.SendError(conn, rerr, time.Now().Add(s.cfg.RequestTimeout)); err != nil {
 		s.log.Debug("could not send refusal", "err", err)
 	}
 }

@@ -39,7 +39,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 )
 
 // TestVMAttachSizeAndBlockSize checks the geometry of a freshly attached
@@ -69,8 +69,8 @@ func TestVMAttachSizeAndBlockSize(t *testing.T) {
 			t.Errorf("/sys/block/nbd%d/size = %q sectors, want %d bytes", a.Index, sysfs(a.Index, "size"), size)
 		}
 		for _, attr := range []string{"queue/logical_block_size", "queue/physical_block_size"} {
-			if got := sysfs(a.Index, attr); got != strconv.Itoa(provision.BlockSize) {
-				t.Errorf("%s = %q, want %d", attr, got, provision.BlockSize)
+			if got := sysfs(a.Index, attr); got != strconv.Itoa(engine.BlockSize) {
+				t.Errorf("%s = %q, want %d", attr, got, engine.BlockSize)
 			}
 		}
 		if got := sysfs(a.Index, "backend"); got != a.Backend {
@@ -97,8 +97,8 @@ func TestVMAttachSizeAndBlockSize(t *testing.T) {
 		if err != nil {
 			t.Fatalf("BLKSSZGET: %v", err)
 		}
-		if ssz != provision.BlockSize {
-			t.Errorf("BLKSSZGET = %d, want %d", ssz, provision.BlockSize)
+		if ssz != engine.BlockSize {
+			t.Errorf("BLKSSZGET = %d, want %d", ssz, engine.BlockSize)
 		}
 	})
 }
@@ -112,9 +112,9 @@ func TestVMDirectIOPattern(t *testing.T) {
 	c := newNetlinkClient(t)
 	const (
 		size  = 128 << 20
-		off   = 5<<20 + 3*provision.BlockSize // block aligned, not MiB aligned
+		off   = 5<<20 + 3*engine.BlockSize // block aligned, not MiB aligned
 		n     = 6 << 20
-		last  = size - provision.BlockSize
+		last  = size - engine.BlockSize
 		seed  = 0xd1ec7
 		seed2 = 0x1a57
 	)
@@ -126,26 +126,26 @@ func TestVMDirectIOPattern(t *testing.T) {
 	if err := dev.writeAt(want, off); err != nil {
 		t.Fatalf("O_DIRECT write of %d bytes at %d: %v", n, off, err)
 	}
-	wantLast := alignedBuf(provision.BlockSize)
+	wantLast := alignedBuf(engine.BlockSize)
 	fillPattern(wantLast, seed2, last)
 	if err := dev.writeAt(wantLast, last); err != nil {
 		t.Fatalf("O_DIRECT write of the last block: %v", err)
 	}
 
-	zeros := make([]byte, provision.BlockSize)
+	zeros := make([]byte, engine.BlockSize)
 	t.Run("device", func(t *testing.T) {
 		got := alignedBuf(n)
 		if err := dev.readAt(got, off); err != nil {
 			t.Fatalf("O_DIRECT read: %v", err)
 		}
 		checkEqual(t, "device", got, want, off)
-		gotLast := alignedBuf(provision.BlockSize)
+		gotLast := alignedBuf(engine.BlockSize)
 		if err := dev.readAt(gotLast, last); err != nil {
 			t.Fatalf("O_DIRECT read of the last block: %v", err)
 		}
 		checkEqual(t, "device last block", gotLast, wantLast, last)
-		for _, o := range []int64{off - provision.BlockSize, off + n} {
-			b := alignedBuf(provision.BlockSize)
+		for _, o := range []int64{off - engine.BlockSize, off + n} {
+			b := alignedBuf(engine.BlockSize)
 			if err := dev.readAt(b, o); err != nil {
 				t.Fatalf("O_DIRECT read at %d: %v", o, err)
 			}
@@ -171,7 +171,7 @@ func TestVMDirectIOPattern(t *testing.T) {
 		}
 		check("image file", off, want)
 		check("image file last block", last, wantLast)
-		check("image file unwritten block", off-provision.BlockSize, zeros)
+		check("image file unwritten block", off-engine.BlockSize, zeros)
 		check("image file unwritten block", off+n, zeros)
 	})
 }
@@ -245,7 +245,7 @@ func TestVMDisconnectAndReattach(t *testing.T) {
 	const (
 		size  = 64 << 20
 		image = "attach-reattach.mvps-image"
-		off   = 3<<20 + 5*provision.BlockSize
+		off   = 3<<20 + 5*engine.BlockSize
 		n     = 1 << 20
 		seed  = 0x4ea77
 	)
@@ -296,7 +296,7 @@ func TestVMLinkDeadOnEngineKill(t *testing.T) {
 	a := attachImage(t, c, e, "attach-linkdead.mvps-image", 64<<20, attachOpts{})
 	// The link works before the kill.
 	dev := openDirect(t, a.Index)
-	if err := dev.readAt(alignedBuf(provision.BlockSize), 0); err != nil {
+	if err := dev.readAt(alignedBuf(engine.BlockSize), 0); err != nil {
 		t.Fatalf("O_DIRECT read before the kill: %v", err)
 	}
 	dev.close()
@@ -319,7 +319,7 @@ func TestVMReconfigureAfterEngineRestart(t *testing.T) {
 	const (
 		size    = 64 << 20
 		offOld  = 2 << 20
-		offNew  = 9<<20 + 7*provision.BlockSize
+		offNew  = 9<<20 + 7*engine.BlockSize
 		n       = 256 << 10
 		seedOld = 0x01d
 		seedNew = 0x4e3
@@ -463,8 +463,8 @@ func TestVMBadToken(t *testing.T) {
 	}
 
 	t.Run("wrong_secret", func(t *testing.T) {
-		tok, err := provision.SignToken([]byte("not-the-engine-secret"),
-			provision.ImageConfig{ImageID: image, ImageSize: size}, "badtoken-client", time.Now())
+		tok, err := engine.SignToken([]byte("not-the-engine-secret"),
+			engine.Session{ImageID: image, ImageSize: size, ClientID: "badtoken-client"}, time.Now())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -476,7 +476,7 @@ func TestVMBadToken(t *testing.T) {
 		tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
 			"image_id":       image,
 			"image_size":     size,
-			"page_size_bits": provision.PageSizeBits,
+			"page_size_bits": engine.PageSizeBits,
 			"client_id":      "badtoken-client",
 			"iat":            now.Add(-2 * time.Hour).Unix(),
 			"exp":            now.Add(-time.Hour).Unix(),
@@ -522,7 +522,7 @@ func TestVMSixteenDevices(t *testing.T) {
 		size  = 64 << 20
 		n     = 128 << 10
 	)
-	offsets := []int64{0, 17<<20 + 3*provision.BlockSize, size - n}
+	offsets := []int64{0, 17<<20 + 3*engine.BlockSize, size - n}
 
 	// Handshakes and Connects run concurrently; tokens are signed here.
 	atts := make([]*attachment, count)
@@ -690,7 +690,7 @@ func connectImage(c *netlinknbd.Client, e *engineProc, token, imageID string, si
 	a.Index, err = c.Connect(netlinknbd.ConnectConfig{
 		Sockets:           []syscall.Conn{sc},
 		Size:              export.Size,
-		BlockSize:         provision.BlockSize,
+		BlockSize:         engine.BlockSize,
 		ServerFlags:       uint64(export.Flags),
 		Timeout:           o.timeout,
 		DeadConnTimeout:   o.deadConnTimeout,
@@ -845,7 +845,7 @@ func (d *directDev) readAt(b []byte, off int64) error {
 // alignedBuf returns n zero bytes starting at a block boundary, as O_DIRECT
 // requires. Go never moves heap objects, so the alignment holds.
 func alignedBuf(n int) []byte {
-	const align = provision.BlockSize
+	const align = engine.BlockSize
 	b := make([]byte, n+align)
 	skip := (align - int(uintptr(unsafe.Pointer(&b[0]))%align)) % align
 	return b[skip : skip+n : skip+n]
@@ -885,14 +885,14 @@ func checkEqual(t *testing.T, what string, got, want []byte, off int64) {
 		i++
 	}
 	bad := 0
-	for b := 0; b < len(got); b += provision.BlockSize {
-		end := min(b+provision.BlockSize, len(got))
+	for b := 0; b < len(got); b += engine.BlockSize {
+		end := min(b+engine.BlockSize, len(got))
 		if !bytes.Equal(got[b:end], want[b:end]) {
 			bad++
 		}
 	}
 	t.Errorf("%s: differs first at offset %d (block %d); %d of %d blocks differ",
-		what, off+int64(i), (off+int64(i))/provision.BlockSize, bad, (len(got)+provision.BlockSize-1)/provision.BlockSize)
+		what, off+int64(i), (off+int64(i))/engine.BlockSize, bad, (len(got)+engine.BlockSize-1)/engine.BlockSize)
 }
 
 // mountExt4 mounts dev on dir and unmounts it when the test ends, unless the

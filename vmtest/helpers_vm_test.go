@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 )
 
 // requireVM stops a test that is not running as root inside the VM.
@@ -129,7 +129,7 @@ func (e *engineProc) greets() bool {
 }
 
 func (e *engineProc) dial(ctx context.Context) (net.Conn, error) {
-	return provision.DialEngine(ctx, e.Listen)
+	return engine.Dial(ctx, e.Listen)
 }
 
 // kill ends the engine with SIGKILL, as a crash would.
@@ -154,7 +154,7 @@ func (e *engineProc) restart(t *testing.T) {
 // token signs an export name for imageID as the provisioner would.
 func (e *engineProc) token(t *testing.T, imageID string, size uint64, clientID string) string {
 	t.Helper()
-	tok, err := provision.SignToken(e.Secret, provision.ImageConfig{ImageID: imageID, ImageSize: size}, clientID, time.Now())
+	tok, err := engine.SignToken(e.Secret, engine.Session{ImageID: imageID, ImageSize: size, ClientID: clientID}, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}

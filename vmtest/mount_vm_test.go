@@ -22,7 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
 // nsThread is a locked OS thread in a mount namespace of its own, with /
@@ -77,9 +77,9 @@ func (n *nsThread) do(fn func()) {
 }
 
 // mountInNS asks the provisioner to mount key on dir inside n's namespace.
-func (n *nsThread) mount(t *testing.T, p *provProc, key, dir string) (*provision.Attachment, error) {
+func (n *nsThread) mount(t *testing.T, p *provProc, key, dir string) (*protocol.Attachment, error) {
 	t.Helper()
-	var a *provision.Attachment
+	var a *protocol.Attachment
 	var err error
 	n.do(func() {
 		os.MkdirAll(dir, 0o755)
@@ -97,7 +97,7 @@ func (n *nsThread) mount(t *testing.T, p *provProc, key, dir string) (*provision
 		defer d.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 		defer cancel()
-		a, err = provision.AttachMount(ctx, p.Socket, key, ns, d)
+		a, err = protocol.AttachMount(ctx, p.Socket, key, ns, d)
 	})
 	return a, err
 }
@@ -230,7 +230,7 @@ func TestVMMountModeRefusesData(t *testing.T) {
 
 	child := newNSThread(t)
 	_, err = child.mount(t, p, "data", filepath.Join(t.TempDir(), "mnt"))
-	var rerr *provision.ReplyError
+	var rerr *protocol.ReplyError
 	if !errors.As(err, &rerr) || rerr.Code != "attach_failed" || !strings.Contains(rerr.Message, "no ext4") {
 		t.Fatalf("mount of a device with data: %v, want ERR attach_failed ... no ext4", err)
 	}
@@ -284,7 +284,7 @@ func TestVMMountModeBadFDs(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			conn, payload, got, err := provision.SendRaw(ctx, p.Socket, provision.AppendRequest(nil, 1, "vol"), fds)
+			conn, payload, got, err := protocol.SendRaw(ctx, p.Socket, protocol.AppendRequest(nil, 1, "vol"), fds)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -22,7 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
 // provProc is an mvps-provisioner process with its own mvps-te-dev engine.
@@ -123,7 +123,7 @@ func startProvisionerWith(t *testing.T, override map[string]string) *provProc {
 func (p *provProc) answers() bool {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	conn, payload, fds, err := provision.SendRaw(ctx, p.Socket, provision.AppendRequest(nil, provision.CommandMount, "readiness-probe"), nil)
+	conn, payload, fds, err := protocol.SendRaw(ctx, p.Socket, protocol.AppendRequest(nil, protocol.CommandAttach, "readiness-probe"), nil)
 	if err != nil {
 		return false
 	}
@@ -158,11 +158,11 @@ func (p *provProc) addImage(t *testing.T, key, imageID string, size uint64) {
 	}
 }
 
-func (p *provProc) attach(t *testing.T, key string) (*provision.Attachment, uint32) {
+func (p *provProc) attach(t *testing.T, key string) (*protocol.Attachment, uint32) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	a, err := provision.Attach(ctx, p.Socket, key)
+	a, err := protocol.Attach(ctx, p.Socket, key)
 	if err != nil {
 		t.Fatalf("attach %s: %v", key, err)
 	}
@@ -378,22 +378,22 @@ func TestVMProvisionerBadRequests(t *testing.T) {
 		code string
 	}{
 		{"short", []byte{0x57, 0xa7}, nil, "bad_request"},
-		{"bad magic", append([]byte{0, 0, 0, 0}, provision.AppendRequest(nil, 1, "vol")[4:]...), nil, "bad_request"},
-		{"length mismatch", provision.AppendRequest(nil, 1, "vol")[:10], nil, "bad_request"},
-		{"unknown command", provision.AppendRequest(nil, 9, "vol"), nil, "unknown_command"},
-		{"dot dot", provision.AppendRequest(nil, 1, ".."), nil, "bad_request"},
-		{"slash", provision.AppendRequest(nil, 1, "a/vol"), nil, "bad_request"},
-		{"nul", provision.AppendRequest(nil, 1, "v\x00l"), nil, "bad_request"},
-		{"not found", provision.AppendRequest(nil, 1, "nope"), nil, "not_found"},
-		{"bad image id", provision.AppendRequest(nil, 1, "broken"), nil, "invalid_config"},
-		{"not json", provision.AppendRequest(nil, 1, "notjson"), nil, "invalid_config"},
-		{"unasked fd", provision.AppendRequest(nil, 1, "vol"), []int{int(devNull.Fd())}, "bad_request"},
+		{"bad magic", append([]byte{0, 0, 0, 0}, protocol.AppendRequest(nil, 1, "vol")[4:]...), nil, "bad_request"},
+		{"length mismatch", protocol.AppendRequest(nil, 1, "vol")[:10], nil, "bad_request"},
+		{"unknown command", protocol.AppendRequest(nil, 9, "vol"), nil, "unknown_command"},
+		{"dot dot", protocol.AppendRequest(nil, 1, ".."), nil, "bad_request"},
+		{"slash", protocol.AppendRequest(nil, 1, "a/vol"), nil, "bad_request"},
+		{"nul", protocol.AppendRequest(nil, 1, "v\x00l"), nil, "bad_request"},
+		{"not found", protocol.AppendRequest(nil, 1, "nope"), nil, "not_found"},
+		{"bad image id", protocol.AppendRequest(nil, 1, "broken"), nil, "invalid_config"},
+		{"not json", protocol.AppendRequest(nil, 1, "notjson"), nil, "invalid_config"},
+		{"unasked fd", protocol.AppendRequest(nil, 1, "vol"), []int{int(devNull.Fd())}, "bad_request"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			conn, payload, fds, err := provision.SendRaw(ctx, p.Socket, tt.msg, tt.fds)
+			conn, payload, fds, err := protocol.SendRaw(ctx, p.Socket, tt.msg, tt.fds)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -418,7 +418,7 @@ func TestVMProvisionerSixteenConcurrent(t *testing.T) {
 		p.addImage(t, fmt.Sprintf("vol%d", i), fmt.Sprintf("vol%d.mvps-image", i), 32<<20)
 	}
 	var wg sync.WaitGroup
-	atts := make([]*provision.Attachment, n)
+	atts := make([]*protocol.Attachment, n)
 	errs := make([]error, n)
 	for i := range n {
 		wg.Add(1)
@@ -426,7 +426,7 @@ func TestVMProvisionerSixteenConcurrent(t *testing.T) {
 			defer wg.Done()
 			ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 			defer cancel()
-			atts[i], errs[i] = provision.Attach(ctx, p.Socket, fmt.Sprintf("vol%d", i))
+			atts[i], errs[i] = protocol.Attach(ctx, p.Socket, fmt.Sprintf("vol%d", i))
 		}()
 	}
 	wg.Wait()
@@ -471,9 +471,9 @@ func TestVMProvisionerBusy(t *testing.T) {
 	defer first.Close()
 	for _, key := range []string{"vol", "same-image"} {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		a, err := provision.Attach(ctx, p.Socket, key)
+		a, err := protocol.Attach(ctx, p.Socket, key)
 		cancel()
-		var rerr *provision.ReplyError
+		var rerr *protocol.ReplyError
 		if err == nil {
 			a.Close()
 			t.Fatalf("second attach via %s succeeded", key)
@@ -500,7 +500,7 @@ func TestVMProvisionerBusy(t *testing.T) {
 func TestVMProvisionerSIGTERM(t *testing.T) {
 	p := startProvisioner(t)
 	engine := p.enginePid(t)
-	var atts []*provision.Attachment
+	var atts []*protocol.Attachment
 	var indexes []uint32
 	for i := range 3 {
 		p.addImage(t, fmt.Sprint(i), fmt.Sprintf("v%d.mvps-image", i), 32<<20)

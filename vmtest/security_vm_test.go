@@ -17,9 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"golang.org/x/sys/unix"
-
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
 )
 
 // The uid and group of the unprivileged caller: nobody, given the socket's
@@ -98,12 +97,12 @@ func unprivilegedCaller() int {
 	return 0
 }
 
-func callerAttach() (*provision.Attachment, error) {
+func callerAttach() (*protocol.Attachment, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	socket, key, dir := os.Getenv("CALLER_SOCKET"), os.Getenv("CALLER_KEY"), os.Getenv("CALLER_DIR")
 	if dir == "" {
-		return provision.Attach(ctx, socket, key)
+		return protocol.Attach(ctx, socket, key)
 	}
 	ns := os.NewFile(3, "namespace")
 	if os.Getenv("CALLER_OWN_NS") == "1" {
@@ -117,7 +116,7 @@ func callerAttach() (*provision.Attachment, error) {
 		return nil, err
 	}
 	defer d.Close()
-	return provision.AttachMount(ctx, socket, key, ns, d)
+	return protocol.AttachMount(ctx, socket, key, ns, d)
 }
 
 // mountOptions returns the per-mount options of the mount on dir.
@@ -245,7 +244,7 @@ func TestVMMountModeUnprivilegedCaller(t *testing.T) {
 	ns, _ := os.Open("/proc/self/ns/mnt")
 	defer ns.Close()
 	d, _ := os.Open(rootDir)
-	a, err := provision.AttachMount(ctx, p.Socket, "vol", ns, d)
+	a, err := protocol.AttachMount(ctx, p.Socket, "vol", ns, d)
 	d.Close()
 	if err != nil {
 		t.Fatalf("root mount: %v", err)

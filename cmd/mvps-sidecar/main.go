@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command mvps-sidecar holds an mvps image mounted for a container's life.
 //
 // It creates MOUNTPOINT, asks mvps-provisioner to mount the image named
@@ -20,7 +22,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
 type config struct {
@@ -117,7 +119,7 @@ func run(c config) int {
 	}
 }
 
-func mount(c config) (*provision.Attachment, error) {
+func mount(c config) (*protocol.Attachment, error) {
 	if err := os.MkdirAll(c.mountpoint, 0o755); err != nil {
 		return nil, fmt.Errorf("create mount point: %w", err)
 	}
@@ -133,7 +135,7 @@ func mount(c config) (*provision.Attachment, error) {
 	defer dir.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	defer cancel()
-	return provision.AttachMount(ctx, c.socket, c.key, ns, dir)
+	return protocol.AttachMount(ctx, c.socket, c.key, ns, dir)
 }
 
 // unmount detaches the mount lazily: the provisioner holds the file system

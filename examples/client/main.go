@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command example-client attaches an image through mvps-provisioner and
 // holds it until Enter or a signal:
 //
@@ -25,7 +27,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
 func main() {
@@ -52,7 +54,7 @@ func main() {
 
 func runDevice(socket, key string, check bool) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	a, err := provision.Attach(ctx, socket, key)
+	a, err := protocol.Attach(ctx, socket, key)
 	cancel()
 	if err != nil {
 		return err
@@ -91,7 +93,7 @@ func runMount(socket, key, dir string) error {
 	}
 	defer d.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	a, err := provision.AttachMount(ctx, socket, key, ns, d)
+	a, err := protocol.AttachMount(ctx, socket, key, ns, d)
 	cancel()
 	if err != nil {
 		return err
@@ -109,7 +111,7 @@ func runMount(socket, key, dir string) error {
 
 // hold keeps the attachment until Enter, a signal, or the provisioner
 // going away.
-func hold(a *provision.Attachment) error {
+func hold(a *protocol.Attachment) error {
 	fmt.Println("holding the attachment; press Enter or send SIGTERM to detach")
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
@@ -131,7 +133,7 @@ func hold(a *provision.Attachment) error {
 }
 
 func readWriteCheck(dev *os.File, size uint64) error {
-	const block = provision.BlockSize
+	const block = 4096 // the device's block size
 	if size < block {
 		return errors.New("device smaller than one block")
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"sync"
-	"syscall"
 
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
@@ -119,7 +118,7 @@ func (s *Server) serveRequest(c *conn, sess *session, req nbd.Request, data []by
 			s.log.Error("write image", "image_id", sess.id, "offset", req.Offset, "length", req.Length, "err", err)
 			reply.Error = nbd.EIO
 		} else if s.cfg.SyncWrites {
-			if err := syscall.Fdatasync(sess.file.fd); err != nil {
+			if err := fdatasync(sess.file.fd); err != nil {
 				s.log.Error("fdatasync image", "image_id", sess.id, "err", err)
 				reply.Error = nbd.EIO
 			}

@@ -1,0 +1,5 @@
+package devengine
+
+import "syscall"
+
+func fdatasync(fd int) error { return syscall.Fdatasync(fd) }

@@ -1,0 +1,280 @@
+// Package engine runs mvps-te for the provisioner and speaks to it: the
+// process (start, readiness, stop of its process group), its listen
+// address, dialing, the export-name tokens it accepts and the probe that
+// proves a session is served.
+package engine
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/nbd"
+)
+
+// Config says how to run mvps-te.
+type Config struct {
+	// Bin is the engine executable.
+	Bin string
+	// Listen is the engine's MVPS_TE_LISTEN: "unix:/path" or "host:port".
+	Listen string
+	// Secret becomes the engine's MVPS_TE_JWT_SECRET. It goes through the
+	// environment only: argv is world-readable in /proc.
+	Secret []byte
+	// Env is the rest of the engine's environment (image store, buffer
+	// store, AWS settings...); MVPS_TE_LISTEN and MVPS_TE_JWT_SECRET in it
+	// are replaced.
+	Env []string
+	// StartTimeout bounds the wait for the engine's first NBD greeting.
+	StartTimeout time.Duration
+	Logger       *slog.Logger
+}
+
+// Process is a running engine process.
+type Process struct {
+	cfg  Config
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error // set before done is closed
+	logs sync.WaitGroup
+}
+
+// DefaultStartTimeout is the StartTimeout used when it is zero.
+const DefaultStartTimeout = 30 * time.Second
+
+// Start starts the engine and returns once it answers the NBD
+// greeting on its listen address. If the provisioner dies, the kernel sends
+// the engine SIGTERM, so the engine never outlives it and still gets to
+// checkpoint.
+func Start(ctx context.Context, cfg Config) (*Process, error) {
+	if cfg.StartTimeout == 0 {
+		cfg.StartTimeout = DefaultStartTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	network, address, err := ParseListen(cfg.Listen)
+	if err != nil {
+		return nil, err
+	}
+	if network == "tcp" {
+		// Whatever answers there first would pass the readiness check
+		// below in place of our engine, and refuse our tokens.
+		if c, err := net.DialTimeout(network, address, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("engine listen address %s is already in use by another process", address)
+		}
+	}
+	cmd := exec.Command(cfg.Bin)
+	cmd.Env = engineEnv(cfg.Env, cfg.Listen, cfg.Secret)
+	// Pdeathsig fires when the thread that forked exits, not the process:
+	// the fork happens on a thread locked for the engine's whole life.
+	cmd.SysProcAttr = engineProcAttr()
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	e := &Process{cfg: cfg, cmd: cmd, done: make(chan struct{})}
+
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// Never unlocked: the thread dies with this goroutine, after the
+		// engine has exited.
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		e.logs.Add(2)
+		go e.copyLog(stdout, "stdout")
+		go e.copyLog(stderr, "stderr")
+		// Wait only after the pipes are drained, as exec requires.
+		e.logs.Wait()
+		err := cmd.Wait()
+		if err == nil {
+			err = errors.New("engine exited with status 0")
+		}
+		e.err = fmt.Errorf("engine exited: %w", err)
+		close(e.done)
+	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("start engine %s: %w", cfg.Bin, err)
+	}
+	cfg.Logger.Info("engine started", "bin", cfg.Bin, "pid", cmd.Process.Pid, "listen", cfg.Listen)
+
+	if err := e.waitReady(ctx, network, address); err != nil {
+		e.Stop(context.Background())
+		return nil, err
+	}
+	return e, nil
+}
+
+// waitReady dials until the engine sends its greeting: a socket that
+// accepts is not yet a server that answers.
+func (e *Process) waitReady(ctx context.Context, network, address string) error {
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.StartTimeout)
+	defer cancel()
+	start := time.Now()
+	var lastErr error
+	for {
+		lastErr = probeGreeting(ctx, network, address)
+		if lastErr == nil {
+			e.cfg.Logger.Info("engine ready", "after", time.Since(start).Round(time.Millisecond).String())
+			return nil
+		}
+		select {
+		case <-e.done:
+			return fmt.Errorf("engine did not start: %w", e.err)
+		case <-ctx.Done():
+			return fmt.Errorf("engine did not answer on %s within %v: %v", e.cfg.Listen, e.cfg.StartTimeout, lastErr)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func probeGreeting(ctx context.Context, network, address string) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, network, address)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if deadline, ok := ctx.Deadline(); ok {
+		c.SetDeadline(deadline)
+	}
+	var b [nbd.GreetingSize]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		return fmt.Errorf("read greeting: %w", err)
+	}
+	_, err = nbd.ParseGreeting(b[:])
+	return err
+}
+
+func (e *Process) copyLog(r io.Reader, stream string) {
+	defer e.logs.Done()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		e.cfg.Logger.Info("engine: "+sc.Text(), "source", "engine", "stream", stream)
+	}
+	// Keep draining after an over-long line so the engine never blocks on
+	// a full pipe.
+	io.Copy(io.Discard, r)
+}
+
+// Done is closed when the engine has exited.
+func (e *Process) Done() <-chan struct{} { return e.done }
+
+// Err says why the engine exited; valid after Done is closed.
+func (e *Process) Err() error { return e.err }
+
+// Pid is the engine's process id.
+func (e *Process) Pid() int { return e.cmd.Process.Pid }
+
+// Stop sends SIGTERM, which makes mvps-te fsync and checkpoint every open
+// image, and waits for the exit; SIGKILL when ctx ends first.
+func (e *Process) Stop(ctx context.Context) error {
+	select {
+	case <-e.done:
+		return nil
+	default:
+	}
+	if err := e.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("stop engine: %w", err)
+	}
+	select {
+	case <-e.done:
+		return nil
+	case <-ctx.Done():
+		e.cmd.Process.Kill()
+		<-e.done
+		return fmt.Errorf("engine did not stop in time, killed: %w", ctx.Err())
+	}
+}
+
+// Dial connects to the engine.
+func (e *Process) Dial(ctx context.Context) (net.Conn, error) {
+	return Dial(ctx, e.cfg.Listen)
+}
+
+// Dial connects to an engine listening on listen ("unix:/path" or
+// "host:port").
+func Dial(ctx context.Context, listen string) (net.Conn, error) {
+	network, address, err := ParseListen(listen)
+	if err != nil {
+		return nil, err
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, address)
+}
+
+// ParseListen splits an MVPS_TE_LISTEN value into a network and an
+// address. The engine serves anyone holding a valid token and the
+// provisioner hands it one on every dial, so only addresses nobody else
+// can take first are accepted: an absolute Unix socket path, or a literal
+// loopback IP (127.0.0.0/8, [::1]) with a port. Host names are refused:
+// "localhost" was seen to resolve to [::1], where an unprivileged process
+// could listen while the engine listened on 127.0.0.1.
+func ParseListen(listen string) (network, address string, err error) {
+	if path, ok := strings.CutPrefix(listen, "unix:"); ok {
+		if path == "" {
+			return "", "", errors.New("engine listen address \"unix:\" has no path")
+		}
+		if !filepath.IsAbs(path) {
+			return "", "", fmt.Errorf("engine listen address %q: the socket path must be absolute", listen)
+		}
+		return "unix", path, nil
+	}
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "", "", fmt.Errorf("engine listen address %q is neither unix:/path nor host:port: %w", listen, err)
+	}
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return "", "", fmt.Errorf("engine listen address %q: host %q is not an IP address; host names are refused, use 127.0.0.1 or [::1]", listen, host)
+	}
+	if addr.Zone() != "" {
+		return "", "", fmt.Errorf("engine listen address %q: an IPv6 zone is not allowed", listen)
+	}
+	// An IPv4-mapped address is not "::1" and not a 127/8 socket either:
+	// refusing it keeps one spelling per loopback address.
+	if !(addr.Is4() && addr.IsLoopback()) && addr != netip.IPv6Loopback() {
+		return "", "", fmt.Errorf("engine listen address %q is not a loopback address (127.0.0.0/8 or [::1])", listen)
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+		return "", "", fmt.Errorf("engine listen address %q: port %q is not a number from 1 to 65535", listen, port)
+	}
+	return "tcp", listen, nil
+}
+
+func engineEnv(base []string, listen string, secret []byte) []string {
+	env := make([]string, 0, len(base)+2)
+	for _, kv := range base {
+		if strings.HasPrefix(kv, "MVPS_TE_LISTEN=") || strings.HasPrefix(kv, "MVPS_TE_JWT_SECRET=") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return append(env, "MVPS_TE_LISTEN="+listen, "MVPS_TE_JWT_SECRET="+string(secret))
+}

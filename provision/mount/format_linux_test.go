@@ -1,0 +1,69 @@
+package mount
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+)
+
+// fakeDevice is a file standing in for a block device.
+func fakeDevice(t *testing.T, size int64) *nbddev.Device {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "nbd0")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	return &nbddev.Device{Path: path, File: f}
+}
+
+func fakeTool(t *testing.T, script string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "tool")
+	if err := os.WriteFile(p, []byte("#!/bin/sh\n"+script+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// A format killed part-way must leave the device fresh again, not "data but
+// no ext4" for ever.
+func TestInterruptedFormatLeavesDeviceFresh(t *testing.T) {
+	dev := fakeDevice(t, 4<<20)
+	// What a killed mke2fs leaves: bytes in the first MiB, no signature.
+	m := &Ext4{Mke2fs: fakeTool(t, `for dev; do :; done
+printf 'part of a superblock' | dd of="$dev" bs=1 seek=4096 conv=notrunc 2>/dev/null
+kill -9 $$`)}
+	if err := m.format(context.Background(), dev); err == nil {
+		t.Fatal("format reported success for a killed mke2fs")
+	}
+	if !m.zeroPrefix(dev) {
+		t.Fatal("the first MiB holds what the killed format wrote: the device is bricked for mount mode")
+	}
+}
+
+// A format that has started runs to its end even if the attach is given
+// up (caller gone, shutdown): stopping it part-way is what bricks images.
+func TestFormatOutlivesItsContext(t *testing.T) {
+	dev := fakeDevice(t, 4<<20)
+	m := &Ext4{Mke2fs: fakeTool(t, `for dev; do :; done
+printf 'formatted' | dd of="$dev" bs=1 seek=1024 conv=notrunc 2>/dev/null`)}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := m.format(ctx, dev); err != nil {
+		t.Fatalf("format with a cancelled context: %v", err)
+	}
+	got := make([]byte, 9)
+	dev.File.ReadAt(got, 1024)
+	if !bytes.Equal(got, []byte("formatted")) {
+		t.Fatalf("format did not run: %q", got)
+	}
+}

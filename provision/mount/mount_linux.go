@@ -1,0 +1,305 @@
+package mount
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+)
+
+func (o Options) attributes() uint64 {
+	var attr uint64
+	if !o.Suid {
+		attr |= unix.MOUNT_ATTR_NOSUID
+	}
+	if !o.Dev {
+		attr |= unix.MOUNT_ATTR_NODEV
+	}
+	return attr
+}
+
+// FormatTimeout bounds mke2fs. A format, once started, runs to its end even
+// when the caller or the provisioner gives up on the attach: killed part-way
+// it would leave bytes in the first MiB and no signature, a device that is
+// neither fresh nor ext4.
+const FormatTimeout = 5 * time.Minute
+
+// Ext4 formats with Debian's mke2fs and mounts ext4 with the new mount
+// API.
+type Ext4 struct {
+	Mke2fs string // /usr/sbin/mke2fs
+	Blkid  string // /usr/sbin/blkid
+}
+
+// freshBytes is how much of a device must be zero for it to count as
+// never written.
+const freshBytes = 1 << 20
+
+// New checks that the tools exist.
+func New(mke2fs, blkid string) (*Ext4, error) {
+	for _, tool := range []string{mke2fs, blkid} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return nil, fmt.Errorf("mount mode needs %s (Debian package e2fsprogs / util-linux): %w", tool, err)
+		}
+	}
+	return &Ext4{Mke2fs: mke2fs, Blkid: blkid}, nil
+}
+
+// Mount formats dev if it is provably fresh, mounts its file system and
+// attaches the mount as req asks. It returns an open directory on the file
+// system's root, for the provisioner to hold for the life of the
+// attachment.
+func (m *Ext4) Mount(ctx context.Context, dev *nbddev.Device, req Request) (*os.File, bool, error) {
+	fsType, err := m.probe(ctx, dev)
+	if err != nil {
+		return nil, false, err
+	}
+	formatted := false
+	switch {
+	case fsType == "ext4":
+	case fsType == "" && m.zeroPrefix(dev):
+		// Formatting is decided here, from the device's content, and
+		// never from a failed mount: a transient mount error on a device
+		// with data must not end in mke2fs.
+		if err := m.format(ctx, dev); err != nil {
+			return nil, false, err
+		}
+		formatted = true
+	case fsType == "":
+		return nil, false, ErrNotExt4
+	default:
+		return nil, false, fmt.Errorf("%w (found %s)", ErrNotExt4, fsType)
+	}
+	root, err := mountInto(dev, req)
+	return root, formatted, err
+}
+
+// probe asks blkid for any known signature (file system, partition table,
+// RAID, LUKS...) anywhere on the device. "" means none.
+func (m *Ext4) probe(ctx context.Context, dev *nbddev.Device) (string, error) {
+	cmd := exec.CommandContext(ctx, m.Blkid, "-p", "-o", "export", dev.Path)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var exit *exec.ExitError
+	if errors.As(err, &exit) && exit.ExitCode() == 2 {
+		return "", nil // nothing found
+	}
+	if err != nil {
+		return "", fmt.Errorf("probe %s: %v: %s", dev.Path, err, strings.TrimSpace(stderr.String()))
+	}
+	found := map[string]string{}
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), "="); ok {
+			found[k] = v
+		}
+	}
+	for _, k := range []string{"TYPE", "PTTYPE"} {
+		if found[k] != "" {
+			return found[k], nil
+		}
+	}
+	return "unrecognised signature", nil
+}
+
+func (m *Ext4) zeroPrefix(dev *nbddev.Device) bool {
+	buf := make([]byte, freshBytes)
+	n, err := dev.File.ReadAt(buf, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return false
+	}
+	for _, b := range buf[:n] {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// format makes ext4 suited to a thin, page-granular remote device: 4 KiB
+// blocks match the engine's pages, lazy init avoids writing every inode
+// table up front, and no discard since the engine has no TRIM. It runs to
+// its end (bounded by FormatTimeout) whatever happens to ctx; if it fails
+// anyway, the first MiB, where a part-made file system shows, is zeroed so
+// that the device counts as fresh again.
+func (m *Ext4) format(ctx context.Context, dev *nbddev.Device) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), FormatTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, m.Mke2fs, "-F", "-q", "-t", "ext4", "-b", "4096",
+		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", dev.Path)
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		return nil
+	}
+	err = fmt.Errorf("mke2fs %s: %v: %s", dev.Path, err, strings.TrimSpace(string(out)))
+	if zerr := zeroFreshPrefix(dev); zerr != nil {
+		return fmt.Errorf("%w; and the device could not be made fresh again: %v", err, zerr)
+	}
+	return err
+}
+
+// zeroFreshPrefix writes zeros over the part of dev that decides freshness,
+// and flushes them.
+func zeroFreshPrefix(dev *nbddev.Device) error {
+	if _, err := dev.File.WriteAt(make([]byte, freshBytes), 0); err != nil {
+		return fmt.Errorf("zero the first MiB: %w", err)
+	}
+	if err := dev.File.Sync(); err != nil {
+		return fmt.Errorf("zero the first MiB: %w", err)
+	}
+	return nil
+}
+
+// mountInto creates the mount in the provisioner's namespace, where the
+// device node lives, and moves it onto dir inside ns.
+func mountInto(dev *nbddev.Device, req Request) (*os.File, error) {
+	fsfd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("fsopen ext4: %w", err)
+	}
+	defer unix.Close(fsfd)
+	if err := unix.FsconfigSetString(fsfd, "source", dev.Path); err != nil {
+		return nil, fmt.Errorf("fsconfig source: %w", err)
+	}
+	// The device reads zeros where nothing was written: zeroing inode
+	// tables in the background would only write zeros to the engine.
+	if err := unix.FsconfigSetFlag(fsfd, "noinit_itable"); err != nil {
+		return nil, fmt.Errorf("fsconfig noinit_itable: %w", err)
+	}
+	if err := unix.FsconfigCreate(fsfd); err != nil {
+		return nil, fmt.Errorf("mount ext4 from %s: %w", dev.Path, err)
+	}
+	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, int(req.Options.attributes()))
+	if err != nil {
+		return nil, fmt.Errorf("fsmount: %w", err)
+	}
+	defer unix.Close(mntfd)
+	rootfd, err := unix.Openat(mntfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open file system root: %w", err)
+	}
+	root := os.NewFile(uintptr(rootfd), dev.Path+":/")
+	if err := moveMountInNamespace(mntfd, int(req.Namespace.Fd()), int(req.Dir.Fd()), req.Base); err != nil {
+		root.Close()
+		return nil, err
+	}
+	return root, nil
+}
+
+// moveMountInNamespace attaches the detached mount mntfd on dirfd inside
+// the mount namespace nsfd, after checking that dirfd is inside base there
+// (when base is set). move_mount only attaches into the caller's own
+// namespace, so this runs on a thread that enters ns; that thread's file
+// system state is never shared with other goroutines: it is locked and
+// never unlocked, so the runtime discards it when the goroutine ends.
+func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			// The main thread is what /proc/<pid> shows, and the runtime
+			// never retires it: a namespace entered here would stay
+			// pinned. Holding it, try again on another thread.
+			err := moveMountInNamespace(mntfd, nsfd, dirfd, base)
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			errc <- fmt.Errorf("unshare CLONE_FS: %w", err)
+			return
+		}
+		if err := unix.Setns(nsfd, unix.CLONE_NEWNS); err != nil {
+			errc <- fmt.Errorf("enter caller's mount namespace: %w", err)
+			return
+		}
+		if base != "" {
+			if err := checkInside(dirfd, base); err != nil {
+				errc <- err
+				return
+			}
+		}
+		err := unix.MoveMount(mntfd, "", dirfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH)
+		if err != nil {
+			err = fmt.Errorf("move mount onto the caller's directory: %w", err)
+		}
+		errc <- err
+	}()
+	return <-errc
+}
+
+// checkInside runs on a thread that has entered the caller's namespace:
+// the directory's path as that namespace sees it is the thread's working
+// directory after fchdir, which /proc of some other pid namespace could
+// not tell.
+func checkInside(dirfd int, base string) error {
+	if err := unix.Fchdir(dirfd); err != nil {
+		return fmt.Errorf("enter the mount directory: %w", err)
+	}
+	buf := make([]byte, unix.PathMax)
+	n, err := unix.Getcwd(buf)
+	if err != nil {
+		return fmt.Errorf("%w: the mount directory's path cannot be told: %v", ErrOutsideBase, err)
+	}
+	path := strings.TrimRight(string(buf[:n]), "\x00")
+	if !pathInside(path, base) {
+		return fmt.Errorf("%w: %s is not inside %s", ErrOutsideBase, path, base)
+	}
+	return nil
+}
+
+// pathInside reports whether path is base or below it. Both are clean
+// absolute paths; a path the kernel cannot reach from the root comes back
+// as "(unreachable)/..." and is inside nothing.
+func pathInside(path, base string) bool {
+	if !strings.HasPrefix(path, "/") {
+		return false
+	}
+	return path == base || base == "/" || strings.HasPrefix(path, base+"/")
+}
+
+// CheckFDs verifies a mount request's fds: a mount namespace, then a
+// directory.
+func CheckFDs(nsfd, dirfd int) error {
+	kind, err := unix.IoctlRetInt(nsfd, unix.NS_GET_NSTYPE)
+	if err != nil {
+		return fmt.Errorf("first fd is not a namespace (NS_GET_NSTYPE: %v)", err)
+	}
+	if kind != unix.CLONE_NEWNS {
+		return fmt.Errorf("first fd is a namespace of type %#x, not a mount namespace", kind)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(dirfd, &st); err != nil {
+		return fmt.Errorf("second fd: %v", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return errors.New("second fd is not a directory")
+	}
+	return nil
+}
+
+// SyncAndRelease writes the file system's dirty data and metadata to the
+// device, then drops the provisioner's hold on it so that a file system the
+// caller unmounted is shut down before the device is flushed.
+func SyncAndRelease(root *os.File) error {
+	err := unix.Syncfs(int(root.Fd()))
+	if cerr := root.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("syncfs: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,30 @@
+//go:build !linux
+
+package mount
+
+import (
+	"context"
+	"errors"
+	"os"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+)
+
+var errNotLinux = errors.New("mount mode needs Linux")
+
+// Ext4 is Linux-only.
+type Ext4 struct{ Mke2fs, Blkid string }
+
+// New fails on systems other than Linux.
+func New(mke2fs, blkid string) (*Ext4, error) { return nil, errNotLinux }
+
+// Mount fails on systems other than Linux.
+func (m *Ext4) Mount(ctx context.Context, dev *nbddev.Device, req Request) (*os.File, bool, error) {
+	return nil, false, errNotLinux
+}
+
+// CheckFDs fails on systems other than Linux.
+func CheckFDs(nsfd, dirfd int) error { return errNotLinux }
+
+// SyncAndRelease closes root.
+func SyncAndRelease(root *os.File) error { return root.Close() }

@@ -1,0 +1,80 @@
+package mount
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// onThread runs fn on an OS thread of its own that is never handed back to
+// the scheduler, so that what fn changes about the thread ends with it.
+func onThread(fn func() error) error {
+	errc := make(chan error, 1)
+	var run func()
+	run = func() {
+		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			// The main thread is never retired: hold it and use another.
+			done := make(chan struct{})
+			go func() { run(); close(done) }()
+			<-done
+			runtime.UnlockOSThread()
+			return
+		}
+		errc <- fn()
+	}
+	go run()
+	return <-errc
+}
+
+func TestMountOptionAttributes(t *testing.T) {
+	for _, tc := range []struct {
+		opts Options
+		want uint64
+	}{
+		{Options{}, unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV},
+		{Options{Suid: true}, unix.MOUNT_ATTR_NODEV},
+		{Options{Dev: true}, unix.MOUNT_ATTR_NOSUID},
+		{Options{Suid: true, Dev: true}, 0},
+	} {
+		if got := tc.opts.attributes(); got != tc.want {
+			t.Errorf("%+v: attributes %#x, want %#x", tc.opts, got, tc.want)
+		}
+	}
+}
+
+func TestMountBaseConfinement(t *testing.T) {
+	base := t.TempDir()
+	inside := filepath.Join(base, "a", "b")
+	os.MkdirAll(inside, 0o755)
+	outside := t.TempDir()
+	sibling := base + "-sibling"
+	os.MkdirAll(sibling, 0o755)
+	t.Cleanup(func() { os.RemoveAll(sibling) })
+	for _, tc := range []struct {
+		dir string
+		ok  bool
+	}{{base, true}, {inside, true}, {outside, false}, {sibling, false}} {
+		d, err := os.Open(tc.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = onThread(func() error {
+			if err := unix.Unshare(unix.CLONE_FS); err != nil {
+				return err
+			}
+			return checkInside(int(d.Fd()), base)
+		})
+		d.Close()
+		if tc.ok && err != nil || !tc.ok && !errors.Is(err, ErrOutsideBase) {
+			t.Errorf("%s under %s: %v", tc.dir, base, err)
+		}
+	}
+	if pathInside("(unreachable)/x", "/") {
+		t.Error("an unreachable path counts as inside /")
+	}
+}

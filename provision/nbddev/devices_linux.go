@@ -1,0 +1,225 @@
+package nbddev
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+)
+
+// Devices attaches engine connections as kernel NBD devices through the
+// nbd generic-netlink family.
+type Devices struct {
+	Netlink *netlinknbd.Client
+	// RequestTimeout is the kernel's per-request timeout: an engine that
+	// does not answer a request within it is treated as dead.
+	RequestTimeout time.Duration
+	// DeadConnTimeout is how long I/O waits for a new connection after
+	// the engine connection died, before failing.
+	DeadConnTimeout time.Duration
+}
+
+// Defaults for NBDDevices.
+const (
+	DefaultKernelRequestTimeout = 120 * time.Second
+	DefaultDeadConnTimeout      = 30 * time.Second
+	// maxSectorsKB keeps every kernel request within mvps-te's 8 MiB limit:
+	// a larger one makes the engine drop the connection.
+	maxSectorsKB = 8192
+)
+
+// New opens the netlink client.
+func New() (*Devices, error) {
+	c, err := netlinknbd.New()
+	if err != nil {
+		return nil, fmt.Errorf("open nbd netlink family (is the nbd module loaded?): %w", err)
+	}
+	return &Devices{
+		Netlink:         c,
+		RequestTimeout:  DefaultKernelRequestTimeout,
+		DeadConnTimeout: DefaultDeadConnTimeout,
+	}, nil
+}
+
+// Close closes the netlink client.
+func (d *Devices) Close() error { return d.Netlink.Close() }
+
+// Attach hands conn, which has completed the handshake, to the kernel, and
+// returns the device opened read-write. It takes ownership of conn whatever
+// it returns.
+func (d *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Export, backend string) (*Device, error) {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		conn.Close()
+		return nil, fmt.Errorf("engine connection %T has no file descriptor", conn)
+	}
+	index, err := d.Netlink.Connect(netlinknbd.ConnectConfig{
+		Sockets:           []syscall.Conn{sc},
+		Size:              export.Size,
+		BlockSize:         engine.BlockSize,
+		ServerFlags:       uint64(export.Flags),
+		Timeout:           d.RequestTimeout,
+		DeadConnTimeout:   d.DeadConnTimeout,
+		BackendIdentifier: backend,
+	})
+	// The kernel holds its own reference to the socket now.
+	conn.Close()
+	if err != nil {
+		return nil, fmt.Errorf("kernel connect: %w", err)
+	}
+	dev := &Device{Index: index, Path: fmt.Sprintf("/dev/nbd%d", index)}
+	if err := d.prepare(ctx, dev, export.Size); err != nil {
+		d.disconnect(dev)
+		return nil, err
+	}
+	return dev, nil
+}
+
+// prepare caps the request size, waits for the device to show its size and
+// opens it.
+func (d *Devices) prepare(ctx context.Context, dev *Device, size uint64) error {
+	block := fmt.Sprintf("/sys/block/nbd%d", dev.Index)
+	if err := capMaxSectors(block + "/queue/max_sectors_kb"); err != nil {
+		return err
+	}
+	want := strconv.FormatUint(size/512, 10)
+	err := poll(ctx, func() (bool, error) {
+		got, err := readTrimmed(block + "/size")
+		if err != nil || got != want {
+			return false, nil
+		}
+		st, err := os.Stat(dev.Path)
+		return err == nil && st.Mode()&os.ModeDevice != 0, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%s did not become ready: %w", dev.Path, err)
+	}
+	f, err := os.OpenFile(dev.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", dev.Path, err)
+	}
+	got, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETSIZE64)
+	if err != nil || got != size {
+		f.Close()
+		return fmt.Errorf("%s reports size %d (%v), want %d", dev.Path, got, err, size)
+	}
+	dev.File = f
+	return nil
+}
+
+func capMaxSectors(path string) error {
+	cur, err := readTrimmed(path)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	n, err := strconv.Atoi(cur)
+	if err != nil {
+		return fmt.Errorf("read %s: %q: %w", path, cur, err)
+	}
+	if n <= maxSectorsKB {
+		return nil
+	}
+	if err := os.WriteFile(path, []byte(strconv.Itoa(maxSectorsKB)), 0); err != nil {
+		return fmt.Errorf("cap %s at %d: %w", path, maxSectorsKB, err)
+	}
+	return nil
+}
+
+// Flush writes everything written to the device so far to the engine: fsync on a block device writes its dirty page
+// cache, which holds what every opener wrote, to the engine.
+func (d *Devices) Flush(ctx context.Context, dev *Device) error {
+	done := make(chan error, 1)
+	go func() { done <- dev.File.Sync() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("flush %s: %w", dev.Path, err)
+		}
+		return nil
+	case <-ctx.Done():
+		// The disconnect that follows fails the writes still queued, which
+		// ends the fsync.
+		return fmt.Errorf("flush %s: %w", dev.Path, ctx.Err())
+	}
+}
+
+// Detach disconnects the device and closes dev.File. Call it exactly once
+// per attached device.
+func (d *Devices) Detach(ctx context.Context, dev *Device) error {
+	err := d.disconnect(dev)
+	if dev.File != nil {
+		dev.File.Close()
+	}
+	if err != nil {
+		return err
+	}
+	// The device is free once its last opener is gone; a caller that still
+	// holds its fd keeps it busy (with I/O failing) until it closes it.
+	err = poll(ctx, func() (bool, error) {
+		st, err := d.Netlink.Status(dev.Index)
+		if err != nil {
+			return false, err
+		}
+		return !st.Connected, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%s: %w (%v)", dev.Path, ErrStillOpen, err)
+	}
+	return nil
+}
+
+// Busy reports whether the kernel still holds a detached device, as it
+// does while some process has it open.
+func (d *Devices) Busy(dev *Device) (bool, error) {
+	st, err := d.Netlink.Status(dev.Index)
+	if err != nil {
+		return false, fmt.Errorf("status of %s: %w", dev.Path, err)
+	}
+	return st.Connected, nil
+}
+
+func (d *Devices) disconnect(dev *Device) error {
+	err := d.Netlink.Disconnect(dev.Index)
+	if err != nil && !errors.Is(err, netlinknbd.ErrNotConnected) {
+		return fmt.Errorf("disconnect %s: %w", dev.Path, err)
+	}
+	return nil
+}
+
+func readTrimmed(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	return strings.TrimSpace(string(b)), err
+}
+
+// poll calls cond until it reports true, fails, or ctx ends. The kernel
+// offers no event for "size visible" or "last opener gone", so a short
+// interval is the readiness check.
+func poll(ctx context.Context, cond func() (bool, error)) error {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		ok, err := cond()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}

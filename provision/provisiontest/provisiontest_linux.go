@@ -1,0 +1,328 @@
+// Package provisiontest runs a real provision.Server in-process for tests,
+// as httptest does for HTTP: on a socket in a temporary directory, against
+// an in-process stand-in engine, with fake kernel devices (a file per
+// device) that record every attach, flush and detach.
+package provisiontest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+)
+
+// Devices stands in for the kernel: a device is a file the size of the
+// export, and the engine connection is held until detach. Its exported
+// fields may be changed under Mu while the server runs.
+type Devices struct {
+	dir string
+
+	Mu       sync.Mutex
+	next     uint32
+	attached map[uint32]string // index -> backend
+	detaches map[uint32]int
+	flushes  map[uint32]int
+	conns    map[uint32]net.Conn
+	detached chan uint32
+	// AttachErr, when set, fails every attach.
+	AttachErr error
+	// Gate, when set, makes Attach wait for it to close.
+	Gate chan struct{}
+	// StillOpen makes Detach report nbddev.ErrStillOpen and Busy report
+	// true while it holds the device's index.
+	StillOpen map[uint32]bool
+	// KeepConns leaves the engine connection open at Detach, as a kernel
+	// does while the engine still works on requests it was sent.
+	KeepConns bool
+}
+
+// NewDevices returns fake devices backed by files in a test directory.
+func NewDevices(t testing.TB) *Devices {
+	return &Devices{
+		dir: t.TempDir(), attached: map[uint32]string{}, detaches: map[uint32]int{},
+		flushes: map[uint32]int{}, conns: map[uint32]net.Conn{}, detached: make(chan uint32, 1000),
+		StillOpen: map[uint32]bool{},
+	}
+}
+
+// Attach implements provision.Devices.
+func (f *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Export, backend string) (*nbddev.Device, error) {
+	f.Mu.Lock()
+	gate, attachErr := f.Gate, f.AttachErr
+	f.Mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			conn.Close()
+			return nil, ctx.Err()
+		}
+	}
+	if attachErr != nil {
+		conn.Close()
+		return nil, attachErr
+	}
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	index := f.next
+	f.next++
+	path := filepath.Join(f.dir, fmt.Sprintf("nbd%d", index))
+	file, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if err := file.Truncate(int64(export.Size)); err != nil {
+		file.Close()
+		conn.Close()
+		return nil, err
+	}
+	f.attached[index] = backend
+	f.conns[index] = conn
+	return &nbddev.Device{Index: index, Path: path, File: file}, nil
+}
+
+// Flush implements provision.Devices.
+func (f *Devices) Flush(ctx context.Context, dev *nbddev.Device) error {
+	f.Mu.Lock()
+	f.flushes[dev.Index]++
+	f.Mu.Unlock()
+	return dev.File.Sync()
+}
+
+// Detach implements provision.Devices.
+func (f *Devices) Detach(ctx context.Context, dev *nbddev.Device) error {
+	f.Mu.Lock()
+	f.detaches[dev.Index]++
+	if !f.KeepConns {
+		f.conns[dev.Index].Close()
+	}
+	stillOpen := f.StillOpen[dev.Index]
+	f.Mu.Unlock()
+	dev.File.Close()
+	f.detached <- dev.Index
+	if stillOpen {
+		return nbddev.ErrStillOpen
+	}
+	return nil
+}
+
+// Busy implements provision.Devices.
+func (f *Devices) Busy(dev *nbddev.Device) (bool, error) {
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	return f.StillOpen[dev.Index], nil
+}
+
+// WaitDetached waits until device index has been detached.
+func (f *Devices) WaitDetached(t testing.TB, index uint32) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case got := <-f.detached:
+			if got == index {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("device %d not detached", index)
+		}
+	}
+}
+
+// WaitDetaches waits for n detaches of any devices.
+func (f *Devices) WaitDetaches(t testing.TB, n int) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for range n {
+		select {
+		case <-f.detached:
+		case <-timeout:
+			t.Fatal("not all devices detached")
+		}
+	}
+}
+
+// Backend is the backend identifier device index was attached with.
+func (f *Devices) Backend(index uint32) string {
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	return f.attached[index]
+}
+
+// FlushCount is how often device index was flushed.
+func (f *Devices) FlushCount(index uint32) int {
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	return f.flushes[index]
+}
+
+// Conn is the engine connection device index was attached with.
+func (f *Devices) Conn(index uint32) net.Conn {
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	return f.conns[index]
+}
+
+// Counts returns how many devices were attached and detached, and fails t
+// if any was detached more than once.
+func (f *Devices) Counts(t testing.TB) (attached, detached int) {
+	t.Helper()
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	for idx, n := range f.detaches {
+		if n != 1 {
+			t.Errorf("device %d detached %d times", idx, n)
+		}
+	}
+	return len(f.attached), len(f.detaches)
+}
+
+// Server is a provision.Server serving on a socket in a test directory.
+type Server struct {
+	*provision.Server
+	// Socket is the path callers connect to.
+	Socket string
+	// ConfigDir is the image config directory.
+	ConfigDir string
+	Devices   *Devices
+	Engine    *devenginetest.Engine
+	logs      syncBuffer
+}
+
+// New starts a server; tweak may change its configuration first. The
+// server is shut down, and every device checked to be detached at most
+// once, when the test ends.
+func New(t testing.TB, tweak func(*provision.ServerConfig)) *Server {
+	t.Helper()
+	engine := devenginetest.New(t)
+	s := &Server{ConfigDir: t.TempDir(), Devices: NewDevices(t), Engine: engine}
+	// Socket paths are short: t.TempDir's can be too long for sun_path.
+	dir, err := os.MkdirTemp("", "prov")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	s.Socket = filepath.Join(dir, "p.sock")
+	cfg := provision.ServerConfig{
+		Images:     imageconfig.Dir(s.ConfigDir),
+		Secret:     engine.Secret,
+		DialEngine: engine.Dial,
+		Devices:    s.Devices,
+		Host:       "testhost",
+		Logger:     slog.New(slog.NewTextHandler(&s.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	srv, err := provision.NewServer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Server = srv
+	ln, err := provision.Listen(provision.ListenConfig{Path: s.Socket, Mode: 0o600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+		if err := <-served; !errors.Is(err, provision.ErrServerClosed) {
+			t.Errorf("Serve returned %v", err)
+		}
+		s.Devices.Counts(t)
+		if t.Failed() {
+			t.Logf("server log:\n%s", s.Logs())
+		}
+	})
+	return s
+}
+
+// Logs is what the server logged so far.
+func (s *Server) Logs() string { return s.logs.String() }
+
+// AddImage writes an image config for key.
+func (s *Server) AddImage(t testing.TB, key, imageID string, size uint64) {
+	t.Helper()
+	s.WriteConfig(t, key, fmt.Sprintf(`{"image_id": %q, "image_size": %d}`, imageID, size))
+}
+
+// WriteConfig writes content as the image config of key.
+func (s *Server) WriteConfig(t testing.TB, key, content string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(s.ConfigDir, key), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Attach attaches key in fd mode and fails t if that fails.
+func (s *Server) Attach(t testing.TB, key string) *protocol.Attachment {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	a, err := protocol.Attach(ctx, s.Socket, key)
+	if err != nil {
+		t.Fatalf("attach %s: %v", key, err)
+	}
+	return a
+}
+
+// AttachCode attaches key, expecting a refusal, and returns its code.
+func (s *Server) AttachCode(t testing.TB, key string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	a, err := protocol.Attach(ctx, s.Socket, key)
+	if err == nil {
+		a.Close()
+		t.Fatalf("attach %s succeeded", key)
+	}
+	return Code(err)
+}
+
+// Code is the reply code of err, "" if it is not a refusal.
+func Code(err error) string {
+	var rerr *protocol.ReplyError
+	if errors.As(err, &rerr) {
+		return rerr.Code
+	}
+	return ""
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

@@ -1,0 +1,332 @@
+package provision_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
+)
+
+func TestAttachFDMode(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	a := ts.Attach(t, "vol")
+	if a.Device == nil {
+		t.Fatal("no device fd")
+	}
+	if _, err := a.Device.WriteAt([]byte("hello"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	st, err := a.Device.Stat()
+	if err != nil || st.Size() != 1<<20 {
+		t.Fatalf("device size %v, %v", st.Size(), err)
+	}
+	if got := ts.Attachments(); len(got) != 1 || got[0] != "vol.mvps-image" {
+		t.Fatalf("attachments %v", got)
+	}
+	if backend := ts.Devices.Backend(0); backend != "mvps:vol.mvps-image" {
+		t.Fatalf("backend %q", backend)
+	}
+	a.Close()
+	ts.Devices.WaitDetached(t, 0)
+	if n := ts.Devices.FlushCount(0); n != 1 {
+		t.Fatalf("flushed %d times before detach, want 1", n)
+	}
+	waitFor(t, func() bool { return len(ts.Attachments()) == 0 })
+	// The image was created by the engine at the configured size.
+	st, err = os.Stat(filepath.Join(ts.Engine.ImageDir, "vol.mvps-image"))
+	if err != nil || st.Size() != 1<<20 {
+		t.Fatalf("engine image: %v %v", st, err)
+	}
+	// Reattach works once the first attachment is gone.
+	ts.Attach(t, "vol").Close()
+	ts.Devices.WaitDetached(t, 1)
+}
+
+func TestBusy(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts.AddImage(t, "alias", "vol.mvps-image", 1<<20)
+	first := ts.Attach(t, "vol")
+	defer first.Close()
+	for _, key := range []string{"vol", "alias"} {
+		if code := ts.AttachCode(t, key); code != protocol.CodeBusy {
+			t.Fatalf("second attach via %s: code %q, want busy", key, code)
+		}
+	}
+	// The first attachment is undisturbed.
+	if _, err := first.Device.WriteAt([]byte("still here"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if a, d := ts.Devices.Counts(t); a != 1 || d != 0 {
+		t.Fatalf("attached %d detached %d", a, d)
+	}
+	first.Close()
+	ts.Devices.WaitDetached(t, 0)
+	ts.Attach(t, "alias").Close()
+}
+
+func TestBadRequests(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	os.WriteFile(filepath.Join(ts.ConfigDir, "broken"), []byte(`{"image_id": "nope", "image_size": 4096}`), 0o644)
+	os.WriteFile(filepath.Join(ts.ConfigDir, "odd"), []byte(`{"image_id": "odd.mvps-image", "image_size": 1000}`), 0o644)
+	long := make([]byte, 0, 2048)
+	long = protocol.AppendRequest(long, 1, strings.Repeat("a", 253))
+	long = append(long, make([]byte, 1000)...)
+	tests := []struct {
+		name string
+		msg  []byte
+		code string
+	}{
+		{"short", []byte{0x57, 0xa7, 0xe9}, protocol.CodeBadRequest},
+		{"bad magic", append([]byte{1, 2, 3, 4}, protocol.AppendRequest(nil, 1, "vol")[4:]...), protocol.CodeBadRequest},
+		{"length mismatch", protocol.AppendRequest(nil, 1, "vol")[:11], protocol.CodeBadRequest},
+		{"too long", long, protocol.CodeBadRequest},
+		{"unknown command", protocol.AppendRequest(nil, 7, "vol"), protocol.CodeUnknownCommand},
+		{"traversal", protocol.AppendRequest(nil, 1, "../vol"), protocol.CodeBadRequest},
+		{"nul", protocol.AppendRequest(nil, 1, "vol\x00"), protocol.CodeBadRequest},
+		{"not found", protocol.AppendRequest(nil, 1, "missing"), protocol.CodeNotFound},
+		{"invalid id", protocol.AppendRequest(nil, 1, "broken"), protocol.CodeInvalidConfig},
+		{"unaligned size", protocol.AppendRequest(nil, 1, "odd"), protocol.CodeInvalidConfig},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			conn, payload, fds, err := protocol.SendRaw(ctx, ts.Socket, tt.msg, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if len(fds) != 0 {
+				t.Fatalf("error reply carried %d fds", len(fds))
+			}
+			if code := provisiontest.Code(protocol.ParseReply(payload)); code != tt.code {
+				t.Fatalf("reply %q, want code %s", payload, tt.code)
+			}
+			// The server closes the connection after an error.
+			if n, _ := conn.Read(make([]byte, 16)); n != 0 {
+				t.Fatal("connection still open after an error")
+			}
+		})
+	}
+	// Still serving.
+	ts.Attach(t, "vol").Close()
+}
+
+// Fds sent with a request are closed by the server: when its copy of a
+// pipe's write end is gone, the read end sees EOF.
+func TestUnaskedFDsAreClosed(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	for _, n := range []int{1, 2, 3, 9} {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			fds := make([]int, n)
+			for i := range fds {
+				fds[i] = int(w.Fd())
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			conn, payload, _, err := protocol.SendRaw(ctx, ts.Socket, protocol.AppendRequest(nil, 1, "vol"), fds)
+			w.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if code := provisiontest.Code(protocol.ParseReply(payload)); code != protocol.CodeBadRequest {
+				t.Fatalf("reply %q, want bad_request", payload)
+			}
+			r.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := r.Read(make([]byte, 1)); err != io.EOF {
+				t.Fatalf("pipe read: %v, want EOF (server kept an fd)", err)
+			}
+		})
+	}
+	if a, _ := ts.Devices.Counts(t); a != 0 {
+		t.Fatalf("%d devices attached for refused requests", a)
+	}
+}
+
+func TestIdleCallerIsDropped(t *testing.T) {
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.RequestTimeout = 100 * time.Millisecond })
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	idle, err := net.Dial("unixpacket", ts.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	// Another caller is served while the idle one waits.
+	ts.Attach(t, "vol").Close()
+	idle.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, err := idle.Read(make([]byte, 16))
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("idle caller was not dropped")
+	}
+	if n != 0 {
+		t.Fatalf("idle caller got %d bytes", n)
+	}
+}
+
+func TestEngineRefusesToken(t *testing.T) {
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Secret = []byte("not the engine's secret") })
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	if code := ts.AttachCode(t, "vol"); code != protocol.CodeEngineUnavailable {
+		t.Fatalf("code %q, want engine_unavailable", code)
+	}
+	if got := ts.Attachments(); len(got) != 0 {
+		t.Fatalf("reservation leaked: %v", got)
+	}
+}
+
+func TestEngineRefusesSession(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	// The engine's image exists with another size: it refuses the session
+	// after the handshake, which the probe read must catch.
+	os.WriteFile(filepath.Join(ts.Engine.ImageDir, "vol.mvps-image"), make([]byte, 8192), 0o600)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	if code := ts.AttachCode(t, "vol"); code != protocol.CodeAttachFailed {
+		t.Fatalf("code %q, want attach_failed", code)
+	}
+}
+
+func TestEngineUnreachable(t *testing.T) {
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) {
+		c.DialEngine = func(ctx context.Context) (net.Conn, error) { return nil, errors.New("connection refused") }
+	})
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	if code := ts.AttachCode(t, "vol"); code != protocol.CodeEngineUnavailable {
+		t.Fatalf("code %q", code)
+	}
+}
+
+func TestKernelAttachFails(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.Devices.Mu.Lock()
+	ts.Devices.AttachErr = errors.New("kernel said no")
+	ts.Devices.Mu.Unlock()
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	if code := ts.AttachCode(t, "vol"); code != protocol.CodeAttachFailed {
+		t.Fatalf("code %q", code)
+	}
+	ts.Devices.Mu.Lock()
+	ts.Devices.AttachErr = nil
+	ts.Devices.Mu.Unlock()
+	ts.Attach(t, "vol").Close()
+}
+
+func TestConcurrentAttaches(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	const n = 16
+	for i := range n {
+		ts.AddImage(t, fmt.Sprintf("vol%d", i), fmt.Sprintf("vol%d.mvps-image", i), 1<<20)
+	}
+	var wg sync.WaitGroup
+	atts := make([]*protocol.Attachment, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			atts[i], errs[i] = protocol.Attach(ctx, ts.Socket, fmt.Sprintf("vol%d", i))
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatalf("attach %d: %v", i, errs[i])
+		}
+		atts[i].Device.WriteAt([]byte{byte(i)}, 0)
+		atts[i].Close()
+	}
+	ts.Devices.WaitDetaches(t, n)
+	if a, d := ts.Devices.Counts(t); a != n || d != n {
+		t.Fatalf("attached %d detached %d", a, d)
+	}
+}
+
+func TestShutdownDetachesEverything(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	var atts []*protocol.Attachment
+	for i := range 3 {
+		ts.AddImage(t, fmt.Sprint(i), fmt.Sprintf("v%d.mvps-image", i), 1<<20)
+		atts = append(atts, ts.Attach(t, fmt.Sprint(i)))
+	}
+	// An attach stuck in the kernel step is aborted by the shutdown.
+	ts.Devices.Mu.Lock()
+	ts.Devices.Gate = make(chan struct{})
+	ts.Devices.Mu.Unlock()
+	ts.AddImage(t, "stuck", "stuck.mvps-image", 1<<20)
+	stuck := make(chan error, 1)
+	go func() {
+		_, err := protocol.Attach(context.Background(), ts.Socket, "stuck")
+		stuck <- err
+	}()
+	waitFor(t, func() bool { return len(ts.Attachments()) == 4 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if a, d := ts.Devices.Counts(t); a != 3 || d != 3 {
+		t.Fatalf("attached %d detached %d", a, d)
+	}
+	for _, a := range atts {
+		if err := a.Wait(ctx); err == nil || ctx.Err() != nil {
+			t.Fatalf("caller not told: %v", err)
+		}
+		a.Close()
+	}
+	if err := <-stuck; err == nil {
+		t.Fatal("attach during shutdown succeeded")
+	}
+	if _, err := os.Stat(ts.Socket); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket left behind: %v", err)
+	}
+}
+
+func TestNoSecretsInLogs(t *testing.T) {
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Secret = []byte("correct-horse-battery-staple") })
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts.AttachCode(t, "vol") // refused by the engine: wrong secret
+	logs := ts.Logs()
+	if !strings.Contains(logs, "request refused") {
+		t.Fatalf("no refusal logged:\n%s", logs)
+	}
+	// A JWT's header always starts with the base64 of `{"`.
+	for _, secret := range []string{"correct-horse-battery-staple", "eyJ"} {
+		if strings.Contains(logs, secret) {
+			t.Fatalf("log contains %q:\n%s", secret, logs)
+		}
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
