@@ -7,17 +7,64 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // ImageConfig is the content of one file in the image config directory.
+// The JSON tags give the file's field names; ParseImageConfig does not use
+// them, it decodes the file more strictly than encoding/json would.
 type ImageConfig struct {
 	// ImageID is the engine's image id, suffix included.
 	ImageID string `json:"image_id"`
 	// ImageSize is the device size in bytes.
 	ImageSize uint64 `json:"image_size"`
+	// AllowedUIDs and AllowedGIDs, when not nil, list the callers (by
+	// SO_PEERCRED uid and primary gid) that may attach the image. nil
+	// means any caller.
+	AllowedUIDs []uint32 `json:"allowed_uids,omitempty"`
+	AllowedGIDs []uint32 `json:"allowed_gids,omitempty"`
+	// Modes, when not nil, lists the modes ("fd", "mount") the image may
+	// be attached in. nil means both.
+	Modes []string `json:"modes,omitempty"`
+	// MountOptions lists what a mount may have beyond nosuid,nodev
+	// ("suid", "dev"). nil means nothing.
+	MountOptions []string `json:"mount_options,omitempty"`
+}
+
+// The values "modes" and "mount_options" may hold.
+var (
+	imageConfigModes        = []string{"fd", "mount"}
+	imageConfigMountOptions = []string{"suid", "dev"}
+)
+
+// AllowsCaller reports whether a caller with this uid and primary gid may
+// attach the image. Each list that is present must contain the caller.
+func (c ImageConfig) AllowsCaller(uid, gid uint32) bool {
+	return (c.AllowedUIDs == nil || slices.Contains(c.AllowedUIDs, uid)) &&
+		(c.AllowedGIDs == nil || slices.Contains(c.AllowedGIDs, gid))
+}
+
+// AllowsMode reports whether the image may be attached in mode, "fd" or
+// "mount".
+func (c ImageConfig) AllowsMode(mode string) bool {
+	if c.Modes == nil {
+		return slices.Contains(imageConfigModes, mode)
+	}
+	return slices.Contains(c.Modes, mode)
+}
+
+// AllowsMountOption reports whether the config lifts the default nosuid
+// ("suid") or nodev ("dev") of a mount.
+func (c ImageConfig) AllowsMountOption(opt string) bool {
+	return slices.Contains(c.MountOptions, opt)
 }
 
 // imageIDPattern is mvps-te's own check; an id it would refuse after the
@@ -39,17 +86,26 @@ const maxConfigFileSize = 64 << 10
 // LoadImageConfig reads the file named key in dir. It is called for every
 // request, so edits and a ConfigMap's atomic "..data" swap take effect at
 // once. The key must have passed ValidateKey.
+//
+// Symlinks are followed, since a ConfigMap volume is made of them, but
+// what is read must be a regular file: it is opened without blocking (a
+// FIFO would otherwise hang the request) and checked on the open
+// descriptor, so a swap between check and read cannot change what is read.
 func LoadImageConfig(dir, key string) (ImageConfig, error) {
 	if err := ValidateKey(key); err != nil {
 		return ImageConfig{}, replyErrorf(CodeBadRequest, "%v", err)
 	}
-	f, err := os.Open(filepath.Join(dir, key))
+	fd, err := unix.Open(filepath.Join(dir, key), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return ImageConfig{}, replyErrorf(CodeNotFound, "no image config for key %q", key)
+	}
+	if errors.Is(err, unix.ENXIO) { // a socket, or a device without its driver
+		return ImageConfig{}, replyErrorf(CodeInvalidConfig, "image config %q is not a regular file", key)
 	}
 	if err != nil {
 		return ImageConfig{}, replyErrorf(CodeInternal, "open image config %q: %v", key, err)
 	}
+	f := os.NewFile(uintptr(fd), filepath.Join(dir, key))
 	defer f.Close()
 	if st, err := f.Stat(); err != nil {
 		return ImageConfig{}, replyErrorf(CodeInternal, "stat image config %q: %v", key, err)
@@ -70,44 +126,190 @@ func LoadImageConfig(dir, key string) (ImageConfig, error) {
 	return cfg, nil
 }
 
-// ParseImageConfig decodes strict JSON: one object with exactly the known
-// fields, both present, nothing after it.
+// ParseImageConfig decodes strict JSON: one object whose field names are
+// exactly the known ones, each at most once, image_id and image_size
+// present, nothing after the object.
+//
+// A config file can be a symlink to any file root can read, so no error
+// repeats any of data: errors name the field and say what is wrong, or
+// give a byte offset, and never wrap encoding/json's errors, which quote
+// the offending character or value.
 func ParseImageConfig(data []byte) (ImageConfig, error) {
-	var raw struct {
-		ImageID   *string          `json:"image_id"`
-		ImageSize *json.RawMessage `json:"image_size"`
-	}
 	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&raw); err != nil {
-		return ImageConfig{}, fmt.Errorf("not a JSON object with image_id and image_size: %w", err)
+	if tok, err := dec.Token(); err == io.EOF {
+		return ImageConfig{}, errors.New("not a JSON object: the file is empty")
+	} else if err != nil {
+		return ImageConfig{}, jsonError(dec, err)
+	} else if tok != json.Delim('{') {
+		return ImageConfig{}, errors.New("not a JSON object")
+	}
+	var cfg ImageConfig
+	seen := make(map[string]bool)
+	present := make(map[string]bool) // and not null
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return ImageConfig{}, jsonError(dec, err)
+		}
+		// Inside an object a token here is always a name (a string).
+		name, _ := tok.(string)
+		var value json.RawMessage
+		if err := dec.Decode(&value); err != nil {
+			return ImageConfig{}, jsonError(dec, err)
+		}
+		if !slices.Contains(imageConfigFields, name) {
+			return ImageConfig{}, fmt.Errorf("unknown field before byte %d (field names are case-sensitive: %s)",
+				dec.InputOffset(), strings.Join(imageConfigFields, ", "))
+		}
+		if seen[name] {
+			return ImageConfig{}, fmt.Errorf("field %s appears twice", name)
+		}
+		seen[name] = true
+		present[name] = string(value) != "null"
+		if err := cfg.setField(name, value); err != nil {
+			return ImageConfig{}, err
+		}
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return ImageConfig{}, jsonError(dec, err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return ImageConfig{}, errors.New("trailing data after the JSON object")
 	}
-	if raw.ImageID == nil {
+	if !present["image_id"] {
 		return ImageConfig{}, errors.New("image_id is missing")
 	}
-	if raw.ImageSize == nil {
+	if !present["image_size"] {
 		return ImageConfig{}, errors.New("image_size is missing")
 	}
-	cfg := ImageConfig{ImageID: *raw.ImageID}
-	if !imageIDPattern.MatchString(cfg.ImageID) {
-		return ImageConfig{}, fmt.Errorf("image_id %q does not match %s", cfg.ImageID, imageIDPattern)
-	}
-	// Decode the size as an integer literal: json would accept 4096.0 or
-	// 1e6 into a float first and lose precision above 2^53.
-	if err := json.Unmarshal(*raw.ImageSize, &cfg.ImageSize); err != nil {
-		return ImageConfig{}, fmt.Errorf("image_size %s is not a whole number of bytes", *raw.ImageSize)
-	}
-	if cfg.ImageSize == 0 {
-		return ImageConfig{}, errors.New("image_size must be positive")
-	}
-	if cfg.ImageSize%BlockSize != 0 {
-		return ImageConfig{}, fmt.Errorf("image_size %d is not a multiple of %d", cfg.ImageSize, BlockSize)
-	}
-	if cfg.ImageSize > 1<<62 {
-		return ImageConfig{}, fmt.Errorf("image_size %d is too large", cfg.ImageSize)
+	if err := cfg.validate(); err != nil {
+		return ImageConfig{}, err
 	}
 	return cfg, nil
+}
+
+var imageConfigFields = []string{"image_id", "image_size", "allowed_uids", "allowed_gids", "modes", "mount_options"}
+
+// jsonError describes a decoding error by position only.
+func jsonError(dec *json.Decoder, err error) error {
+	var syntax *json.SyntaxError
+	switch {
+	case errors.As(err, &syntax):
+		return fmt.Errorf("not valid JSON: error at byte %d", syntax.Offset)
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return errors.New("not valid JSON: it ends before the object does")
+	}
+	return fmt.Errorf("not valid JSON: error before byte %d", dec.InputOffset())
+}
+
+// setField decodes one field's value into c. A null image_id or image_size
+// counts as missing, as it always did.
+func (c *ImageConfig) setField(name string, value json.RawMessage) error {
+	isNull := string(value) == "null"
+	switch name {
+	case "image_id":
+		if isNull {
+			return nil
+		}
+		if value[0] != '"' || json.Unmarshal(value, &c.ImageID) != nil {
+			return errors.New("image_id must be a string")
+		}
+	case "image_size":
+		if isNull {
+			return nil
+		}
+		n, ok := parseWholeNumber(value, math.MaxUint64)
+		if !ok {
+			return errors.New("image_size is not a whole number of bytes")
+		}
+		c.ImageSize = n
+	case "allowed_uids":
+		ids, err := parseIDs(name, value)
+		c.AllowedUIDs = ids
+		return err
+	case "allowed_gids":
+		ids, err := parseIDs(name, value)
+		c.AllowedGIDs = ids
+		return err
+	case "modes":
+		modes, err := parseWords(name, value, imageConfigModes)
+		if err == nil && len(modes) == 0 {
+			return errors.New("modes is empty: leave it out to allow both \"fd\" and \"mount\"")
+		}
+		c.Modes = modes
+		return err
+	case "mount_options":
+		opts, err := parseWords(name, value, imageConfigMountOptions)
+		if len(opts) > 0 {
+			c.MountOptions = opts
+		}
+		return err
+	}
+	return nil
+}
+
+// parseWholeNumber accepts only a plain integer literal: encoding/json
+// would also take 4096.0 or 1e6 into a float and lose precision above
+// 2^53.
+func parseWholeNumber(value json.RawMessage, max uint64) (uint64, bool) {
+	for _, b := range value {
+		if b < '0' || b > '9' {
+			return 0, false
+		}
+	}
+	n, err := strconv.ParseUint(string(value), 10, 64)
+	return n, err == nil && n <= max
+}
+
+// maxID is the largest uid or gid: (uid_t)-1 means "no id" to the kernel.
+const maxID = math.MaxUint32 - 1
+
+func parseIDs(name string, value json.RawMessage) ([]uint32, error) {
+	var elems []json.RawMessage
+	if value[0] != '[' || json.Unmarshal(value, &elems) != nil {
+		return nil, fmt.Errorf("%s must be an array of ids", name)
+	}
+	if len(elems) == 0 {
+		return nil, fmt.Errorf("%s is empty: leave it out to allow any caller", name)
+	}
+	ids := make([]uint32, len(elems))
+	for i, e := range elems {
+		n, ok := parseWholeNumber(e, maxID)
+		if !ok {
+			return nil, fmt.Errorf("%s[%d] is not an id from 0 to %d", name, i, uint32(maxID))
+		}
+		ids[i] = uint32(n)
+	}
+	return ids, nil
+}
+
+func parseWords(name string, value json.RawMessage, valid []string) ([]string, error) {
+	var elems []json.RawMessage
+	if value[0] != '[' || json.Unmarshal(value, &elems) != nil {
+		return nil, fmt.Errorf("%s must be an array of strings", name)
+	}
+	words := make([]string, len(elems))
+	for i, e := range elems {
+		if e[0] != '"' || json.Unmarshal(e, &words[i]) != nil || !slices.Contains(valid, words[i]) {
+			return nil, fmt.Errorf("%s[%d] is not one of %q", name, i, valid)
+		}
+	}
+	return words, nil
+}
+
+// validate checks what a field's type alone does not.
+func (c ImageConfig) validate() error {
+	if !imageIDPattern.MatchString(c.ImageID) {
+		return errors.New("image_id does not match the engine's pattern: 1 to 64 of [0-9a-zA-Z_-], then .mvps-image")
+	}
+	if c.ImageSize == 0 {
+		return errors.New("image_size must be positive")
+	}
+	if c.ImageSize%BlockSize != 0 {
+		return fmt.Errorf("image_size is not a multiple of %d", BlockSize)
+	}
+	if c.ImageSize > 1<<62 {
+		return errors.New("image_size is too large (at most 2^62 bytes)")
+	}
+	return nil
 }
