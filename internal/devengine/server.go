@@ -64,6 +64,9 @@ type Server struct {
 	cfg      Config
 	log      *slog.Logger
 	maxBytes int64
+	// imageDir is ImageDir, opened once: image files are opened relative
+	// to it, so a directory swapped on its path later changes nothing.
+	imageDir *os.File
 
 	mu        sync.Mutex
 	closing   bool
@@ -89,11 +92,13 @@ func New(cfg Config) (*Server, error) {
 	if cfg.ImageDir == "" {
 		return nil, errors.New("devengine: Config.ImageDir is empty")
 	}
-	if err := checkDir(cfg.ImageDir); err != nil {
+	imageDir, err := openDir(cfg.ImageDir)
+	if err != nil {
 		return nil, fmt.Errorf("devengine: image directory: %w", err)
 	}
 	if cfg.BufferDir != "" {
 		if err := checkDir(cfg.BufferDir); err != nil {
+			imageDir.Close()
 			return nil, fmt.Errorf("devengine: buffer directory: %w", err)
 		}
 	}
@@ -102,6 +107,7 @@ func New(cfg Config) (*Server, error) {
 		maxBytes = DefaultMaxInFlightBytes
 	}
 	if maxBytes < requestCost(MaxRequestLength) {
+		imageDir.Close()
 		return nil, fmt.Errorf("devengine: Config.MaxInFlightBytes %d is below one maximal request (%d)",
 			maxBytes, requestCost(MaxRequestLength))
 	}
@@ -117,10 +123,24 @@ func New(cfg Config) (*Server, error) {
 		cfg:       cfg,
 		log:       log,
 		maxBytes:  maxBytes,
+		imageDir:  imageDir,
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
 		sessions:  make(map[string]*session),
 	}, nil
+}
+
+// openDir opens a directory for the *at calls; the path itself may go
+// through symlinks, as the operator configured it.
+func openDir(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_DIRECTORY, 0)
+	if errors.Is(err, syscall.ENOTDIR) {
+		return nil, fmt.Errorf("%s is not a directory", path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return f, nil
 }
 
 func checkDir(path string) error {

@@ -51,7 +51,7 @@ func (s *Server) attach(c *conn, cl Claims) (*session, *conn, error) {
 		// Opening under the server lock serializes image creation; it is
 		// a create, truncate and link, and a development engine can
 		// afford that.
-		f, err := openImage(s.cfg.ImageDir, cl.ImageID, cl.ImageSize)
+		f, err := openImage(s.imageDir, cl.ImageID, cl.ImageSize)
 		if err != nil {
 			return nil, nil, err
 		}
