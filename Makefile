@@ -11,13 +11,49 @@ HOST_PACKAGES := libnbd-bin
 ENGINE ?= $(shell command -v mvps-te 2>/dev/null || echo $(CURDIR)/bin/mvps-te-dev)
 VAR    := $(CURDIR)/var
 
-.PHONY: all build test deps lint unit integration run demo clean
+.PHONY: all build install help test deps lint unit integration run demo clean
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/ ./cmd/...
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/example-client ./examples/client
+
+# make install [PREFIX=/usr/local] [DESTDIR=]: binaries in $(PREFIX)/bin, the
+# unit and the modules-load.d entry under $(PREFIX)/lib (systemd searches
+# /usr/local/lib and /usr/lib alike), the sample settings in /etc, kept if
+# present. The installed unit's ExecStart points at $(PREFIX)/bin.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR         = $(PREFIX)/bin
+UNITDIR        = $(PREFIX)/lib/systemd/system
+MODULESLOADDIR = $(PREFIX)/lib/modules-load.d
+CONFDIR        = /etc/mvps-provisioner
+
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MODULESLOADDIR) $(DESTDIR)$(CONFDIR)/images
+	install -m 0755 bin/mvps-provisioner bin/mvps-te-dev bin/mvps-sidecar $(DESTDIR)$(BINDIR)/
+	sed 's|/usr/local/bin/|$(BINDIR)/|g' deploy/systemd/mvps-provisioner.service >$(DESTDIR)$(UNITDIR)/mvps-provisioner.service.tmp
+	chmod 0644 $(DESTDIR)$(UNITDIR)/mvps-provisioner.service.tmp
+	mv $(DESTDIR)$(UNITDIR)/mvps-provisioner.service.tmp $(DESTDIR)$(UNITDIR)/mvps-provisioner.service
+	install -m 0644 deploy/modules-load.d/mvps-provisioner.conf $(DESTDIR)$(MODULESLOADDIR)/mvps-provisioner.conf
+	@env=$(DESTDIR)$(CONFDIR)/mvps-provisioner.env; \
+	if [ -e "$$env" ]; then echo "kept $$env (the sample is deploy/systemd/mvps-provisioner.env)"; \
+	else sed 's|/usr/local/bin/|$(BINDIR)/|g' deploy/systemd/mvps-provisioner.env >"$$env.tmp" && chmod 0600 "$$env.tmp" && mv "$$env.tmp" "$$env" && echo "installed $$env"; fi
+
+help:
+	@echo "make targets:"
+	@echo "  build        static binaries in bin/ (mvps-provisioner, mvps-te-dev, mvps-sidecar, example-client)"
+	@echo "  install      build, then install binaries, systemd unit and sample settings (PREFIX=$(PREFIX), DESTDIR=)"
+	@echo "  help         this list"
+	@echo "  test         what CI runs: deps, lint, unit, integration"
+	@echo "  deps         install the Debian packages the host tests need ($(HOST_PACKAGES))"
+	@echo "  lint         gofmt, go vet and staticcheck, with and without the vmtest tag"
+	@echo "  unit         go test -race ./... on the host"
+	@echo "  integration  the VM integration suite (vmtest/run.sh)"
+	@echo "  run          build and run the daemon here on the default engine (needs the nbd module)"
+	@echo "  demo         the whole story (attach, write, detach, reattach, verify) in a VM"
+	@echo "  clean        remove bin/, var/ and vmtest/out/"
 
 test: deps lint unit integration
 
