@@ -73,6 +73,7 @@ lint:
 
 unit:
 	$(GO) test -race -count=1 ./...
+	MAKE="$(MAKE)" bash deploy/systemd/check.sh
 
 integration:
 	bash vmtest/run.sh

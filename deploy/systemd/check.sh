@@ -96,7 +96,7 @@ check_prefix /usr
 check_prefix /usr/local
 
 # Every variable of README's Configuration table is in the sample settings.
-vars=$(sed -n '/^## Configuration/,/^## /p' README.md | grep '^| `' | grep -o '`[A-Z][A-Z0-9_]*`' | tr -d '`' | sort -u)
+vars=$(sed -n '/^## Configuration/,/^## /p' README.md | grep '^| `[A-Z]' | cut -d'|' -f2 | grep -o '`[A-Z][A-Z0-9_]*`' | tr -d '`' | sort -u)
 [ -n "$vars" ] || fail "found no variables in README's Configuration table"
 for v in $vars; do
 	grep -Eq "^#?$v=" deploy/systemd/mvps-provisioner.env || fail "deploy/systemd/mvps-provisioner.env lacks $v (README, Configuration)"
