@@ -212,8 +212,11 @@ func startSharedProvisioner(t *testing.T, override map[string]string) *provProc 
 	}
 	override["PROVISIONER_SOCKET_GROUP"] = strconv.Itoa(socketGroup)
 	p := startProvisionerWith(t, override)
-	if err := os.Chmod(filepath.Dir(p.Socket), 0o755); err != nil {
-		t.Fatal(err)
+	// The socket's directory and the test's temporary directory above it.
+	for _, d := range []string{filepath.Dir(p.Socket), filepath.Dir(filepath.Dir(p.Socket))} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return p
 }
@@ -249,6 +252,7 @@ func TestVMMountModeUnprivilegedCaller(t *testing.T) {
 	if err != nil {
 		t.Fatalf("root mount: %v", err)
 	}
+	t.Cleanup(func() { unix.Unmount(rootDir, unix.MNT_DETACH); a.Close() })
 	if opts := mountOptions(rootDir); strings.Contains(opts, "nosuid") || strings.Contains(opts, "nodev") {
 		t.Fatalf("root mount with suid and dev granted has options %q", opts)
 	}
@@ -258,7 +262,8 @@ func TestVMMountModeUnprivilegedCaller(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.Chown(probe, 0, 0)
-	if err := os.Chmod(probe, 0o4755); err != nil {
+	// unix.Chmod: os.Chmod takes the setuid bit as os.ModeSetuid, not 04000.
+	if err := unix.Chmod(probe, 0o4755); err != nil {
 		t.Fatal(err)
 	}
 	if err := unix.Mknod(filepath.Join(rootDir, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))); err != nil {
@@ -283,6 +288,7 @@ func TestVMMountModeUnprivilegedCaller(t *testing.T) {
 	// The unprivileged caller, its own namespace, its own directory.
 	ownDir := sharedDir(t, nobodyUID)
 	c := startCaller(t, p, "vol", ownDir, nil)
+	t.Cleanup(func() { unix.Unmount(ownDir, unix.MNT_DETACH); c.stop() })
 	if c.report.Err != "" {
 		t.Fatalf("unprivileged mount into its own namespace and directory: %s", c.report.Err)
 	}
