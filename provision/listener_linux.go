@@ -106,6 +106,7 @@ func Listen(cfg ListenConfig) (*net.UnixListener, error) {
 	}
 	if err := unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR); err != nil {
 		ln.Close()
+		unix.Close(private)
 		return nil, fmt.Errorf("listen on %s: remove the private directory %s: %w", cfg.Path, privName, err)
 	}
 	return ln, nil

@@ -155,6 +155,21 @@ func TestRunServesAndShutsDown(t *testing.T) {
 	}()
 	waitReady(t, "unix", sock, exited)
 
+	// A second engine on the same socket must not take it over. Should it
+	// start serving anyway, the timeout ends it and the test fails.
+	secondCtx, secondCancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer secondCancel()
+	var second bytes.Buffer
+	if c := run(secondCtx, nil, env(
+		"MVPS_TE_LISTEN", "unix:"+sock,
+		"MVPS_TE_JWT_SECRET", secret,
+		"MVPS_TE_IMAGE_STORE", "local",
+		"MVPS_TE_IMAGE_STORE_LOCAL_PATH", filepath.Join(dir, "images2"),
+		"MVPS_TE_BUFFER_STORE_PATH", filepath.Join(dir, "buffer2"),
+	), &second); c != 1 || !strings.Contains(second.String(), "something listens") {
+		t.Fatalf("second engine on a live socket: exit status %d, output:\n%s", c, second.String())
+	}
+
 	conn, err := net.Dial("unix", sock)
 	if err != nil {
 		t.Fatal(err)

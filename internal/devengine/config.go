@@ -10,6 +10,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
+	"time"
 )
 
 // DefaultListen is mvps-te's default listen address.
@@ -221,26 +223,22 @@ func ParseListen(s string) (network, address string, err error) {
 // other than a socket.
 var ErrNotSocket = errors.New("not a socket")
 
-// Listen opens the listener of a listen setting. Like mvps-te it removes a
-// stale Unix socket first, but unlike mvps-te only if that path really is a
-// socket: a typo must not delete someone's file.
+// ErrSocketInUse: something listens on the socket path of a unix: listen
+// setting.
+var ErrSocketInUse = errors.New("socket in use")
+
+// Listen opens the listener of a listen setting. Like mvps-te it replaces
+// a stale Unix socket, but unlike mvps-te only if that path really is a
+// socket (a typo must not delete someone's file) and nothing answers on it
+// (a running engine must not lose its socket to a second one).
 func Listen(setting string) (net.Listener, error) {
 	network, address, err := ParseListen(setting)
 	if err != nil {
 		return nil, err
 	}
 	if network == "unix" {
-		fi, err := os.Lstat(address)
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-		case err != nil:
-			return nil, fmt.Errorf("check old socket: %w", err)
-		case fi.Mode().Type() != fs.ModeSocket:
-			return nil, fmt.Errorf("%w: %s exists and is not a socket, refusing to replace it", ErrNotSocket, address)
-		default:
-			if err := os.Remove(address); err != nil {
-				return nil, fmt.Errorf("remove old socket: %w", err)
-			}
+		if err := removeStaleSocket(address); err != nil {
+			return nil, err
 		}
 	}
 	ln, err := net.Listen(network, address)
@@ -248,4 +246,28 @@ func Listen(setting string) (net.Listener, error) {
 		return nil, fmt.Errorf("listen: %w", err)
 	}
 	return ln, nil
+}
+
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("check old socket: %w", err)
+	case fi.Mode().Type() != fs.ModeSocket:
+		return fmt.Errorf("%w: %s exists and is not a socket, refusing to replace it", ErrNotSocket, path)
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("%w: something listens on %s, refusing to replace it", ErrSocketInUse, path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("%s: cannot tell whether something listens there: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("remove old socket: %w", err)
+	}
+	return nil
 }

@@ -149,6 +149,16 @@ func TestListen(t *testing.T) {
 	if err != nil {
 		t.Fatalf("over a stale socket: %v", err)
 	}
+	// A live one is not: mvps-te would delete it and strand whoever
+	// listens there, the stand-in refuses to start.
+	if _, err := Listen("unix:" + path); !errors.Is(err, ErrSocketInUse) {
+		t.Fatalf("over a live socket: %v, want ErrSocketInUse", err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("the live socket is gone: %v", err)
+	}
+	c.Close()
 	ln.Close()
 	// A regular file is not.
 	file := filepath.Join(dir, "file")

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
 )
 
@@ -283,4 +284,32 @@ func TestTokens(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A client that connects and then stalls is dropped once the handshake
+// deadline passes, at any point of the handshake, so idle connections
+// cannot pile up in the engine.
+func TestHandshakeDeadline(t *testing.T) {
+	_, d, _ := start(t, devengine.Config{Secret: []byte("k"), ImageDir: t.TempDir(), HandshakeTimeout: 100 * time.Millisecond})
+	t.Run("silent", func(t *testing.T) {
+		c := dial(t, d)
+		c.expectHex("greeting", hexGreeting)
+		c.expectClosed("after the greeting")
+	})
+	t.Run("stalls in an option", func(t *testing.T) {
+		c := dial(t, d)
+		c.greet()
+		c.sendHex(hexIHAVEOPT + be32(1) + be32(100) + "00")
+		c.expectClosed("in the middle of an option")
+	})
+	t.Run("served after the handshake", func(t *testing.T) {
+		c := dial(t, d)
+		c.handshake(signHS256([]byte("k"), hs256Header,
+			`{"image_id":"slow.mvps-image","image_size":4096,"page_size_bits":12,"exp":4102444800}`), 4096)
+		// Idle past the handshake deadline: a connection that made its
+		// handshake is not bound by it any more.
+		idle := time.NewTimer(300 * time.Millisecond)
+		<-idle.C
+		c.readAt(1, 0, make([]byte, 512))
+	})
 }

@@ -33,6 +33,11 @@ var ErrServerClosed = errors.New("devengine: server closed")
 // charged 4096 + length per request.
 const DefaultMaxInFlightBytes = 16 << 20
 
+// DefaultHandshakeTimeout bounds a connection's handshake. mvps-te has
+// no such bound; the stand-in is stricter so that idle connections cannot
+// pile up. A real client (the provisioner) finishes in milliseconds.
+const DefaultHandshakeTimeout = 10 * time.Second
+
 // Config configures a Server.
 type Config struct {
 	// Secret is the HMAC-SHA256 key of the export-name tokens. Required.
@@ -54,6 +59,10 @@ type Config struct {
 	// MaxInFlightBytes bounds the memory of requests being served per image,
 	// each counted as 4096 + its length. 0 means DefaultMaxInFlightBytes.
 	MaxInFlightBytes int64
+	// HandshakeTimeout bounds the handshake, from accept to the export
+	// info: a client that stalls in it is dropped. 0 means
+	// DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
 	// Now is the clock that token expiry is checked against; nil means
 	// time.Now.
 	Now func() time.Time
@@ -113,6 +122,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.HandshakeTimeout == 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -331,7 +343,13 @@ func (s *Server) handle(c *conn) {
 // and transmission. The error says why it ended.
 func (s *Server) serveConn(c *conn, log *slog.Logger) error {
 	br := bufio.NewReaderSize(c.nc, 128<<10)
+	if err := c.nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout)); err != nil {
+		return fmt.Errorf("set handshake deadline: %w", err)
+	}
 	name, err := negotiate(br, c.nc)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("handshake not done within %v: %w", s.cfg.HandshakeTimeout, err)
+	}
 	if err != nil {
 		log.Info("handshake failed", "err", err)
 		return err
@@ -346,6 +364,10 @@ func (s *Server) serveConn(c *conn, log *slog.Logger) error {
 	// export info.
 	if err := sendExportInfo(c.nc, claims.ImageSize); err != nil {
 		return fmt.Errorf("send export info: %w", err)
+	}
+	// The handshake is over; transmission has no deadline, as in mvps-te.
+	if err := c.nc.SetDeadline(time.Time{}); err != nil {
+		return fmt.Errorf("clear handshake deadline: %w", err)
 	}
 	log = log.With("image_id", truncate(claims.ImageID, 80), "client_id", clientIDAttr(claims.ClientID))
 	sess, fenced, err := s.attach(c, claims)
