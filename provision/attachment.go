@@ -3,7 +3,10 @@ package provision
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -14,116 +17,89 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
-// attachment is one image attached for one caller connection.
+// attachment is one image attached for one caller.
 type attachment struct {
 	imageID string
 	key     string
+	mode    string // "fd" or "mount"
 	dev     *nbddev.Device
 	// root, in mount mode, is held open on the file system's root.
 	root   *os.File
 	caller callerInfo
-	start  time.Time
 	once   sync.Once
-	// detaching is set, under Server.mu, when the detach starts; released
-	// is closed when the image id is free again.
-	detaching bool
-	released  chan struct{}
+
+	// Guarded by the registry's lock.
+	state      State
+	since      time.Time
+	reconnects int
+	// released is closed when the image id is free again.
+	released chan struct{}
 }
 
-// reserve claims image id for one attachment: the engine would let a second
-// connection write the same image, or fence the first, so the provisioner
-// is what keeps an image attached at most once on this host. A request that
-// arrives while the image's previous attachment is being detached waits for
-// that detach instead of failing: a caller that closes and reattaches at
-// once is not refused.
-func (s *Server) reserve(imageID, key string, caller callerInfo) (*attachment, error) {
-	for {
-		s.mu.Lock()
-		if s.closing {
-			s.mu.Unlock()
-			return nil, ErrShuttingDown
-		}
-		other, ok := s.attachments[imageID]
-		if !ok {
-			a := &attachment{imageID: imageID, key: key, caller: caller, released: make(chan struct{})}
-			s.attachments[imageID] = a
-			s.mu.Unlock()
-			return a, nil
-		}
-		detaching := other.detaching
-		s.mu.Unlock()
-		if !detaching {
-			// Who holds it is the operator's business, not another
-			// caller's: the log has it, the reply does not.
-			s.log.Info("image busy", "image_id", imageID, "held_by_key", other.key,
-				"held_by_pid", other.caller.pid, "held_by_uid", other.caller.uid)
-			return nil, failf(ErrBusy, "image %s is already attached on this host", imageID)
-		}
-		select {
-		case <-other.released:
-		case <-s.ctx.Done():
-			return nil, ErrShuttingDown
-		case <-time.After(s.cfg.FlushTimeout + s.cfg.DetachTimeout):
-			return nil, failf(ErrBusy, "image %s is still being detached", imageID)
-		}
-	}
-}
-
-func (s *Server) release(a *attachment) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.attachments[a.imageID] == a {
-		delete(s.attachments, a.imageID)
-		close(a.released)
-	}
-}
-
-// attach signs a token, negotiates with the engine and attaches the device.
-func (s *Server) attach(image imageconfig.Config) (*nbddev.Device, error) {
-	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.AttachTimeout)
+// attach signs a token, negotiates with the engine and attaches the
+// device, marking each step in sp.
+func (s *Server) attach(ctx context.Context, image imageconfig.Config, sp *spans) (*nbddev.Device, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
 	defer cancel()
-
-	token, err := engine.SignToken(s.cfg.Secret, engine.Session{
-		ImageID: image.ImageID, ImageSize: image.ImageSize, ClientID: engine.ClientID(s.cfg.Host, image.ImageID),
-	}, time.Now())
+	conn, export, err := s.openSession(ctx, image, sp)
 	if err != nil {
 		return nil, err
-	}
-	conn, err := s.cfg.DialEngine(ctx)
-	if err != nil {
-		return nil, failf(ErrEngineUnavailable, "connect to engine: %w", err)
-	}
-	export, err := handshake.Negotiate(ctx, conn, token)
-	if err != nil {
-		conn.Close()
-		// The token is never part of an error: handshake errors carry
-		// steps and byte counts only.
-		return nil, failf(ErrEngineUnavailable, "%w", err)
-	}
-	if export.Size != image.ImageSize {
-		conn.Close()
-		return nil, failf(ErrAttachFailed, "engine exports %d bytes for %s, config says %d",
-			export.Size, image.ImageID, image.ImageSize)
-	}
-	if err := engine.ProbeSession(ctx, conn); err != nil {
-		conn.Close()
-		return nil, failf(ErrAttachFailed, "%s: %w", image.ImageID, err)
 	}
 	dev, err := s.cfg.Devices.Attach(ctx, conn, export, "mvps:"+image.ImageID)
 	if err != nil {
 		return nil, failf(ErrAttachFailed, "%w", err)
 	}
+	sp.mark("kernel")
 	return dev, nil
+}
+
+// openSession opens an engine session for image: token, dial, handshake,
+// and the probe read that proves the engine serves it.
+func (s *Server) openSession(ctx context.Context, image imageconfig.Config, sp *spans) (net.Conn, handshake.Export, error) {
+	token, err := engine.SignToken(s.cfg.Secret, engine.Session{
+		ImageID: image.ImageID, ImageSize: image.ImageSize, ClientID: engine.ClientID(s.cfg.Host, image.ImageID),
+	}, time.Now())
+	if err != nil {
+		return nil, handshake.Export{}, err
+	}
+	sp.mark("token")
+	conn, err := s.cfg.DialEngine(ctx)
+	if err != nil {
+		return nil, handshake.Export{}, failf(ErrEngineUnavailable, "connect to engine: %w", err)
+	}
+	sp.mark("dial")
+	export, err := handshake.Negotiate(ctx, conn, token)
+	if err != nil {
+		conn.Close()
+		// The token is never part of an error: handshake errors carry
+		// steps and byte counts only.
+		return nil, handshake.Export{}, failf(ErrEngineUnavailable, "%w", err)
+	}
+	sp.mark("handshake")
+	if export.Size != image.ImageSize {
+		conn.Close()
+		return nil, handshake.Export{}, failf(ErrAttachFailed, "engine exports %d bytes for %s, config says %d",
+			export.Size, image.ImageID, image.ImageSize)
+	}
+	if err := engine.ProbeSession(ctx, conn); err != nil {
+		conn.Close()
+		return nil, handshake.Export{}, failf(ErrAttachFailed, "%s: %w", image.ImageID, err)
+	}
+	sp.mark("probe")
+	return conn, export, nil
 }
 
 // detach flushes and disconnects a's device, once, however many of the
 // connection's end, shutdown and engine failure ask for it.
 func (s *Server) detach(a *attachment, reason string) {
 	a.once.Do(func() {
-		defer s.release(a)
+		defer s.reg.release(a)
+		since := time.Now()
+		if old := s.reg.setState(a, StateDetaching); old == StateAttached {
+			since = a.since
+		}
 		s.mu.Lock()
 		engineDead := s.engineDead
-		a.detaching = true
 		s.mu.Unlock()
 
 		var fsErr error
@@ -150,13 +126,13 @@ func (s *Server) detach(a *attachment, reason string) {
 
 		attrs := []any{"image_id", a.imageID, "device", a.dev.Path, "reason", reason,
 			"caller_pid", a.caller.pid, "caller_uid", a.caller.uid,
-			"duration", time.Since(a.start).Round(time.Millisecond).String()}
+			"duration", time.Since(since).Round(time.Millisecond).String()}
 		if fsErr != nil {
 			attrs = append(attrs, "fs_err", fsErr)
 		}
 		switch {
 		case errors.Is(detachErr, nbddev.ErrStillOpen):
-			n := s.linger(a.dev)
+			n := s.linger(a)
 			s.log.Warn("detached; the device stays busy until its last opener closes it",
 				append(attrs, "err", detachErr, "flush_err", flushErr, "lingering_devices", n)...)
 		case detachErr != nil:
@@ -173,9 +149,7 @@ func (s *Server) detach(a *attachment, reason string) {
 // still held open by earlier callers: each takes a kernel device, and
 // without a bound a caller could take them all by keeping its fds.
 func (s *Server) checkLingering() error {
-	s.mu.Lock()
-	n := len(s.lingering)
-	s.mu.Unlock()
+	n := s.reg.lingeringCount()
 	if n < s.cfg.MaxLingering {
 		return nil
 	}
@@ -188,13 +162,12 @@ func (s *Server) checkLingering() error {
 // event for its last opener going away.
 const lingerPoll = time.Second
 
-// linger counts dev as held open until the kernel frees it, and returns how
-// many devices linger now.
-func (s *Server) linger(dev *nbddev.Device) int {
-	s.mu.Lock()
-	s.lingering[dev.Index] = dev
-	n := len(s.lingering)
-	s.mu.Unlock()
+// linger counts a's device as held open until the kernel frees it, and
+// returns how many devices linger now.
+func (s *Server) linger(a *attachment) int {
+	dev := a.dev
+	n := s.reg.linger(dev.Index, Info{Key: a.key, ImageID: a.imageID, Device: dev.Path, Mode: a.mode,
+		CallerPID: a.caller.pid, CallerUID: a.caller.uid, Since: time.Now()})
 	go func() {
 		t := time.NewTicker(lingerPoll)
 		defer t.Stop()
@@ -208,9 +181,7 @@ func (s *Server) linger(dev *nbddev.Device) int {
 			if err != nil || busy {
 				continue
 			}
-			s.mu.Lock()
-			delete(s.lingering, dev.Index)
-			s.mu.Unlock()
+			s.reg.unlinger(dev.Index)
 			s.log.Info("lingering device freed", "device", dev.Path)
 			return
 		}
@@ -241,3 +212,20 @@ func (r *rateLimited) allow() int {
 	r.last, r.suppressed = now, 0
 	return n
 }
+
+// spans times the steps of an attach, for the log line that ends it.
+type spans struct {
+	last  time.Time
+	steps []string
+}
+
+func newSpans(start time.Time) *spans { return &spans{last: start} }
+
+// mark ends the step named name.
+func (sp *spans) mark(name string) {
+	now := time.Now()
+	sp.steps = append(sp.steps, fmt.Sprintf("%s=%.2fms", name, float64(now.Sub(sp.last))/float64(time.Millisecond)))
+	sp.last = now
+}
+
+func (sp *spans) String() string { return strings.Join(sp.steps, " ") }

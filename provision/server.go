@@ -111,24 +111,22 @@ type Server struct {
 	cfg ServerConfig
 	log *slog.Logger
 
-	mu          sync.Mutex
-	listeners   map[*net.UnixListener]struct{}
-	conns       map[*net.UnixConn]struct{}
-	attachments map[string]*attachment // by image id, reserved before attaching
-	closing     bool
-	engineDead  bool
-	wg          sync.WaitGroup
+	reg *registry
+
+	mu         sync.Mutex
+	listeners  map[*net.UnixListener]struct{}
+	conns      map[*net.UnixConn]struct{}
+	closing    bool
+	engineDead bool
+	wg         sync.WaitGroup
 	// waiting counts connections that have not sent their request, in
 	// all and by uid.
 	waiting      int
 	waitingByUID map[int32]int
-	// lingering holds the devices detached while a caller still had them
-	// open, until the kernel frees them.
-	lingering map[uint32]*nbddev.Device
-	dropLog   rateLimited
+	dropLog      rateLimited
 
 	ctx    context.Context // cancelled by Shutdown: aborts attaches in progress
-	cancel context.CancelFunc
+	cancel context.CancelCauseFunc
 }
 
 // NewServer checks cfg and returns a Server.
@@ -170,15 +168,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancelCause(context.Background())
 	return &Server{
 		cfg:          cfg,
 		log:          cfg.Logger,
 		listeners:    make(map[*net.UnixListener]struct{}),
 		conns:        make(map[*net.UnixConn]struct{}),
-		attachments:  make(map[string]*attachment),
+		reg:          newRegistry(),
 		waitingByUID: make(map[int32]int),
-		lingering:    make(map[uint32]*nbddev.Device),
 		dropLog:      rateLimited{every: time.Second},
 		ctx:          ctx,
 		cancel:       cancel,
@@ -198,6 +195,7 @@ func (s *Server) Serve(ln *net.UnixListener) error {
 	s.listeners[ln] = struct{}{}
 	s.mu.Unlock()
 
+	var backoff time.Duration
 	for {
 		conn, err := ln.AcceptUnix()
 		if err != nil {
@@ -207,16 +205,20 @@ func (s *Server) Serve(ln *net.UnixListener) error {
 			if closing {
 				return ErrServerClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
-				// Out of fds: back off instead of spinning; callers queue
-				// in the listen backlog meanwhile.
-				s.log.Error("accept failed, retrying", "err", err)
-				time.Sleep(100 * time.Millisecond)
+			if temporaryAcceptError(err) {
+				// Out of fds, say: back off as net/http does instead of
+				// spinning; callers queue in the listen backlog meanwhile.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Error("accept failed, retrying", "err", err, "after", backoff.String())
+				select {
+				case <-time.After(backoff):
+				case <-s.ctx.Done():
+				}
 				continue
 			}
 			return fmt.Errorf("provision: accept: %w", err)
 		}
+		backoff = 0
 		caller := peerCredentials(conn)
 		if reason := s.admit(caller); reason != "" {
 			conn.Close()
@@ -237,6 +239,14 @@ func (s *Server) Serve(ln *net.UnixListener) error {
 			s.serveConn(conn, caller)
 		}()
 	}
+}
+
+// temporaryAcceptError is an accept error that passes: out of fds or
+// memory, or a connection aborted before it was taken.
+func temporaryAcceptError(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ECONNABORTED)
 }
 
 // admit counts a new connection as waiting for its request, or says why it
@@ -304,6 +314,15 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	}
 	caller.openPidfd(conn)
 	defer caller.close()
+	// The connection's life is the attachment's: its context ends when
+	// the caller hangs up (or dies), or at shutdown, whatever step the
+	// attach is in.
+	ctx, cancel := context.WithCancelCause(s.ctx)
+	defer cancel(nil)
+	go func() {
+		protocol.WaitForClose(conn)
+		cancel(errHungUp)
+	}()
 	req, err := protocol.ParseRequest(msg)
 	if err != nil {
 		s.reject(conn, caller, req.Key, err)
@@ -370,28 +389,35 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	a, err := s.reserve(image.ImageID, req.Key, caller)
-	if err != nil {
+	a := &attachment{imageID: image.ImageID, key: req.Key, mode: mode, caller: caller}
+	if holder, err := s.reg.reserve(ctx, a, s.cfg.FlushTimeout+s.cfg.DetachTimeout); err != nil {
+		if holder != nil {
+			// Who holds it is the operator's business, not another
+			// caller's: the log has it, the reply does not.
+			s.log.Info("image busy", "image_id", image.ImageID, "held_by_key", holder.key,
+				"held_by_pid", holder.caller.pid, "held_by_uid", holder.caller.uid)
+		}
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	dev, err := s.attach(image)
+	sp := newSpans(received)
+	dev, err := s.attach(ctx, image, sp)
 	if err != nil {
-		s.release(a)
+		s.reg.release(a)
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
 	a.dev = dev
-	a.start = time.Now()
 
 	var reply *os.File = dev.File
 	formatted := false
 	if mountMode {
 		reply = nil
-		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.AttachTimeout)
-		a.root, formatted, err = s.cfg.Mounter.Mount(ctx, dev, mountReq)
+		mctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
+		a.root, formatted, err = s.cfg.Mounter.Mount(mctx, dev, mountReq)
 		cancel()
 		mountReq.Namespace.Close()
+		sp.mark("mount")
 		if err != nil {
 			s.detach(a, "mount failed")
 			s.reject(conn, caller, req.Key, classify(ErrAttachFailed, fmt.Errorf("%s: %w", image.ImageID, err)))
@@ -404,18 +430,22 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		s.detach(a, "caller gone before reply")
 		return
 	}
+	sp.mark("reply")
+	s.reg.setState(a, StateAttached)
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
-		"took", time.Since(received).Round(time.Millisecond).String())
+		"took", time.Since(received).Round(time.Millisecond).String(), "phases", sp.String())
 
-	s.mu.Lock()
-	closing := s.closing
-	s.mu.Unlock()
-	if !closing {
-		protocol.WaitForClose(conn)
+	<-ctx.Done()
+	reason := "connection closed"
+	if context.Cause(ctx) != errHungUp {
+		reason = "shutdown"
 	}
-	s.detach(a, "connection closed")
+	s.detach(a, reason)
 }
+
+// errHungUp ends a connection's context when the caller hangs up.
+var errHungUp = errors.New("caller closed the connection")
 
 // authorize checks what the image config grants: the mode, and the callers.
 func authorize(caller callerInfo, image imageconfig.Config, mode string) error {
@@ -466,7 +496,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		c.Close()
 	}
 	s.mu.Unlock()
-	s.cancel()
+	s.cancel(ErrShuttingDown)
 
 	done := make(chan struct{})
 	go func() {
@@ -481,13 +511,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
+// Snapshot describes every attachment, in whatever state, and every
+// lingering device, sorted by image id.
+func (s *Server) Snapshot() []Info { return s.reg.snapshot() }
+
 // Attachments returns the image ids attached or being attached now.
 func (s *Server) Attachments() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	ids := make([]string, 0, len(s.attachments))
-	for id := range s.attachments {
-		ids = append(ids, id)
+	var ids []string
+	for _, info := range s.Snapshot() {
+		if info.State != StateLingering {
+			ids = append(ids, info.ImageID)
+		}
 	}
 	return ids
 }

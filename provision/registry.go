@@ -1,0 +1,161 @@
+package provision
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// State is where an attachment is in its life.
+type State string
+
+// States of an attachment.
+const (
+	StateAttaching    State = "attaching"
+	StateAttached     State = "attached"
+	StateReconnecting State = "reconnecting"
+	StateDetaching    State = "detaching"
+	// StateLingering is a detached device that a caller still holds open:
+	// the kernel keeps it busy until the last opener is gone.
+	StateLingering State = "lingering"
+)
+
+// Info describes one attachment, or one lingering device, at a moment.
+type Info struct {
+	Key     string `json:"key,omitempty"`
+	ImageID string `json:"image_id"`
+	// Device is the device node, "" while attaching.
+	Device     string    `json:"device,omitempty"`
+	Mode       string    `json:"mode,omitempty"`
+	State      State     `json:"state"`
+	CallerPID  int32     `json:"caller_pid"`
+	CallerUID  int32     `json:"caller_uid"`
+	Since      time.Time `json:"since"`
+	Reconnects int       `json:"reconnects"`
+}
+
+// registry owns the attachments: one per image id on this host, from the
+// reservation before the attach to the release after the detach, and the
+// devices that linger after their detach.
+type registry struct {
+	mu        sync.Mutex
+	byImage   map[string]*attachment
+	lingering map[uint32]Info
+}
+
+func newRegistry() *registry {
+	return &registry{byImage: make(map[string]*attachment), lingering: make(map[uint32]Info)}
+}
+
+// reserve claims a's image id: the engine would let a second connection
+// write the same image, or fence the first, so the provisioner is what keeps
+// an image attached at most once on this host. A request that arrives while
+// the image's previous attachment is being detached waits for that detach
+// (at most wait, or until ctx ends) instead of failing: a caller that closes
+// and reattaches at once is not refused. It returns the holder when the
+// image is busy.
+func (r *registry) reserve(ctx context.Context, a *attachment, wait time.Duration) (holder *attachment, err error) {
+	timeout := time.NewTimer(wait)
+	defer timeout.Stop()
+	for {
+		if err := context.Cause(ctx); err != nil {
+			return nil, err
+		}
+		r.mu.Lock()
+		other, ok := r.byImage[a.imageID]
+		if !ok {
+			a.state, a.since = StateAttaching, time.Now()
+			a.released = make(chan struct{})
+			r.byImage[a.imageID] = a
+			r.mu.Unlock()
+			return nil, nil
+		}
+		detaching := other.state == StateDetaching
+		r.mu.Unlock()
+		if !detaching {
+			return other, failf(ErrBusy, "image %s is already attached on this host", a.imageID)
+		}
+		select {
+		case <-other.released:
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		case <-timeout.C:
+			return other, failf(ErrBusy, "image %s is still being detached", a.imageID)
+		}
+	}
+}
+
+// release frees a's image id.
+func (r *registry) release(a *attachment) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.byImage[a.imageID] == a {
+		delete(r.byImage, a.imageID)
+		close(a.released)
+	}
+}
+
+// setState moves a to state and reports the state it was in.
+func (r *registry) setState(a *attachment, state State) State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	old := a.state
+	a.state = state
+	if state == StateAttached && old == StateAttaching {
+		a.since = time.Now()
+	}
+	return old
+}
+
+// linger counts a detached device as held open, and returns how many are.
+func (r *registry) linger(index uint32, info Info) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	info.State = StateLingering
+	r.lingering[index] = info
+	return len(r.lingering)
+}
+
+func (r *registry) unlinger(index uint32) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.lingering, index)
+}
+
+func (r *registry) lingeringCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.lingering)
+}
+
+// Snapshot lists the attachments and lingering devices, by image id.
+func (r *registry) snapshot() []Info {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	infos := make([]Info, 0, len(r.byImage)+len(r.lingering))
+	for _, a := range r.byImage {
+		infos = append(infos, a.infoLocked())
+	}
+	for _, info := range r.lingering {
+		infos = append(infos, info)
+	}
+	slices.SortFunc(infos, func(a, b Info) int {
+		if c := strings.Compare(a.ImageID, b.ImageID); c != 0 {
+			return c
+		}
+		return strings.Compare(string(a.State), string(b.State))
+	})
+	return infos
+}
+
+// infoLocked describes a; the registry's lock is held.
+func (a *attachment) infoLocked() Info {
+	info := Info{Key: a.key, ImageID: a.imageID, Mode: a.mode, State: a.state, CallerPID: a.caller.pid,
+		CallerUID: a.caller.uid, Since: a.since, Reconnects: a.reconnects}
+	if a.dev != nil {
+		info.Device = a.dev.Path
+	}
+	return info
+}
