@@ -1,0 +1,240 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"maps"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+)
+
+var vmtestTagRe = regexp.MustCompile(`^//go:build vmtest( |$)`)
+
+// vmPackages lists, as ./dir patterns, the directories of fsys that hold a *_test.go file
+// whose first line is "//go:build vmtest".
+func vmPackages(fsys fs.FS) ([]string, error) {
+	var pkgs []string
+	err := fs.WalkDir(fsys, ".", func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		name := d.Name()
+		if d.IsDir() {
+			if p != "." && (strings.HasPrefix(name, ".") || strings.HasPrefix(name, "_") || name == "testdata" || name == "vendor") {
+				return fs.SkipDir
+			}
+			return nil
+		}
+		if !strings.HasSuffix(name, "_test.go") {
+			return nil
+		}
+		f, err := fsys.Open(p)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		first, _ := bufio.NewReader(f).ReadString('\n')
+		if vmtestTagRe.MatchString(strings.TrimRight(first, "\r\n")) {
+			if pkg := "./" + path.Dir(p); !slices.Contains(pkgs, pkg) {
+				pkgs = append(pkgs, pkg)
+			}
+		}
+		return nil
+	})
+	slices.Sort(pkgs)
+	for i, p := range pkgs {
+		if p == "./." {
+			pkgs[i] = "."
+		}
+	}
+	return pkgs, err
+}
+
+// relay reads go test -json from r, counts the results with c, and writes the output of the
+// tests to w, each line prefixed with its package (two run at the same time). Lines that are
+// not JSON are copied as they are.
+func relay(r io.Reader, w io.Writer, c *counter) error {
+	partial := map[string]string{} // package -> output not yet ended by a newline
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64*1024), 16*1024*1024)
+	emit := func(pkg, text string) {
+		text = partial[pkg] + text
+		for {
+			line, rest, ok := strings.Cut(text, "\n")
+			if !ok {
+				break
+			}
+			fmt.Fprintf(w, "[%s] %s\n", shortPkg(pkg), line)
+			text = rest
+		}
+		partial[pkg] = text
+	}
+	for sc.Scan() {
+		var ev testEvent
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil || ev.Action == "" {
+			fmt.Fprintf(w, "%s\n", sc.Bytes())
+			continue
+		}
+		c.add(ev)
+		switch ev.Action {
+		case "output":
+			emit(ev.Package, ev.Output)
+		case "build-output":
+			emit(ev.ImportPath, ev.Output)
+		}
+	}
+	for pkg, text := range partial {
+		if text != "" {
+			fmt.Fprintf(w, "[%s] %s\n", shortPkg(pkg), text)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("reading go test -json: %w", err)
+	}
+	return nil
+}
+
+// drive is the make integration mode: prepare the cache once, run go test -json with this
+// program as -exec, count and print.
+func drive(ctx context.Context, args []string) (int, error) {
+	flags := flag.NewFlagSet("vmrun", flag.ContinueOnError)
+	flags.Usage = func() { fmt.Fprint(flags.Output(), usage) }
+	runRe := flags.String("run", os.Getenv("VM_TEST_RUN"), "run only the tests matching `REGEX`")
+	if err := flags.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0, nil
+		}
+		return 2, err
+	}
+	t0 := time.Now()
+	cwd, err := os.Getwd()
+	if err != nil {
+		return 1, err
+	}
+	root, err := moduleRoot(cwd)
+	if err != nil {
+		return 1, err
+	}
+	c, err := loadConfig(root)
+	if err != nil {
+		return 2, err
+	}
+	pkgs := flags.Args()
+	if len(pkgs) == 0 {
+		if pkgs, err = vmPackages(os.DirFS(root)); err != nil {
+			return 1, fmt.Errorf("finding vmtest packages: %w", err)
+		}
+		if len(pkgs) == 0 {
+			return 1, errors.New("no package has a *_test.go file starting with //go:build vmtest")
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return 1, err
+	}
+
+	// Everything the runners share, once, under the cache lock.
+	lock, err := lockCache(c.cache)
+	if err != nil {
+		return 1, err
+	}
+	tLocked := time.Now()
+	if err := ensurePackages(ctx); err != nil {
+		lock.Close()
+		return 1, err
+	}
+	k, err := ensureKernel(ctx, c, "")
+	if err != nil {
+		lock.Close()
+		return 1, err
+	}
+	binDir := filepath.Join(c.cache, "bin")
+	tBuild := time.Now()
+	if err := buildBins(ctx, c, binDir); err != nil {
+		lock.Close()
+		return 1, err
+	}
+	tInitrd := time.Now()
+	spec, err := gatherBase(ctx, c, k, binDir)
+	if err == nil {
+		var cached bool
+		var mods []string
+		var base string
+		base, cached, mods, err = ensureBase(c, spec)
+		if err == nil {
+			how := "written"
+			if cached {
+				how = "cached"
+			}
+			fi, _ := os.Stat(base)
+			logf("initramfs: shared part %s, %d MB; modules: %s", how, fi.Size()>>20, strings.Join(mods, " "))
+		}
+	}
+	lock.Close()
+	if err != nil {
+		return 1, err
+	}
+	logf("prep: %.1fs (packages and kernel %.1fs, binaries %.1fs, initramfs %.1fs)",
+		time.Since(tLocked).Seconds(), tBuild.Sub(tLocked).Seconds(), tInitrd.Sub(tBuild).Seconds(), time.Since(tInitrd).Seconds())
+
+	gargs := []string{"test", "-tags", "vmtest", "-count=1", "-json", "-timeout", getenv("VM_TEST_TIMEOUT", "300s"), "-exec", self}
+	if *runRe != "" {
+		gargs = append(gargs, "-run", *runRe)
+	}
+	gargs = append(gargs, pkgs...)
+	logf("%s %s", c.goCmd, strings.Join(gargs, " "))
+	cmd := exec.CommandContext(ctx, c.goCmd, gargs...)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "VMRUN_PREPARED=1", "VMRUN_KERNEL="+k.Version, "VMRUN_BIN_DIR="+binDir)
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return 1, err
+	}
+	if err := cmd.Start(); err != nil {
+		return 1, fmt.Errorf("go test: %w", err)
+	}
+	cnt := newCounter()
+	relayErr := relay(stdout, os.Stdout, cnt)
+	goErr := cmd.Wait()
+
+	for _, p := range slices.Sorted(maps.Keys(cnt.pkgResult)) {
+		logf("%-4s %s (%.1fs)", strings.ToUpper(cnt.pkgResult[p]), shortPkg(p), cnt.pkgElapsed[p])
+	}
+	for _, p := range cnt.crashed {
+		logf("%s failed without a failing test (build error, crash, timeout or VM error: see its output)", shortPkg(p))
+	}
+	for _, t := range cnt.failedTests {
+		logf("FAILED: %s", t)
+	}
+	logf("%d skipped; total %.1fs", cnt.Skipped, time.Since(t0).Seconds())
+	code := 0
+	switch {
+	case relayErr != nil:
+		logf("ERROR: %v", relayErr)
+		code = 1
+	case cnt.Passed == 0 && cnt.Failed == 0:
+		logf("ERROR: no test ran (does -run %q match any test?)", *runRe)
+		code = 1
+	case !cnt.ok():
+		code = 1
+	case goErr != nil:
+		logf("ERROR: go test: %v", goErr)
+		code = 1
+	}
+	// The last line, in the plain "N passed, N failed" form CI reads.
+	fmt.Printf("vmtest: %s\n", cnt.summary())
+	return code, nil
+}
