@@ -39,7 +39,7 @@ unit:
 	$(GO) test -race -count=1 ./...
 
 integration:
-	bash vmtest/run.sh
+	$(GO) run ./vmtest/vmrun
 
 run: build
 	@if [ ! -e /sys/module/nbd ] && ! modprobe nbd 2>/dev/null; then \
@@ -54,7 +54,7 @@ run: build
 	bin/mvps-provisioner
 
 demo:
-	bash vmtest/run.sh -run '^TestDemo$$'
+	$(GO) run ./vmtest/vmrun -run '^TestDemo$$'
 
 clean:
 	rm -rf bin var vmtest/out

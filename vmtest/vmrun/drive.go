@@ -95,8 +95,8 @@ func relay(r io.Reader, w io.Writer, c *counter) error {
 			emit(ev.ImportPath, ev.Output)
 		}
 	}
-	for pkg, text := range partial {
-		if text != "" {
+	for _, pkg := range slices.Sorted(maps.Keys(partial)) {
+		if text := partial[pkg]; text != "" {
 			fmt.Fprintf(w, "[%s] %s\n", shortPkg(pkg), text)
 		}
 	}
