@@ -39,7 +39,8 @@ unit:
 	$(GO) test -race -count=1 ./...
 
 integration:
-	$(GO) run ./vmtest/vmrun
+	$(GO) build -o .cache/vmrun ./vmtest/vmrun
+	.cache/vmrun
 
 run: build
 	@if [ ! -e /sys/module/nbd ] && ! modprobe nbd 2>/dev/null; then \
@@ -54,7 +55,8 @@ run: build
 	bin/mvps-provisioner
 
 demo:
-	$(GO) run ./vmtest/vmrun -run '^TestDemo$$'
+	$(GO) build -o .cache/vmrun ./vmtest/vmrun
+	.cache/vmrun -run '^TestDemo$$'
 
 clean:
 	rm -rf bin var vmtest/out

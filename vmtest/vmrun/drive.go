@@ -145,50 +145,15 @@ func drive(ctx context.Context, args []string) (int, error) {
 		return 1, err
 	}
 
-	// Everything the runners share, once, under the cache lock.
+	// go test starts compiling at once; its runners wait for the cache lock, which is held
+	// until everything they share is ready, and then read the prepared file.
 	lock, err := lockCache(c.cache)
 	if err != nil {
 		return 1, err
 	}
-	tLocked := time.Now()
-	if err := ensurePackages(ctx); err != nil {
-		lock.Close()
-		return 1, err
-	}
-	k, err := ensureKernel(ctx, c, "")
-	if err != nil {
-		lock.Close()
-		return 1, err
-	}
+	prepared := filepath.Join(c.cache, "prepared")
+	os.Remove(prepared)
 	binDir := filepath.Join(c.cache, "bin")
-	tBuild := time.Now()
-	if err := buildBins(ctx, c, binDir); err != nil {
-		lock.Close()
-		return 1, err
-	}
-	tInitrd := time.Now()
-	spec, err := gatherBase(ctx, c, k, binDir)
-	if err == nil {
-		var cached bool
-		var mods []string
-		var base string
-		base, cached, mods, err = ensureBase(c, spec)
-		if err == nil {
-			how := "written"
-			if cached {
-				how = "cached"
-			}
-			fi, _ := os.Stat(base)
-			logf("initramfs: shared part %s, %d MB; modules: %s", how, fi.Size()>>20, strings.Join(mods, " "))
-		}
-	}
-	lock.Close()
-	if err != nil {
-		return 1, err
-	}
-	logf("prep: %.1fs (packages and kernel %.1fs, binaries %.1fs, initramfs %.1fs)",
-		time.Since(tLocked).Seconds(), tBuild.Sub(tLocked).Seconds(), tInitrd.Sub(tBuild).Seconds(), time.Since(tInitrd).Seconds())
-
 	gargs := []string{"test", "-tags", "vmtest", "-count=1", "-json", "-timeout", getenv("VM_TEST_TIMEOUT", "300s"), "-exec", self}
 	if *runRe != "" {
 		gargs = append(gargs, "-run", *runRe)
@@ -197,17 +162,33 @@ func drive(ctx context.Context, args []string) (int, error) {
 	logf("%s %s", c.goCmd, strings.Join(gargs, " "))
 	cmd := exec.CommandContext(ctx, c.goCmd, gargs...)
 	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "VMRUN_PREPARED=1", "VMRUN_KERNEL="+k.Version, "VMRUN_BIN_DIR="+binDir)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "VMRUN_PREPARED="+prepared, "VMRUN_BIN_DIR="+binDir)
 	cmd.Stderr = os.Stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
+		lock.Close()
 		return 1, err
 	}
 	if err := cmd.Start(); err != nil {
+		lock.Close()
 		return 1, fmt.Errorf("go test: %w", err)
 	}
 	cnt := newCounter()
-	relayErr := relay(stdout, os.Stdout, cnt)
+	relayErr := make(chan error, 1)
+	go func() { relayErr <- relay(stdout, lockedStdout{}, cnt) }()
+
+	kver, prepErr := prepare(ctx, c, binDir)
+	state := "kernel " + kver + "\n"
+	if prepErr != nil {
+		logf("ERROR: %v", prepErr)
+		state = "error " + strings.ReplaceAll(prepErr.Error(), "\n", " ") + "\n"
+	}
+	if err := os.WriteFile(prepared, []byte(state), 0o644); err != nil {
+		logf("ERROR: %v", err)
+	}
+	lock.Close()
+
+	rerr := <-relayErr
 	goErr := cmd.Wait()
 
 	for _, p := range slices.Sorted(maps.Keys(cnt.pkgResult)) {
@@ -222,8 +203,10 @@ func drive(ctx context.Context, args []string) (int, error) {
 	logf("%d skipped; total %.1fs", cnt.Skipped, time.Since(t0).Seconds())
 	code := 0
 	switch {
-	case relayErr != nil:
-		logf("ERROR: %v", relayErr)
+	case rerr != nil:
+		logf("ERROR: %v", rerr)
+		code = 1
+	case prepErr != nil:
 		code = 1
 	case cnt.Passed == 0 && cnt.Failed == 0:
 		logf("ERROR: no test ran (does -run %q match any test?)", *runRe)
@@ -237,4 +220,60 @@ func drive(ctx context.Context, args []string) (int, error) {
 	// The last line, in the plain "N passed, N failed" form CI reads.
 	fmt.Printf("vmtest: %s\n", cnt.summary())
 	return code, nil
+}
+
+// lockedStdout writes to stdout under outMu.
+type lockedStdout struct{}
+
+func (lockedStdout) Write(b []byte) (int, error) {
+	outMu.Lock()
+	defer outMu.Unlock()
+	return os.Stdout.Write(b)
+}
+
+// prepare makes ready, once, what the runners share: the Debian packages, the binaries, the
+// kernel and the shared initramfs. Call it holding the cache lock.
+func prepare(ctx context.Context, c *config, binDir string) (string, error) {
+	t0 := time.Now()
+	// apt-cache takes over a second: resolve the kernel package while the binaries build.
+	kpkg := make(chan string, 1)
+	go func() {
+		if c.kernelPkg != "" {
+			kpkg <- c.kernelPkg
+			return
+		}
+		kpkg <- resolveKernelPkg(ctx)
+	}()
+	if err := ensurePackages(ctx); err != nil {
+		return "", err
+	}
+	if err := buildBins(ctx, c, binDir); err != nil {
+		return "", err
+	}
+	tKernel := time.Now()
+	k, err := ensureKernel(ctx, c, <-kpkg)
+	if err != nil {
+		return "", err
+	}
+	tInitrd := time.Now()
+	spec, err := gatherBase(ctx, c, k, binDir)
+	if err != nil {
+		return "", err
+	}
+	base, cached, mods, err := ensureBase(c, spec)
+	if err != nil {
+		return "", err
+	}
+	how := "written"
+	if cached {
+		how = "cached"
+	}
+	size := int64(0)
+	if fi, err := os.Stat(base); err == nil {
+		size = fi.Size()
+	}
+	logf("kernel %s; initramfs: shared part %s, %d MB; modules: %s", k.Version, how, size>>20, strings.Join(mods, " "))
+	logf("prep: %.1fs (packages and binaries %.1fs, kernel %.1fs, initramfs %.1fs)",
+		time.Since(t0).Seconds(), tKernel.Sub(t0).Seconds(), tInitrd.Sub(tKernel).Seconds(), time.Since(tInitrd).Seconds())
+	return k.Version, nil
 }

@@ -64,3 +64,21 @@ func TestParseKernelPkg(t *testing.T) {
 		t.Errorf("got %q", got)
 	}
 }
+
+func TestOnlyRunPattern(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+		ok   bool
+	}{
+		{[]string{"-test.v=test2json", "-test.run=^TestDemo$"}, "^TestDemo$", true},
+		{[]string{"-test.v=test2json"}, "", false},
+		{[]string{"-test.run=TestA/sub"}, "TestA/sub", false},
+		{[]string{"-test.run=TestA", "-test.bench=."}, "", false},
+	} {
+		got, ok := onlyRunPattern(tc.args)
+		if got != tc.want || ok != tc.ok {
+			t.Errorf("onlyRunPattern(%q) = %q, %v; want %q, %v", tc.args, got, ok, tc.want, tc.ok)
+		}
+	}
+}

@@ -101,13 +101,19 @@ func lockCache(cache string) (*os.File, error) {
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err == nil {
 		return f, nil
 	}
-	logf("waiting for another run using %s", cache)
+	// Runners started by the driver wait for its preparation: nothing to tell.
+	quiet := os.Getenv("VMRUN_PREPARED") != ""
+	if !quiet {
+		logf("waiting for another run using %s", cache)
+	}
 	t0 := time.Now()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("cache lock: %w", err)
 	}
-	logf("waited %.1fs for the other run", time.Since(t0).Seconds())
+	if !quiet {
+		logf("waited %.1fs for the other run", time.Since(t0).Seconds())
+	}
 	return f, nil
 }
 
@@ -214,14 +220,13 @@ func kernelComplete(cache, ver string) bool {
 	return true
 }
 
-// ensureKernel returns the cached kernel of version ver ("" resolves the current one with
-// apt-cache and downloads it if it is not cached). Call it holding the cache lock.
-func ensureKernel(ctx context.Context, c *config, ver string) (*kernel, error) {
-	if ver == "" || !kernelComplete(c.cache, ver) {
-		var err error
-		if ver, err = downloadKernel(ctx, c); err != nil {
-			return nil, err
-		}
+// ensureKernel returns the cached kernel of package pkg (linux-image-<ver>; "" resolves the
+// current one with apt-cache), downloading it if it is not cached. Call it holding the cache
+// lock.
+func ensureKernel(ctx context.Context, c *config, pkg string) (*kernel, error) {
+	ver, err := downloadKernel(ctx, c, pkg)
+	if err != nil {
+		return nil, err
 	}
 	k := &kernel{Version: ver, Dir: filepath.Join(c.cache, "kernel-"+ver)}
 	k.Image = filepath.Join(k.Dir, "boot", "vmlinuz-"+ver)
@@ -239,8 +244,10 @@ func ensureKernel(ctx context.Context, c *config, ver string) (*kernel, error) {
 // unpacks it and runs depmod in a temp dir renamed into place at the end, so an interrupted
 // run caches nothing. Other cached kernels are removed. Offline, it falls back to the newest
 // cached kernel.
-func downloadKernel(ctx context.Context, c *config) (string, error) {
-	pkg := c.kernelPkg
+func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) {
+	if pkg == "" {
+		pkg = c.kernelPkg
+	}
 	if pkg == "" {
 		pkg = resolveKernelPkg(ctx)
 		if pkg == "" { // no package lists yet (a fresh machine)
@@ -255,7 +262,6 @@ func downloadKernel(ctx context.Context, c *config) (string, error) {
 	}
 	ver := strings.TrimPrefix(pkg, "linux-image-")
 	if kernelComplete(c.cache, ver) {
-		logf("kernel: cached %s", ver)
 		return ver, nil
 	}
 	old, _ := filepath.Glob(filepath.Join(c.cache, ".kernel-*")) // leftovers of interrupted runs
@@ -274,7 +280,7 @@ func downloadKernel(ctx context.Context, c *config) (string, error) {
 		if !aptUpdated && c.kernelPkg == "" { // stale package lists: refresh and try again once
 			if _, err := run(ctx, "apt-get", "update", "-q"); err == nil {
 				aptUpdated = true
-				return downloadKernel(ctx, c)
+				return downloadKernel(ctx, c, c.kernelPkg)
 			}
 		}
 		return cachedKernel(c, fmt.Errorf("apt-get download %s: %w\n%s", pkg, err, out))

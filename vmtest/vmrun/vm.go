@@ -40,6 +40,32 @@ func testArgs(args []string) []string {
 	return out
 }
 
+// onlyRunPattern returns the -test.run pattern when the flags ask for tests only, by a
+// pattern without subtest parts ('/'), so -test.list can tell whether anything matches.
+func onlyRunPattern(args []string) (string, bool) {
+	pattern := ""
+	for _, a := range args {
+		switch {
+		case strings.HasPrefix(a, "-test.run="):
+			pattern = strings.TrimPrefix(a, "-test.run=")
+		case strings.HasPrefix(a, "-test.bench="), strings.HasPrefix(a, "-test.fuzz="), a == "-test.run":
+			return "", false
+		}
+	}
+	return pattern, pattern != "" && !strings.Contains(pattern, "/")
+}
+
+// nothingMatches asks the test binary on the host (-test.list) whether no test, example,
+// benchmark or fuzz test matches pattern.
+func nothingMatches(ctx context.Context, testBin, pattern, dir string) bool {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, testBin, "-test.list="+pattern)
+	cmd.Dir = dir
+	out, err := cmd.Output()
+	return err == nil && len(bytes.TrimSpace(out)) == 0
+}
+
 // vmTimeout is how long the VM may run: VM_TIMEOUT, else the test binary's -test.timeout plus
 // a minute for booting (the test binary reports its own timeout first), else 15 minutes.
 func vmTimeout(c *config, args []string) time.Duration {
@@ -79,6 +105,21 @@ func execTest(ctx context.Context, args []string) (int, error) {
 	name := strings.TrimSuffix(filepath.Base(testBin), ".test")
 	targs := testArgs(args[1:])
 
+	if pattern, ok := onlyRunPattern(targs); ok && nothingMatches(ctx, testBin, pattern, cwd) {
+		// -run matches nothing here (make demo, for one): the binary has nothing to do that
+		// needs the VM, so it runs on the host and says so itself.
+		cmd := exec.CommandContext(ctx, testBin, targs...)
+		cmd.Dir, cmd.Stdout, cmd.Stderr = cwd, os.Stdout, os.Stderr
+		if err := cmd.Run(); err != nil {
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				return ee.ExitCode(), nil
+			}
+			return 1, err
+		}
+		return 0, nil
+	}
+
 	lock, err := lockCache(c.cache)
 	if err != nil {
 		return 1, err
@@ -114,12 +155,23 @@ func execTest(ctx context.Context, args []string) (int, error) {
 // run's initramfs (the shared one plus the test binary) into a new run dir. Call it holding
 // the cache lock.
 func prepareRun(ctx context.Context, c *config, testBin, name string, args []string, pkgDir string) (string, *kernel, error) {
-	if os.Getenv("VMRUN_PREPARED") == "" {
-		if err := ensurePackages(ctx); err != nil {
-			return "", nil, err
+	// Run by make integration, the driver has prepared everything (packages, kernel,
+	// binaries) and says which kernel in the prepared file; alone, do it here.
+	pkg := ""
+	if prepared := os.Getenv("VMRUN_PREPARED"); prepared != "" {
+		b, err := os.ReadFile(prepared)
+		if err != nil {
+			return "", nil, fmt.Errorf("the driver's preparation did not finish: %w", err)
 		}
+		what, arg, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
+		if what != "kernel" {
+			return "", nil, fmt.Errorf("the driver's preparation failed: %s", arg)
+		}
+		pkg = "linux-image-" + arg
+	} else if err := ensurePackages(ctx); err != nil {
+		return "", nil, err
 	}
-	k, err := ensureKernel(ctx, c, os.Getenv("VMRUN_KERNEL"))
+	k, err := ensureKernel(ctx, c, pkg)
 	if err != nil {
 		return "", nil, err
 	}
