@@ -59,6 +59,8 @@ ip link set lo up || {
 echo "vmtest: setup done, uptime $(uptime_s)s"
 
 finish() { # MARKER: the last line of the test channel, then power off
+	# The last close of a serial port waits until its output is sent: the marker is out
+	# when printf's redirection ends.
 	printf '\nvmrun-exit: %s\n' "$1" >"$out"
 	sync
 	poweroff -f

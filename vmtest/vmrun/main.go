@@ -4,14 +4,14 @@
 //
 // It has two modes. As a go test -exec program,
 //
-//	go test -tags vmtest -exec 'go run ./vmtest/vmrun' ./netlinknbd/ ./vmtest/
+//	go test -tags vmtest -exec "$PWD/.cache/vmrun" ./netlinknbd/ ./vmtest/
 //
 // it is called with a test binary and its flags, boots a VM that runs the binary as root (an
 // initramfs with busybox, e2fsprogs, the kernel modules, the project's static binaries and
 // the test binary), streams the binary's output and exits with its exit code. Without a test
 // binary (make integration),
 //
-//	go run ./vmtest/vmrun [-run REGEX] [packages]
+//	.cache/vmrun [-run REGEX] [packages]
 //
 // it prepares the cache (Debian packages, the kernel, the binaries, the shared initramfs),
 // runs go test -json with itself as -exec on the packages that have vmtest files (go test
@@ -29,8 +29,9 @@ import (
 	"syscall"
 )
 
-const usage = `usage: go run ./vmtest/vmrun [-run REGEX] [packages]      (make integration)
-       go test -tags vmtest -exec 'go run ./vmtest/vmrun' [go test flags] packages
+const usage = `usage: bash vmtest/run.sh [-run REGEX] [packages]     (make integration; builds .cache/vmrun)
+       .cache/vmrun [-run REGEX] [packages]
+       go test -tags vmtest -exec "$PWD/.cache/vmrun" [go test flags] packages
 
   -run REGEX   run only the tests matching REGEX (same as VM_TEST_RUN)
   packages     default: every package with a *_test.go file whose first line is //go:build vmtest
