@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 )
@@ -54,6 +55,8 @@ func (c *counter) add(ev testEvent) {
 		return
 	}
 	switch ev.Action {
+	case "start":
+		c.pkgResult[ev.Package] = "running"
 	case "pass", "skip":
 		c.pkgResult[ev.Package] = ev.Action
 		c.pkgElapsed[ev.Package] = ev.Elapsed
@@ -63,6 +66,20 @@ func (c *counter) add(ev testEvent) {
 		if c.pkgFailedTests[ev.Package] == 0 && !slices.Contains(c.crashed, ev.Package) {
 			c.Failed++
 			c.crashed = append(c.crashed, ev.Package)
+		}
+	}
+}
+
+// finish counts each package that started but never ended (go test was stopped) as a
+// failure.
+func (c *counter) finish() {
+	for _, p := range slices.Sorted(maps.Keys(c.pkgResult)) {
+		if c.pkgResult[p] == "running" {
+			c.pkgResult[p] = "fail"
+			if c.pkgFailedTests[p] == 0 {
+				c.Failed++
+				c.crashed = append(c.crashed, p)
+			}
 		}
 	}
 }

@@ -70,3 +70,15 @@ func TestCounterAllPass(t *testing.T) {
 		t.Error("no test ran, but ok")
 	}
 }
+
+func TestCounterUnfinishedPackage(t *testing.T) {
+	c := newCounter()
+	c.add(testEvent{Action: "start", Package: mod + "a"})
+	c.add(testEvent{Action: "pass", Package: mod + "a", Test: "TestA"})
+	c.add(testEvent{Action: "start", Package: mod + "b"})
+	c.add(testEvent{Action: "pass", Package: mod + "b"})
+	c.finish()
+	if got := c.summary(); got != "1 passed, 1 failed" {
+		t.Errorf("summary %q, want 1 passed, 1 failed", got)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -151,8 +152,8 @@ func drive(ctx context.Context, args []string) (int, error) {
 	if err != nil {
 		return 1, err
 	}
-	prepared := filepath.Join(c.cache, "prepared")
-	os.Remove(prepared)
+	prepared := filepath.Join(c.cache, fmt.Sprintf("prepared-%d.json", os.Getpid()))
+	defer os.Remove(prepared)
 	binDir := filepath.Join(c.cache, "bin")
 	gargs := []string{"test", "-tags", "vmtest", "-count=1", "-json", "-timeout", getenv("VM_TEST_TIMEOUT", "300s"), "-exec", self}
 	if *runRe != "" {
@@ -164,6 +165,11 @@ func drive(ctx context.Context, args []string) (int, error) {
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "VMRUN_PREPARED="+prepared, "VMRUN_BIN_DIR="+binDir)
 	cmd.Stderr = os.Stderr
+	// go test and its runners in a process group of their own, stopped together: a runner
+	// that gets SIGTERM stops its qemu.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM) }
+	cmd.WaitDelay = 30 * time.Second
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		lock.Close()
@@ -177,19 +183,21 @@ func drive(ctx context.Context, args []string) (int, error) {
 	relayErr := make(chan error, 1)
 	go func() { relayErr <- relay(stdout, lockedStdout{}, cnt) }()
 
-	kver, prepErr := prepare(ctx, c, binDir)
-	state := "kernel " + kver + "\n"
+	state, prepErr := prepare(ctx, c, binDir)
 	if prepErr != nil {
 		logf("ERROR: %v", prepErr)
-		state = "error " + strings.ReplaceAll(prepErr.Error(), "\n", " ") + "\n"
+		state.Error = prepErr.Error()
 	}
-	if err := os.WriteFile(prepared, []byte(state), 0o644); err != nil {
+	if b, err := json.Marshal(state); err != nil {
+		logf("ERROR: %v", err)
+	} else if err := os.WriteFile(prepared, b, 0o644); err != nil {
 		logf("ERROR: %v", err)
 	}
 	lock.Close()
 
 	rerr := <-relayErr
 	goErr := cmd.Wait()
+	cnt.finish()
 
 	for _, p := range slices.Sorted(maps.Keys(cnt.pkgResult)) {
 		logf("%-4s %s (%.1fs)", strings.ToUpper(cnt.pkgResult[p]), shortPkg(p), cnt.pkgElapsed[p])
@@ -203,6 +211,9 @@ func drive(ctx context.Context, args []string) (int, error) {
 	logf("%d skipped; total %.1fs", cnt.Skipped, time.Since(t0).Seconds())
 	code := 0
 	switch {
+	case ctx.Err() != nil:
+		logf("ERROR: interrupted")
+		code = 1
 	case rerr != nil:
 		logf("ERROR: %v", rerr)
 		code = 1
@@ -231,9 +242,17 @@ func (lockedStdout) Write(b []byte) (int, error) {
 	return os.Stdout.Write(b)
 }
 
+// preparedState is what the driver tells its runners (VMRUN_PREPARED names the file).
+type preparedState struct {
+	Kernel string `json:",omitempty"` // version
+	Base   string `json:",omitempty"` // the shared initramfs
+	Error  string `json:",omitempty"` // the preparation failed
+}
+
 // prepare makes ready, once, what the runners share: the Debian packages, the binaries, the
 // kernel and the shared initramfs. Call it holding the cache lock.
-func prepare(ctx context.Context, c *config, binDir string) (string, error) {
+func prepare(ctx context.Context, c *config, binDir string) (preparedState, error) {
+	var st preparedState
 	t0 := time.Now()
 	// apt-cache takes over a second: resolve the kernel package while the binaries build.
 	kpkg := make(chan string, 1)
@@ -245,24 +264,24 @@ func prepare(ctx context.Context, c *config, binDir string) (string, error) {
 		kpkg <- resolveKernelPkg(ctx)
 	}()
 	if err := ensurePackages(ctx); err != nil {
-		return "", err
+		return st, err
 	}
 	if err := buildBins(ctx, c, binDir); err != nil {
-		return "", err
+		return st, err
 	}
 	tKernel := time.Now()
 	k, err := ensureKernel(ctx, c, <-kpkg)
 	if err != nil {
-		return "", err
+		return st, err
 	}
 	tInitrd := time.Now()
 	spec, err := gatherBase(ctx, c, k, binDir)
 	if err != nil {
-		return "", err
+		return st, err
 	}
 	base, cached, mods, err := ensureBase(c, spec)
 	if err != nil {
-		return "", err
+		return st, err
 	}
 	how := "written"
 	if cached {
@@ -275,5 +294,5 @@ func prepare(ctx context.Context, c *config, binDir string) (string, error) {
 	logf("kernel %s; initramfs: shared part %s, %d MB; modules: %s", k.Version, how, size>>20, strings.Join(mods, " "))
 	logf("prep: %.1fs (packages and binaries %.1fs, kernel %.1fs, initramfs %.1fs)",
 		time.Since(t0).Seconds(), tKernel.Sub(t0).Seconds(), tInitrd.Sub(tKernel).Seconds(), time.Since(tInitrd).Seconds())
-	return k.Version, nil
+	return preparedState{Kernel: k.Version, Base: base}, nil
 }

@@ -70,6 +70,9 @@ func logf(format string, args ...any) {
 
 func main() {
 	os.Setenv("PATH", os.Getenv("PATH")+":/usr/local/sbin:/usr/sbin:/sbin")
+	// When go test is gone, writing to it fails instead of killing the runner before it
+	// cleans up.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	var code int

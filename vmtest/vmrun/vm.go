@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -156,39 +157,46 @@ func execTest(ctx context.Context, args []string) (int, error) {
 // the cache lock.
 func prepareRun(ctx context.Context, c *config, testBin, name string, args []string, pkgDir string) (string, *kernel, error) {
 	// Run by make integration, the driver has prepared everything (packages, kernel,
-	// binaries) and says which kernel in the prepared file; alone, do it here.
-	pkg := ""
+	// binaries, the shared initramfs) and says what in the prepared file; alone, do it here.
+	var st preparedState
 	if prepared := os.Getenv("VMRUN_PREPARED"); prepared != "" {
 		b, err := os.ReadFile(prepared)
 		if err != nil {
 			return "", nil, fmt.Errorf("the driver's preparation did not finish: %w", err)
 		}
-		what, arg, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
-		if what != "kernel" {
-			return "", nil, fmt.Errorf("the driver's preparation failed: %s", arg)
+		if err := json.Unmarshal(b, &st); err != nil {
+			return "", nil, fmt.Errorf("the driver's preparation: %s: %w", prepared, err)
 		}
-		pkg = "linux-image-" + arg
+		if st.Error != "" || st.Kernel == "" {
+			return "", nil, fmt.Errorf("the driver's preparation failed: %s", st.Error)
+		}
 	} else if err := ensurePackages(ctx); err != nil {
 		return "", nil, err
+	}
+	pkg := ""
+	if st.Kernel != "" {
+		pkg = "linux-image-" + st.Kernel
 	}
 	k, err := ensureKernel(ctx, c, pkg)
 	if err != nil {
 		return "", nil, err
 	}
-	binDir := os.Getenv("VMRUN_BIN_DIR")
-	if binDir == "" {
-		binDir = filepath.Join(c.cache, "bin")
-		if err := buildBins(ctx, c, binDir); err != nil {
+	base := st.Base
+	if _, err := os.Stat(base); base == "" || err != nil { // alone, or removed by another run
+		binDir := os.Getenv("VMRUN_BIN_DIR")
+		if binDir == "" {
+			binDir = filepath.Join(c.cache, "bin")
+			if err := buildBins(ctx, c, binDir); err != nil {
+				return "", nil, err
+			}
+		}
+		spec, err := gatherBase(ctx, c, k, binDir)
+		if err != nil {
 			return "", nil, err
 		}
-	}
-	spec, err := gatherBase(ctx, c, k, binDir)
-	if err != nil {
-		return "", nil, err
-	}
-	base, _, _, err := ensureBase(c, spec)
-	if err != nil {
-		return "", nil, err
+		if base, _, _, err = ensureBase(c, spec); err != nil {
+			return "", nil, err
+		}
 	}
 
 	runs := filepath.Join(c.cache, "run")
