@@ -122,7 +122,7 @@ func drive(ctx context.Context, args []string) (int, error) {
 	t0 := time.Now()
 	cwd, err := os.Getwd()
 	if err != nil {
-		return 1, err
+		return 1, fmt.Errorf("working dir: %w", err)
 	}
 	root, err := moduleRoot(cwd)
 	if err != nil {
@@ -143,7 +143,7 @@ func drive(ctx context.Context, args []string) (int, error) {
 	}
 	self, err := os.Executable()
 	if err != nil {
-		return 1, err
+		return 1, fmt.Errorf("finding the runner's own path: %w", err)
 	}
 
 	// go test starts compiling at once; its runners wait for the cache lock, which is held
@@ -173,7 +173,7 @@ func drive(ctx context.Context, args []string) (int, error) {
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		lock.Close()
-		return 1, err
+		return 1, fmt.Errorf("go test: %w", err)
 	}
 	if err := cmd.Start(); err != nil {
 		lock.Close()

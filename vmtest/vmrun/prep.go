@@ -367,7 +367,10 @@ func ensureVmlinux(ctx context.Context, k *kernel) (string, error) {
 				if err := os.WriteFile(out+".tmp", elf, 0o644); err != nil {
 					return "", fmt.Errorf("kernel: %w", err)
 				}
-				return out, os.Rename(out+".tmp", out)
+				if err := os.Rename(out+".tmp", out); err != nil {
+					return "", fmt.Errorf("kernel: %w", err)
+				}
+				return out, nil
 			}
 			rest = rest[i+1:]
 		}

@@ -89,7 +89,7 @@ func execTest(ctx context.Context, args []string) (int, error) {
 	t0 := time.Now()
 	cwd, err := os.Getwd()
 	if err != nil {
-		return 1, err
+		return 1, fmt.Errorf("working dir: %w", err)
 	}
 	root, err := moduleRoot(cwd)
 	if err != nil {
@@ -101,7 +101,7 @@ func execTest(ctx context.Context, args []string) (int, error) {
 	}
 	testBin, err := filepath.Abs(args[0])
 	if err != nil {
-		return 1, err
+		return 1, fmt.Errorf("test binary: %w", err)
 	}
 	name := strings.TrimSuffix(filepath.Base(testBin), ".test")
 	targs := testArgs(args[1:])
@@ -116,7 +116,7 @@ func execTest(ctx context.Context, args []string) (int, error) {
 			if errors.As(err, &ee) {
 				return ee.ExitCode(), nil
 			}
-			return 1, err
+			return 1, fmt.Errorf("running %s on the host: %w", testBin, err)
 		}
 		return 0, nil
 	}
@@ -309,11 +309,13 @@ func boot(ctx context.Context, c *config, kver, kernelPath, initrd string, timeo
 	defer logFile.Close()
 	conR, conW, err := os.Pipe()
 	if err != nil {
-		return res, err
+		return res, fmt.Errorf("console pipe: %w", err)
 	}
 	outR, outW, err := os.Pipe()
 	if err != nil {
-		return res, err
+		conR.Close()
+		conW.Close()
+		return res, fmt.Errorf("test output pipe: %w", err)
 	}
 	// mitigations=off: about 0.5 s faster under TCG, and nothing to protect in a test VM.
 	appendArgs := "console=ttyS0 panic=-1 oops=panic quiet mitigations=off"
