@@ -76,7 +76,8 @@ unit:
 	MAKE="$(MAKE)" bash deploy/systemd/check.sh
 
 integration:
-	bash vmtest/run.sh
+	$(GO) build -o .cache/vmrun ./vmtest/vmrun
+	.cache/vmrun
 
 run: build
 	@if [ ! -e /sys/module/nbd ] && ! modprobe nbd 2>/dev/null; then \
@@ -91,7 +92,8 @@ run: build
 	bin/mvps-provisioner
 
 demo:
-	bash vmtest/run.sh -run '^TestDemo$$'
+	$(GO) build -o .cache/vmrun ./vmtest/vmrun
+	.cache/vmrun -run '^TestDemo$$'
 
 clean:
 	rm -rf bin var vmtest/out

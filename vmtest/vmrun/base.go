@@ -1,0 +1,168 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+)
+
+// defaultModules are loaded in the guest: ext4 (mke2fs turns on metadata checksums, hence
+// crc32c) and nbd with room for 16 devices.
+var defaultModules = []string{"crc32c_generic?", "ext4", "nbd nbds_max=16"}
+
+// hostTools are Debian's e2fsprogs and blkid, which replace busybox's applets in the guest.
+var hostTools = []string{"mke2fs", "e2fsck", "tune2fs", "resize2fs", "dumpe2fs", "blkid"}
+
+// libsOf lists the shared libraries and loader of a dynamic executable (none for a static one).
+func libsOf(ctx context.Context, exe string) []string {
+	out, _ := exec.CommandContext(ctx, "ldd", exe).Output() // "not a dynamic executable": exit 1
+	return parseLdd(out)
+}
+
+// gatherBase collects what goes into the shared part of the initramfs from the host.
+func gatherBase(ctx context.Context, c *config, k *kernel, binDir string) (baseSpec, error) {
+	s := baseSpec{Tools: map[string]string{}, Etc: map[string][]byte{}, ModuleDir: k.moduleDir(), BinDir: binDir}
+	bb := "/bin/busybox"
+	if _, err := os.Stat(bb); err != nil {
+		if bb, err = exec.LookPath("busybox"); err != nil {
+			return s, fmt.Errorf("initramfs: busybox not found: %w", err)
+		}
+	}
+	s.Busybox = bb
+	out, err := run(ctx, bb, "--list-full")
+	if err != nil {
+		return s, fmt.Errorf("initramfs: %w", err)
+	}
+	s.Applets = strings.Fields(string(out))
+
+	addLibs := func(exe string) {
+		for _, l := range libsOf(ctx, exe) {
+			if !slices.Contains(s.Libs, l) {
+				s.Libs = append(s.Libs, l)
+			}
+		}
+	}
+	for _, t := range hostTools {
+		src := ""
+		for _, d := range []string{"/usr/sbin", "/sbin", "/usr/bin", "/bin"} {
+			if _, err := os.Stat(filepath.Join(d, t)); err == nil {
+				src = filepath.Join(d, t)
+				break
+			}
+		}
+		if src == "" {
+			return s, fmt.Errorf("initramfs: %s not found on the host", t)
+		}
+		s.Tools["/usr/sbin/"+t] = src
+		addLibs(src)
+	}
+	for _, f := range c.extraBins {
+		if fi, err := os.Stat(f); err != nil || fi.Mode()&0o111 == 0 || !filepath.IsAbs(f) {
+			return s, fmt.Errorf("initramfs: VM_EXTRA_BINS: %s is not an executable with an absolute path", f)
+		}
+		s.Tools[f] = f
+		addLibs(f)
+	}
+	if b, err := os.ReadFile("/etc/mke2fs.conf"); err == nil {
+		s.Etc["mke2fs.conf"] = b
+	}
+
+	ix, err := openModIndex(k.moduleDir())
+	if err != nil {
+		return s, err
+	}
+	s.Modules, s.Required, err = ix.resolve(parseModSpecs(append(slices.Clone(defaultModules), c.modules...)))
+	if err != nil {
+		return s, fmt.Errorf("initramfs: %w", err)
+	}
+	for _, m := range s.Modules {
+		if !strings.HasSuffix(m.Path, ".ko") {
+			return s, fmt.Errorf("initramfs: module %s is compressed; this kernel is not supported (Debian's are not compressed)", m.Path)
+		}
+	}
+
+	ents, err := os.ReadDir(binDir)
+	if err != nil {
+		return s, fmt.Errorf("initramfs: binaries: %w", err)
+	}
+	for _, e := range ents {
+		if e.Type().IsRegular() {
+			s.Bins = append(s.Bins, e.Name())
+		}
+	}
+	if s.Init, err = os.ReadFile(filepath.Join(c.root, "vmtest", "init.sh")); err != nil {
+		return s, fmt.Errorf("initramfs: %w", err)
+	}
+	return s, nil
+}
+
+func openModIndex(dir string) (*modIndex, error) {
+	var rs [4]io.Reader
+	for i, n := range []string{"modules.dep", "modules.softdep", "modules.alias", "modules.builtin"} {
+		b, err := os.ReadFile(filepath.Join(dir, n))
+		if err != nil {
+			if i > 0 && os.IsNotExist(err) {
+				continue
+			}
+			return nil, fmt.Errorf("kernel modules: %w", err)
+		}
+		rs[i] = bytes.NewReader(b)
+	}
+	ix, err := parseModIndex(rs[0], rs[1], rs[2], rs[3])
+	if err != nil {
+		return nil, fmt.Errorf("kernel modules in %s: %w", dir, err)
+	}
+	return ix, nil
+}
+
+// ensureBase returns the shared initramfs archive for spec, written once into the cache under
+// a name made from its content; older ones are removed. Call it holding the cache lock.
+func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string, err error) {
+	ents := baseEntries(s)
+	key, err := contentKey(ents)
+	if err != nil {
+		return "", false, nil, err
+	}
+	for _, m := range s.Modules {
+		nmods = append(nmods, filepath.Base(m.Path))
+	}
+	dir := filepath.Join(c.cache, "initramfs")
+	path = filepath.Join(dir, "base-"+key+".cpio")
+	if _, err := os.Stat(path); err == nil {
+		return path, true, nmods, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", false, nil, fmt.Errorf("initramfs: %w", err)
+	}
+	old, _ := filepath.Glob(filepath.Join(dir, "base-*"))
+	for _, o := range old {
+		os.Remove(o)
+	}
+	f, err := os.Create(path + ".tmp")
+	if err != nil {
+		return "", false, nil, fmt.Errorf("initramfs: %w", err)
+	}
+	w := bufio.NewWriterSize(f, 1<<20)
+	err = writeCpio(w, ents)
+	if err == nil {
+		err = w.Flush()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(path+".tmp", path)
+	}
+	if err != nil {
+		os.Remove(path + ".tmp")
+		return "", false, nil, fmt.Errorf("initramfs: writing %s: %w", path, err)
+	}
+	return path, false, nmods, nil
+}

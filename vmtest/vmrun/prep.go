@@ -1,0 +1,427 @@
+package main
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// config holds the knobs, all from the environment (see usage).
+type config struct {
+	root      string // module root
+	cache     string // VM_CACHE
+	goCmd     string // GO
+	timeout   time.Duration
+	mem, smp  string
+	accel     string
+	cpu       string
+	pvh       bool
+	extraBins []string
+	modules   []string
+	appendArg string
+	kernelPkg string
+}
+
+func getenv(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+// loadConfig reads the environment; root is the module root.
+func loadConfig(root string) (*config, error) {
+	c := &config{
+		root:      root,
+		cache:     getenv("VM_CACHE", filepath.Join(root, ".cache", "vm")),
+		goCmd:     getenv("GO", "go"),
+		mem:       getenv("VM_MEM", "2048"),
+		smp:       getenv("VM_SMP", "1"),
+		accel:     getenv("VM_ACCEL", "tcg"),
+		cpu:       getenv("VM_CPU", "max"),
+		pvh:       getenv("VM_PVH", "1") == "1",
+		extraBins: strings.Fields(os.Getenv("VM_EXTRA_BINS")),
+		modules:   strings.Fields(os.Getenv("VM_MODULES")),
+		appendArg: os.Getenv("VM_APPEND"),
+		kernelPkg: os.Getenv("VM_KERNEL_PKG"),
+	}
+	if !filepath.IsAbs(c.cache) {
+		c.cache = filepath.Join(root, c.cache)
+	}
+	if v := os.Getenv("VM_TIMEOUT"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("VM_TIMEOUT must be a number of seconds, not %q", v)
+		}
+		c.timeout = time.Duration(n) * time.Second
+	}
+	if n, err := strconv.Atoi(c.smp); err != nil || n < 1 {
+		return nil, fmt.Errorf("VM_SMP must be a positive number, not %q", c.smp)
+	}
+	if n, err := strconv.Atoi(c.mem); err != nil || n < 128 {
+		return nil, fmt.Errorf("VM_MEM must be a number of MB (at least 128), not %q", c.mem)
+	}
+	return c, nil
+}
+
+// moduleRoot finds the directory of go.mod from dir upwards.
+func moduleRoot(dir string) (string, error) {
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d, nil
+		}
+		if filepath.Dir(d) == d {
+			return "", fmt.Errorf("no go.mod in %s or above", dir)
+		}
+	}
+}
+
+// lockCache takes the lock of the cache dir (exclusive: downloads, builds and clean-ups), and
+// tells when it has to wait for another run. The lock ends with the returned file.
+func lockCache(cache string) (*os.File, error) {
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		return nil, fmt.Errorf("cache: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(cache, "lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("cache lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err == nil {
+		return f, nil
+	}
+	// Runners started by the driver wait for its preparation: nothing to tell.
+	quiet := os.Getenv("VMRUN_PREPARED") != ""
+	if !quiet {
+		logf("waiting for another run using %s", cache)
+	}
+	t0 := time.Now()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("cache lock: %w", err)
+	}
+	if !quiet {
+		logf("waited %.1fs for the other run", time.Since(t0).Seconds())
+	}
+	return f, nil
+}
+
+// run runs a command, returning its output, and its stderr in the error.
+func run(ctx context.Context, name string, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+// ---------------------------------------------------------------- Debian packages
+
+var aptUpdated bool
+
+func aptInstall(ctx context.Context, pkgs ...string) error {
+	if !aptUpdated {
+		if _, err := run(ctx, "apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"); err != nil {
+			return fmt.Errorf("packages: %w", err)
+		}
+		aptUpdated = true
+	}
+	args := append([]string{"-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "--no-install-recommends"}, pkgs...)
+	cmd := exec.CommandContext(ctx, "apt-get", args...)
+	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("packages: apt-get install %s: %w\n%s", strings.Join(pkgs, " "), err, out)
+	}
+	return nil
+}
+
+func pkgInstalled(ctx context.Context, pkg string) bool {
+	out, err := run(ctx, "dpkg-query", "-W", "-f=${db:Status-Abbrev}", pkg)
+	return err == nil && strings.HasPrefix(string(out), "ii")
+}
+
+func have(cmd string) bool { _, err := exec.LookPath(cmd); return err == nil }
+
+// ensurePackages installs whichever Debian packages the VM needs are missing.
+func ensurePackages(ctx context.Context) error {
+	var missing []string
+	if !have("qemu-system-x86_64") {
+		missing = append(missing, "qemu-system-x86")
+	}
+	if !pkgInstalled(ctx, "busybox-static") { // a dynamic busybox is no use in the initramfs
+		missing = append(missing, "busybox-static")
+	}
+	if !have("mke2fs") {
+		missing = append(missing, "e2fsprogs")
+	}
+	if !have("depmod") {
+		missing = append(missing, "kmod")
+	}
+	if !have("xz") {
+		missing = append(missing, "xz-utils")
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	if err := aptInstall(ctx, missing...); err != nil {
+		return err
+	}
+	logf("packages: installed %s", strings.Join(missing, " "))
+	return nil
+}
+
+// ---------------------------------------------------------------- kernel
+
+// kernel is an unpacked Debian kernel package in the cache.
+type kernel struct {
+	Version string
+	Dir     string // kernel-<ver>: boot/, lib/modules/<ver>/
+	Image   string // what qemu boots: vmlinux-pvh, or the bzImage
+}
+
+func (k *kernel) moduleDir() string { return filepath.Join(k.Dir, "lib", "modules", k.Version) }
+
+var kernelDepRe = regexp.MustCompile(`(?m)^\s*Depends: (linux-image-[0-9]\S*-amd64)$`)
+
+// parseKernelPkg finds the versioned kernel package in apt-cache depends linux-image-amd64.
+func parseKernelPkg(out []byte) string {
+	if m := kernelDepRe.FindSubmatch(out); m != nil {
+		return string(m[1])
+	}
+	return ""
+}
+
+func resolveKernelPkg(ctx context.Context) string {
+	out, _ := run(ctx, "apt-cache", "depends", "linux-image-amd64")
+	return parseKernelPkg(out)
+}
+
+func kernelComplete(cache, ver string) bool {
+	d := filepath.Join(cache, "kernel-"+ver)
+	for _, f := range []string{"boot/vmlinuz-" + ver, "lib/modules/" + ver + "/modules.dep"} {
+		if _, err := os.Stat(filepath.Join(d, f)); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// ensureKernel returns the cached kernel of package pkg (linux-image-<ver>; "" resolves the
+// current one with apt-cache), downloading it if it is not cached. Call it holding the cache
+// lock.
+func ensureKernel(ctx context.Context, c *config, pkg string) (*kernel, error) {
+	ver, err := downloadKernel(ctx, c, pkg)
+	if err != nil {
+		return nil, err
+	}
+	k := &kernel{Version: ver, Dir: filepath.Join(c.cache, "kernel-"+ver)}
+	k.Image = filepath.Join(k.Dir, "boot", "vmlinuz-"+ver)
+	if c.pvh {
+		if img, err := ensureVmlinux(ctx, k); err != nil {
+			logf("kernel: %v; booting the bzImage (slower)", err)
+		} else if img != "" {
+			k.Image = img
+		}
+	}
+	return k, nil
+}
+
+// downloadKernel resolves the kernel package and, unless it is cached, apt-get downloads and
+// unpacks it and runs depmod in a temp dir renamed into place at the end, so an interrupted
+// run caches nothing. Other cached kernels are removed. Offline, it falls back to the newest
+// cached kernel.
+func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) {
+	if pkg == "" {
+		pkg = c.kernelPkg
+	}
+	if pkg == "" {
+		pkg = resolveKernelPkg(ctx)
+		if pkg == "" { // no package lists yet (a fresh machine)
+			if _, err := run(ctx, "apt-get", "update", "-q"); err == nil {
+				aptUpdated = true
+				pkg = resolveKernelPkg(ctx)
+			}
+		}
+	}
+	if pkg == "" {
+		return cachedKernel(c, errors.New("cannot resolve linux-image-amd64 with apt-cache depends"))
+	}
+	ver := strings.TrimPrefix(pkg, "linux-image-")
+	if kernelComplete(c.cache, ver) {
+		return ver, nil
+	}
+	old, _ := filepath.Glob(filepath.Join(c.cache, ".kernel-*")) // leftovers of interrupted runs
+	for _, d := range old {
+		os.RemoveAll(d)
+	}
+	tmp, err := os.MkdirTemp(c.cache, ".kernel-"+ver+".")
+	if err != nil {
+		return "", fmt.Errorf("kernel: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	logf("kernel: downloading %s", pkg)
+	cmd := exec.CommandContext(ctx, "apt-get", "download", pkg)
+	cmd.Dir = tmp
+	if out, err := cmd.CombinedOutput(); err != nil {
+		if !aptUpdated && c.kernelPkg == "" { // stale package lists: refresh and try again once
+			if _, err := run(ctx, "apt-get", "update", "-q"); err == nil {
+				aptUpdated = true
+				return downloadKernel(ctx, c, c.kernelPkg)
+			}
+		}
+		return cachedKernel(c, fmt.Errorf("apt-get download %s: %w\n%s", pkg, err, out))
+	}
+	debs, _ := filepath.Glob(filepath.Join(tmp, "*.deb"))
+	if len(debs) == 0 {
+		return "", fmt.Errorf("kernel: apt-get download %s produced no .deb", pkg)
+	}
+	root := filepath.Join(tmp, "root")
+	if _, err := run(ctx, "dpkg-deb", "-x", debs[0], root); err != nil {
+		return "", fmt.Errorf("kernel: %w", err)
+	}
+	if _, err := run(ctx, "depmod", "-b", root, ver); err != nil {
+		return "", fmt.Errorf("kernel: %w", err)
+	}
+	dst := filepath.Join(c.cache, "kernel-"+ver)
+	os.RemoveAll(dst)
+	if err := os.Rename(root, dst); err != nil {
+		return "", fmt.Errorf("kernel: %w", err)
+	}
+	// Other cached kernels take about 400 MB each.
+	others, _ := filepath.Glob(filepath.Join(c.cache, "kernel-*"))
+	for _, d := range others {
+		if d != dst {
+			os.RemoveAll(d)
+		}
+	}
+	logf("kernel: downloaded and unpacked %s", ver)
+	return ver, nil
+}
+
+// cachedKernel picks the newest complete kernel in the cache when the current one cannot be
+// had (offline runs).
+func cachedKernel(c *config, why error) (string, error) {
+	dirs, _ := filepath.Glob(filepath.Join(c.cache, "kernel-*"))
+	slices.Sort(dirs)
+	for i := len(dirs) - 1; i >= 0; i-- {
+		v := strings.TrimPrefix(filepath.Base(dirs[i]), "kernel-")
+		if kernelComplete(c.cache, v) {
+			logf("kernel: WARNING: %v; using the cached %s", why, v)
+			return v, nil
+		}
+	}
+	return "", fmt.Errorf("kernel: %w; nothing is cached", why)
+}
+
+// ensureVmlinux unpacks the uncompressed kernel from the bzImage once (qemu boots it through
+// PVH about 5 s faster under TCG than the bzImage, which decompresses itself). It returns ""
+// when the kernel has no PVH entry.
+func ensureVmlinux(ctx context.Context, k *kernel) (string, error) {
+	out := filepath.Join(k.Dir, "vmlinux-pvh")
+	if _, err := os.Stat(out); err == nil {
+		return out, nil
+	}
+	config, err := os.ReadFile(filepath.Join(k.Dir, "boot", "config-"+k.Version))
+	if err != nil {
+		return "", fmt.Errorf("kernel config: %w", err)
+	}
+	if !bytes.Contains(config, []byte("\nCONFIG_PVH=y\n")) {
+		return "", nil
+	}
+	img, err := os.ReadFile(k.Image)
+	if err != nil {
+		return "", fmt.Errorf("kernel: %w", err)
+	}
+	for _, z := range []struct{ conf, magic, tool string }{
+		{"CONFIG_KERNEL_XZ=y", "\xfd7zXZ\x00", "xz"},
+		{"CONFIG_KERNEL_ZSTD=y", "\x28\xb5\x2f\xfd", "zstd"},
+		{"CONFIG_KERNEL_GZIP=y", "\x1f\x8b\x08", "gzip"},
+	} {
+		if !bytes.Contains(config, []byte("\n"+z.conf+"\n")) {
+			continue
+		}
+		rest := img
+		for range 5 {
+			i := bytes.Index(rest, []byte(z.magic))
+			if i < 0 {
+				break
+			}
+			// The payload is followed by other data: the decompressor complains, but what it
+			// wrote is whole; the ELF magic tells.
+			elf := decompress(ctx, z.tool, rest[i:])
+			if bytes.HasPrefix(elf, []byte("\x7fELF")) {
+				if err := os.WriteFile(out+".tmp", elf, 0o644); err != nil {
+					return "", fmt.Errorf("kernel: %w", err)
+				}
+				if err := os.Rename(out+".tmp", out); err != nil {
+					return "", fmt.Errorf("kernel: %w", err)
+				}
+				return out, nil
+			}
+			rest = rest[i+1:]
+		}
+	}
+	return "", errors.New("could not unpack vmlinux from the bzImage")
+}
+
+func decompress(ctx context.Context, tool string, data []byte) []byte {
+	var out bytes.Buffer
+	if tool == "gzip" {
+		zr, err := gzip.NewReader(bytes.NewReader(data))
+		if err == nil {
+			zr.Multistream(false)
+			io.Copy(&out, zr)
+		}
+		return out.Bytes()
+	}
+	cmd := exec.CommandContext(ctx, tool, "-dc")
+	cmd.Stdin, cmd.Stdout = bytes.NewReader(data), &out
+	_ = cmd.Run() // trailing garbage: an error, with the whole output
+	return out.Bytes()
+}
+
+// ---------------------------------------------------------------- the project's binaries
+
+// buildBins builds ./cmd/* and examples/client as static binaries into dir; go build leaves
+// an up-to-date binary alone.
+func buildBins(ctx context.Context, c *config, dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("build: %w", err)
+	}
+	builds := [][]string{{"build", "-trimpath", "-o", dir + "/", "./cmd/..."}}
+	if _, err := os.Stat(filepath.Join(c.root, "examples", "client")); err == nil {
+		builds = append(builds, []string{"build", "-trimpath", "-o", filepath.Join(dir, "example-client"), "./examples/client"})
+	}
+	errs := make(chan error, len(builds))
+	for _, args := range builds {
+		go func() {
+			cmd := exec.CommandContext(ctx, c.goCmd, args...)
+			cmd.Dir = c.root
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				errs <- fmt.Errorf("build: go %s: %w\n%s", strings.Join(args, " "), err, out)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	var all []error
+	for range builds {
+		all = append(all, <-errs)
+	}
+	return errors.Join(all...)
+}
