@@ -96,4 +96,4 @@ demo:
 	.cache/vmrun -run '^TestDemo$$'
 
 clean:
-	rm -rf bin var vmtest/out
+	rm -rf bin var .cache/vmrun .cache/vm/out

@@ -330,3 +330,113 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// stateOf returns the state of imageID's attachment, "" if it has none.
+func stateOf(ts *provisiontest.Server, imageID string) provision.State {
+	for _, info := range ts.Snapshot() {
+		if info.ImageID == imageID && info.State != provision.StateLingering {
+			return info.State
+		}
+	}
+	return ""
+}
+
+// A caller that hangs up while its attach is still in progress ends the
+// attach at once: the reservation is freed and no device is left behind.
+func TestCallerHangsUpDuringAttach(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts.Devices.Mu.Lock()
+	ts.Devices.Gate = make(chan struct{}) // the kernel step never ends
+	ts.Devices.Mu.Unlock()
+	conn, err := net.Dial("unixpacket", ts.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Write(protocol.AppendRequest(nil, protocol.CommandAttach, "vol")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return stateOf(ts, "vol.mvps-image") == provision.StateAttaching })
+	conn.Close()
+	waitFor(t, func() bool { return len(ts.Attachments()) == 0 })
+	if a, _ := ts.Devices.Counts(t); a != 0 {
+		t.Fatalf("%d devices attached for a caller that hung up", a)
+	}
+}
+
+// A request for an image whose previous attachment is still being detached
+// waits for that detach and then attaches.
+func TestReserveWaitsForDetach(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	first := ts.Attach(t, "vol")
+	gate := make(chan struct{})
+	ts.Devices.Mu.Lock()
+	ts.Devices.FlushGate = gate
+	ts.Devices.Mu.Unlock()
+	first.Close()
+	waitFor(t, func() bool { return stateOf(ts, "vol.mvps-image") == provision.StateDetaching })
+
+	second := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		a, err := protocol.Attach(ctx, ts.Socket, "vol")
+		if err == nil {
+			a.Close()
+		}
+		second <- err
+	}()
+	// The second request is in: its caller is counted as no longer
+	// waiting for its request, and the image is still detaching.
+	waitFor(t, func() bool {
+		return strings.Contains(ts.Logs(), "caller_pid") && stateOf(ts, "vol.mvps-image") == provision.StateDetaching
+	})
+	close(gate)
+	if err := <-second; err != nil {
+		t.Fatalf("attach during the previous detach: %v, want it to wait and succeed", err)
+	}
+	ts.Devices.WaitDetached(t, 1)
+}
+
+// With the engine gone, a detach does not wait on a flush that can never
+// complete.
+func TestDetachSkipsFlushWhenEngineIsDead(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	a := ts.Attach(t, "vol")
+	ts.EngineFailed()
+	a.Close()
+	ts.Devices.WaitDetached(t, 0)
+	if n := ts.Devices.FlushCount(0); n != 0 {
+		t.Fatalf("flushed %d times with the engine gone, want 0", n)
+	}
+	if !strings.Contains(ts.Logs(), "skipped: engine is gone") {
+		t.Fatalf("the skipped flush is not logged:\n%s", ts.Logs())
+	}
+}
+
+func TestSnapshot(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "a", "a.mvps-image", 1<<20)
+	ts.AddImage(t, "b", "b.mvps-image", 1<<20)
+	first := ts.Attach(t, "a")
+	second := ts.Attach(t, "b")
+	got := ts.Snapshot()
+	if len(got) != 2 {
+		t.Fatalf("snapshot %+v, want two attachments", got)
+	}
+	for i, want := range []struct{ key, image, device string }{
+		{"a", "a.mvps-image", "nbd0"}, {"b", "b.mvps-image", "nbd1"},
+	} {
+		info := got[i]
+		if info.Key != want.key || info.ImageID != want.image || !strings.HasSuffix(info.Device, want.device) ||
+			info.Mode != "fd" || info.State != provision.StateAttached || info.CallerPID != int32(os.Getpid()) || info.Since.IsZero() {
+			t.Errorf("snapshot[%d] = %+v", i, info)
+		}
+	}
+	first.Close()
+	second.Close()
+	ts.Devices.WaitDetaches(t, 2)
+	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+}

@@ -9,11 +9,11 @@
 //
 // in this package or any other package of the module. Run them all with
 //
-//	make integration    (or: bash vmtest/run.sh [-run REGEX])
+//	make integration    (or: go test -tags vmtest -exec $PWD/.cache/vmrun ./pkg/...)
 //
-// which builds the commands under ./cmd and every package with vmtest files as static
-// test binaries, boots the VM, runs each test binary as root with -test.v and reports
-// the results. Inside the VM the environment has MVPS_VM=1 and MVPS_BIN_DIR pointing at
+// vmtest/vmrun runs go test over every package with vmtest files and is its -exec
+// runner: it boots one VM per test binary, runs the binary there as root and hands back
+// its output and exit code, so that go test itself counts the results. Inside the VM the environment has MVPS_VM=1 and MVPS_BIN_DIR pointing at
 // the built commands; a test run elsewhere fails at once (requireVM).
 //
 // Without the vmtest build tag this package is empty, so "go test ./..." on the host

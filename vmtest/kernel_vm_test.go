@@ -15,7 +15,7 @@ import (
 )
 
 // TestVMSmoke checks that the guest offers what the other VM tests rely on. It runs in the
-// VM that vmtest/run.sh boots.
+// VM that vmtest/vmrun boots.
 func TestVMSmoke(t *testing.T) {
 	requireVM(t)
 

@@ -44,6 +44,8 @@ type Devices struct {
 	AttachErr error
 	// Gate, when set, makes Attach wait for it to close.
 	Gate chan struct{}
+	// FlushGate, when set, makes Flush wait for it to close.
+	FlushGate chan struct{}
 	// StillOpen makes Detach report nbddev.ErrStillOpen and Busy report
 	// true while it holds the device's index.
 	StillOpen map[uint32]bool
@@ -102,7 +104,15 @@ func (f *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Ex
 func (f *Devices) Flush(ctx context.Context, dev *nbddev.Device) error {
 	f.Mu.Lock()
 	f.flushes[dev.Index]++
+	gate := f.FlushGate
 	f.Mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	return dev.File.Sync()
 }
 
