@@ -1,0 +1,408 @@
+// Package configmap serves image configs from one Kubernetes ConfigMap
+// (PROVISIONER_IMAGES_CM=<namespace>/<name>), kept current by an informer.
+//
+// It is the only package of the project that imports client-go, which is
+// large: the sidecar, the example client and the protocol package must
+// never link it, so nothing outside the daemon's start-up may import this
+// package.
+//
+// Each key of the ConfigMap's data is an image key; each value is the same
+// strict JSON as a file in IMAGE_CONFIG_DIRECTORY, checked by
+// imageconfig.Parse. Every change is parsed once, when it arrives,
+// so Lookup never calls the API server and never parses.
+package configmap
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/tools/cache"
+)
+
+// ErrInvalidConfig is wrapped by Lookup's error when the key's value is not a
+// valid image config (the daemon's invalid_config).
+var ErrInvalidConfig = imageconfig.ErrInvalid
+
+// ErrBadKey is wrapped by Lookup's error when the key itself is not a valid
+// image key (the daemon's bad_request).
+var ErrBadKey = protocol.ErrBadRequest
+
+// A missing ConfigMap or key is an error wrapping imageconfig.ErrNotFound and
+// os.ErrNotExist (the daemon's not_found), as for a missing file in
+// IMAGE_CONFIG_DIRECTORY.
+
+// DefaultSyncTimeout bounds how long New waits for the first sync.
+const DefaultSyncTimeout = 30 * time.Second
+
+// maxValueSize is the bound a config file has: a real config is a few dozen
+// bytes.
+const maxValueSize = 64 << 10
+
+// Option changes how New builds a Source.
+type Option func(*options)
+
+type options struct {
+	syncTimeout time.Duration
+	server      string
+}
+
+// WithSyncTimeout bounds the wait for the first sync (DefaultSyncTimeout
+// otherwise).
+func WithSyncTimeout(d time.Duration) Option { return func(o *options) { o.syncTimeout = d } }
+
+// WithServer names the API server in errors and logs (the client does not
+// say which server it talks to).
+func WithServer(server string) Option { return func(o *options) { o.server = server } }
+
+// entry is one parsed data key.
+type entry struct {
+	cfg     imageconfig.Config
+	invalid bool
+}
+
+// Source is a live view of one ConfigMap's image configs.
+type Source struct {
+	namespace, name, server string
+	log                     *slog.Logger
+
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the informer has stopped
+
+	mu              sync.RWMutex
+	present         bool // the ConfigMap exists
+	resourceVersion string
+	entries         map[string]entry
+	invalidKeys     int
+	lastSync        time.Time // last successful list, watch or event
+	failing         bool
+	failingSince    time.Time
+	lastErr         string
+	synced          bool
+	// firstSyncFail ends New's wait early on an error that retrying will
+	// not fix (forbidden, unauthorized).
+	firstSyncFail context.CancelCauseFunc
+}
+
+// Status is the health of a Source, for status output and metrics.
+type Status struct {
+	Namespace, Name, Server string
+	// Present tells whether the ConfigMap exists; when it does not, every
+	// key is not_found.
+	Present bool
+	// ResourceVersion is that of the ConfigMap being served.
+	ResourceVersion string
+	// Keys counts the data keys served, InvalidKeys those that are
+	// invalid_config.
+	Keys, InvalidKeys int
+	// LastSync is when the API server last answered a list or watch or
+	// sent an event.
+	LastSync time.Time
+	// Failing is true while the API server cannot be reached or refuses
+	// the list or watch; the last synced configs keep being served.
+	Failing      bool
+	FailingSince time.Time
+	// LastError is the most recent list or watch error (empty once healthy).
+	LastError string
+}
+
+// Client is what a Source needs of the API server: list and watch the
+// ConfigMaps of one namespace. client-go's typed ConfigMapInterface
+// (clientset.CoreV1().ConfigMaps(namespace)) and its fake satisfy it;
+// NewFromEnv uses NewRESTClient, which knows only core/v1, because the typed
+// clientset's scheme links every API group into the daemon (measured: about
+// 17 MB more).
+type Client interface {
+	List(ctx context.Context, opts metav1.ListOptions) (*corev1.ConfigMapList, error)
+	Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error)
+}
+
+// noWatchList tells the reflector to list and then watch instead of asking
+// for a streamed initial list: for a single small object the streamed list
+// saves nothing, and not every Client (client-go's fakes) supports it.
+type noWatchList struct{}
+
+func (noWatchList) IsWatchListSemanticsUnSupported() bool { return true }
+
+// New starts an informer on the ConfigMap namespace/name and waits for its
+// first sync, at most the sync timeout. It fails at once if the API server
+// refuses the list (forbidden or unauthorized). A ConfigMap that does not
+// exist is not an error: every key is not_found until it is created. The
+// informer runs until ctx is cancelled or Close is called.
+func New(ctx context.Context, client Client, namespace, name string, log *slog.Logger, opts ...Option) (*Source, error) {
+	o := options{syncTimeout: DefaultSyncTimeout, server: "the API server"}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := ValidateRef(namespace, name); err != nil {
+		return nil, err
+	}
+	s := &Source{
+		namespace: namespace,
+		name:      name,
+		server:    o.server,
+		log:       log.With("configmap", namespace+"/"+name),
+		done:      make(chan struct{}),
+		entries:   map[string]entry{},
+	}
+
+	// Only the one object: list and watch with a field selector on its
+	// name, which is also what lets a Role with resourceNames allow them.
+	selector := fields.OneTermEqualSelector("metadata.name", name).String()
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
+			lo.FieldSelector = selector
+			obj, err := client.List(ctx, lo)
+			s.noteCall(err)
+			return obj, err
+		},
+		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (watch.Interface, error) {
+			lo.FieldSelector = selector
+			w, err := client.Watch(ctx, lo)
+			s.noteCall(err)
+			return w, err
+		},
+	}
+	informer := cache.NewSharedIndexInformerWithOptions(
+		cache.ToListWatcherWithWatchListSemantics(lw, noWatchList{}), &corev1.ConfigMap{},
+		cache.SharedIndexInformerOptions{ObjectDescription: "configmap " + namespace + "/" + name})
+	// A dropped watch is retried by the reflector; record it as an outage
+	// instead of client-go's default of logging each retry.
+	if err := informer.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
+		s.noteCall(err)
+	}); err != nil {
+		return nil, fmt.Errorf("configmap %s/%s: %w", namespace, name, err)
+	}
+	reg, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { s.apply(obj) },
+		UpdateFunc: func(_, obj any) { s.apply(obj) },
+		DeleteFunc: func(obj any) { s.remove(obj) },
+	})
+	if err != nil {
+		return nil, fmt.Errorf("configmap %s/%s: %w", namespace, name, err)
+	}
+
+	waitCtx, failWait := context.WithCancelCause(ctx)
+	defer failWait(nil)
+	s.mu.Lock()
+	s.firstSyncFail = failWait
+	s.mu.Unlock()
+
+	runCtx, cancel := context.WithCancel(ctx)
+	s.cancel = cancel
+	go func() {
+		defer close(s.done)
+		informer.RunWithContext(runCtx)
+	}()
+
+	timer := time.NewTimer(o.syncTimeout)
+	defer timer.Stop()
+	var cause error
+	select {
+	case <-reg.HasSyncedChecker().Done():
+	case <-timer.C:
+		cause = fmt.Errorf("not synced within %v", o.syncTimeout)
+		if last := s.Status().LastError; last != "" {
+			cause = fmt.Errorf("%w; last error: %s", cause, last)
+		}
+	case <-waitCtx.Done():
+		cause = context.Cause(waitCtx)
+	}
+	if cause != nil {
+		s.Close()
+		return nil, fmt.Errorf("configmap %s/%s on %s: first sync failed: %w", namespace, name, o.server, cause)
+	}
+
+	s.mu.Lock()
+	s.synced = true
+	s.firstSyncFail = nil
+	present := s.present
+	s.mu.Unlock()
+	if !present {
+		s.log.Warn("ConfigMap does not exist; every image key is not_found until it is created", "server", o.server)
+	}
+	st := s.Status()
+	s.log.Info("image configs synced from ConfigMap", "server", o.server, "resource_version", st.ResourceVersion,
+		"keys", st.Keys, "invalid_keys", st.InvalidKeys)
+	return s, nil
+}
+
+// Close stops the informer and waits for it to end. Lookup keeps answering
+// from the last synced configs.
+func (s *Source) Close() {
+	s.cancel()
+	<-s.done
+}
+
+// Done is closed once the informer has stopped (Close or ctx cancelled).
+func (s *Source) Done() <-chan struct{} { return s.done }
+
+// Lookup returns the image config for key from memory. The error wraps
+// ErrBadKey, os.ErrNotExist (no ConfigMap or no such key) or ErrInvalidConfig;
+// it never contains the config's content.
+func (s *Source) Lookup(key string) (imageconfig.Config, error) {
+	if err := protocol.ValidateKey(key); err != nil {
+		return imageconfig.Config{}, fmt.Errorf("%w: %v", ErrBadKey, err)
+	}
+	s.mu.RLock()
+	e, ok := s.entries[key]
+	s.mu.RUnlock()
+	if !ok {
+		return imageconfig.Config{}, fmt.Errorf("no image config for key %q in ConfigMap %s/%s: %w (%w)", key, s.namespace, s.name, imageconfig.ErrNotFound, os.ErrNotExist)
+	}
+	if e.invalid {
+		// The reason was logged when the change arrived; the caller gets
+		// only the key, as the value may hold what it should not see.
+		return imageconfig.Config{}, fmt.Errorf("image config for key %q in ConfigMap %s/%s: %w", key, s.namespace, s.name, ErrInvalidConfig)
+	}
+	return e.cfg, nil
+}
+
+// Status reports the Source's health.
+func (s *Source) Status() Status {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return Status{
+		Namespace: s.namespace, Name: s.name, Server: s.server,
+		Present:         s.present,
+		ResourceVersion: s.resourceVersion,
+		Keys:            len(s.entries),
+		InvalidKeys:     s.invalidKeys,
+		LastSync:        s.lastSync,
+		Failing:         s.failing,
+		FailingSince:    s.failingSince,
+		LastError:       s.lastErr,
+	}
+}
+
+// noteCall records the outcome of a list or watch call: the first failure
+// of an outage and the recovery are logged once each.
+func (s *Source) noteCall(err error) {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err == nil {
+		s.lastSync = now
+		if s.failing {
+			s.log.Info("API server reachable again; ConfigMap watch resumed", "server", s.server,
+				"outage", now.Sub(s.failingSince).Round(time.Millisecond))
+		}
+		s.failing, s.failingSince, s.lastErr = false, time.Time{}, ""
+		return
+	}
+	if errors.Is(err, context.Canceled) {
+		return // Close or the daemon's shutdown, not an outage
+	}
+	s.lastErr = err.Error()
+	if !s.failing {
+		s.failing, s.failingSince = true, now
+		if s.synced {
+			s.log.Warn("ConfigMap watch failing; serving the last synced image configs", "server", s.server,
+				"resource_version", s.resourceVersion, "err", err)
+		}
+	}
+	if !s.synced && s.firstSyncFail != nil && (apierrors.IsForbidden(err) || apierrors.IsUnauthorized(err)) {
+		s.firstSyncFail(err)
+	}
+}
+
+// apply replaces the served configs with those of a ConfigMap the informer
+// delivered. A relist after an outage delivers the same resourceVersion
+// again: it is not a change, so it is neither parsed nor logged again.
+func (s *Source) apply(obj any) {
+	cm, ok := obj.(*corev1.ConfigMap)
+	if !ok || cm.Namespace != s.namespace || cm.Name != s.name {
+		// The field selector makes this impossible against a real API
+		// server; a fake or a proxy that ignores it must not mix objects.
+		return
+	}
+	now := time.Now()
+	s.mu.RLock()
+	same := s.present && s.resourceVersion == cm.ResourceVersion
+	s.mu.RUnlock()
+	if same {
+		s.mu.Lock()
+		s.lastSync = now
+		s.mu.Unlock()
+		return
+	}
+	entries, invalid := parseData(cm, s.log)
+	s.mu.Lock()
+	s.present, s.resourceVersion, s.entries, s.invalidKeys, s.lastSync = true, cm.ResourceVersion, entries, invalid, now
+	synced := s.synced
+	s.mu.Unlock()
+	if synced {
+		s.log.Info("image configs updated from ConfigMap", "resource_version", cm.ResourceVersion,
+			"keys", len(entries), "invalid_keys", invalid)
+	}
+}
+
+// remove forgets every config: a deleted ConfigMap means not_found.
+func (s *Source) remove(obj any) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = d.Obj
+	}
+	if cm, ok := obj.(*corev1.ConfigMap); !ok || cm.Namespace != s.namespace || cm.Name != s.name {
+		return
+	}
+	s.mu.Lock()
+	s.present, s.resourceVersion, s.entries, s.invalidKeys, s.lastSync = false, "", map[string]entry{}, 0, time.Now()
+	s.mu.Unlock()
+	s.log.Warn("ConfigMap deleted; every image key is not_found until it is created again")
+}
+
+// parseData parses every data key of cm, logging each bad one (this runs
+// once per resourceVersion).
+func parseData(cm *corev1.ConfigMap, log *slog.Logger) (map[string]entry, int) {
+	entries := make(map[string]entry, len(cm.Data))
+	invalid := 0
+	for key, value := range cm.Data {
+		if err := protocol.ValidateKey(key); err != nil {
+			// Lookup refuses such a key before looking, so it can never be
+			// served; say so instead of dropping it silently.
+			log.Warn("ConfigMap key is not a valid image key and is ignored", "key", key,
+				"resource_version", cm.ResourceVersion, "err", err)
+			continue
+		}
+		var (
+			cfg imageconfig.Config
+			err error
+		)
+		if len(value) > maxValueSize {
+			err = fmt.Errorf("value is larger than %d bytes", maxValueSize)
+		} else {
+			cfg, err = imageconfig.Parse([]byte(value))
+		}
+		if err != nil {
+			invalid++
+			entries[key] = entry{invalid: true}
+			// The reason goes to the operator's log only, never to a caller.
+			log.Warn("invalid image config in ConfigMap; the key answers invalid_config", "key", key,
+				"resource_version", cm.ResourceVersion, "err", err)
+			continue
+		}
+		entries[key] = entry{cfg: cfg}
+	}
+	for key := range cm.BinaryData {
+		if _, dup := cm.Data[key]; !dup {
+			log.Warn("ConfigMap binaryData is not read; the key answers not_found", "key", key,
+				"resource_version", cm.ResourceVersion)
+		}
+	}
+	return entries, invalid
+}
