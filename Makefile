@@ -55,7 +55,7 @@ help:
 	@echo "  demo         the whole story (attach, write, detach, reattach, verify) in a VM"
 	@echo "  clean        remove bin/, var/ and vmtest/out/"
 
-test: deps lint unit integration
+test: deps lint unit integration k8s-test
 
 deps:
 	@missing=""; for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

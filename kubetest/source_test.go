@@ -1,6 +1,7 @@
 package kubetest
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"os"
@@ -14,7 +15,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
 
 const (
@@ -215,4 +219,48 @@ func TestServiceAccountReadsOnlyItsConfigMap(t *testing.T) {
 		}
 		t.Logf("another ConfigMap refused in %v: %v", took, err)
 	}
+}
+
+// The provisioner itself, serving callers from the ConfigMap: what a caller
+// attaches follows the ConfigMap's edits.
+func TestProvisionerServesFromConfigMap(t *testing.T) {
+	a := cluster(t)
+	token := deploy(t, a)
+	admin := a.admin(t)
+	setData(t, admin, map[string]string{"demo": `{"image_id": "demo.mvps-image", "image_size": 1048576}`})
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	t.Setenv("KUBECONFIG", a.kubeconfig(t, token))
+	src, err := configmap.NewFromEnv(t.Context(), cmRef, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(src.Close)
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Images = src })
+
+	att := ts.Attach(t, "demo")
+	if st, err := att.Device.Stat(); err != nil || st.Size() != 1<<20 {
+		t.Fatalf("attached device: %v, %v", st, err)
+	}
+	att.Close()
+	ts.Devices.WaitDetached(t, 0)
+
+	setData(t, admin, map[string]string{
+		"demo":   `{"image_id": "demo.mvps-image", "image_size": 1048576, "modes": ["mount"]}`,
+		"broken": `{"image_id": "nope", "image_size": 4096}`,
+	})
+	code := func(key string) string {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		a, err := protocol.Attach(ctx, ts.Socket, key)
+		if err == nil {
+			a.Close()
+		}
+		return provisiontest.Code(err)
+	}
+	eventually(t, 2*time.Second, "edit applied to attaches", func() bool { return code("demo") == protocol.CodeForbidden })
+	if code := ts.AttachCode(t, "broken"); code != protocol.CodeInvalidConfig {
+		t.Fatalf("broken entry: %q, want invalid_config", code)
+	}
+	setData(t, admin, map[string]string{})
+	eventually(t, 2*time.Second, "removed key not_found", func() bool { return code("demo") == protocol.CodeNotFound })
 }

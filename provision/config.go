@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -21,8 +22,16 @@ type Config struct {
 	ListenPath     string      // PROVISIONER_LISTEN_PATH, --listen-path (required)
 	SocketMode     fs.FileMode // PROVISIONER_SOCKET_MODE, --socket-mode (0660)
 	SocketGroup    string      // PROVISIONER_SOCKET_GROUP, --socket-group
-	ImageConfigDir string      // IMAGE_CONFIG_DIRECTORY, --image-config-directory (required)
-	EngineBin      string      // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
+	ImageConfigDir string      // IMAGE_CONFIG_DIRECTORY, --image-config-directory
+	// ImagesConfigMap is PROVISIONER_IMAGES_CM, --images-configmap:
+	// "<namespace>/<name>" of a ConfigMap holding the image configs.
+	// Exactly one of it and ImageConfigDir is set.
+	ImagesConfigMap string
+	// Images, when set, is where image configs come from instead of
+	// ImageConfigDir: the ConfigMap source, which the command opens so that
+	// this package never links the Kubernetes client.
+	Images    ImageSource
+	EngineBin string // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
 	// EngineListen is PROVISIONER_ENGINE_LISTEN, --engine-listen: empty
 	// means a Unix socket in a private runtime directory.
 	EngineListen string
@@ -54,7 +63,8 @@ var settings = []setting{
 	{"PROVISIONER_LISTEN_PATH", "listen-path", "", "SEQPACKET socket to serve callers on (required)"},
 	{"PROVISIONER_SOCKET_MODE", "socket-mode", "0660", "permission bits of the socket, octal"},
 	{"PROVISIONER_SOCKET_GROUP", "socket-group", "", "group (name or gid) that owns the socket"},
-	{"IMAGE_CONFIG_DIRECTORY", "image-config-directory", "", "directory with one JSON file per image key (required)"},
+	{"IMAGE_CONFIG_DIRECTORY", "image-config-directory", "", "directory with one JSON file per image key (this or PROVISIONER_IMAGES_CM)"},
+	{"PROVISIONER_IMAGES_CM", "images-configmap", "", "namespace/name of a Kubernetes ConfigMap with one image config per key (this or IMAGE_CONFIG_DIRECTORY)"},
 	{"PROVISIONER_ENGINE_BIN", "engine-bin", DefaultEngineBin, "mvps-te executable"},
 	{"PROVISIONER_ENGINE_LISTEN", "engine-listen", "", "engine address, unix:/path or host:port (default: a socket in a private runtime directory)"},
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error"},
@@ -71,6 +81,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	dst := map[string]*string{
 		"PROVISIONER_LISTEN_PATH": &cfg.ListenPath, "PROVISIONER_SOCKET_MODE": &mode,
 		"PROVISIONER_SOCKET_GROUP": &cfg.SocketGroup, "IMAGE_CONFIG_DIRECTORY": &cfg.ImageConfigDir,
+		"PROVISIONER_IMAGES_CM":  &cfg.ImagesConfigMap,
 		"PROVISIONER_ENGINE_BIN": &cfg.EngineBin, "PROVISIONER_ENGINE_LISTEN": &cfg.EngineListen,
 		"PROVISIONER_LOG_LEVEL": &cfg.LogLevel, "PROVISIONER_MKE2FS": &cfg.Mke2fs, "PROVISIONER_BLKID": &cfg.Blkid,
 		"PROVISIONER_MOUNT_BASE": &cfg.MountBase,
@@ -103,8 +114,16 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		return Config{}, fmt.Errorf("PROVISIONER_SOCKET_MODE (--socket-mode) %q is not an octal mode like 0660", mode)
 	}
 	cfg.SocketMode = fs.FileMode(m)
-	if cfg.ImageConfigDir == "" {
-		return Config{}, errors.New("IMAGE_CONFIG_DIRECTORY (--image-config-directory) is required")
+	switch {
+	case cfg.ImageConfigDir == "" && cfg.ImagesConfigMap == "":
+		return Config{}, errors.New("IMAGE_CONFIG_DIRECTORY (--image-config-directory) or PROVISIONER_IMAGES_CM (--images-configmap) is required")
+	case cfg.ImageConfigDir != "" && cfg.ImagesConfigMap != "":
+		return Config{}, errors.New("IMAGE_CONFIG_DIRECTORY and PROVISIONER_IMAGES_CM are both set; image configs come from exactly one of them")
+	case cfg.ImagesConfigMap != "":
+		ns, name, ok := strings.Cut(cfg.ImagesConfigMap, "/")
+		if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+			return Config{}, fmt.Errorf("PROVISIONER_IMAGES_CM (--images-configmap) %q is not namespace/name", cfg.ImagesConfigMap)
+		}
 	}
 	if cfg.EngineListen != "" {
 		if _, _, err := engine.ParseListen(cfg.EngineListen); err != nil {
@@ -122,17 +141,32 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	return cfg, nil
 }
 
-// Check verifies what ParseConfig cannot see without the file system.
+// Check verifies what ParseConfig cannot see without the file system, so
+// that a setting the machine contradicts stops start-up with one line.
 func (cfg Config) Check() error {
-	st, err := os.Stat(cfg.ImageConfigDir)
-	if err != nil {
-		return fmt.Errorf("IMAGE_CONFIG_DIRECTORY %s: %w", cfg.ImageConfigDir, err)
+	if cfg.ImageConfigDir != "" {
+		st, err := os.Stat(cfg.ImageConfigDir)
+		if err != nil {
+			return fmt.Errorf("IMAGE_CONFIG_DIRECTORY %s: %w", cfg.ImageConfigDir, err)
+		}
+		if !st.IsDir() {
+			return fmt.Errorf("IMAGE_CONFIG_DIRECTORY %s is not a directory", cfg.ImageConfigDir)
+		}
 	}
-	if !st.IsDir() {
-		return fmt.Errorf("IMAGE_CONFIG_DIRECTORY %s is not a directory", cfg.ImageConfigDir)
+	if st, err := os.Stat(filepath.Dir(cfg.ListenPath)); err != nil || !st.IsDir() {
+		return fmt.Errorf("PROVISIONER_LISTEN_PATH %s: its directory %s does not exist", cfg.ListenPath, filepath.Dir(cfg.ListenPath))
+	}
+	if cfg.SocketGroup != "" {
+		if _, err := lookupGroup(cfg.SocketGroup); err != nil {
+			return fmt.Errorf("PROVISIONER_SOCKET_GROUP: %w", err)
+		}
 	}
 	if _, err := exec.LookPath(cfg.EngineBin); err != nil {
-		return fmt.Errorf("PROVISIONER_ENGINE_BIN %s: %w", cfg.EngineBin, err)
+		hint := ""
+		if cfg.EngineBin == DefaultEngineBin {
+			hint = "; without mvps-te installed, use the stand-in built by 'make build': --engine-bin=bin/mvps-te-dev (or 'make run')"
+		}
+		return fmt.Errorf("PROVISIONER_ENGINE_BIN %s: %w%s", cfg.EngineBin, err, hint)
 	}
 	return nil
 }
@@ -149,4 +183,19 @@ func Usage() string {
 	fset.PrintDefaults()
 	b.WriteString("\nMVPS_TE_JWT_SECRET (environment only): the engine's token secret; random when unset.\n")
 	return b.String()
+}
+
+func lookupGroup(group string) (int, error) {
+	if gid, err := strconv.Atoi(group); err == nil && gid >= 0 {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(group)
+	if err != nil {
+		return -1, fmt.Errorf("socket group %q: %w", group, err)
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return -1, fmt.Errorf("socket group %q has gid %q: %w", group, g.Gid, err)
+	}
+	return gid, nil
 }

@@ -24,10 +24,10 @@ const ShutdownTimeout = 2 * time.Minute
 // then detaches every device, stops the engine and removes its socket. It
 // returns nil after a clean shutdown and an error when start-up failed or
 // the engine died.
+//
+// cfg must have passed Check; its Images, when set, replaces the image
+// config directory.
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
-	if err := cfg.Check(); err != nil {
-		return err
-	}
 	raiseFileLimit(log)
 	secret := cfg.Secret
 	if secret == "" {
@@ -85,9 +85,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	} else {
 		mounter = m
 	}
+	var images ImageSource = imageconfig.Dir(cfg.ImageConfigDir)
+	if cfg.Images != nil {
+		images = cfg.Images
+	}
 	srv, err := NewServer(ServerConfig{
 		Mounter:    mounter,
-		Images:     imageconfig.Dir(cfg.ImageConfigDir),
+		Images:     images,
 		Secret:     []byte(secret),
 		DialEngine: eng.Dial,
 		Devices:    devices,
@@ -100,7 +104,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
+	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir, "images_configmap", cfg.ImagesConfigMap,
 		"engine", cfg.EngineBin, "engine_pid", eng.Pid())
 
 	var runErr error

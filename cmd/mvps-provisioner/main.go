@@ -14,6 +14,7 @@ import (
 	"syscall"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 )
 
 func main() {
@@ -33,14 +34,21 @@ func main() {
 	level.UnmarshalText([]byte(strings.ToUpper(cfg.LogLevel)))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		sig := <-sigs
-		log.Info("received signal", "signal", sig.String())
-		cancel()
-	}()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	context.AfterFunc(ctx, func() { log.Info("received signal", "signal", context.Cause(ctx).Error()) })
+
+	if cfg.ImagesConfigMap != "" {
+		// Waits for the first sync, bounded; the error names the API
+		// server and the object.
+		src, err := configmap.NewFromEnv(ctx, cfg.ImagesConfigMap, log)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "mvps-provisioner: %v\n", err)
+			os.Exit(2)
+		}
+		defer src.Close()
+		cfg.Images = src
+	}
 	if err := provision.Run(ctx, cfg, log); err != nil {
 		log.Error("mvps-provisioner failed", "err", err)
 		os.Exit(1)

@@ -37,6 +37,12 @@ func TestBadSettings(t *testing.T) {
 		{"bad mode", map[string]string{"PROVISIONER_SOCKET_MODE": "0999"}, nil, "PROVISIONER_SOCKET_MODE"},
 		{"bad engine listen", map[string]string{"PROVISIONER_ENGINE_LISTEN": "localhost"}, nil, "PROVISIONER_ENGINE_LISTEN"},
 		{"bad flag", nil, []string{"--socket-mode=abc"}, "PROVISIONER_SOCKET_MODE"},
+		{"both image sources", map[string]string{"PROVISIONER_IMAGES_CM": "ns/images"}, nil, "PROVISIONER_IMAGES_CM"},
+		{"bad configmap ref", map[string]string{"IMAGE_CONFIG_DIRECTORY": "", "PROVISIONER_IMAGES_CM": "images"}, nil, "PROVISIONER_IMAGES_CM"},
+		{"unknown socket group", map[string]string{"PROVISIONER_SOCKET_GROUP": "no-such-group-here"}, nil, "PROVISIONER_SOCKET_GROUP"},
+		{"listen directory missing", map[string]string{"PROVISIONER_LISTEN_PATH": filepath.Join(dir, "nope", "p.sock")}, nil, "PROVISIONER_LISTEN_PATH"},
+		{"configmap unreachable", map[string]string{"IMAGE_CONFIG_DIRECTORY": "", "PROVISIONER_IMAGES_CM": "ns/images",
+			"KUBECONFIG": filepath.Join(dir, "no-kubeconfig")}, nil, "PROVISIONER_IMAGES_CM"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
