@@ -19,14 +19,25 @@ import (
 
 // attachment is one image attached for one caller.
 type attachment struct {
-	imageID string
-	key     string
-	mode    string // "fd" or "mount"
-	dev     *nbddev.Device
-	// root, in mount mode, is held open on the file system's root.
+	imageID   string
+	imageSize uint64
+	clientID  string
+	key       string
+	mode      string // "fd" or "mount"
+	dev       *nbddev.Device
+	// root, in mount mode, is held open on the file system's root; nil for
+	// an attachment taken over from an earlier run.
 	root   *os.File
 	caller callerInfo
-	once   sync.Once
+	// ctx is the attachment's life: it ends when the caller is gone, at
+	// shutdown, or when its device cannot be recovered. cancel's cause
+	// says which.
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	// unrecoverable is set when recovery failed: the device's connection
+	// is dead, so a flush could only wait for nothing.
+	unrecoverable bool
+	once          sync.Once
 
 	// Guarded by the registry's lock.
 	state      State
@@ -41,7 +52,7 @@ type attachment struct {
 func (s *Server) attach(ctx context.Context, image imageconfig.Config, sp *spans) (*nbddev.Device, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
 	defer cancel()
-	conn, export, err := s.openSession(ctx, image, sp)
+	conn, export, err := s.openSession(ctx, image, engine.ClientID(s.cfg.Host, image.ImageID), sp)
 	if err != nil {
 		return nil, err
 	}
@@ -55,9 +66,9 @@ func (s *Server) attach(ctx context.Context, image imageconfig.Config, sp *spans
 
 // openSession opens an engine session for image: token, dial, handshake,
 // and the probe read that proves the engine serves it.
-func (s *Server) openSession(ctx context.Context, image imageconfig.Config, sp *spans) (net.Conn, handshake.Export, error) {
+func (s *Server) openSession(ctx context.Context, image imageconfig.Config, clientID string, sp *spans) (net.Conn, handshake.Export, error) {
 	token, err := engine.SignToken(s.cfg.Secret, engine.Session{
-		ImageID: image.ImageID, ImageSize: image.ImageSize, ClientID: engine.ClientID(s.cfg.Host, image.ImageID),
+		ImageID: image.ImageID, ImageSize: image.ImageSize, ClientID: clientID,
 	}, time.Now())
 	if err != nil {
 		return nil, handshake.Export{}, err
@@ -94,12 +105,15 @@ func (s *Server) openSession(ctx context.Context, image imageconfig.Config, sp *
 func (s *Server) detach(a *attachment, reason string) {
 	a.once.Do(func() {
 		defer s.reg.release(a)
+		if a.cancel != nil {
+			a.cancel(errDetached)
+		}
 		since := time.Now()
 		if old := s.reg.setState(a, StateDetaching); old == StateAttached {
 			since = a.since
 		}
 		s.mu.Lock()
-		engineDead := s.engineDead
+		engineDead := s.engineDead || a.unrecoverable
 		s.mu.Unlock()
 
 		var fsErr error
@@ -113,6 +127,13 @@ func (s *Server) detach(a *attachment, reason string) {
 			// The file system first: its dirty data goes to the device,
 			// and once released an unmounted file system shuts down.
 			fsErr = mount.SyncAndRelease(a.root)
+		case a.mode == "mount" && !engineDead:
+			// Taken over from an earlier run, which held the file system:
+			// wait (bounded) until the caller's mounts are gone and the
+			// file system has written itself back and shut down.
+			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.FlushTimeout)
+			fsErr = s.cfg.Devices.WaitUnmounted(ctx, a.dev)
+			cancel()
 		}
 		flushErr := errors.New("skipped: engine is gone")
 		if !engineDead {
@@ -123,6 +144,7 @@ func (s *Server) detach(a *attachment, reason string) {
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DetachTimeout)
 		detachErr := s.cfg.Devices.Detach(ctx, a.dev)
 		cancel()
+		s.forget(a)
 
 		attrs := []any{"image_id", a.imageID, "device", a.dev.Path, "reason", reason,
 			"caller_pid", a.caller.pid, "caller_uid", a.caller.uid,
@@ -143,6 +165,29 @@ func (s *Server) detach(a *attachment, reason string) {
 			s.log.Info("detached", attrs...)
 		}
 	})
+}
+
+// errDetached ends an attachment's context once its detach has begun.
+var errDetached = errors.New("detached")
+
+// record writes a's state file, so that a restarted provisioner can take
+// the attachment over; index is -1 before the kernel attach.
+func (s *Server) record(a *attachment, index int64) error {
+	if s.cfg.State == nil {
+		return nil
+	}
+	return s.cfg.State.write(stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
+		Index: index, Mode: a.mode, CallerPID: a.caller.pid, CallerStart: a.caller.start})
+}
+
+// forget removes a's state file once its device is detached.
+func (s *Server) forget(a *attachment) {
+	if s.cfg.State == nil {
+		return
+	}
+	if err := s.cfg.State.remove(a.imageID); err != nil {
+		s.log.Error("state file left behind", "image_id", a.imageID, "err", err)
+	}
 }
 
 // checkLingering refuses a new attach while too many detached devices are

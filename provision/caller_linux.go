@@ -1,11 +1,13 @@
 package provision
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"strconv"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -15,6 +17,9 @@ import (
 // the kernel did not tell is -1.
 type callerInfo struct {
 	pid, uid, gid int32
+	// start is the process's start time (clock ticks after boot), which
+	// with pid names it for good; 0 if unknown.
+	start uint64
 	// pidfd pins the caller's process: a pid can be reused once its process
 	// is gone, a pidfd cannot.
 	pidfd int
@@ -64,6 +69,15 @@ func (c *callerInfo) openPidfd(conn *net.UnixConn) {
 			c.pidfd = pfd
 		}
 	}
+	// Read while the pidfd proves the process is the one that connected.
+	if start, err := processStart(c.pid); err == nil && c.alive() {
+		c.start = start
+	}
+}
+
+// alive reports whether the process of the pidfd still runs.
+func (c callerInfo) alive() bool {
+	return c.pidfd >= 0 && unix.PidfdSendSignal(c.pidfd, 0, nil, 0) == nil
 }
 
 func (c *callerInfo) close() {
@@ -138,4 +152,49 @@ func authorizeMount(caller callerInfo, ns, dir *os.File) error {
 		return failf(ErrForbidden, "uid %d may mount only onto a directory it owns (this one is uid %d's)", caller.uid, st.Uid)
 	}
 	return nil
+}
+
+// findCaller finds the process that made an attachment in an earlier run:
+// pid, if it still runs and started at start. A reused pid has another
+// start time and is never taken for it.
+func findCaller(pid int32, start uint64) (callerInfo, bool) {
+	c := callerInfo{pid: pid, uid: -1, gid: -1, pidfd: -1}
+	if pid <= 0 || start == 0 {
+		return c, false
+	}
+	pfd, err := unix.PidfdOpen(int(pid), 0)
+	if err != nil {
+		return c, false
+	}
+	c.pidfd = pfd
+	got, err := processStart(pid)
+	if err != nil || got != start || !c.alive() {
+		c.close()
+		return c, false
+	}
+	c.start = start
+	if st, err := os.Stat("/proc/" + strconv.Itoa(int(pid))); err == nil {
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+			c.uid, c.gid = int32(sys.Uid), int32(sys.Gid)
+		}
+	}
+	return c, true
+}
+
+// waitExit blocks until the caller's process exits or ctx ends; it reports
+// whether the process exited.
+func (c callerInfo) waitExit(ctx context.Context) bool {
+	// A pidfd becomes readable when its process exits. Poll in slices so
+	// that ctx is heeded without another descriptor to wake the poll.
+	fds := []unix.PollFd{{Fd: int32(c.pidfd), Events: unix.POLLIN}}
+	for ctx.Err() == nil {
+		n, err := unix.Poll(fds, 200)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return false
+		}
+		if n > 0 {
+			return true
+		}
+	}
+	return false
 }

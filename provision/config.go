@@ -43,6 +43,9 @@ type Config struct {
 	// without them mount mode is disabled.
 	Mke2fs string // PROVISIONER_MKE2FS, --mke2fs (/usr/sbin/mke2fs)
 	Blkid  string // PROVISIONER_BLKID, --blkid (/usr/sbin/blkid)
+	// StateDir is PROVISIONER_STATE_DIR, --state-dir: one record per
+	// attachment, for a restarted provisioner to take over.
+	StateDir string
 	// MountBase is PROVISIONER_MOUNT_BASE, --mount-base: when set, callers
 	// other than uid 0 may mount only below it.
 	MountBase string
@@ -70,6 +73,7 @@ var settings = []setting{
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error"},
 	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images"},
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures"},
+	{"PROVISIONER_STATE_DIR", "state-dir", DefaultStateDir, "directory of the attachment records a restarted provisioner takes over (one provisioner per directory)"},
 	{"PROVISIONER_MOUNT_BASE", "mount-base", "", "absolute directory that mounts of callers other than uid 0 must be under (default: anywhere they own)"},
 }
 
@@ -84,7 +88,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		"PROVISIONER_IMAGES_CM":  &cfg.ImagesConfigMap,
 		"PROVISIONER_ENGINE_BIN": &cfg.EngineBin, "PROVISIONER_ENGINE_LISTEN": &cfg.EngineListen,
 		"PROVISIONER_LOG_LEVEL": &cfg.LogLevel, "PROVISIONER_MKE2FS": &cfg.Mke2fs, "PROVISIONER_BLKID": &cfg.Blkid,
-		"PROVISIONER_MOUNT_BASE": &cfg.MountBase,
+		"PROVISIONER_MOUNT_BASE": &cfg.MountBase, "PROVISIONER_STATE_DIR": &cfg.StateDir,
 	}
 	fset := flag.NewFlagSet("mvps-provisioner", flag.ContinueOnError)
 	fset.SetOutput(io.Discard)
@@ -129,6 +133,9 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		if _, _, err := engine.ParseListen(cfg.EngineListen); err != nil {
 			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_LISTEN (--engine-listen): %v", err)
 		}
+	}
+	if !filepath.IsAbs(cfg.StateDir) {
+		return Config{}, fmt.Errorf("PROVISIONER_STATE_DIR (--state-dir) %q is not an absolute path", cfg.StateDir)
 	}
 	if cfg.MountBase != "" && (!filepath.IsAbs(cfg.MountBase) || filepath.Clean(cfg.MountBase) != cfg.MountBase) {
 		return Config{}, fmt.Errorf("PROVISIONER_MOUNT_BASE (--mount-base) %q is not a clean absolute path", cfg.MountBase)

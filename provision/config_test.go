@@ -28,15 +28,15 @@ func TestParseConfig(t *testing.T) {
 		err   string
 	}{
 		{name: "defaults", want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
-			EngineBin: "/usr/bin/mvps-te", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid"}},
+			EngineBin: "/usr/bin/mvps-te", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: DefaultStateDir}},
 		{name: "environment", extra: map[string]string{
 			"PROVISIONER_SOCKET_MODE": "0600", "PROVISIONER_SOCKET_GROUP": "disk", "PROVISIONER_ENGINE_BIN": "/opt/te",
 			"PROVISIONER_ENGINE_LISTEN": "127.0.0.1:2192", "MVPS_TE_JWT_SECRET": "s3cret"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o600, SocketGroup: "disk", ImageConfigDir: "/etc/images",
-				EngineBin: "/opt/te", EngineListen: "127.0.0.1:2192", Secret: "s3cret", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid"}},
+				EngineBin: "/opt/te", EngineListen: "127.0.0.1:2192", Secret: "s3cret", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: DefaultStateDir}},
 		{name: "flags override", args: []string{"--listen-path", "/tmp/x", "--socket-mode=0666", "--engine-listen", "unix:/tmp/e"},
 			want: Config{ListenPath: "/tmp/x", SocketMode: 0o666, ImageConfigDir: "/etc/images",
-				EngineBin: "/usr/bin/mvps-te", EngineListen: "unix:/tmp/e", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid"}},
+				EngineBin: "/usr/bin/mvps-te", EngineListen: "unix:/tmp/e", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: DefaultStateDir}},
 		{name: "missing listen path", extra: map[string]string{"PROVISIONER_LISTEN_PATH": ""}, err: "PROVISIONER_LISTEN_PATH"},
 		{name: "missing config dir", extra: map[string]string{"IMAGE_CONFIG_DIRECTORY": ""}, err: "IMAGE_CONFIG_DIRECTORY"},
 		{name: "bad mode", extra: map[string]string{"PROVISIONER_SOCKET_MODE": "rw"}, err: "PROVISIONER_SOCKET_MODE"},

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
@@ -20,10 +22,12 @@ import (
 // ShutdownTimeout bounds detaching everything and stopping the engine.
 const ShutdownTimeout = 2 * time.Minute
 
-// Run is the daemon: it starts the engine, serves callers until ctx ends,
-// then detaches every device, stops the engine and removes its socket. It
-// returns nil after a clean shutdown and an error when start-up failed or
-// the engine died.
+// Run is the daemon: it takes its state directory, starts the engine,
+// takes over what an earlier run left attached, serves callers until ctx
+// ends, then detaches every device, stops the engine and removes its socket.
+// An engine that dies is restarted (with backoff) and every device is
+// reconnected to the new one. Run returns nil after a clean shutdown and an
+// error when start-up failed.
 //
 // cfg must have passed Check; its Images, when set, replaces the image
 // config directory.
@@ -38,11 +42,24 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Info("MVPS_TE_JWT_SECRET is unset: using a random secret for this run")
 	}
 
+	state, err := OpenStateDir(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer state.Close()
+
 	devices, err := nbddev.New()
 	if err != nil {
 		return err
 	}
 	defer devices.Close()
+	// Subscribed before anything is attached or adopted, so that no
+	// link-dead event of ours is missed.
+	watcher, err := netlinknbd.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("subscribe to nbd link-dead events: %w", err)
+	}
+	defer watcher.Close()
 
 	// Listening first fails fast when another instance owns the socket,
 	// before a second engine is started.
@@ -61,23 +78,26 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		defer os.RemoveAll(dir)
 		engineListen = "unix:" + filepath.Join(dir, "engine.sock")
 	}
-	eng, err := engine.Start(ctx, engine.Config{
+	engineCfg := engine.Config{
 		Bin:    cfg.EngineBin,
 		Listen: engineListen,
 		Secret: []byte(secret),
 		Env:    os.Environ(),
 		Logger: log,
-	})
+	}
+	eng, err := engine.Start(ctx, engineCfg)
 	if err != nil {
 		return err
 	}
-	stopEngine := func() {
+	// eng changes when the engine is restarted; only this goroutine
+	// touches it.
+	defer func() {
 		sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 		defer cancel()
 		if err := eng.Stop(sctx); err != nil {
 			log.Error("stopping engine", "err", err)
 		}
-	}
+	}()
 
 	var mounter Mounter
 	if m, err := mount.New(cfg.Mke2fs, cfg.Blkid); err != nil {
@@ -90,34 +110,49 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		images = cfg.Images
 	}
 	srv, err := NewServer(ServerConfig{
-		Mounter:    mounter,
-		Images:     images,
-		Secret:     []byte(secret),
-		DialEngine: eng.Dial,
+		Mounter: mounter,
+		Images:  images,
+		Secret:  []byte(secret),
+		// The address stays the same across engine restarts.
+		DialEngine: func(ctx context.Context) (net.Conn, error) { return engine.Dial(ctx, engineListen) },
 		Devices:    devices,
+		State:      state,
 		MountBase:  cfg.MountBase,
 		Logger:     log,
 	})
 	if err != nil {
-		stopEngine()
 		return err
 	}
+	go watchLinkDead(ctx, watcher, srv, log)
+	srv.Adopt()
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir, "images_configmap", cfg.ImagesConfigMap,
-		"engine", cfg.EngineBin, "engine_pid", eng.Pid())
+	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
+		"images_configmap", cfg.ImagesConfigMap, "state_dir", cfg.StateDir, "engine", cfg.EngineBin, "engine_pid", eng.Pid())
 
 	var runErr error
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down")
-	case <-eng.Done():
-		runErr = eng.Err()
-		log.Error("engine died; detaching everything", "err", runErr)
-		srv.EngineFailed()
-	case err := <-served:
-		runErr = err
-		log.Error("serving stopped", "err", err)
+serve:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("shutting down")
+			break serve
+		case <-eng.Done():
+			// The devices' connections died with it; their I/O waits for
+			// the reconnects that follow the restart.
+			log.Error("engine died; restarting it", "err", eng.Err())
+			srv.EngineFailed()
+			next, err := restartEngine(ctx, engineCfg, log)
+			if err != nil {
+				break serve // ctx ended
+			}
+			eng = next
+			srv.EngineRestored()
+		case err := <-served:
+			runErr = err
+			log.Error("serving stopped", "err", err)
+			break serve
+		}
 	}
 
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
@@ -126,11 +161,51 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Error("shutdown", "err", err)
 		runErr = errors.Join(runErr, err)
 	}
-	stopEngine()
 	if runErr == nil {
 		log.Info("stopped cleanly")
 	}
 	return runErr
+}
+
+// restartEngine starts the engine again until it answers or ctx ends,
+// waiting longer between tries (up to 5 s) and logging each one.
+func restartEngine(ctx context.Context, cfg engine.Config, log *slog.Logger) (*engine.Process, error) {
+	backoff := 100 * time.Millisecond
+	for try := 1; ; try++ {
+		log.Info("starting the engine again", "try", try)
+		eng, err := engine.Start(ctx, cfg)
+		if err == nil {
+			log.Info("engine restarted", "try", try, "pid", eng.Pid())
+			return eng, nil
+		}
+		log.Error("engine restart failed", "try", try, "err", err, "next_try_in", backoff.String())
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// watchLinkDead hands the kernel's link-dead events to srv until ctx ends.
+func watchLinkDead(ctx context.Context, w *netlinknbd.Watcher, srv *Server, log *slog.Logger) {
+	for {
+		ev, err := w.Receive(ctx)
+		switch {
+		case err == nil:
+			srv.LinkDead(ev.Index)
+		case ctx.Err() != nil:
+			return
+		case errors.Is(err, netlinknbd.ErrEventsLost):
+			// Rare (the socket's buffer overflowed); a device whose event
+			// was lost fails its I/O after the dead-connection timeout.
+			log.Error("link-dead events were lost", "err", err)
+		default:
+			log.Error("link-dead events unavailable", "err", err)
+			return
+		}
+	}
 }
 
 // privateRuntimeDir makes a 0700 directory for the engine's socket, so only

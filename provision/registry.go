@@ -159,3 +159,40 @@ func (a *attachment) infoLocked() Info {
 	}
 	return info
 }
+
+// byIndex finds the attachment of device index.
+func (r *registry) byIndex(index uint32) *attachment {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.byImage {
+		if a.dev != nil && a.dev.Index == index {
+			return a
+		}
+	}
+	return nil
+}
+
+// startRecovery moves an attached a to reconnecting; false if it is not
+// attached (being attached, detached, or recovering already).
+func (r *registry) startRecovery(a *attachment) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if a.state != StateAttached {
+		return false
+	}
+	a.state = StateReconnecting
+	return true
+}
+
+// endRecovery moves a back to attached after a reconnect.
+func (r *registry) endRecovery(a *attachment, ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if a.state != StateReconnecting {
+		return
+	}
+	a.state = StateAttached
+	if ok {
+		a.reconnects++
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
@@ -37,6 +38,17 @@ type Devices interface {
 	// Busy reports whether the kernel still holds a detached device, as
 	// it does while some process has it open.
 	Busy(dev *nbddev.Device) (bool, error)
+	// Reconnect gives dev a new engine connection in place of a dead one.
+	// It takes ownership of conn.
+	Reconnect(ctx context.Context, dev *nbddev.Device, conn net.Conn, backend string) error
+	// Adopt takes over a device an earlier run attached; it fails with
+	// nbddev.ErrNotOurs unless the device is connected to backend.
+	Adopt(index uint32, backend string, size uint64) (*nbddev.Device, error)
+	// Connected lists the connected devices by index, with their backend
+	// identifiers.
+	Connected() (map[uint32]string, error)
+	// WaitUnmounted waits until no file system holds dev.
+	WaitUnmounted(ctx context.Context, dev *nbddev.Device) error
 }
 
 // Mounter puts an attached device's file system into a caller's mount
@@ -80,6 +92,13 @@ type ServerConfig struct {
 	// DetachTimeout bounds the disconnect and the wait for the device to
 	// become free.
 	DetachTimeout time.Duration
+	// State, when set, records every attachment so that a restarted
+	// provisioner can take it over (Adopt).
+	State *StateDir
+	// RecoveryTimeout bounds the reconnects of a device whose engine
+	// connection died; past it the attachment is detached. It should not
+	// exceed the kernel's dead-connection timeout, after which I/O fails.
+	RecoveryTimeout time.Duration
 	// MountBase, when set, confines the mounts of callers other than uid 0
 	// to directories under it (as their namespace sees it).
 	MountBase string
@@ -100,6 +119,10 @@ const (
 	DefaultAttachTimeout  = 60 * time.Second
 	DefaultFlushTimeout   = 60 * time.Second
 	DefaultDetachTimeout  = 5 * time.Second
+	// DefaultRecoveryTimeout stays inside the devices' dead-connection
+	// timeout (nbddev.DefaultDeadConnTimeout, 30 s), so that I/O waiting
+	// for a reconnect never fails while one is still being tried.
+	DefaultRecoveryTimeout = 25 * time.Second
 
 	DefaultMaxWaiting       = 256
 	DefaultMaxWaitingPerUID = 32
@@ -152,6 +175,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	if cfg.DetachTimeout == 0 {
 		cfg.DetachTimeout = DefaultDetachTimeout
+	}
+	if cfg.RecoveryTimeout == 0 {
+		cfg.RecoveryTimeout = DefaultRecoveryTimeout
 	}
 	if cfg.MaxWaiting == 0 {
 		cfg.MaxWaiting = DefaultMaxWaiting
@@ -389,7 +415,8 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	a := &attachment{imageID: image.ImageID, key: req.Key, mode: mode, caller: caller}
+	a := &attachment{imageID: image.ImageID, imageSize: image.ImageSize, clientID: engine.ClientID(s.cfg.Host, image.ImageID),
+		key: req.Key, mode: mode, caller: caller, ctx: ctx, cancel: cancel}
 	if holder, err := s.reg.reserve(ctx, a, s.cfg.FlushTimeout+s.cfg.DetachTimeout); err != nil {
 		if holder != nil {
 			// Who holds it is the operator's business, not another
@@ -400,14 +427,27 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
+	// Recorded before the kernel attach: a crash in the middle leaves a
+	// device that the next start knows to be ours.
+	if err := s.record(a, -1); err != nil {
+		s.reg.release(a)
+		s.reject(conn, caller, req.Key, err)
+		return
+	}
 	sp := newSpans(received)
 	dev, err := s.attach(ctx, image, sp)
 	if err != nil {
+		s.forget(a)
 		s.reg.release(a)
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
 	a.dev = dev
+	if err := s.record(a, int64(dev.Index)); err != nil {
+		s.detach(a, "state not recorded")
+		s.reject(conn, caller, req.Key, err)
+		return
+	}
 
 	var reply *os.File = dev.File
 	formatted := false
@@ -437,11 +477,19 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		"took", time.Since(received).Round(time.Millisecond).String(), "phases", sp.String())
 
 	<-ctx.Done()
-	reason := "connection closed"
-	if context.Cause(ctx) != errHungUp {
-		reason = "shutdown"
+	s.detach(a, endReason(context.Cause(ctx)))
+}
+
+// endReason says in the log why an attachment ended.
+func endReason(cause error) string {
+	switch cause {
+	case errHungUp:
+		return "connection closed"
+	case ErrShuttingDown:
+		return "shutdown"
+	default:
+		return cause.Error()
 	}
-	s.detach(a, reason)
 }
 
 // errHungUp ends a connection's context when the caller hangs up.
@@ -475,10 +523,18 @@ func (s *Server) reject(conn *net.UnixConn, caller callerInfo, key string, err e
 }
 
 // EngineFailed tells the server the engine is gone: detaches skip the flush,
-// which could only wait for a connection that will never answer.
+// which could only wait for a connection that will never answer, until
+// EngineRestored.
 func (s *Server) EngineFailed() {
 	s.mu.Lock()
 	s.engineDead = true
+	s.mu.Unlock()
+}
+
+// EngineRestored tells the server a new engine answers.
+func (s *Server) EngineRestored() {
+	s.mu.Lock()
+	s.engineDead = false
 	s.mu.Unlock()
 }
 

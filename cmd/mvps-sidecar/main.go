@@ -97,26 +97,29 @@ func run(c config) int {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { gone <- a.Wait(ctx) }()
+	var sig os.Signal
 	select {
-	case sig := <-sigs:
-		fmt.Printf("%v: unmounting %s\n", sig, c.mountpoint)
-		code := 0
-		if err := unmount(c.mountpoint); err != nil {
-			fmt.Fprintln(os.Stderr, "mvps-sidecar:", err)
-			code = 1
-		}
-		// Closing the connection makes the provisioner sync the file
-		// system and detach the device.
-		a.Close()
-		removeReady(c.readyFile)
-		return code
+	case sig = <-sigs:
 	case err := <-gone:
-		fmt.Fprintf(os.Stderr, "mvps-sidecar: lost the provisioner (%v); the mount at %s is dead, unmounting\n", err, c.mountpoint)
-		unmount(c.mountpoint)
-		a.Close()
-		removeReady(c.readyFile)
-		return 1
+		// A provisioner that restarts takes the device over and follows
+		// this process: the mount stays, and I/O on it resumes once the
+		// device is reconnected.
+		fmt.Fprintf(os.Stderr, "mvps-sidecar: lost the connection to the provisioner (%v); keeping the mount at %s until told to stop\n",
+			err, c.mountpoint)
+		sig = <-sigs
 	}
+	fmt.Printf("%v: unmounting %s\n", sig, c.mountpoint)
+	code := 0
+	if err := unmount(c.mountpoint); err != nil {
+		fmt.Fprintln(os.Stderr, "mvps-sidecar:", err)
+		code = 1
+	}
+	// Closing the connection makes the provisioner sync the file system
+	// and detach the device; a provisioner that took the attachment over
+	// sees this process exit instead.
+	a.Close()
+	removeReady(c.readyFile)
+	return code
 }
 
 func mount(c config) (*protocol.Attachment, error) {

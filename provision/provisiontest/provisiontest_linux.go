@@ -33,13 +33,14 @@ import (
 type Devices struct {
 	dir string
 
-	Mu       sync.Mutex
-	next     uint32
-	attached map[uint32]string // index -> backend
-	detaches map[uint32]int
-	flushes  map[uint32]int
-	conns    map[uint32]net.Conn
-	detached chan uint32
+	Mu         sync.Mutex
+	next       uint32
+	attached   map[uint32]string // index -> backend
+	detaches   map[uint32]int
+	flushes    map[uint32]int
+	conns      map[uint32]net.Conn
+	reconnects map[uint32]int
+	detached   chan uint32
 	// AttachErr, when set, fails every attach.
 	AttachErr error
 	// Gate, when set, makes Attach wait for it to close.
@@ -58,7 +59,7 @@ type Devices struct {
 func NewDevices(t testing.TB) *Devices {
 	return &Devices{
 		dir: t.TempDir(), attached: map[uint32]string{}, detaches: map[uint32]int{},
-		flushes: map[uint32]int{}, conns: map[uint32]net.Conn{}, detached: make(chan uint32, 1000),
+		flushes: map[uint32]int{}, conns: map[uint32]net.Conn{}, reconnects: map[uint32]int{}, detached: make(chan uint32, 1000),
 		StillOpen: map[uint32]bool{},
 	}
 }
@@ -139,6 +140,53 @@ func (f *Devices) Busy(dev *nbddev.Device) (bool, error) {
 	defer f.Mu.Unlock()
 	return f.StillOpen[dev.Index], nil
 }
+
+// Reconnect implements provision.Devices: the new connection replaces the
+// device's engine connection.
+func (f *Devices) Reconnect(ctx context.Context, dev *nbddev.Device, conn net.Conn, backend string) error {
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	if f.attached[dev.Index] != backend {
+		conn.Close()
+		return fmt.Errorf("reconnect nbd%d: backend %q, device has %q", dev.Index, backend, f.attached[dev.Index])
+	}
+	if old := f.conns[dev.Index]; old != nil && !f.KeepConns {
+		old.Close()
+	}
+	f.conns[dev.Index] = conn
+	f.reconnects[dev.Index]++
+	return nil
+}
+
+// Reconnects is how often device index was reconnected.
+func (f *Devices) Reconnects(index uint32) int {
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	return f.reconnects[index]
+}
+
+// Adopt implements provision.Devices; fake devices do not outlive their
+// server, so there is never anything to adopt.
+func (f *Devices) Adopt(index uint32, backend string, size uint64) (*nbddev.Device, error) {
+	return nil, nbddev.ErrNotOurs
+}
+
+// Connected implements provision.Devices.
+func (f *Devices) Connected() (map[uint32]string, error) {
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	out := make(map[uint32]string)
+	for idx, backend := range f.attached {
+		if f.detaches[idx] == 0 {
+			out[idx] = backend
+		}
+	}
+	return out, nil
+}
+
+// WaitUnmounted implements provision.Devices: no file system is ever
+// mounted from a fake device.
+func (f *Devices) WaitUnmounted(ctx context.Context, dev *nbddev.Device) error { return nil }
 
 // WaitDetached waits until device index has been detached.
 func (f *Devices) WaitDetached(t testing.TB, index uint32) {
