@@ -11,7 +11,7 @@ HOST_PACKAGES := libnbd-bin
 ENGINE ?= $(shell command -v mvps-te 2>/dev/null || echo $(CURDIR)/bin/mvps-te-dev)
 VAR    := $(CURDIR)/var
 
-.PHONY: all build install help test deps lint unit integration run demo clean
+.PHONY: fuzz all build install help test deps lint unit integration run demo clean
 
 all: build
 
@@ -46,16 +46,18 @@ help:
 	@echo "  build        static binaries in bin/ (mvps-provisioner, mvps-te-dev, mvps-sidecar, example-client)"
 	@echo "  install      build, then install binaries, systemd unit and sample settings (PREFIX=$(PREFIX), DESTDIR=)"
 	@echo "  help         this list"
-	@echo "  test         what CI runs: deps, lint, unit, integration"
+	@echo "  test         what CI runs: deps, lint, unit, fuzz, integration, k8s-test"
 	@echo "  deps         install the Debian packages the host tests need ($(HOST_PACKAGES))"
 	@echo "  lint         gofmt, go vet and staticcheck, with and without the vmtest tag"
-	@echo "  unit         go test -race ./... on the host"
-	@echo "  integration  the VM integration suite (vmtest/run.sh)"
+	@echo "  unit         go test -race ./... on the host, and the systemd unit check"
+	@echo "  fuzz         every fuzz target for FUZZTIME ($(FUZZTIME)) each"
+	@echo "  integration  the VM integration suite (vmtest/vmrun)"
 	@echo "  run          build and run the daemon here on the default engine (needs the nbd module)"
 	@echo "  demo         the whole story (attach, write, detach, reattach, verify) in a VM"
-	@echo "  clean        remove bin/, var/ and vmtest/out/"
+	@echo "  k8s-test     tests against a real kube-apiserver (built once into .cache/k8s)"
+	@echo "  clean        remove bin/, var/ and the VM output (rm -rf .cache drops every cache, ~1 GB)"
 
-test: deps lint unit integration k8s-test
+test: deps lint unit fuzz integration k8s-test
 
 deps:
 	@missing=""; for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -74,6 +76,18 @@ lint:
 unit:
 	$(GO) test -race -count=1 ./...
 	MAKE="$(MAKE)" bash deploy/systemd/check.sh
+
+# Every fuzz target, briefly (FUZZTIME each), on top of its committed seed
+# corpus, so that a regression a short fuzz finds fails CI.
+FUZZTIME ?= 4s
+FUZZ_TARGETS := ./provision/protocol:FuzzParseRequest ./provision/imageconfig:FuzzParseImageConfig \
+	./handshake:FuzzNegotiate ./internal/devengine:FuzzTransmission ./internal/devengine:FuzzHandshake \
+	./internal/devengine:FuzzVerifyToken ./internal/devengine:FuzzClaims
+fuzz:
+	@for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$name ($$pkg, $(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) $$pkg >/tmp/fuzz-$$name.log 2>&1 || { cat /tmp/fuzz-$$name.log; exit 1; }; \
+	done
 
 integration:
 	$(GO) build -o .cache/vmrun ./vmtest/vmrun

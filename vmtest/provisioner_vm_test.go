@@ -29,8 +29,10 @@ import (
 type provProc struct {
 	Socket    string
 	ConfigDir string
+	StateDir  string
 	Secret    string
 	LogPath   string
+	env       []string
 	cmd       *exec.Cmd
 	exited    chan struct{}
 	exitErr   error
@@ -54,50 +56,35 @@ func startProvisionerWith(t *testing.T, override map[string]string) *provProc {
 	p := &provProc{
 		Socket:    filepath.Join(dir, "provisioner.sock"),
 		ConfigDir: filepath.Join(dir, "images"),
+		StateDir:  filepath.Join(dir, "state"),
 		Secret:    testSecret,
 		LogPath:   filepath.Join(dir, "provisioner.log"),
 	}
 	os.MkdirAll(p.ConfigDir, 0o755)
-	log, err := os.Create(p.LogPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin(t, "mvps-provisioner"))
-	cmd.Env = append(os.Environ(),
+	base := append(os.Environ(),
 		"PROVISIONER_LISTEN_PATH="+p.Socket,
 		"IMAGE_CONFIG_DIRECTORY="+p.ConfigDir,
+		"PROVISIONER_STATE_DIR="+p.StateDir,
 		"PROVISIONER_ENGINE_BIN="+bin(t, "mvps-te-dev"),
 		"MVPS_TE_JWT_SECRET="+p.Secret,
 		"MVPS_TE_IMAGE_STORE=local",
 		"MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "store"),
 		"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buffer"),
 	)
-	var env []string
-	for _, kv := range cmd.Env {
+	for _, kv := range base {
 		k, _, _ := strings.Cut(kv, "=")
 		if _, ok := override[k]; !ok {
-			env = append(env, kv)
+			p.env = append(p.env, kv)
 		}
 	}
 	for k, v := range override {
 		if v != "" {
-			env = append(env, k+"="+v)
+			p.env = append(p.env, k+"="+v)
 		}
 	}
 	if _, ok := override["MVPS_TE_JWT_SECRET"]; ok {
 		p.Secret = override["MVPS_TE_JWT_SECRET"]
 	}
-	cmd.Env = env
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p.cmd, p.exited = cmd, make(chan struct{})
-	go func() {
-		p.exitErr = cmd.Wait()
-		log.Close()
-		close(p.exited)
-	}()
 	t.Cleanup(func() {
 		p.stop(t)
 		if t.Failed() {
@@ -106,16 +93,51 @@ func startProvisionerWith(t *testing.T, override map[string]string) *provProc {
 		}
 		detachLeftovers(t)
 	})
+	p.launch(t)
+	return p
+}
+
+// launch starts the daemon (again, after a kill: same settings, socket,
+// state directory and image store; its log goes on in the same file) and
+// waits until it answers.
+func (p *provProc) launch(t *testing.T) {
+	t.Helper()
+	log, err := os.OpenFile(p.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin(t, "mvps-provisioner"))
+	cmd.Env = p.env
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	p.cmd, p.exited = cmd, exited
+	go func() {
+		p.exitErr = cmd.Wait()
+		log.Close()
+		close(exited)
+	}()
 	waitUntil(t, 30*time.Second, "provisioner to answer", func() bool {
 		select {
-		case <-p.exited:
+		case <-exited:
 			b, _ := os.ReadFile(p.LogPath)
 			t.Fatalf("provisioner exited at start (%v):\n%s", p.exitErr, b)
 		default:
 		}
 		return p.answers()
 	})
-	return p
+}
+
+// kill ends the daemon with SIGKILL, as a crash or an OOM kill would; its
+// engine follows it (parent-death signal).
+func (p *provProc) kill(t *testing.T) {
+	t.Helper()
+	engine := p.enginePid(t)
+	p.cmd.Process.Kill()
+	<-p.exited
+	waitUntil(t, 10*time.Second, "engine to exit after the provisioner was killed", func() bool { return !processAlive(engine) })
 }
 
 // answers reports whether the daemon replies to a request for a key that
@@ -548,41 +570,47 @@ func TestVMProvisionerSIGTERM(t *testing.T) {
 	}
 }
 
-func TestVMProvisionerEngineDeath(t *testing.T) {
-	p := startProvisioner(t)
+// An engine that keeps dying at start cannot be recovered from: the
+// attachment is detached cleanly once the recovery bound has passed, the
+// caller is told by its connection closing, and the provisioner stays up.
+func TestVMProvisionerEngineWillNotRestart(t *testing.T) {
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "broken")
+	wrapper := filepath.Join(dir, "engine")
+	script := fmt.Sprintf("#!/bin/sh\n[ -e %s ] && exit 1\nexec %s\n", marker, bin(t, "mvps-te-dev"))
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := startProvisionerWith(t, map[string]string{"PROVISIONER_ENGINE_BIN": wrapper})
 	p.addImage(t, "vol", "vol.mvps-image", 32<<20)
 	a, idx := p.attach(t, "vol")
 	defer a.Close()
+	os.WriteFile(marker, nil, 0o644)
 	syscall.Kill(p.enginePid(t), syscall.SIGKILL)
-	// The provisioner drops the caller, who then lets go of the device.
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if err := a.Wait(ctx); ctx.Err() != nil {
-		t.Fatalf("caller not released after the engine died: %v", err)
-	}
-	a.Close()
-	select {
-	case <-p.exited:
-	case <-time.After(60 * time.Second):
-		t.Fatal("provisioner kept running without its engine")
-	}
-	if p.exitErr == nil {
-		t.Fatal("provisioner exited 0 after its engine died")
+		t.Fatalf("caller not released when recovery was impossible: %v", err)
 	}
 	a.Close()
 	waitUntil(t, 10*time.Second, "device free", func() bool { return deviceFree(idx) })
-	b, _ := os.ReadFile(p.LogPath)
-	if !strings.Contains(string(b), "engine died") {
-		t.Errorf("engine death not logged:\n%s", b)
+	select {
+	case <-p.exited:
+		t.Fatalf("the provisioner exited (%v) instead of trying to restart its engine", p.exitErr)
+	default:
 	}
+	b, _ := os.ReadFile(p.LogPath)
+	for _, want := range []string{"engine died; restarting it", "engine restart failed", "giving up on the device"} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("log lacks %q:\n%s", want, b)
+		}
+	}
+	os.Remove(marker)
 }
 
 func TestVMProvisionerKilledTakesEngineDown(t *testing.T) {
 	p := startProvisioner(t)
-	engine := p.enginePid(t)
-	p.cmd.Process.Kill()
-	<-p.exited
-	waitUntil(t, 10*time.Second, "engine to exit after the provisioner was killed", func() bool { return !processAlive(engine) })
+	p.kill(t)
 }
 
 func TestVMProvisionerSocketOwnership(t *testing.T) {

@@ -39,6 +39,10 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	case "caller":
 		os.Exit(unprivilegedCaller())
+	case "writer":
+		os.Exit(blockWriter())
+	case "chaos":
+		os.Exit(chaosCaller())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown MVPS_VMTEST_HELPER")
 		os.Exit(2)

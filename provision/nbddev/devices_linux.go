@@ -32,7 +32,11 @@ type Devices struct {
 
 // Defaults for NBDDevices.
 const (
-	DefaultKernelRequestTimeout = 120 * time.Second
+	// DefaultKernelRequestTimeout is short because it is also how long a
+	// request that was in flight when its connection died waits before the
+	// kernel sends it again on the new one: the kernel retries, never
+	// fails, a timed-out request while a connection lives or may return.
+	DefaultKernelRequestTimeout = 10 * time.Second
 	DefaultDeadConnTimeout      = 30 * time.Second
 	// maxSectorsKB keeps every kernel request within mvps-te's 8 MiB limit:
 	// a larger one makes the engine drop the connection.

@@ -1,0 +1,452 @@
+//go:build vmtest
+
+package vmtest
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+)
+
+// writerReport is what the block writer says when asked to verify.
+type writerReport struct {
+	Writes   int      `json:"writes"`
+	Failed   int      `json:"failed"`
+	Verified int      `json:"verified"`
+	Bad      int      `json:"bad"`
+	Errors   []string `json:"errors,omitempty"`
+}
+
+// writerBlocks is how many 4 KiB blocks the writer cycles over.
+const writerBlocks = 256
+
+// blockWriter attaches WRITER_KEY in fd mode and writes checksummed 4 KiB
+// O_DIRECT blocks in a loop through the fd it got, printing "acked N" every
+// 20 acknowledged writes. "verify" on stdin stops the writes and reads
+// every block back through the same fd; the report follows as JSON. It
+// then holds the attachment until stdin closes or it is killed.
+func blockWriter() int {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	a, err := protocol.Attach(ctx, os.Getenv("WRITER_SOCKET"), os.Getenv("WRITER_KEY"))
+	cancel()
+	if err != nil {
+		fmt.Println("error attach:", err)
+		return 1
+	}
+	fd := int(a.Device.Fd())
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err == nil {
+		_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags|unix.O_DIRECT)
+	}
+	if err != nil {
+		fmt.Println("error O_DIRECT:", err)
+		return 1
+	}
+	stop := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(os.Stdin)
+		for sc.Scan() {
+			if sc.Text() == "verify" {
+				close(stop)
+				break
+			}
+		}
+	}()
+	buf := alignedBuf(4096)
+	acked := make(map[int]uint64) // block -> sequence number of its last acknowledged write
+	var rep writerReport
+	for seq := uint64(1); ; seq++ {
+		select {
+		case <-stop:
+		default:
+			block := int(seq % writerBlocks)
+			fillChecked(buf, seq, block)
+			if _, err := unix.Pwrite(fd, buf, int64(block)*4096); err != nil {
+				rep.Failed++
+				rep.Errors = append(rep.Errors, fmt.Sprintf("write %d: %v", seq, err))
+				if rep.Failed > 10 {
+					<-stop
+				}
+				continue
+			}
+			rep.Writes++
+			acked[block] = seq
+			if rep.Writes%20 == 0 {
+				fmt.Println("acked", rep.Writes)
+			}
+			continue
+		}
+		break
+	}
+	for block, seq := range acked {
+		if _, err := unix.Pread(fd, buf, int64(block)*4096); err != nil {
+			rep.Bad++
+			rep.Errors = append(rep.Errors, fmt.Sprintf("read block %d: %v", block, err))
+			continue
+		}
+		if got, ok := checkChecked(buf, block); !ok || got != seq {
+			rep.Bad++
+			rep.Errors = append(rep.Errors, fmt.Sprintf("block %d holds write %d (checksum ok %v), acknowledged write %d", block, got, ok, seq))
+			continue
+		}
+		rep.Verified++
+	}
+	json.NewEncoder(os.Stdout).Encode(rep)
+	io.Copy(io.Discard, os.Stdin)
+	a.Close()
+	return 0
+}
+
+// fillChecked writes seq, block, a pattern and a CRC into a 4 KiB block.
+func fillChecked(b []byte, seq uint64, block int) {
+	binary.LittleEndian.PutUint64(b[0:], seq)
+	binary.LittleEndian.PutUint64(b[8:], uint64(block))
+	for i := 16; i < len(b)-4; i++ {
+		b[i] = byte(seq*31 + uint64(i)*7)
+	}
+	binary.LittleEndian.PutUint32(b[len(b)-4:], crc32.ChecksumIEEE(b[:len(b)-4]))
+}
+
+func checkChecked(b []byte, block int) (uint64, bool) {
+	ok := crc32.ChecksumIEEE(b[:len(b)-4]) == binary.LittleEndian.Uint32(b[len(b)-4:]) &&
+		binary.LittleEndian.Uint64(b[8:]) == uint64(block)
+	return binary.LittleEndian.Uint64(b[0:]), ok
+}
+
+// writerProc is a running block writer.
+type writerProc struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	lines chan string
+	acked int
+}
+
+func startWriter(t *testing.T, p *provProc, key string) *writerProc {
+	t.Helper()
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=writer", "WRITER_SOCKET="+p.Socket, "WRITER_KEY="+key)
+	stdin, _ := cmd.StdinPipe()
+	out, _ := cmd.StdoutPipe()
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w := &writerProc{cmd: cmd, stdin: stdin, lines: make(chan string, 1024)}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			w.lines <- sc.Text()
+		}
+		close(w.lines)
+	}()
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return w
+}
+
+// waitAcked waits until the writer has more than n acknowledged writes,
+// and returns how many it has.
+func (w *writerProc) waitAcked(t *testing.T, n int, timeout time.Duration) int {
+	t.Helper()
+	deadline := time.After(timeout)
+	for w.acked <= n {
+		select {
+		case line, ok := <-w.lines:
+			if !ok {
+				t.Fatal("the writer exited")
+			}
+			if rest, ok := strings.CutPrefix(line, "acked "); ok {
+				w.acked, _ = strconv.Atoi(rest)
+			} else {
+				t.Fatalf("writer: %s", line)
+			}
+		case <-deadline:
+			t.Fatalf("writes did not go on within %v (stuck at %d acknowledged)", timeout, w.acked)
+		}
+	}
+	return w.acked
+}
+
+// verify stops the writes and checks every acknowledged block through the
+// writer's own fd.
+func (w *writerProc) verify(t *testing.T) writerReport {
+	t.Helper()
+	fmt.Fprintln(w.stdin, "verify")
+	timeout := time.After(60 * time.Second)
+	for {
+		select {
+		case line, ok := <-w.lines:
+			if !ok {
+				t.Fatal("the writer exited before its report")
+			}
+			if strings.HasPrefix(line, "{") {
+				var rep writerReport
+				if err := json.Unmarshal([]byte(line), &rep); err != nil {
+					t.Fatal(err)
+				}
+				return rep
+			}
+		case <-timeout:
+			t.Fatal("no report from the writer")
+		}
+	}
+}
+
+func (w *writerProc) checkReport(t *testing.T, rep writerReport) {
+	t.Helper()
+	t.Logf("writer: %d writes acknowledged, %d failed, %d distinct blocks verified, %d bad", rep.Writes, rep.Failed, rep.Verified, rep.Bad)
+	if rep.Failed != 0 || rep.Bad != 0 || rep.Verified == 0 {
+		t.Fatalf("writer report %+v", rep)
+	}
+}
+
+// waitDetachedAfterKill SIGKILLs the writer and waits for its device to be
+// free, at most 5 s.
+func (w *writerProc) killAndWaitFree(t *testing.T, index uint32) time.Duration {
+	t.Helper()
+	start := time.Now()
+	w.cmd.Process.Kill()
+	w.cmd.Wait()
+	waitUntil(t, 5*time.Second, "device detached after the caller's SIGKILL", func() bool { return deviceFree(index) })
+	return time.Since(start)
+}
+
+func writerDevice(t *testing.T, imageID string) uint32 {
+	t.Helper()
+	var index uint32
+	waitUntil(t, 10*time.Second, "writer's device", func() bool {
+		var ok bool
+		index, ok = ourDevice(t, imageID)
+		return ok
+	})
+	return index
+}
+
+// A provisioner killed while a caller writes through its fd: the caller
+// never sees an error, its writes resume once the provisioner is back, and
+// every acknowledged block reads back right.
+func TestVMFaultProvisionerKilled(t *testing.T) {
+	p := startProvisioner(t)
+	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+	w := startWriter(t, p, "vol")
+	index := writerDevice(t, "vol.mvps-image")
+	before := w.waitAcked(t, 100, 30*time.Second)
+
+	p.kill(t)
+	killed := time.Now()
+	p.launch(t)
+	restarted := time.Since(killed)
+	after := w.waitAcked(t, before+100, 30*time.Second)
+	t.Logf("provisioner killed at %d writes, back after %v, writes resumed: %d acknowledged %v after the kill",
+		before, restarted.Round(time.Millisecond), after, time.Since(killed).Round(time.Millisecond))
+	w.checkReport(t, w.verify(t))
+	if got, _ := ourDevice(t, "vol.mvps-image"); got != index {
+		t.Fatalf("device changed from nbd%d to nbd%d", index, got)
+	}
+	took := w.killAndWaitFree(t, index)
+	t.Logf("device free %v after the caller's SIGKILL", took.Round(time.Millisecond))
+	log, _ := os.ReadFile(p.LogPath)
+	for _, want := range []string{"taking over an attachment from an earlier run", "reconnected", "caller exited"} {
+		if !strings.Contains(string(log), want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 { // the lock file
+		t.Errorf("state directory holds %d files after the detach, want only the lock", len(entries))
+	}
+}
+
+// An engine killed under the same load: the provisioner stays up, restarts
+// it, reconnects the device, and nothing acknowledged is lost.
+func TestVMFaultEngineKilled(t *testing.T) {
+	p := startProvisioner(t)
+	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+	w := startWriter(t, p, "vol")
+	index := writerDevice(t, "vol.mvps-image")
+	before := w.waitAcked(t, 100, 30*time.Second)
+	old := p.enginePid(t)
+	killed := time.Now()
+	syscall.Kill(old, syscall.SIGKILL)
+	after := w.waitAcked(t, before+100, 30*time.Second)
+	t.Logf("engine killed at %d writes; %d acknowledged %v after the kill", before, after, time.Since(killed).Round(time.Millisecond))
+	if p.enginePid(t) == old {
+		t.Fatal("no new engine")
+	}
+	select {
+	case <-p.exited:
+		t.Fatalf("the provisioner exited: %v", p.exitErr)
+	default:
+	}
+	w.checkReport(t, w.verify(t))
+	// Closing the connection detaches as usual.
+	w.stdin.Close()
+	w.cmd.Wait()
+	waitUntil(t, 10*time.Second, "device free after the caller closed", func() bool { return deviceFree(index) })
+}
+
+// The engine fences the device's connection when another connection brings
+// the same client_id: the link dies while the engine lives, and the device
+// is reconnected on its own.
+func TestVMFaultConnectionKilled(t *testing.T) {
+	dir := t.TempDir()
+	listen := "unix:" + filepath.Join(dir, "engine.sock")
+	p := startProvisionerWith(t, map[string]string{"PROVISIONER_ENGINE_LISTEN": listen})
+	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+	w := startWriter(t, p, "vol")
+	writerDevice(t, "vol.mvps-image")
+	before := w.waitAcked(t, 50, 30*time.Second)
+
+	host, _ := os.Hostname()
+	tok, err := engine.SignToken([]byte(p.Secret), engine.Session{ImageID: "vol.mvps-image", ImageSize: 16 << 20,
+		ClientID: engine.ClientID(host, "vol.mvps-image")}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	intruder, err := engine.Dial(ctx, listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer intruder.Close()
+	if _, err := handshake.Negotiate(ctx, intruder, tok); err != nil {
+		t.Fatal(err)
+	}
+	after := w.waitAcked(t, before+100, 30*time.Second)
+	t.Logf("device connection fenced at %d writes; %d acknowledged since", before, after-before)
+	w.checkReport(t, w.verify(t))
+	log, _ := os.ReadFile(p.LogPath)
+	if !strings.Contains(string(log), "reconnected") {
+		t.Fatalf("no reconnect in the log:\n%s", log)
+	}
+}
+
+// Callers killed at random moments, many times over: before the request,
+// during the attach, after the reply, during I/O. Afterwards no device is
+// connected, no record is left, and the daemon holds as many fds as before.
+func TestVMFaultChaos(t *testing.T) {
+	const cycles, lanes = 500, 4
+	p := startProvisioner(t)
+	for i := range lanes {
+		p.addImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 4<<20)
+	}
+	pid := p.cmd.Process.Pid
+	// One attach and detach first, so that lazily made things (the
+	// engine's sessions, netlink sockets) are in the baseline.
+	for i := range lanes {
+		a, idx := p.attach(t, fmt.Sprint("vol", i))
+		a.Close()
+		waitUntil(t, 10*time.Second, "warm-up detach", func() bool { return deviceFree(idx) })
+	}
+	baseFDs := openFDCount(pid)
+
+	var killed [4]int
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	start := time.Now()
+	for lane := range lanes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(lane), 42))
+			for range cycles / lanes {
+				moment := rng.IntN(4)
+				cmd := exec.Command(os.Args[0])
+				cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=chaos", "WRITER_SOCKET="+p.Socket,
+					fmt.Sprint("WRITER_KEY=vol", lane), fmt.Sprint("CHAOS_MOMENT=", moment))
+				out, _ := cmd.StdoutPipe()
+				if err := cmd.Start(); err != nil {
+					t.Error(err)
+					return
+				}
+				// The caller says where it is; it is killed right there.
+				r := bufio.NewReader(out)
+				r.ReadString('\n')
+				cmd.Process.Kill()
+				cmd.Wait()
+				mu.Lock()
+				killed[moment]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("%d callers killed in %v: %d before the request, %d during the attach, %d after the reply, %d during I/O",
+		cycles, time.Since(start).Round(time.Millisecond), killed[0], killed[1], killed[2], killed[3])
+	waitUntil(t, 30*time.Second, "every device detached", func() bool {
+		for i := range lanes {
+			if _, ok := ourDevice(t, fmt.Sprintf("vol%d.mvps-image", i)); ok {
+				return false
+			}
+		}
+		return true
+	})
+	waitUntil(t, 30*time.Second, "the daemon's fds back at their baseline", func() bool { return openFDCount(pid) <= baseFDs })
+	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 {
+		t.Errorf("state directory holds %d files, want only the lock", len(entries))
+	}
+	t.Logf("daemon fds: %d before, %d after", baseFDs, openFDCount(pid))
+}
+
+// chaosCaller connects and, at the moment CHAOS_MOMENT names, prints a line
+// and waits to be killed: 0 before sending the request, 1 right after
+// sending it (the attach is under way), 2 after the reply, 3 after a
+// write through the device.
+func chaosCaller() int {
+	moment, _ := strconv.Atoi(os.Getenv("CHAOS_MOMENT"))
+	socket, key := os.Getenv("WRITER_SOCKET"), os.Getenv("WRITER_KEY")
+	hold := func(what string) int {
+		fmt.Println(what)
+		select {}
+	}
+	if moment == 0 {
+		c, err := net.Dial("unixpacket", socket)
+		if err != nil {
+			return hold("error " + err.Error())
+		}
+		defer c.Close()
+		return hold("connected")
+	}
+	if moment == 1 {
+		c, err := net.Dial("unixpacket", socket)
+		if err != nil {
+			return hold("error " + err.Error())
+		}
+		c.Write(protocol.AppendRequest(nil, protocol.CommandAttach, key))
+		return hold("requested")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	a, err := protocol.Attach(ctx, socket, key)
+	if err != nil {
+		// Busy while the previous caller's device is detached: the kill
+		// now is a kill before the reply.
+		return hold("refused " + err.Error())
+	}
+	if moment == 2 {
+		return hold("attached")
+	}
+	buf := alignedBuf(4096)
+	a.Device.WriteAt(buf, 0)
+	return hold("wrote")
+}
