@@ -450,3 +450,172 @@ func chaosCaller() int {
 	a.Device.WriteAt(buf, 0)
 	return hold("wrote")
 }
+
+// fileWriter writes numbered files into FILES_DIR, fsyncing each, and
+// prints "synced N" every 5 files; "stop" on stdin ends it with a last
+// "synced N" line.
+func fileWriter() int {
+	dir := os.Getenv("FILES_DIR")
+	stop := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(os.Stdin)
+		for sc.Scan() {
+			if sc.Text() == "stop" {
+				break
+			}
+		}
+		close(stop)
+	}()
+	for i := 0; ; i++ {
+		select {
+		case <-stop:
+			fmt.Println("synced", i-1)
+			return 0
+		default:
+		}
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("f-%05d", i)))
+		if err == nil {
+			_, err = f.Write(fileContent(i))
+			if err == nil {
+				err = f.Sync()
+			}
+			f.Close()
+		}
+		if err != nil {
+			fmt.Println("error", err)
+			<-stop
+			return 1
+		}
+		if i%5 == 0 {
+			fmt.Println("synced", i)
+		}
+	}
+}
+
+func fileContent(i int) []byte {
+	b := make([]byte, 6000)
+	for j := range b {
+		b[j] = byte(i*13 + j)
+	}
+	return b
+}
+
+// The two faults with mvps-sidecar holding a mount and a writer in it: the
+// writer goes on after each, and after the sidecar's SIGTERM the file
+// system is clean and holds every file that was fsynced.
+func TestVMFaultSidecar(t *testing.T) {
+	p := startProvisioner(t)
+	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
+	work := t.TempDir()
+	mnt := filepath.Join(work, "data")
+	sidecar := exec.Command(bin(t, "mvps-sidecar"))
+	sidecar.Env = append(os.Environ(), "IMAGE_KEY=vol", "MOUNTPOINT="+mnt, "PROVISIONER_LISTEN_PATH="+p.Socket)
+	sidecar.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	out, _ := sidecar.StdoutPipe()
+	sidecar.Stderr = os.Stderr
+	if err := sidecar.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sidecar.Process.Kill(); sidecar.Wait() })
+	sc := bufio.NewScanner(out)
+	if !sc.Scan() || !strings.HasPrefix(sc.Text(), "ready: ") {
+		t.Fatalf("sidecar not ready: %q", sc.Text())
+	}
+	go func() {
+		for sc.Scan() {
+		}
+	}()
+	index := writerDevice(t, "vol.mvps-image")
+
+	writer := exec.Command(os.Args[0])
+	writer.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=files", fmt.Sprintf("FILES_DIR=/proc/%d/root%s", sidecar.Process.Pid, mnt))
+	stdin, _ := writer.StdinPipe()
+	wout, _ := writer.StdoutPipe()
+	writer.Stderr = os.Stderr
+	if err := writer.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { writer.Process.Kill(); writer.Wait() })
+	lines := make(chan string, 1024)
+	go func() {
+		s := bufio.NewScanner(wout)
+		for s.Scan() {
+			lines <- s.Text()
+		}
+		close(lines)
+	}()
+	synced := -1
+	waitSynced := func(n int, what string) {
+		t.Helper()
+		deadline := time.After(30 * time.Second)
+		for synced <= n {
+			select {
+			case line, ok := <-lines:
+				if !ok {
+					t.Fatalf("%s: the writer exited", what)
+				}
+				if rest, ok := strings.CutPrefix(line, "synced "); ok {
+					synced, _ = strconv.Atoi(rest)
+				} else {
+					t.Fatalf("%s: writer: %s", what, line)
+				}
+			case <-deadline:
+				t.Fatalf("%s: the writer did not go on within 30 s (at file %d)", what, synced)
+			}
+		}
+	}
+	waitSynced(10, "start")
+
+	start := time.Now()
+	p.kill(t)
+	p.launch(t)
+	waitSynced(synced+10, "after the provisioner's SIGKILL")
+	t.Logf("provisioner killed: the writer went on, %d files fsynced, %v after the kill", synced+1, time.Since(start).Round(time.Millisecond))
+
+	start = time.Now()
+	syscall.Kill(p.enginePid(t), syscall.SIGKILL)
+	waitSynced(synced+10, "after the engine's SIGKILL")
+	t.Logf("engine killed: the writer went on, %d files fsynced, %v after the kill", synced+1, time.Since(start).Round(time.Millisecond))
+
+	fmt.Fprintln(stdin, "stop")
+	for line := range lines {
+		if rest, ok := strings.CutPrefix(line, "synced "); ok {
+			synced, _ = strconv.Atoi(rest)
+		}
+	}
+	writer.Wait()
+	sidecar.Process.Signal(syscall.SIGTERM)
+	if err := sidecar.Wait(); err != nil {
+		t.Fatalf("sidecar exit: %v", err)
+	}
+	waitUntil(t, 30*time.Second, "device detached after the sidecar exited", func() bool { return deviceFree(index) })
+
+	// Check the file system as it reached the engine.
+	a, idx := p.attach(t, "vol")
+	defer a.Close()
+	dev := fmt.Sprintf("/dev/nbd%d", idx)
+	if out, err := exec.Command("e2fsck", "-fn", dev).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
+	}
+	check := filepath.Join(t.TempDir(), "check")
+	os.MkdirAll(check, 0o755)
+	ns := newNSThread(t)
+	var missing []int
+	ns.do(func() {
+		if err := unix.Mount(dev, check, "ext4", unix.MS_RDONLY, ""); err != nil {
+			t.Errorf("mount for the check: %v", err)
+			return
+		}
+		defer unix.Unmount(check, 0)
+		for i := 0; i <= synced; i++ {
+			b, err := os.ReadFile(filepath.Join(check, fmt.Sprintf("f-%05d", i)))
+			if err != nil || string(b) != string(fileContent(i)) {
+				missing = append(missing, i)
+			}
+		}
+	})
+	if len(missing) > 0 {
+		t.Fatalf("%d of %d fsynced files missing or wrong after the faults: %v", len(missing), synced+1, missing)
+	}
+	t.Logf("e2fsck clean; all %d fsynced files intact", synced+1)
+}

@@ -43,6 +43,8 @@ func TestMain(m *testing.M) {
 		os.Exit(blockWriter())
 	case "chaos":
 		os.Exit(chaosCaller())
+	case "files":
+		os.Exit(fileWriter())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown MVPS_VMTEST_HELPER")
 		os.Exit(2)
