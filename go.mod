@@ -3,6 +3,7 @@ module github.com/mvps-provisioner/mvps-provisioner
 go 1.26.0
 
 require (
+	github.com/coreos/go-systemd/v22 v22.5.0
 	github.com/golang-jwt/jwt/v5 v5.3.1
 	github.com/google/go-cmp v0.7.0
 	github.com/mdlayher/genetlink v1.4.0
