@@ -89,7 +89,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.Images != nil {
 		images = cfg.Images
 	}
+	ops := newOperations(cfg, log)
+	defer ops.close()
 	srv, err := NewServer(ServerConfig{
+		Metrics:    ops.Metrics(),
 		Mounter:    mounter,
 		Images:     images,
 		Secret:     []byte(secret),
@@ -104,6 +107,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	// The admin socket and metrics; READY=1 once the engine answers and
+	// the server accepts, then watchdog pings.
+	if err := ops.start(srv, eng, devices); err != nil {
+		srv.Shutdown(context.Background())
+		stopEngine()
+		return err
+	}
 	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir, "images_configmap", cfg.ImagesConfigMap,
 		"engine", cfg.EngineBin, "engine_pid", eng.Pid())
 
@@ -119,6 +129,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		runErr = err
 		log.Error("serving stopped", "err", err)
 	}
+	ops.stopping()
 
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 	defer cancel()

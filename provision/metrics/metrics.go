@@ -55,7 +55,7 @@ func New(gauges func() Gauges) *Set {
 	s := &Set{reg: prometheus.NewRegistry()}
 	s.attaches = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: Namespace, Name: "attaches_total",
-		Help: `Attach requests that got past the image config, by mode ("fd", "mount") and result ("ok" or the reply's error code).`,
+		Help: `Attaches tried (the image was free and reserved), by mode ("fd", "mount") and result: "ok", the reply's error code, or "caller_gone" (hung up before the reply). Requests refused before (not_found, forbidden, busy...) are in requests_refused_total only.`,
 	}, []string{"mode", "result"})
 	s.detaches = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: Namespace, Name: "detaches_total",
