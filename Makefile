@@ -3,8 +3,9 @@
 
 GO          ?= go
 STATICCHECK ?= $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2
-# Debian packages the host-side tests need; the VM harness installs its own.
-HOST_PACKAGES := libnbd-bin
+# Debian packages the host-side tests need (libnbd's tools; promtool, from
+# prometheus, lints the metrics); the VM harness installs its own.
+HOST_PACKAGES := libnbd-bin prometheus
 
 # The daemon's embedded default: the real engine when installed, otherwise
 # the stand-in built here.
@@ -89,9 +90,10 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) $$pkg >/tmp/fuzz-$$name.log 2>&1 || { cat /tmp/fuzz-$$name.log; exit 1; }; \
 	done
 
+# promtool, when installed, goes into the guest to lint the daemon's metrics.
 integration:
 	$(GO) build -o .cache/vmrun ./vmtest/vmrun
-	.cache/vmrun
+	VM_EXTRA_BINS="$(strip $(VM_EXTRA_BINS) $(shell command -v promtool 2>/dev/null))" .cache/vmrun
 
 run: build
 	@if [ ! -e /sys/module/nbd ] && ! modprobe nbd 2>/dev/null; then \

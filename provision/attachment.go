@@ -13,6 +13,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
@@ -38,6 +39,12 @@ type attachment struct {
 	// is dead, so a flush could only wait for nothing.
 	unrecoverable bool
 	once          sync.Once
+	// conn is the caller's connection; a forced detach closes it.
+	conn *net.UnixConn
+
+	// forced names who forced the detach (admin socket); guarded by the
+	// registry's lock.
+	forced string
 
 	// Guarded by the registry's lock.
 	state      State
@@ -164,6 +171,7 @@ func (s *Server) detach(a *attachment, reason string) {
 		default:
 			s.log.Info("detached", attrs...)
 		}
+		s.cfg.Metrics.Detached(a.mode, detachResult(flushErr, detachErr))
 	})
 }
 
@@ -260,8 +268,9 @@ func (r *rateLimited) allow() int {
 
 // spans times the steps of an attach, for the log line that ends it.
 type spans struct {
-	last  time.Time
-	steps []string
+	last   time.Time
+	steps  []string
+	phases []metrics.Phase
 }
 
 func newSpans(start time.Time) *spans { return &spans{last: start} }
@@ -270,6 +279,7 @@ func newSpans(start time.Time) *spans { return &spans{last: start} }
 func (sp *spans) mark(name string) {
 	now := time.Now()
 	sp.steps = append(sp.steps, fmt.Sprintf("%s=%.2fms", name, float64(now.Sub(sp.last))/float64(time.Millisecond)))
+	sp.phases = append(sp.phases, metrics.Phase{Name: name, Took: now.Sub(sp.last)})
 	sp.last = now
 }
 

@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 )
 
 // Config is the provisioner daemon's configuration. Each setting comes from
@@ -49,6 +50,14 @@ type Config struct {
 	// MountBase is PROVISIONER_MOUNT_BASE, --mount-base: when set, callers
 	// other than uid 0 may mount only below it.
 	MountBase string
+	// AdminPath is PROVISIONER_ADMIN_PATH, --admin-path: the admin socket
+	// (mode 0600), by default admin.sock next to ListenPath.
+	AdminPath string
+	// MetricsAddr is PROVISIONER_METRICS_ADDR, --metrics-addr: host:port
+	// of the HTTP listener for /metrics, /healthz and /readyz; empty is
+	// off. Loopback IPs only, unless MetricsAllowRemote.
+	MetricsAddr        string
+	MetricsAllowRemote bool // PROVISIONER_METRICS_ALLOW_REMOTE, --metrics-allow-remote
 }
 
 // Defaults.
@@ -75,20 +84,24 @@ var settings = []setting{
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures"},
 	{"PROVISIONER_STATE_DIR", "state-dir", DefaultStateDir, "directory of the attachment records a restarted provisioner takes over (one provisioner per directory)"},
 	{"PROVISIONER_MOUNT_BASE", "mount-base", "", "absolute directory that mounts of callers other than uid 0 must be under (default: anywhere they own)"},
+	{"PROVISIONER_ADMIN_PATH", "admin-path", "", "admin socket for mvps-provisioner status and detach, mode 0600 (default: admin.sock next to the listen path)"},
+	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)"},
+	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 lets the metrics listener use addresses other than loopback"},
 }
 
 // ParseConfig reads the configuration from args (without the program name)
 // and the environment. Its errors are one line naming the setting.
 func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	var cfg Config
-	var mode string
+	var mode, allowRemote string
 	dst := map[string]*string{
 		"PROVISIONER_LISTEN_PATH": &cfg.ListenPath, "PROVISIONER_SOCKET_MODE": &mode,
 		"PROVISIONER_SOCKET_GROUP": &cfg.SocketGroup, "IMAGE_CONFIG_DIRECTORY": &cfg.ImageConfigDir,
 		"PROVISIONER_IMAGES_CM":  &cfg.ImagesConfigMap,
 		"PROVISIONER_ENGINE_BIN": &cfg.EngineBin, "PROVISIONER_ENGINE_LISTEN": &cfg.EngineListen,
 		"PROVISIONER_LOG_LEVEL": &cfg.LogLevel, "PROVISIONER_MKE2FS": &cfg.Mke2fs, "PROVISIONER_BLKID": &cfg.Blkid,
-		"PROVISIONER_MOUNT_BASE": &cfg.MountBase, "PROVISIONER_STATE_DIR": &cfg.StateDir,
+		"PROVISIONER_MOUNT_BASE": &cfg.MountBase, "PROVISIONER_STATE_DIR": &cfg.StateDir, "PROVISIONER_ADMIN_PATH": &cfg.AdminPath,
+		"PROVISIONER_METRICS_ADDR": &cfg.MetricsAddr, "PROVISIONER_METRICS_ALLOW_REMOTE": &allowRemote,
 	}
 	fset := flag.NewFlagSet("mvps-provisioner", flag.ContinueOnError)
 	fset.SetOutput(io.Discard)
@@ -140,12 +153,36 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	if cfg.MountBase != "" && (!filepath.IsAbs(cfg.MountBase) || filepath.Clean(cfg.MountBase) != cfg.MountBase) {
 		return Config{}, fmt.Errorf("PROVISIONER_MOUNT_BASE (--mount-base) %q is not a clean absolute path", cfg.MountBase)
 	}
+	if cfg.AdminPath == "" {
+		cfg.AdminPath = DefaultAdminPath(cfg.ListenPath)
+	}
+	if filepath.Clean(cfg.AdminPath) == filepath.Clean(cfg.ListenPath) {
+		return Config{}, fmt.Errorf("PROVISIONER_ADMIN_PATH (--admin-path) %q is the listen path; the admin socket needs its own", cfg.AdminPath)
+	}
+	switch allowRemote {
+	case "0", "":
+	case "1":
+		cfg.MetricsAllowRemote = true
+	default:
+		return Config{}, fmt.Errorf("PROVISIONER_METRICS_ALLOW_REMOTE (--metrics-allow-remote) %q is not 0 or 1", allowRemote)
+	}
+	if cfg.MetricsAddr != "" {
+		if err := metrics.CheckAddr(cfg.MetricsAddr, cfg.MetricsAllowRemote); err != nil {
+			return Config{}, fmt.Errorf("PROVISIONER_METRICS_ADDR (--metrics-addr): %v", err)
+		}
+	}
 	switch strings.ToLower(cfg.LogLevel) {
 	case "debug", "info", "warn", "error":
 	default:
 		return Config{}, fmt.Errorf("PROVISIONER_LOG_LEVEL (--log-level) %q is not debug, info, warn or error", cfg.LogLevel)
 	}
 	return cfg, nil
+}
+
+// DefaultAdminPath is the admin socket for a listen path: admin.sock in the
+// same directory.
+func DefaultAdminPath(listenPath string) string {
+	return filepath.Join(filepath.Dir(listenPath), "admin.sock")
 }
 
 // Check verifies what ParseConfig cannot see without the file system, so

@@ -109,7 +109,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.Images != nil {
 		images = cfg.Images
 	}
+	ops := newOperations(cfg, log)
+	defer ops.close()
 	srv, err := NewServer(ServerConfig{
+		Metrics: ops.Metrics(),
 		Mounter: mounter,
 		Images:  images,
 		Secret:  []byte(secret),
@@ -127,6 +130,12 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	srv.Adopt()
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	// The admin socket and metrics; READY=1 once the engine answers and
+	// the server accepts, then watchdog pings.
+	if err := ops.start(srv, eng, devices); err != nil {
+		srv.Shutdown(context.Background())
+		return err
+	}
 	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
 		"images_configmap", cfg.ImagesConfigMap, "state_dir", cfg.StateDir, "engine", cfg.EngineBin, "engine_pid", eng.Pid())
 
@@ -147,6 +156,7 @@ serve:
 				break serve // ctx ended
 			}
 			eng = next
+			ops.EngineRestarted(next)
 			srv.EngineRestored()
 		case err := <-served:
 			runErr = err
@@ -154,6 +164,7 @@ serve:
 			break serve
 		}
 	}
+	ops.stopping()
 
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 	defer cancel()

@@ -23,6 +23,7 @@ var (
 // The device's I/O waits (up to the dead-connection timeout) while the
 // attachment is reconnected with a new session.
 func (s *Server) LinkDead(index uint32) {
+	s.cfg.Metrics.LinkDead()
 	a := s.reg.byIndex(index)
 	if a == nil {
 		s.log.Debug("link dead on a device that is not ours", "index", index)
@@ -70,6 +71,7 @@ func (s *Server) recover(a *attachment) bool {
 		cancel()
 		if err == nil {
 			s.reg.endRecovery(a, true)
+			s.cfg.Metrics.Reconnected(true)
 			s.log.Info("reconnected", "image_id", a.imageID, "device", a.dev.Path, "attempts", attempt,
 				"took", time.Since(start).Round(time.Millisecond).String())
 			return true
@@ -91,6 +93,7 @@ func (s *Server) recover(a *attachment) bool {
 	}
 	s.log.Error("giving up on the device: no new engine connection in time; detaching",
 		"image_id", a.imageID, "device", a.dev.Path, "after", time.Since(start).Round(time.Millisecond).String(), "err", lastErr)
+	s.cfg.Metrics.Reconnected(false)
 	s.mu.Lock()
 	a.unrecoverable = true
 	s.mu.Unlock()

@@ -19,6 +19,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
@@ -111,6 +112,8 @@ type ServerConfig struct {
 	// attaches are refused with busy until some are closed.
 	MaxLingering int
 	Logger       *slog.Logger
+	// Metrics, when set, counts attaches, detaches and refusals.
+	Metrics *metrics.Set
 }
 
 // Defaults for zero ServerConfig durations.
@@ -416,7 +419,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		return
 	}
 	a := &attachment{imageID: image.ImageID, imageSize: image.ImageSize, clientID: engine.ClientID(s.cfg.Host, image.ImageID),
-		key: req.Key, mode: mode, caller: caller, ctx: ctx, cancel: cancel}
+		key: req.Key, mode: mode, caller: caller, ctx: ctx, cancel: cancel, conn: conn}
 	if holder, err := s.reg.reserve(ctx, a, s.cfg.FlushTimeout+s.cfg.DetachTimeout); err != nil {
 		if holder != nil {
 			// Who holds it is the operator's business, not another
@@ -438,6 +441,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	dev, err := s.attach(ctx, image, sp)
 	if err != nil {
 		s.forget(a)
+		s.attachFailed(mode, err)
 		s.reg.release(a)
 		s.reject(conn, caller, req.Key, err)
 		return
@@ -459,6 +463,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		mountReq.Namespace.Close()
 		sp.mark("mount")
 		if err != nil {
+			s.attachFailed(mode, ErrAttachFailed)
 			s.detach(a, "mount failed")
 			s.reject(conn, caller, req.Key, classify(ErrAttachFailed, fmt.Errorf("%s: %w", image.ImageID, err)))
 			return
@@ -467,6 +472,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 
 	if err := protocol.SendOK(conn, reply); err != nil {
 		s.log.Warn("caller gone before the reply", "image_id", image.ImageID, "device", dev.Path, "err", err)
+		s.attachFailed(mode, errGoneBeforeReply)
 		s.detach(a, "caller gone before reply")
 		return
 	}
@@ -475,9 +481,14 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
 		"took", time.Since(received).Round(time.Millisecond).String(), "phases", sp.String())
+	s.cfg.Metrics.Attached(mode, time.Since(received), sp.phases)
 
 	<-ctx.Done()
-	s.detach(a, endReason(context.Cause(ctx)))
+	reason := endReason(context.Cause(ctx))
+	if r := s.forcedReason(a); r != "" {
+		reason = r
+	}
+	s.detach(a, reason)
 }
 
 // endReason says in the log why an attachment ended.
@@ -515,6 +526,7 @@ func authorize(caller callerInfo, image imageconfig.Config, mode string) error {
 // reject answers a failed request and logs it.
 func (s *Server) reject(conn *net.UnixConn, caller callerInfo, key string, err error) {
 	rerr := replyFor(err)
+	s.cfg.Metrics.Refused(rerr.Code)
 	s.log.Info("request refused", "key", key, "code", rerr.Code, "reason", rerr.Message,
 		"caller_pid", caller.pid, "caller_uid", caller.uid)
 	if err := protocol.SendError(conn, rerr, time.Now().Add(s.cfg.RequestTimeout)); err != nil {

@@ -18,9 +18,15 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 1 {
+		if cmd, ok := commands[os.Args[1]]; ok {
+			os.Exit(cmd(os.Args[2:], os.Getenv, os.Stdout, os.Stderr))
+		}
+	}
 	cfg, err := provision.ParseConfig(os.Args[1:], os.Getenv)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Print(provision.Usage())
+		fmt.Print(commandsUsage)
 		return
 	}
 	if err == nil {

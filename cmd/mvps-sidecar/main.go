@@ -17,6 +17,8 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -34,11 +36,17 @@ func parse(args []string, getenv func(string) string, stderr io.Writer) (config,
 	var c config
 	fs := flag.NewFlagSet("mvps-sidecar", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.key, "image-key", getenv("IMAGE_KEY"), "image key to mount [$IMAGE_KEY]")
-	fs.StringVar(&c.mountpoint, "mountpoint", getenv("MOUNTPOINT"), "directory to mount on, created if missing [$MOUNTPOINT]")
-	fs.StringVar(&c.socket, "socket", getenv("PROVISIONER_LISTEN_PATH"), "provisioner socket [$PROVISIONER_LISTEN_PATH]")
-	fs.StringVar(&c.readyFile, "ready-file", getenv("READY_FILE"), "file written once the mount is ready [$READY_FILE]")
-	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the provisioner's answer")
+	fs.Usage = func() {
+		fmt.Fprint(stderr, "usage: mvps-sidecar --image-key KEY --mountpoint DIR --socket PATH [--ready-file FILE] [--timeout D]\n\n"+
+			"Holds the image KEY mounted at DIR until SIGTERM or SIGINT. Each flag may be given by the\n"+
+			"environment variable named with it; the flag wins.\n\n")
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&c.key, "image-key", getenv("IMAGE_KEY"), "image key to mount (required) [$IMAGE_KEY]")
+	fs.StringVar(&c.mountpoint, "mountpoint", getenv("MOUNTPOINT"), "directory to mount on, created if missing (required) [$MOUNTPOINT]")
+	fs.StringVar(&c.socket, "socket", getenv("PROVISIONER_LISTEN_PATH"), "provisioner socket (required) [$PROVISIONER_LISTEN_PATH]")
+	fs.StringVar(&c.readyFile, "ready-file", getenv("READY_FILE"), "file written once the mount is ready (optional) [$READY_FILE]")
+	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the provisioner's answer (optional)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -122,10 +130,20 @@ func run(c config) int {
 	return code
 }
 
-func mount(c config) (*protocol.Attachment, error) {
-	if err := os.MkdirAll(c.mountpoint, 0o755); err != nil {
+func mount(c config) (a *protocol.Attachment, err error) {
+	created, err := mkdirAll(c.mountpoint)
+	if err != nil {
 		return nil, fmt.Errorf("create mount point: %w", err)
 	}
+	defer func() {
+		// Nothing is left behind when the mount did not happen: the
+		// directories this call created go again (if still empty).
+		if err != nil {
+			for i := len(created) - 1; i >= 0; i-- {
+				os.Remove(created[i])
+			}
+		}
+	}()
 	ns, err := os.Open("/proc/self/ns/mnt")
 	if err != nil {
 		return nil, fmt.Errorf("open own mount namespace: %w", err)
@@ -139,6 +157,27 @@ func mount(c config) (*protocol.Attachment, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	defer cancel()
 	return protocol.AttachMount(ctx, c.socket, c.key, ns, dir)
+}
+
+// mkdirAll makes dir and its missing parents, mode 0755, and returns the
+// directories it created, outermost first.
+func mkdirAll(dir string) ([]string, error) {
+	dir = filepath.Clean(dir)
+	var missing []string
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Lstat(d); err == nil {
+			break
+		}
+		missing = append(missing, d)
+		if filepath.Dir(d) == d {
+			break
+		}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	slices.Reverse(missing)
+	return missing, nil
 }
 
 // unmount detaches the mount lazily: the provisioner holds the file system

@@ -4,8 +4,11 @@ package main
 
 import (
 	"io"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -34,5 +37,47 @@ func TestParse(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), missing) {
 			t.Errorf("without %s: %v", missing, err)
 		}
+	}
+}
+
+func TestHelpMarksRequired(t *testing.T) {
+	var b strings.Builder
+	if _, err := parse([]string{"--help"}, func(string) string { return "" }, &b); err == nil {
+		t.Fatal("--help parsed")
+	}
+	for _, flag := range []string{"image-key", "mountpoint", "socket"} {
+		i := strings.Index(b.String(), "-"+flag+" ")
+		if i < 0 || !strings.Contains(b.String()[i:], "(required)") {
+			t.Errorf("--help does not mark --%s required:\n%s", flag, b.String())
+		}
+		line := b.String()[i:]
+		line = line[:strings.Index(line, "[$")]
+		if !strings.Contains(line, "(required)") {
+			t.Errorf("--%s's help line lacks (required): %q", flag, line)
+		}
+	}
+	if !strings.Contains(b.String(), "usage: mvps-sidecar --image-key KEY --mountpoint DIR --socket PATH") {
+		t.Errorf("--help has no usage line:\n%s", b.String())
+	}
+}
+
+func TestNoMountPointLeftWhenTheProvisionerIsAway(t *testing.T) {
+	base := t.TempDir()
+	mp := filepath.Join(base, "a", "b", "mnt")
+	code := run(config{key: "vol", mountpoint: mp, socket: filepath.Join(base, "nobody.sock"), timeout: time.Second})
+	if code != 1 {
+		t.Fatalf("exit %d, want 1", code)
+	}
+	if _, err := os.Stat(filepath.Join(base, "a")); !os.IsNotExist(err) {
+		t.Fatalf("the mount point's directories were left behind: %v", err)
+	}
+	// An existing mount point stays.
+	existing := filepath.Join(base, "existing")
+	os.Mkdir(existing, 0o700)
+	if code := run(config{key: "vol", mountpoint: existing, socket: filepath.Join(base, "nobody.sock"), timeout: time.Second}); code != 1 {
+		t.Fatalf("exit %d, want 1", code)
+	}
+	if _, err := os.Stat(existing); err != nil {
+		t.Fatalf("an existing mount point was removed: %v", err)
 	}
 }

@@ -1,0 +1,241 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+)
+
+// defaultListenPath is the systemd unit's socket, whose admin socket the
+// commands find when neither PROVISIONER_ADMIN_PATH nor
+// PROVISIONER_LISTEN_PATH is set.
+const defaultListenPath = "/run/mvps-provisioner/provisioner.sock"
+
+// commands are the operator's subcommands; the daemon is the binary
+// without one.
+var commands = map[string]func(args []string, getenv func(string) string, stdout, stderr io.Writer) int{
+	"status":       statusCommand,
+	"detach":       detachCommand,
+	"check-config": checkConfigCommand,
+}
+
+const commandsUsage = `
+Operator commands (run as root, on the daemon's host):
+  mvps-provisioner status [--json] [--admin-path P]
+      the attachments, the engine and stray mvps devices, from the admin socket
+  mvps-provisioner detach [--admin-path P] <image key | image id | /dev/nbdX>
+      force one attachment off: its caller's connection is closed, the device
+      flushed (within the flush timeout) and disconnected
+  mvps-provisioner check-config DIR [KEY]
+      check the image configs in DIR (or only KEY) with the daemon's parser
+The admin socket is PROVISIONER_ADMIN_PATH, else admin.sock next to
+PROVISIONER_LISTEN_PATH, else /run/mvps-provisioner/admin.sock.
+`
+
+// adminPath is where the commands find the admin socket.
+func adminPath(getenv func(string) string) string {
+	if p := getenv("PROVISIONER_ADMIN_PATH"); p != "" {
+		return p
+	}
+	if p := getenv("PROVISIONER_LISTEN_PATH"); p != "" {
+		return provision.DefaultAdminPath(p)
+	}
+	return provision.DefaultAdminPath(defaultListenPath)
+}
+
+func newFlags(name string, stderr io.Writer, usage string) *flag.FlagSet {
+	fs := flag.NewFlagSet("mvps-provisioner "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: mvps-provisioner %s %s\n", name, usage)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parseInterspersed parses flags that may come after the positional
+// arguments too.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		if fs.NArg() == 0 {
+			return pos, nil
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+}
+
+func statusCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	fs := newFlags("status", stderr, "[--json] [--admin-path P]")
+	asJSON := fs.Bool("json", false, "print the status as JSON")
+	path := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
+	pos, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		return 2
+	}
+	if len(pos) > 0 {
+		fmt.Fprintf(stderr, "mvps-provisioner status: unexpected argument %q\n", pos[0])
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := admin.GetStatus(ctx, *path)
+	if err != nil {
+		fmt.Fprintf(stderr, "mvps-provisioner status: %v\n", err)
+		return 1
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(st); err != nil {
+			fmt.Fprintf(stderr, "mvps-provisioner status: %v\n", err)
+			return 1
+		}
+		return 0
+	}
+	if err := admin.WriteStatus(stdout, st); err != nil {
+		fmt.Fprintf(stderr, "mvps-provisioner status: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func detachCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	fs := newFlags("detach", stderr, "[--admin-path P] <image key | image id | /dev/nbdX>")
+	path := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
+	pos, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		return 2
+	}
+	if len(pos) != 1 {
+		fs.Usage()
+		return 2
+	}
+	// The daemon bounds the flush and the disconnect (a minute and a bit
+	// by default); this only keeps a dead daemon from hanging the command.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := admin.Detach(ctx, *path, pos[0])
+	if err != nil {
+		fmt.Fprintf(stderr, "mvps-provisioner detach: %v\n", err)
+		return 1
+	}
+	dev := res.Device
+	if dev == "" {
+		dev = "no device yet"
+	}
+	switch res.Result {
+	case provision.ForcedStillOpen:
+		fmt.Fprintf(stdout, "%s (key %s, %s): disconnected, but a process still holds the device open; it is freed when that closes it\n", res.ImageID, res.Key, dev)
+	case provision.ForcedAborted:
+		fmt.Fprintf(stdout, "%s (key %s): the attach in progress was aborted\n", res.ImageID, res.Key)
+	default:
+		fmt.Fprintf(stdout, "%s (key %s, %s): detached\n", res.ImageID, res.Key, dev)
+	}
+	return 0
+}
+
+// checkConfigCommand checks image configs offline with the daemon's own
+// parser: every file of DIR, or only KEY. Files whose names are not valid
+// image keys (a ConfigMap volume's ..data and dot files) are never served
+// and are listed as skipped.
+func checkConfigCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	fs := newFlags("check-config", stderr, "DIR [KEY]")
+	pos, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		return 2
+	}
+	if len(pos) < 1 || len(pos) > 2 {
+		fs.Usage()
+		return 2
+	}
+	dir := pos[0]
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		fmt.Fprintf(stderr, "mvps-provisioner check-config: %s is not a directory\n", dir)
+		return 2
+	}
+	var keys []string
+	if len(pos) == 2 {
+		keys = []string{pos[1]}
+	} else {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			fmt.Fprintf(stderr, "mvps-provisioner check-config: %v\n", err)
+			return 2
+		}
+		for _, e := range entries {
+			if e.IsDir() {
+				continue
+			}
+			if err := protocol.ValidateKey(e.Name()); err != nil {
+				fmt.Fprintf(stdout, "skip     %s: not an image key, never served (%v)\n", e.Name(), err)
+				continue
+			}
+			keys = append(keys, e.Name())
+		}
+		sort.Strings(keys)
+	}
+	bad := 0
+	for _, key := range keys {
+		cfg, err := imageconfig.Load(dir, key)
+		if err != nil {
+			bad++
+			fmt.Fprintf(stdout, "INVALID  %s: %v\n", key, err)
+			continue
+		}
+		fmt.Fprintf(stdout, "ok       %s: %s\n", key, describe(cfg))
+	}
+	if len(keys) == 0 {
+		fmt.Fprintf(stdout, "no image configs in %s\n", filepath.Clean(dir))
+	}
+	if bad > 0 {
+		fmt.Fprintf(stderr, "mvps-provisioner check-config: %d of %d image configs are invalid\n", bad, len(keys))
+		return 1
+	}
+	return 0
+}
+
+func describe(c imageconfig.Config) string {
+	parts := []string{c.ImageID, fmt.Sprintf("%d bytes", c.ImageSize)}
+	modes := "fd,mount"
+	if c.Modes != nil {
+		modes = strings.Join(c.Modes, ",")
+	}
+	parts = append(parts, "modes "+modes)
+	if c.AllowedUIDs != nil {
+		parts = append(parts, fmt.Sprintf("uids %v", c.AllowedUIDs))
+	}
+	if c.AllowedGIDs != nil {
+		parts = append(parts, fmt.Sprintf("gids %v", c.AllowedGIDs))
+	}
+	if len(c.MountOptions) > 0 {
+		parts = append(parts, "mount options "+strings.Join(c.MountOptions, ","))
+	}
+	return strings.Join(parts, ", ")
+}

@@ -1,0 +1,100 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
+)
+
+func run(t *testing.T, name string, env map[string]string, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := commands[name](args, func(k string) string { return env[k] }, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func TestCheckConfig(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "good"), []byte(`{"image_id":"good.mvps-image","image_size":4096,"modes":["fd"],"allowed_uids":[1000]}`), 0o644)
+	os.WriteFile(filepath.Join(dir, "bad"), []byte(`{"image_id":"bad.mvps-image","image_size":4097}`), 0o644)
+	os.WriteFile(filepath.Join(dir, "..data"), []byte(`whatever`), 0o644)
+
+	code, out, errOut := run(t, "check-config", nil, dir)
+	if code != 1 || !strings.Contains(out, "ok       good: good.mvps-image, 4096 bytes, modes fd, uids [1000]") ||
+		!strings.Contains(out, "INVALID  bad: ") || !strings.Contains(out, "image_size") || !strings.Contains(out, "skip     ..data") ||
+		!strings.Contains(errOut, "1 of 2 image configs are invalid") {
+		t.Fatalf("check-config DIR: %d\n%s%s", code, out, errOut)
+	}
+	if code, out, _ := run(t, "check-config", nil, dir, "good"); code != 0 || strings.Contains(out, "bad") {
+		t.Fatalf("check-config DIR good: %d\n%s", code, out)
+	}
+	if code, out, _ := run(t, "check-config", nil, dir, "missing"); code != 1 || !strings.Contains(out, "no image config") {
+		t.Fatalf("check-config DIR missing: %d\n%s", code, out)
+	}
+	if code, _, _ := run(t, "check-config", nil); code != 2 {
+		t.Fatalf("check-config without DIR: %d", code)
+	}
+	if code, _, _ := run(t, "check-config", nil, filepath.Join(dir, "good")); code != 2 {
+		t.Fatalf("check-config on a file: %d", code)
+	}
+}
+
+type backend struct{}
+
+func (backend) Status(context.Context) admin.Status {
+	return admin.Status{Time: time.Now(), Attachments: []admin.Attachment{{Key: "k", ImageID: "k.mvps-image", Device: "/dev/nbd1", Mode: "fd", State: "attached"}},
+		Engine: admin.Engine{PID: 99, Answering: true}}
+}
+
+func (backend) ForceDetach(_ context.Context, target string, _ admin.Peer) (admin.DetachResult, error) {
+	if target != "k" {
+		return admin.DetachResult{}, admin.Errorf(admin.CodeNotFound, "no attachment matches %q", target)
+	}
+	return admin.DetachResult{Key: "k", ImageID: "k.mvps-image", Device: "/dev/nbd1", Result: "detached"}, nil
+}
+
+func TestStatusAndDetach(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "admin.sock")
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &admin.Server{Backend: backend{}, SysBlock: dir}
+	go srv.Serve(ln)
+	defer srv.Close()
+	// Found next to the listen path, as the daemon puts it by default.
+	env := map[string]string{"PROVISIONER_LISTEN_PATH": filepath.Join(dir, "p.sock")}
+
+	code, out, errOut := run(t, "status", env)
+	if code != 0 || !strings.Contains(out, "k.mvps-image") || !strings.Contains(out, "engine: pid 99") {
+		t.Fatalf("status: %d\n%s%s", code, out, errOut)
+	}
+	code, out, _ = run(t, "status", env, "--json")
+	var st admin.Status
+	if code != 0 || json.Unmarshal([]byte(out), &st) != nil || st.Engine.PID != 99 || len(st.Attachments) != 1 {
+		t.Fatalf("status --json: %d\n%s", code, out)
+	}
+	if code, out, _ := run(t, "detach", env, "k"); code != 0 || !strings.Contains(out, "k.mvps-image (key k, /dev/nbd1): detached") {
+		t.Fatalf("detach: %d\n%s", code, out)
+	}
+	if code, _, errOut := run(t, "detach", env, "other"); code != 1 || !strings.Contains(errOut, "not_found") {
+		t.Fatalf("detach of an unknown target: %d %s", code, errOut)
+	}
+	if code, _, _ := run(t, "detach", env); code != 2 {
+		t.Fatalf("detach without a target: %d", code)
+	}
+	// The explicit path wins; a socket that is not there fails clearly.
+	if code, _, errOut := run(t, "status", map[string]string{"PROVISIONER_ADMIN_PATH": filepath.Join(dir, "none")}); code != 1 ||
+		!strings.Contains(errOut, "admin socket") {
+		t.Fatalf("status on a missing socket: %d %s", code, errOut)
+	}
+}

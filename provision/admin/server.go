@@ -1,0 +1,218 @@
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+)
+
+// Peer is who is on the other end of an admin connection, from
+// SO_PEERCRED.
+type Peer struct {
+	PID int32
+	UID int32
+}
+
+func (p Peer) String() string { return fmt.Sprintf("uid %d pid %d", p.UID, p.PID) }
+
+// Backend is what the admin socket needs from the daemon.
+type Backend interface {
+	// Status describes the attachments (without I/O counters, which the
+	// server adds), the engine and the foreign devices.
+	Status(ctx context.Context) Status
+	// ForceDetach detaches the attachment target names (image key, image
+	// id or device) on behalf of who. It returns an *Error with
+	// CodeNotFound when nothing matches.
+	ForceDetach(ctx context.Context, target string, who Peer) (DetachResult, error)
+}
+
+// Server serves the admin socket.
+type Server struct {
+	Backend Backend
+	Logger  *slog.Logger
+	// SysBlock is where block devices' stat files are; "" is /sys/block.
+	SysBlock string
+	// RequestTimeout bounds the wait for the request; 0 is 10 s.
+	RequestTimeout time.Duration
+	// AllowUID, when not nil, decides which peer uids are served; nil
+	// serves uid 0 and the daemon's own effective uid.
+	AllowUID func(uid int32) bool
+
+	mu     sync.Mutex
+	ln     *net.UnixListener
+	conns  map[*net.UnixConn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func (s *Server) log() *slog.Logger {
+	if s.Logger == nil {
+		return slog.Default()
+	}
+	return s.Logger
+}
+
+func (s *Server) allowed(uid int32) bool {
+	if s.AllowUID != nil {
+		return s.AllowUID(uid)
+	}
+	return uid == 0 || int(uid) == os.Geteuid()
+}
+
+// Serve accepts admin connections on ln (a SEQPACKET listener) until
+// Close, serving each concurrently.
+func (s *Server) Serve(ln *net.UnixListener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return net.ErrClosed
+	}
+	s.ln = ln
+	if s.conns == nil {
+		s.conns = make(map[*net.UnixConn]struct{})
+	}
+	s.mu.Unlock()
+	for {
+		conn, err := ln.AcceptUnix()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			// Out of fds, say: the caller socket matters more; back off.
+			s.log().Warn("admin: accept failed", "err", err)
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			conn.Close()
+			return nil
+		}
+		s.conns[conn] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			s.serveConn(conn)
+			s.mu.Lock()
+			delete(s.conns, conn)
+			s.mu.Unlock()
+			conn.Close()
+		}()
+	}
+}
+
+// Close stops accepting, closes the connections and waits for their
+// handlers. A forced detach in progress runs to its end: the device must
+// not be left half detached.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *Server) serveConn(conn *net.UnixConn) {
+	peer, err := peerOf(conn)
+	if err != nil {
+		s.log().Warn("admin: no peer credentials", "err", err)
+		return
+	}
+	timeout := s.RequestTimeout
+	if timeout == 0 {
+		timeout = 10 * time.Second
+	}
+	conn.SetReadDeadline(time.Now().Add(timeout))
+	buf := make([]byte, MaxMessage)
+	n, err := conn.Read(buf)
+	if err != nil || n == 0 {
+		return
+	}
+	conn.SetReadDeadline(time.Time{})
+	// Refused only after the request is read: closing a socket with an
+	// unread message resets the connection, and the peer would never see
+	// why.
+	if !s.allowed(peer.UID) {
+		s.log().Warn("admin: connection refused", "peer_uid", peer.UID, "peer_pid", peer.PID)
+		s.send(conn, errorReply(Errorf(CodeForbidden, "uid %d may not use the admin socket", peer.UID)))
+		return
+	}
+	req, err := decodeRequest(buf[:n])
+	if err != nil {
+		s.log().Info("admin: bad request", "peer_uid", peer.UID, "peer_pid", peer.PID, "err", err)
+		s.send(conn, errorReply(err))
+		return
+	}
+	// A detach goes on when the admin hangs up: stopping half way would
+	// leave the device in a worse state than either end.
+	ctx := context.Background()
+	switch req.Command {
+	case CommandStatus:
+		st := s.Backend.Status(ctx)
+		s.addIO(&st)
+		s.send(conn, Reply{Version: Version, OK: true, Status: &st})
+	case CommandDetach:
+		s.log().Warn("admin: forced detach requested", "target", req.Target, "peer_uid", peer.UID, "peer_pid", peer.PID)
+		res, err := s.Backend.ForceDetach(ctx, req.Target, peer)
+		if err != nil {
+			s.log().Warn("admin: forced detach failed", "target", req.Target, "peer_uid", peer.UID, "peer_pid", peer.PID, "err", err)
+			s.send(conn, errorReply(err))
+			return
+		}
+		s.log().Warn("admin: forced detach done", "target", req.Target, "image_id", res.ImageID, "device", res.Device,
+			"result", res.Result, "peer_uid", peer.UID, "peer_pid", peer.PID)
+		s.send(conn, Reply{Version: Version, OK: true, Detach: &res})
+	}
+}
+
+func (s *Server) addIO(st *Status) {
+	sys := s.SysBlock
+	if sys == "" {
+		sys = "/sys/block"
+	}
+	for i := range st.Attachments {
+		a := &st.Attachments[i]
+		if a.Device == "" {
+			continue
+		}
+		if io, err := ReadIOStats(sys, a.Device); err == nil {
+			a.IO = io
+		}
+	}
+}
+
+func (s *Server) send(conn *net.UnixConn, r Reply) {
+	b, err := json.Marshal(r)
+	if err == nil && len(b) > MaxMessage {
+		b, err = json.Marshal(errorReply(Errorf(CodeFailed, "reply of %d bytes is over the limit of %d", len(b), MaxMessage)))
+	}
+	if err != nil {
+		s.log().Error("admin: encode reply", "err", err)
+		return
+	}
+	conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	if _, err := conn.Write(b); err != nil {
+		s.log().Debug("admin: send reply", "err", err)
+	}
+}

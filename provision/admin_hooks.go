@@ -1,0 +1,173 @@
+package provision
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+)
+
+// This file holds what the admin socket and the metrics need from the
+// Server, kept apart from the serving code: the hooks the serving code
+// calls, the gauges, the serving check and the forced detach.
+
+// errGoneBeforeReply is an attach whose caller hung up before the reply.
+var errGoneBeforeReply = errors.New("caller_gone")
+
+// attachFailed counts an attach that failed after its reservation.
+func (s *Server) attachFailed(mode string, err error) {
+	if s.cfg.Metrics == nil {
+		return
+	}
+	code := errGoneBeforeReply.Error()
+	if err != errGoneBeforeReply {
+		code = replyFor(err).Code
+	}
+	s.cfg.Metrics.AttachFailed(mode, code)
+}
+
+// detachResult names the outcome of a detach for the metrics.
+func detachResult(flushErr, detachErr error) string {
+	switch {
+	case errors.Is(detachErr, nbddev.ErrStillOpen):
+		return metrics.DetachStillOpen
+	case detachErr != nil:
+		return metrics.DetachFailed
+	case flushErr != nil:
+		return metrics.DetachUnflushed
+	}
+	return metrics.DetachOK
+}
+
+// Gauges counts the attachments, the lingering devices and the connections
+// waiting for their request, for the metrics.
+func (s *Server) Gauges() metrics.Gauges {
+	var g metrics.Gauges
+	for _, info := range s.Snapshot() {
+		if info.State == StateLingering {
+			g.Lingering++
+		} else {
+			g.Active++
+		}
+	}
+	s.mu.Lock()
+	g.Waiting = s.waiting
+	s.mu.Unlock()
+	return g
+}
+
+// Serving returns nil while the server accepts callers: it has a listener
+// and is not shutting down. Taking the server's lock also proves that it
+// is not stuck.
+func (s *Server) Serving() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.closing:
+		return errors.New("shutting down")
+	case len(s.listeners) == 0:
+		return errors.New("not accepting callers")
+	}
+	return nil
+}
+
+// forcedReason is the reason of a forced detach of a, or "".
+func (s *Server) forcedReason(a *attachment) string {
+	s.reg.mu.Lock()
+	defer s.reg.mu.Unlock()
+	return a.forced
+}
+
+// Forced detach results.
+const (
+	ForcedDetached  = "detached"
+	ForcedStillOpen = "still_open"
+	ForcedAborted   = "aborted"
+)
+
+// ForceDetach ends the attachment that target names (its image key, its
+// image id, or its device as /dev/nbdX or nbdX) on an operator's request:
+// the caller's connection is closed, the device flushed (within the
+// server's FlushTimeout, for an engine that does not answer) and
+// disconnected, as for a caller that hung up; the log names who. An
+// attachment still attaching is aborted. It returns what it ended and
+// how: ForcedDetached, ForcedStillOpen (disconnected, but a process still
+// holds the device open) or ForcedAborted.
+func (s *Server) ForceDetach(ctx context.Context, target, who string) (Info, string, error) {
+	if strings.HasPrefix(target, "nbd") {
+		target = "/dev/" + target
+	}
+	reason := "forced by admin (" + who + ")"
+	s.reg.mu.Lock()
+	var matches []*attachment
+	for _, a := range s.reg.byImage {
+		if a.key == target || a.imageID == target || a.state != StateAttaching && a.dev != nil && a.dev.Path == target {
+			matches = append(matches, a)
+		}
+	}
+	var lingering bool
+	for _, info := range s.reg.lingering {
+		lingering = lingering || info.Key == target || info.ImageID == target || info.Device == target
+	}
+	if len(matches) != 1 {
+		s.reg.mu.Unlock()
+		switch {
+		case len(matches) > 1:
+			return Info{}, "", admin.Errorf(admin.CodeBadRequest, "%q names %d attachments; give the device instead", target, len(matches))
+		case lingering:
+			return Info{}, "", admin.Errorf(admin.CodeNotFound,
+				"%q is already detached; its device is still held open by some process (lingering) and is freed when that closes it", target)
+		}
+		return Info{}, "", admin.Errorf(admin.CodeNotFound, "no attachment matches %q (image key, image id or /dev/nbdX)", target)
+	}
+	a := matches[0]
+	a.forced = reason
+	state := a.state
+	info := a.infoLocked()
+	s.reg.mu.Unlock()
+
+	s.log.Warn("forced detach", "image_id", a.imageID, "key", a.key, "device", info.Device, "state", state,
+		"caller_pid", a.caller.pid, "caller_uid", a.caller.uid, "by", who)
+	// The caller learns first: its connection ends, as if the provisioner
+	// had shut down. Its handler wakes up, sees the forced reason and
+	// detaches too; detach runs once, whoever gets there first.
+	if a.conn != nil {
+		a.conn.Close()
+	}
+	if a.cancel != nil {
+		// An attachment taken over from an earlier run has no connection:
+		// its life is its context.
+		a.cancel(errors.New(reason))
+	}
+	switch state {
+	case StateAttaching:
+		// Closing the connection aborts the attach; the handler releases
+		// the image (and detaches a device it already had).
+		bound := s.cfg.AttachTimeout + s.cfg.FlushTimeout + s.cfg.DetachTimeout
+		select {
+		case <-a.released:
+		case <-time.After(bound):
+			return info, "", admin.Errorf(admin.CodeFailed, "image %s was still being attached %v after its connection was closed", a.imageID, bound)
+		}
+		return info, ForcedAborted, nil
+	case StateDetaching:
+		<-a.released
+	default:
+		s.detach(a, reason)
+	}
+	if a.dev != nil && s.isLingering(a.dev.Index) {
+		return info, ForcedStillOpen, nil
+	}
+	return info, ForcedDetached, nil
+}
+
+func (s *Server) isLingering(index uint32) bool {
+	s.reg.mu.Lock()
+	defer s.reg.mu.Unlock()
+	_, ok := s.reg.lingering[index]
+	return ok
+}

@@ -1,0 +1,152 @@
+package provision_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
+)
+
+// withMetrics starts a test server that counts into a metrics set.
+func withMetrics(t *testing.T) (*provisiontest.Server, func() string) {
+	var ts *provisiontest.Server
+	m := metrics.New(func() metrics.Gauges { return ts.Gauges() })
+	ts = provisiontest.New(t, func(c *provision.ServerConfig) { c.Metrics = m })
+	scrape := func() string {
+		rec := httptest.NewRecorder()
+		m.Handler(nil).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+		b, _ := io.ReadAll(rec.Result().Body)
+		return string(b)
+	}
+	return ts, scrape
+}
+
+func wantMetrics(t *testing.T, exposition string, lines ...string) {
+	t.Helper()
+	for _, l := range lines {
+		if !strings.Contains(exposition, l+"\n") {
+			t.Errorf("metrics lack %q", l)
+		}
+	}
+	if t.Failed() {
+		t.Logf("metrics:\n%s", exposition)
+	}
+}
+
+func TestForceDetach(t *testing.T) {
+	ts, scrape := withMetrics(t)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts.AddImage(t, "other", "other.mvps-image", 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	b := ts.Attach(t, "other")
+	defer b.Close()
+	if code := ts.AttachCode(t, "missing"); code != protocol.CodeNotFound {
+		t.Fatalf("attach of a missing key: %q", code)
+	}
+	wantMetrics(t, scrape(),
+		`mvps_provisioner_attaches_total{mode="fd",result="ok"} 2`,
+		`mvps_provisioner_requests_refused_total{code="not_found"} 1`,
+		`mvps_provisioner_active_attachments 2`,
+		`mvps_provisioner_waiting_connections 0`,
+		`mvps_provisioner_attach_phase_seconds_count{mode="fd",phase="handshake"} 2`,
+		`mvps_provisioner_attach_seconds_count{mode="fd"} 2`,
+	)
+
+	ctx := context.Background()
+	_, _, err := ts.ForceDetach(ctx, "nothing", "uid 0 pid 1")
+	var aerr *admin.Error
+	if !errors.As(err, &aerr) || aerr.Code != admin.CodeNotFound {
+		t.Fatalf("ForceDetach of nothing: %v", err)
+	}
+	// By image id; then the other by device.
+	info, result, err := ts.ForceDetach(ctx, "vol.mvps-image", "uid 0 pid 1")
+	if err != nil || result != provision.ForcedDetached || info.Key != "vol" {
+		t.Fatalf("ForceDetach: %+v %q %v", info, result, err)
+	}
+	// The caller's connection is closed, the device flushed and detached.
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := a.Wait(wctx); errors.Is(err, context.DeadlineExceeded) {
+		t.Fatal("the caller's connection stayed open")
+	}
+	ts.Devices.WaitDetached(t, 0)
+	if n := ts.Devices.FlushCount(0); n != 1 {
+		t.Fatalf("flushed %d times, want 1", n)
+	}
+	if !strings.Contains(ts.Logs(), `reason="forced by admin (uid 0 pid 1)"`) {
+		t.Fatalf("the detach line does not say who forced it:\n%s", ts.Logs())
+	}
+	var dev string
+	for _, i := range ts.Snapshot() {
+		if i.ImageID == "other.mvps-image" {
+			dev = i.Device
+		}
+	}
+	if _, result, err := ts.ForceDetach(ctx, dev, "uid 0 pid 2"); err != nil || result != provision.ForcedDetached {
+		t.Fatalf("ForceDetach by device %s: %q %v", dev, result, err)
+	}
+	ts.Devices.WaitDetached(t, 1)
+	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+	wantMetrics(t, scrape(),
+		`mvps_provisioner_detaches_total{mode="fd",result="ok"} 2`,
+		`mvps_provisioner_active_attachments 0`,
+	)
+	// The image is free again.
+	ts.Attach(t, "vol").Close()
+	ts.Devices.WaitDetached(t, 2)
+}
+
+func TestForceDetachWhileAttaching(t *testing.T) {
+	ts, scrape := withMetrics(t)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	gate := make(chan struct{})
+	defer close(gate)
+	ts.Devices.Mu.Lock()
+	ts.Devices.Gate = gate
+	ts.Devices.Mu.Unlock()
+	done := make(chan string, 1)
+	go func() { done <- ts.AttachCode(t, "vol") }()
+	waitFor(t, func() bool { return stateOf(ts, "vol.mvps-image") == provision.StateAttaching })
+	_, result, err := ts.ForceDetach(context.Background(), "vol", "uid 0 pid 3")
+	if err != nil || result != provision.ForcedAborted {
+		t.Fatalf("ForceDetach while attaching: %q %v", result, err)
+	}
+	<-done
+	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+	if a, _ := ts.Devices.Counts(t); a != 0 {
+		t.Fatalf("%d devices attached after the abort", a)
+	}
+	exp := scrape()
+	if strings.Contains(exp, `result="ok"`) {
+		t.Fatalf("an aborted attach counted as ok:\n%s", exp)
+	}
+}
+
+func TestDetachStillOpenCounted(t *testing.T) {
+	ts, scrape := withMetrics(t)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts.Devices.Mu.Lock()
+	ts.Devices.StillOpen[0] = true
+	ts.Devices.Mu.Unlock()
+	ts.Attach(t, "vol").Close()
+	ts.Devices.WaitDetached(t, 0)
+	waitFor(t, func() bool { return strings.Contains(scrape(), "mvps_provisioner_lingering_devices 1\n") })
+	wantMetrics(t, scrape(), `mvps_provisioner_detaches_total{mode="fd",result="still_open"} 1`)
+	_, _, err := ts.ForceDetach(context.Background(), "vol", "uid 0 pid 4")
+	if err == nil || !strings.Contains(err.Error(), "lingering") {
+		t.Fatalf("ForceDetach of a lingering device: %v", err)
+	}
+	ts.Devices.Mu.Lock()
+	delete(ts.Devices.StillOpen, 0)
+	ts.Devices.Mu.Unlock()
+}

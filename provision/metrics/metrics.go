@@ -1,0 +1,223 @@
+// Package metrics holds the provisioner's Prometheus metrics: the registry,
+// the counters and histograms the server feeds through a nil-safe *Set, the
+// gauges read from the server at scrape time, and the HTTP listener that
+// serves /metrics, /healthz and /readyz.
+//
+// Every method of *Set does nothing on a nil *Set, so the server calls it
+// unconditionally and a provisioner without PROVISIONER_METRICS_ADDR pays
+// for nothing but a nil check.
+package metrics
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Namespace prefixes every metric name.
+const Namespace = "mvps_provisioner"
+
+// Gauges are the values read from the server at every scrape.
+type Gauges struct {
+	// Active counts attachments in any state but lingering.
+	Active int
+	// Lingering counts detached devices still held open by a process.
+	Lingering int
+	// Waiting counts connections that have not sent their request yet.
+	Waiting int
+}
+
+// Set is the provisioner's metrics. The zero value is not usable; a nil
+// *Set is, and records nothing.
+type Set struct {
+	reg *prometheus.Registry
+
+	attaches      *prometheus.CounterVec
+	detaches      *prometheus.CounterVec
+	attachSeconds *prometheus.HistogramVec
+	phaseSeconds  *prometheus.HistogramVec
+	refused       *prometheus.CounterVec
+	engineRestart prometheus.Counter
+	reconnects    *prometheus.CounterVec
+	linkDead      prometheus.Counter
+	adminDetaches *prometheus.CounterVec
+}
+
+// Buckets of the attach latency histograms, in seconds: an attach on a
+// warm engine takes milliseconds, a first mount with mke2fs seconds, and
+// the attach timeout is a minute.
+var attachBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}
+
+// New makes the metrics, registered in a fresh registry with the Go and
+// process collectors. gauges, when not nil, is called at every scrape.
+func New(gauges func() Gauges) *Set {
+	s := &Set{reg: prometheus.NewRegistry()}
+	s.attaches = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "attaches_total",
+		Help: `Attaches tried (the image was free and reserved), by mode ("fd", "mount") and result: "ok", the reply's error code, or "caller_gone" (hung up before the reply). Requests refused before (not_found, forbidden, busy...) are in requests_refused_total only.`,
+	}, []string{"mode", "result"})
+	s.detaches = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "detaches_total",
+		Help: `Detaches, by mode and result: "ok", "unflushed" (disconnected without a complete flush), "still_open" (disconnected, the device held open elsewhere), "failed".`,
+	}, []string{"mode", "result"})
+	s.attachSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: Namespace, Name: "attach_seconds",
+		Help:    "Time from a successful attach request to the reply, by mode.",
+		Buckets: attachBuckets,
+	}, []string{"mode"})
+	s.phaseSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: Namespace, Name: "attach_phase_seconds",
+		Help:    "Time of each phase of a successful attach (token, dial, handshake, probe, kernel, mount, reply), by mode and phase.",
+		Buckets: attachBuckets,
+	}, []string{"mode", "phase"})
+	s.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "requests_refused_total",
+		Help: "Requests answered with ERR, by code.",
+	}, []string{"code"})
+	s.engineRestart = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "engine_restarts_total",
+		Help: "Times the engine was started again after it died.",
+	})
+	s.reconnects = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "reconnects_total",
+		Help: `Reconnects of attached devices to the engine, by result ("ok", "failed").`,
+	}, []string{"result"})
+	s.linkDead = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "link_dead_total",
+		Help: "Link-dead events from the kernel for devices this provisioner owns.",
+	})
+	s.adminDetaches = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "admin_detaches_total",
+		Help: `Forced detaches an operator asked for on the admin socket, by result ("ok", "not_found", "failed").`,
+	}, []string{"result"})
+	s.reg.MustRegister(s.attaches, s.detaches, s.attachSeconds, s.phaseSeconds, s.refused, s.engineRestart,
+		s.reconnects, s.linkDead, s.adminDetaches)
+	if gauges != nil {
+		s.reg.MustRegister(gaugeCollector(gauges))
+	}
+	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return s
+}
+
+// Registry is where the metrics are registered, for the HTTP handler and
+// tests.
+func (s *Set) Registry() *prometheus.Registry {
+	if s == nil {
+		return nil
+	}
+	return s.reg
+}
+
+// Phase is one timed step of an attach.
+type Phase struct {
+	Name string
+	Took time.Duration
+}
+
+// Attached records a successful attach and its phases.
+func (s *Set) Attached(mode string, took time.Duration, phases []Phase) {
+	if s == nil {
+		return
+	}
+	s.attaches.WithLabelValues(mode, "ok").Inc()
+	s.attachSeconds.WithLabelValues(mode).Observe(took.Seconds())
+	for _, p := range phases {
+		s.phaseSeconds.WithLabelValues(mode, p.Name).Observe(p.Took.Seconds())
+	}
+}
+
+// AttachFailed records an attach that was refused or failed after the
+// image config was found, with its reply code.
+func (s *Set) AttachFailed(mode, code string) {
+	if s == nil {
+		return
+	}
+	s.attaches.WithLabelValues(mode, code).Inc()
+}
+
+// Detach results.
+const (
+	DetachOK        = "ok"
+	DetachUnflushed = "unflushed"
+	DetachStillOpen = "still_open"
+	DetachFailed    = "failed"
+)
+
+// Detached records a detach.
+func (s *Set) Detached(mode, result string) {
+	if s == nil {
+		return
+	}
+	s.detaches.WithLabelValues(mode, result).Inc()
+}
+
+// Refused records a request answered with ERR code.
+func (s *Set) Refused(code string) {
+	if s == nil {
+		return
+	}
+	s.refused.WithLabelValues(code).Inc()
+}
+
+// EngineRestarted records the engine started again after it died.
+func (s *Set) EngineRestarted() {
+	if s == nil {
+		return
+	}
+	s.engineRestart.Inc()
+}
+
+// Reconnected records a reconnect of an attached device to the engine;
+// ok says whether it worked.
+func (s *Set) Reconnected(ok bool) {
+	if s == nil {
+		return
+	}
+	result := "ok"
+	if !ok {
+		result = "failed"
+	}
+	s.reconnects.WithLabelValues(result).Inc()
+}
+
+// LinkDead records a link-dead event for one of our devices.
+func (s *Set) LinkDead() {
+	if s == nil {
+		return
+	}
+	s.linkDead.Inc()
+}
+
+// AdminDetach records a forced detach asked for on the admin socket.
+func (s *Set) AdminDetach(result string) {
+	if s == nil {
+		return
+	}
+	s.adminDetaches.WithLabelValues(result).Inc()
+}
+
+// gaugeCollector reads the gauges once per scrape, so the three agree.
+type gaugeCollector func() Gauges
+
+var (
+	activeDesc = prometheus.NewDesc(Namespace+"_active_attachments",
+		"Attachments now, in any state but lingering (attaching, attached, reconnecting, detaching).", nil, nil)
+	lingeringDesc = prometheus.NewDesc(Namespace+"_lingering_devices",
+		"Detached devices that a process still holds open.", nil, nil)
+	waitingDesc = prometheus.NewDesc(Namespace+"_waiting_connections",
+		"Caller connections that have not sent their request yet.", nil, nil)
+)
+
+func (g gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- activeDesc
+	ch <- lingeringDesc
+	ch <- waitingDesc
+}
+
+func (g gaugeCollector) Collect(ch chan<- prometheus.Metric) {
+	v := g()
+	ch <- prometheus.MustNewConstMetric(activeDesc, prometheus.GaugeValue, float64(v.Active))
+	ch <- prometheus.MustNewConstMetric(lingeringDesc, prometheus.GaugeValue, float64(v.Lingering))
+	ch <- prometheus.MustNewConstMetric(waitingDesc, prometheus.GaugeValue, float64(v.Waiting))
+}

@@ -1,0 +1,272 @@
+package provision
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/nbd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/notify"
+)
+
+// operations is what an operator and a supervisor see of a running
+// daemon: the admin socket, the metrics listener and systemd's
+// notifications. Run makes one before the Server (whose metrics it holds)
+// and starts it once the Server serves.
+type operations struct {
+	cfg     Config
+	log     *slog.Logger
+	metrics *metrics.Set // nil without PROVISIONER_METRICS_ADDR
+	notify  *notify.Notifier
+
+	mu          sync.Mutex
+	srv         *Server
+	devices     *nbddev.Devices
+	eng         *engine.Process
+	engineSince time.Time
+	restarts    int
+
+	admin      *admin.Server
+	adminDone  chan error
+	metricsSrv *metrics.Server
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+}
+
+func newOperations(cfg Config, log *slog.Logger) *operations {
+	o := &operations{cfg: cfg, log: log, notify: notify.New(log)}
+	if cfg.MetricsAddr != "" {
+		o.metrics = metrics.New(o.gauges)
+	}
+	return o
+}
+
+// Metrics is the metrics set for the Server; nil when metrics are off.
+func (o *operations) Metrics() *metrics.Set { return o.metrics }
+
+func (o *operations) gauges() metrics.Gauges {
+	o.mu.Lock()
+	srv := o.srv
+	o.mu.Unlock()
+	if srv == nil {
+		return metrics.Gauges{}
+	}
+	return srv.Gauges()
+}
+
+// start opens the admin socket and the metrics listener, and tells systemd
+// the daemon is ready once the engine answers and the server accepts.
+func (o *operations) start(srv *Server, eng *engine.Process, devices *nbddev.Devices) error {
+	o.mu.Lock()
+	o.srv, o.eng, o.devices, o.engineSince = srv, eng, devices, time.Now()
+	o.mu.Unlock()
+
+	ln, err := Listen(ListenConfig{Path: o.cfg.AdminPath, Mode: 0o600})
+	if err != nil {
+		return fmt.Errorf("admin socket (PROVISIONER_ADMIN_PATH): %w", err)
+	}
+	o.admin = &admin.Server{Backend: adminBackend{o}, Logger: o.log}
+	o.adminDone = make(chan error, 1)
+	go func() { o.adminDone <- o.admin.Serve(ln) }()
+
+	if o.metrics != nil {
+		ms, err := o.metrics.Serve(o.cfg.MetricsAddr, o.cfg.MetricsAllowRemote, []metrics.Check{
+			{Name: "engine", Func: o.engineAnswers},
+			{Name: "netlink", Func: o.netlinkOpen},
+			{Name: "socket", Func: o.listening},
+		})
+		if err != nil {
+			o.admin.Close()
+			<-o.adminDone
+			return fmt.Errorf("PROVISIONER_METRICS_ADDR: %w", err)
+		}
+		o.metricsSrv = ms
+		o.log.Info("metrics listening", "addr", ms.Addr().String())
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	o.cancel = cancel
+	o.wg.Add(1)
+	go func() {
+		defer o.wg.Done()
+		ready := func(ctx context.Context) error {
+			return errors.Join(o.listening(ctx), o.engineAnswers(ctx))
+		}
+		if o.notify.Ready(ctx, ready) != nil {
+			return
+		}
+		o.notify.Watchdog(ctx, o.listening)
+	}()
+	return nil
+}
+
+// EngineRestarted records that the engine was started again: eng is the
+// new process. The fault-survival code calls it.
+func (o *operations) EngineRestarted(eng *engine.Process) {
+	o.mu.Lock()
+	o.eng, o.engineSince = eng, time.Now()
+	o.restarts++
+	o.mu.Unlock()
+	o.metrics.EngineRestarted()
+}
+
+// stopping tells systemd the daemon is shutting down.
+func (o *operations) stopping() {
+	if o.cancel != nil {
+		o.cancel()
+	}
+	o.notify.Stopping()
+}
+
+// close stops the admin socket and the metrics listener.
+func (o *operations) close() {
+	if o.cancel != nil {
+		o.cancel()
+	}
+	o.wg.Wait()
+	if o.metricsSrv != nil {
+		if err := o.metricsSrv.Close(); err != nil {
+			o.log.Warn("metrics listener", "err", err)
+		}
+	}
+	if o.admin != nil {
+		o.admin.Close()
+		if err := <-o.adminDone; err != nil {
+			o.log.Warn("admin socket", "err", err)
+		}
+	}
+}
+
+func (o *operations) engine() (*engine.Process, time.Time, int) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.eng, o.engineSince, o.restarts
+}
+
+// engineAnswers dials the engine and reads its NBD greeting.
+func (o *operations) engineAnswers(ctx context.Context) error {
+	eng, _, _ := o.engine()
+	if eng == nil {
+		return errors.New("no engine")
+	}
+	select {
+	case <-eng.Done():
+		return fmt.Errorf("exited: %v", eng.Err())
+	default:
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c, err := eng.Dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if deadline, ok := ctx.Deadline(); ok {
+		c.SetDeadline(deadline)
+	}
+	var b [nbd.GreetingSize]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		return fmt.Errorf("no greeting: %w", err)
+	}
+	_, err = nbd.ParseGreeting(b[:])
+	return err
+}
+
+func (o *operations) netlinkOpen(context.Context) error {
+	o.mu.Lock()
+	devices := o.devices
+	o.mu.Unlock()
+	if devices == nil {
+		return errors.New("not open")
+	}
+	_, err := devices.Netlink.StatusAll()
+	return err
+}
+
+// listening checks that the server accepts callers and its socket is in
+// place.
+func (o *operations) listening(context.Context) error {
+	o.mu.Lock()
+	srv := o.srv
+	o.mu.Unlock()
+	if srv == nil {
+		return errors.New("not serving yet")
+	}
+	if err := srv.Serving(); err != nil {
+		return err
+	}
+	st, err := os.Lstat(o.cfg.ListenPath)
+	if err != nil {
+		return err
+	}
+	if st.Mode().Type() != fs.ModeSocket {
+		return fmt.Errorf("%s is not a socket", o.cfg.ListenPath)
+	}
+	return nil
+}
+
+// adminBackend answers the admin socket from the operations.
+type adminBackend struct{ o *operations }
+
+func (b adminBackend) Status(ctx context.Context) admin.Status {
+	o := b.o
+	st := admin.Status{Time: time.Now(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
+	owned := make(map[string]bool)
+	for _, info := range o.srv.Snapshot() {
+		st.Attachments = append(st.Attachments, admin.Attachment{
+			Key: info.Key, ImageID: info.ImageID, Device: info.Device, Mode: info.Mode, State: string(info.State),
+			CallerPID: info.CallerPID, CallerUID: info.CallerUID, Since: info.Since, Reconnects: info.Reconnects,
+		})
+		owned["mvps:"+info.ImageID] = true
+		if info.Device != "" {
+			owned[info.Device] = true
+		}
+	}
+	eng, since, restarts := o.engine()
+	st.Engine = admin.Engine{PID: eng.Pid(), Since: since, Restarts: restarts, Answering: true}
+	if err := o.engineAnswers(ctx); err != nil {
+		st.Engine.Answering, st.Engine.Error = false, err.Error()
+	}
+	if sts, err := o.devices.Netlink.StatusAll(); err == nil {
+		for _, d := range sts {
+			if !d.Connected {
+				continue
+			}
+			path := fmt.Sprintf("/dev/nbd%d", d.Index)
+			backend, _ := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", d.Index))
+			id := strings.TrimSpace(string(backend))
+			if strings.HasPrefix(id, "mvps:") && !owned[path] && !owned[id] {
+				st.Foreign = append(st.Foreign, admin.Device{Device: path, Backend: id})
+			}
+		}
+	} else {
+		o.log.Warn("admin status: nbd devices", "err", err)
+	}
+	return st
+}
+
+func (b adminBackend) ForceDetach(ctx context.Context, target string, who admin.Peer) (admin.DetachResult, error) {
+	info, result, err := b.o.srv.ForceDetach(ctx, target, who.String())
+	if err != nil {
+		code := admin.CodeFailed
+		var e *admin.Error
+		if errors.As(err, &e) && e.Code == admin.CodeNotFound {
+			code = "not_found"
+		}
+		b.o.metrics.AdminDetach(code)
+		return admin.DetachResult{}, err
+	}
+	b.o.metrics.AdminDetach("ok")
+	return admin.DetachResult{Key: info.Key, ImageID: info.ImageID, Device: info.Device, Result: result}, nil
+}
