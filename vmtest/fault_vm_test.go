@@ -346,7 +346,11 @@ func TestVMFaultConnectionKilled(t *testing.T) {
 // connected, no record is left, and the daemon holds as many fds as before.
 func TestVMFaultChaos(t *testing.T) {
 	const cycles, lanes = 500, 4
-	p := startProvisioner(t)
+	p := startProvisionerWith(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr})
+	goroutines := func() float64 {
+		_, body := httpGet(t, "/metrics")
+		return metricValue(body, "go_goroutines")
+	}
 	for i := range lanes {
 		p.addImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 4<<20)
 	}
@@ -359,6 +363,7 @@ func TestVMFaultChaos(t *testing.T) {
 		waitUntil(t, 10*time.Second, "warm-up detach", func() bool { return deviceFree(idx) })
 	}
 	baseFDs := openFDCount(pid)
+	baseGoroutines := goroutines()
 
 	var killed [4]int
 	var mu sync.Mutex
@@ -402,10 +407,11 @@ func TestVMFaultChaos(t *testing.T) {
 		return true
 	})
 	waitUntil(t, 30*time.Second, "the daemon's fds back at their baseline", func() bool { return openFDCount(pid) <= baseFDs })
+	waitUntil(t, 30*time.Second, "the daemon's goroutines back at their baseline", func() bool { return goroutines() <= baseGoroutines })
 	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 {
 		t.Errorf("state directory holds %d files, want only the lock", len(entries))
 	}
-	t.Logf("daemon fds: %d before, %d after", baseFDs, openFDCount(pid))
+	t.Logf("daemon fds: %d before, %d after; goroutines: %v before, %v after", baseFDs, openFDCount(pid), baseGoroutines, goroutines())
 }
 
 // chaosCaller connects and, at the moment CHAOS_MOMENT names, prints a line
