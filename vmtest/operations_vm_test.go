@@ -260,31 +260,34 @@ func TestVMOperations(t *testing.T) {
 	}
 }
 
-// TestVMReadyzEngineGone: with the engine killed, /readyz is not ready
-// (or the daemon, which exits when its engine dies, no longer answers).
+// TestVMReadyzEngineGone: while the engine is down (here it cannot be
+// started again), /readyz is not ready; once an engine answers again, it
+// is.
 func TestVMReadyzEngineGone(t *testing.T) {
-	p := startProvisionerWith(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr})
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "broken")
+	wrapper := filepath.Join(dir, "engine")
+	script := fmt.Sprintf("#!/bin/sh\n[ -e %s ] && exit 1\nexec %s\n", marker, bin(t, "mvps-te-dev"))
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := startProvisionerWith(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr, "PROVISIONER_ENGINE_BIN": wrapper})
+	status := func() int {
+		c := http.Client{Timeout: 5 * time.Second}
+		resp, err := c.Get("http://" + metricsAddr + "/readyz")
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
 	// The caller socket answers a moment before the metrics listener is up.
-	waitUntil(t, 10*time.Second, "/readyz", func() bool {
-		c := http.Client{Timeout: 5 * time.Second}
-		resp, err := c.Get("http://" + metricsAddr + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	waitUntil(t, 10*time.Second, "/readyz", func() bool { return status() == 200 })
+	os.WriteFile(marker, nil, 0o644)
 	syscall.Kill(p.enginePid(t), syscall.SIGKILL)
-	waitUntil(t, 30*time.Second, "/readyz to turn unready", func() bool {
-		c := http.Client{Timeout: 5 * time.Second}
-		resp, err := c.Get("http://" + metricsAddr + "/readyz")
-		if err != nil {
-			return true // the daemon is gone with its engine
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 503
-	})
-	<-p.exited
+	waitUntil(t, 30*time.Second, "/readyz to turn unready", func() bool { return status() == 503 })
+	os.Remove(marker)
+	waitUntil(t, 30*time.Second, "/readyz ready again once the engine is back", func() bool { return status() == 200 })
 }
 
 // promtoolCheck lints a scrape with promtool when the guest has it (make
