@@ -66,43 +66,42 @@ const (
 	DefaultEngineBin              = "/usr/bin/mvps-te"
 )
 
-// setting ties an environment variable to a flag.
+// setting ties an environment variable to a flag and to where its text
+// goes while parsing.
 type setting struct {
 	env, flag, def, usage string
+	field                 func(*parsed) *string
+}
+
+// parsed is a Config being read: the settings that are not text in Config
+// are kept as text here until they are checked.
+type parsed struct {
+	Config
+	mode, allowRemote string
 }
 
 var settings = []setting{
-	{"PROVISIONER_LISTEN_PATH", "listen-path", "", "SEQPACKET socket to serve callers on (required)"},
-	{"PROVISIONER_SOCKET_MODE", "socket-mode", "0660", "permission bits of the socket, octal"},
-	{"PROVISIONER_SOCKET_GROUP", "socket-group", "", "group (name or gid) that owns the socket"},
-	{"IMAGE_CONFIG_DIRECTORY", "image-config-directory", "", "directory with one JSON file per image key (this or PROVISIONER_IMAGES_CM)"},
-	{"PROVISIONER_IMAGES_CM", "images-configmap", "", "namespace/name of a Kubernetes ConfigMap with one image config per key (this or IMAGE_CONFIG_DIRECTORY)"},
-	{"PROVISIONER_ENGINE_BIN", "engine-bin", DefaultEngineBin, "mvps-te executable"},
-	{"PROVISIONER_ENGINE_LISTEN", "engine-listen", "", "engine address, unix:/path or host:port (default: a socket in a private runtime directory)"},
-	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error"},
-	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images"},
-	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures"},
-	{"PROVISIONER_STATE_DIR", "state-dir", DefaultStateDir, "directory of the attachment records a restarted provisioner takes over (one provisioner per directory)"},
-	{"PROVISIONER_MOUNT_BASE", "mount-base", "", "absolute directory that mounts of callers other than uid 0 must be under (default: anywhere they own)"},
-	{"PROVISIONER_ADMIN_PATH", "admin-path", "", "admin socket for mvps-provisioner status and detach, mode 0600 (default: admin.sock next to the listen path)"},
-	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)"},
-	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 lets the metrics listener use addresses other than loopback"},
+	{"PROVISIONER_LISTEN_PATH", "listen-path", "", "SEQPACKET socket to serve callers on (required)", func(p *parsed) *string { return &p.ListenPath }},
+	{"PROVISIONER_SOCKET_MODE", "socket-mode", "0660", "permission bits of the socket, octal", func(p *parsed) *string { return &p.mode }},
+	{"PROVISIONER_SOCKET_GROUP", "socket-group", "", "group (name or gid) that owns the socket", func(p *parsed) *string { return &p.SocketGroup }},
+	{"IMAGE_CONFIG_DIRECTORY", "image-config-directory", "", "directory with one JSON file per image key (this or PROVISIONER_IMAGES_CM)", func(p *parsed) *string { return &p.ImageConfigDir }},
+	{"PROVISIONER_IMAGES_CM", "images-configmap", "", "namespace/name of a Kubernetes ConfigMap with one image config per key (this or IMAGE_CONFIG_DIRECTORY)", func(p *parsed) *string { return &p.ImagesConfigMap }},
+	{"PROVISIONER_ENGINE_BIN", "engine-bin", DefaultEngineBin, "mvps-te executable", func(p *parsed) *string { return &p.EngineBin }},
+	{"PROVISIONER_ENGINE_LISTEN", "engine-listen", "", "engine address, unix:/path or host:port (default: a socket in a private runtime directory)", func(p *parsed) *string { return &p.EngineListen }},
+	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(p *parsed) *string { return &p.LogLevel }},
+	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images", func(p *parsed) *string { return &p.Mke2fs }},
+	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures", func(p *parsed) *string { return &p.Blkid }},
+	{"PROVISIONER_STATE_DIR", "state-dir", DefaultStateDir, "directory of the attachment records a restarted provisioner takes over (one provisioner per directory)", func(p *parsed) *string { return &p.StateDir }},
+	{"PROVISIONER_MOUNT_BASE", "mount-base", "", "absolute directory that mounts of callers other than uid 0 must be under (default: anywhere they own)", func(p *parsed) *string { return &p.MountBase }},
+	{"PROVISIONER_ADMIN_PATH", "admin-path", "", "admin socket for mvps-provisioner status and detach, mode 0600 (default: admin.sock next to the listen path)", func(p *parsed) *string { return &p.AdminPath }},
+	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)", func(p *parsed) *string { return &p.MetricsAddr }},
+	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 lets the metrics listener use addresses other than loopback", func(p *parsed) *string { return &p.allowRemote }},
 }
 
 // ParseConfig reads the configuration from args (without the program name)
 // and the environment. Its errors are one line naming the setting.
 func ParseConfig(args []string, getenv func(string) string) (Config, error) {
-	var cfg Config
-	var mode, allowRemote string
-	dst := map[string]*string{
-		"PROVISIONER_LISTEN_PATH": &cfg.ListenPath, "PROVISIONER_SOCKET_MODE": &mode,
-		"PROVISIONER_SOCKET_GROUP": &cfg.SocketGroup, "IMAGE_CONFIG_DIRECTORY": &cfg.ImageConfigDir,
-		"PROVISIONER_IMAGES_CM":  &cfg.ImagesConfigMap,
-		"PROVISIONER_ENGINE_BIN": &cfg.EngineBin, "PROVISIONER_ENGINE_LISTEN": &cfg.EngineListen,
-		"PROVISIONER_LOG_LEVEL": &cfg.LogLevel, "PROVISIONER_MKE2FS": &cfg.Mke2fs, "PROVISIONER_BLKID": &cfg.Blkid,
-		"PROVISIONER_MOUNT_BASE": &cfg.MountBase, "PROVISIONER_STATE_DIR": &cfg.StateDir, "PROVISIONER_ADMIN_PATH": &cfg.AdminPath,
-		"PROVISIONER_METRICS_ADDR": &cfg.MetricsAddr, "PROVISIONER_METRICS_ALLOW_REMOTE": &allowRemote,
-	}
+	var p parsed
 	fset := flag.NewFlagSet("mvps-provisioner", flag.ContinueOnError)
 	fset.SetOutput(io.Discard)
 	for _, s := range settings {
@@ -110,7 +109,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		if v == "" {
 			v = s.def
 		}
-		fset.StringVar(dst[s.env], s.flag, v, s.usage+" [$"+s.env+"]")
+		fset.StringVar(s.field(&p), s.flag, v, s.usage+" [$"+s.env+"]")
 	}
 	if err := fset.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -121,6 +120,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	if fset.NArg() > 0 {
 		return Config{}, fmt.Errorf("command line: unexpected argument %q", fset.Arg(0))
 	}
+	cfg, mode, allowRemote := p.Config, p.mode, p.allowRemote
 	cfg.Secret = getenv("MVPS_TE_JWT_SECRET")
 
 	if cfg.ListenPath == "" {

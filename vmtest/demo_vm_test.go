@@ -52,4 +52,13 @@ func TestDemo(t *testing.T) {
 	b.Close()
 	waitUntil(t, 10*time.Second, "detach", func() bool { return deviceFree(index2) })
 	t.Log("7. detached again; the demo is over")
+	// What the daemon itself said about it: one line per attach and detach.
+	log, _ := os.ReadFile(p.LogPath)
+	var lines []string
+	for _, line := range strings.Split(string(log), "\n") {
+		if strings.Contains(line, "msg=attached") || strings.Contains(line, "msg=detached") {
+			lines = append(lines, "   "+line)
+		}
+	}
+	t.Logf("the provisioner's log of it:\n%s", strings.Join(lines, "\n"))
 }

@@ -10,8 +10,10 @@
 //	MVPS_TE_JWT_SECRET              HMAC key of the tokens (required; prefer the
 //	                                variable, a flag is visible in /proc/PID/cmdline)
 //	MVPS_TE_IMAGE_STORE             local (s3 is not supported by the stand-in)
-//	MVPS_TE_IMAGE_STORE_LOCAL_PATH  image directory, created if missing
-//	MVPS_TE_BUFFER_STORE_PATH       write buffer directory: created, unused
+//	MVPS_TE_IMAGE_STORE_LOCAL_PATH  image directory, created if its parent exists
+//	MVPS_TE_BUFFER_STORE_PATH       write buffer directory: created like the image
+//	                                directory, unused
+//	MVPS_TE_DEV_CREATE_DIRS=1       create missing parents of both too
 //
 // mvps-te's tuning and encryption settings are accepted and ignored. A
 // missing or bad setting exits with status 2; SIGTERM or SIGINT shut down
@@ -24,9 +26,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -63,7 +67,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		{"MVPS_TE_IMAGE_STORE_LOCAL_PATH", st.ImageStoreLocalPath},
 		{"MVPS_TE_BUFFER_STORE_PATH", st.BufferStorePath},
 	} {
-		if err := os.MkdirAll(d.path, 0o700); err != nil {
+		if err := makeStoreDir(d.path, lookupEnv); err != nil {
 			fmt.Fprintf(stderr, "mvps-te-dev: %s: %v\n", d.env, err)
 			return 2
 		}
@@ -115,4 +119,27 @@ func shutdown(srv *devengine.Server, log *slog.Logger) bool {
 		return false
 	}
 	return true
+}
+
+// makeStoreDir makes a store directory whose parent exists. A missing
+// parent is most likely a typo, and creating the whole path would put the
+// images somewhere nobody looks; MVPS_TE_DEV_CREATE_DIRS=1 creates it all.
+func makeStoreDir(path string, lookupEnv func(string) (string, bool)) error {
+	if v, _ := lookupEnv("MVPS_TE_DEV_CREATE_DIRS"); v == "1" {
+		return os.MkdirAll(path, 0o700)
+	}
+	if st, err := os.Stat(path); err == nil {
+		if !st.IsDir() {
+			return fmt.Errorf("%s is not a directory", path)
+		}
+		return nil
+	}
+	parent := filepath.Dir(filepath.Clean(path))
+	if st, err := os.Stat(parent); err != nil || !st.IsDir() {
+		return fmt.Errorf("neither %s nor its parent %s exists; create it, or set MVPS_TE_DEV_CREATE_DIRS=1 to create the whole path", path, parent)
+	}
+	if err := os.Mkdir(path, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	return nil
 }

@@ -64,6 +64,7 @@ func TestRunBadSettings(t *testing.T) {
 		{"listen over a file", nil, replace("MVPS_TE_LISTEN", "unix:"+notSocket), "MVPS_TE_LISTEN"},
 		{"local path is a file", nil, replace("MVPS_TE_IMAGE_STORE_LOCAL_PATH", notSocket), "MVPS_TE_IMAGE_STORE_LOCAL_PATH"},
 		{"unknown flag", []string{"--jwt-secrit", "x"}, good, "jwt-secrit"},
+		{"mistyped store path", nil, replace("MVPS_TE_IMAGE_STORE_LOCAL_PATH", filepath.Join(dir, "typo", "img")), "MVPS_TE_DEV_CREATE_DIRS"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

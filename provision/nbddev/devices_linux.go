@@ -47,7 +47,7 @@ const (
 func New() (*Devices, error) {
 	c, err := netlinknbd.New()
 	if err != nil {
-		return nil, fmt.Errorf("open nbd netlink family (is the nbd module loaded?): %w", err)
+		return nil, fmt.Errorf("open nbd netlink family: %w", err)
 	}
 	return &Devices{
 		Netlink:         c,
