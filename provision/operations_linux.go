@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -12,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
@@ -165,22 +163,7 @@ func (o *operations) engineAnswers(ctx context.Context) error {
 		return fmt.Errorf("exited: %v", eng.Err())
 	default:
 	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	c, err := eng.Dial(ctx)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	if deadline, ok := ctx.Deadline(); ok {
-		c.SetDeadline(deadline)
-	}
-	var b [nbd.GreetingSize]byte
-	if _, err := io.ReadFull(c, b[:]); err != nil {
-		return fmt.Errorf("no greeting: %w", err)
-	}
-	_, err = nbd.ParseGreeting(b[:])
-	return err
+	return eng.Answers(ctx)
 }
 
 func (o *operations) netlinkOpen(context.Context) error {

@@ -151,6 +151,16 @@ func (e *Process) waitReady(ctx context.Context, network, address string) error 
 	}
 }
 
+// Answers reports whether the engine sends its NBD greeting now; nil when
+// it does.
+func (e *Process) Answers(ctx context.Context) error {
+	network, address, err := ParseListen(e.cfg.Listen)
+	if err != nil {
+		return err
+	}
+	return probeGreeting(ctx, network, address)
+}
+
 func probeGreeting(ctx context.Context, network, address string) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
