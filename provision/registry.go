@@ -6,6 +6,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
 // State is where an attachment is in its life.
@@ -95,6 +97,13 @@ func (r *registry) release(a *attachment) {
 		delete(r.byImage, a.imageID)
 		close(a.released)
 	}
+}
+
+// setDevice records the device attached for a.
+func (r *registry) setDevice(a *attachment, dev *nbddev.Device) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.dev = dev
 }
 
 // setState moves a to state and reports the state it was in.

@@ -446,7 +446,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	a.dev = dev
+	s.reg.setDevice(a, dev)
 	if err := s.record(a, int64(dev.Index)); err != nil {
 		s.detach(a, "state not recorded")
 		s.reject(conn, caller, req.Key, err)

@@ -625,3 +625,56 @@ func TestVMFaultSidecar(t *testing.T) {
 	}
 	t.Logf("e2fsck clean; all %d fsynced files intact", synced+1)
 }
+
+// A provisioner killed in the middle of an attach (here while it formats the
+// device for a mount) leaves a device and a record; the next start resolves
+// them: the caller is gone, so the device is reconnected, flushed and
+// detached, exactly once, and the record removed.
+func TestVMFaultProvisionerKilledMidAttach(t *testing.T) {
+	dir := t.TempDir()
+	started, release := filepath.Join(dir, "started"), filepath.Join(dir, "release")
+	wrapper := filepath.Join(dir, "mke2fs")
+	script := fmt.Sprintf(`#!/bin/sh
+touch %s
+i=0
+while [ ! -e %s ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+exit 1
+`, started, release)
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := startSharedProvisioner(t, map[string]string{"PROVISIONER_MKE2FS": wrapper})
+	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+
+	// The caller, a process of its own, asks for a mount and waits.
+	done := make(chan *caller, 1)
+	go func() { done <- startCaller(t, p, "vol", sharedDir(t, nobodyUID), nil) }()
+	waitUntil(t, 30*time.Second, "the format to start", func() bool {
+		_, err := os.Stat(started)
+		return err == nil
+	})
+	index, ok := ourDevice(t, "vol.mvps-image")
+	if !ok {
+		t.Fatal("no device attached during the format")
+	}
+	p.kill(t)
+	os.WriteFile(release, nil, 0o644)
+	c := <-done
+	if c.report.Err == "" {
+		t.Fatal("the caller's attach succeeded although the provisioner was killed during it")
+	}
+	c.stop() // the caller exits
+	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 2 {
+		t.Fatalf("state directory holds %d files after the kill, want the lock and the record", len(entries))
+	}
+
+	p.launch(t)
+	waitUntil(t, 30*time.Second, "the orphaned attach resolved", func() bool { return deviceFree(index) })
+	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 {
+		t.Errorf("state directory holds %d files after the restart, want only the lock", len(entries))
+	}
+	log, _ := os.ReadFile(p.LogPath)
+	if n := strings.Count(string(log), "msg=detached"); n != 1 {
+		t.Errorf("%d detach lines, want exactly one:\n%s", n, log)
+	}
+}
