@@ -653,8 +653,7 @@ exit 1
 		_, err := os.Stat(started)
 		return err == nil
 	})
-	index, ok := ourDevice(t, "vol.mvps-image")
-	if !ok {
+	if _, ok := ourDevice(t, "vol.mvps-image"); !ok {
 		t.Fatal("no device attached during the format")
 	}
 	p.kill(t)
@@ -669,7 +668,11 @@ exit 1
 	}
 
 	p.launch(t)
-	waitUntil(t, 30*time.Second, "the orphaned attach resolved", func() bool { return deviceFree(index) })
+	waitUntil(t, 30*time.Second, "the orphaned attach resolved", func() bool {
+		log, _ := os.ReadFile(p.LogPath)
+		_, attached := ourDevice(t, "vol.mvps-image")
+		return strings.Contains(string(log), "msg=detached") && !attached
+	})
 	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 {
 		t.Errorf("state directory holds %d files after the restart, want only the lock", len(entries))
 	}
