@@ -1,0 +1,74 @@
+package provision
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestStateDir(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	d, err := OpenStateDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if _, err := OpenStateDir(dir); err == nil || !strings.Contains(err.Error(), "in use by another provisioner") {
+		t.Fatalf("second open of a locked state directory: %v", err)
+	}
+
+	e := stateEntry{Key: "vol", ImageID: "vol.mvps-image", ImageSize: 1 << 20, ClientID: "c", Index: -1, Mode: "fd",
+		CallerPID: 42, CallerStart: 7}
+	if err := d.write(e); err != nil {
+		t.Fatal(err)
+	}
+	e.Index = 3
+	if err := d.write(e); err != nil {
+		t.Fatal(err)
+	}
+	// What a crash leaves: a temp file cut short, and a record that is not
+	// one.
+	os.WriteFile(filepath.Join(dir, ".tmp-123"), []byte(`{"key":`), 0o600)
+	os.WriteFile(filepath.Join(dir, "torn.mvps-image.json"), []byte(`{"key":`), 0o600)
+	got, errs := d.list()
+	if diff := cmp.Diff([]stateEntry{e}, got); diff != "" {
+		t.Fatalf("records (-want +got):\n%s", diff)
+	}
+	if len(errs) != 1 {
+		t.Fatalf("errors %v, want one for the torn record", errs)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ".tmp-123")); !os.IsNotExist(err) {
+		t.Error("a cut-short temp file was left")
+	}
+	if err := d.remove(e.ImageID); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.remove(e.ImageID); err != nil {
+		t.Fatalf("removing a removed record: %v", err)
+	}
+	if got, _ := d.list(); len(got) != 0 {
+		t.Fatalf("records after remove: %v", got)
+	}
+	d.Close()
+	d2, err := OpenStateDir(dir)
+	if err != nil {
+		t.Fatalf("open after the holder closed: %v", err)
+	}
+	d2.Close()
+}
+
+func TestProcessStart(t *testing.T) {
+	start, err := processStart(int32(os.Getpid()))
+	if err != nil || start == 0 {
+		t.Fatalf("start of this process: %d, %v", start, err)
+	}
+	if again, _ := processStart(int32(os.Getpid())); again != start {
+		t.Fatalf("start time changed: %d then %d", start, again)
+	}
+	if _, err := processStart(1 << 30); err == nil {
+		t.Fatal("no error for a pid that does not exist")
+	}
+}
