@@ -11,7 +11,7 @@ HOST_PACKAGES := libnbd-bin
 ENGINE ?= $(shell command -v mvps-te 2>/dev/null || echo $(CURDIR)/bin/mvps-te-dev)
 VAR    := $(CURDIR)/var
 
-.PHONY: all build install help test deps lint unit integration run demo clean
+.PHONY: all build install help test deps lint unit integration run demo bench clean
 
 all: build
 
@@ -53,6 +53,7 @@ help:
 	@echo "  integration  the VM integration suite (vmtest/run.sh)"
 	@echo "  run          build and run the daemon here on the default engine (needs the nbd module)"
 	@echo "  demo         the whole story (attach, write, detach, reattach, verify) in a VM"
+	@echo "  bench        Go benchmarks, then the VM benchmark against nbd-client (BENCH_N=200); JSON in .cache/bench/"
 	@echo "  clean        remove bin/, var/ and vmtest/out/"
 
 test: deps lint unit integration k8s-test
@@ -94,6 +95,10 @@ run: build
 demo:
 	$(GO) build -o .cache/vmrun ./vmtest/vmrun
 	.cache/vmrun -run '^TestDemo$$'
+
+# Not part of make test: about 5 minutes of VM time (vmtest/bench.sh lists the knobs).
+bench:
+	GO="$(GO)" bash vmtest/bench.sh
 
 clean:
 	rm -rf bin var .cache/vmrun .cache/vm/out
