@@ -70,7 +70,7 @@ func TestBench(t *testing.T) {
 	if os.Getenv("MVPS_VM") != "1" || os.Getuid() != 0 {
 		t.Fatal("TestBench runs as root inside the VM: use make bench")
 	}
-	b := &bench{t: t, n: envInt("MVPS_BENCH_N", 200), nKill: envInt("MVPS_BENCH_KILL_N", 30), res: newResults()}
+	b := &bench{t: t, n: envInt("MVPS_BENCH_N", 200), nKill: envInt("MVPS_BENCH_KILL_N", 30), res: newResults(), floorSteps: map[string][]time.Duration{}}
 	b.res.Machine = machine()
 	b.res.N = b.n
 	t0 := time.Now()
@@ -102,6 +102,7 @@ type bench struct {
 	p            *provProc
 	engineListen string
 	res          *results
+	floorSteps   map[string][]time.Duration
 }
 
 func (b *bench) logf(format string, args ...any) {
@@ -363,16 +364,25 @@ func (b *bench) nbdClientAttach(imageID string, size uint64) (*os.File, uint32, 
 func (b *bench) floorAttach(imageID string, size uint64) (*os.File, uint32, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), attachCtx)
 	defer cancel()
+	last := time.Now()
+	mark := func(name string) {
+		now := time.Now()
+		b.floorSteps[name] = append(b.floorSteps[name], now.Sub(last))
+		last = now
+	}
 	tok := token(imageID, size)
+	mark("token")
 	conn, err := engine.Dial(ctx, b.engineListen)
 	if err != nil {
 		return nil, 0, err
 	}
+	mark("dial")
 	exp, err := handshake.Negotiate(ctx, conn, tok)
 	if err != nil {
 		conn.Close()
 		return nil, 0, err
 	}
+	mark("handshake")
 	idx, err := b.nl.Connect(netlinknbd.ConnectConfig{
 		Sockets: []syscall.Conn{conn.(syscall.Conn)}, Size: exp.Size, BlockSize: 4096,
 		ServerFlags: uint64(exp.Flags), Timeout: 120 * time.Second, DeadConnTimeout: 30 * time.Second,
@@ -381,6 +391,7 @@ func (b *bench) floorAttach(imageID string, size uint64) (*os.File, uint32, erro
 	if err != nil {
 		return nil, 0, err
 	}
+	mark("connect")
 	want := strconv.FormatUint(size/512, 10)
 	sizeFile := fmt.Sprintf("/sys/block/nbd%d/size", idx)
 	for {
@@ -393,11 +404,13 @@ func (b *bench) floorAttach(imageID string, size uint64) (*os.File, uint32, erro
 		}
 		time.Sleep(50 * time.Microsecond)
 	}
+	mark("size")
 	f, err := os.OpenFile(fmt.Sprintf("/dev/nbd%d", idx), os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		b.nl.Disconnect(idx)
 		return nil, 0, err
 	}
+	mark("open")
 	return f, idx, nil
 }
 
@@ -480,6 +493,10 @@ func (b *bench) attachRows() {
 		det = append(det, b.waitFree(idx).Sub(t1))
 	}
 	b.res.Attach["floor"] = stats(lat)
+	b.res.Phases["floor"] = map[string]float64{}
+	for k, v := range b.floorSteps {
+		b.res.Phases["floor"][k] = stats(v).P50
+	}
 	b.res.Detach["floor: netlink disconnect to free"] = stats(det)
 	b.logf("floor: %v", b.res.Attach["floor"])
 
@@ -767,16 +784,19 @@ func (b *bench) throughput() {
 	}
 	ndev := fmt.Sprintf("/dev/nbd%d", nidx)
 	for _, j := range fioJobs {
-		var row tpRow
-		row.ProvBW, row.ProvIOPS, err = fioRun(pdev, j)
-		if err != nil {
-			b.t.Fatal(err)
+		row := tpRow{Name: j.Name}
+		// Twice each, in the order A B B A, averaged: the host is shared and noisy.
+		for _, dev := range []string{pdev, ndev, ndev, pdev} {
+			bw, iops, err := fioRun(dev, j)
+			if err != nil {
+				b.t.Fatal(err)
+			}
+			if dev == pdev {
+				row.ProvBW, row.ProvIOPS = row.ProvBW+bw/2, row.ProvIOPS+iops/2
+			} else {
+				row.NbdcBW, row.NbdcIOPS = row.NbdcBW+bw/2, row.NbdcIOPS+iops/2
+			}
 		}
-		row.NbdcBW, row.NbdcIOPS, err = fioRun(ndev, j)
-		if err != nil {
-			b.t.Fatal(err)
-		}
-		row.Name = j.Name
 		b.res.Throughput = append(b.res.Throughput, row)
 		b.logf("fio %s: %+v", j.Name, row)
 	}
@@ -893,20 +913,24 @@ func (r *results) print(w io.Writer) {
 		d := r.Attach[k]
 		p("   %-34s %5d %8.2f %8.2f %8.2f %9s %9s", k, d.N, d.P50, d.P90, d.P99, ratio(d.P50, floor), ratio(nbdc, d.P50))
 	}
-	for _, mode := range []string{"fd", "mount"} {
+	for _, mode := range []string{"floor", "fd", "mount"} {
 		ph := r.Phases[mode]
 		var parts []string
-		for _, k := range []string{"token", "dial", "handshake", "probe", "kernel", "mount", "reply"} {
+		for _, k := range []string{"token", "dial", "handshake", "probe", "kernel", "connect", "size", "open", "mount", "reply"} {
 			if v, ok := ph[k]; ok {
 				parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
 			}
 		}
 		for k, v := range ph {
-			if !slices.Contains([]string{"token", "dial", "handshake", "probe", "kernel", "mount", "reply"}, k) {
+			if !slices.Contains([]string{"token", "dial", "handshake", "probe", "kernel", "connect", "size", "open", "mount", "reply"}, k) {
 				parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
 			}
 		}
-		p("   daemon phases, %-5s (p50 ms): %s", mode, strings.Join(parts, " "))
+		who := "daemon phases, " + mode
+		if mode == "floor" {
+			who = "floor steps"
+		}
+		p("   %-20s (p50 ms): %s", who, strings.Join(parts, " "))
 	}
 	p("   provisioner fd overhead over the floor (p50): %+.2f ms", r.Attach["provisioner fd"].P50-floor)
 	p("")
@@ -928,7 +952,7 @@ func (r *results) print(w io.Writer) {
 		p("   %-46s %5d %8.2f %8.2f %8.2f", k, d.N, d.P50, d.P90, d.P99)
 	}
 	p("")
-	p("4. throughput, O_DIRECT        provisioner           nbd-client          ratio")
+	p("4. throughput, O_DIRECT, mean of 2 runs each (A B B A)   provisioner   nbd-client   ratio")
 	for _, t := range r.Throughput {
 		p("   %-22s %8.1f MB/s %7.0f IOPS %8.1f MB/s %7.0f IOPS  %s",
 			t.Name, t.ProvBW/1e6, t.ProvIOPS, t.NbdcBW/1e6, t.NbdcIOPS, ratio(t.ProvBW, t.NbdcBW))
