@@ -12,7 +12,7 @@ HOST_PACKAGES := libnbd-bin prometheus
 ENGINE ?= $(shell command -v mvps-te 2>/dev/null || echo $(CURDIR)/bin/mvps-te-dev)
 VAR    := $(CURDIR)/var
 
-.PHONY: fuzz all build install help test deps lint unit integration run demo clean
+.PHONY: fuzz all build install help test deps lint unit integration run demo bench clean
 
 all: build
 
@@ -56,6 +56,7 @@ help:
 	@echo "  run          build and run the daemon here on the default engine (needs the nbd module)"
 	@echo "  demo         the whole story (attach, write, detach, reattach, verify) in a VM"
 	@echo "  k8s-test     tests against a real kube-apiserver (built once into .cache/k8s)"
+	@echo "  bench        Go benchmarks, then the VM benchmark against nbd-client (BENCH_N=200); JSON in .cache/bench/"
 	@echo "  clean        remove bin/, var/ and the VM output (rm -rf .cache drops every cache, ~1 GB)"
 
 test: deps lint unit fuzz integration k8s-test
@@ -110,6 +111,10 @@ run: build
 demo:
 	$(GO) build -o .cache/vmrun ./vmtest/vmrun
 	.cache/vmrun -run '^TestDemo$$'
+
+# Not part of make test: about 5 minutes of VM time (vmtest/bench.sh lists the knobs).
+bench:
+	GO="$(GO)" bash vmtest/bench.sh
 
 clean:
 	rm -rf bin var .cache/vmrun .cache/vm/out

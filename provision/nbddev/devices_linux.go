@@ -207,10 +207,15 @@ func readTrimmed(path string) (string, error) {
 }
 
 // poll calls cond until it reports true, fails, or ctx ends. The kernel
-// offers no event for "size visible" or "last opener gone", so a short
-// interval is the readiness check.
+// offers no event for "size visible" or "last opener gone", so polling is
+// the readiness check: first at once, then after pollFirst, doubling up to
+// pollMax. A detach is usually done within a millisecond or two, and the
+// next attach of the image waits for it, so a fixed 5 ms tick cost most
+// detaches a whole tick; the backoff keeps a long wait (a caller that holds
+// its fd) as cheap as before.
 func poll(ctx context.Context, cond func() (bool, error)) error {
-	t := time.NewTicker(5 * time.Millisecond)
+	wait := pollFirst
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
 		ok, err := cond()
@@ -225,5 +230,13 @@ func poll(ctx context.Context, cond func() (bool, error)) error {
 			return ctx.Err()
 		case <-t.C:
 		}
+		wait = min(2*wait, pollMax)
+		t.Reset(wait)
 	}
 }
+
+// The poll interval starts at pollFirst and doubles up to pollMax.
+const (
+	pollFirst = 250 * time.Microsecond
+	pollMax   = 5 * time.Millisecond
+)

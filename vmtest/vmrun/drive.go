@@ -23,8 +23,12 @@ import (
 
 var vmtestTagRe = regexp.MustCompile(`^//go:build vmtest( |$)`)
 
+// manualPackages have vmtest files but run only when named on the command line: vmtest/bench
+// is make bench (minutes of VM time, numbers rather than checks), not part of make integration.
+var manualPackages = []string{"./vmtest/bench"}
+
 // vmPackages lists, as ./dir patterns, the directories of fsys that hold a *_test.go file
-// whose first line is "//go:build vmtest".
+// whose first line is "//go:build vmtest", except manualPackages.
 func vmPackages(fsys fs.FS) ([]string, error) {
 	var pkgs []string
 	err := fs.WalkDir(fsys, ".", func(p string, d fs.DirEntry, err error) error {
@@ -48,7 +52,7 @@ func vmPackages(fsys fs.FS) ([]string, error) {
 		defer f.Close()
 		first, _ := bufio.NewReader(f).ReadString('\n')
 		if vmtestTagRe.MatchString(strings.TrimRight(first, "\r\n")) {
-			if pkg := "./" + path.Dir(p); !slices.Contains(pkgs, pkg) {
+			if pkg := "./" + path.Dir(p); !slices.Contains(pkgs, pkg) && !slices.Contains(manualPackages, pkg) {
 				pkgs = append(pkgs, pkg)
 			}
 		}

@@ -22,6 +22,7 @@ func TestVMPackages(t *testing.T) {
 		"vmtest/testdata/z_test.go":      {Data: []byte("//go:build vmtest\n")},
 		"vmtest/vmrun/notatest.go":       {Data: []byte("//go:build vmtest\n")},
 		"internal/deep/pkg/d_vm_test.go": {Data: []byte("//go:build vmtest\n")},
+		"vmtest/bench/bench_vm_test.go":  {Data: []byte("//go:build vmtest\n")}, // make bench only
 	}
 	got, err := vmPackages(fsys)
 	if err != nil {

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# vmtest/bench.sh (make bench): the Go micro-benchmarks on the host, then the VM benchmark
+# (vmtest/bench, TestBench) in one VM. Prints one table; writes the VM numbers as JSON and the
+# Go benchmark output (benchstat format) under .cache/bench/ so that two runs can be compared.
+#
+# Knobs: BENCH_N (attach/detach cycles per row, default 200), BENCH_KILL_N (SIGKILL cycles,
+# 30), BENCH_FIO_RUNTIME (seconds per random fio job, 3), BENCH_GOTIME (go test -benchtime,
+# 200ms), and vmrun's own (VM_SMP, VM_MEM, ...; .cache/vmrun -h).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
+GO=${GO:-go}
+
+# Debian's nbd-client (the seed's attach path, the baseline) and fio, copied into the guest.
+missing=
+for p in nbd-client fio; do
+	dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+	echo "bench: installing Debian packages:$missing"
+	apt-get -o DPkg::Lock::Timeout=300 update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+out=.cache/bench
+mkdir -p "$out"
+ts=$(date -u +%Y%m%dT%H%M%SZ)
+
+echo "== Go benchmarks on the host (-benchtime ${BENCH_GOTIME:-200ms})"
+"$GO" test -run '^$' -bench . -benchmem -benchtime "${BENCH_GOTIME:-200ms}" \
+	./provision/protocol ./provision/engine ./provision/imageconfig ./handshake >"$out/$ts.gobench.txt" 2>&1 || {
+	cat "$out/$ts.gobench.txt"
+	exit 1
+}
+grep -E '^(goos|goarch|cpu|pkg|Benchmark)' "$out/$ts.gobench.txt" | grep -vE '^(goos|goarch)' | uniq
+
+echo
+echo "== VM benchmark (vmtest/bench; console and progress in $out/$ts.log)"
+"$GO" build -o .cache/vmrun ./vmtest/vmrun
+log=$out/$ts.log
+set +e
+VM_EXTRA_BINS="/usr/sbin/nbd-client /usr/bin/fio ${VM_EXTRA_BINS:-}" \
+	VM_APPEND="MVPS_BENCH=1 MVPS_BENCH_N=${BENCH_N:-200} MVPS_BENCH_KILL_N=${BENCH_KILL_N:-30} MVPS_BENCH_FIO_RUNTIME=${BENCH_FIO_RUNTIME:-3} ${VM_APPEND:-}" \
+	CGO_ENABLED=0 "$GO" test -v -tags vmtest -count=1 -timeout 40m -exec "$PWD/.cache/vmrun" \
+	-run '^TestBench$' ./vmtest/bench >"$log" 2>&1
+rc=$?
+set -e
+if [ "$rc" != 0 ] || ! grep -q '^BENCH-JSON ' "$log"; then
+	echo "bench: FAILED (exit $rc); the last lines of $log:"
+	tail -40 "$log"
+	exit 1
+fi
+sed -n '/^mvps-provisioner benchmark:/,/^BENCH-JSON /p' "$log" | grep -v "^BENCH-JSON "
+sed -n 's/^BENCH-JSON //p' "$log" >"$out/$ts.json"
+prev=$(ls "$out"/*.json 2>/dev/null | grep -v "/$ts.json$" | tail -1 || true)
+echo
+echo "bench: wrote $out/$ts.json and $out/$ts.gobench.txt${prev:+ (previous run: $prev; compare with: diff <(jq . $prev) <(jq . $out/$ts.json), benchstat for *.gobench.txt)}"

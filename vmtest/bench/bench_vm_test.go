@@ -1,0 +1,1013 @@
+//go:build vmtest
+
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+)
+
+const (
+	secret    = "bench-secret-0b6f2d9a1c7e4f58"
+	imageSize = 64 << 20  // every attach row
+	tpSize    = 256 << 20 // the throughput images
+	attachCtx = 60 * time.Second
+)
+
+// env knobs, passed by make bench on the kernel command line.
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+// TestBenchHolder is the caller that TestBench kills with SIGKILL: it attaches the key in
+// MVPS_BENCH_HOLD (socket:key), prints the device and waits to be killed.
+func TestBenchHolder(t *testing.T) {
+	hold := os.Getenv("MVPS_BENCH_HOLD")
+	if hold == "" {
+		t.Skip("a helper process of TestBench")
+	}
+	sock, key, _ := strings.Cut(hold, ":")
+	a, err := protocol.Attach(context.Background(), sock, key)
+	if err != nil {
+		fmt.Printf("ERR %v\n", err)
+		os.Exit(1)
+	}
+	fmt.Printf("HELD nbd%d\n", fileIndex(a.Device))
+	select {}
+}
+
+func TestBench(t *testing.T) {
+	if os.Getenv("MVPS_BENCH") != "1" {
+		t.Skip("the VM benchmark runs with make bench (MVPS_BENCH=1 on the guest's kernel command line)")
+	}
+	if os.Getenv("MVPS_VM") != "1" || os.Getuid() != 0 {
+		t.Fatal("TestBench runs as root inside the VM: use make bench")
+	}
+	b := &bench{t: t, n: envInt("MVPS_BENCH_N", 200), nKill: envInt("MVPS_BENCH_KILL_N", 30), res: newResults(), floorSteps: map[string][]time.Duration{}}
+	b.res.Machine = machine()
+	b.res.N = b.n
+	t0 := time.Now()
+	nl, err := netlinknbd.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	b.nl = nl
+
+	b.startup(5)
+	b.p = b.startProvisioner()
+	defer b.p.stop()
+	b.engineListen = b.p.engineListen
+	b.attachRows()
+	b.detachKill()
+	b.concurrency()
+	b.throughput()
+	b.res.TotalSeconds = time.Since(t0).Seconds()
+	b.res.print(os.Stdout)
+	js, _ := json.Marshal(b.res)
+	fmt.Printf("BENCH-JSON %s\n", js)
+}
+
+type bench struct {
+	t            *testing.T
+	n, nKill     int
+	nl           *netlinknbd.Client
+	p            *provProc
+	engineListen string
+	res          *results
+	floorSteps   map[string][]time.Duration
+}
+
+func (b *bench) logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
+}
+
+// ---------------------------------------------------------------- the daemon
+
+type provProc struct {
+	dir, socket, configDir, logPath string
+	engineListen                    string
+	cmd                             *exec.Cmd
+	exited                          chan struct{}
+}
+
+func (b *bench) startProvisioner() *provProc {
+	p, _, err := launchProvisioner(b.t.TempDir())
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	return p
+}
+
+// launchProvisioner starts the daemon with its engine on a known socket (the other rows dial
+// the same engine) and returns when it answers, with the time from exec to that answer.
+func launchProvisioner(dir string) (*provProc, time.Duration, error) {
+	binDir := os.Getenv("MVPS_BIN_DIR")
+	p := &provProc{
+		dir:       dir,
+		socket:    filepath.Join(dir, "provisioner.sock"),
+		configDir: filepath.Join(dir, "images"),
+		logPath:   filepath.Join(dir, "provisioner.log"),
+	}
+	teDir := filepath.Join(dir, "te")
+	os.MkdirAll(p.configDir, 0o755)
+	os.MkdirAll(teDir, 0o700)
+	p.engineListen = "unix:" + filepath.Join(teDir, "te.sock")
+	log, err := os.Create(p.logPath)
+	if err != nil {
+		return nil, 0, err
+	}
+	cmd := exec.Command(filepath.Join(binDir, "mvps-provisioner"))
+	cmd.Env = append(os.Environ(),
+		"PROVISIONER_LISTEN_PATH="+p.socket,
+		"IMAGE_CONFIG_DIRECTORY="+p.configDir,
+		"PROVISIONER_ENGINE_BIN="+filepath.Join(binDir, "mvps-te-dev"),
+		"PROVISIONER_ENGINE_LISTEN="+p.engineListen,
+		"MVPS_TE_JWT_SECRET="+secret,
+		"MVPS_TE_IMAGE_STORE=local",
+		"MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "store"),
+		"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buffer"),
+	)
+	cmd.Stdout, cmd.Stderr = log, log
+	t0 := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, 0, err
+	}
+	p.cmd, p.exited = cmd, make(chan struct{})
+	go func() { cmd.Wait(); log.Close(); close(p.exited) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for !p.answers() {
+		select {
+		case <-p.exited:
+			out, _ := os.ReadFile(p.logPath)
+			return nil, 0, fmt.Errorf("provisioner exited at start:\n%s", out)
+		default:
+		}
+		if time.Now().After(deadline) {
+			p.stop()
+			return nil, 0, errors.New("provisioner did not answer within 30 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return p, time.Since(t0), nil
+}
+
+func (p *provProc) answers() bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	conn, payload, fds, err := protocol.SendRaw(ctx, p.socket, protocol.AppendRequest(nil, protocol.CommandAttach, "readiness-probe"), nil)
+	if err != nil {
+		return false
+	}
+	conn.Close()
+	protocol.CloseFDs(fds)
+	return strings.HasPrefix(string(payload), "ERR not_found")
+}
+
+func (p *provProc) stop() {
+	select {
+	case <-p.exited:
+		return
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(60 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.exited
+	}
+}
+
+func (p *provProc) addImage(key, imageID string, size uint64) {
+	os.WriteFile(filepath.Join(p.configDir, key), fmt.Appendf(nil, `{"image_id": %q, "image_size": %d}`, imageID, size), 0o644)
+}
+
+func (p *provProc) logBytes() []byte {
+	b, _ := os.ReadFile(p.logPath)
+	return b
+}
+
+// procUsage is VmRSS (KiB) and Threads from /proc/<pid>/status.
+type procUsage struct {
+	RSSKiB  int `json:"rss_kib"`
+	Threads int `json:"threads"`
+}
+
+func usageOf(pid int) procUsage {
+	var u procUsage
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for line := range strings.SplitSeq(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		switch f[0] {
+		case "VmRSS:":
+			u.RSSKiB, _ = strconv.Atoi(f[1])
+		case "Threads:":
+			u.Threads, _ = strconv.Atoi(f[1])
+		}
+	}
+	return u
+}
+
+// enginePid is the daemon's only child.
+func (p *provProc) enginePid() int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		if len(f) > 1 && f[1] == strconv.Itoa(p.cmd.Process.Pid) {
+			return pid
+		}
+	}
+	return 0
+}
+
+// ---------------------------------------------------------------- 5. start-up
+
+var engineReadyRe = regexp.MustCompile(`msg="engine ready" after=(\S+)`)
+
+func (b *bench) startup(k int) {
+	var ready, eng []time.Duration
+	for range k {
+		dir := b.t.TempDir()
+		p, d, err := launchProvisioner(dir)
+		if err != nil {
+			b.t.Fatal(err)
+		}
+		p.stop()
+		ready = append(ready, d)
+		if m := engineReadyRe.FindSubmatch(p.logBytes()); m != nil {
+			if e, err := time.ParseDuration(string(m[1])); err == nil {
+				eng = append(eng, e)
+			}
+		}
+	}
+	b.res.Startup = stats(ready)
+	b.res.EngineStartup = stats(eng)
+	b.logf("start-up: %v", b.res.Startup)
+}
+
+// ---------------------------------------------------------------- devices
+
+var devIndexRe = regexp.MustCompile(`/dev/nbd(\d+)`)
+
+func indexOf(path string) uint32 {
+	m := devIndexRe.FindStringSubmatch(path)
+	if m == nil {
+		return ^uint32(0)
+	}
+	n, _ := strconv.ParseUint(m[1], 10, 32)
+	return uint32(n)
+}
+
+// fileIndex is the nbd index of an open device (a received fd has no useful name).
+func fileIndex(f *os.File) uint32 {
+	p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+	if err != nil {
+		return ^uint32(0)
+	}
+	return indexOf(p)
+}
+
+// free reports whether the kernel let go of nbd<index>: no configuration, no pid file.
+func (b *bench) free(index uint32) bool {
+	st, err := b.nl.Status(index)
+	if err != nil || st.Connected {
+		return false
+	}
+	_, err = os.Stat(fmt.Sprintf("/sys/block/nbd%d/pid", index))
+	return errors.Is(err, os.ErrNotExist)
+}
+
+// waitFree polls tightly until nbd<index> is free and returns when it became so.
+func (b *bench) waitFree(index uint32) time.Time {
+	deadline := time.Now().Add(30 * time.Second)
+	for !b.free(index) {
+		if time.Now().After(deadline) {
+			b.t.Fatalf("nbd%d still not free after 30 s", index)
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	return time.Now()
+}
+
+// ---------------------------------------------------------------- the four ways to attach
+
+// token signs an export name for the rows that do not go through the daemon; the client id
+// is the one the daemon would use on this host, so the engine treats them alike.
+func token(imageID string, size uint64) string {
+	tok, err := engine.SignToken([]byte(secret), engine.Session{ImageID: imageID, ImageSize: size, ClientID: "bench/" + imageID}, time.Now())
+	if err != nil {
+		panic(err)
+	}
+	return tok
+}
+
+// nbdClientAttach is the seed's path: exec nbd-client (netlink mode, default options, the
+// kernel picks the device), then open the device.
+func (b *bench) nbdClientAttach(imageID string, size uint64) (*os.File, uint32, error) {
+	sock := strings.TrimPrefix(b.engineListen, "unix:")
+	out, err := exec.Command("/usr/sbin/nbd-client", "-N", token(imageID, size), "-u", sock).CombinedOutput()
+	if err != nil {
+		return nil, 0, fmt.Errorf("nbd-client: %v: %s", err, out)
+	}
+	m := devIndexRe.FindSubmatch(out)
+	if m == nil {
+		return nil, 0, fmt.Errorf("nbd-client named no device: %s", out)
+	}
+	n, _ := strconv.ParseUint(string(m[1]), 10, 32)
+	f, err := os.OpenFile("/dev/nbd"+string(m[1]), os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, 0, err
+	}
+	return f, uint32(n), nil
+}
+
+// floorAttach is the minimum: token, dial, handshake, netlink connect, size visible, open.
+func (b *bench) floorAttach(imageID string, size uint64) (*os.File, uint32, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), attachCtx)
+	defer cancel()
+	last := time.Now()
+	mark := func(name string) {
+		now := time.Now()
+		b.floorSteps[name] = append(b.floorSteps[name], now.Sub(last))
+		last = now
+	}
+	tok := token(imageID, size)
+	mark("token")
+	conn, err := engine.Dial(ctx, b.engineListen)
+	if err != nil {
+		return nil, 0, err
+	}
+	mark("dial")
+	exp, err := handshake.Negotiate(ctx, conn, tok)
+	if err != nil {
+		conn.Close()
+		return nil, 0, err
+	}
+	mark("handshake")
+	idx, err := b.nl.Connect(netlinknbd.ConnectConfig{
+		Sockets: []syscall.Conn{conn.(syscall.Conn)}, Size: exp.Size, BlockSize: 4096,
+		ServerFlags: uint64(exp.Flags), Timeout: 120 * time.Second, DeadConnTimeout: 30 * time.Second,
+	})
+	conn.Close()
+	if err != nil {
+		return nil, 0, err
+	}
+	mark("connect")
+	want := strconv.FormatUint(size/512, 10)
+	sizeFile := fmt.Sprintf("/sys/block/nbd%d/size", idx)
+	for {
+		s, _ := os.ReadFile(sizeFile)
+		if strings.TrimSpace(string(s)) == want {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil, 0, fmt.Errorf("nbd%d: size never visible", idx)
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
+	mark("size")
+	f, err := os.OpenFile(fmt.Sprintf("/dev/nbd%d", idx), os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		b.nl.Disconnect(idx)
+		return nil, 0, err
+	}
+	mark("open")
+	return f, idx, nil
+}
+
+// provAttach is fd mode through the daemon.
+func (b *bench) provAttach(key string) (*protocol.Attachment, uint32, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), attachCtx)
+	defer cancel()
+	a, err := protocol.Attach(ctx, b.p.socket, key)
+	if err != nil {
+		return nil, 0, err
+	}
+	return a, fileIndex(a.Device), nil
+}
+
+// provMount is mount mode through the daemon, into this process's namespace.
+func (b *bench) provMount(key, dir string) (*protocol.Attachment, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), attachCtx)
+	defer cancel()
+	ns, err := os.Open("/proc/self/ns/mnt")
+	if err != nil {
+		return nil, err
+	}
+	defer ns.Close()
+	d, err := os.OpenFile(dir, unix.O_DIRECTORY|os.O_RDONLY, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	return protocol.AttachMount(ctx, b.p.socket, key, ns, d)
+}
+
+// mountedIndex finds the nbd device mounted on dir.
+func mountedIndex(dir string) uint32 {
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	for line := range strings.SplitSeq(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && f[4] == dir {
+			if i := slices.Index(f, "-"); i > 0 && i+2 < len(f) {
+				return indexOf(f[i+2])
+			}
+		}
+	}
+	return ^uint32(0)
+}
+
+// ---------------------------------------------------------------- 1. and 3.: sequential cycles
+
+func (b *bench) attachRows() {
+	t := b.t
+	// (a) nbd-client
+	var lat, det []time.Duration
+	for i := range b.n {
+		t0 := time.Now()
+		f, idx, err := b.nbdClientAttach("a-nbdc.mvps-image", imageSize)
+		if err != nil {
+			t.Fatalf("nbd-client cycle %d: %v", i, err)
+		}
+		lat = append(lat, time.Since(t0))
+		f.Close()
+		t1 := time.Now()
+		b.nl.Disconnect(idx)
+		det = append(det, b.waitFree(idx).Sub(t1))
+	}
+	b.res.Attach["nbd-client"] = stats(lat)
+	b.res.Detach["nbd-client: netlink disconnect to free"] = stats(det)
+	b.logf("nbd-client: %v", b.res.Attach["nbd-client"])
+
+	// (b) floor
+	lat, det = nil, nil
+	for i := range b.n {
+		t0 := time.Now()
+		f, idx, err := b.floorAttach("a-floor.mvps-image", imageSize)
+		if err != nil {
+			t.Fatalf("floor cycle %d: %v", i, err)
+		}
+		lat = append(lat, time.Since(t0))
+		f.Close()
+		t1 := time.Now()
+		b.nl.Disconnect(idx)
+		det = append(det, b.waitFree(idx).Sub(t1))
+	}
+	b.res.Attach["floor"] = stats(lat)
+	b.res.Phases["floor"] = map[string]float64{}
+	for k, v := range b.floorSteps {
+		b.res.Phases["floor"][k] = stats(v).P50
+	}
+	b.res.Detach["floor: netlink disconnect to free"] = stats(det)
+	b.logf("floor: %v", b.res.Attach["floor"])
+
+	// (c) the provisioner, fd mode; the close of each cycle is the detach measurement
+	b.p.addImage("a-fd", "a-fd.mvps-image", imageSize)
+	logStart := len(b.p.logBytes())
+	lat, det = nil, nil
+	for i := range b.n {
+		t0 := time.Now()
+		a, idx, err := b.provAttach("a-fd")
+		if err != nil {
+			t.Fatalf("fd cycle %d: %v", i, err)
+		}
+		lat = append(lat, time.Since(t0))
+		t1 := time.Now()
+		a.Close()
+		det = append(det, b.waitFree(idx).Sub(t1))
+	}
+	b.res.Attach["provisioner fd"] = stats(lat)
+	b.res.Detach["provisioner fd: caller close to free"] = stats(det)
+	b.res.Phases["fd"] = phases(b.p.logBytes()[logStart:], "fd")
+	b.logf("provisioner fd: %v", b.res.Attach["provisioner fd"])
+
+	// (d) mount mode: the first attach formats, the rest mount what is there
+	b.p.addImage("a-mnt", "a-mnt.mvps-image", imageSize)
+	dir := filepath.Join(b.t.TempDir(), "mnt")
+	os.MkdirAll(dir, 0o755)
+	mountCycle := func() (time.Duration, time.Duration) {
+		t0 := time.Now()
+		a, err := b.provMount("a-mnt", dir)
+		if err != nil {
+			t.Fatalf("mount: %v", err)
+		}
+		d := time.Since(t0)
+		idx := mountedIndex(dir)
+		t1 := time.Now()
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Fatalf("umount -l: %v", err)
+		}
+		a.Close()
+		return d, b.waitFree(idx).Sub(t1)
+	}
+	first, _ := mountCycle()
+	b.res.Attach["provisioner mount, first (mkfs)"] = stats([]time.Duration{first})
+	logStart = len(b.p.logBytes())
+	lat, det = nil, nil
+	for range b.n {
+		d, dd := mountCycle()
+		lat = append(lat, d)
+		det = append(det, dd)
+	}
+	b.res.Attach["provisioner mount"] = stats(lat)
+	b.res.Detach["provisioner mount: umount -l + close to free"] = stats(det)
+	b.res.Phases["mount"] = phases(b.p.logBytes()[logStart:], "mount")
+	b.logf("provisioner mount: %v", b.res.Attach["provisioner mount"])
+}
+
+// phasesRe picks the phases of the daemon's "attached" lines.
+var (
+	attachedRe = regexp.MustCompile(`msg=attached .*mode=(\w+).* phases="([^"]*)"`)
+	phaseRe    = regexp.MustCompile(`(\w+)=([0-9.]+)ms`)
+)
+
+// phases gives the medians per phase of the "attached" lines of mode in log.
+func phases(log []byte, mode string) map[string]float64 {
+	per := map[string][]time.Duration{}
+	for line := range strings.SplitSeq(string(log), "\n") {
+		m := attachedRe.FindStringSubmatch(line)
+		if m == nil || m[1] != mode {
+			continue
+		}
+		for _, p := range phaseRe.FindAllStringSubmatch(m[2], -1) {
+			ms, _ := strconv.ParseFloat(p[2], 64)
+			per[p[1]] = append(per[p[1]], time.Duration(ms*float64(time.Millisecond)))
+		}
+	}
+	out := map[string]float64{}
+	for k, v := range per {
+		out[k] = stats(v).P50
+	}
+	return out
+}
+
+// detachKill: the caller dies by SIGKILL while it holds the device.
+func (b *bench) detachKill() {
+	b.p.addImage("a-kill", "a-kill.mvps-image", imageSize)
+	var det []time.Duration
+	for i := range b.nKill {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestBenchHolder$")
+		cmd.Env = append(os.Environ(), "MVPS_BENCH_HOLD="+b.p.socket+":a-kill", "MVPS_BENCH=")
+		out, _ := cmd.StdoutPipe()
+		if err := cmd.Start(); err != nil {
+			b.t.Fatal(err)
+		}
+		line, _ := bufio.NewReader(out).ReadString('\n')
+		dev, ok := strings.CutPrefix(strings.TrimSpace(line), "HELD ")
+		if !ok {
+			cmd.Process.Kill()
+			cmd.Wait()
+			b.t.Fatalf("holder %d: %q", i, line)
+		}
+		idx := indexOf("/dev/" + dev)
+		t0 := time.Now()
+		cmd.Process.Kill()
+		det = append(det, b.waitFree(idx).Sub(t0))
+		cmd.Wait()
+	}
+	b.res.Detach["provisioner fd: caller SIGKILL to free"] = stats(det)
+}
+
+// ---------------------------------------------------------------- 2. concurrency and scale
+
+func (b *bench) usage() map[string]procUsage {
+	return map[string]procUsage{"daemon": usageOf(b.p.cmd.Process.Pid), "engine": usageOf(b.p.enginePid())}
+}
+
+// provMany attaches keys with at most par callers at once and returns the attachments and
+// the wall time until all of them hold their fd.
+func (b *bench) provMany(keys []string, par int) ([]*protocol.Attachment, time.Duration) {
+	as := make([]*protocol.Attachment, len(keys))
+	errs := make([]error, len(keys))
+	sem := make(chan struct{}, par)
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for i, k := range keys {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			as[i], _, errs[i] = b.provAttach(k)
+		})
+	}
+	wg.Wait()
+	d := time.Since(t0)
+	if err := errors.Join(errs...); err != nil {
+		b.t.Fatalf("concurrent attach: %v", err)
+	}
+	return as, d
+}
+
+// closeMany closes all attachments at once and returns the time until every device is free.
+func (b *bench) closeMany(as []*protocol.Attachment) time.Duration {
+	idx := make([]uint32, len(as))
+	for i, a := range as {
+		idx[i] = fileIndex(a.Device)
+	}
+	t0 := time.Now()
+	var wg sync.WaitGroup
+	for _, a := range as {
+		wg.Go(func() { a.Close() })
+	}
+	wg.Wait()
+	for _, i := range idx {
+		b.waitFree(i)
+	}
+	return time.Since(t0)
+}
+
+func (b *bench) concurrency() {
+	const c = 32
+	keys := make([]string, c)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("c%03d", i)
+		b.p.addImage(keys[i], keys[i]+".mvps-image", imageSize)
+	}
+	runtime.GC()
+	b.res.Usage["0"] = b.usage()
+	// Warm-up: the engine creates and opens the images, for both sides.
+	as, _ := b.provMany(keys, c)
+	b.closeMany(as)
+
+	as, d := b.provMany(keys, c)
+	b.res.Concurrent["provisioner 32 at once"] = ms(d)
+	b.res.Usage["32"] = b.usage()
+	b.res.Concurrent["provisioner detach 32"] = ms(b.closeMany(as))
+
+	files := make([]*os.File, c)
+	idx := make([]uint32, c)
+	errs := make([]error, c)
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for i, k := range keys {
+		wg.Go(func() { files[i], idx[i], errs[i] = b.nbdClientAttach(k+".mvps-image", imageSize) })
+	}
+	wg.Wait()
+	b.res.Concurrent["nbd-client 32 at once"] = ms(time.Since(t0))
+	if err := errors.Join(errs...); err != nil {
+		b.t.Fatalf("concurrent nbd-client: %v", err)
+	}
+	for i := range files {
+		files[i].Close()
+		b.nl.Disconnect(idx[i])
+	}
+	for _, i := range idx {
+		b.waitFree(i)
+	}
+
+	const h = 256
+	keys = make([]string, h)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("h%03d", i)
+		b.p.addImage(keys[i], keys[i]+".mvps-image", imageSize)
+	}
+	as, d = b.provMany(keys, c)
+	b.res.Concurrent["provisioner 256 held (32 callers at a time)"] = ms(d)
+	runtime.GC()
+	b.res.Usage["256"] = b.usage()
+	devs, _ := b.nl.StatusAll()
+	b.res.NBDDevices = len(devs)
+	b.res.NBDSMax = readTrimmed("/sys/module/nbd/parameters/nbds_max")
+	b.res.Concurrent["provisioner detach 256 at once"] = ms(b.closeMany(as))
+}
+
+// ---------------------------------------------------------------- 4. throughput
+
+type fioJob struct {
+	Name, RW, BS, Engine string
+	Depth                int
+	TimeBased            bool
+}
+
+var fioJobs = []fioJob{
+	{"seq write 1M", "write", "1M", "psync", 1, false},
+	{"seq read 1M", "read", "1M", "psync", 1, false},
+	{"rand read 4k QD1", "randread", "4k", "psync", 1, true},
+	{"rand write 4k QD1", "randwrite", "4k", "psync", 1, true},
+	{"rand read 4k QD32", "randread", "4k", "libaio", 32, true},
+	{"rand write 4k QD32", "randwrite", "4k", "libaio", 32, true},
+}
+
+// fioRun runs one job on dev and returns bytes/s and IOPS.
+func fioRun(dev string, j fioJob) (float64, float64, error) {
+	out := filepath.Join(os.TempDir(), "fio.json")
+	args := []string{"--name=bench", "--filename=" + dev, "--direct=1", "--rw=" + j.RW, "--bs=" + j.BS,
+		"--ioengine=" + j.Engine, "--iodepth=" + strconv.Itoa(j.Depth), "--size=64M",
+		"--output-format=json", "--output=" + out}
+	if j.TimeBased {
+		args = append(args, "--time_based", "--runtime="+os.Getenv("MVPS_BENCH_FIO_RUNTIME")+"s", "--ramp_time=0")
+	}
+	if o, err := exec.Command("/usr/bin/fio", args...).CombinedOutput(); err != nil {
+		return 0, 0, fmt.Errorf("fio %s: %v: %s", j.Name, err, o)
+	}
+	raw, err := os.ReadFile(out)
+	if err != nil {
+		return 0, 0, err
+	}
+	// fio may print warnings before the JSON.
+	if i := strings.IndexByte(string(raw), '{'); i > 0 {
+		raw = raw[i:]
+	}
+	var r struct {
+		Jobs []struct {
+			Read, Write struct {
+				BW   float64 `json:"bw_bytes"`
+				IOPS float64 `json:"iops"`
+			}
+		} `json:"jobs"`
+	}
+	if err := json.Unmarshal(raw, &r); err != nil || len(r.Jobs) == 0 {
+		return 0, 0, fmt.Errorf("fio %s: output: %v", j.Name, err)
+	}
+	s := r.Jobs[0].Read
+	if strings.Contains(j.RW, "write") {
+		s = r.Jobs[0].Write
+	}
+	return s.BW, s.IOPS, nil
+}
+
+func (b *bench) throughput() {
+	if _, err := os.Stat("/usr/bin/fio"); err != nil {
+		b.res.Notes = append(b.res.Notes, "fio is not in the guest (VM_EXTRA_BINS): no throughput rows")
+		return
+	}
+	if os.Getenv("MVPS_BENCH_FIO_RUNTIME") == "" {
+		os.Setenv("MVPS_BENCH_FIO_RUNTIME", "3")
+	}
+	b.p.addImage("tp", "tp-prov.mvps-image", tpSize)
+	a, idx, err := b.provAttach("tp")
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	pdev := fmt.Sprintf("/dev/nbd%d", idx)
+	f, nidx, err := b.nbdClientAttach("tp-nbdc.mvps-image", tpSize)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	ndev := fmt.Sprintf("/dev/nbd%d", nidx)
+	for _, j := range fioJobs {
+		row := tpRow{Name: j.Name}
+		// Twice each, in the order A B B A, averaged: the host is shared and noisy. The
+		// difference between the two runs of one side is the noise the ratio is judged by.
+		var pbw, nbw []float64
+		for _, dev := range []string{pdev, ndev, ndev, pdev} {
+			bw, iops, err := fioRun(dev, j)
+			if err != nil {
+				b.t.Fatal(err)
+			}
+			if dev == pdev {
+				row.ProvBW, row.ProvIOPS = row.ProvBW+bw/2, row.ProvIOPS+iops/2
+				pbw = append(pbw, bw)
+			} else {
+				row.NbdcBW, row.NbdcIOPS = row.NbdcBW+bw/2, row.NbdcIOPS+iops/2
+				nbw = append(nbw, bw)
+			}
+		}
+		row.Noise = max(spread(pbw), spread(nbw))
+		b.res.Throughput = append(b.res.Throughput, row)
+		b.logf("fio %s: %+v", j.Name, row)
+	}
+	a.Close()
+	f.Close()
+	b.nl.Disconnect(nidx)
+}
+
+// ---------------------------------------------------------------- results
+
+type dist struct {
+	N   int     `json:"n"`
+	P50 float64 `json:"p50_ms"`
+	P90 float64 `json:"p90_ms"`
+	P99 float64 `json:"p99_ms"`
+	Min float64 `json:"min_ms"`
+	Max float64 `json:"max_ms"`
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// stats: nearest-rank percentiles in milliseconds.
+func stats(ds []time.Duration) dist {
+	if len(ds) == 0 {
+		return dist{}
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	pct := func(p float64) float64 {
+		i := int(p*float64(len(s))+0.999999) - 1
+		return ms(s[max(0, min(i, len(s)-1))])
+	}
+	return dist{N: len(s), P50: pct(0.5), P90: pct(0.9), P99: pct(0.99), Min: ms(s[0]), Max: ms(s[len(s)-1])}
+}
+
+// spread is how far apart two runs of the same job on the same device are, relative to their
+// mean.
+func spread(v []float64) float64 {
+	if len(v) != 2 || v[0]+v[1] == 0 {
+		return 0
+	}
+	return 2 * math.Abs(v[0]-v[1]) / (v[0] + v[1])
+}
+
+type tpRow struct {
+	Noise    float64 `json:"noise"` // the larger spread of the two sides' repeated runs
+	Name     string  `json:"name"`
+	ProvBW   float64 `json:"provisioner_bytes_per_s"`
+	ProvIOPS float64 `json:"provisioner_iops"`
+	NbdcBW   float64 `json:"nbd_client_bytes_per_s"`
+	NbdcIOPS float64 `json:"nbd_client_iops"`
+}
+
+type results struct {
+	Machine       map[string]string               `json:"machine"`
+	N             int                             `json:"n"`
+	Attach        map[string]dist                 `json:"attach"`
+	Phases        map[string]map[string]float64   `json:"phases_p50_ms"`
+	Detach        map[string]dist                 `json:"detach"`
+	Concurrent    map[string]float64              `json:"concurrent_ms"`
+	Usage         map[string]map[string]procUsage `json:"usage"`
+	NBDDevices    int                             `json:"nbd_devices_at_256"`
+	NBDSMax       string                          `json:"nbds_max"`
+	Throughput    []tpRow                         `json:"throughput"`
+	Startup       dist                            `json:"startup_exec_to_ready"`
+	EngineStartup dist                            `json:"engine_startup"`
+	Notes         []string                        `json:"notes,omitempty"`
+	TotalSeconds  float64                         `json:"total_seconds"`
+}
+
+func newResults() *results {
+	return &results{Attach: map[string]dist{}, Phases: map[string]map[string]float64{}, Detach: map[string]dist{},
+		Concurrent: map[string]float64{}, Usage: map[string]map[string]procUsage{}}
+}
+
+func readTrimmed(p string) string {
+	b, _ := os.ReadFile(p)
+	return strings.TrimSpace(string(b))
+}
+
+func machine() map[string]string {
+	m := map[string]string{"kernel": readTrimmed("/proc/sys/kernel/osrelease"), "vcpus": strconv.Itoa(runtime.NumCPU()),
+		"date": time.Now().UTC().Format(time.RFC3339)}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m["cpu"] = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 1 {
+			m["mem_kib"] = f[1]
+		}
+	}
+	return m
+}
+
+func ratio(a, b float64) string {
+	if a == 0 || b == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2fx", a/b)
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "MISSED"
+}
+
+// print writes the table.
+func (r *results) print(w io.Writer) {
+	p := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
+	p("")
+	p("mvps-provisioner benchmark: guest %s vCPU(s) (%s), kernel %s, %s MiB, N=%d, %s, %.0f s",
+		r.Machine["vcpus"], r.Machine["cpu"], r.Machine["kernel"], kib2mib(r.Machine["mem_kib"]), r.N, r.Machine["date"], r.TotalSeconds)
+	floor, nbdc := r.Attach["floor"].P50, r.Attach["nbd-client"].P50
+	p("")
+	p("1. attach, request to fd in hand (ms)  %5s %8s %8s %8s %9s %9s", "n", "p50", "p90", "p99", "vs floor", "nbd-client/x")
+	for _, k := range []string{"nbd-client", "floor", "provisioner fd", "provisioner mount", "provisioner mount, first (mkfs)"} {
+		d := r.Attach[k]
+		p("   %-34s %5d %8.2f %8.2f %8.2f %9s %9s", k, d.N, d.P50, d.P90, d.P99, ratio(d.P50, floor), ratio(nbdc, d.P50))
+	}
+	for _, mode := range []string{"floor", "fd", "mount"} {
+		ph := r.Phases[mode]
+		var parts []string
+		for _, k := range []string{"token", "dial", "handshake", "probe", "kernel", "connect", "size", "open", "mount", "reply"} {
+			if v, ok := ph[k]; ok {
+				parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
+			}
+		}
+		for k, v := range ph {
+			if !slices.Contains([]string{"token", "dial", "handshake", "probe", "kernel", "connect", "size", "open", "mount", "reply"}, k) {
+				parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
+			}
+		}
+		who := "daemon phases, " + mode
+		if mode == "floor" {
+			who = "floor steps"
+		}
+		p("   %-20s (p50 ms): %s", who, strings.Join(parts, " "))
+	}
+	p("   provisioner fd overhead over the floor (p50): %+.2f ms", r.Attach["provisioner fd"].P50-floor)
+	p("")
+	p("2. concurrency and scale (wall ms)")
+	c := r.Concurrent
+	p("   32 at once: provisioner %.1f, nbd-client %.1f (nbd-client/provisioner %s)",
+		c["provisioner 32 at once"], c["nbd-client 32 at once"], ratio(c["nbd-client 32 at once"], c["provisioner 32 at once"]))
+	p("   256 held: attach all %.1f (32 callers at a time), detach all %.1f; detach 32: %.1f; nbd devices %d (nbds_max=%s)",
+		c["provisioner 256 held (32 callers at a time)"], c["provisioner detach 256 at once"], c["provisioner detach 32"], r.NBDDevices, r.NBDSMax)
+	for _, k := range []string{"0", "32", "256"} {
+		u := r.Usage[k]
+		p("   held %3s: daemon RSS %6.1f MiB, %3d threads; engine RSS %6.1f MiB, %3d threads",
+			k, float64(u["daemon"].RSSKiB)/1024, u["daemon"].Threads, float64(u["engine"].RSSKiB)/1024, u["engine"].Threads)
+	}
+	p("")
+	p("3. detach (ms)                                     %5s %8s %8s %8s", "n", "p50", "p90", "p99")
+	for _, k := range slices.Sorted(maps.Keys(r.Detach)) {
+		d := r.Detach[k]
+		p("   %-46s %5d %8.2f %8.2f %8.2f", k, d.N, d.P50, d.P90, d.P99)
+	}
+	p("")
+	p("4. throughput, O_DIRECT, mean of 2 runs each (A B B A)   provisioner   nbd-client   ratio  noise")
+	for _, t := range r.Throughput {
+		p("   %-22s %8.1f MB/s %7.0f IOPS %8.1f MB/s %7.0f IOPS  %s  %4.0f%%",
+			t.Name, t.ProvBW/1e6, t.ProvIOPS, t.NbdcBW/1e6, t.NbdcIOPS, ratio(t.ProvBW, t.NbdcBW), 100*t.Noise)
+	}
+	p("   (noise: how far the two runs of one side on one device differ, the larger of the two sides)")
+	p("")
+	p("5. start-up: exec to socket answering p50 %.1f ms (p90 %.1f, n=%d); engine ready after p50 %.1f ms",
+		r.Startup.P50, r.Startup.P90, r.Startup.N, r.EngineStartup.P50)
+	p("")
+	p("targets")
+	fd := r.Attach["provisioner fd"].P50
+	p("   attach p50 >=5x faster than nbd-client:  %s  %s", ratio(nbdc, fd), verdict(nbdc >= 5*fd))
+	p("   attach p50 within 20%% of the floor:      %s  %s", ratio(fd, floor), verdict(fd <= 1.2*floor))
+	cr := 0.0
+	if c["provisioner 32 at once"] > 0 {
+		cr = c["nbd-client 32 at once"] / c["provisioner 32 at once"]
+	}
+	p("   32 concurrent >=10x:                     %.2fx  %s", cr, verdict(cr >= 10))
+	rss := float64(r.Usage["256"]["daemon"].RSSKiB) / 1024
+	p("   256 held, daemon RSS < 64 MiB:           %.1f MiB  %s", rss, verdict(rss > 0 && rss < 64))
+	minTP, worst := 0.0, tpRow{}
+	for i, t := range r.Throughput {
+		if v := t.ProvBW / t.NbdcBW; i == 0 || v < minTP {
+			minTP, worst = v, t
+		}
+	}
+	tpVerdict := verdict(minTP >= 1 || len(r.Throughput) == 0)
+	if minTP < 1 && 1-minTP <= worst.Noise {
+		tpVerdict = fmt.Sprintf("MISSED, within that job's noise (%.0f%%)", 100*worst.Noise)
+	}
+	p("   throughput ratio >=1.0 (worst job):      %.2f  %s", minTP, tpVerdict)
+	dc := r.Detach["provisioner fd: caller close to free"].P50
+	p("   detach after close p50 < 50 ms:          %.2f ms  %s", dc, verdict(dc < 50))
+	for _, n := range r.Notes {
+		p("note: %s", n)
+	}
+}
+
+func kib2mib(s string) string {
+	n, _ := strconv.Atoi(s)
+	return strconv.Itoa(n / 1024)
+}
