@@ -123,3 +123,44 @@ func TestMountModeUnavailable(t *testing.T) {
 		t.Fatalf("err %v, want internal", err)
 	}
 }
+
+// fdsOn counts this process's descriptors open on path.
+func fdsOn(t *testing.T, path string) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && target == path {
+			n++
+		}
+	}
+	return n
+}
+
+// The server keeps neither the caller's namespace nor its directory once
+// the mount is made: holding the directory would keep the file system it
+// lies on (a container's root, say) busy for the attachment's life.
+func TestMountModeKeepsNoCallerFDs(t *testing.T) {
+	mounter := &fakeMounter{dir: t.TempDir()}
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Mounter = mounter })
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ns, _ := os.Open("/proc/self/ns/mnt")
+	defer ns.Close()
+	d, _ := os.Open(dir)
+	defer d.Close()
+	a, err := protocol.AttachMount(ctx, ts.Socket, "vol", ns, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	// Only the test's own descriptor is left on the directory.
+	if n := fdsOn(t, dir); n != 1 {
+		t.Fatalf("%d descriptors on the mount directory while attached, want only the caller's own", n)
+	}
+}

@@ -401,8 +401,8 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 			},
 		}
 		fds = nil
-		// Holding the namespace would keep the caller's mounts alive
-		// after the caller is gone.
+		// Closed right after the mount too (see there); these cover the
+		// refusals before it.
 		defer mountReq.Namespace.Close()
 		defer mountReq.Dir.Close()
 		if !caller.root() {
@@ -460,7 +460,11 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		mctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
 		a.root, formatted, err = s.cfg.Mounter.Mount(mctx, dev, mountReq)
 		cancel()
+		// Neither is kept: the namespace would keep the caller's mounts
+		// alive after the caller is gone, and the directory would keep
+		// the file system it lies on busy.
 		mountReq.Namespace.Close()
+		mountReq.Dir.Close()
 		sp.mark("mount")
 		if err != nil {
 			s.attachFailed(mode, ErrAttachFailed)
