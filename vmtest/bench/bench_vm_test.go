@@ -149,6 +149,8 @@ func launchProvisioner(dir string) (*provProc, time.Duration, error) {
 	cmd.Env = append(os.Environ(),
 		"PROVISIONER_LISTEN_PATH="+p.socket,
 		"IMAGE_CONFIG_DIRECTORY="+p.configDir,
+		// Each daemon its own records: one directory is one provisioner.
+		"PROVISIONER_STATE_DIR="+filepath.Join(dir, "state"),
 		"PROVISIONER_ENGINE_BIN="+filepath.Join(binDir, "mvps-te-dev"),
 		"PROVISIONER_ENGINE_LISTEN="+p.engineListen,
 		"MVPS_TE_JWT_SECRET="+secret,
