@@ -432,12 +432,14 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	}
 	// Recorded before the kernel attach: a crash in the middle leaves a
 	// device that the next start knows to be ours.
+	sp := newSpans(received)
 	if err := s.record(a, -1); err != nil {
 		s.reg.release(a)
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	sp := newSpans(received)
+	// Parsing, the image config, the checks, the reservation, the record.
+	sp.mark("request")
 	dev, err := s.attach(ctx, image, sp)
 	if err != nil {
 		s.forget(a)
@@ -452,6 +454,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
+	sp.mark("record")
 
 	var reply *os.File = dev.File
 	formatted := false

@@ -934,13 +934,13 @@ func (r *results) print(w io.Writer) {
 	for _, mode := range []string{"floor", "fd", "mount"} {
 		ph := r.Phases[mode]
 		var parts []string
-		for _, k := range []string{"token", "dial", "handshake", "probe", "kernel", "connect", "size", "open", "mount", "reply"} {
+		for _, k := range phaseOrder {
 			if v, ok := ph[k]; ok {
 				parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
 			}
 		}
 		for k, v := range ph {
-			if !slices.Contains([]string{"token", "dial", "handshake", "probe", "kernel", "connect", "size", "open", "mount", "reply"}, k) {
+			if !slices.Contains(phaseOrder, k) {
 				parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
 			}
 		}
@@ -1013,3 +1013,7 @@ func kib2mib(s string) string {
 	n, _ := strconv.Atoi(s)
 	return strconv.Itoa(n / 1024)
 }
+
+// phaseOrder is the order an attach takes its steps in, the floor's and the
+// daemon's together.
+var phaseOrder = []string{"request", "token", "dial", "handshake", "probe", "kernel", "connect", "size", "open", "record", "mount", "reply"}
