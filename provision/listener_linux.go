@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -33,10 +34,9 @@ type ListenConfig struct {
 // and mode, and no symlink is ever followed: it is bound inside a fresh
 // 0700 directory next to the path, given its group and mode there where
 // nobody else can swap it, and renamed into place without replacing
-// anything. Closing the listener removes the socket from its path, as
-// net.ListenUnix does. Listen needs /proc; it keeps one O_PATH descriptor
-// on the socket's directory open for good (see bindPrivate).
-func Listen(cfg ListenConfig) (*net.UnixListener, error) {
+// anything. Closing the listener removes the socket from its path (if it is
+// still this socket there), as net.ListenUnix does. Listen needs /proc.
+func Listen(cfg ListenConfig) (*Listener, error) {
 	gid := -1
 	if cfg.Group != "" {
 		var err error
@@ -71,7 +71,7 @@ func Listen(cfg ListenConfig) (*net.UnixListener, error) {
 	}
 	// fail undoes everything before the rename: the listener's own unlink
 	// still resolves inside the private directory then.
-	fail := func(err error) (*net.UnixListener, error) {
+	fail := func(err error) (*Listener, error) {
 		ln.Close()
 		unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR)
 		unix.Close(private)
@@ -96,19 +96,55 @@ func Listen(cfg ListenConfig) (*net.UnixListener, error) {
 		}
 		return fail(fmt.Errorf("move the socket into place: %w", err))
 	}
-	// From here on the listener's name resolves to the socket's real path:
-	// the descriptor it is bound through now stands for the directory the
-	// socket moved to.
-	if err := unix.Dup3(parent, private, unix.O_CLOEXEC); err != nil {
+	// The socket lives at its real path now: the listener's own name (in
+	// the private directory) is gone, so the Listener removes the socket
+	// itself, through its directory.
+	ln.SetUnlinkOnClose(false)
+	unix.Close(private)
+	var st unix.Stat_t
+	err = unix.Fstatat(parent, name, &st, unix.AT_SYMLINK_NOFOLLOW)
+	if err == nil {
+		err = unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR)
+	}
+	if err != nil {
 		unix.Unlinkat(parent, name, 0)
-		return fail(fmt.Errorf("keep the socket's directory: %w", err))
-	}
-	if err := unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR); err != nil {
 		ln.Close()
-		unix.Close(private)
-		return nil, fmt.Errorf("listen on %s: remove the private directory %s: %w", cfg.Path, privName, err)
+		unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR)
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Path, err)
 	}
-	return ln, nil
+	dirfd, err := unix.FcntlInt(uintptr(parent), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		unix.Unlinkat(parent, name, 0)
+		ln.Close()
+		return nil, fmt.Errorf("listen on %s: keep the socket's directory: %w", cfg.Path, err)
+	}
+	return &Listener{UnixListener: ln, dirfd: dirfd, name: name, dev: uint64(st.Dev), ino: st.Ino}, nil
+}
+
+// Listener is a listening socket made by Listen. Close removes the socket
+// from its directory, through a descriptor on that directory and only if
+// the socket is still the one there.
+type Listener struct {
+	*net.UnixListener
+	dirfd    int
+	name     string
+	dev, ino uint64
+	once     sync.Once
+	closeErr error
+}
+
+// Close stops listening and removes the socket.
+func (l *Listener) Close() error {
+	l.once.Do(func() {
+		var st unix.Stat_t
+		if err := unix.Fstatat(l.dirfd, l.name, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil &&
+			uint64(st.Dev) == l.dev && st.Ino == l.ino {
+			unix.Unlinkat(l.dirfd, l.name, 0)
+		}
+		unix.Close(l.dirfd)
+		l.closeErr = l.UnixListener.Close()
+	})
+	return l.closeErr
 }
 
 // makePrivateDir creates a 0700 directory with a random name in parent and
@@ -143,9 +179,7 @@ func makePrivateDir(parent int, name string) (string, int, error) {
 }
 
 // bindPrivate binds a socket called name in the directory open as dirfd.
-// There is no bindat, so the socket is bound through /proc/self/fd; that
-// name is also what net.UnixListener unlinks on Close, which is why Listen
-// later turns dirfd into the socket's final directory and never closes it.
+// There is no bindat, so the socket is bound through /proc/self/fd.
 func bindPrivate(dirfd int, name string) (*net.UnixListener, error) {
 	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{
 		Name: "/proc/self/fd/" + strconv.Itoa(dirfd) + "/" + name,

@@ -50,9 +50,9 @@ func TestListen(t *testing.T) {
 	}
 	c.Close()
 
-	// A dead instance's socket is replaced.
-	ln.SetUnlinkOnClose(false)
-	ln.Close()
+	// A dead instance's socket is replaced: close the socket alone, as
+	// a killed process does, leaving the file behind.
+	ln.UnixListener.Close()
 	if _, err := os.Stat(path); err != nil {
 		t.Fatalf("stale socket should still exist for this test: %v", err)
 	}

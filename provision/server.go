@@ -140,7 +140,7 @@ type Server struct {
 	reg *registry
 
 	mu         sync.Mutex
-	listeners  map[*net.UnixListener]struct{}
+	listeners  map[UnixListener]struct{}
 	conns      map[*net.UnixConn]struct{}
 	closing    bool
 	engineDead bool
@@ -201,7 +201,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	return &Server{
 		cfg:          cfg,
 		log:          cfg.Logger,
-		listeners:    make(map[*net.UnixListener]struct{}),
+		listeners:    make(map[UnixListener]struct{}),
 		conns:        make(map[*net.UnixConn]struct{}),
 		reg:          newRegistry(),
 		waitingByUID: make(map[int32]int),
@@ -211,11 +211,18 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}, nil
 }
 
+// UnixListener is what Serve accepts callers from: a *Listener from
+// Listen, or a plain *net.UnixListener.
+type UnixListener interface {
+	AcceptUnix() (*net.UnixConn, error)
+	Close() error
+}
+
 // ErrServerClosed is returned by Serve after Shutdown.
 var ErrServerClosed = errors.New("provision: server closed")
 
 // Serve accepts callers on ln until Shutdown, serving each concurrently.
-func (s *Server) Serve(ln *net.UnixListener) error {
+func (s *Server) Serve(ln UnixListener) error {
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
@@ -477,6 +484,9 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		}
 	}
 
+	// Attached before the reply: a caller that reads its OK and asks for
+	// the status sees it so.
+	s.reg.setState(a, StateAttached)
 	if err := protocol.SendOK(conn, reply); err != nil {
 		s.log.Warn("caller gone before the reply", "image_id", image.ImageID, "device", dev.Path, "err", err)
 		s.attachFailed(mode, errGoneBeforeReply)
@@ -484,7 +494,6 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		return
 	}
 	sp.mark("reply")
-	s.reg.setState(a, StateAttached)
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
 		"took", time.Since(received).Round(time.Millisecond).String(), "phases", sp.String())

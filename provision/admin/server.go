@@ -32,6 +32,12 @@ type Backend interface {
 	ForceDetach(ctx context.Context, target string, who Peer) (DetachResult, error)
 }
 
+// Listener is what Serve accepts admin connections from.
+type Listener interface {
+	AcceptUnix() (*net.UnixConn, error)
+	Close() error
+}
+
 // Server serves the admin socket.
 type Server struct {
 	Backend Backend
@@ -45,7 +51,7 @@ type Server struct {
 	AllowUID func(uid int32) bool
 
 	mu     sync.Mutex
-	ln     *net.UnixListener
+	ln     Listener
 	conns  map[*net.UnixConn]struct{}
 	closed bool
 	wg     sync.WaitGroup
@@ -67,7 +73,7 @@ func (s *Server) allowed(uid int32) bool {
 
 // Serve accepts admin connections on ln (a SEQPACKET listener) until
 // Close, serving each concurrently.
-func (s *Server) Serve(ln *net.UnixListener) error {
+func (s *Server) Serve(ln Listener) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
