@@ -110,6 +110,22 @@ func (s *Server) openSession(ctx context.Context, image imageconfig.Config, clie
 // detach flushes and disconnects a's device, once, however many of the
 // connection's end, shutdown and engine failure ask for it.
 func (s *Server) detach(a *attachment, reason string) {
+	s.mu.Lock()
+	handover := s.handover
+	s.mu.Unlock()
+	if handover && s.reg.live(a) {
+		// Handed over: the device stays attached, its record stays for the
+		// next start to take it over.
+		a.once.Do(func() {
+			s.log.Info("left attached for the next start", "image_id", a.imageID, "device", a.dev.Path,
+				"caller_pid", a.caller.pid)
+			if a.root != nil {
+				a.root.Close()
+			}
+			a.dev.File.Close()
+		})
+		return
+	}
 	a.once.Do(func() {
 		defer s.reg.release(a)
 		if a.cancel != nil {

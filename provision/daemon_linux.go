@@ -144,7 +144,11 @@ serve:
 	for {
 		select {
 		case <-ctx.Done():
-			log.Info("shutting down")
+			if context.Cause(ctx) == ErrHandover {
+				log.Info("handing over: stopping with every device left attached for the next start")
+			} else {
+				log.Info("shutting down")
+			}
 			break serve
 		case <-eng.Done():
 			// The devices' connections died with it; their I/O waits for
@@ -168,9 +172,18 @@ serve:
 
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
+	stop := srv.Shutdown
+	if context.Cause(ctx) == ErrHandover {
+		stop = srv.Handover
+	}
+	if err := stop(sctx); err != nil {
 		log.Error("shutdown", "err", err)
 		runErr = errors.Join(runErr, err)
+	}
+	if runErr == nil && context.Cause(ctx) == ErrHandover {
+		// The engine stops next (deferred), checkpointing every image.
+		log.Info("handed over")
+		return ErrHandover
 	}
 	if runErr == nil {
 		log.Info("stopped cleanly")

@@ -205,3 +205,11 @@ func (r *registry) endRecovery(a *attachment, ok bool) {
 		a.reconnects++
 	}
 }
+
+// live reports whether a is attached and its caller has its reply: what a
+// handover leaves attached.
+func (r *registry) live(a *attachment) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return a.dev != nil && (a.state == StateAttached || a.state == StateReconnecting)
+}

@@ -144,7 +144,9 @@ type Server struct {
 	conns      map[*net.UnixConn]struct{}
 	closing    bool
 	engineDead bool
-	wg         sync.WaitGroup
+	// handover is set by Handover: attachments end without a detach.
+	handover bool
+	wg       sync.WaitGroup
 	// waiting counts connections that have not sent their request, in
 	// all and by uid.
 	waiting      int
@@ -593,6 +595,23 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("provision: shutdown: %w", ctx.Err())
 	}
+}
+
+// ErrHandover is the cause of a context that asks Run to hand over
+// instead of shutting down: stop serving and exit with every device left
+// attached and recorded, for the next start to take over (an upgrade).
+var ErrHandover = errors.New("handover to the next start")
+
+// Handover stops accepting and ends every connection and attachment
+// without detaching its device: the devices stay attached and their
+// records stay in the state directory. Attaches still in progress are
+// aborted (and what they attached is detached). It waits for the
+// connections to end, or for ctx.
+func (s *Server) Handover(ctx context.Context) error {
+	s.mu.Lock()
+	s.handover = true
+	s.mu.Unlock()
+	return s.Shutdown(ctx)
 }
 
 // Snapshot describes every attachment, in whatever state, and every

@@ -439,3 +439,57 @@ func TestSnapshot(t *testing.T) {
 	ts.Devices.WaitDetaches(t, 2)
 	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
 }
+
+// A handover ends the connections but leaves attached devices attached,
+// with their records, for the next start; an attach still in progress is
+// aborted.
+func TestHandover(t *testing.T) {
+	stateDir := t.TempDir()
+	state, err := provision.OpenStateDir(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer state.Close()
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.State = state })
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts.AddImage(t, "slow", "slow.mvps-image", 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	ts.Devices.Mu.Lock()
+	ts.Devices.Gate = make(chan struct{})
+	ts.Devices.Mu.Unlock()
+	stuck := make(chan error, 1)
+	go func() {
+		_, err := protocol.Attach(context.Background(), ts.Socket, "slow")
+		stuck <- err
+	}()
+	waitFor(t, func() bool { return stateOf(ts, "slow.mvps-image") == provision.StateAttaching })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Handover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-stuck; err == nil {
+		t.Fatal("an attach in progress went through a handover")
+	}
+	if err := a.Wait(ctx); ctx.Err() != nil {
+		t.Fatalf("the caller's connection did not end: %v", err)
+	}
+	if attached, detached := ts.Devices.Counts(t); attached != 1 || detached != 0 {
+		t.Fatalf("attached %d, detached %d after a handover; want the device left attached", attached, detached)
+	}
+	entries, _ := os.ReadDir(stateDir)
+	var records []string
+	for _, e := range entries {
+		if e.Name() != "lock" {
+			records = append(records, e.Name())
+		}
+	}
+	if len(records) != 1 || records[0] != "vol.mvps-image.json" {
+		t.Fatalf("records after the handover: %v, want the attached image's only", records)
+	}
+	if !strings.Contains(ts.Logs(), "left attached for the next start") {
+		t.Fatalf("the handover is not logged:\n%s", ts.Logs())
+	}
+}

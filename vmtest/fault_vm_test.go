@@ -681,3 +681,37 @@ exit 1
 		t.Errorf("%d detach lines, want exactly one:\n%s", n, log)
 	}
 }
+
+// An upgrade: SIGUSR2 hands over (exit 75, the engine stopped cleanly, every
+// device left attached and recorded); the next start takes them over and
+// the caller's writes go on.
+func TestVMHandover(t *testing.T) {
+	p := startProvisioner(t)
+	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+	w := startWriter(t, p, "vol")
+	index := writerDevice(t, "vol.mvps-image")
+	before := w.waitAcked(t, 100, 30*time.Second)
+	engine := p.enginePid(t)
+	start := time.Now()
+	p.cmd.Process.Signal(syscall.SIGUSR2)
+	<-p.exited
+	if code := p.cmd.ProcessState.ExitCode(); code != 75 {
+		t.Fatalf("handover exit status %d (%v), want 75", code, p.exitErr)
+	}
+	waitUntil(t, 10*time.Second, "engine stopped", func() bool { return !processAlive(engine) })
+	if _, ok := ourDevice(t, "vol.mvps-image"); !ok {
+		t.Fatal("the device was detached by a handover")
+	}
+	p.launch(t)
+	after := w.waitAcked(t, before+100, 30*time.Second)
+	t.Logf("handover at %d writes; %d acknowledged %v after it began", before, after, time.Since(start).Round(time.Millisecond))
+	w.checkReport(t, w.verify(t))
+	took := w.killAndWaitFree(t, index)
+	t.Logf("device free %v after the caller's SIGKILL", took.Round(time.Millisecond))
+	log, _ := os.ReadFile(p.LogPath)
+	for _, want := range []string{"left attached for the next start", "handed over", "taking over an attachment from an earlier run"} {
+		if !strings.Contains(string(log), want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+}

@@ -40,9 +40,22 @@ func main() {
 	level.UnmarshalText([]byte(strings.ToUpper(cfg.LogLevel)))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	context.AfterFunc(ctx, func() { log.Info("received signal", "signal", context.Cause(ctx).Error()) })
+	// SIGTERM and SIGINT shut down: every device is detached. SIGUSR2
+	// hands over: the daemon exits with the devices left attached and
+	// recorded, for the next start (an upgrade) to take over.
+	ctx, stop := context.WithCancelCause(context.Background())
+	defer stop(nil)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR2)
+	go func() {
+		sig := <-sigs
+		log.Info("received signal", "signal", sig.String())
+		if sig == syscall.SIGUSR2 {
+			stop(provision.ErrHandover)
+		} else {
+			stop(errors.New(sig.String()))
+		}
+	}()
 
 	if cfg.ImagesConfigMap != "" {
 		// Waits for the first sync, bounded; the error names the API
@@ -56,6 +69,11 @@ func main() {
 		cfg.Images = src
 	}
 	if err := provision.Run(ctx, cfg, log); err != nil {
+		if errors.Is(err, provision.ErrHandover) {
+			// EX_TEMPFAIL: a supervisor restarts it (the unit's
+			// RestartForceExitStatus).
+			os.Exit(75)
+		}
 		log.Error("mvps-provisioner failed", "err", err)
 		os.Exit(1)
 	}
