@@ -169,30 +169,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	case cfg.Devices == nil:
 		return nil, errors.New("provision: ServerConfig.Devices is nil")
 	}
-	if cfg.RequestTimeout == 0 {
-		cfg.RequestTimeout = DefaultRequestTimeout
-	}
-	if cfg.AttachTimeout == 0 {
-		cfg.AttachTimeout = DefaultAttachTimeout
-	}
-	if cfg.FlushTimeout == 0 {
-		cfg.FlushTimeout = DefaultFlushTimeout
-	}
-	if cfg.DetachTimeout == 0 {
-		cfg.DetachTimeout = DefaultDetachTimeout
-	}
-	if cfg.RecoveryTimeout == 0 {
-		cfg.RecoveryTimeout = DefaultRecoveryTimeout
-	}
-	if cfg.MaxWaiting == 0 {
-		cfg.MaxWaiting = DefaultMaxWaiting
-	}
-	if cfg.MaxWaitingPerUID == 0 {
-		cfg.MaxWaitingPerUID = DefaultMaxWaitingPerUID
-	}
-	if cfg.MaxLingering == 0 {
-		cfg.MaxLingering = DefaultMaxLingering
-	}
+	orDefault(&cfg.RequestTimeout, DefaultRequestTimeout)
+	orDefault(&cfg.AttachTimeout, DefaultAttachTimeout)
+	orDefault(&cfg.FlushTimeout, DefaultFlushTimeout)
+	orDefault(&cfg.DetachTimeout, DefaultDetachTimeout)
+	orDefault(&cfg.RecoveryTimeout, DefaultRecoveryTimeout)
+	orDefault(&cfg.MaxWaiting, DefaultMaxWaiting)
+	orDefault(&cfg.MaxWaitingPerUID, DefaultMaxWaitingPerUID)
+	orDefault(&cfg.MaxLingering, DefaultMaxLingering)
 	if cfg.Host == "" {
 		cfg.Host, _ = os.Hostname()
 	}
@@ -218,6 +202,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 type UnixListener interface {
 	AcceptUnix() (*net.UnixConn, error)
 	Close() error
+}
+
+// orDefault sets *v to def when it is the zero value.
+func orDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
 }
 
 // ErrServerClosed is returned by Serve after Shutdown.
