@@ -78,7 +78,11 @@ func gatherBase(ctx context.Context, c *config, k *kernel, binDir string) (baseS
 	if err != nil {
 		return s, err
 	}
-	s.Modules, s.Required, err = ix.resolve(parseModSpecs(append(slices.Clone(defaultModules), c.modules...)))
+	specs, err := withParams(parseModSpecs(append(slices.Clone(defaultModules), c.modules...)), c.moduleParams)
+	if err != nil {
+		return s, fmt.Errorf("initramfs: %w", err)
+	}
+	s.Modules, s.Required, err = ix.resolve(specs)
 	if err != nil {
 		return s, fmt.Errorf("initramfs: %w", err)
 	}

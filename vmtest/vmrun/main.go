@@ -48,6 +48,7 @@ environment:
   VM_EXTRA_BINS=        extra host executables to copy into the guest at the same path, with
                         their libraries (e.g. "/usr/sbin/nbd-client /usr/bin/nbd-server")
   VM_MODULES=           extra kernel modules to load in the guest (names, e.g. "loop dm_mod")
+  VM_MODULE_PARAMS=     module parameters, modprobe's module.param=value (e.g. "nbd.max_part=0")
   VM_APPEND=            extra kernel command line arguments
   VM_KERNEL_PKG=        pin the kernel package (e.g. linux-image-6.1.0-56-amd64);
                         default: what linux-image-amd64 depends on now

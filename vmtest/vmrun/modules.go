@@ -200,6 +200,24 @@ func (ix *modIndex) candidates(soft string) []string {
 
 // parseModSpecs reads "name[?] [param=value ...]" items: a trailing ? marks a module that a
 // kernel may lack.
+// withParams appends module parameters given as modprobe writes them on a kernel command line
+// ("nbd.max_part=0") to the spec of that module; a later value of a parameter wins, as the
+// kernel applies them in order.
+func withParams(specs []modSpec, params []string) ([]modSpec, error) {
+	for _, p := range params {
+		mod, param, ok := strings.Cut(p, ".")
+		if !ok || mod == "" || !strings.Contains(param, "=") || strings.HasPrefix(param, "=") {
+			return nil, fmt.Errorf("module parameter %q is not module.param=value", p)
+		}
+		i := slices.IndexFunc(specs, func(s modSpec) bool { return s.Name == mod })
+		if i < 0 {
+			return nil, fmt.Errorf("module parameter %q: module %s is not loaded (VM_MODULES)", p, mod)
+		}
+		specs[i].Params = strings.TrimSpace(specs[i].Params + " " + param)
+	}
+	return specs, nil
+}
+
 func parseModSpecs(items []string) []modSpec {
 	var specs []modSpec
 	for _, it := range items {

@@ -113,3 +113,20 @@ func TestModName(t *testing.T) {
 		}
 	}
 }
+
+func TestWithParams(t *testing.T) {
+	specs := parseModSpecs([]string{"ext4", "nbd nbds_max=16"})
+	got, err := withParams(specs, []string{"nbd.max_part=0", "nbd.nbds_max=4"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []modSpec{{Name: "ext4"}, {Name: "nbd", Params: "nbds_max=16 max_part=0 nbds_max=4"}}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("withParams (-want +got):\n%s", diff)
+	}
+	for _, bad := range []string{"max_part=0", "nbd.max_part", "loop.max_loop=8", ".x=1", "nbd.=1"} {
+		if _, err := withParams(parseModSpecs([]string{"nbd"}), []string{bad}); err == nil {
+			t.Errorf("withParams(%q) = nil error, want one", bad)
+		}
+	}
+}

@@ -30,8 +30,10 @@ type config struct {
 	pvh       bool
 	extraBins []string
 	modules   []string
-	appendArg string
-	kernelPkg string
+	// moduleParams are module.param=value, as on a kernel command line.
+	moduleParams []string
+	appendArg    string
+	kernelPkg    string
 }
 
 func getenv(k, def string) string {
@@ -44,18 +46,19 @@ func getenv(k, def string) string {
 // loadConfig reads the environment; root is the module root.
 func loadConfig(root string) (*config, error) {
 	c := &config{
-		root:      root,
-		cache:     getenv("VM_CACHE", filepath.Join(root, ".cache", "vm")),
-		goCmd:     getenv("GO", "go"),
-		mem:       getenv("VM_MEM", "2048"),
-		smp:       getenv("VM_SMP", "1"),
-		accel:     getenv("VM_ACCEL", "tcg"),
-		cpu:       getenv("VM_CPU", "max"),
-		pvh:       getenv("VM_PVH", "1") == "1",
-		extraBins: strings.Fields(os.Getenv("VM_EXTRA_BINS")),
-		modules:   strings.Fields(os.Getenv("VM_MODULES")),
-		appendArg: os.Getenv("VM_APPEND"),
-		kernelPkg: os.Getenv("VM_KERNEL_PKG"),
+		root:         root,
+		cache:        getenv("VM_CACHE", filepath.Join(root, ".cache", "vm")),
+		goCmd:        getenv("GO", "go"),
+		mem:          getenv("VM_MEM", "2048"),
+		smp:          getenv("VM_SMP", "1"),
+		accel:        getenv("VM_ACCEL", "tcg"),
+		cpu:          getenv("VM_CPU", "max"),
+		pvh:          getenv("VM_PVH", "1") == "1",
+		extraBins:    strings.Fields(os.Getenv("VM_EXTRA_BINS")),
+		modules:      strings.Fields(os.Getenv("VM_MODULES")),
+		moduleParams: strings.Fields(os.Getenv("VM_MODULE_PARAMS")),
+		appendArg:    os.Getenv("VM_APPEND"),
+		kernelPkg:    os.Getenv("VM_KERNEL_PKG"),
 	}
 	if !filepath.IsAbs(c.cache) {
 		c.cache = filepath.Join(root, c.cache)

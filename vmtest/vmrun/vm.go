@@ -330,7 +330,7 @@ func boot(ctx context.Context, c *config, kver, kernelPath, initrd string, timeo
 	var qemuOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &qemuOut, &qemuOut
 	cmd.ExtraFiles = []*os.File{conW, outW}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // no qemu outlives us
+	cmd.SysProcAttr = dieWithParent() // no qemu outlives us
 	logf("boot: kernel %s, qemu %s", kver, strings.Join(qemuArgs, " "))
 	start := time.Now()
 	err = cmd.Start()
