@@ -54,21 +54,44 @@ type attachment struct {
 	released chan struct{}
 }
 
-// attach signs a token, negotiates with the engine and attaches the
-// device, marking each step in sp.
-func (s *Server) attach(ctx context.Context, image imageconfig.Config, sp *spans) (*nbddev.Device, error) {
+// attach signs a token, negotiates with the engine and attaches a's
+// device, marking each step in sp. The kernel attach waits for recorded,
+// the result of the first state record's write; attach always receives it,
+// so that the record is written (or known not to be) when attach returns.
+// The record of the device's index is written while the device is opened;
+// its result is recordErr, and a device attached without it must be
+// detached.
+func (s *Server) attach(ctx context.Context, a *attachment, image imageconfig.Config, sp *spans, recorded <-chan error) (dev *nbddev.Device, recordErr, err error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
 	defer cancel()
-	conn, export, err := s.openSession(ctx, image, engine.ClientID(s.cfg.Host, image.ImageID), sp)
+	conn, export, err := s.openSession(ctx, image, a.clientID, sp)
+	recordErr = <-recorded
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	dev, err := s.cfg.Devices.Attach(ctx, conn, export, "mvps:"+image.ImageID)
+	if recordErr != nil {
+		conn.Close()
+		return nil, nil, recordErr
+	}
+	sp.mark("record")
+	var indexRecorded chan error
+	trace := &nbddev.Trace{Connected: func(index uint32) {
+		sp.mark("connect")
+		indexRecorded = make(chan error, 1)
+		go func() { indexRecorded <- s.record(a, int64(index)) }()
+	}}
+	dev, err = s.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, "mvps:"+image.ImageID)
+	switch {
+	case indexRecorded != nil:
+		recordErr = <-indexRecorded
+	case err == nil: // a device layer that does not report
+		recordErr = s.record(a, int64(dev.Index))
+	}
 	if err != nil {
-		return nil, failf(ErrAttachFailed, "%w", err)
+		return nil, nil, failf(ErrAttachFailed, "%w", err)
 	}
-	sp.mark("kernel")
-	return dev, nil
+	sp.mark("open")
+	return dev, recordErr, nil
 }
 
 // openSession opens an engine session for image: token, dial, handshake,

@@ -431,17 +431,15 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
-	// Recorded before the kernel attach: a crash in the middle leaves a
-	// device that the next start knows to be ours.
+	// Parsing, the image config, the checks, the reservation.
 	sp := newSpans(received)
-	if err := s.record(a, -1); err != nil {
-		s.reg.release(a)
-		s.reject(conn, caller, req.Key, err)
-		return
-	}
-	// Parsing, the image config, the checks, the reservation, the record.
 	sp.mark("request")
-	dev, err := s.attach(ctx, image, sp)
+	// Recorded before the kernel attach, so that a crash in the middle
+	// leaves a device the next start knows to be ours; written while the
+	// engine session opens, which waits on the engine anyway.
+	recorded := make(chan error, 1)
+	go func() { recorded <- s.record(a, -1) }()
+	dev, recordErr, err := s.attach(ctx, a, image, sp, recorded)
 	if err != nil {
 		s.forget(a)
 		s.attachFailed(mode, err)
@@ -450,12 +448,11 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		return
 	}
 	s.reg.setDevice(a, dev)
-	if err := s.record(a, int64(dev.Index)); err != nil {
+	if recordErr != nil {
 		s.detach(a, "state not recorded")
-		s.reject(conn, caller, req.Key, err)
+		s.reject(conn, caller, req.Key, recordErr)
 		return
 	}
-	sp.mark("record")
 
 	var reply *os.File = dev.File
 	formatted := false

@@ -445,13 +445,7 @@ func TestSnapshot(t *testing.T) {
 // aborted.
 func TestHandover(t *testing.T) {
 	stateDir := t.TempDir()
-	state, err := provision.OpenStateDir(stateDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer state.Close()
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.State = state })
-	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts := newWithState(t, stateDir)
 	ts.AddImage(t, "slow", "slow.mvps-image", 1<<20)
 	a := ts.Attach(t, "vol")
 	defer a.Close()
@@ -492,4 +486,82 @@ func TestHandover(t *testing.T) {
 	if !strings.Contains(ts.Logs(), "left attached for the next start") {
 		t.Fatalf("the handover is not logged:\n%s", ts.Logs())
 	}
+}
+
+// An attach whose state cannot be recorded is refused: before the kernel
+// attach nothing is attached, and after it the device is detached once.
+func TestStateNotRecordedRefusesAttach(t *testing.T) {
+	for _, after := range []bool{false, true} {
+		name := "before the kernel attach"
+		if after {
+			name = "after the kernel attach"
+		}
+		t.Run(name, func(t *testing.T) {
+			stateDir := filepath.Join(t.TempDir(), "state")
+			ts := newWithState(t, stateDir)
+			gate := make(chan struct{})
+			if after {
+				// The first record is written before the kernel attach,
+				// which waits here; the second fails.
+				ts.Devices.Mu.Lock()
+				ts.Devices.Gate = gate
+				ts.Devices.Mu.Unlock()
+			} else {
+				os.RemoveAll(stateDir)
+			}
+			done := make(chan string, 1)
+			go func() {
+				a, err := protocol.Attach(context.Background(), ts.Socket, "vol")
+				if err == nil {
+					a.Close()
+					done <- "ok"
+					return
+				}
+				done <- provisiontest.Code(err)
+			}()
+			if after {
+				waitFor(t, func() bool {
+					_, err := os.Stat(filepath.Join(stateDir, "vol.mvps-image.json"))
+					return err == nil && stateOf(ts, "vol.mvps-image") == provision.StateAttaching
+				})
+				os.RemoveAll(stateDir)
+				close(gate)
+			}
+			select {
+			case code := <-done:
+				if code != "internal" {
+					t.Fatalf("reply %q, want internal", code)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("no reply within 10 s")
+			}
+			want := 0
+			if after {
+				want = 1
+				ts.Devices.WaitDetaches(t, 1)
+			}
+			if attached, detached := ts.Devices.Counts(t); attached != want || detached != want {
+				t.Fatalf("attached %d, detached %d; want %d and %d", attached, detached, want, want)
+			}
+			waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+			if !strings.Contains(ts.Logs(), "write state of vol.mvps-image") {
+				t.Fatalf("the failed record is not logged:\n%s", ts.Logs())
+			}
+		})
+	}
+}
+
+// newWithState starts a server that records its attachments in stateDir,
+// with image "vol".
+func newWithState(t *testing.T, stateDir string) *provisiontest.Server {
+	t.Helper()
+	state, err := provision.OpenStateDir(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Registered first, so closed after the server's own cleanup.
+	t.Cleanup(func() { state.Close() })
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.State = state })
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	return ts
 }

@@ -73,31 +73,47 @@ func (d *StateDir) file(imageID string) string { return filepath.Join(d.path, im
 
 // write records e atomically: a crash leaves either the old record or the
 // new one, never a torn one.
+//
+// Nothing is synced: a record describes a kernel attachment, which a power
+// loss ends too, and the page cache outlives the process that a record is
+// for. An attach writes two records, so a sync here would be on every
+// attach's path for nothing.
 func (d *StateDir) write(e stateEntry) error {
 	data, err := json.Marshal(e)
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(d.path, ".tmp-")
-	if err != nil {
+	// One attach per image at a time (the registry reserves it), so the
+	// temporary name is the image's own.
+	tmp := filepath.Join(d.path, "."+e.ImageID+".tmp")
+	if err := writeNew(tmp, data); err != nil {
 		return fmt.Errorf("write state of %s: %w", e.ImageID, err)
 	}
-	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(data)
-	if err == nil {
-		err = tmp.Sync()
+	if err := os.Rename(tmp, d.file(e.ImageID)); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write state of %s: %w", e.ImageID, err)
 	}
-	if cerr := tmp.Close(); err == nil {
+	return nil
+}
+
+// writeNew writes data to the file at path, creating or truncating it; a
+// link there is not followed. The directory is root's alone, so what is
+// there is a write of ours cut short.
+func writeNew(path string, data []byte) error {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	n, err := unix.Write(fd, data)
+	if cerr := unix.Close(fd); err == nil {
 		err = cerr
 	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), d.file(e.ImageID))
-	}
-	if err == nil {
-		err = syncDir(d.path)
+	if err == nil && n != len(data) {
+		err = fmt.Errorf("short write: %d of %d bytes", n, len(data))
 	}
 	if err != nil {
-		return fmt.Errorf("write state of %s: %w", e.ImageID, err)
+		os.Remove(path)
+		return &fs.PathError{Op: "write", Path: path, Err: err}
 	}
 	return nil
 }
@@ -107,7 +123,7 @@ func (d *StateDir) remove(imageID string) error {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove state of %s: %w", imageID, err)
 	}
-	return syncDir(d.path)
+	return nil
 }
 
 // list reads every record; one that cannot be read is reported, not fatal.
@@ -120,8 +136,9 @@ func (d *StateDir) list() ([]stateEntry, []error) {
 	var errs []error
 	for _, n := range names {
 		name := n.Name()
-		if strings.HasPrefix(name, ".tmp-") {
-			os.Remove(filepath.Join(d.path, name)) // a write that a crash cut short
+		// A write that a crash cut short (".tmp-*" by earlier versions).
+		if strings.HasPrefix(name, ".") && (strings.HasSuffix(name, ".tmp") || strings.HasPrefix(name, ".tmp-")) {
+			os.Remove(filepath.Join(d.path, name))
 			continue
 		}
 		if !strings.HasSuffix(name, ".json") {
@@ -144,15 +161,6 @@ func (d *StateDir) list() ([]stateEntry, []error) {
 		entries = append(entries, e)
 	}
 	return entries, errs
-}
-
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
 }
 
 // processStart is the start time of process pid in clock ticks after boot

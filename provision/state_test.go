@@ -32,6 +32,7 @@ func TestStateDir(t *testing.T) {
 	// What a crash leaves: a temp file cut short, and a record that is not
 	// one.
 	os.WriteFile(filepath.Join(dir, ".tmp-123"), []byte(`{"key":`), 0o600)
+	os.WriteFile(filepath.Join(dir, ".b.mvps-image.tmp"), []byte(`{"key":`), 0o600)
 	os.WriteFile(filepath.Join(dir, "torn.mvps-image.json"), []byte(`{"key":`), 0o600)
 	got, errs := d.list()
 	if diff := cmp.Diff([]stateEntry{e}, got); diff != "" {
@@ -39,6 +40,9 @@ func TestStateDir(t *testing.T) {
 	}
 	if len(errs) != 1 {
 		t.Fatalf("errors %v, want one for the torn record", errs)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ".b.mvps-image.tmp")); !os.IsNotExist(err) {
+		t.Error("a cut-short temp file was left")
 	}
 	if _, err := os.Stat(filepath.Join(dir, ".tmp-123")); !os.IsNotExist(err) {
 		t.Error("a cut-short temp file was left")

@@ -158,7 +158,8 @@ func TestVMOperations(t *testing.T) {
 		`mvps_provisioner_lingering_devices`:                                       0,
 		`mvps_provisioner_requests_refused_total{code="not_found"}`:                refusedBefore + 1,
 		`mvps_provisioner_attach_seconds_count{mode="fd"}`:                         2,
-		`mvps_provisioner_attach_phase_seconds_count{mode="fd",phase="kernel"}`:    2,
+		`mvps_provisioner_attach_phase_seconds_count{mode="fd",phase="connect"}`:   2,
+		`mvps_provisioner_attach_phase_seconds_count{mode="fd",phase="open"}`:      2,
 		`mvps_provisioner_attach_phase_seconds_count{mode="fd",phase="handshake"}`: 2,
 		`mvps_provisioner_engine_restarts_total`:                                   0,
 	} {

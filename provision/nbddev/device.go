@@ -5,6 +5,7 @@
 package nbddev
 
 import (
+	"context"
 	"errors"
 	"os"
 )
@@ -25,3 +26,38 @@ type Device struct {
 // the caller's namespace): I/O through it fails, and the kernel frees the
 // device when the last opener is gone.
 var ErrStillOpen = errors.New("disconnected, but still open elsewhere")
+
+// ErrNotOurs is a device that is not connected to the backend it was
+// expected to have: it is left alone.
+var ErrNotOurs = errors.New("device is not connected to the expected backend")
+
+// Trace is told when an attach passes a step, so that a caller can time the
+// steps (as net/http/httptrace does for a request). A nil hook is skipped.
+type Trace struct {
+	// Connected is called once the kernel has taken the engine connection
+	// as device index, before the device is opened.
+	Connected func(index uint32)
+}
+
+type traceKey struct{}
+
+// WithTrace returns a context that makes the attaches it is passed to
+// report to t.
+func WithTrace(ctx context.Context, t *Trace) context.Context {
+	return context.WithValue(ctx, traceKey{}, t)
+}
+
+// ContextTrace returns the Trace of ctx, or nil; an implementation of the
+// provisioner's device layer other than Devices (a test's) reports through
+// it.
+func ContextTrace(ctx context.Context) *Trace {
+	t, _ := ctx.Value(traceKey{}).(*Trace)
+	return t
+}
+
+// connected calls ctx's Connected hook, if it has one.
+func connected(ctx context.Context, index uint32) {
+	if t := ContextTrace(ctx); t != nil && t.Connected != nil {
+		t.Connected(index)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"strconv"
@@ -82,6 +83,7 @@ func (d *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Ex
 	if err != nil {
 		return nil, fmt.Errorf("kernel connect: %w", err)
 	}
+	connected(ctx, index)
 	dev := &Device{Index: index, Path: fmt.Sprintf("/dev/nbd%d", index)}
 	if err := d.prepare(ctx, dev, export.Size); err != nil {
 		d.disconnect(dev)
@@ -90,36 +92,58 @@ func (d *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Ex
 	return dev, nil
 }
 
-// prepare caps the request size, waits for the device to show its size and
-// opens it.
+// prepare caps the request size and opens the device once it shows the
+// export's size.
+//
+// The kernel (5.11 and later) sets the size before it answers the connect,
+// and devtmpfs has made the node by then, so the first open nearly always
+// finds the device ready: polling sysfs first would only add its reads to
+// every attach.
 func (d *Devices) prepare(ctx context.Context, dev *Device, size uint64) error {
-	block := fmt.Sprintf("/sys/block/nbd%d", dev.Index)
-	if err := capMaxSectors(block + "/queue/max_sectors_kb"); err != nil {
+	if err := capMaxSectors(fmt.Sprintf("/sys/block/nbd%d/queue/max_sectors_kb", dev.Index)); err != nil {
 		return err
 	}
-	want := strconv.FormatUint(size/512, 10)
+	var last error
 	err := poll(ctx, func() (bool, error) {
-		got, err := readTrimmed(block + "/size")
-		if err != nil || got != want {
+		f, err := os.OpenFile(dev.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, unix.ENXIO) {
+				return false, fmt.Errorf("open %s: %w", dev.Path, err)
+			}
+			last = err
 			return false, nil
 		}
-		st, err := os.Stat(dev.Path)
-		return err == nil && st.Mode()&os.ModeDevice != 0, nil
+		got, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETSIZE64)
+		if err != nil || got != size {
+			f.Close()
+			last = fmt.Errorf("%s reports size %d (%v), want %d", dev.Path, got, err, size)
+			return false, nil
+		}
+		dev.File = f
+		return true, nil
 	})
 	if err != nil {
+		if last != nil {
+			err = fmt.Errorf("%w (last: %v)", err, last)
+		}
 		return fmt.Errorf("%s did not become ready: %w", dev.Path, err)
 	}
-	f, err := os.OpenFile(dev.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", dev.Path, err)
-	}
-	got, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETSIZE64)
-	if err != nil || got != size {
-		f.Close()
-		return fmt.Errorf("%s reports size %d (%v), want %d", dev.Path, got, err, size)
-	}
-	dev.File = f
 	return nil
+}
+
+// MaxPart is the nbd module's max_part: above 0, the kernel scans a
+// device for partitions when it is first opened after a connect. -1 when it
+// cannot be read.
+func MaxPart() int {
+	v, err := readTrimmed("/sys/module/nbd/parameters/max_part")
+	if err != nil {
+		return -1
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return -1
+	}
+	return n
 }
 
 func capMaxSectors(path string) error {

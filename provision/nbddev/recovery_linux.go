@@ -32,10 +32,6 @@ func (d *Devices) Reconnect(ctx context.Context, dev *Device, conn net.Conn, bac
 	return nil
 }
 
-// ErrNotOurs is a device that is not connected to the backend it was
-// expected to have: it is left alone.
-var ErrNotOurs = errors.New("device is not connected to the expected backend")
-
 // Adopt takes over a device that an earlier run attached: it must be
 // connected, with backend as its backend identifier and size bytes. The
 // returned device is opened read-write like a fresh one.

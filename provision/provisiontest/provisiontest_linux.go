@@ -55,13 +55,28 @@ type Devices struct {
 	KeepConns bool
 }
 
-// NewDevices returns fake devices backed by files in a test directory.
+// NewDevices returns fake devices backed by files in a test directory, in
+// memory where the machine has /dev/shm: a device is no disk file either,
+// and what a benchmark measures should be the server's work.
 func NewDevices(t testing.TB) *Devices {
 	return &Devices{
-		dir: t.TempDir(), attached: map[uint32]string{}, detaches: map[uint32]int{},
+		dir: MemoryDir(t), attached: map[uint32]string{}, detaches: map[uint32]int{},
 		flushes: map[uint32]int{}, conns: map[uint32]net.Conn{}, reconnects: map[uint32]int{}, detached: make(chan uint32, 1000),
 		StillOpen: map[uint32]bool{},
 	}
+}
+
+// MemoryDir is a new directory on tmpfs (/dev/shm), as the provisioner's
+// state directory is (/run), removed when t ends; t.TempDir() where there
+// is no /dev/shm.
+func MemoryDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/dev/shm", "provisiontest")
+	if err != nil {
+		return t.TempDir()
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
 
 // Attach implements provision.Devices.
@@ -98,6 +113,9 @@ func (f *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Ex
 	}
 	f.attached[index] = backend
 	f.conns[index] = conn
+	if t := nbddev.ContextTrace(ctx); t != nil && t.Connected != nil {
+		t.Connected(index)
+	}
 	return &nbddev.Device{Index: index, Path: path, File: file}, nil
 }
 

@@ -68,9 +68,11 @@ func start(tb testing.TB, network, address string) *Engine {
 	secret := make([]byte, 32)
 	rand.Read(secret)
 	imageDir := tb.TempDir()
-	// A fuzz target may not log through *testing.F while it runs.
+	// A fuzz target may not log through *testing.F while it runs, and a
+	// benchmark's line per connection would be most of its output.
 	_, fuzzing := tb.(*testing.F)
-	logs := &tbWriter{tb: tb, closed: fuzzing}
+	_, benchmark := tb.(*testing.B)
+	logs := &tbWriter{tb: tb, closed: fuzzing || benchmark}
 	srv, err := devengine.New(devengine.Config{
 		Secret:   secret,
 		ImageDir: imageDir,
