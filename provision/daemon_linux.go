@@ -53,6 +53,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	defer devices.Close()
+	if n := nbddev.MaxPart(); n > 0 {
+		log.Info("the nbd module scans every attached image for partitions (max_part > 0): each first open reads "+
+			"through the engine, and the kernel parses a partition table the image's writer controls; "+
+			"load nbd with max_part=0 (deploy/modprobe.d) unless partitions of images are wanted", "max_part", n)
+	}
 	// Subscribed before anything is attached or adopted, so that no
 	// link-dead event of ours is missed.
 	watcher, err := netlinknbd.NewWatcher()

@@ -49,6 +49,7 @@ drwxr-xr-x /etc/mvps-provisioner/images
 -rwxr-xr-x $prefix/bin/mvps-provisioner
 -rwxr-xr-x $prefix/bin/mvps-sidecar
 -rwxr-xr-x $prefix/bin/mvps-te-dev
+-rw-r--r-- $prefix/lib/modprobe.d/mvps-provisioner.conf
 -rw-r--r-- $prefix/lib/modules-load.d/mvps-provisioner.conf
 -rw-r--r-- $prefix/lib/systemd/system/mvps-provisioner.service
 EOF
