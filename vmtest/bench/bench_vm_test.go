@@ -82,14 +82,30 @@ func TestBench(t *testing.T) {
 	defer nl.Close()
 	b.nl = nl
 
-	b.startup(5)
+	// MVPS_BENCH_ONLY (a comma list of sections) narrows a run while a change is being
+	// measured; the table then shows only what ran.
+	only := os.Getenv("MVPS_BENCH_ONLY")
+	run := func(section string) bool {
+		return only == "" || slices.Contains(strings.Split(only, ","), section)
+	}
+	if run("startup") {
+		b.startup(5)
+	}
 	b.p = b.startProvisioner()
 	defer b.p.stop()
 	b.engineListen = b.p.engineListen
-	b.attachRows()
-	b.detachKill()
-	b.concurrency()
-	b.throughput()
+	if run("attach") {
+		b.attachRows()
+	}
+	if run("kill") {
+		b.detachKill()
+	}
+	if run("concurrency") {
+		b.concurrency()
+	}
+	if run("throughput") {
+		b.throughput()
+	}
 	b.res.TotalSeconds = time.Since(t0).Seconds()
 	b.res.print(os.Stdout)
 	js, _ := json.Marshal(b.res)
@@ -364,11 +380,14 @@ func (b *bench) nbdClientAttach(imageID string, size uint64) (*os.File, uint32, 
 }
 
 // floorAttach is the minimum: token, dial, handshake, netlink connect, size visible, open.
-func (b *bench) floorAttach(imageID string, size uint64) (*os.File, uint32, error) {
+func (b *bench) floorAttach(imageID string, size uint64, record bool) (*os.File, uint32, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), attachCtx)
 	defer cancel()
 	last := time.Now()
 	mark := func(name string) {
+		if !record {
+			return
+		}
 		now := time.Now()
 		b.floorSteps[name] = append(b.floorSteps[name], now.Sub(last))
 		last = now
@@ -461,10 +480,115 @@ func mountedIndex(dir string) uint32 {
 
 // ---------------------------------------------------------------- 1. and 3.: sequential cycles
 
+// ktrace times what the kernel does inside the netlink connect (the largest step of every
+// attach) with ftrace's function_graph tracer while one row runs, when MVPS_BENCH_KTRACE=1, and
+// prints the median time of each call nbd_genl_connect makes, three levels down.
+func (b *bench) ktrace(row string) (stop func()) {
+	if os.Getenv("MVPS_BENCH_KTRACE") != "1" {
+		return func() {}
+	}
+	const dir = "/sys/kernel/tracing"
+	if _, err := os.Stat(dir + "/trace"); err != nil {
+		if err := unix.Mount("nodev", dir, "tracefs", 0, ""); err != nil {
+			b.logf("ktrace: mount tracefs: %v", err)
+			return func() {}
+		}
+	}
+	set := func(file, v string) error { return os.WriteFile(filepath.Join(dir, file), []byte(v), 0) }
+	for _, kv := range [][2]string{{"tracing_on", "0"}, {"current_tracer", "nop"}, {"set_graph_function", "nbd_genl_connect"},
+		{"max_graph_depth", "4"}, {"options/funcgraph-tail", "1"}, {"buffer_size_kb", "8192"}, {"trace", ""},
+		{"current_tracer", "function_graph"}, {"tracing_on", "1"}} {
+		if err := set(kv[0], kv[1]); err != nil {
+			b.logf("ktrace: %s: %v", kv[0], err)
+			return func() {}
+		}
+	}
+	return func() {
+		set("tracing_on", "0")
+		data, _ := os.ReadFile(filepath.Join(dir, "trace"))
+		set("current_tracer", "nop")
+		b.logf("ktrace, %s row: inside nbd_genl_connect (median us per call, calls)\n%s", row, graphSummary(data))
+	}
+}
+
+// graphSummary turns function_graph output into one line per function and depth: the median
+// duration and the count, in the order the calls first appear.
+func graphSummary(trace []byte) string {
+	durRe := regexp.MustCompile(`([0-9.]+) us\s*\|(\s*)(\}|[^{]*\(\);)\s*(/\* (\S+).*\*/)?`)
+	type key struct {
+		depth int
+		name  string
+	}
+	per := map[key][]time.Duration{}
+	var order []key
+	for line := range strings.SplitSeq(string(trace), "\n") {
+		m := durRe.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		name := m[5]
+		if m[3] != "}" {
+			name = strings.TrimSpace(strings.TrimSuffix(m[3], "();"))
+		}
+		name, _, _ = strings.Cut(name, " ")
+		us, _ := strconv.ParseFloat(m[1], 64)
+		k := key{depth: len(m[2]) / 2, name: name}
+		if _, ok := per[k]; !ok {
+			order = append(order, k)
+		}
+		per[k] = append(per[k], time.Duration(us*float64(time.Microsecond)))
+	}
+	var out strings.Builder
+	for _, k := range order {
+		st := stats(per[k])
+		if st.P50 < 0.05 {
+			continue
+		}
+		fmt.Fprintf(&out, "  %s%-40s %9.0f us %5d\n", strings.Repeat("  ", max(k.depth-1, 0)), k.name, st.P50*1000, st.N)
+	}
+	return out.String()
+}
+
+// perf samples the whole guest (kernel, daemon, engine, callers) while one row runs, when
+// MVPS_BENCH_PERF=1 and perf is in the guest (BENCH_PERF=1 make bench), and prints where the
+// time went by process and function: the spans say which step is slow, this says why.
+func (b *bench) perf(row string) (stop func()) {
+	if os.Getenv("MVPS_BENCH_PERF") != "1" {
+		return func() {}
+	}
+	data := filepath.Join(b.t.TempDir(), "perf.data")
+	rec := exec.Command("perf", "record", "-a", "-F", "2000", "-g", "-q", "-o", data)
+	rec.Stderr = os.Stderr
+	if err := rec.Start(); err != nil {
+		b.logf("perf: %v", err)
+		return func() {}
+	}
+	return func() {
+		rec.Process.Signal(syscall.SIGINT)
+		rec.Wait()
+		out, err := exec.Command("perf", "report", "-i", data, "--stdio", "--no-children", "-g", "none",
+			"--sort", "comm,dso,sym", "--percent-limit", "0.7").CombinedOutput()
+		if err != nil {
+			b.logf("perf report: %v\n%s", err, out)
+			return
+		}
+		b.logf("perf, %s row, whole guest:\n%s", row, out)
+		out, _ = exec.Command("perf", "report", "-i", data, "--stdio", "--no-children", "-g", "none",
+			"--sort", "comm", "--percent-limit", "0.5").CombinedOutput()
+		b.logf("perf, %s row, by process:\n%s", row, out)
+		for _, comm := range []string{"mvps-provisione", "bench.test"} {
+			out, _ = exec.Command("perf", "report", "-i", data, "--stdio", "--children", "-g", "none", "--comm", comm,
+				"--sort", "sym", "--percent-limit", "1.5").CombinedOutput()
+			b.logf("perf, %s row, %s with what it calls:\n%s", row, comm, out)
+		}
+	}
+}
+
 func (b *bench) attachRows() {
 	t := b.t
 	// (a) nbd-client
 	var lat, det []time.Duration
+	stopPerf := b.perf("nbd-client")
 	for i := range b.n {
 		t0 := time.Now()
 		f, idx, err := b.nbdClientAttach("a-nbdc.mvps-image", imageSize)
@@ -477,15 +601,18 @@ func (b *bench) attachRows() {
 		b.nl.Disconnect(idx)
 		det = append(det, b.waitFree(idx).Sub(t1))
 	}
+	stopPerf()
 	b.res.Attach["nbd-client"] = stats(lat)
 	b.res.Detach["nbd-client: netlink disconnect to free"] = stats(det)
 	b.logf("nbd-client: %v", b.res.Attach["nbd-client"])
 
 	// (b) floor
 	lat, det = nil, nil
+	stopPerf = b.perf("floor")
+	stopTrace := b.ktrace("floor")
 	for i := range b.n {
 		t0 := time.Now()
-		f, idx, err := b.floorAttach("a-floor.mvps-image", imageSize)
+		f, idx, err := b.floorAttach("a-floor.mvps-image", imageSize, true)
 		if err != nil {
 			t.Fatalf("floor cycle %d: %v", i, err)
 		}
@@ -495,6 +622,8 @@ func (b *bench) attachRows() {
 		b.nl.Disconnect(idx)
 		det = append(det, b.waitFree(idx).Sub(t1))
 	}
+	stopTrace()
+	stopPerf()
 	b.res.Attach["floor"] = stats(lat)
 	b.res.Phases["floor"] = map[string]float64{}
 	for k, v := range b.floorSteps {
@@ -507,6 +636,7 @@ func (b *bench) attachRows() {
 	b.p.addImage("a-fd", "a-fd.mvps-image", imageSize)
 	logStart := len(b.p.logBytes())
 	lat, det = nil, nil
+	stopPerf = b.perf("provisioner fd")
 	for i := range b.n {
 		t0 := time.Now()
 		a, idx, err := b.provAttach("a-fd")
@@ -518,6 +648,7 @@ func (b *bench) attachRows() {
 		a.Close()
 		det = append(det, b.waitFree(idx).Sub(t1))
 	}
+	stopPerf()
 	b.res.Attach["provisioner fd"] = stats(lat)
 	b.res.Detach["provisioner fd: caller close to free"] = stats(det)
 	b.res.Phases["fd"] = phases(b.p.logBytes()[logStart:], "fd")
@@ -688,13 +819,28 @@ func (b *bench) concurrency() {
 	if err := errors.Join(errs...); err != nil {
 		b.t.Fatalf("concurrent nbd-client: %v", err)
 	}
-	for i := range files {
-		files[i].Close()
-		b.nl.Disconnect(idx[i])
+	release := func() {
+		for i := range files {
+			files[i].Close()
+			b.nl.Disconnect(idx[i])
+		}
+		for _, i := range idx {
+			b.waitFree(i)
+		}
 	}
-	for _, i := range idx {
-		b.waitFree(i)
+	release()
+
+	// The floor, 32 at once: what the kernel and the engine allow any 32 attaches.
+	t0 = time.Now()
+	for i, k := range keys {
+		wg.Go(func() { files[i], idx[i], errs[i] = b.floorAttach(k+".mvps-image", imageSize, false) })
 	}
+	wg.Wait()
+	b.res.Concurrent["floor 32 at once"] = ms(time.Since(t0))
+	if err := errors.Join(errs...); err != nil {
+		b.t.Fatalf("concurrent floor: %v", err)
+	}
+	release()
 
 	const h = 256
 	keys = make([]string, h)
@@ -901,6 +1047,8 @@ func machine() map[string]string {
 			m["mem_kib"] = f[1]
 		}
 	}
+	// max_part decides whether the first open of a device scans it for partitions.
+	m["nbd_max_part"] = readTrimmed("/sys/module/nbd/parameters/max_part")
 	return m
 }
 
@@ -922,8 +1070,8 @@ func verdict(ok bool) string {
 func (r *results) print(w io.Writer) {
 	p := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
 	p("")
-	p("mvps-provisioner benchmark: guest %s vCPU(s) (%s), kernel %s, %s MiB, N=%d, %s, %.0f s",
-		r.Machine["vcpus"], r.Machine["cpu"], r.Machine["kernel"], kib2mib(r.Machine["mem_kib"]), r.N, r.Machine["date"], r.TotalSeconds)
+	p("mvps-provisioner benchmark: guest %s vCPU(s) (%s), kernel %s (nbd max_part=%s), %s MiB, N=%d, %s, %.0f s",
+		r.Machine["vcpus"], r.Machine["cpu"], r.Machine["kernel"], r.Machine["nbd_max_part"], kib2mib(r.Machine["mem_kib"]), r.N, r.Machine["date"], r.TotalSeconds)
 	floor, nbdc := r.Attach["floor"].P50, r.Attach["nbd-client"].P50
 	p("")
 	p("1. attach, request to fd in hand (ms)  %5s %8s %8s %8s %9s %9s", "n", "p50", "p90", "p99", "vs floor", "nbd-client/x")
@@ -951,11 +1099,20 @@ func (r *results) print(w io.Writer) {
 		p("   %-20s (p50 ms): %s", who, strings.Join(parts, " "))
 	}
 	p("   provisioner fd overhead over the floor (p50): %+.2f ms", r.Attach["provisioner fd"].P50-floor)
+	if ph := r.Phases["fd"]; len(ph) > 0 {
+		sum := 0.0
+		for _, v := range ph {
+			sum += v
+		}
+		p("   outside the daemon's phases (caller's socket and request, accept, fd delivery; p50 minus their sum): %.2f ms",
+			r.Attach["provisioner fd"].P50-sum)
+	}
 	p("")
 	p("2. concurrency and scale (wall ms)")
 	c := r.Concurrent
-	p("   32 at once: provisioner %.1f, nbd-client %.1f (nbd-client/provisioner %s)",
-		c["provisioner 32 at once"], c["nbd-client 32 at once"], ratio(c["nbd-client 32 at once"], c["provisioner 32 at once"]))
+	p("   32 at once: provisioner %.1f, floor %.1f, nbd-client %.1f (nbd-client/provisioner %s, provisioner/floor %s)",
+		c["provisioner 32 at once"], c["floor 32 at once"], c["nbd-client 32 at once"],
+		ratio(c["nbd-client 32 at once"], c["provisioner 32 at once"]), ratio(c["provisioner 32 at once"], c["floor 32 at once"]))
 	p("   256 held: attach all %.1f (32 callers at a time), detach all %.1f; detach 32: %.1f; nbd devices %d (nbds_max=%s)",
 		c["provisioner 256 held (32 callers at a time)"], c["provisioner detach 256 at once"], c["provisioner detach 32"], r.NBDDevices, r.NBDSMax)
 	for _, k := range []string{"0", "32", "256"} {
@@ -1016,4 +1173,4 @@ func kib2mib(s string) string {
 
 // phaseOrder is the order an attach takes its steps in, the floor's and the
 // daemon's together.
-var phaseOrder = []string{"request", "token", "dial", "handshake", "probe", "kernel", "connect", "size", "open", "record", "mount", "reply"}
+var phaseOrder = []string{"request", "token", "dial", "handshake", "probe", "record", "connect", "size", "open", "mount", "reply"}
