@@ -69,7 +69,8 @@ prev=$(ls "$out"/*.json 2>/dev/null | grep -v "/$ts.json$" | tail -1 || true)
 if [ -n "$prev" ]; then
 	echo
 	echo "== against the previous run ($prev)"
-	"$GO" test -count=1 -run '^TestCompare$' ./vmtest/bench -args "$PWD/$prev" "$PWD/$out/$ts.json" | grep -v '^ok\|^PASS'
+	"$GO" test -v -count=1 -run '^TestCompare$' ./vmtest/bench -args "$PWD/$prev" "$PWD/$out/$ts.json" |
+		grep -Ev '^(=== RUN|--- PASS|PASS|ok )' || true
 fi
 echo
 echo "bench: wrote $out/$ts.json and $out/$ts.gobench.txt${prev:+ (benchstat compares the *.gobench.txt of two runs)}"

@@ -11,6 +11,7 @@ import (
 	"io"
 	"maps"
 	"math"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -169,6 +170,7 @@ func launchProvisioner(dir string) (*provProc, time.Duration, error) {
 		"PROVISIONER_STATE_DIR="+filepath.Join(dir, "state"),
 		"PROVISIONER_ENGINE_BIN="+filepath.Join(binDir, "mvps-te-dev"),
 		"PROVISIONER_ENGINE_LISTEN="+p.engineListen,
+		"PROVISIONER_METRICS_ADDR="+metricsAddr,
 		"MVPS_TE_JWT_SECRET="+secret,
 		"MVPS_TE_IMAGE_STORE=local",
 		"MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "store"),
@@ -238,6 +240,8 @@ func (p *provProc) logBytes() []byte {
 type procUsage struct {
 	RSSKiB  int `json:"rss_kib"`
 	Threads int `json:"threads"`
+	// Goroutines is the daemon's go_goroutines from its /metrics.
+	Goroutines int `json:"goroutines,omitempty"`
 }
 
 func usageOf(pid int) procUsage {
@@ -639,11 +643,12 @@ func (b *bench) attachRows() {
 	stopPerf = b.perf("provisioner fd")
 	for i := range b.n {
 		t0 := time.Now()
-		a, idx, err := b.provAttach("a-fd")
+		a, err := protocol.Attach(context.Background(), b.p.socket, "a-fd")
 		if err != nil {
 			t.Fatalf("fd cycle %d: %v", i, err)
 		}
 		lat = append(lat, time.Since(t0))
+		idx := fileIndex(a.Device) // the floor knows its index without asking
 		t1 := time.Now()
 		a.Close()
 		det = append(det, b.waitFree(idx).Sub(t1))
@@ -744,7 +749,29 @@ func (b *bench) detachKill() {
 // ---------------------------------------------------------------- 2. concurrency and scale
 
 func (b *bench) usage() map[string]procUsage {
-	return map[string]procUsage{"daemon": usageOf(b.p.cmd.Process.Pid), "engine": usageOf(b.p.enginePid())}
+	daemon := usageOf(b.p.cmd.Process.Pid)
+	daemon.Goroutines = goroutines()
+	return map[string]procUsage{"daemon": daemon, "engine": usageOf(b.p.enginePid())}
+}
+
+// metricsAddr is where the bench's daemon serves /metrics (one daemon runs at a time).
+const metricsAddr = "127.0.0.1:9465"
+
+// goroutines reads go_goroutines from the daemon's /metrics; 0 if it cannot.
+func goroutines() int {
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "go_goroutines "); ok {
+			n, _ := strconv.ParseFloat(v, 64)
+			return int(n)
+		}
+	}
+	return 0
 }
 
 // provMany attaches keys with at most par callers at once and returns the attachments and
@@ -1117,8 +1144,8 @@ func (r *results) print(w io.Writer) {
 		c["provisioner 256 held (32 callers at a time)"], c["provisioner detach 256 at once"], c["provisioner detach 32"], r.NBDDevices, r.NBDSMax)
 	for _, k := range []string{"0", "32", "256"} {
 		u := r.Usage[k]
-		p("   held %3s: daemon RSS %6.1f MiB, %3d threads; engine RSS %6.1f MiB, %3d threads",
-			k, float64(u["daemon"].RSSKiB)/1024, u["daemon"].Threads, float64(u["engine"].RSSKiB)/1024, u["engine"].Threads)
+		p("   held %3s: daemon RSS %6.1f MiB, %3d threads, %4d goroutines; engine RSS %6.1f MiB, %3d threads",
+			k, float64(u["daemon"].RSSKiB)/1024, u["daemon"].Threads, u["daemon"].Goroutines, float64(u["engine"].RSSKiB)/1024, u["engine"].Threads)
 	}
 	p("")
 	p("3. detach (ms)                                     %5s %8s %8s %8s", "n", "p50", "p90", "p99")
