@@ -69,7 +69,14 @@ func (c *callerInfo) openPidfd(conn *net.UnixConn) {
 			c.pidfd = pfd
 		}
 	}
-	// Read while the pidfd proves the process is the one that connected.
+}
+
+// readStart reads the caller's start time, for its state record, while the
+// pidfd proves the process is the one that connected.
+func (c *callerInfo) readStart() {
+	if c.pid <= 0 {
+		return
+	}
 	if start, err := processStart(c.pid); err == nil && c.alive() {
 		c.start = start
 	}

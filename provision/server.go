@@ -438,7 +438,10 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	// leaves a device the next start knows to be ours; written while the
 	// engine session opens, which waits on the engine anyway.
 	recorded := make(chan error, 1)
-	go func() { recorded <- s.record(a, -1) }()
+	go func() {
+		a.caller.readStart()
+		recorded <- s.record(a, -1)
+	}()
 	dev, recordErr, err := s.attach(ctx, a, image, sp, recorded)
 	if err != nil {
 		s.forget(a)

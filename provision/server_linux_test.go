@@ -2,6 +2,7 @@ package provision_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -482,6 +483,22 @@ func TestHandover(t *testing.T) {
 	}
 	if len(records) != 1 || records[0] != "vol.mvps-image.json" {
 		t.Fatalf("records after the handover: %v, want the attached image's only", records)
+	}
+	// The next start follows the caller by pid and start time.
+	var rec struct {
+		CallerPID   int    `json:"caller_pid"`
+		CallerStart uint64 `json:"caller_start"`
+		Index       int64  `json:"index"`
+	}
+	data, err := os.ReadFile(filepath.Join(stateDir, records[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &rec); err != nil {
+		t.Fatal(err)
+	}
+	if rec.CallerPID != os.Getpid() || rec.CallerStart == 0 || rec.Index < 0 {
+		t.Fatalf("record %s: want this process (pid %d) with its start time, and the device index", data, os.Getpid())
 	}
 	if !strings.Contains(ts.Logs(), "left attached for the next start") {
 		t.Fatalf("the handover is not logged:\n%s", ts.Logs())
