@@ -65,12 +65,9 @@ if [ "$rc" != 0 ] || ! grep -q '^BENCH-JSON ' "$log"; then
 fi
 sed -n '/^mvps-provisioner benchmark:/,/^BENCH-JSON /p' "$log" | grep -v "^BENCH-JSON "
 sed -n 's/^BENCH-JSON //p' "$log" >"$out/$ts.json"
-prev=$(ls "$out"/*.json 2>/dev/null | grep -v "/$ts.json$" | tail -1 || true)
-if [ -n "$prev" ]; then
-	echo
-	echo "== against the previous run ($prev)"
-	"$GO" test -v -count=1 -run '^TestCompare$' ./vmtest/bench -args "$PWD/$prev" "$PWD/$out/$ts.json" |
-		grep -Ev '^(=== RUN|--- PASS|PASS|ok )' || true
-fi
 echo
-echo "bench: wrote $out/$ts.json and $out/$ts.gobench.txt${prev:+ (benchstat compares the *.gobench.txt of two runs)}"
+echo "== against the latest earlier complete run on the same machine line"
+"$GO" test -v -count=1 -run '^TestCompare$' ./vmtest/bench -args "$PWD/$out" "$PWD/$out/$ts.json" |
+	grep -Ev '^(=== RUN|--- PASS|PASS|ok )' || true
+echo
+echo "bench: wrote $out/$ts.json and $out/$ts.gobench.txt (benchstat compares the *.gobench.txt of two runs)"

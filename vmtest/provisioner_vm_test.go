@@ -325,6 +325,13 @@ func TestVMProvisionerFDMode(t *testing.T) {
 
 	b, index2 := p.attach(t, "vol")
 	defer b.Close()
+	// The guest loads nbd with the module's default max_part (16): the
+	// daemon says what that costs.
+	if mp := sysfsModule("max_part"); mp != "0" {
+		if log, _ := os.ReadFile(p.LogPath); !strings.Contains(string(log), "max_part="+mp) {
+			t.Errorf("max_part=%s, and the daemon's log does not say so:\n%s", mp, log)
+		}
+	}
 	dropCache(t, b.Device)
 	for block := 0; block < 64; block++ {
 		got := make([]byte, 4096)
@@ -335,6 +342,12 @@ func TestVMProvisionerFDMode(t *testing.T) {
 			t.Fatalf("block %d differs after reattach (nbd%d then nbd%d)", block, index, index2)
 		}
 	}
+}
+
+// sysfsModule reads a parameter of the nbd module.
+func sysfsModule(param string) string {
+	b, _ := os.ReadFile("/sys/module/nbd/parameters/" + param)
+	return strings.TrimSpace(string(b))
 }
 
 func TestVMProvisionerDetachOnClose(t *testing.T) {

@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -98,9 +100,9 @@ func num(v float64, unit string) string {
 	return fmt.Sprintf("%.1f %s", v, unit)
 }
 
-// TestCompare checks the comparison on two made-up runs; given two JSON files of make bench
-// (go test ./vmtest/bench -run TestCompare -args PREVIOUS.json THIS.json, as vmtest/bench.sh
-// does), it also prints theirs.
+// TestCompare checks the comparison on two made-up runs; given the runs of make bench (go test
+// ./vmtest/bench -run TestCompare -args PREVIOUS.json|DIR THIS.json, as vmtest/bench.sh does
+// with its directory), it also prints theirs.
 func TestCompare(t *testing.T) {
 	var prev, cur run
 	mustDecode(t, `{"machine":{"vcpus":"2","kernel":"6.1","nbd_max_part":"0"},
@@ -129,21 +131,93 @@ start-up p50                                    -   200.0 ms        -
 	}
 
 	if flag.NArg() == 2 {
-		var runs [2]run
-		for i, path := range flag.Args() {
-			data, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
+		cur := load(t, flag.Arg(1))
+		prevPath := flag.Arg(0)
+		if st, err := os.Stat(prevPath); err == nil && st.IsDir() {
+			prevPath = previous(t, prevPath, flag.Arg(1), cur)
+			if prevPath == "" {
+				fmt.Println("no earlier run to compare with")
+				return
 			}
-			mustDecode(t, string(data), &runs[i])
 		}
-		fmt.Print(compare(runs[0], runs[1]))
+		fmt.Printf("against %s\n", prevPath)
+		fmt.Print(compare(load(t, prevPath), cur))
 	}
+}
+
+// previous picks the run to compare cur with among the JSON files of dir: the latest complete
+// one (it has the attach and concurrency rows) on the same machine line, else the latest.
+func previous(t *testing.T, dir, curPath string, cur run) string {
+	names, _ := filepath.Glob(filepath.Join(dir, "*.json"))
+	slices.Sort(names) // timestamps
+	latest := ""
+	for _, name := range slices.Backward(names) {
+		if same, _ := sameFile(name, curPath); same {
+			continue
+		}
+		if latest == "" {
+			latest = name
+		}
+		r := load(t, name)
+		if machineLine(r) == machineLine(cur) && r.Attach["provisioner fd"].P50 > 0 && r.Concurrent["provisioner 32 at once"] > 0 {
+			return name
+		}
+	}
+	return latest
+}
+
+func sameFile(a, b string) (bool, error) {
+	sa, err := os.Stat(a)
+	if err != nil {
+		return false, err
+	}
+	sb, err := os.Stat(b)
+	if err != nil {
+		return false, err
+	}
+	return os.SameFile(sa, sb), nil
+}
+
+func load(t *testing.T, path string) run {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r run
+	mustDecode(t, string(data), &r)
+	return r
 }
 
 func mustDecode(t *testing.T, s string, v any) {
 	t.Helper()
 	if err := json.Unmarshal([]byte(s), v); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestPrevious(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, vcpus string, complete bool) string {
+		js := fmt.Sprintf(`{"machine":{"vcpus":%q},"attach":{"provisioner fd":{"p50_ms":30}}`, vcpus)
+		if complete {
+			js += `,"concurrent_ms":{"provisioner 32 at once":800}`
+		}
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(js+"}"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	want := write("20260101T000000Z.json", "2", true)
+	write("20260102T000000Z.json", "1", true)  // another machine line
+	write("20260103T000000Z.json", "2", false) // a partial run (BENCH_ONLY)
+	cur := write("20260104T000000Z.json", "2", true)
+	if got := previous(t, dir, cur, load(t, cur)); got != want {
+		t.Errorf("previous = %s, want %s", got, want)
+	}
+	other := write("20260105T000000Z.json", "4", true)
+	if got := previous(t, dir, other, load(t, other)); got != cur {
+		t.Errorf("with no run on its machine line: previous = %s, want the latest, %s", got, cur)
 	}
 }
