@@ -104,7 +104,7 @@ func (s *Server) openSession(ctx context.Context, image imageconfig.Config, clie
 		return nil, handshake.Export{}, err
 	}
 	sp.mark("token")
-	conn, err := s.cfg.DialEngine(ctx)
+	conn, err := s.spares.Dial(ctx)
 	if err != nil {
 		return nil, handshake.Export{}, failf(ErrEngineUnavailable, "connect to engine: %w", err)
 	}

@@ -58,6 +58,9 @@ type Config struct {
 	// off. Loopback IPs only, unless MetricsAllowRemote.
 	MetricsAddr        string
 	MetricsAllowRemote bool // PROVISIONER_METRICS_ALLOW_REMOTE, --metrics-allow-remote
+	// EngineSpares is PROVISIONER_ENGINE_SPARES, --engine-spares (1): engine
+	// connections dialed ahead after an attach for the next, 0 to 8.
+	EngineSpares int
 }
 
 // Defaults.
@@ -77,7 +80,7 @@ type setting struct {
 // are kept as text here until they are checked.
 type parsed struct {
 	Config
-	mode, allowRemote string
+	mode, allowRemote, spares string
 }
 
 var settings = []setting{
@@ -96,6 +99,7 @@ var settings = []setting{
 	{"PROVISIONER_ADMIN_PATH", "admin-path", "", "admin socket for mvps-provisioner status and detach, mode 0600 (default: admin.sock next to the listen path)", func(p *parsed) *string { return &p.AdminPath }},
 	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)", func(p *parsed) *string { return &p.MetricsAddr }},
 	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 lets the metrics listener use addresses other than loopback", func(p *parsed) *string { return &p.allowRemote }},
+	{"PROVISIONER_ENGINE_SPARES", "engine-spares", "1", "engine connections dialed ahead (greeting read) after an attach for the next, each kept at most 2 s; 0 to 8", func(p *parsed) *string { return &p.spares }},
 }
 
 // ParseConfig reads the configuration from args (without the program name)
@@ -121,6 +125,11 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		return Config{}, fmt.Errorf("command line: unexpected argument %q", fset.Arg(0))
 	}
 	cfg, mode, allowRemote := p.Config, p.mode, p.allowRemote
+	spares, err := strconv.Atoi(p.spares)
+	if err != nil || spares < 0 || spares > 8 {
+		return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SPARES (--engine-spares) %q is not a number from 0 to 8", p.spares)
+	}
+	cfg.EngineSpares = spares
 	cfg.Secret = getenv("MVPS_TE_JWT_SECRET")
 
 	if cfg.ListenPath == "" {

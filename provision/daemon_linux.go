@@ -122,11 +122,12 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Images:  images,
 		Secret:  []byte(secret),
 		// The address stays the same across engine restarts.
-		DialEngine: func(ctx context.Context) (net.Conn, error) { return engine.Dial(ctx, engineListen) },
-		Devices:    devices,
-		State:      state,
-		MountBase:  cfg.MountBase,
-		Logger:     log,
+		DialEngine:   func(ctx context.Context) (net.Conn, error) { return engine.Dial(ctx, engineListen) },
+		EngineSpares: cfg.EngineSpares,
+		Devices:      devices,
+		State:        state,
+		MountBase:    cfg.MountBase,
+		Logger:       log,
 	})
 	if err != nil {
 		return err

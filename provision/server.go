@@ -76,6 +76,10 @@ type ServerConfig struct {
 	Secret []byte
 	// DialEngine opens a new connection to the engine.
 	DialEngine func(ctx context.Context) (net.Conn, error)
+	// EngineSpares is how many engine connections are dialed ahead after
+	// an attach, their greeting read, for the attaches that follow; each
+	// waits at most engine.DefaultSpareIdle. 0: every attach dials.
+	EngineSpares int
 	// Devices attaches negotiated connections as block devices.
 	Devices Devices
 	// Mounter serves mount-mode requests; nil refuses them.
@@ -138,6 +142,8 @@ type Server struct {
 	log *slog.Logger
 
 	reg *registry
+	// spares dials the engine for attaches.
+	spares *engine.Spares
 
 	mu         sync.Mutex
 	listeners  map[UnixListener]struct{}
@@ -190,6 +196,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		listeners:    make(map[UnixListener]struct{}),
 		conns:        make(map[*net.UnixConn]struct{}),
 		reg:          newRegistry(),
+		spares:       engine.NewSpares(cfg.DialEngine, cfg.EngineSpares, engine.DefaultSpareIdle),
 		waitingByUID: make(map[int32]int),
 		dropLog:      rateLimited{every: time.Second},
 		ctx:          ctx,
@@ -488,6 +495,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		return
 	}
 	sp.mark("reply")
+	s.spares.Refill()
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
 		"took", time.Since(received).Round(time.Millisecond).String(), "phases", sp.String())
@@ -551,6 +559,7 @@ func (s *Server) EngineFailed() {
 	s.mu.Lock()
 	s.engineDead = true
 	s.mu.Unlock()
+	s.spares.Drop()
 }
 
 // EngineRestored tells the server a new engine answers.
@@ -575,6 +584,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	s.cancel(ErrShuttingDown)
+	s.spares.Close()
 
 	done := make(chan struct{})
 	go func() {

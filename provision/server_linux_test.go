@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
@@ -581,4 +582,41 @@ func newWithState(t *testing.T, stateDir string) *provisiontest.Server {
 	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.State = state })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	return ts
+}
+
+// An attach leaves a spare engine connection for the next, which takes it
+// instead of dialing. (A TCP engine, so that each connection has its own
+// address to tell it by.)
+func TestEngineSpares(t *testing.T) {
+	e := devenginetest.NewTCP(t)
+	var mu sync.Mutex
+	var dialed []net.Conn
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) {
+		c.EngineSpares = 1
+		c.Secret = e.Secret
+		c.DialEngine = func(ctx context.Context) (net.Conn, error) {
+			conn, err := e.Dial(ctx)
+			if err == nil {
+				mu.Lock()
+				dialed = append(dialed, conn)
+				mu.Unlock()
+			}
+			return conn, err
+		}
+	})
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	for i := range 3 {
+		a := ts.Attach(t, "vol")
+		waitFor(t, func() bool { return ts.IdleSpares() == 1 })
+		mu.Lock()
+		n, want := len(dialed), dialed[i].LocalAddr().String()
+		mu.Unlock()
+		// Attach i takes the spare that attach i-1 left, dial i.
+		if got := ts.Devices.Conn(uint32(i)).LocalAddr().String(); got != want || n != i+2 {
+			t.Fatalf("attach %d: device on %s after %d dials; want the connection of dial %d (%s), and %d dials",
+				i, got, n, i, want, i+2)
+		}
+		a.Close()
+		ts.Devices.WaitDetaches(t, 1)
+	}
 }
