@@ -11,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -92,17 +93,15 @@ func (d *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Ex
 	return dev, nil
 }
 
-// prepare caps the request size and opens the device once it shows the
-// export's size.
+// prepare opens the device once it shows the export's size, and caps its
+// request size.
 //
 // The kernel (5.11 and later) sets the size before it answers the connect,
 // and devtmpfs has made the node by then, so the first open nearly always
 // finds the device ready: polling sysfs first would only add its reads to
-// every attach.
+// every attach. The cap is checked on the open device, before anyone else
+// has it: the only I/O before is a partition scan's few small reads.
 func (d *Devices) prepare(ctx context.Context, dev *Device, size uint64) error {
-	if err := capMaxSectors(fmt.Sprintf("/sys/block/nbd%d/queue/max_sectors_kb", dev.Index)); err != nil {
-		return err
-	}
 	var last error
 	err := poll(ctx, func() (bool, error) {
 		f, err := os.OpenFile(dev.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
@@ -128,6 +127,11 @@ func (d *Devices) prepare(ctx context.Context, dev *Device, size uint64) error {
 		}
 		return fmt.Errorf("%s did not become ready: %w", dev.Path, err)
 	}
+	if err := capMaxSectors(dev); err != nil {
+		dev.File.Close()
+		dev.File = nil
+		return err
+	}
 	return nil
 }
 
@@ -146,18 +150,18 @@ func MaxPart() int {
 	return n
 }
 
-func capMaxSectors(path string) error {
-	cur, err := readTrimmed(path)
-	if err != nil {
-		return fmt.Errorf("read %s: %w", path, err)
+// capMaxSectors keeps dev's requests within the engine's limit. The
+// kernel's own default is far below it, so this is one ioctl on the open
+// device, and a sysfs write only if someone raised it.
+func capMaxSectors(dev *Device) error {
+	var sectors uint16 // BLKSECTGET answers an unsigned short, saturated
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, dev.File.Fd(), unix.BLKSECTGET, uintptr(unsafe.Pointer(&sectors))); errno != 0 {
+		return fmt.Errorf("%s: read max sectors: %w", dev.Path, errno)
 	}
-	n, err := strconv.Atoi(cur)
-	if err != nil {
-		return fmt.Errorf("read %s: %q: %w", path, cur, err)
-	}
-	if n <= maxSectorsKB {
+	if int(sectors)/2 <= maxSectorsKB {
 		return nil
 	}
+	path := fmt.Sprintf("/sys/block/nbd%d/queue/max_sectors_kb", dev.Index)
 	if err := os.WriteFile(path, []byte(strconv.Itoa(maxSectorsKB)), 0); err != nil {
 		return fmt.Errorf("cap %s at %d: %w", path, maxSectorsKB, err)
 	}

@@ -216,3 +216,41 @@ func TestVMDevicesWaitUnmounted(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A device whose request size someone raised past the engine's limit is
+// capped before it is handed out: a larger request would make the engine
+// drop the connection.
+func TestVMDevicesCapMaxSectors(t *testing.T) {
+	d := newDevices(t)
+	e := devenginetest.New(t)
+	// The kernel picks the device: raise every one that exists.
+	sts, err := d.Netlink.StatusAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	raised := 0
+	for _, st := range sts {
+		path := fmt.Sprintf("/sys/block/nbd%d/queue/max_sectors_kb", st.Index)
+		old, err := readTrimmed(path)
+		if err != nil || st.Connected {
+			continue
+		}
+		if err := os.WriteFile(path, []byte(strconv.Itoa(2*maxSectorsKB)), 0); err != nil {
+			t.Fatalf("raise %s: %v", path, err)
+		}
+		raised++
+		t.Cleanup(func() { os.WriteFile(path, []byte(old), 0) })
+	}
+	if raised == 0 {
+		t.Fatal("no free nbd device to raise max_sectors_kb on")
+	}
+	dev := attach(t, d, e, "capped.mvps-image", 8<<20)
+	if n, _ := strconv.Atoi(sysfs(dev.Index, "queue/max_sectors_kb")); n != maxSectorsKB {
+		t.Errorf("max_sectors_kb %d after the attach, want %d", n, maxSectorsKB)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := d.Detach(ctx, dev); err != nil {
+		t.Fatal(err)
+	}
+}
