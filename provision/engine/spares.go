@@ -30,6 +30,10 @@ type Spares struct {
 	max     int
 	maxIdle time.Duration
 
+	// ctx ends at Close, aborting the dials of spares in progress.
+	ctx    context.Context
+	cancel context.CancelFunc
+
 	mu      sync.Mutex
 	idle    []*spare
 	dialing int
@@ -53,7 +57,8 @@ const greetingTimeout = 5 * time.Second
 // NewSpares returns a dialer that keeps up to max spares (0: none, every
 // Dial dials) for at most maxIdle each.
 func NewSpares(dial func(context.Context) (net.Conn, error), max int, maxIdle time.Duration) *Spares {
-	return &Spares{dial: dial, max: max, maxIdle: maxIdle}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Spares{dial: dial, max: max, maxIdle: maxIdle, ctx: ctx, cancel: cancel}
 }
 
 // Dial returns a connection to the engine: a spare if one is alive, else a
@@ -97,7 +102,7 @@ func (s *Spares) Refill() {
 
 func (s *Spares) dialSpare() {
 	defer s.wg.Done()
-	ctx, cancel := context.WithTimeout(context.Background(), greetingTimeout)
+	ctx, cancel := context.WithTimeout(s.ctx, greetingTimeout)
 	defer cancel()
 	sp, err := s.greet(ctx)
 	s.mu.Lock()
@@ -122,10 +127,12 @@ func (s *Spares) greet(ctx context.Context) (*spare, error) {
 	}
 	deadline, _ := ctx.Deadline()
 	conn.SetReadDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Unix(1, 0)) })
 	greeting := make([]byte, nbd.GreetingSize)
-	if _, err := io.ReadFull(conn, greeting); err != nil {
+	_, err = io.ReadFull(conn, greeting)
+	if !stop() || err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("read greeting: %w", err)
+		return nil, fmt.Errorf("read greeting: %w", errors.Join(err, ctx.Err()))
 	}
 	conn.SetReadDeadline(time.Time{})
 	return &spare{conn: conn, greeting: greeting}, nil
@@ -162,6 +169,7 @@ func (s *Spares) Close() {
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
+	s.cancel()
 	s.Drop()
 	s.wg.Wait()
 }

@@ -172,3 +172,34 @@ func waitIdle(t *testing.T, s *engine.Spares, n int) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// Close does not wait out a spare whose engine accepts but never greets.
+func TestSparesCloseAbortsDial(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mute.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	s := engine.NewSpares(func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", path)
+	}, 1, time.Minute)
+	s.Refill()
+	c := <-accepted
+	defer c.Close()
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Close waited for the greeting of a spare being dialed")
+	}
+}
