@@ -110,6 +110,16 @@ func (s *Server) openSession(ctx context.Context, image imageconfig.Config, clie
 	}
 	sp.mark("dial")
 	export, err := handshake.Negotiate(ctx, conn, token)
+	if err != nil && engine.IsSpare(conn) && ctx.Err() == nil {
+		// The engine may have closed the spare (a handshake deadline) just
+		// as it was taken; a fresh connection tells that from a refusal.
+		s.log.Debug("handshake on a spare engine connection failed; once more on a new one", "err", err)
+		conn.Close()
+		if conn, err = s.cfg.DialEngine(ctx); err != nil {
+			return nil, handshake.Export{}, failf(ErrEngineUnavailable, "connect to engine: %w", err)
+		}
+		export, err = handshake.Negotiate(ctx, conn, token)
+	}
 	if err != nil {
 		conn.Close()
 		// The token is never part of an error: handshake errors carry

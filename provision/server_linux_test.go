@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
@@ -619,4 +620,66 @@ func TestEngineSpares(t *testing.T) {
 		a.Close()
 		ts.Devices.WaitDetaches(t, 1)
 	}
+}
+
+// A spare that the engine closes just as it is taken (a handshake deadline
+// firing then looks like a refused token) costs the attach nothing: it is
+// tried once more on a new connection.
+func TestEngineSpareClosedAtHandshake(t *testing.T) {
+	e := devenginetest.New(t)
+	proxy := filepath.Join(t.TempDir(), "p.sock")
+	ln, err := net.Listen("unix", proxy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// The second connection, the spare the first attach leaves, is cut
+	// once the export name has been sent, as the engine cuts a refusal.
+	go func() {
+		for n := 0; ; n++ {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go relay(c, e, n == 1)
+		}
+	}()
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) {
+		c.EngineSpares = 1
+		c.Secret = e.Secret
+		c.DialEngine = func(ctx context.Context) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", proxy)
+		}
+	})
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	a := ts.Attach(t, "vol")
+	waitFor(t, func() bool { return ts.IdleSpares() == 1 })
+	a.Close()
+	ts.Devices.WaitDetaches(t, 1)
+	b := ts.Attach(t, "vol") // fails the test if the cut spare fails the attach
+	b.Close()
+}
+
+// relay passes c to and from a new connection to e; with cut, it passes the
+// greeting, then closes both once the client has sent its flags and an
+// option header.
+func relay(c net.Conn, e *devenginetest.Engine, cut bool) {
+	defer c.Close()
+	up, err := e.Dial(context.Background())
+	if err != nil {
+		return
+	}
+	defer up.Close()
+	if cut {
+		greeting := make([]byte, nbd.GreetingSize)
+		if _, err := io.ReadFull(up, greeting); err != nil {
+			return
+		}
+		c.Write(greeting)
+		io.ReadFull(c, make([]byte, nbd.ClientFlagsSize+nbd.OptionHeaderSize))
+		return
+	}
+	go io.Copy(up, c)
+	io.Copy(c, up)
 }

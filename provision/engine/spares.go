@@ -202,6 +202,12 @@ func quiet(conn net.Conn) bool {
 	return alive
 }
 
+// IsSpare reports whether conn came from the spares rather than a dial.
+func IsSpare(conn net.Conn) bool {
+	_, ok := conn.(*greetedConn)
+	return ok
+}
+
 // greetedConn replays the greeting a spare read, then reads the
 // connection.
 type greetedConn struct {
