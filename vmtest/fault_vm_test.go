@@ -142,6 +142,16 @@ type writerProc struct {
 	acked int
 }
 
+// writeLoad attaches a 16 MiB image "vol" for a writer and returns once 100
+// of its writes are acknowledged: the load the faults strike.
+func writeLoad(t *testing.T, p *provProc) (w *writerProc, index uint32, acked int) {
+	t.Helper()
+	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+	w = startWriter(t, p, "vol")
+	index = writerDevice(t, "vol.mvps-image")
+	return w, index, w.waitAcked(t, 100, 30*time.Second)
+}
+
 func startWriter(t *testing.T, p *provProc, key string) *writerProc {
 	t.Helper()
 	cmd := exec.Command(os.Args[0])
@@ -247,10 +257,7 @@ func writerDevice(t *testing.T, imageID string) uint32 {
 // every acknowledged block reads back right.
 func TestVMFaultProvisionerKilled(t *testing.T) {
 	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
-	w := startWriter(t, p, "vol")
-	index := writerDevice(t, "vol.mvps-image")
-	before := w.waitAcked(t, 100, 30*time.Second)
+	w, index, before := writeLoad(t, p)
 
 	p.kill(t)
 	killed := time.Now()
@@ -280,10 +287,7 @@ func TestVMFaultProvisionerKilled(t *testing.T) {
 // it, reconnects the device, and nothing acknowledged is lost.
 func TestVMFaultEngineKilled(t *testing.T) {
 	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
-	w := startWriter(t, p, "vol")
-	index := writerDevice(t, "vol.mvps-image")
-	before := w.waitAcked(t, 100, 30*time.Second)
+	w, index, before := writeLoad(t, p)
 	old := p.enginePid(t)
 	killed := time.Now()
 	syscall.Kill(old, syscall.SIGKILL)
@@ -687,10 +691,7 @@ exit 1
 // the caller's writes go on.
 func TestVMHandover(t *testing.T) {
 	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
-	w := startWriter(t, p, "vol")
-	index := writerDevice(t, "vol.mvps-image")
-	before := w.waitAcked(t, 100, 30*time.Second)
+	w, index, before := writeLoad(t, p)
 	engine := p.enginePid(t)
 	start := time.Now()
 	p.cmd.Process.Signal(syscall.SIGUSR2)

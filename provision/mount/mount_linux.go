@@ -201,42 +201,49 @@ func mountInto(dev *nbddev.Device, req Request) (*os.File, error) {
 // moveMountInNamespace attaches the detached mount mntfd on dirfd inside
 // the mount namespace nsfd, after checking that dirfd is inside base there
 // (when base is set). move_mount only attaches into the caller's own
-// namespace, so this runs on a thread that enters ns; that thread's file
-// system state is never shared with other goroutines: it is locked and
-// never unlocked, so the runtime discards it when the goroutine ends.
+// namespace, so this runs on a thread of its own that enters ns.
 func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
+	return onOwnThread(func() error {
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			return fmt.Errorf("unshare CLONE_FS: %w", err)
+		}
+		if err := unix.Setns(nsfd, unix.CLONE_NEWNS); err != nil {
+			return fmt.Errorf("enter caller's mount namespace: %w", err)
+		}
+		if base != "" {
+			if err := checkInside(dirfd, base); err != nil {
+				return err
+			}
+		}
+		if err := unix.MoveMount(mntfd, "", dirfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
+			return fmt.Errorf("move mount onto the caller's directory: %w", err)
+		}
+		return nil
+	})
+}
+
+// onOwnThread runs fn on an OS thread that no other goroutine ever uses: it
+// is locked and never unlocked, so the runtime discards it when fn's
+// goroutine ends, and what fn changes about the thread (its namespaces,
+// its file system state) ends with it.
+func onOwnThread(fn func() error) error {
 	errc := make(chan error, 1)
-	go func() {
+	var run func()
+	run = func() {
 		runtime.LockOSThread()
 		if unix.Gettid() == unix.Getpid() {
 			// The main thread is what /proc/<pid> shows, and the runtime
 			// never retires it: a namespace entered here would stay
 			// pinned. Holding it, try again on another thread.
-			err := moveMountInNamespace(mntfd, nsfd, dirfd, base)
+			done := make(chan struct{})
+			go func() { run(); close(done) }()
+			<-done
 			runtime.UnlockOSThread()
-			errc <- err
 			return
 		}
-		if err := unix.Unshare(unix.CLONE_FS); err != nil {
-			errc <- fmt.Errorf("unshare CLONE_FS: %w", err)
-			return
-		}
-		if err := unix.Setns(nsfd, unix.CLONE_NEWNS); err != nil {
-			errc <- fmt.Errorf("enter caller's mount namespace: %w", err)
-			return
-		}
-		if base != "" {
-			if err := checkInside(dirfd, base); err != nil {
-				errc <- err
-				return
-			}
-		}
-		err := unix.MoveMount(mntfd, "", dirfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH)
-		if err != nil {
-			err = fmt.Errorf("move mount onto the caller's directory: %w", err)
-		}
-		errc <- err
-	}()
+		errc <- fn()
+	}
+	go run()
 	return <-errc
 }
 

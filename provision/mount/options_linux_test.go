@@ -4,32 +4,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"runtime"
 	"testing"
 
 	"golang.org/x/sys/unix"
 )
-
-// onThread runs fn on an OS thread of its own that is never handed back to
-// the scheduler, so that what fn changes about the thread ends with it.
-func onThread(fn func() error) error {
-	errc := make(chan error, 1)
-	var run func()
-	run = func() {
-		runtime.LockOSThread()
-		if unix.Gettid() == unix.Getpid() {
-			// The main thread is never retired: hold it and use another.
-			done := make(chan struct{})
-			go func() { run(); close(done) }()
-			<-done
-			runtime.UnlockOSThread()
-			return
-		}
-		errc <- fn()
-	}
-	go run()
-	return <-errc
-}
 
 func TestMountOptionAttributes(t *testing.T) {
 	for _, tc := range []struct {
@@ -63,7 +41,7 @@ func TestMountBaseConfinement(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		err = onThread(func() error {
+		err = onOwnThread(func() error {
 			if err := unix.Unshare(unix.CLONE_FS); err != nil {
 				return err
 			}

@@ -134,34 +134,29 @@ func TestWatchdogKeepsPinging(t *testing.T) {
 	<-done
 }
 
-func TestWatchdogOffWithoutWatchdogUsec(t *testing.T) {
-	fakeSystemd(t)
-	t.Setenv("WATCHDOG_USEC", "")
-	done := make(chan struct{})
-	go func() {
-		New(quiet()).Watchdog(context.Background(), func(context.Context) error { return nil })
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(time.Second):
-		t.Fatal("Watchdog runs without WATCHDOG_USEC")
-	}
-}
-
-func TestWatchdogForAnotherPid(t *testing.T) {
-	fakeSystemd(t)
-	t.Setenv("WATCHDOG_USEC", "40000")
-	t.Setenv("WATCHDOG_PID", "1")
-	done := make(chan struct{})
-	go func() {
-		New(quiet()).Watchdog(context.Background(), func(context.Context) error { return nil })
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(time.Second):
-		t.Fatal("Watchdog runs for another process's WATCHDOG_PID")
+// Watchdog returns at once when systemd asks no watchdog of this process.
+func TestWatchdogOff(t *testing.T) {
+	for _, tc := range []struct{ name, usec, pid string }{
+		{"without WATCHDOG_USEC", "", ""},
+		{"for another process's WATCHDOG_PID", "40000", "1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fakeSystemd(t)
+			t.Setenv("WATCHDOG_USEC", tc.usec)
+			if tc.pid != "" {
+				t.Setenv("WATCHDOG_PID", tc.pid)
+			}
+			done := make(chan struct{})
+			go func() {
+				New(quiet()).Watchdog(context.Background(), func(context.Context) error { return nil })
+				close(done)
+			}()
+			select {
+			case <-done:
+			case <-time.After(time.Second):
+				t.Fatalf("Watchdog runs %s", tc.name)
+			}
+		})
 	}
 }
 

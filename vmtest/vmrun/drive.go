@@ -124,11 +124,7 @@ func drive(ctx context.Context, args []string) (int, error) {
 		return 2, err
 	}
 	t0 := time.Now()
-	cwd, err := os.Getwd()
-	if err != nil {
-		return 1, fmt.Errorf("working dir: %w", err)
-	}
-	root, err := moduleRoot(cwd)
+	_, root, err := workDirs()
 	if err != nil {
 		return 1, err
 	}

@@ -79,6 +79,16 @@ func loadConfig(root string) (*config, error) {
 	return c, nil
 }
 
+// workDirs are the directory vmrun runs in (go test runs -exec in the package's) and the
+// module's root above it.
+func workDirs() (cwd, root string, err error) {
+	if cwd, err = os.Getwd(); err != nil {
+		return "", "", fmt.Errorf("working dir: %w", err)
+	}
+	root, err = moduleRoot(cwd)
+	return cwd, root, err
+}
+
 // moduleRoot finds the directory of go.mod from dir upwards.
 func moduleRoot(dir string) (string, error) {
 	for d := dir; ; d = filepath.Dir(d) {

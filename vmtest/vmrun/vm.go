@@ -87,11 +87,7 @@ func vmTimeout(c *config, args []string) time.Duration {
 // flags args[1:] and returns the binary's exit code.
 func execTest(ctx context.Context, args []string) (int, error) {
 	t0 := time.Now()
-	cwd, err := os.Getwd()
-	if err != nil {
-		return 1, fmt.Errorf("working dir: %w", err)
-	}
-	root, err := moduleRoot(cwd)
+	cwd, root, err := workDirs()
 	if err != nil {
 		return 1, err
 	}
