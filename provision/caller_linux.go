@@ -132,7 +132,9 @@ func namespaceOf(f *os.File) (nsID, error) {
 // act for anyone, as a sidecar or an orchestrator does. Any other caller
 // gets what an unprivileged user gets from fusermount: its own mount
 // namespace only, and only onto a directory it owns; otherwise it could
-// mount over /etc/cron.d or a root-owned bin directory.
+// mount over /etc/cron.d or a root-owned bin directory. The namespace must
+// also belong to the provisioner's user namespace, and the directory lie on
+// an ordinary file system (namespace_linux.go says why).
 func authorizeMount(caller callerInfo, ns, dir *os.File) error {
 	if caller.root() {
 		return nil
@@ -151,6 +153,9 @@ func authorizeMount(caller callerInfo, ns, dir *os.File) error {
 	if got != own {
 		return failf(ErrForbidden, "uid %d may mount only into its own mount namespace", caller.uid)
 	}
+	if err := checkMountNamespaceOwner(ns); err != nil {
+		return err
+	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(dir.Fd()), &st); err != nil {
 		return fmt.Errorf("stat mount directory: %w", err)
@@ -158,7 +163,7 @@ func authorizeMount(caller callerInfo, ns, dir *os.File) error {
 	if int64(st.Uid) != int64(caller.uid) {
 		return failf(ErrForbidden, "uid %d may mount only onto a directory it owns (this one is uid %d's)", caller.uid, st.Uid)
 	}
-	return nil
+	return checkMountDirectory(dir)
 }
 
 // findCaller finds the process that made an attachment in an earlier run:

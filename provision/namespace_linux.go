@@ -1,0 +1,140 @@
+package provision
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// The checks in this file keep the trust a mount needs: a caller other
+// than uid 0 may mount only where the kernel will hold it to nosuid,nodev
+// and only onto an ordinary directory.
+
+// ownUserNamespace is the provisioner's user namespace, read once.
+var ownUserNamespace = sync.OnceValues(func() (nsID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/user", &st); err != nil {
+		return nsID{}, fmt.Errorf("stat own user namespace: %w", err)
+	}
+	return nsID{dev: st.Dev, ino: st.Ino}, nil
+})
+
+// userNamespaceOf returns the user namespace that owns the namespace nsfd
+// (NS_GET_USERNS).
+func userNamespaceOf(nsfd int) (nsID, error) {
+	fd, err := unix.IoctlRetInt(nsfd, unix.NS_GET_USERNS)
+	if err != nil {
+		return nsID{}, fmt.Errorf("owning user namespace (NS_GET_USERNS): %w", err)
+	}
+	defer unix.Close(fd)
+	return nsIDOf(fd)
+}
+
+func nsIDOf(fd int) (nsID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nsID{}, fmt.Errorf("stat namespace: %w", err)
+	}
+	return nsID{dev: st.Dev, ino: st.Ino}, nil
+}
+
+// checkMountNamespaceOwner refuses a mount namespace that a user namespace
+// other than the provisioner's owns. Whoever created that user namespace is
+// root there: the kernel locks nosuid and nodev only on mounts it copies
+// or propagates into a less privileged namespace, not on one attached
+// directly, so such a caller could remount ours with dev and read or write
+// any block device of the host through a device node in the image.
+func checkMountNamespaceOwner(ns *os.File) error {
+	own, err := ownUserNamespace()
+	if err != nil {
+		return err
+	}
+	got, err := userNamespaceOf(int(ns.Fd()))
+	if err != nil {
+		return err
+	}
+	if got != own {
+		return failf(ErrForbidden, "mount mode: the mount namespace belongs to a user namespace of the caller's own, "+
+			"where it could remount the file system with suid and dev; only uid 0 may mount there")
+	}
+	return nil
+}
+
+// Magic numbers of the file systems (statfs f_type) a caller other than
+// uid 0 may mount onto, as fusermount allows only ordinary directories:
+// never /proc/<pid> (which would hide a process from root's tools), sysfs,
+// cgroup, devtmpfs, debugfs, securityfs, bpf or another pseudo file system.
+var ordinaryFileSystems = map[int64]string{
+	0xef53:     "ext2/3/4",
+	0x58465342: "xfs",
+	0x9123683e: "btrfs",
+	0x01021994: "tmpfs",
+	0x858458f6: "ramfs",
+	0x794c7630: "overlayfs",
+	0xf2f52010: "f2fs",
+	0x2fc12fc1: "zfs",
+	0xca451a4e: "bcachefs",
+	0x6969:     "nfs",
+}
+
+// checkMountDirectory refuses a mount directory that does not lie on an
+// ordinary file system.
+func checkMountDirectory(dir *os.File) error {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(dir.Fd()), &st); err != nil {
+		return fmt.Errorf("statfs mount directory: %w", err)
+	}
+	if _, ok := ordinaryFileSystems[int64(st.Type)]; !ok {
+		return failf(ErrForbidden, "mount mode: the directory is on a file system of type %#x, not an ordinary one "+
+			"(ext4, xfs, btrfs, tmpfs, overlayfs...); only uid 0 may mount there", st.Type)
+	}
+	return nil
+}
+
+// accountingUID is the uid a caller's connections count against: the uid
+// that created the outermost user namespace between the provisioner's and
+// the caller's, or the caller's own uid when it is in the provisioner's.
+// Inside a user namespace of its own a user has many uids (its
+// /etc/subuid range); by its own uid, it would get a cap per uid of the
+// range.
+func accountingUID(pid, uid int32) int32 {
+	if pid <= 0 {
+		return uid
+	}
+	own, err := ownUserNamespace()
+	if err != nil {
+		return uid
+	}
+	fd, err := unix.Open("/proc/"+strconv.Itoa(int(pid))+"/ns/user", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return uid
+	}
+	for depth := 0; depth < 33; depth++ { // the kernel nests at most 32
+		id, err := nsIDOf(fd)
+		if err != nil || id == own {
+			unix.Close(fd)
+			return uid
+		}
+		parent, err := unix.IoctlRetInt(fd, unix.NS_GET_PARENT)
+		if err != nil {
+			// EPERM: the parent is outside what the provisioner can see,
+			// so this one is as far out as it goes.
+			break
+		}
+		if up, perr := nsIDOf(parent); perr == nil && up == own {
+			unix.Close(parent)
+			break
+		}
+		unix.Close(fd)
+		fd = parent
+	}
+	owner, err := unix.IoctlGetUint32(fd, unix.NS_GET_OWNER_UID)
+	unix.Close(fd)
+	if err != nil {
+		return uid
+	}
+	return int32(owner)
+}
