@@ -110,8 +110,8 @@ func (s *Server) ForceDetach(ctx context.Context, target, who string) (Info, str
 		}
 	}
 	var lingering bool
-	for _, info := range s.reg.lingering {
-		lingering = lingering || info.Key == target || info.ImageID == target || info.Device == target
+	for _, d := range s.reg.lingering {
+		lingering = lingering || d.info.Key == target || d.info.ImageID == target || d.info.Device == target
 	}
 	if len(matches) != 1 {
 		s.reg.mu.Unlock()

@@ -28,8 +28,11 @@ type attachment struct {
 	dev       *nbddev.Device
 	// root, in mount mode, is held open on the file system's root; nil for
 	// an attachment taken over from an earlier run.
-	root   *os.File
-	caller callerInfo
+	root *os.File
+	// mountNS, in mount mode for a caller other than uid 0, is the
+	// caller's mount namespace, where the detach unmounts root.
+	mountNS *os.File
+	caller  callerInfo
 	// ctx is the attachment's life: it ends when the caller is gone, at
 	// shutdown, or when its device cannot be recovered. cancel's cause
 	// says which.
@@ -173,6 +176,13 @@ func (s *Server) detach(a *attachment, reason string) {
 		s.mu.Unlock()
 
 		var fsErr error
+		if a.root != nil && a.mountNS != nil {
+			// Before the sync: no new writes through the caller's paths.
+			if err := s.cfg.Mounter.Unmount(a.mountNS, a.root); err != nil {
+				s.log.Warn("could not unmount the caller's mount; its device stays busy until it is unmounted",
+					"image_id", a.imageID, "caller_pid", a.caller.pid, "err", err)
+			}
+		}
 		switch {
 		case a.root != nil && engineDead:
 			// A sync would wait out the dead-connection timeout for an
@@ -250,14 +260,19 @@ func (s *Server) forget(a *attachment) {
 // checkLingering refuses a new attach while too many detached devices are
 // still held open by earlier callers: each takes a kernel device, and
 // without a bound a caller could take them all by keeping its fds.
-func (s *Server) checkLingering() error {
-	n := s.reg.lingeringCount()
-	if n < s.cfg.MaxLingering {
-		return nil
+func (s *Server) checkLingering(caller callerInfo) error {
+	all, mine := s.reg.lingeringCount(caller.account)
+	switch {
+	case mine >= s.cfg.MaxLingeringPerUID:
+		s.log.Warn("attach refused: too many detached devices of this uid are still held open", "lingering_devices", mine,
+			"max_lingering_per_uid", s.cfg.MaxLingeringPerUID, "uid", caller.account)
+		return failf(ErrBusy, "%d devices detached from your earlier attachments are still held open; try again once they are closed", mine)
+	case all >= s.cfg.MaxLingering:
+		s.log.Warn("attach refused: too many detached devices are still held open", "lingering_devices", all,
+			"max_lingering", s.cfg.MaxLingering)
+		return failf(ErrBusy, "%d detached devices are still held open by earlier callers; try again once they are closed", all)
 	}
-	s.log.Warn("attach refused: too many detached devices are still held open", "lingering_devices", n,
-		"max_lingering", s.cfg.MaxLingering)
-	return failf(ErrBusy, "%d detached devices are still held open by earlier callers; try again once they are closed", n)
+	return nil
 }
 
 // lingerPoll is how often a lingering device is checked: the kernel has no
@@ -269,7 +284,7 @@ const lingerPoll = time.Second
 func (s *Server) linger(a *attachment) int {
 	dev := a.dev
 	n := s.reg.linger(dev.Index, Info{Key: a.key, ImageID: a.imageID, Device: dev.Path, Mode: a.mode,
-		CallerPID: a.caller.pid, CallerUID: a.caller.uid, Since: time.Now()})
+		CallerPID: a.caller.pid, CallerUID: a.caller.uid, Since: time.Now()}, a.caller.account)
 	go func() {
 		t := time.NewTicker(lingerPoll)
 		defer t.Stop()

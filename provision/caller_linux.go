@@ -17,6 +17,10 @@ import (
 // the kernel did not tell is -1.
 type callerInfo struct {
 	pid, uid, gid int32
+	// account is the uid the caller's connections count against
+	// (accountingUID): its own, or the creator of the user namespace it
+	// is in.
+	account int32
 	// start is the process's start time (clock ticks after boot), which
 	// with pid names it for good; 0 if unknown.
 	start uint64
@@ -35,7 +39,7 @@ func (c callerInfo) root() bool { return c.uid == 0 }
 // peerCredentials reads SO_PEERCRED. It never fails: a caller whose
 // credentials are unknown is treated as nobody in particular.
 func peerCredentials(conn *net.UnixConn) callerInfo {
-	info := callerInfo{pid: -1, uid: -1, gid: -1, pidfd: -1}
+	info := callerInfo{pid: -1, uid: -1, gid: -1, account: -1, pidfd: -1}
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return info
@@ -45,6 +49,7 @@ func peerCredentials(conn *net.UnixConn) callerInfo {
 			info.pid, info.uid, info.gid = cred.Pid, int32(cred.Uid), int32(cred.Gid)
 		}
 	})
+	info.account = accountingUID(info.pid, info.uid)
 	return info
 }
 
@@ -170,7 +175,7 @@ func authorizeMount(caller callerInfo, ns, dir *os.File) error {
 // pid, if it still runs and started at start. A reused pid has another
 // start time and is never taken for it.
 func findCaller(pid int32, start uint64) (callerInfo, bool) {
-	c := callerInfo{pid: pid, uid: -1, gid: -1, pidfd: -1}
+	c := callerInfo{pid: pid, uid: -1, gid: -1, account: -1, pidfd: -1}
 	if pid <= 0 || start == 0 {
 		return c, false
 	}
@@ -190,6 +195,7 @@ func findCaller(pid int32, start uint64) (callerInfo, bool) {
 			c.uid, c.gid = int32(sys.Uid), int32(sys.Gid)
 		}
 	}
+	c.account = accountingUID(pid, c.uid)
 	return c, true
 }
 

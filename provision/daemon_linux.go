@@ -73,6 +73,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	defer ln.Close()
+	// Every listener is bound before anything is taken over: a failure
+	// after that would end in a shutdown that detaches what was adopted.
+	ops := newOperations(cfg, log)
+	defer ops.close()
+	if err := ops.listen(ln); err != nil {
+		return err
+	}
 
 	engineListen := cfg.EngineListen
 	if engineListen == "" {
@@ -114,8 +121,6 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.Images != nil {
 		images = cfg.Images
 	}
-	ops := newOperations(cfg, log)
-	defer ops.close()
 	srv, err := NewServer(ServerConfig{
 		Metrics: ops.Metrics(),
 		Mounter: mounter,
@@ -136,16 +141,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	srv.Adopt()
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	// The admin socket and metrics; READY=1 once the engine answers and
-	// the server accepts, then watchdog pings.
-	if err := ops.start(srv, eng, devices); err != nil {
-		srv.Shutdown(context.Background())
-		return err
-	}
+	// The admin socket; READY=1 once the engine answers and the server
+	// accepts, then watchdog pings.
+	ops.start(srv, eng, devices)
 	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
 		"images_configmap", cfg.ImagesConfigMap, "state_dir", cfg.StateDir, "engine", cfg.EngineBin, "engine_pid", eng.Pid())
 
 	var runErr error
+	handover := false
 serve:
 	for {
 		select {
@@ -169,8 +172,12 @@ serve:
 			ops.EngineRestarted(next)
 			srv.EngineRestored()
 		case err := <-served:
+			// The control plane failed, not the devices or their
+			// callers: they stay attached for the next start, as in a
+			// handover, and the supervisor restarts the daemon.
 			runErr = err
-			log.Error("serving stopped", "err", err)
+			handover = true
+			log.Error("serving stopped; leaving every device attached for the next start", "err", err)
 			break serve
 		}
 	}
@@ -179,7 +186,7 @@ serve:
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 	defer cancel()
 	stop := srv.Shutdown
-	if context.Cause(ctx) == ErrHandover {
+	if handover || context.Cause(ctx) == ErrHandover {
 		stop = srv.Handover
 	}
 	if err := stop(sctx); err != nil {

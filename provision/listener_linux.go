@@ -118,7 +118,7 @@ func Listen(cfg ListenConfig) (*Listener, error) {
 		ln.Close()
 		return nil, fmt.Errorf("listen on %s: keep the socket's directory: %w", cfg.Path, err)
 	}
-	return &Listener{UnixListener: ln, dirfd: dirfd, name: name, dev: uint64(st.Dev), ino: st.Ino}, nil
+	return &Listener{UnixListener: ln, path: cfg.Path, dirfd: dirfd, name: name, dev: uint64(st.Dev), ino: st.Ino}, nil
 }
 
 // Listener is a listening socket made by Listen. Close removes the socket
@@ -126,11 +126,26 @@ func Listen(cfg ListenConfig) (*Listener, error) {
 // the socket is still the one there.
 type Listener struct {
 	*net.UnixListener
+	path     string
 	dirfd    int
 	name     string
 	dev, ino uint64
 	once     sync.Once
 	closeErr error
+}
+
+// InPlace checks that the socket at the listener's path is still the one it
+// bound. Whoever could unlink it could bind an impostor in its place, which
+// callers would then hand their requests and directory fds to.
+func (l *Listener) InPlace() error {
+	var st unix.Stat_t
+	if err := unix.Lstat(l.path, &st); err != nil {
+		return fmt.Errorf("socket %s: %w", l.path, err)
+	}
+	if uint64(st.Dev) != l.dev || st.Ino != l.ino {
+		return fmt.Errorf("%s is not the socket this daemon listens on: it was removed and something else put there", l.path)
+	}
+	return nil
 }
 
 // Close stops listening and removes the socket.

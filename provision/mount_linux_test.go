@@ -21,6 +21,21 @@ type fakeMounter struct {
 	mounts int
 	dir    string
 	last   mount.Request
+	// unmounts counts Unmount calls.
+	unmounts int
+}
+
+func (m *fakeMounter) Unmount(ns, root *os.File) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.unmounts++
+	return nil
+}
+
+func (m *fakeMounter) unmountCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.unmounts
 }
 
 func (m *fakeMounter) Mount(ctx context.Context, dev *nbddev.Device, req mount.Request) (*os.File, bool, error) {

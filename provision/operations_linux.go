@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"strings"
@@ -35,6 +34,9 @@ type operations struct {
 	engineSince time.Time
 	restarts    int
 
+	// callers is the caller socket's listener, whose path /readyz checks.
+	callers    *Listener
+	adminLn    *Listener
 	admin      *admin.Server
 	adminDone  chan error
 	metricsSrv *metrics.Server
@@ -63,21 +65,20 @@ func (o *operations) gauges() metrics.Gauges {
 	return srv.Gauges()
 }
 
-// start opens the admin socket and the metrics listener, and tells systemd
-// the daemon is ready once the engine answers and the server accepts.
-func (o *operations) start(srv *Server, eng *engine.Process, devices *nbddev.Devices) error {
+// listen binds the admin socket and the metrics listener. Run calls it
+// before it takes anything over: a listener that cannot be had (a port
+// some local user bound first) must fail the start while nothing is ours
+// yet, not make it end in a shutdown that detaches what it adopted. The
+// metrics answer at once (not ready until start); the admin socket waits.
+func (o *operations) listen(callers *Listener) error {
 	o.mu.Lock()
-	o.srv, o.eng, o.devices, o.engineSince = srv, eng, devices, time.Now()
+	o.callers = callers
 	o.mu.Unlock()
-
 	ln, err := Listen(ListenConfig{Path: o.cfg.AdminPath, Mode: 0o600})
 	if err != nil {
 		return fmt.Errorf("admin socket (PROVISIONER_ADMIN_PATH): %w", err)
 	}
-	o.admin = &admin.Server{Backend: adminBackend{o}, Logger: o.log}
-	o.adminDone = make(chan error, 1)
-	go func() { o.adminDone <- o.admin.Serve(ln) }()
-
+	o.adminLn = ln
 	if o.metrics != nil {
 		ms, err := o.metrics.Serve(o.cfg.MetricsAddr, o.cfg.MetricsAllowRemote, []metrics.Check{
 			{Name: "engine", Func: o.engineAnswers},
@@ -85,13 +86,26 @@ func (o *operations) start(srv *Server, eng *engine.Process, devices *nbddev.Dev
 			{Name: "socket", Func: o.listening},
 		})
 		if err != nil {
-			o.admin.Close()
-			<-o.adminDone
+			ln.Close()
+			o.adminLn = nil
 			return fmt.Errorf("PROVISIONER_METRICS_ADDR: %w", err)
 		}
 		o.metricsSrv = ms
 		o.log.Info("metrics listening", "addr", ms.Addr().String())
 	}
+	return nil
+}
+
+// start serves the admin socket, and tells systemd the daemon is ready
+// once the engine answers and the server accepts.
+func (o *operations) start(srv *Server, eng *engine.Process, devices *nbddev.Devices) {
+	o.mu.Lock()
+	o.srv, o.eng, o.devices, o.engineSince = srv, eng, devices, time.Now()
+	o.mu.Unlock()
+
+	o.admin = &admin.Server{Backend: adminBackend{o}, Logger: o.log}
+	o.adminDone = make(chan error, 1)
+	go func() { o.adminDone <- o.admin.Serve(o.adminLn) }()
 
 	ctx, cancel := context.WithCancel(context.Background())
 	o.cancel = cancel
@@ -106,7 +120,6 @@ func (o *operations) start(srv *Server, eng *engine.Process, devices *nbddev.Dev
 		}
 		o.notify.Watchdog(ctx, o.listening)
 	}()
-	return nil
 }
 
 // EngineRestarted records that the engine was started again: eng is the
@@ -143,6 +156,8 @@ func (o *operations) close() {
 		if err := <-o.adminDone; err != nil {
 			o.log.Warn("admin socket", "err", err)
 		}
+	} else if o.adminLn != nil {
+		o.adminLn.Close()
 	}
 }
 
@@ -181,22 +196,17 @@ func (o *operations) netlinkOpen(context.Context) error {
 // place.
 func (o *operations) listening(context.Context) error {
 	o.mu.Lock()
-	srv := o.srv
+	srv, callers := o.srv, o.callers
 	o.mu.Unlock()
-	if srv == nil {
+	if srv == nil || callers == nil {
 		return errors.New("not serving yet")
 	}
 	if err := srv.Serving(); err != nil {
 		return err
 	}
-	st, err := os.Lstat(o.cfg.ListenPath)
-	if err != nil {
-		return err
-	}
-	if st.Mode().Type() != fs.ModeSocket {
-		return fmt.Errorf("%s is not a socket", o.cfg.ListenPath)
-	}
-	return nil
+	// Whoever could unlink the socket could bind an impostor there: only
+	// the very socket this daemon bound counts.
+	return callers.InPlace()
 }
 
 // adminBackend answers the admin socket from the operations.

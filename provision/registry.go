@@ -44,11 +44,18 @@ type Info struct {
 type registry struct {
 	mu        sync.Mutex
 	byImage   map[string]*attachment
-	lingering map[uint32]Info
+	lingering map[uint32]lingeringDevice
+}
+
+// lingeringDevice is a detached device still held open, and the accounting
+// uid of the caller it was attached for.
+type lingeringDevice struct {
+	info    Info
+	account int32
 }
 
 func newRegistry() *registry {
-	return &registry{byImage: make(map[string]*attachment), lingering: make(map[uint32]Info)}
+	return &registry{byImage: make(map[string]*attachment), lingering: make(map[uint32]lingeringDevice)}
 }
 
 // reserve claims a's image id: the engine would let a second connection
@@ -119,11 +126,11 @@ func (r *registry) setState(a *attachment, state State) State {
 }
 
 // linger counts a detached device as held open, and returns how many are.
-func (r *registry) linger(index uint32, info Info) int {
+func (r *registry) linger(index uint32, info Info, account int32) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	info.State = StateLingering
-	r.lingering[index] = info
+	r.lingering[index] = lingeringDevice{info: info, account: account}
 	return len(r.lingering)
 }
 
@@ -133,10 +140,16 @@ func (r *registry) unlinger(index uint32) {
 	delete(r.lingering, index)
 }
 
-func (r *registry) lingeringCount() int {
+// lingeringCount counts the lingering devices, in all and of account.
+func (r *registry) lingeringCount(account int32) (all, mine int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return len(r.lingering)
+	for _, d := range r.lingering {
+		if d.account == account {
+			mine++
+		}
+	}
+	return len(r.lingering), mine
 }
 
 // Snapshot lists the attachments and lingering devices, by image id.
@@ -147,8 +160,8 @@ func (r *registry) snapshot() []Info {
 	for _, a := range r.byImage {
 		infos = append(infos, a.infoLocked())
 	}
-	for _, info := range r.lingering {
-		infos = append(infos, info)
+	for _, d := range r.lingering {
+		infos = append(infos, d.info)
 	}
 	slices.SortFunc(infos, func(a, b Info) int {
 		if c := strings.Compare(a.ImageID, b.ImageID); c != 0 {

@@ -542,3 +542,39 @@ func TestHelperFlood(t *testing.T) {
 	io.Copy(io.Discard, os.Stdin)
 	protocol.CloseFDs(conns)
 }
+
+// One user's lingering devices (fds it keeps, mounts it cannot unmount)
+// must not make every other user's attach busy.
+func TestLingeringDevicesBoundedPerUID(t *testing.T) {
+	requireRoot(t)
+	ts := provisiontest.New(t, nil) // the defaults
+	openToAll(t, ts)
+	n := provision.DefaultMaxLingeringPerUID
+	ts.Devices.Mu.Lock()
+	for i := range n + 1 {
+		ts.Devices.StillOpen[uint32(i)] = true
+	}
+	ts.Devices.Mu.Unlock()
+	for i := range n + 2 {
+		ts.AddImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 1<<20)
+	}
+	for i := range n {
+		conn, err := requestAs(t, ts.Socket, nobody, nobody, fmt.Sprint("vol", i), nil)
+		if err != nil {
+			t.Fatalf("attach %d as nobody: %v", i, err)
+		}
+		conn.Close()
+		ts.Devices.WaitDetached(t, uint32(i))
+	}
+	waitFor(t, func() bool { return strings.Count(ts.Logs(), "stays busy") == n })
+	conn, err := requestAs(t, ts.Socket, nobody, nobody, fmt.Sprint("vol", n), nil)
+	if provisiontest.Code(err) != protocol.CodeBusy {
+		t.Fatalf("nobody's attach with %d of its devices lingering: %v, want busy", n, err)
+	}
+	conn.Close()
+	conn, err = requestAs(t, ts.Socket, 4242, 4242, fmt.Sprint("vol", n+1), nil)
+	if err != nil {
+		t.Fatalf("another uid's attach while nobody has %d devices lingering: %v", n, err)
+	}
+	conn.Close()
+}

@@ -60,6 +60,10 @@ type Mounter interface {
 	// file system's root, which the provisioner holds for the life of the
 	// attachment.
 	Mount(ctx context.Context, dev *nbddev.Device, req mount.Request) (root *os.File, formatted bool, err error)
+	// Unmount detaches the mount of root from the namespace ns: the
+	// provisioner's job at the detach of a caller other than uid 0, who
+	// cannot unmount what the provisioner mounted for it.
+	Unmount(ns, root *os.File) error
 }
 
 // ImageSource looks up the image config of a key. Its errors wrap
@@ -107,15 +111,20 @@ type ServerConfig struct {
 	// MountBase, when set, confines the mounts of callers other than uid 0
 	// to directories under it (as their namespace sees it).
 	MountBase string
-	// MaxWaiting and MaxWaitingPerUID bound the connections that have not
-	// sent their request yet: an idle flood from one user must not use up
-	// the daemon's file descriptors and lock every other caller out.
+	// MaxWaiting and MaxWaitingPerUID bound the connections whose request
+	// is not answered yet (not sent, or waiting for its attach): an idle
+	// flood from one user must not use up the daemon's file descriptors
+	// and lock every other caller out. A caller counts against the uid
+	// that created its outermost user namespace (accountingUID), so that
+	// a user cannot multiply its share by the uids of its subuid range.
 	MaxWaiting, MaxWaitingPerUID int
 	// MaxLingering bounds the detached devices that earlier callers still
-	// hold open: each keeps a kernel device busy, and past this bound new
-	// attaches are refused with busy until some are closed.
-	MaxLingering int
-	Logger       *slog.Logger
+	// hold open, in all, and MaxLingeringPerUID those of one uid (counted
+	// as MaxWaitingPerUID is): each keeps a kernel device busy, and past a
+	// bound new attaches are refused with busy until some are closed;
+	// past the per-uid one only that uid's.
+	MaxLingering, MaxLingeringPerUID int
+	Logger                           *slog.Logger
 	// Metrics, when set, counts attaches, detaches and refusals.
 	Metrics *metrics.Set
 }
@@ -131,9 +140,10 @@ const (
 	// for a reconnect never fails while one is still being tried.
 	DefaultRecoveryTimeout = 25 * time.Second
 
-	DefaultMaxWaiting       = 256
-	DefaultMaxWaitingPerUID = 32
-	DefaultMaxLingering     = 16
+	DefaultMaxWaiting         = 256
+	DefaultMaxWaitingPerUID   = 32
+	DefaultMaxLingering       = 128
+	DefaultMaxLingeringPerUID = 16
 )
 
 // Server serves attach requests.
@@ -153,8 +163,8 @@ type Server struct {
 	// handover is set by Handover: attachments end without a detach.
 	handover bool
 	wg       sync.WaitGroup
-	// waiting counts connections that have not sent their request, in
-	// all and by uid.
+	// waiting counts connections whose request is not answered yet, in
+	// all and by accounting uid.
 	waiting      int
 	waitingByUID map[int32]int
 	dropLog      rateLimited
@@ -183,6 +193,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	orDefault(&cfg.MaxWaiting, DefaultMaxWaiting)
 	orDefault(&cfg.MaxWaitingPerUID, DefaultMaxWaitingPerUID)
 	orDefault(&cfg.MaxLingering, DefaultMaxLingering)
+	orDefault(&cfg.MaxLingeringPerUID, DefaultMaxLingeringPerUID)
 	if cfg.Host == "" {
 		cfg.Host, _ = os.Hostname()
 	}
@@ -294,21 +305,21 @@ func (s *Server) admit(caller callerInfo) string {
 	switch {
 	case s.waiting >= s.cfg.MaxWaiting:
 		return fmt.Sprintf("%d connections are waiting for their request already", s.waiting)
-	case s.waitingByUID[caller.uid] >= s.cfg.MaxWaitingPerUID:
-		return fmt.Sprintf("uid %d has %d connections waiting for their request already", caller.uid, s.waitingByUID[caller.uid])
+	case s.waitingByUID[caller.account] >= s.cfg.MaxWaitingPerUID:
+		return fmt.Sprintf("uid %d has %d connections waiting for their answer already", caller.account, s.waitingByUID[caller.account])
 	}
 	s.waiting++
-	s.waitingByUID[caller.uid]++
+	s.waitingByUID[caller.account]++
 	return ""
 }
 
-// requestDone ends a connection's wait for its request.
+// requestDone ends a connection's wait for its answer.
 func (s *Server) requestDone(caller callerInfo) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.waiting--
-	if s.waitingByUID[caller.uid]--; s.waitingByUID[caller.uid] <= 0 {
-		delete(s.waitingByUID, caller.uid)
+	if s.waitingByUID[caller.account]--; s.waitingByUID[caller.account] <= 0 {
+		delete(s.waitingByUID, caller.account)
 	}
 }
 
@@ -334,7 +345,11 @@ func (s *Server) untrack(conn *net.UnixConn) {
 // the attachment, which ends with the connection.
 func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	msg, fds, err := protocol.ReadRequest(conn, time.Now().Add(s.cfg.RequestTimeout))
-	s.requestDone(caller)
+	// The connection counts as waiting until it has its answer: a request
+	// waiting for an image's previous detach holds a descriptor as long
+	// as an idle one.
+	answered := sync.OnceFunc(func() { s.requestDone(caller) })
+	defer answered()
 	received := time.Now()
 	// Nothing a caller sends is kept unless a mode below takes it over.
 	defer func() { protocol.CloseFDs(fds) }()
@@ -422,7 +437,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		}
 	}
 
-	if err := s.checkLingering(); err != nil {
+	if err := s.checkLingering(caller); err != nil {
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
@@ -471,10 +486,17 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		mctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
 		a.root, formatted, err = s.cfg.Mounter.Mount(mctx, dev, mountReq)
 		cancel()
-		// Neither is kept: the namespace would keep the caller's mounts
-		// alive after the caller is gone, and the directory would keep
-		// the file system it lies on busy.
-		mountReq.Namespace.Close()
+		// The directory is not kept: it would keep the file system it
+		// lies on busy. Nor is the namespace of a root caller, which
+		// unmounts for itself: it would keep the caller's mounts alive
+		// after the caller is gone. Any other caller cannot unmount, so
+		// the detach does it in that namespace (closed with the
+		// connection's end, after the detach).
+		if caller.root() || err != nil {
+			mountReq.Namespace.Close()
+		} else {
+			a.mountNS = mountReq.Namespace
+		}
 		mountReq.Dir.Close()
 		sp.mark("mount")
 		if err != nil {
@@ -495,6 +517,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		return
 	}
 	sp.mark("reply")
+	answered()
 	s.spares.Refill()
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,

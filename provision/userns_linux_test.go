@@ -118,6 +118,11 @@ func TestMountModeRefusesCallerUserNamespace(t *testing.T) {
 		t.Fatalf("nobody in the host's namespaces: reply %q, want ok", code)
 	}
 	ts.Devices.WaitDetached(t, 0)
+	// It cannot unmount in a namespace of the provisioner's user
+	// namespace: the detach does.
+	if n := mounter.unmountCount(); n != 1 {
+		t.Errorf("%d unmounts at the detach of nobody's mount, want 1", n)
+	}
 
 	if code := callerProcess(t, ts.Socket, "vol", []string{unshare, "-Urm"}, "", open()); code != protocol.CodeForbidden {
 		t.Fatalf("nobody in unshare -Urm: reply %q, want forbidden", code)
@@ -127,6 +132,17 @@ func TestMountModeRefusesCallerUserNamespace(t *testing.T) {
 	}
 	if !strings.Contains(ts.Logs(), "user namespace of the caller's own") {
 		t.Error("the refusal does not say why")
+	}
+
+	// Root unmounts for itself (a sidecar does): its mounts are left alone.
+	conn, err := requestAs(t, ts.Socket, 0, 0, "vol", mountFDs(t, "/proc/self/ns/mnt", ownDir))
+	if err != nil {
+		t.Fatalf("root mount: %v", err)
+	}
+	conn.Close()
+	ts.Devices.WaitDetached(t, 1)
+	if n := mounter.unmountCount(); n != 1 {
+		t.Errorf("%d unmounts after a root caller's detach, want still 1", n)
 	}
 }
 

@@ -310,3 +310,39 @@ func SyncAndRelease(root *os.File) error {
 	}
 	return nil
 }
+
+// Unmount detaches root's mount from ns (the package's Unmount).
+func (m *Ext4) Unmount(ns, root *os.File) error { return Unmount(ns, root) }
+
+// Unmount detaches the mount whose root is root from the mount namespace
+// ns, lazily: files the caller still has open keep the file system alive
+// until they are closed, but no path reaches it any more. A caller other
+// than uid 0 cannot unmount what the provisioner mounted for it (the
+// namespace belongs to the provisioner's user namespace), so without this
+// every such mount would keep its device busy after the detach.
+func Unmount(ns, root *os.File) error {
+	// umount2 takes a path only. The root's own magic link in this
+	// process's /proc names exactly that mount, whatever the caller did
+	// with the paths leading to it; /proc is opened before the switch, as
+	// the caller's namespace may have another /proc or none.
+	proc, err := unix.Open("/proc", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open /proc: %w", err)
+	}
+	defer unix.Close(proc)
+	return onOwnThread(func() error {
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			return fmt.Errorf("unshare CLONE_FS: %w", err)
+		}
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNS); err != nil {
+			return fmt.Errorf("enter caller's mount namespace: %w", err)
+		}
+		if err := unix.Fchdir(proc); err != nil {
+			return fmt.Errorf("enter /proc: %w", err)
+		}
+		if err := unix.Unmount(fmt.Sprintf("thread-self/fd/%d", root.Fd()), unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("unmount from the caller's namespace: %w", err)
+		}
+		return nil
+	})
+}

@@ -28,3 +28,9 @@ func CheckFDs(nsfd, dirfd int) error { return errNotLinux }
 
 // SyncAndRelease closes root.
 func SyncAndRelease(root *os.File) error { return root.Close() }
+
+// Unmount fails on systems other than Linux.
+func Unmount(ns, root *os.File) error { return errNotLinux }
+
+// Unmount fails on systems other than Linux.
+func (m *Ext4) Unmount(ns, root *os.File) error { return errNotLinux }

@@ -1,0 +1,114 @@
+package mount
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// privateNamespace returns a new mount namespace in which nothing
+// propagates back to the test's, and dir opened inside it.
+func privateNamespace(t *testing.T, path string) (ns, dir *os.File) {
+	t.Helper()
+	err := onOwnThread(func() error {
+		if err := unix.Unshare(unix.CLONE_NEWNS | unix.CLONE_FS); err != nil {
+			return err
+		}
+		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+			return err
+		}
+		var err error
+		if ns, err = os.Open(fmt.Sprintf("/proc/self/task/%d/ns/mnt", unix.Gettid())); err != nil {
+			return err
+		}
+		dir, err = os.Open(path)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("new mount namespace: %v", err)
+	}
+	t.Cleanup(func() { ns.Close(); dir.Close() })
+	return ns, dir
+}
+
+// mountedIn reports whether path is a mount point as ns sees it.
+func mountedIn(t *testing.T, ns *os.File, path string) bool {
+	t.Helper()
+	var here, parent unix.Stat_t
+	err := onOwnThread(func() error {
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			return err
+		}
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNS); err != nil {
+			return err
+		}
+		if err := unix.Stat(path, &here); err != nil {
+			return err
+		}
+		return unix.Stat(filepath.Dir(path), &parent)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return here.Dev != parent.Dev
+}
+
+func TestUnmountFromCallerNamespace(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Fatal("this test mounts and needs root (CI and make test run as root)")
+	}
+	path := t.TempDir()
+	ns, dir := privateNamespace(t, path)
+
+	fsfd, err := unix.Fsopen("tmpfs", unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fsfd)
+	if err := unix.FsconfigCreate(fsfd); err != nil {
+		t.Fatal(err)
+	}
+	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(mntfd)
+	rootfd, err := unix.Openat(mntfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := os.NewFile(uintptr(rootfd), "root")
+	defer root.Close()
+	if err := moveMountInNamespace(mntfd, int(ns.Fd()), int(dir.Fd()), ""); err != nil {
+		t.Fatal(err)
+	}
+	if !mountedIn(t, ns, path) {
+		t.Fatal("the mount is not in the namespace")
+	}
+	if mountedIn(t, selfNamespace(t), path) {
+		t.Fatal("the mount leaked into the test's namespace")
+	}
+
+	if err := Unmount(ns, root); err != nil {
+		t.Fatalf("Unmount: %v", err)
+	}
+	if mountedIn(t, ns, path) {
+		t.Fatal("still mounted in the caller's namespace after Unmount")
+	}
+	if err := Unmount(ns, root); err == nil {
+		t.Error("a second Unmount succeeded: it reached some other mount")
+	}
+}
+
+func selfNamespace(t *testing.T) *os.File {
+	t.Helper()
+	f, err := os.Open("/proc/self/ns/mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
