@@ -132,12 +132,12 @@ func (s *Server) openSession(ctx context.Context, image imageconfig.Config, clie
 	sp.mark("handshake")
 	if export.Size != image.ImageSize {
 		conn.Close()
-		return nil, handshake.Export{}, failf(ErrAttachFailed, "engine exports %d bytes for %s, config says %d",
-			export.Size, image.ImageID, image.ImageSize)
+		return nil, handshake.Export{}, failf(ErrAttachFailed, "engine exports %d bytes for the image, config says %d",
+			export.Size, image.ImageSize)
 	}
 	if err := engine.ProbeSession(ctx, conn); err != nil {
 		conn.Close()
-		return nil, handshake.Export{}, failf(ErrAttachFailed, "%s: %w", image.ImageID, err)
+		return nil, handshake.Export{}, failf(ErrAttachFailed, "%w", err)
 	}
 	sp.mark("probe")
 	return conn, export, nil

@@ -51,6 +51,9 @@ var replyCodes = []struct {
 // gets. An error nobody classified is internal: a new kind of failure never
 // crashes the daemon, it just gets the least specific code.
 func replyFor(err error) *protocol.ReplyError {
+	if c, ok := errors.AsType[*concealedError](err); ok {
+		err = c.shown
+	}
 	msg := err.Error()
 	for _, rc := range replyCodes {
 		if errors.Is(err, rc.kind) {
@@ -86,3 +89,13 @@ func classify(kind, err error) error {
 	}
 	return &kindError{kind: kind, err: err}
 }
+
+// concealedError is a refusal whose caller is told something else than the
+// truth, which only the log has: a caller an image's config leaves out
+// gets the answer for a key that does not exist.
+type concealedError struct {
+	shown, actual error
+}
+
+func (e *concealedError) Error() string { return e.actual.Error() }
+func (e *concealedError) Unwrap() error { return e.actual }

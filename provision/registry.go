@@ -84,14 +84,14 @@ func (r *registry) reserve(ctx context.Context, a *attachment, wait time.Duratio
 		detaching := other.state == StateDetaching
 		r.mu.Unlock()
 		if !detaching {
-			return other, failf(ErrBusy, "image %s is already attached on this host", a.imageID)
+			return other, failf(ErrBusy, "the image is already attached on this host")
 		}
 		select {
 		case <-other.released:
 		case <-ctx.Done():
 			return nil, context.Cause(ctx)
 		case <-timeout.C:
-			return other, failf(ErrBusy, "image %s is still being detached", a.imageID)
+			return other, failf(ErrBusy, "the image is still being detached")
 		}
 	}
 }

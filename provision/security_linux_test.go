@@ -152,6 +152,7 @@ func TestImageConfigGrants(t *testing.T) {
 	ts.WriteConfig(t, "staff", `{"image_id": "s.mvps-image", "image_size": 4096, "allowed_gids": [4242]}`)
 	ts.WriteConfig(t, "fdonly", `{"image_id": "f.mvps-image", "image_size": 4096, "modes": ["fd"]}`)
 	ts.WriteConfig(t, "mountonly", `{"image_id": "m.mvps-image", "image_size": 4096, "modes": ["mount"]}`)
+	ts.WriteConfig(t, "disclosed", `{"image_id": "d.mvps-image", "image_size": 4096, "allowed_uids": [0], "disclose_existence": true}`)
 	ts.AddImage(t, "open", "o.mvps-image", 4096)
 
 	ownDir := t.TempDir()
@@ -167,11 +168,15 @@ func TestImageConfigGrants(t *testing.T) {
 		mount    bool
 		code     string // "" for OK
 	}{
-		{"nobody refused by allowed_uids", nobody, nobody, "rootonly", false, protocol.CodeForbidden},
+		// A caller the config leaves out is told what a missing key
+		// tells, so that it cannot find out which keys exist.
+		{"nobody refused by allowed_uids", nobody, nobody, "rootonly", false, protocol.CodeNotFound},
 		{"root allowed by allowed_uids", 0, 0, "rootonly", false, ""},
 		{"gid allowed by allowed_gids", nobody, 4242, "staff", false, ""},
-		{"other gid refused", nobody, nobody, "staff", false, protocol.CodeForbidden},
-		{"uid 0 is not exempt from allowed_gids", 0, 0, "staff", false, protocol.CodeForbidden},
+		{"other gid refused", nobody, nobody, "staff", false, protocol.CodeNotFound},
+		{"uid 0 is not exempt from allowed_gids", 0, 0, "staff", false, protocol.CodeNotFound},
+		{"a refused caller is told mode restrictions never", nobody, nobody, "rootonly", true, protocol.CodeNotFound},
+		{"disclosed image refuses with forbidden", nobody, nobody, "disclosed", false, protocol.CodeForbidden},
 		{"mount refused on an fd-only image", 0, 0, "fdonly", true, protocol.CodeForbidden},
 		{"fd allowed on an fd-only image", 0, 0, "fdonly", false, ""},
 		{"fd refused on a mount-only image", 0, 0, "mountonly", false, protocol.CodeForbidden},
@@ -194,6 +199,33 @@ func TestImageConfigGrants(t *testing.T) {
 	waitFor(t, func() bool { return len(ts.Attachments()) == 0 })
 	if !strings.Contains(ts.Logs(), "code=forbidden") {
 		t.Error("refusals are not logged with their code")
+	}
+	if !strings.Contains(ts.Logs(), `actual_reason="uid 65534 gid 65534 may not attach this image"`) {
+		t.Error("the log does not say why a refusal was answered not_found")
+	}
+
+	// Word for word the reply of a key with no config, but for the key.
+	refused := func(key string) string {
+		conn, err := requestAs(t, ts.Socket, nobody, nobody, key, nil)
+		conn.Close()
+		if err == nil {
+			t.Fatalf("%s: attached", key)
+		}
+		return strings.ReplaceAll(err.Error(), key, "KEY")
+	}
+	if got, want := refused("rootonly"), refused("no-such-key"); got != want {
+		t.Errorf("refused caller's reply %q, a missing key's %q: a caller can tell them apart", got, want)
+	}
+	for _, key := range []string{"disclosed", "fdonly"} {
+		var fds []int
+		if key == "fdonly" {
+			fds = mountFDsFor()
+		}
+		conn, err := requestAs(t, ts.Socket, nobody, nobody, key, fds)
+		conn.Close()
+		if err == nil || strings.Contains(err.Error(), ".mvps-image") {
+			t.Errorf("%s: reply %v names the image id", key, err)
+		}
 	}
 }
 

@@ -407,7 +407,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	if mountMode {
 		mode = "mount"
 	}
-	if err := authorize(caller, image, mode); err != nil {
+	if err := authorize(caller, req.Key, image, mode); err != nil {
 		s.reject(conn, caller, req.Key, err)
 		return
 	}
@@ -502,7 +502,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		if err != nil {
 			s.attachFailed(mode, ErrAttachFailed)
 			s.detach(a, "mount failed")
-			s.reject(conn, caller, req.Key, classify(ErrAttachFailed, fmt.Errorf("%s: %w", image.ImageID, err)))
+			s.reject(conn, caller, req.Key, classify(ErrAttachFailed, fmt.Errorf("mount: %w", err)))
 			return
 		}
 	}
@@ -547,19 +547,25 @@ func endReason(cause error) string {
 // errHungUp ends a connection's context when the caller hangs up.
 var errHungUp = errors.New("caller closed the connection")
 
-// authorize checks what the image config grants: the mode, and the callers.
-func authorize(caller callerInfo, image imageconfig.Config, mode string) error {
+// authorize checks what the image config grants: the callers, then the
+// mode. A caller the config leaves out learns nothing of the image, not
+// even that it exists, unless the config discloses it.
+func authorize(caller callerInfo, key string, image imageconfig.Config, mode string) error {
+	var refused error
+	switch {
+	case !caller.known() && (image.AllowedUIDs != nil || image.AllowedGIDs != nil):
+		refused = failf(ErrForbidden, "the caller's credentials are unknown and the image is for some callers only")
+	case caller.known() && !image.AllowsCaller(uint32(caller.uid), uint32(caller.gid)):
+		refused = failf(ErrForbidden, "uid %d gid %d may not attach this image", caller.uid, caller.gid)
+	}
+	if refused != nil && !image.DiscloseExistence {
+		return &concealedError{shown: imageconfig.NotFound(key), actual: refused}
+	}
+	if refused != nil {
+		return refused
+	}
 	if !image.AllowsMode(mode) {
-		return failf(ErrForbidden, "image %s is not offered in %s mode", image.ImageID, mode)
-	}
-	if !caller.known() {
-		if image.AllowedUIDs != nil || image.AllowedGIDs != nil {
-			return failf(ErrForbidden, "the caller's credentials are unknown")
-		}
-		return nil
-	}
-	if !image.AllowsCaller(uint32(caller.uid), uint32(caller.gid)) {
-		return failf(ErrForbidden, "uid %d gid %d may not attach image %s", caller.uid, caller.gid, image.ImageID)
+		return failf(ErrForbidden, "this image is not offered in %s mode", mode)
 	}
 	return nil
 }
@@ -568,8 +574,11 @@ func authorize(caller callerInfo, image imageconfig.Config, mode string) error {
 func (s *Server) reject(conn *net.UnixConn, caller callerInfo, key string, err error) {
 	rerr := replyFor(err)
 	s.cfg.Metrics.Refused(rerr.Code)
-	s.log.Info("request refused", "key", key, "code", rerr.Code, "reason", rerr.Message,
-		"caller_pid", caller.pid, "caller_uid", caller.uid)
+	attrs := []any{"key", key, "code", rerr.Code, "reason", rerr.Message, "caller_pid", caller.pid, "caller_uid", caller.uid}
+	if c, ok := errors.AsType[*concealedError](err); ok {
+		attrs = append(attrs, "actual_reason", c.actual.Error())
+	}
+	s.log.Info("request refused", attrs...)
 	if err := protocol.SendError(conn, rerr, time.Now().Add(s.cfg.RequestTimeout)); err != nil {
 		s.log.Debug("could not send refusal", "err", err)
 	}

@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"sync"
 	"time"
 
@@ -263,7 +262,9 @@ func (s *Source) Lookup(key string) (imageconfig.Config, error) {
 	e, ok := s.entries[key]
 	s.mu.RUnlock()
 	if !ok {
-		return imageconfig.Config{}, fmt.Errorf("no image config for key %q in ConfigMap %s/%s: %w (%w)", key, s.namespace, s.name, imageconfig.ErrNotFound, os.ErrNotExist)
+		// The same words as for a missing file: a refused caller gets
+		// them too, and must not tell the two apart.
+		return imageconfig.Config{}, imageconfig.NotFound(key)
 	}
 	if e.invalid {
 		// The reason was logged when the change arrived; the caller gets

@@ -44,6 +44,11 @@ type Config struct {
 	// MountOptions lists what a mount may have beyond nosuid,nodev
 	// ("suid", "dev"). nil means nothing.
 	MountOptions []string `json:"mount_options,omitempty"`
+	// DiscloseExistence answers a caller that allowed_uids or
+	// allowed_gids leaves out with forbidden. By default it gets what a
+	// key with no config gets, not_found, so that no caller can learn
+	// which keys exist by trying them.
+	DiscloseExistence bool `json:"disclose_existence,omitempty"`
 }
 
 // The values "modes" and "mount_options" may hold.
@@ -110,7 +115,7 @@ func Load(dir, key string) (Config, error) {
 	}
 	fd, err := unix.Open(filepath.Join(dir, key), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if errors.Is(err, fs.ErrNotExist) {
-		return Config{}, fmt.Errorf("%w: no image config for key %q", ErrNotFound, key)
+		return Config{}, NotFound(key)
 	}
 	if errors.Is(err, unix.ENXIO) { // a socket, or a device without its driver
 		return Config{}, fmt.Errorf("%w: image config %q is not a regular file", ErrInvalid, key)
@@ -201,7 +206,7 @@ func Parse(data []byte) (Config, error) {
 	return cfg, nil
 }
 
-var imageConfigFields = []string{"image_id", "image_size", "allowed_uids", "allowed_gids", "modes", "mount_options"}
+var imageConfigFields = []string{"image_id", "image_size", "allowed_uids", "allowed_gids", "modes", "mount_options", "disclose_existence"}
 
 // jsonError describes a decoding error by position only.
 func jsonError(dec *json.Decoder, err error) error {
@@ -257,8 +262,31 @@ func (c *Config) setField(name string, value json.RawMessage) error {
 			c.MountOptions = opts
 		}
 		return err
+	case "disclose_existence":
+		switch string(value) {
+		case "true":
+			c.DiscloseExistence = true
+		case "false":
+		default:
+			return errors.New("disclose_existence must be true or false")
+		}
 	}
 	return nil
+}
+
+// NotFound is the error for a key with no image config, from any source;
+// it wraps ErrNotFound and os.ErrNotExist. A caller that an image's config
+// refuses gets the same, unless the config discloses the image.
+func NotFound(key string) error { return notFoundError{key} }
+
+type notFoundError struct{ key string }
+
+func (e notFoundError) Error() string {
+	return fmt.Sprintf("%v: no image config for key %q", ErrNotFound, e.key)
+}
+
+func (e notFoundError) Is(target error) bool {
+	return target == ErrNotFound || target == os.ErrNotExist
 }
 
 // parseWholeNumber accepts only a plain integer literal: encoding/json
