@@ -58,6 +58,11 @@ type Config struct {
 	// off. Loopback IPs only, unless MetricsAllowRemote.
 	MetricsAddr        string
 	MetricsAllowRemote bool // PROVISIONER_METRICS_ALLOW_REMOTE, --metrics-allow-remote
+	// NodeName is PROVISIONER_NODE_NAME, --node-name: this node's name in
+	// engine client ids, which must not change across restarts of the
+	// daemon (a pod's host name does). Empty: /etc/machine-id, else the
+	// host name.
+	NodeName string
 	// EngineSpares is PROVISIONER_ENGINE_SPARES, --engine-spares (1): engine
 	// connections dialed ahead after an attach for the next, 0 to 8.
 	EngineSpares int
@@ -99,6 +104,7 @@ var settings = []setting{
 	{"PROVISIONER_ADMIN_PATH", "admin-path", "", "admin socket for mvps-provisioner status and detach, mode 0600 (default: admin.sock next to the listen path)", func(p *parsed) *string { return &p.AdminPath }},
 	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)", func(p *parsed) *string { return &p.MetricsAddr }},
 	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 lets the metrics listener use addresses other than loopback", func(p *parsed) *string { return &p.allowRemote }},
+	{"PROVISIONER_NODE_NAME", "node-name", "", "this node's stable name in engine client ids; on Kubernetes the node name from the downward API (default: /etc/machine-id, else the host name)", func(p *parsed) *string { return &p.NodeName }},
 	{"PROVISIONER_ENGINE_SPARES", "engine-spares", "1", "engine connections dialed ahead (greeting read) after an attach for the next, each kept at most 2 s; 0 to 8", func(p *parsed) *string { return &p.spares }},
 }
 
@@ -131,7 +137,13 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	}
 	cfg.EngineSpares = spares
 	cfg.Secret = getenv("MVPS_TE_JWT_SECRET")
+	if err := checkSecret(cfg.Secret); err != nil {
+		return Config{}, err
+	}
 
+	if len(cfg.NodeName) > 253 || strings.ContainsFunc(cfg.NodeName, func(r rune) bool { return r <= ' ' || r == '/' || r > '~' }) {
+		return Config{}, fmt.Errorf("PROVISIONER_NODE_NAME (--node-name) %q is not a node name (at most 253 printable ASCII characters, no spaces or slashes)", cfg.NodeName)
+	}
 	if cfg.ListenPath == "" {
 		return Config{}, errors.New("PROVISIONER_LISTEN_PATH (--listen-path) is required")
 	}
@@ -186,6 +198,31 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		return Config{}, fmt.Errorf("PROVISIONER_LOG_LEVEL (--log-level) %q is not debug, info, warn or error", cfg.LogLevel)
 	}
 	return cfg, nil
+}
+
+// MinSecretLen is the shortest MVPS_TE_JWT_SECRET accepted. RFC 7518 asks
+// HS256 keys for 32 bytes; 16 (128 bits) is where guessing stops being a
+// matter of time. A secret below 32 bytes is taken with a warning.
+const MinSecretLen = 16
+
+// checkSecret refuses a secret that is no secret: too short, or a sample's
+// placeholder that was deployed as it is. Its errors never quote it.
+func checkSecret(secret string) error {
+	if secret == "" {
+		return nil // a random one is made at start
+	}
+	upper := strings.ToUpper(secret)
+	for _, placeholder := range []string{"REPLACE-ME", "REPLACE_ME", "CHANGE-ME", "CHANGEME"} {
+		if strings.Contains(upper, placeholder) {
+			return errors.New("MVPS_TE_JWT_SECRET is a sample's placeholder, not a secret: set a random one " +
+				"(openssl rand -hex 32) or leave it unset for a random secret per run")
+		}
+	}
+	if len(secret) < MinSecretLen {
+		return fmt.Errorf("MVPS_TE_JWT_SECRET is %d bytes long; at least %d are needed, 32 random ones are best "+
+			"(openssl rand -hex 32), or leave it unset for a random secret per run", len(secret), MinSecretLen)
+	}
+	return nil
 }
 
 // DefaultAdminPath is the admin socket for a listen path: admin.sock in the
@@ -251,4 +288,19 @@ func lookupGroup(group string) (int, error) {
 		return -1, fmt.Errorf("socket group %q has gid %q: %w", group, g.Gid, err)
 	}
 	return gid, nil
+}
+
+// NodeIdentity is this node's name in client ids: NodeName when set, else
+// /etc/machine-id (stable across reboots of a host), else the host name.
+func (cfg Config) NodeIdentity() string {
+	if cfg.NodeName != "" {
+		return cfg.NodeName
+	}
+	if id, err := os.ReadFile("/etc/machine-id"); err == nil {
+		if s := strings.TrimSpace(string(id)); len(s) == 32 && !strings.ContainsFunc(s, func(r rune) bool { return !strings.ContainsRune("0123456789abcdef", r) }) {
+			return s
+		}
+	}
+	host, _ := os.Hostname()
+	return host
 }

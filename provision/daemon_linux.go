@@ -19,8 +19,11 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
-// ShutdownTimeout bounds detaching everything and stopping the engine.
-const ShutdownTimeout = 2 * time.Minute
+// ShutdownTimeout bounds detaching everything, and then stopping the
+// engine. A detach may first wait for a format in progress (which must not
+// be killed part-way), then flush and disconnect: the bound covers all of
+// that (TestShutdownOutlastsFormat).
+const ShutdownTimeout = 3 * time.Minute
 
 // Run is the daemon: it takes its state directory, starts the engine,
 // takes over what an earlier run left attached, serves callers until ctx
@@ -40,6 +43,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return err
 		}
 		log.Info("MVPS_TE_JWT_SECRET is unset: using a random secret for this run")
+	} else if len(secret) < 32 {
+		log.Warn("MVPS_TE_JWT_SECRET is shorter than the 32 bytes RFC 7518 asks of an HS256 key", "length", len(secret))
 	}
 
 	state, err := OpenStateDir(cfg.StateDir)
@@ -132,6 +137,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Devices:      devices,
 		State:        state,
 		MountBase:    cfg.MountBase,
+		Host:         cfg.NodeIdentity(),
 		Logger:       log,
 	})
 	if err != nil {

@@ -137,3 +137,31 @@ func dirNames(t *testing.T, dir string) []string {
 	}
 	return names
 }
+
+// /readyz must not call an impostor ready: whoever could unlink the socket
+// could bind its own at the path.
+func TestListenerInPlace(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "p.sock")
+	ln, err := Listen(ListenConfig{Path: path, Mode: 0o600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if err := ln.InPlace(); err != nil {
+		t.Fatalf("own socket: %v", err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := ln.InPlace(); err == nil {
+		t.Fatal("a removed socket counts as in place")
+	}
+	impostor, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer impostor.Close()
+	if err := ln.InPlace(); err == nil {
+		t.Fatal("another socket bound at the path counts as the daemon's")
+	}
+}

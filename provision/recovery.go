@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
@@ -170,7 +171,15 @@ func (s *Server) adopt(e stateEntry) {
 	}
 	caller, alive := findCaller(e.CallerPID, e.CallerStart)
 	ctx, cancel := context.WithCancelCause(s.ctx)
-	a := &attachment{imageID: e.ImageID, imageSize: e.ImageSize, clientID: e.ClientID, key: e.Key, mode: e.Mode,
+	// The client id is this node's, never what a record says: a record
+	// from before a change of identity (or one planted) must not name a
+	// session to fence.
+	clientID := engine.ClientID(s.cfg.Host, e.ImageID)
+	if clientID != e.ClientID {
+		s.log.Info("taking over with this node's client id, not the recorded one", append(attrs, "recorded_client_id", e.ClientID,
+			"client_id", clientID)...)
+	}
+	a := &attachment{imageID: e.ImageID, imageSize: e.ImageSize, clientID: clientID, key: e.Key, mode: e.Mode,
 		dev: dev, caller: caller, ctx: ctx, cancel: cancel}
 	if caller.pid < 0 || !alive {
 		a.caller.pid = e.CallerPID

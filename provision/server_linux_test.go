@@ -683,3 +683,40 @@ func relay(c net.Conn, e *devenginetest.Engine, cut bool) {
 	go io.Copy(up, c)
 	io.Copy(c, up)
 }
+
+// A restarted provisioner reconnects what it takes over with this node's
+// client id, not the one its record names: a record from before a change
+// of identity (a pod's host name) or a planted one must not decide which
+// engine session is fenced.
+func TestAdoptUsesThisNodesClientID(t *testing.T) {
+	stateDir := t.TempDir()
+	state, err := provision.OpenStateDir(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := provisiontest.New(t, func(c *provision.ServerConfig) { c.State, c.Host = state, "old-pod-name" })
+	old.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	a := old.Attach(t, "vol")
+	defer a.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := old.Handover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	state.Close()
+
+	state, err = provision.OpenStateDir(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { state.Close() })
+	next := provisiontest.New(t, func(c *provision.ServerConfig) { c.State, c.Devices = state, old.Devices })
+	next.Adopt()
+	waitFor(t, func() bool { return old.Devices.Reconnects(0) == 1 })
+	if !strings.Contains(next.Engine.Logs(), "client_id=mvps-provisioner/testhost/vol.mvps-image") {
+		t.Errorf("the adopted device was not reconnected with this node's client id:\n%s", next.Engine.Logs())
+	}
+	if !strings.Contains(next.Logs(), "recorded_client_id=mvps-provisioner/old-pod-name/vol.mvps-image") {
+		t.Error("the change of client id is not logged")
+	}
+}

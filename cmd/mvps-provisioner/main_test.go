@@ -21,7 +21,7 @@ func TestBadSettings(t *testing.T) {
 		"PROVISIONER_LISTEN_PATH": filepath.Join(dir, "p.sock"),
 		"IMAGE_CONFIG_DIRECTORY":  dir,
 		"PROVISIONER_ENGINE_BIN":  "/bin/true",
-		"MVPS_TE_JWT_SECRET":      "do-not-print-me",
+		"MVPS_TE_JWT_SECRET":      "do-not-print-me-ever",
 	}
 	tests := []struct {
 		name   string
@@ -68,7 +68,7 @@ func TestBadSettings(t *testing.T) {
 			if len(lines) != 1 || !strings.Contains(lines[0], tt.names) {
 				t.Fatalf("output %q, want one line naming %s", out, tt.names)
 			}
-			if strings.Contains(string(out), "do-not-print-me") {
+			if strings.Contains(string(out), "do-not-print-me-ever") {
 				t.Fatal("secret printed")
 			}
 		})

@@ -7,7 +7,16 @@ package mount
 import (
 	"errors"
 	"os"
+	"time"
 )
+
+// FormatTimeout bounds mke2fs. A format, once started, runs to its end even
+// when the caller or the provisioner gives up on the attach: killed part-way
+// it would leave bytes in the first MiB and no signature, a device that is
+// neither fresh nor ext4. The daemon's shutdown waits longer than this, so
+// that a stop never kills a format part-way. With lazy inode tables and
+// journal, mke2fs writes a few MiB even for a large image.
+const FormatTimeout = 90 * time.Second
 
 // Request is where and how a caller's mount is made.
 type Request struct {

@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -28,12 +27,6 @@ func (o Options) attributes() uint64 {
 	}
 	return attr
 }
-
-// FormatTimeout bounds mke2fs. A format, once started, runs to its end even
-// when the caller or the provisioner gives up on the attach: killed part-way
-// it would leave bytes in the first MiB and no signature, a device that is
-// neither fresh nor ext4.
-const FormatTimeout = 5 * time.Minute
 
 // Ext4 formats with Debian's mke2fs and mounts ext4 with the new mount
 // API.

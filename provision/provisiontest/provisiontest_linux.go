@@ -183,10 +183,20 @@ func (f *Devices) Reconnects(index uint32) int {
 	return f.reconnects[index]
 }
 
-// Adopt implements provision.Devices; fake devices do not outlive their
-// server, so there is never anything to adopt.
+// Adopt implements provision.Devices: a device attached (by an earlier
+// server sharing these Devices) and not detached can be taken over.
 func (f *Devices) Adopt(index uint32, backend string, size uint64) (*nbddev.Device, error) {
-	return nil, nbddev.ErrNotOurs
+	f.Mu.Lock()
+	defer f.Mu.Unlock()
+	if f.attached[index] != backend || f.detaches[index] > 0 {
+		return nil, nbddev.ErrNotOurs
+	}
+	path := filepath.Join(f.dir, fmt.Sprintf("nbd%d", index))
+	file, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	return &nbddev.Device{Index: index, Path: path, File: file}, nil
 }
 
 // Connected implements provision.Devices.

@@ -173,6 +173,8 @@ type tbWriter struct {
 	mu     sync.Mutex
 	tb     testing.TB
 	closed bool
+	// all keeps every line, for Logs.
+	all strings.Builder
 }
 
 func (w *tbWriter) Write(p []byte) (int, error) {
@@ -181,7 +183,17 @@ func (w *tbWriter) Write(p []byte) (int, error) {
 	if !w.closed {
 		w.tb.Log("engine: " + strings.TrimSuffix(string(p), "\n"))
 	}
+	if w.all.Len() < 1<<20 {
+		w.all.Write(p)
+	}
 	return len(p), nil
+}
+
+// Logs is what the engine logged so far (its first MiB).
+func (e *Engine) Logs() string {
+	e.logs.mu.Lock()
+	defer e.logs.mu.Unlock()
+	return e.logs.all.String()
 }
 
 func (w *tbWriter) close() {

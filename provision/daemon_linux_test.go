@@ -1,0 +1,33 @@
+package provision
+
+import (
+	"os"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
+)
+
+// A stop must never kill a format part-way (that leaves an image neither
+// fresh nor ext4): the daemon's bound outlasts a format and the detach
+// after it, and the unit's outlasts the daemon's.
+func TestShutdownOutlastsFormat(t *testing.T) {
+	if need := mount.FormatTimeout + DefaultFlushTimeout + DefaultDetachTimeout; ShutdownTimeout <= need {
+		t.Errorf("ShutdownTimeout %v, want more than a format, a flush and a detach (%v)", ShutdownTimeout, need)
+	}
+	unit, err := os.ReadFile("../deploy/systemd/mvps-provisioner.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^TimeoutStopSec=(\d+)$`).FindSubmatch(unit)
+	if m == nil {
+		t.Fatal("the unit sets no TimeoutStopSec in seconds")
+	}
+	sec, _ := strconv.Atoi(string(m[1]))
+	// The engine's checkpoint comes after the detaches.
+	if stop := time.Duration(sec) * time.Second; stop < ShutdownTimeout+time.Minute {
+		t.Errorf("TimeoutStopSec=%d: systemd would SIGKILL a stop the daemon still bounds (%v, then the engine's checkpoint)", sec, ShutdownTimeout)
+	}
+}
