@@ -272,11 +272,9 @@ func TestVMFaultProvisionerKilled(t *testing.T) {
 	}
 	took := w.killAndWaitFree(t, index)
 	t.Logf("device free %v after the caller's SIGKILL", took.Round(time.Millisecond))
-	log, _ := os.ReadFile(p.LogPath)
+	// The device is free a moment before the daemon logs its detach.
 	for _, want := range []string{"taking over an attachment from an earlier run", "reconnected", "caller exited"} {
-		if !strings.Contains(string(log), want) {
-			t.Errorf("log lacks %q", want)
-		}
+		waitUntil(t, 5*time.Second, "log line "+strconv.Quote(want), func() bool { return logHas(p, want) })
 	}
 	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 { // the lock file
 		t.Errorf("state directory holds %d files after the detach, want only the lock", len(entries))
@@ -714,5 +712,44 @@ func TestVMHandover(t *testing.T) {
 		if !strings.Contains(string(log), want) {
 			t.Errorf("log lacks %q", want)
 		}
+	}
+}
+
+// A metrics port that some local user bound first must not turn a restart
+// into a detach of everything it would take over: every listener is bound
+// before anything is adopted, so the failed start leaves each device
+// attached for the next one.
+func TestVMFaultSquattedMetricsPort(t *testing.T) {
+	const addr = "127.0.0.1:19105"
+	p := startProvisionerWith(t, map[string]string{"PROVISIONER_METRICS_ADDR": addr})
+	w, index, before := writeLoad(t, p)
+	p.kill(t)
+
+	squat, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin(t, "mvps-provisioner"))
+	cmd.Env = p.env
+	out, err := cmd.CombinedOutput()
+	squat.Close()
+	if err == nil {
+		t.Fatalf("the daemon started with its metrics port taken:\n%s", out)
+	}
+	if !strings.Contains(string(out), "PROVISIONER_METRICS_ADDR") {
+		t.Errorf("the failed start does not name the setting:\n%s", out)
+	}
+	if deviceFree(index) {
+		t.Fatalf("the failed start detached nbd%d:\n%s", index, out)
+	}
+
+	p.launch(t)
+	after := w.waitAcked(t, before+100, 30*time.Second)
+	t.Logf("after the failed start and a good one: %d writes acknowledged (%d before the kill)", after, before)
+	w.checkReport(t, w.verify(t))
+	if got, _ := ourDevice(t, "vol.mvps-image"); got != index {
+		t.Fatalf("device changed from nbd%d to nbd%d", index, got)
 	}
 }

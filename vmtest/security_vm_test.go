@@ -45,6 +45,8 @@ func TestMain(m *testing.M) {
 		os.Exit(chaosCaller())
 	case "files":
 		os.Exit(fileWriter())
+	case "mountcaller":
+		os.Exit(mountCaller())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown MVPS_VMTEST_HELPER")
 		os.Exit(2)
@@ -309,12 +311,19 @@ func TestVMMountModeUnprivilegedCaller(t *testing.T) {
 	if !strings.Contains(c.report.DevOpenErr, "permission denied") {
 		t.Errorf("the 0666 device node opened for writing (%q), want permission denied", c.report.DevOpenErr)
 	}
-	unix.Unmount(ownDir, unix.MNT_DETACH)
+	// It cannot unmount in a namespace of the host's user namespace: the
+	// detach does, and the device is free again, not left lingering.
 	c.stop()
 	waitUntil(t, 10*time.Second, "unprivileged attachment detached", func() bool {
 		_, attached := ourDevice(t, "vol.mvps-image")
 		return !attached
 	})
+	if info, _ := os.ReadFile("/proc/self/mountinfo"); mountedIn(info, ownDir) {
+		t.Error("the unprivileged caller's mount is still there after its detach")
+	}
+	if logHas(p, "stays busy") {
+		t.Error("the unprivileged caller's device lingers after its detach")
+	}
 
 	// A root-owned directory, like /usr/local/bin or /etc/cron.d.
 	if c := startCaller(t, p, "vol", sharedDir(t, 0), nil); !strings.HasPrefix(c.report.Err, "ERR forbidden") {
@@ -409,4 +418,111 @@ exec /usr/sbin/mke2fs "$@"
 	if !strings.Contains(string(log), "formatted=true") {
 		t.Fatalf("the second attach did not format:\n%s", log)
 	}
+}
+
+// mountCallerReport is what a mount-mode caller that changes nothing about
+// its own credentials saw.
+type mountCallerReport struct {
+	Err string
+	// MountOpts and RemountOpts are the mount's options before and after
+	// its attempt to remount it with dev and suid.
+	MountOpts, RemountOpts, RemountErr string
+}
+
+// mountCaller asks for CALLER_KEY mounted on CALLER_DIR in its own mount
+// namespace, as whatever it was started as; on success it tries what a
+// user namespace's root would: remount the file system with dev and suid.
+func mountCaller() int {
+	var rep mountCallerReport
+	a, err := callerAttach()
+	if err != nil {
+		rep.Err = err.Error()
+	} else {
+		defer a.Close()
+		dir := os.Getenv("CALLER_DIR")
+		rep.MountOpts = mountOptions(dir)
+		if err := unix.Mount("none", dir, "", unix.MS_REMOUNT|unix.MS_BIND, ""); err != nil {
+			rep.RemountErr = err.Error()
+		}
+		rep.RemountOpts = mountOptions(dir)
+	}
+	json.NewEncoder(os.Stdout).Encode(rep)
+	return 0
+}
+
+// runMountCaller runs mountCaller with attr and returns its report.
+func runMountCaller(t *testing.T, p *provProc, key, dir string, attr *syscall.SysProcAttr) mountCallerReport {
+	t.Helper()
+	exe, err := os.Open(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer exe.Close()
+	cmd := exec.Command("/proc/self/fd/3")
+	cmd.ExtraFiles = []*os.File{exe}
+	cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=mountcaller", "CALLER_SOCKET="+p.Socket, "CALLER_KEY="+key,
+		"CALLER_DIR="+dir, "CALLER_OWN_NS=1")
+	cmd.SysProcAttr = attr
+	cmd.Stderr = os.Stderr
+	out, err := cmd.Output()
+	var rep mountCallerReport
+	if jerr := json.Unmarshal(out, &rep); jerr != nil {
+		t.Fatalf("mount caller (%v): %q", err, out)
+	}
+	return rep
+}
+
+// TestVMMountModeUserNamespace is the route to root a review found: a user
+// with a user and mount namespace of its own (unshare -Urm) asked for a
+// mount in that namespace, then, as root there, remounted it with dev:
+// the kernel locks nodev only on mounts copied into a less privileged
+// namespace, not on one attached directly. Such a namespace is refused.
+func TestVMMountModeUserNamespace(t *testing.T) {
+	p := startSharedProvisioner(t, map[string]string{"PROVISIONER_SOCKET_MODE": "0666"})
+	writeImageConfig(t, p, "vol", `{"image_id": "vol.mvps-image", "image_size": 67108864}`)
+	ownDir := sharedDir(t, nobodyUID)
+	rep := runMountCaller(t, p, "vol", ownDir, &syscall.SysProcAttr{
+		Cloneflags:  unix.CLONE_NEWUSER | unix.CLONE_NEWNS,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: nobodyUID, Size: 1}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: nobodyUID, Size: 1}},
+		// Become the namespace's root, which is nobody outside it, as an
+		// unprivileged unshare -Urm is.
+		Credential: &syscall.Credential{Uid: 0, Gid: 0, NoSetGroups: true},
+	})
+	t.Logf("caller in a user namespace of its own: %+v", rep)
+	if rep.Err == "" {
+		// Should a mount ever be granted there, it must hold.
+		if !strings.Contains(rep.RemountOpts, "nodev") || !strings.Contains(rep.RemountOpts, "nosuid") {
+			t.Errorf("the caller remounted its mount from %q to %q (remount: %q): nodev/nosuid dropped", rep.MountOpts, rep.RemountOpts, rep.RemountErr)
+		}
+		t.Fatal("a mount into a mount namespace of another user namespace was granted, want ERR forbidden")
+	}
+	if !strings.HasPrefix(rep.Err, "ERR forbidden") || !strings.Contains(rep.Err, "user namespace") {
+		t.Fatalf("reply %q, want ERR forbidden naming the user namespace", rep.Err)
+	}
+	if _, attached := ourDevice(t, "vol.mvps-image"); attached {
+		t.Error("a device is attached after the refused mount")
+	}
+}
+
+// TestVMMountModeProcDirectory: a caller owns /proc/<its pid>; a mount
+// there would hide the process from root's ps. Refused.
+func TestVMMountModeProcDirectory(t *testing.T) {
+	p := startSharedProvisioner(t, nil)
+	writeImageConfig(t, p, "vol", `{"image_id": "vol.mvps-image", "image_size": 67108864}`)
+	rep := runMountCaller(t, p, "vol", "/proc/self", &syscall.SysProcAttr{
+		Credential: &syscall.Credential{Uid: nobodyUID, Gid: nobodyUID, Groups: []uint32{socketGroup}},
+	})
+	if !strings.HasPrefix(rep.Err, "ERR forbidden") || !strings.Contains(rep.Err, "ordinary") {
+		t.Fatalf("mount onto /proc/self: %+v, want ERR forbidden naming the file system", rep)
+	}
+	if _, attached := ourDevice(t, "vol.mvps-image"); attached {
+		t.Error("a device is attached after the refused mount")
+	}
+}
+
+// logHas reports whether the daemon's log holds s.
+func logHas(p *provProc, s string) bool {
+	b, _ := os.ReadFile(p.LogPath)
+	return strings.Contains(string(b), s)
 }
