@@ -55,6 +55,10 @@ type StateDir struct {
 	lock *os.File
 }
 
+// maxRecordSize bounds what is read of a record: a real one is a few
+// hundred bytes, and one that is not must not cost the daemon its memory.
+const maxRecordSize = 64 << 10
+
 // OpenStateDir creates dir (0700) if needed, checks it and locks it for
 // this process. An existing dir must be a directory, not a symbolic link,
 // owned by this process's user, and writable by it alone; reading and
@@ -236,7 +240,8 @@ func (d *StateDir) remove(imageID string) error {
 	return nil
 }
 
-// list reads every record; one that cannot be read is reported, not fatal.
+// list reads every record; one that cannot be read, or that the
+// provisioner did not write, is reported and skipped, not fatal.
 func (d *StateDir) list() ([]stateEntry, []error) {
 	var names []string
 	err := d.at(func(dirfd int) error {
@@ -288,15 +293,47 @@ func (d *StateDir) list() ([]stateEntry, []error) {
 	return entries, errs
 }
 
-// readRecord reads the record name in dirfd.
+// readRecord reads the record name in dirfd, if it is one that only the
+// provisioner could have written: a regular file of its user's that
+// nobody else may write, not a link. It is opened without blocking, since
+// the open of a FIFO would otherwise wait for a writer for good.
 func readRecord(dirfd int, name string) ([]byte, error) {
-	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	if errors.Is(err, unix.ELOOP) {
+		return nil, errors.New("a symbolic link, not a record")
+	}
+	if errors.Is(err, unix.ENXIO) { // a socket
+		return nil, errors.New("not a regular file")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open: %w", err)
 	}
 	f := os.NewFile(uintptr(fd), name)
 	defer f.Close()
-	return io.ReadAll(f)
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	switch euid := os.Geteuid(); {
+	case !fi.Mode().IsRegular():
+		return nil, fmt.Errorf("not a regular file but a %s", fileType(fi.Mode()))
+	case int(st.Uid) != euid:
+		return nil, fmt.Errorf("owned by uid %d, not by the provisioner's uid %d", st.Uid, euid)
+	case st.Mode&0o022 != 0:
+		return nil, fmt.Errorf("mode %04o, writable by group or others", st.Mode&0o7777)
+	case fi.Size() > maxRecordSize:
+		return nil, fmt.Errorf("%d bytes, larger than a record's %d", fi.Size(), maxRecordSize)
+	}
+	// The size may grow between fstat and read: read no more than the cap.
+	data, err := io.ReadAll(io.LimitReader(f, maxRecordSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	if len(data) > maxRecordSize {
+		return nil, fmt.Errorf("larger than a record's %d bytes", maxRecordSize)
+	}
+	return data, nil
 }
 
 // fileType names the type of a file for a message.

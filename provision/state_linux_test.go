@@ -1,13 +1,16 @@
 package provision
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 )
 
@@ -19,6 +22,30 @@ func needRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to chown to another uid")
+	}
+}
+
+// listWithin is d.list, failing the test if it does not return in time: an
+// open of a FIFO blocks until a writer comes, which none does here.
+func listWithin(t *testing.T, d *StateDir) ([]stateEntry, []error) {
+	t.Helper()
+	type result struct {
+		entries []stateEntry
+		errs    []error
+	}
+	done := make(chan result, 1)
+	go func() {
+		entries, errs := d.list()
+		done <- result{entries, errs}
+	}()
+	timer := time.NewTimer(10 * time.Second)
+	defer timer.Stop()
+	select {
+	case r := <-done:
+		return r.entries, r.errs
+	case <-timer.C:
+		t.Fatal("list did not return within 10 s: a planted record blocked it")
+		return nil, nil
 	}
 }
 
@@ -35,6 +62,92 @@ func mkfifo(t *testing.T, path string) {
 			unix.Close(fd)
 		}
 	})
+}
+
+// A record that a local attacker could have planted, or that is not a
+// record at all, is skipped with an error naming it, and never blocks or
+// hides the good ones. Each is a valid record for its file name, so that
+// only the way it is stored can get it skipped.
+func TestStateListSkipsUnsafeRecords(t *testing.T) {
+	record := func(t *testing.T, imageID string) []byte {
+		data, err := json.Marshal(stateEntry{Key: "k", ImageID: imageID, ImageSize: 1 << 20, ClientID: "c", Index: 5, Mode: "fd"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return data
+	}
+	writeFile := func(t *testing.T, path string, data []byte) {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		root bool
+		// plant puts the record of imageID at path.
+		plant func(t *testing.T, path, imageID string)
+		want  string
+	}{
+		{name: "symlink to a FIFO", want: "symbolic link", plant: func(t *testing.T, path, _ string) {
+			fifo := filepath.Join(t.TempDir(), "fifo")
+			mkfifo(t, fifo)
+			if err := os.Symlink(fifo, path); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{name: "FIFO", want: "not a regular file", plant: func(t *testing.T, path, _ string) {
+			mkfifo(t, path)
+		}},
+		{name: "symlink to a record", want: "symbolic link", plant: func(t *testing.T, path, imageID string) {
+			target := filepath.Join(t.TempDir(), "record")
+			writeFile(t, target, record(t, imageID))
+			if err := os.Symlink(target, path); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{name: "oversized", want: "larger than", plant: func(t *testing.T, path, imageID string) {
+			// Still valid JSON: leading white space is allowed.
+			writeFile(t, path, append([]byte(strings.Repeat(" ", 100<<10)), record(t, imageID)...))
+		}},
+		{name: "another owner", root: true, want: "owned by uid " + strconv.Itoa(nobody), plant: func(t *testing.T, path, imageID string) {
+			writeFile(t, path, record(t, imageID))
+			if err := os.Chown(path, nobody, nobody); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{name: "writable by others", want: "writable by group or others", plant: func(t *testing.T, path, imageID string) {
+			writeFile(t, path, record(t, imageID))
+			if err := os.Chmod(path, 0o666); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.root {
+				needRoot(t)
+			}
+			dir := filepath.Join(t.TempDir(), "state")
+			d, err := OpenStateDir(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			good := stateEntry{Key: "vol", ImageID: "vol.mvps-image", ImageSize: 1 << 20, ClientID: "c", Index: 3, Mode: "fd"}
+			if err := d.write(good); err != nil {
+				t.Fatal(err)
+			}
+			const planted = "planted.mvps-image"
+			tc.plant(t, filepath.Join(dir, planted+".json"), planted)
+
+			got, errs := listWithin(t, d)
+			if diff := cmp.Diff([]stateEntry{good}, got); diff != "" {
+				t.Errorf("records (-want +got):\n%s", diff)
+			}
+			if len(errs) != 1 || !strings.Contains(errs[0].Error(), planted+".json") || !strings.Contains(errs[0].Error(), tc.want) {
+				t.Errorf("errors %v, want one naming %s.json and saying %q", errs, planted, tc.want)
+			}
+		})
+	}
 }
 
 // A state directory that someone else could write in, or that could be
