@@ -481,6 +481,9 @@ func TestIdleFloodDoesNotLockOutOthers(t *testing.T) {
 	flood := startFlooder(t, ts.Socket, 400)
 	defer flood.stop()
 
+	// Locked out, the attach would wait in the backlog until the flood's
+	// request timeouts (10 s) freed descriptors: the deadline tells that
+	// apart without timing the attach itself on a loaded machine.
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -488,12 +491,8 @@ func TestIdleFloodDoesNotLockOutOthers(t *testing.T) {
 	if err != nil {
 		t.Fatalf("attach during a flood of idle connections: %v", err)
 	}
-	took := time.Since(start)
 	a.Close()
-	t.Logf("attach during the flood took %v", took)
-	if took > time.Second {
-		t.Errorf("attach during the flood took %v, want under a second", took)
-	}
+	t.Logf("attach during the flood took %v", time.Since(start))
 	if n := strings.Count(ts.Logs(), "connection dropped"); n == 0 || n > 10 {
 		t.Errorf("%d log lines for dropped connections, want a few (rate-limited)", n)
 	}
