@@ -83,7 +83,7 @@ func (s *Server) attach(ctx context.Context, a *attachment, image imageconfig.Co
 		indexRecorded = make(chan error, 1)
 		go func() { indexRecorded <- s.record(a, int64(index)) }()
 	}}
-	dev, err = s.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, "mvps:"+image.ImageID)
+	dev, err = s.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, engine.BackendID(image.ImageID))
 	switch {
 	case indexRecorded != nil:
 		recordErr = <-indexRecorded

@@ -221,7 +221,7 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 			Key: info.Key, ImageID: info.ImageID, Device: info.Device, Mode: info.Mode, State: string(info.State),
 			CallerPID: info.CallerPID, CallerUID: info.CallerUID, Since: info.Since, Reconnects: info.Reconnects,
 		})
-		owned["mvps:"+info.ImageID] = true
+		owned[engine.BackendID(info.ImageID)] = true
 		if info.Device != "" {
 			owned[info.Device] = true
 		}
@@ -239,7 +239,7 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 			path := fmt.Sprintf("/dev/nbd%d", d.Index)
 			backend, _ := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", d.Index))
 			id := strings.TrimSpace(string(backend))
-			if strings.HasPrefix(id, "mvps:") && !owned[path] && !owned[id] {
+			if strings.HasPrefix(id, engine.BackendPrefix) && !owned[path] && !owned[id] {
 				st.Foreign = append(st.Foreign, admin.Device{Device: path, Backend: id})
 			}
 		}

@@ -67,7 +67,7 @@ func (s *Server) recover(a *attachment) bool {
 		ctx, cancel := context.WithDeadline(a.ctx, deadline)
 		conn, _, err := s.openSession(ctx, image, a.clientID, newSpans(time.Now()))
 		if err == nil {
-			err = s.cfg.Devices.Reconnect(ctx, a.dev, conn, "mvps:"+a.imageID)
+			err = s.cfg.Devices.Reconnect(ctx, a.dev, conn, engine.BackendID(a.imageID))
 		}
 		cancel()
 		if err == nil {
@@ -135,7 +135,7 @@ func (s *Server) Adopt() {
 			// Killed during the kernel attach: a device connected to the
 			// image and claimed by no record is the one it made.
 			for idx, backend := range connected {
-				if backend == "mvps:"+e.ImageID && !claimed[idx] {
+				if backend == engine.BackendID(e.ImageID) && !claimed[idx] {
 					e.Index = int64(idx)
 					claimed[idx] = true
 					// No reply reached the caller: nothing to keep.
@@ -147,7 +147,7 @@ func (s *Server) Adopt() {
 		s.adopt(e)
 	}
 	for idx, backend := range connected {
-		if strings.HasPrefix(backend, "mvps:") && !claimed[idx] {
+		if strings.HasPrefix(backend, engine.BackendPrefix) && !claimed[idx] {
 			s.log.Warn("connected mvps device that this provisioner has no record of; leaving it alone",
 				"device", fmt.Sprintf("/dev/nbd%d", idx), "backend", backend)
 		}
@@ -161,7 +161,7 @@ func (s *Server) adopt(e stateEntry) {
 		s.State().remove(e.ImageID)
 		return
 	}
-	dev, err := s.cfg.Devices.Adopt(uint32(e.Index), "mvps:"+e.ImageID, e.ImageSize)
+	dev, err := s.cfg.Devices.Adopt(uint32(e.Index), engine.BackendID(e.ImageID), e.ImageSize)
 	if err != nil {
 		s.log.Warn("state record without its device; dropped", append(attrs, "err", err)...)
 		if errors.Is(err, nbddev.ErrNotOurs) || errors.Is(err, os.ErrNotExist) {

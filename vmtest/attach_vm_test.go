@@ -686,7 +686,7 @@ func connectImage(c *netlinknbd.Client, e *engineProc, token, imageID string, si
 	if !ok {
 		return nil, fmt.Errorf("engine connection %T is not a syscall.Conn", conn)
 	}
-	a := &attachment{ImageID: imageID, Size: size, ClientID: clientID, Backend: "mvps:" + imageID, Export: export}
+	a := &attachment{ImageID: imageID, Size: size, ClientID: clientID, Backend: engine.BackendID(imageID), Export: export}
 	a.Index, err = c.Connect(netlinknbd.ConnectConfig{
 		Sockets:           []syscall.Conn{sc},
 		Size:              export.Size,

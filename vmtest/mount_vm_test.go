@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
@@ -125,7 +126,7 @@ func ourDevice(t *testing.T, imageID string) (uint32, bool) {
 		t.Fatal(err)
 	}
 	for _, st := range all {
-		if st.Connected && sysfs(st.Index, "backend") == "mvps:"+imageID {
+		if st.Connected && sysfs(st.Index, "backend") == engine.BackendID(imageID) {
 			return st.Index, true
 		}
 	}

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
@@ -271,7 +272,7 @@ func detachLeftovers(t *testing.T) {
 	defer nl.Close()
 	all, _ := nl.StatusAll()
 	for _, st := range all {
-		if st.Connected && strings.HasPrefix(sysfs(st.Index, "backend"), "mvps:") {
+		if st.Connected && strings.HasPrefix(sysfs(st.Index, "backend"), engine.BackendPrefix) {
 			t.Errorf("device nbd%d (%s) still connected after the test", st.Index, sysfs(st.Index, "backend"))
 			nl.Disconnect(st.Index)
 		}

@@ -67,6 +67,14 @@ func ClientID(host, imageID string) string {
 	return "mvps-provisioner/" + host + "/" + imageID
 }
 
+// BackendPrefix starts the backend identifier of every device attached to
+// an mvps image: the kernel shows it in /sys/block/nbdX/backend, and it is
+// how a restarted provisioner tells its devices from others'.
+const BackendPrefix = "mvps:"
+
+// BackendID is the backend identifier of a device attached to imageID.
+func BackendID(imageID string) string { return BackendPrefix + imageID }
+
 // NewSecret returns 32 random bytes, hex encoded, for an engine started
 // without MVPS_TE_JWT_SECRET.
 func NewSecret() (string, error) {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 )
 
 // newDevices opens the kernel's nbd family; the test runs as root in the
@@ -47,7 +48,7 @@ func attach(t *testing.T, d *Devices, e *devenginetest.Engine, imageID string, s
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev, err := d.Attach(ctx, conn, export, "mvps:"+imageID)
+	dev, err := d.Attach(ctx, conn, export, engine.BackendID(imageID))
 	if err != nil {
 		t.Fatal(err)
 	}
