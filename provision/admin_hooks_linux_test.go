@@ -3,8 +3,10 @@ package provision_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +14,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
@@ -154,4 +157,32 @@ func TestDetachStillOpenCounted(t *testing.T) {
 	ts.Devices.Mu.Lock()
 	delete(ts.Devices.StillOpen, 0)
 	ts.Devices.Mu.Unlock()
+}
+
+// The metrics count a failed attach with the code its caller was answered:
+// a mount outside the base is forbidden in both.
+func TestMountRefusalCountedWithItsCode(t *testing.T) {
+	var ts *provisiontest.Server
+	m := metrics.New(func() metrics.Gauges { return ts.Gauges() })
+	mounter := &fakeMounter{dir: t.TempDir(), err: fmt.Errorf("%w: /elsewhere is not inside /mnt", mount.ErrOutsideBase)}
+	ts = provisiontest.New(t, func(c *provision.ServerConfig) { c.Metrics, c.Mounter = m, mounter })
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ns, dir := openNamespaceAndDir(t)
+	_, err := protocol.AttachMount(ctx, ts.Socket, "vol", ns, dir)
+	if provisiontest.Code(err) != protocol.CodeForbidden {
+		t.Fatalf("mount outside the base: %v, want forbidden", err)
+	}
+	ts.Devices.WaitDetached(t, 0)
+	rec := httptest.NewRecorder()
+	m.Handler(nil).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	b, _ := io.ReadAll(rec.Result().Body)
+	wantMetrics(t, string(b), `mvps_provisioner_attaches_total{mode="mount",result="forbidden"} 1`)
+}
+
+func openNamespaceAndDir(t *testing.T) (ns, dir *os.File) {
+	t.Helper()
+	fds := mountFDs(t, "/proc/self/ns/mnt", t.TempDir())
+	return os.NewFile(uintptr(fds[0]), "ns"), os.NewFile(uintptr(fds[1]), "dir")
 }

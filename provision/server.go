@@ -500,9 +500,12 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		mountReq.Dir.Close()
 		sp.mark("mount")
 		if err != nil {
-			s.attachFailed(mode, ErrAttachFailed)
+			// One error for the metrics and the reply: a mount outside
+			// the base is forbidden in both.
+			err = classify(ErrAttachFailed, fmt.Errorf("mount: %w", err))
+			s.attachFailed(mode, err)
 			s.detach(a, "mount failed")
-			s.reject(conn, caller, req.Key, classify(ErrAttachFailed, fmt.Errorf("mount: %w", err)))
+			s.reject(conn, caller, req.Key, err)
 			return
 		}
 	}
