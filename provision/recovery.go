@@ -205,14 +205,19 @@ func (s *Server) adopt(e stateEntry) {
 			return
 		}
 		// The caller's connection died with the earlier run: follow its
-		// process instead.
+		// process instead. The follower ends (it polls the pidfd in short
+		// slices) before the pidfd is closed, which could otherwise be
+		// reused under it.
+		followed := make(chan struct{})
 		go func() {
+			defer close(followed)
 			if caller.waitExit(ctx) {
 				cancel(errCallerExited)
 			}
 		}()
 		<-ctx.Done()
 		s.detach(a, endReason(context.Cause(ctx)))
+		<-followed
 	})
 }
 
