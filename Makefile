@@ -12,7 +12,7 @@ HOST_PACKAGES := libnbd-bin prometheus
 ENGINE ?= $(shell command -v mvps-te 2>/dev/null || echo $(CURDIR)/bin/mvps-te-dev)
 VAR    := $(CURDIR)/var
 
-.PHONY: fuzz all build install help test deps lint unit integration run demo bench clean
+.PHONY: fuzz all build install help test check deps lint unit integration run demo bench clean
 
 all: build
 
@@ -49,7 +49,8 @@ help:
 	@echo "  build        static binaries in bin/ (mvps-provisioner, mvps-te-dev, mvps-sidecar, example-client)"
 	@echo "  install      build, then install binaries, systemd unit and sample settings (PREFIX=$(PREFIX), DESTDIR=)"
 	@echo "  help         this list"
-	@echo "  test         what CI runs: deps, lint, unit, fuzz, integration, k8s-test"
+	@echo "  test         what CI runs: deps, check, fuzz, integration, k8s-test"
+	@echo "  check        lint and unit: the fast first stage"
 	@echo "  deps         install the Debian packages the host tests need ($(HOST_PACKAGES))"
 	@echo "  lint         gofmt, go vet and staticcheck, with and without the vmtest tag"
 	@echo "  unit         go test -race ./... on the host, and the systemd unit check"
@@ -61,7 +62,11 @@ help:
 	@echo "  bench        Go benchmarks, then the VM benchmark against nbd-client (BENCH_N=200); JSON in .cache/bench/"
 	@echo "  clean        remove bin/, var/ and the VM output (rm -rf .cache drops every cache, ~1 GB)"
 
-test: deps lint unit fuzz integration k8s-test
+# check (lint and unit tests, a couple of minutes) comes first, so that a
+# lint error fails in minutes, not after the VM suite.
+test: deps check fuzz integration k8s-test
+
+check: lint unit
 
 deps:
 	@missing=""; for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -72,6 +77,7 @@ deps:
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) mod tidy -diff
 	$(GO) vet ./...
 	$(GO) vet -tags vmtest ./...
 	# The Linux code keeps a small stub for other systems: keep it building.
@@ -93,9 +99,10 @@ FUZZ_TARGETS := ./provision/protocol:FuzzParseRequest ./provision/imageconfig:Fu
 	./handshake:FuzzNegotiate ./internal/devengine:FuzzTransmission ./internal/devengine:FuzzHandshake \
 	./internal/devengine:FuzzVerifyToken ./internal/devengine:FuzzClaims
 fuzz:
-	@for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \
+	@logs=$$(mktemp -d); trap 'rm -rf "$$logs"' EXIT; \
+	for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \
 		echo "fuzz $$name ($$pkg, $(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) $$pkg >/tmp/fuzz-$$name.log 2>&1 || { cat /tmp/fuzz-$$name.log; exit 1; }; \
+		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) $$pkg >"$$logs/$$name.log" 2>&1 || { cat "$$logs/$$name.log"; exit 1; }; \
 	done
 
 # promtool, when installed, goes into the guest to lint the daemon's metrics.
