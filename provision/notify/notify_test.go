@@ -103,11 +103,15 @@ func TestWatchdogKeepsPinging(t *testing.T) {
 	t.Setenv("WATCHDOG_PID", "")
 	var healthy atomic.Bool
 	healthy.Store(true)
+	// The failing checks are the test's clock: a watchdog pings only
+	// after a check passes, so none may come between failing ones.
+	failed := make(chan struct{}, 1000)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		New(quiet()).Watchdog(ctx, func(context.Context) error {
 			if !healthy.Load() {
+				failed <- struct{}{}
 				return errors.New("serving loop is stuck")
 			}
 			return nil
@@ -118,15 +122,25 @@ func TestWatchdogKeepsPinging(t *testing.T) {
 		expect(t, msgs, "WATCHDOG=1", time.Second)
 	}
 	healthy.Store(false)
-	// A ping already on its way may still arrive; then silence.
-	time.Sleep(30 * time.Millisecond)
+	waitChecks := func(n int) {
+		t.Helper()
+		for range n {
+			select {
+			case <-failed:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the watchdog stopped checking")
+			}
+		}
+	}
+	// A ping sent before the first failing check may still be on its
+	// way to the fake systemd; it has arrived a few checks later.
+	waitChecks(3)
 	for len(msgs) > 0 {
 		<-msgs
 	}
-	select {
-	case m := <-msgs:
-		t.Fatalf("%q while the check fails", m)
-	case <-time.After(100 * time.Millisecond):
+	waitChecks(5)
+	if len(msgs) > 0 {
+		t.Fatalf("%q while the check fails", <-msgs)
 	}
 	healthy.Store(true)
 	expect(t, msgs, "WATCHDOG=1", time.Second)
