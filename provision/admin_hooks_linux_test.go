@@ -183,6 +183,14 @@ func TestMountRefusalCountedWithItsCode(t *testing.T) {
 
 func openNamespaceAndDir(t *testing.T) (ns, dir *os.File) {
 	t.Helper()
-	fds := mountFDs(t, "/proc/self/ns/mnt", t.TempDir())
-	return os.NewFile(uintptr(fds[0]), "ns"), os.NewFile(uintptr(fds[1]), "dir")
+	var files [2]*os.File
+	for i, p := range []string{"/proc/self/ns/mnt", t.TempDir()} {
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		files[i] = f
+	}
+	return files[0], files[1]
 }

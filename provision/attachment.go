@@ -285,7 +285,8 @@ func (s *Server) linger(a *attachment) int {
 	dev := a.dev
 	n := s.reg.linger(dev.Index, Info{Key: a.key, ImageID: a.imageID, Device: dev.Path, Mode: a.mode,
 		CallerPID: a.caller.pid, CallerUID: a.caller.uid, Since: time.Now()}, a.caller.account)
-	go func() {
+	// Ends with the server's context; Shutdown waits for it.
+	s.background.Go(func() {
 		t := time.NewTicker(lingerPoll)
 		defer t.Stop()
 		for {
@@ -302,7 +303,7 @@ func (s *Server) linger(a *attachment) int {
 			s.log.Info("lingering device freed", "device", dev.Path)
 			return
 		}
-	}()
+	})
 	return n
 }
 

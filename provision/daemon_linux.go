@@ -143,7 +143,12 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	go watchLinkDead(ctx, watcher, srv, log)
+	// The watcher ends with wctx, before the watcher is closed (deferred
+	// above) and Run returns.
+	wctx, stopWatching := context.WithCancel(ctx)
+	watching := make(chan struct{})
+	go func() { defer close(watching); watchLinkDead(wctx, watcher, srv, log) }()
+	defer func() { stopWatching(); <-watching }()
 	srv.Adopt()
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

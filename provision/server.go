@@ -163,6 +163,9 @@ type Server struct {
 	// handover is set by Handover: attachments end without a detach.
 	handover bool
 	wg       sync.WaitGroup
+	// background counts goroutines that end with ctx (the linger
+	// pollers); Shutdown waits for them too.
+	background sync.WaitGroup
 	// waiting counts connections whose request is not answered yet, in
 	// all and by accounting uid.
 	waiting      int
@@ -350,12 +353,18 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	// as an idle one.
 	answered := sync.OnceFunc(func() { s.requestDone(caller) })
 	defer answered()
+	// Counted out before the answer goes, so that a caller who has it
+	// sees the count without it.
+	reject := func(key string, err error) {
+		answered()
+		s.reject(conn, caller, key, err)
+	}
 	received := time.Now()
 	// Nothing a caller sends is kept unless a mode below takes it over.
 	defer func() { protocol.CloseFDs(fds) }()
 	if err != nil {
 		if errors.Is(err, protocol.ErrBadRequest) {
-			s.reject(conn, caller, "", err)
+			reject("", err)
 		} else if !errors.Is(err, protocol.ErrEmptyConnection) {
 			if n := s.dropLog.allow(); n >= 0 {
 				s.log.Info("caller dropped before sending a request", "caller_pid", caller.pid, "caller_uid", caller.uid,
@@ -377,7 +386,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	}()
 	req, err := protocol.ParseRequest(msg)
 	if err != nil {
-		s.reject(conn, caller, req.Key, err)
+		reject(req.Key, err)
 		return
 	}
 	mountMode := false
@@ -385,22 +394,22 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	case 0:
 	case 2:
 		if err := mount.CheckFDs(fds[0], fds[1]); err != nil {
-			s.reject(conn, caller, req.Key, fmt.Errorf("%w: mount mode: %v", protocol.ErrBadRequest, err))
+			reject(req.Key, fmt.Errorf("%w: mount mode: %v", protocol.ErrBadRequest, err))
 			return
 		}
 		if s.cfg.Mounter == nil {
-			s.reject(conn, caller, req.Key, errors.New("mount mode is not available on this provisioner"))
+			reject(req.Key, errors.New("mount mode is not available on this provisioner"))
 			return
 		}
 		mountMode = true
 	default:
-		s.reject(conn, caller, req.Key, fmt.Errorf(
+		reject(req.Key, fmt.Errorf(
 			"%w: request carries %d fds; fd mode takes none, mount mode a mount namespace and a directory", protocol.ErrBadRequest, len(fds)))
 		return
 	}
 	image, err := s.cfg.Images.Lookup(req.Key)
 	if err != nil {
-		s.reject(conn, caller, req.Key, err)
+		reject(req.Key, err)
 		return
 	}
 	mode := "fd"
@@ -408,7 +417,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		mode = "mount"
 	}
 	if err := authorize(caller, req.Key, image, mode); err != nil {
-		s.reject(conn, caller, req.Key, err)
+		reject(req.Key, err)
 		return
 	}
 	var mountReq mount.Request
@@ -432,13 +441,13 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 			mountReq.Base = s.cfg.MountBase
 		}
 		if err := authorizeMount(caller, mountReq.Namespace, mountReq.Dir); err != nil {
-			s.reject(conn, caller, req.Key, err)
+			reject(req.Key, err)
 			return
 		}
 	}
 
 	if err := s.checkLingering(caller); err != nil {
-		s.reject(conn, caller, req.Key, err)
+		reject(req.Key, err)
 		return
 	}
 	a := &attachment{imageID: image.ImageID, imageSize: image.ImageSize, clientID: engine.ClientID(s.cfg.Host, image.ImageID),
@@ -450,7 +459,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 			s.log.Info("image busy", "image_id", image.ImageID, "held_by_key", holder.key,
 				"held_by_pid", holder.caller.pid, "held_by_uid", holder.caller.uid)
 		}
-		s.reject(conn, caller, req.Key, err)
+		reject(req.Key, err)
 		return
 	}
 	// Parsing, the image config, the checks, the reservation.
@@ -469,13 +478,13 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		s.forget(a)
 		s.attachFailed(mode, err)
 		s.reg.release(a)
-		s.reject(conn, caller, req.Key, err)
+		reject(req.Key, err)
 		return
 	}
 	s.reg.setDevice(a, dev)
 	if recordErr != nil {
 		s.detach(a, "state not recorded")
-		s.reject(conn, caller, req.Key, recordErr)
+		reject(req.Key, recordErr)
 		return
 	}
 
@@ -505,7 +514,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 			err = classify(ErrAttachFailed, fmt.Errorf("mount: %w", err))
 			s.attachFailed(mode, err)
 			s.detach(a, "mount failed")
-			s.reject(conn, caller, req.Key, err)
+			reject(req.Key, err)
 			return
 		}
 	}
@@ -513,6 +522,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	// Attached before the reply: a caller that reads its OK and asks for
 	// the status sees it so.
 	s.reg.setState(a, StateAttached)
+	answered()
 	if err := protocol.SendOK(conn, reply); err != nil {
 		s.log.Warn("caller gone before the reply", "image_id", image.ImageID, "device", dev.Path, "err", err)
 		s.attachFailed(mode, errGoneBeforeReply)
@@ -520,7 +530,6 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		return
 	}
 	sp.mark("reply")
-	answered()
 	s.spares.Refill()
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
@@ -624,6 +633,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		s.wg.Wait()
+		s.background.Wait()
 		close(done)
 	}()
 	select {
