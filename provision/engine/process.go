@@ -72,6 +72,9 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		return nil, err
 	}
 	if network == "tcp" {
+		if err := checkBindablePort(netip.MustParseAddrPort(address).Port()); err != nil {
+			return nil, err
+		}
 		// Whatever answers there first would pass the readiness check
 		// below in place of our engine, and refuse our tokens.
 		if c, err := net.DialTimeout(network, address, time.Second); err == nil {

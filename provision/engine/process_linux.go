@@ -3,6 +3,9 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -29,8 +32,8 @@ func onMainThread() bool { return unix.Gettid() == unix.Getpid() }
 //
 // Why the engine needs none (mvps-te's main.rs, bufferstore/ and mvps-blob's
 // local_fs.rs, tags v0.1.0 to v0.1.5 and main): it binds a Unix socket in
-// root's own 0700 directory or a loopback TCP port (one at or above
-// net.ipv4.ip_unprivileged_port_start, 1024 by default), creates and writes its
+// root's own 0700 directory or a loopback TCP port (refused below
+// net.ipv4.ip_unprivileged_port_start: checkBindablePort), creates and writes its
 // buffer and local image store as their owner (uid 0, root's directories),
 // flock()s its WAL files, maps temporary files from $TMPDIR, and speaks
 // HTTPS to S3: all of it ordinary for a process of uid 0 without
@@ -87,4 +90,21 @@ func dropThreadCapabilities() (keptBounding uint64, err error) {
 		return 0, fmt.Errorf("clear capabilities: %w", err)
 	}
 	return keptBounding, nil
+}
+
+// checkBindablePort refuses a TCP port below net.ipv4.ip_unprivileged_port_start:
+// the engine, without CAP_NET_BIND_SERVICE, could not bind it, and would
+// exit at every start with the reason only in its own log.
+func checkBindablePort(port uint16) error {
+	first := 1024 // fixed before Linux 4.11, which has no sysctl for it
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start"); err == nil {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			first = n
+		}
+	}
+	if int(port) < first {
+		return fmt.Errorf("engine listen port %d is privileged (net.ipv4.ip_unprivileged_port_start is %d) "+
+			"and the engine runs without capabilities: use a port of %d or more", port, first, first)
+	}
+	return nil
 }

@@ -133,3 +133,24 @@ func TestEngineRunsWithoutCapabilities(t *testing.T) {
 		t.Fatalf("the engine without capabilities does not serve a read: %v\n%s", err, logs.String())
 	}
 }
+
+// Without CAP_NET_BIND_SERVICE the engine cannot bind a privileged port:
+// Start says so instead of starting an engine that can only fail.
+func TestStartRefusesPrivilegedPort(t *testing.T) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+	if err != nil {
+		t.Skipf("no ip_unprivileged_port_start: %v", err)
+	}
+	first, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first == 0 {
+		t.Skip("every port is unprivileged here")
+	}
+	listen := "127.0.0.1:" + strconv.Itoa(first-1)
+	_, err = Start(context.Background(), Config{Bin: "/bin/true", Listen: listen, Secret: []byte("x")})
+	if err == nil || !strings.Contains(err.Error(), "ip_unprivileged_port_start") || !strings.Contains(err.Error(), strconv.Itoa(first-1)) {
+		t.Fatalf("Start on %s: %v", listen, err)
+	}
+}
