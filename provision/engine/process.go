@@ -196,6 +196,13 @@ func (e *Process) waitReady(ctx context.Context, network, address string) error 
 	var lastErr error
 	for {
 		lastErr = probeGreeting(ctx, network, address)
+		if lastErr == nil && network == "tcp" {
+			// Refused at once: while another process holds the port the
+			// engine cannot bind it, and it is no engine we would wait for.
+			if err := checkTCPListener(e.Pid(), address); err != nil {
+				return err
+			}
+		}
 		if lastErr == nil {
 			e.cfg.Logger.Info("engine ready", "after", time.Since(start).Round(time.Millisecond).String())
 			return nil
