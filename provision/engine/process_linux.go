@@ -30,15 +30,16 @@ func onMainThread() bool { return unix.Gettid() == unix.Getpid() }
 // when the goroutine ends, so the daemon's other threads keep their
 // capabilities.
 //
-// Why the engine needs none (mvps-te's main.rs, bufferstore/ and mvps-blob's
-// local_fs.rs, tags v0.1.0 to v0.1.5 and main): it binds a Unix socket in
-// root's own 0700 directory or a loopback TCP port (refused below
-// net.ipv4.ip_unprivileged_port_start: checkBindablePort), creates and writes its
-// buffer and local image store as their owner (uid 0, root's directories),
-// flock()s its WAL files, maps temporary files from $TMPDIR, and speaks
-// HTTPS to S3: all of it ordinary for a process of uid 0 without
-// capabilities. It stays uid 0 so that the store and buffer directories that
-// operators already have, which are root's, stay its own.
+// Why the engine needs none (mvps-te's main.rs, bufferstore/,
+// caching_image_store.rs and mvps-blob's local_fs.rs, tags v0.1.0 to v0.1.5
+// and main): it binds a Unix socket in root's own 0700 directory or a
+// loopback TCP port (refused below net.ipv4.ip_unprivileged_port_start:
+// checkBindablePort), creates and writes its buffer (an LMDB environment
+// up to v0.1.5, flock()ed WAL files since) and its local image store as
+// their owner, maps temporary files from $TMPDIR, and speaks HTTPS to S3:
+// all of it ordinary for a process of uid 0 without capabilities. It stays
+// uid 0 so that the store and buffer directories that operators already
+// have, which are root's, stay its own.
 //
 // Why this way: a uid 0 process that execs is given every capability in its
 // bounding set, whatever its permitted set was, so the bounding set must be
