@@ -72,6 +72,9 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		return nil, err
 	}
 	if network == "tcp" {
+		if err := checkBindablePort(netip.MustParseAddrPort(address).Port()); err != nil {
+			return nil, err
+		}
 		// Whatever answers there first would pass the readiness check
 		// below in place of our engine, and refuse our tokens.
 		if c, err := net.DialTimeout(network, address, time.Second); err == nil {
@@ -82,42 +85,72 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 	cmd := exec.Command(cfg.Bin)
 	cmd.Env = engineEnv(cfg.Env, cfg.Listen, cfg.Secret)
 	// Pdeathsig fires when the thread that forked exits, not the process:
-	// the fork happens on a thread locked for the engine's whole life.
+	// the fork happens on a thread locked for the engine's whole life. The
+	// same thread drops every capability first, so that the engine, which
+	// parses what the network and the object store send it, starts with
+	// none (dropThreadCapabilities).
 	cmd.SysProcAttr = engineProcAttr()
-	stdout, err := cmd.StdoutPipe()
+	// Pipes of our own rather than StdoutPipe: if the engine is never
+	// started, closing them is all there is to release.
+	stdout, stdoutW, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("engine: %w", err)
 	}
-	stderr, err := cmd.StderrPipe()
+	stderr, stderrW, err := os.Pipe()
 	if err != nil {
+		stdout.Close()
+		stdoutW.Close()
 		return nil, fmt.Errorf("engine: %w", err)
 	}
+	cmd.Stdout, cmd.Stderr = stdoutW, stderrW
 	e := &Process{cfg: cfg, cmd: cmd, done: make(chan struct{})}
 
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		// Never unlocked: the thread dies with this goroutine, after the
-		// engine has exited.
-		if err := cmd.Start(); err != nil {
-			started <- err
+	type startResult struct {
+		keptBounding uint64
+		err          error
+	}
+	started := make(chan startResult, 1)
+	goOnOwnThread(func() {
+		kept, err := dropThreadCapabilities()
+		if err != nil {
+			err = fmt.Errorf("confine the engine: %w", err)
+		} else {
+			err = cmd.Start()
+		}
+		// The engine holds its own copies; ours would keep the log
+		// readers below from ever seeing the end.
+		stdoutW.Close()
+		stderrW.Close()
+		if err != nil {
+			stdout.Close()
+			stderr.Close()
+			started <- startResult{err: err}
 			return
 		}
-		started <- nil
+		started <- startResult{keptBounding: kept}
 		e.logs.Add(2)
 		go e.copyLog(stdout, "stdout")
 		go e.copyLog(stderr, "stderr")
-		// Wait only after the pipes are drained, as exec requires.
+		// Drained first, so that the engine's last words are logged
+		// before its exit is reported.
 		e.logs.Wait()
-		err := cmd.Wait()
+		stdout.Close()
+		stderr.Close()
+		err = cmd.Wait()
 		if err == nil {
 			err = errors.New("engine exited with status 0")
 		}
 		e.err = fmt.Errorf("engine exited: %w", err)
 		close(e.done)
-	}()
-	if err := <-started; err != nil {
-		return nil, fmt.Errorf("start engine %s: %w", cfg.Bin, err)
+	})
+	res := <-started
+	if res.err != nil {
+		return nil, fmt.Errorf("start engine %s: %w", cfg.Bin, res.err)
+	}
+	if res.keptBounding != 0 {
+		cfg.Logger.Warn("the engine's capability bounding set could not be emptied: the provisioner lacks CAP_SETPCAP; "+
+			"the engine still has no capability and cannot gain one (no_new_privs)",
+			"bounding_set", fmt.Sprintf("%#x", res.keptBounding))
 	}
 	cfg.Logger.Info("engine started", "bin", cfg.Bin, "pid", cmd.Process.Pid, "listen", cfg.Listen)
 
@@ -126,6 +159,32 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		return nil, err
 	}
 	return e, nil
+}
+
+// goOnOwnThread runs fn in a new goroutine locked to an OS thread that no
+// other goroutine ever uses: it is never unlocked, so the runtime discards
+// the thread when fn returns, and what fn changed about it (its
+// capabilities) ends with it. Never the main thread: the runtime does not
+// retire that one, and /proc/<pid>/status shows its capabilities as the
+// daemon's.
+func goOnOwnThread(fn func()) {
+	go func() {
+		runtime.LockOSThread()
+		if !onMainThread() {
+			fn()
+			return
+		}
+		// Held until fn's goroutine has locked another thread, so that it
+		// cannot be this one, then handed back untouched.
+		locked := make(chan struct{})
+		go func() {
+			runtime.LockOSThread()
+			close(locked)
+			fn()
+		}()
+		<-locked
+		runtime.UnlockOSThread()
+	}()
 }
 
 // waitReady dials until the engine sends its greeting: a socket that
@@ -137,6 +196,13 @@ func (e *Process) waitReady(ctx context.Context, network, address string) error 
 	var lastErr error
 	for {
 		lastErr = probeGreeting(ctx, network, address)
+		if lastErr == nil && network == "tcp" {
+			// Refused at once: while another process holds the port the
+			// engine cannot bind it, and it is no engine we would wait for.
+			if err := checkTCPListener(e.Pid(), address); err != nil {
+				return err
+			}
+		}
 		if lastErr == nil {
 			e.cfg.Logger.Info("engine ready", "after", time.Since(start).Round(time.Millisecond).String())
 			return nil

@@ -9,3 +9,13 @@ import "syscall"
 func engineProcAttr() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Setpgid: true}
 }
+
+// onMainThread is never true here: no thread state is changed but on Linux.
+func onMainThread() bool { return false }
+
+// dropThreadCapabilities has nothing to drop: only Linux has capabilities.
+func dropThreadCapabilities() (keptBounding uint64, err error) { return 0, nil }
+
+// checkBindablePort leaves the verdict to the engine's bind: the engine
+// runs without capabilities only on Linux.
+func checkBindablePort(port uint16) error { return nil }
