@@ -13,7 +13,6 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
@@ -335,7 +334,7 @@ func (r *rateLimited) allow() int {
 type spans struct {
 	last   time.Time
 	steps  []string
-	phases []metrics.Phase
+	phases []phase
 }
 
 func newSpans(start time.Time) *spans { return &spans{last: start} }
@@ -344,8 +343,23 @@ func newSpans(start time.Time) *spans { return &spans{last: start} }
 func (sp *spans) mark(name string) {
 	now := time.Now()
 	sp.steps = append(sp.steps, fmt.Sprintf("%s=%.2fms", name, float64(now.Sub(sp.last))/float64(time.Millisecond)))
-	sp.phases = append(sp.phases, metrics.Phase{Name: name, Took: now.Sub(sp.last)})
+	sp.phases = append(sp.phases, phase{name, now.Sub(sp.last)})
 	sp.last = now
 }
 
 func (sp *spans) String() string { return strings.Join(sp.steps, " ") }
+
+// all yields each step's name and time, for the Observer.
+func (sp *spans) all(yield func(string, time.Duration) bool) {
+	for _, p := range sp.phases {
+		if !yield(p.name, p.took) {
+			return
+		}
+	}
+}
+
+// phase is one timed step of an attach.
+type phase struct {
+	name string
+	took time.Duration
+}

@@ -40,7 +40,7 @@ func Listen(cfg ListenConfig) (*Listener, error) {
 	gid := -1
 	if cfg.Group != "" {
 		var err error
-		if gid, err = lookupGroup(cfg.Group); err != nil {
+		if gid, err = LookupGroup(cfg.Group); err != nil {
 			return nil, err
 		}
 	}

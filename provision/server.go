@@ -19,7 +19,6 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
@@ -125,8 +124,9 @@ type ServerConfig struct {
 	// past the per-uid one only that uid's.
 	MaxLingering, MaxLingeringPerUID int
 	Logger                           *slog.Logger
-	// Metrics, when set, counts attaches, detaches and refusals.
-	Metrics *metrics.Set
+	// Metrics, when set, is told of attaches, detaches, refusals and
+	// reconnects.
+	Metrics Observer
 }
 
 // Defaults for zero ServerConfig durations.
@@ -202,6 +202,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = noObserver{}
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	return &Server{
@@ -534,7 +537,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
 		"took", time.Since(received).Round(time.Millisecond).String(), "phases", sp.String())
-	s.cfg.Metrics.Attached(mode, time.Since(received), sp.phases)
+	s.cfg.Metrics.Attached(mode, time.Since(received), sp.all)
 
 	<-ctx.Done()
 	reason := endReason(context.Cause(ctx))

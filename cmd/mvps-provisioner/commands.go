@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/daemon"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
@@ -51,9 +52,9 @@ func adminPath(getenv func(string) string) string {
 		return p
 	}
 	if p := getenv("PROVISIONER_LISTEN_PATH"); p != "" {
-		return provision.DefaultAdminPath(p)
+		return daemon.DefaultAdminPath(p)
 	}
-	return provision.DefaultAdminPath(defaultListenPath)
+	return daemon.DefaultAdminPath(defaultListenPath)
 }
 
 func newFlags(name string, stderr io.Writer, usage string) *flag.FlagSet {

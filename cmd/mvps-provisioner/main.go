@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/daemon"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 )
@@ -23,9 +24,9 @@ func main() {
 			os.Exit(cmd(os.Args[2:], os.Getenv, os.Stdout, os.Stderr))
 		}
 	}
-	cfg, err := provision.ParseConfig(os.Args[1:], os.Getenv)
+	cfg, err := daemon.ParseConfig(os.Args[1:], os.Getenv)
 	if errors.Is(err, flag.ErrHelp) {
-		fmt.Print(provision.Usage())
+		fmt.Print(daemon.Usage())
 		fmt.Print(commandsUsage)
 		return
 	}
@@ -68,7 +69,7 @@ func main() {
 		defer src.Close()
 		cfg.Images = src
 	}
-	if err := provision.Run(ctx, cfg, log); err != nil {
+	if err := daemon.Run(ctx, cfg, log); err != nil {
 		if errors.Is(err, provision.ErrHandover) {
 			// EX_TEMPFAIL: a supervisor restarts it (the unit's
 			// RestartForceExitStatus).

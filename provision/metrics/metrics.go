@@ -9,6 +9,7 @@
 package metrics
 
 import (
+	"iter"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -109,21 +110,16 @@ func (s *Set) Registry() *prometheus.Registry {
 	return s.reg
 }
 
-// Phase is one timed step of an attach.
-type Phase struct {
-	Name string
-	Took time.Duration
-}
-
-// Attached records a successful attach and its phases.
-func (s *Set) Attached(mode string, took time.Duration, phases []Phase) {
+// Attached records a successful attach and its phases (name and time of
+// each timed step).
+func (s *Set) Attached(mode string, took time.Duration, phases iter.Seq2[string, time.Duration]) {
 	if s == nil {
 		return
 	}
 	s.attaches.WithLabelValues(mode, "ok").Inc()
 	s.attachSeconds.WithLabelValues(mode).Observe(took.Seconds())
-	for _, p := range phases {
-		s.phaseSeconds.WithLabelValues(mode, p.Name).Observe(p.Took.Seconds())
+	for name, took := range phases {
+		s.phaseSeconds.WithLabelValues(mode, name).Observe(took.Seconds())
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"iter"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -40,7 +41,7 @@ func TestCheckAddr(t *testing.T) {
 
 func TestNilSetRecordsNothing(t *testing.T) {
 	var s *Set
-	s.Attached("fd", time.Second, []Phase{{"dial", time.Millisecond}})
+	s.Attached("fd", time.Second, phases("dial", time.Millisecond))
 	s.AttachFailed("fd", "busy")
 	s.Detached("fd", DetachOK)
 	s.Refused("busy")
@@ -63,8 +64,8 @@ func scrape(t *testing.T, h http.Handler, path string) (int, string) {
 
 func TestExposition(t *testing.T) {
 	s := New(func() Gauges { return Gauges{Active: 2, Lingering: 1, Waiting: 3} })
-	s.Attached("fd", 30*time.Millisecond, []Phase{{"token", time.Microsecond}, {"dial", time.Millisecond}, {"kernel", 20 * time.Millisecond}})
-	s.Attached("mount", 2*time.Second, []Phase{{"mount", 1900 * time.Millisecond}})
+	s.Attached("fd", 30*time.Millisecond, phases("token", time.Microsecond, "dial", time.Millisecond, "kernel", 20*time.Millisecond))
+	s.Attached("mount", 2*time.Second, phases("mount", 1900*time.Millisecond))
 	s.AttachFailed("fd", "attach_failed")
 	s.Detached("fd", DetachOK)
 	s.Detached("mount", DetachStillOpen)
@@ -167,5 +168,16 @@ func TestServeLoopback(t *testing.T) {
 	}
 	if err := srv.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// phases lists name, duration pairs as Attached takes them.
+func phases(pairs ...any) iter.Seq2[string, time.Duration] {
+	return func(yield func(string, time.Duration) bool) {
+		for i := 0; i+1 < len(pairs); i += 2 {
+			if !yield(pairs[i].(string), pairs[i+1].(time.Duration)) {
+				return
+			}
+		}
 	}
 }

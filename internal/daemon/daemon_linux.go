@@ -1,4 +1,4 @@
-package provision
+package daemon
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
@@ -47,7 +48,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Warn("MVPS_TE_JWT_SECRET is shorter than the 32 bytes RFC 7518 asks of an HS256 key", "length", len(secret))
 	}
 
-	state, err := OpenStateDir(cfg.StateDir)
+	state, err := provision.OpenStateDir(cfg.StateDir)
 	if err != nil {
 		return err
 	}
@@ -73,7 +74,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 	// Listening first fails fast when another instance owns the socket,
 	// before a second engine is started.
-	ln, err := Listen(ListenConfig{Path: cfg.ListenPath, Mode: cfg.SocketMode, Group: cfg.SocketGroup})
+	ln, err := provision.Listen(provision.ListenConfig{Path: cfg.ListenPath, Mode: cfg.SocketMode, Group: cfg.SocketGroup})
 	if err != nil {
 		return err
 	}
@@ -116,17 +117,17 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 	}()
 
-	var mounter Mounter
+	var mounter provision.Mounter
 	if m, err := mount.New(cfg.Mke2fs, cfg.Blkid); err != nil {
 		log.Warn("mount mode disabled", "err", err)
 	} else {
 		mounter = m
 	}
-	var images ImageSource = imageconfig.Dir(cfg.ImageConfigDir)
+	var images provision.ImageSource = imageconfig.Dir(cfg.ImageConfigDir)
 	if cfg.Images != nil {
 		images = cfg.Images
 	}
-	srv, err := NewServer(ServerConfig{
+	srv, err := provision.NewServer(provision.ServerConfig{
 		Metrics: ops.Metrics(),
 		Mounter: mounter,
 		Images:  images,
@@ -164,7 +165,7 @@ serve:
 	for {
 		select {
 		case <-ctx.Done():
-			if context.Cause(ctx) == ErrHandover {
+			if context.Cause(ctx) == provision.ErrHandover {
 				log.Info("handing over: stopping with every device left attached for the next start")
 			} else {
 				log.Info("shutting down")
@@ -197,17 +198,17 @@ serve:
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 	defer cancel()
 	stop := srv.Shutdown
-	if handover || context.Cause(ctx) == ErrHandover {
+	if handover || context.Cause(ctx) == provision.ErrHandover {
 		stop = srv.Handover
 	}
 	if err := stop(sctx); err != nil {
 		log.Error("shutdown", "err", err)
 		runErr = errors.Join(runErr, err)
 	}
-	if runErr == nil && context.Cause(ctx) == ErrHandover {
+	if runErr == nil && context.Cause(ctx) == provision.ErrHandover {
 		// The engine stops next (deferred), checkpointing every image.
 		log.Info("handed over")
-		return ErrHandover
+		return provision.ErrHandover
 	}
 	if runErr == nil {
 		log.Info("stopped cleanly")
@@ -237,7 +238,7 @@ func restartEngine(ctx context.Context, cfg engine.Config, log *slog.Logger) (*e
 }
 
 // watchLinkDead hands the kernel's link-dead events to srv until ctx ends.
-func watchLinkDead(ctx context.Context, w *netlinknbd.Watcher, srv *Server, log *slog.Logger) {
+func watchLinkDead(ctx context.Context, w *netlinknbd.Watcher, srv *provision.Server, log *slog.Logger) {
 	for {
 		ev, err := w.Receive(ctx)
 		switch {

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
@@ -22,7 +21,7 @@ import (
 // withMetrics starts a test server that counts into a metrics set.
 func withMetrics(t *testing.T) (*provisiontest.Server, func() string) {
 	var ts *provisiontest.Server
-	m := metrics.New(func() metrics.Gauges { return ts.Gauges() })
+	m := metrics.New(func() metrics.Gauges { return gaugesOf(ts) })
 	ts = provisiontest.New(t, func(c *provision.ServerConfig) { c.Metrics = m })
 	scrape := func() string {
 		rec := httptest.NewRecorder()
@@ -67,8 +66,7 @@ func TestForceDetach(t *testing.T) {
 
 	ctx := context.Background()
 	_, _, err := ts.ForceDetach(ctx, "nothing", "uid 0 pid 1")
-	var aerr *admin.Error
-	if !errors.As(err, &aerr) || aerr.Code != admin.CodeNotFound {
+	if !errors.Is(err, provision.ErrNotFound) {
 		t.Fatalf("ForceDetach of nothing: %v", err)
 	}
 	// By image id; then the other by device.
@@ -163,7 +161,7 @@ func TestDetachStillOpenCounted(t *testing.T) {
 // a mount outside the base is forbidden in both.
 func TestMountRefusalCountedWithItsCode(t *testing.T) {
 	var ts *provisiontest.Server
-	m := metrics.New(func() metrics.Gauges { return ts.Gauges() })
+	m := metrics.New(func() metrics.Gauges { return gaugesOf(ts) })
 	mounter := &fakeMounter{dir: t.TempDir(), err: fmt.Errorf("%w: /elsewhere is not inside /mnt", mount.ErrOutsideBase)}
 	ts = provisiontest.New(t, func(c *provision.ServerConfig) { c.Metrics, c.Mounter = m, mounter })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
@@ -193,4 +191,10 @@ func openNamespaceAndDir(t *testing.T) (ns, dir *os.File) {
 		files[i] = f
 	}
 	return files[0], files[1]
+}
+
+// gaugesOf is what the daemon gives the metrics of ts's gauges.
+func gaugesOf(ts *provisiontest.Server) metrics.Gauges {
+	g := ts.Gauges()
+	return metrics.Gauges{Active: g.Active, Lingering: g.Lingering, Waiting: g.Waiting}
 }

@@ -1,4 +1,4 @@
-package provision
+package daemon
 
 import (
 	"os"
@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 )
 
@@ -14,10 +15,10 @@ import (
 // fresh nor ext4): the daemon's bound outlasts a format and the detach
 // after it, and the unit's outlasts the daemon's.
 func TestShutdownOutlastsFormat(t *testing.T) {
-	if need := mount.FormatTimeout + DefaultFlushTimeout + DefaultDetachTimeout; ShutdownTimeout <= need {
+	if need := mount.FormatTimeout + provision.DefaultFlushTimeout + provision.DefaultDetachTimeout; ShutdownTimeout <= need {
 		t.Errorf("ShutdownTimeout %v, want more than a format, a flush and a detach (%v)", ShutdownTimeout, need)
 	}
-	unit, err := os.ReadFile("../deploy/systemd/mvps-provisioner.service")
+	unit, err := os.ReadFile("../../deploy/systemd/mvps-provisioner.service")
 	if err != nil {
 		t.Fatal(err)
 	}

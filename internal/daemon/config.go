@@ -1,4 +1,4 @@
-package provision
+package daemon
 
 import (
 	"errors"
@@ -8,11 +8,11 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 )
@@ -31,7 +31,7 @@ type Config struct {
 	// Images, when set, is where image configs come from instead of
 	// ImageConfigDir: the ConfigMap source, which the command opens so that
 	// this package never links the Kubernetes client.
-	Images    ImageSource
+	Images    provision.ImageSource
 	EngineBin string // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
 	// EngineListen is PROVISIONER_ENGINE_LISTEN, --engine-listen: empty
 	// means a Unix socket in a private runtime directory.
@@ -99,7 +99,7 @@ var settings = []setting{
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(p *parsed) *string { return &p.LogLevel }},
 	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images", func(p *parsed) *string { return &p.Mke2fs }},
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures", func(p *parsed) *string { return &p.Blkid }},
-	{"PROVISIONER_STATE_DIR", "state-dir", DefaultStateDir, "directory of the attachment records a restarted provisioner takes over (one provisioner per directory)", func(p *parsed) *string { return &p.StateDir }},
+	{"PROVISIONER_STATE_DIR", "state-dir", provision.DefaultStateDir, "directory of the attachment records a restarted provisioner takes over (one provisioner per directory)", func(p *parsed) *string { return &p.StateDir }},
 	{"PROVISIONER_MOUNT_BASE", "mount-base", "", "absolute directory that mounts of callers other than uid 0 must be under (default: anywhere they own)", func(p *parsed) *string { return &p.MountBase }},
 	{"PROVISIONER_ADMIN_PATH", "admin-path", "", "admin socket for mvps-provisioner status and detach, mode 0600 (default: admin.sock next to the listen path)", func(p *parsed) *string { return &p.AdminPath }},
 	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)", func(p *parsed) *string { return &p.MetricsAddr }},
@@ -247,7 +247,7 @@ func (cfg Config) Check() error {
 		return fmt.Errorf("PROVISIONER_LISTEN_PATH %s: its directory %s does not exist", cfg.ListenPath, filepath.Dir(cfg.ListenPath))
 	}
 	if cfg.SocketGroup != "" {
-		if _, err := lookupGroup(cfg.SocketGroup); err != nil {
+		if _, err := provision.LookupGroup(cfg.SocketGroup); err != nil {
 			return fmt.Errorf("PROVISIONER_SOCKET_GROUP: %w", err)
 		}
 	}
@@ -273,21 +273,6 @@ func Usage() string {
 	fset.PrintDefaults()
 	b.WriteString("\nMVPS_TE_JWT_SECRET (environment only): the engine's token secret; random when unset.\n")
 	return b.String()
-}
-
-func lookupGroup(group string) (int, error) {
-	if gid, err := strconv.Atoi(group); err == nil && gid >= 0 {
-		return gid, nil
-	}
-	g, err := user.LookupGroup(group)
-	if err != nil {
-		return -1, fmt.Errorf("socket group %q: %w", group, err)
-	}
-	gid, err := strconv.Atoi(g.Gid)
-	if err != nil {
-		return -1, fmt.Errorf("socket group %q has gid %q: %w", group, g.Gid, err)
-	}
-	return gid, nil
 }
 
 // NodeIdentity is this node's name in client ids: NodeName when set, else

@@ -3,26 +3,70 @@ package provision
 import (
 	"context"
 	"errors"
+	"fmt"
+	"iter"
 	"strings"
 	"time"
 
-	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
-// This file holds what the admin socket and the metrics need from the
-// Server, kept apart from the serving code: the hooks the serving code
-// calls, the gauges, the serving check and the forced detach.
+// This file holds what an operator's tools (the admin socket, the metrics)
+// need from the Server, kept apart from the serving code: what the Server
+// tells its Observer, the gauges, the serving check and the forced detach.
+// The daemon adapts them to the admin protocol and to Prometheus; this
+// package imports neither.
+
+// Observer is told what the Server does, for metrics. Every method must be
+// quick and safe for concurrent use.
+type Observer interface {
+	// Attached: an attach succeeded, taking took, in the timed phases
+	// (name and time of each step).
+	Attached(mode string, took time.Duration, phases iter.Seq2[string, time.Duration])
+	// AttachFailed: an attach failed after its image was reserved; code
+	// is the reply code its caller got, or "caller_gone".
+	AttachFailed(mode, code string)
+	// Detached: a detach ended with result, one of the Detach constants.
+	Detached(mode, result string)
+	// Refused: a request was answered with the error code.
+	Refused(code string)
+	// LinkDead: the kernel reported a device's engine connection dead.
+	LinkDead()
+	// Reconnected: a dead device was reconnected, or given up on.
+	Reconnected(ok bool)
+}
+
+// noObserver is the Observer of a Server configured without one.
+type noObserver struct{}
+
+func (noObserver) Attached(string, time.Duration, iter.Seq2[string, time.Duration]) {}
+func (noObserver) AttachFailed(string, string)                                      {}
+func (noObserver) Detached(string, string)                                          {}
+func (noObserver) Refused(string)                                                   {}
+func (noObserver) LinkDead()                                                        {}
+func (noObserver) Reconnected(bool)                                                 {}
+
+// Detach results, as Observer.Detached gets them.
+const (
+	DetachOK        = "ok"
+	DetachUnflushed = "unflushed"
+	DetachStillOpen = "still_open"
+	DetachFailed    = "failed"
+)
+
+// Errors of ForceDetach.
+var (
+	// ErrNotFound: nothing attached matches the target.
+	ErrNotFound = errors.New("no such attachment")
+	// ErrAmbiguous: the target names more than one attachment.
+	ErrAmbiguous = errors.New("ambiguous target")
+)
 
 // errGoneBeforeReply is an attach whose caller hung up before the reply.
 var errGoneBeforeReply = errors.New("caller_gone")
 
 // attachFailed counts an attach that failed after its reservation.
 func (s *Server) attachFailed(mode string, err error) {
-	if s.cfg.Metrics == nil {
-		return
-	}
 	code := errGoneBeforeReply.Error()
 	if err != errGoneBeforeReply {
 		code = replyFor(err).Code
@@ -34,19 +78,29 @@ func (s *Server) attachFailed(mode string, err error) {
 func detachResult(flushErr, detachErr error) string {
 	switch {
 	case errors.Is(detachErr, nbddev.ErrStillOpen):
-		return metrics.DetachStillOpen
+		return DetachStillOpen
 	case detachErr != nil:
-		return metrics.DetachFailed
+		return DetachFailed
 	case flushErr != nil:
-		return metrics.DetachUnflushed
+		return DetachUnflushed
 	}
-	return metrics.DetachOK
+	return DetachOK
+}
+
+// Gauges are counts of the Server's state at a moment.
+type Gauges struct {
+	// Active counts attachments in any state but lingering.
+	Active int
+	// Lingering counts detached devices still held open by a process.
+	Lingering int
+	// Waiting counts connections whose request is not answered yet.
+	Waiting int
 }
 
 // Gauges counts the attachments, the lingering devices and the connections
 // waiting for their request, for the metrics.
-func (s *Server) Gauges() metrics.Gauges {
-	var g metrics.Gauges
+func (s *Server) Gauges() Gauges {
+	var g Gauges
 	for _, info := range s.Snapshot() {
 		if info.State == StateLingering {
 			g.Lingering++
@@ -117,12 +171,11 @@ func (s *Server) ForceDetach(ctx context.Context, target, who string) (Info, str
 		s.reg.mu.Unlock()
 		switch {
 		case len(matches) > 1:
-			return Info{}, "", admin.Errorf(admin.CodeBadRequest, "%q names %d attachments; give the device instead", target, len(matches))
+			return Info{}, "", failf(ErrAmbiguous, "%q names %d attachments; give the device instead", target, len(matches))
 		case lingering:
-			return Info{}, "", admin.Errorf(admin.CodeNotFound,
-				"%q is already detached; its device is still held open by some process (lingering) and is freed when that closes it", target)
+			return Info{}, "", failf(ErrNotFound, "%q is already detached; its device is still held open by some process (lingering) and is freed when that closes it", target)
 		}
-		return Info{}, "", admin.Errorf(admin.CodeNotFound, "no attachment matches %q (image key, image id or /dev/nbdX)", target)
+		return Info{}, "", failf(ErrNotFound, "no attachment matches %q (image key, image id or /dev/nbdX)", target)
 	}
 	a := matches[0]
 	a.forced = reason
@@ -151,7 +204,7 @@ func (s *Server) ForceDetach(ctx context.Context, target, who string) (Info, str
 		select {
 		case <-a.released:
 		case <-time.After(bound):
-			return info, "", admin.Errorf(admin.CodeFailed, "image %s was still being attached %v after its connection was closed", a.imageID, bound)
+			return info, "", fmt.Errorf("image %s was still being attached %v after its connection was closed", a.imageID, bound)
 		}
 		return info, ForcedAborted, nil
 	case StateDetaching:

@@ -1,4 +1,4 @@
-package provision
+package daemon
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
@@ -19,8 +20,8 @@ import (
 
 // operations is what an operator and a supervisor see of a running
 // daemon: the admin socket, the metrics listener and systemd's
-// notifications. Run makes one before the Server (whose metrics it holds)
-// and starts it once the Server serves.
+// notifications. Run makes one before the provision.Server (whose metrics it holds)
+// and starts it once the provision.Server serves.
 type operations struct {
 	cfg     Config
 	log     *slog.Logger
@@ -28,15 +29,15 @@ type operations struct {
 	notify  *notify.Notifier
 
 	mu          sync.Mutex
-	srv         *Server
+	srv         *provision.Server
 	devices     *nbddev.Devices
 	eng         *engine.Process
 	engineSince time.Time
 	restarts    int
 
 	// callers is the caller socket's listener, whose path /readyz checks.
-	callers    *Listener
-	adminLn    *Listener
+	callers    *provision.Listener
+	adminLn    *provision.Listener
 	admin      *admin.Server
 	adminDone  chan error
 	metricsSrv *metrics.Server
@@ -52,7 +53,7 @@ func newOperations(cfg Config, log *slog.Logger) *operations {
 	return o
 }
 
-// Metrics is the metrics set for the Server; nil when metrics are off.
+// Metrics is the metrics set for the provision.Server; nil when metrics are off.
 func (o *operations) Metrics() *metrics.Set { return o.metrics }
 
 func (o *operations) gauges() metrics.Gauges {
@@ -62,7 +63,8 @@ func (o *operations) gauges() metrics.Gauges {
 	if srv == nil {
 		return metrics.Gauges{}
 	}
-	return srv.Gauges()
+	g := srv.Gauges()
+	return metrics.Gauges{Active: g.Active, Lingering: g.Lingering, Waiting: g.Waiting}
 }
 
 // listen binds the admin socket and the metrics listener. Run calls it
@@ -70,11 +72,11 @@ func (o *operations) gauges() metrics.Gauges {
 // some local user bound first) must fail the start while nothing is ours
 // yet, not make it end in a shutdown that detaches what it adopted. The
 // metrics answer at once (not ready until start); the admin socket waits.
-func (o *operations) listen(callers *Listener) error {
+func (o *operations) listen(callers *provision.Listener) error {
 	o.mu.Lock()
 	o.callers = callers
 	o.mu.Unlock()
-	ln, err := Listen(ListenConfig{Path: o.cfg.AdminPath, Mode: 0o600})
+	ln, err := provision.Listen(provision.ListenConfig{Path: o.cfg.AdminPath, Mode: 0o600})
 	if err != nil {
 		return fmt.Errorf("admin socket (PROVISIONER_ADMIN_PATH): %w", err)
 	}
@@ -98,7 +100,7 @@ func (o *operations) listen(callers *Listener) error {
 
 // start serves the admin socket, and tells systemd the daemon is ready
 // once the engine answers and the server accepts.
-func (o *operations) start(srv *Server, eng *engine.Process, devices *nbddev.Devices) {
+func (o *operations) start(srv *provision.Server, eng *engine.Process, devices *nbddev.Devices) {
 	o.mu.Lock()
 	o.srv, o.eng, o.devices, o.engineSince = srv, eng, devices, time.Now()
 	o.mu.Unlock()
@@ -252,13 +254,16 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 func (b adminBackend) ForceDetach(ctx context.Context, target string, who admin.Peer) (admin.DetachResult, error) {
 	info, result, err := b.o.srv.ForceDetach(ctx, target, who.String())
 	if err != nil {
-		code := admin.CodeFailed
-		var e *admin.Error
-		if errors.As(err, &e) && e.Code == admin.CodeNotFound {
-			code = "not_found"
+		// The core's errors, in the admin protocol's codes.
+		code, counted := admin.CodeFailed, admin.CodeFailed
+		switch {
+		case errors.Is(err, provision.ErrNotFound):
+			code, counted = admin.CodeNotFound, "not_found"
+		case errors.Is(err, provision.ErrAmbiguous):
+			code = admin.CodeBadRequest
 		}
-		b.o.metrics.AdminDetach(code)
-		return admin.DetachResult{}, err
+		b.o.metrics.AdminDetach(counted)
+		return admin.DetachResult{}, admin.Errorf(code, "%s", err)
 	}
 	b.o.metrics.AdminDetach("ok")
 	return admin.DetachResult{Key: info.Key, ImageID: info.ImageID, Device: info.Device, Result: result}, nil
