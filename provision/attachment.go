@@ -18,6 +18,14 @@ import (
 )
 
 // attachment is one image attached for one caller.
+//
+// Who may touch what: the fields up to caller are set before the
+// attachment is shared (reserved) and never change; dev is set once under
+// the registry's lock; root and mountNS belong to the goroutine serving
+// the attachment until it reaches StateAttached, and to the one detach
+// after that (once); the fields below the line are the registry's,
+// guarded by registry.mu. Lock order: Server.mu and registry.mu are never
+// held together.
 type attachment struct {
 	imageID   string
 	imageSize uint64
@@ -37,21 +45,20 @@ type attachment struct {
 	// says which.
 	ctx    context.Context
 	cancel context.CancelCauseFunc
-	// unrecoverable is set when recovery failed: the device's connection
-	// is dead, so a flush could only wait for nothing.
-	unrecoverable bool
-	once          sync.Once
+	once   sync.Once
 	// conn is the caller's connection; a forced detach closes it.
 	conn *net.UnixConn
 
-	// forced names who forced the detach (admin socket); guarded by the
-	// registry's lock.
-	forced string
+	// ---- guarded by registry.mu ----
 
-	// Guarded by the registry's lock.
-	state      State
-	since      time.Time
-	reconnects int
+	// forced names who forced the detach (admin socket).
+	forced string
+	// unrecoverable is set when recovery failed: the device's connection
+	// is dead, so a flush could only wait for nothing.
+	unrecoverable bool
+	state         State
+	since         time.Time
+	reconnects    int
 	// released is closed when the image id is free again.
 	released chan struct{}
 }
@@ -171,8 +178,9 @@ func (s *Server) detach(a *attachment, reason string) {
 			since = a.since
 		}
 		s.mu.Lock()
-		engineDead := s.engineDead || a.unrecoverable
+		engineDead := s.engineDead
 		s.mu.Unlock()
+		engineDead = engineDead || s.reg.isUnrecoverable(a)
 
 		var fsErr error
 		if a.root != nil && a.mountNS != nil {

@@ -95,9 +95,7 @@ func (s *Server) recover(a *attachment) bool {
 	s.log.Error("giving up on the device: no new engine connection in time; detaching",
 		"image_id", a.imageID, "device", a.dev.Path, "after", time.Since(start).Round(time.Millisecond).String(), "err", lastErr)
 	s.cfg.Metrics.Reconnected(false)
-	s.mu.Lock()
-	a.unrecoverable = true
-	s.mu.Unlock()
+	s.reg.markUnrecoverable(a)
 	a.cancel(errUnrecoverable)
 	return false
 }

@@ -219,6 +219,19 @@ func (r *registry) endRecovery(a *attachment, ok bool) {
 	}
 }
 
+// markUnrecoverable records that a's device could not be reconnected.
+func (r *registry) markUnrecoverable(a *attachment) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.unrecoverable = true
+}
+
+func (r *registry) isUnrecoverable(a *attachment) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return a.unrecoverable
+}
+
 // live reports whether a is attached and its caller has its reply: what a
 // handover leaves attached.
 func (r *registry) live(a *attachment) bool {
