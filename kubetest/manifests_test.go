@@ -3,6 +3,7 @@
 package kubetest
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -94,7 +96,7 @@ func decode[T any](t *testing.T, ms []manifest, kind string) *T {
 // The manifests must agree with each other and with the daemon: the
 // ConfigMap the DaemonSet names is the one the Role opens, the service
 // account is the one bound, every sample value parses, and the sample pod
-// has the propagation that makes the sidecar's mount visible.
+// asks for an image the ConfigMap has through the socket it mounts.
 func TestManifestsAgree(t *testing.T) {
 	ms := manifests(t)
 	ds := decode[appsv1.DaemonSet](t, ms, "DaemonSet")
@@ -102,7 +104,6 @@ func TestManifestsAgree(t *testing.T) {
 	role := decode[rbacv1.Role](t, ms, "Role")
 	rb := decode[rbacv1.RoleBinding](t, ms, "RoleBinding")
 	sa := decode[corev1.ServiceAccount](t, ms, "ServiceAccount")
-	pod := decode[corev1.Pod](t, ms, "Pod")
 
 	var ref string
 	for _, e := range ds.Spec.Template.Spec.Containers[0].Env {
@@ -137,16 +138,37 @@ func TestManifestsAgree(t *testing.T) {
 		}
 	}
 
-	propagation := map[string]corev1.MountPropagationMode{}
-	for _, c := range append(pod.Spec.InitContainers, pod.Spec.Containers...) {
-		for _, vm := range c.VolumeMounts {
-			if vm.MountPropagation != nil {
-				propagation[c.Name+"/"+vm.Name] = *vm.MountPropagation
+	// A consumer that names the caller socket names it where its own
+	// mount of the socket directory puts it, and asks for an image the
+	// sample ConfigMap has.
+	b := readBoundary(t)
+	socketDir, socketName := b.socketDir(t), filepath.Base(b.env["PROVISIONER_LISTEN_PATH"].Value)
+	mounts := b.consumerMounts()
+	named := 0
+	for _, w := range b.consumers {
+		for _, c := range allContainers(w.spec) {
+			for _, e := range c.Env {
+				switch e.Name {
+				case "PROVISIONER_LISTEN_PATH":
+					named++
+					ok := false
+					for _, m := range mounts {
+						ok = ok || (m.workload == w.id && m.container == c.Name && m.host == socketDir &&
+							filepath.Join(m.mountPath, socketName) == filepath.Clean(e.Value))
+					}
+					if !ok {
+						t.Errorf("%s container %s: PROVISIONER_LISTEN_PATH %s is not %s in its mount of %s", w.id, c.Name, e.Value, socketName, socketDir)
+					}
+				case "IMAGE_KEY":
+					if _, ok := cm.Data[e.Value]; !ok {
+						t.Errorf("%s container %s asks for image key %q, which the sample ConfigMap does not have", w.id, c.Name, e.Value)
+					}
+				}
 			}
 		}
 	}
-	if propagation["mvps-sidecar/data"] != corev1.MountPropagationBidirectional || propagation["app/data"] != corev1.MountPropagationHostToContainer {
-		t.Errorf("sample pod propagation = %v", propagation)
+	if named == 0 {
+		t.Error("no consumer names the caller socket: where is the sample?")
 	}
 }
 
@@ -167,18 +189,27 @@ func TestManifestsServerDryRun(t *testing.T) {
 	ctx := ctxFor(t, 2*time.Minute)
 
 	// Namespace lifecycle admission refuses objects in a namespace that
-	// does not exist, dry run or not; so the namespace is created for real.
+	// does not exist, dry run or not; so the namespaces are created for
+	// real. Pod Security admission reads its level from them.
 	ms := manifests(t)
-	nsObj := decode[corev1.Namespace](t, ms, "Namespace")
-	if _, err := api.admin(t).CoreV1().Namespaces().Get(ctx, nsObj.Name, metav1.GetOptions{}); err != nil {
-		applyManifests(t, api, "00-namespace.yaml")
+	for _, m := range ms {
+		if m.obj.GetKind() == "Namespace" {
+			applyManifests(t, api, m.file)
+		}
 	}
 
-	// The sample pod runs as the namespace's default service account,
-	// which a real cluster's controller manager creates; this one has none.
-	defaultSA := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "default"}}
-	if _, err := api.admin(t).CoreV1().ServiceAccounts("default").Create(ctx, defaultSA, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
+	// A pod runs as its namespace's default service account, which a real
+	// cluster's controller manager creates; this one has none.
+	var pods []manifest
+	for _, m := range ms {
+		if m.obj.GetKind() != "Pod" {
+			continue
+		}
+		pods = append(pods, m)
+		defaultSA := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: m.obj.GetNamespace(), Name: "default"}}
+		if _, err := api.admin(t).CoreV1().ServiceAccounts(defaultSA.Namespace).Create(ctx, defaultSA, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			t.Fatal(err)
+		}
 	}
 
 	for _, m := range ms {
@@ -199,6 +230,33 @@ func TestManifestsServerDryRun(t *testing.T) {
 			continue
 		}
 		t.Logf("%s: %s %s/%s passes a server-side dry run", m.file, gvk.Kind, m.obj.GetNamespace(), m.obj.GetName())
+	}
+
+	// The pods passed Pod Security admission because they meet their
+	// namespace's level, not because nothing checked: made privileged, the
+	// same pod is refused. (Validation alone refuses privileged with
+	// allowPrivilegeEscalation false, so that goes.)
+	for _, m := range pods {
+		obj := m.obj.DeepCopy()
+		containers, _, err := unstructured.NestedSlice(obj.Object, "spec", "containers")
+		if err != nil || len(containers) == 0 {
+			t.Fatalf("%s: containers: %v", m.file, err)
+		}
+		c := containers[0].(map[string]any)
+		unstructured.RemoveNestedField(c, "securityContext", "allowPrivilegeEscalation")
+		if err := unstructured.SetNestedField(c, true, "securityContext", "privileged"); err != nil {
+			t.Fatal(err)
+		}
+		if err := unstructured.SetNestedSlice(obj.Object, containers, "spec", "containers"); err != nil {
+			t.Fatal(err)
+		}
+		_, err = dyn.Resource(corev1.SchemeGroupVersion.WithResource("pods")).Namespace(obj.GetNamespace()).Apply(ctx, obj.GetName(), obj,
+			metav1.ApplyOptions{FieldManager: "kubetest", Force: true, DryRun: []string{metav1.DryRunAll}})
+		if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "PodSecurity") {
+			t.Errorf("%s: made privileged, the pod's dry run = %v, want refused by PodSecurity", m.file, err)
+			continue
+		}
+		t.Logf("%s: made privileged, refused: %v", m.file, err)
 	}
 }
 
@@ -237,4 +295,221 @@ func applyManifests(t *testing.T, api *apiServer, files ...string) {
 			t.Fatalf("%s: apply %s %s: %v", m.file, gvk.Kind, m.obj.GetName(), err)
 		}
 	}
+}
+
+// The trust boundary on a node (README, Kubernetes): consumer pods reach
+// the caller socket and nothing else of the provisioner's, they reach it
+// read-only, and they need neither root nor privilege to use it.
+
+// workload is a manifest that makes pods, with its pod template.
+type workload struct {
+	id        string // "62-sample-pod.yaml: Pod mvps-sample/mvps-sample"
+	namespace string
+	spec      corev1.PodSpec
+}
+
+func decodeDoc[T any](t *testing.T, m manifest) *T {
+	t.Helper()
+	v := new(T)
+	if err := yaml.UnmarshalStrict(m.doc, v); err != nil {
+		t.Fatalf("%s: %v", m.file, err)
+	}
+	return v
+}
+
+// workloads returns every manifest that makes pods.
+func workloads(t *testing.T, ms []manifest) []workload {
+	t.Helper()
+	var out []workload
+	for _, m := range ms {
+		var spec corev1.PodSpec
+		switch m.obj.GetKind() {
+		case "Pod":
+			spec = decodeDoc[corev1.Pod](t, m).Spec
+		case "DaemonSet":
+			spec = decodeDoc[appsv1.DaemonSet](t, m).Spec.Template.Spec
+		case "Deployment":
+			spec = decodeDoc[appsv1.Deployment](t, m).Spec.Template.Spec
+		case "StatefulSet":
+			spec = decodeDoc[appsv1.StatefulSet](t, m).Spec.Template.Spec
+		case "ReplicaSet":
+			spec = decodeDoc[appsv1.ReplicaSet](t, m).Spec.Template.Spec
+		case "Job":
+			spec = decodeDoc[batchv1.Job](t, m).Spec.Template.Spec
+		case "CronJob":
+			spec = decodeDoc[batchv1.CronJob](t, m).Spec.JobTemplate.Spec.Template.Spec
+		default:
+			continue
+		}
+		out = append(out, workload{
+			id:        fmt.Sprintf("%s: %s %s/%s", m.file, m.obj.GetKind(), m.obj.GetNamespace(), m.obj.GetName()),
+			namespace: m.obj.GetNamespace(),
+			spec:      spec,
+		})
+	}
+	return out
+}
+
+func allContainers(spec corev1.PodSpec) []corev1.Container {
+	return append(append([]corev1.Container(nil), spec.InitContainers...), spec.Containers...)
+}
+
+// boundary is what the trust boundary tests look at: the provisioner's
+// DaemonSet and container, and every other workload, a consumer.
+type boundary struct {
+	prov       workload
+	container  corev1.Container // the one running mvps-provisioner
+	env        map[string]corev1.EnvVar
+	consumers  []workload
+	pvs        []*corev1.PersistentVolume
+	pvcs       map[string]*corev1.PersistentVolumeClaim // by namespace/name
+	namespaces map[string]*corev1.Namespace
+	secrets    []*corev1.Secret
+}
+
+func readBoundary(t *testing.T) *boundary {
+	t.Helper()
+	ms := manifests(t)
+	b := &boundary{env: map[string]corev1.EnvVar{}, pvcs: map[string]*corev1.PersistentVolumeClaim{}, namespaces: map[string]*corev1.Namespace{}}
+	found := 0
+	for _, w := range workloads(t, ms) {
+		provisioner := false
+		for _, c := range w.spec.Containers {
+			if len(c.Command) > 0 && filepath.Base(c.Command[0]) == "mvps-provisioner" {
+				provisioner = true
+				b.container = c
+			}
+		}
+		if provisioner {
+			b.prov = w
+			found++
+		} else {
+			b.consumers = append(b.consumers, w)
+		}
+	}
+	if found != 1 {
+		t.Fatalf("%d workloads run mvps-provisioner, want 1", found)
+	}
+	if b.prov.id == "" || !strings.Contains(b.prov.id, ": DaemonSet ") {
+		t.Fatalf("mvps-provisioner runs in %s, want a DaemonSet", b.prov.id)
+	}
+	for _, e := range b.container.Env {
+		b.env[e.Name] = e
+	}
+	for _, m := range ms {
+		switch m.obj.GetKind() {
+		case "PersistentVolume":
+			b.pvs = append(b.pvs, decodeDoc[corev1.PersistentVolume](t, m))
+		case "PersistentVolumeClaim":
+			pvc := decodeDoc[corev1.PersistentVolumeClaim](t, m)
+			b.pvcs[pvc.Namespace+"/"+pvc.Name] = pvc
+		case "Namespace":
+			ns := decodeDoc[corev1.Namespace](t, m)
+			b.namespaces[ns.Name] = ns
+		case "Secret":
+			b.secrets = append(b.secrets, decodeDoc[corev1.Secret](t, m))
+		}
+	}
+	return b
+}
+
+// inside reports whether path is dir or below it.
+func inside(path, dir string) bool {
+	path, dir = filepath.Clean(path), filepath.Clean(dir)
+	return path == dir || dir == "/" || strings.HasPrefix(path, dir+"/")
+}
+
+// hostPathOf is where a path of container c is on the host, when a
+// hostPath volume holds it: the deepest mount at or above the path decides.
+func hostPathOf(spec corev1.PodSpec, c corev1.Container, path string) (string, bool) {
+	var best *corev1.VolumeMount
+	for i, vm := range c.VolumeMounts {
+		if inside(path, vm.MountPath) && (best == nil || len(filepath.Clean(vm.MountPath)) > len(filepath.Clean(best.MountPath))) {
+			best = &c.VolumeMounts[i]
+		}
+	}
+	if best == nil {
+		return "", false
+	}
+	for _, v := range spec.Volumes {
+		if v.Name == best.Name && v.HostPath != nil {
+			rel, err := filepath.Rel(filepath.Clean(best.MountPath), filepath.Clean(path))
+			if err != nil {
+				return "", false
+			}
+			return filepath.Join(v.HostPath.Path, best.SubPath, rel), true
+		}
+	}
+	return "", false
+}
+
+// consumerMount is a host directory a consumer reaches: a hostPath volume
+// of its pods, directly or through a claim bound to a hostPath
+// PersistentVolume.
+type consumerMount struct {
+	who       string
+	workload  string // id, empty for a volume no pod mounts
+	container string
+	host      string
+	readOnly  bool
+	mountPath string // in the container; empty for a volume no pod mounts
+}
+
+// pvOf is the PersistentVolume of the manifests a claim binds to.
+func (b *boundary) pvOf(ns, claim string) *corev1.PersistentVolume {
+	pvc := b.pvcs[ns+"/"+claim]
+	for _, pv := range b.pvs {
+		if pvc != nil && pvc.Spec.VolumeName == pv.Name {
+			return pv
+		}
+		if ref := pv.Spec.ClaimRef; ref != nil && ref.Namespace == ns && ref.Name == claim {
+			return pv
+		}
+	}
+	return nil
+}
+
+// consumerMounts lists every host path the consumers reach. Every hostPath
+// PersistentVolume counts, mounted or not: it is there for consumers.
+func (b *boundary) consumerMounts() []consumerMount {
+	var out []consumerMount
+	for _, w := range b.consumers {
+		for _, c := range allContainers(w.spec) {
+			for _, vm := range c.VolumeMounts {
+				for _, v := range w.spec.Volumes {
+					if v.Name != vm.Name {
+						continue
+					}
+					who := fmt.Sprintf("%s container %s volume %s", w.id, c.Name, v.Name)
+					switch {
+					case v.HostPath != nil:
+						out = append(out, consumerMount{who: who, workload: w.id, container: c.Name,
+							host: filepath.Join(v.HostPath.Path, vm.SubPath), readOnly: vm.ReadOnly, mountPath: vm.MountPath})
+					case v.PersistentVolumeClaim != nil:
+						if pv := b.pvOf(w.namespace, v.PersistentVolumeClaim.ClaimName); pv != nil && pv.Spec.HostPath != nil {
+							out = append(out, consumerMount{who: who + " (PersistentVolume " + pv.Name + ")", workload: w.id, container: c.Name,
+								host: filepath.Join(pv.Spec.HostPath.Path, vm.SubPath), readOnly: vm.ReadOnly, mountPath: vm.MountPath})
+						}
+					}
+				}
+			}
+		}
+	}
+	for _, pv := range b.pvs {
+		if pv.Spec.HostPath != nil {
+			out = append(out, consumerMount{who: "PersistentVolume " + pv.Name, host: filepath.Clean(pv.Spec.HostPath.Path), readOnly: true})
+		}
+	}
+	return out
+}
+
+// socketDir is the host directory of the caller socket.
+func (b *boundary) socketDir(t *testing.T) string {
+	t.Helper()
+	listen := b.env["PROVISIONER_LISTEN_PATH"].Value
+	host, ok := hostPathOf(b.prov.spec, b.container, listen)
+	if !ok {
+		t.Fatalf("PROVISIONER_LISTEN_PATH %q is on no hostPath volume of %s: no pod could reach it", listen, b.prov.id)
+	}
+	return filepath.Dir(host)
 }
