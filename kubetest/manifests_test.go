@@ -7,7 +7,9 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -512,4 +514,193 @@ func (b *boundary) socketDir(t *testing.T) string {
 		t.Fatalf("PROVISIONER_LISTEN_PATH %q is on no hostPath volume of %s: no pod could reach it", listen, b.prov.id)
 	}
 	return filepath.Dir(host)
+}
+
+// A consumer pod mounts exactly the caller socket's directory, read-only,
+// and nothing the provisioner keeps besides that socket is in it: not the
+// admin socket (detach any tenant's images), not the state directory
+// (plant records, hold the lock that keeps the next provisioner from
+// starting), nothing else the DaemonSet keeps on the host. Read-write, a
+// consumer could unlink the socket and bind an impostor in its place.
+func TestConsumersSeeOnlyTheCallerSocket(t *testing.T) {
+	b := readBoundary(t)
+	socketDir := b.socketDir(t)
+	mounts := b.consumerMounts()
+	if len(mounts) == 0 {
+		t.Fatal("no consumer mounts the caller socket: where is the sample?")
+	}
+	for _, m := range mounts {
+		if m.host != socketDir {
+			t.Errorf("%s reaches host path %s; consumers may reach only %s, the directory of PROVISIONER_LISTEN_PATH", m.who, m.host, socketDir)
+		}
+		if !m.readOnly {
+			t.Errorf("%s mounts %s read-write; read-only is enough to connect, and keeps it from unlinking or replacing the socket", m.who, m.host)
+		}
+	}
+
+	// The daemon's defaults put both where consumers look: the admin
+	// socket next to the caller socket, the state directory at
+	// /run/mvps-provisioner.
+	for _, name := range []string{"PROVISIONER_ADMIN_PATH", "PROVISIONER_STATE_DIR"} {
+		if e := b.env[name]; e.Value == "" || !filepath.IsAbs(e.Value) {
+			t.Errorf("%s of %s is %q, want an absolute path of its own", name, b.prov.id, e.Value)
+		}
+	}
+	// Every path the daemon is told of, but the caller socket.
+	for _, e := range b.container.Env {
+		path := strings.TrimPrefix(e.Value, "unix:")
+		if e.Name == "PROVISIONER_LISTEN_PATH" || !filepath.IsAbs(path) {
+			continue
+		}
+		host, ok := hostPathOf(b.prov.spec, b.container, path)
+		if !ok {
+			continue // inside the container, which no consumer sees
+		}
+		for _, m := range mounts {
+			if inside(host, m.host) {
+				t.Errorf("%s %s is %s on the host, inside %s, which %s reaches", e.Name, e.Value, host, m.host, m.who)
+			}
+		}
+	}
+	// Nothing else the DaemonSet mounts from the host is inside what a
+	// consumer reaches: only its mount of the socket directory itself.
+	for _, c := range allContainers(b.prov.spec) {
+		for _, vm := range c.VolumeMounts {
+			host, ok := hostPathOf(b.prov.spec, c, vm.MountPath)
+			if !ok || (c.Name == b.container.Name && filepath.Clean(vm.MountPath) == filepath.Dir(b.env["PROVISIONER_LISTEN_PATH"].Value)) {
+				continue
+			}
+			for _, m := range mounts {
+				if inside(host, m.host) {
+					t.Errorf("%s container %s mounts host path %s at %s, inside %s, which %s reaches", b.prov.id, c.Name, host, vm.MountPath, m.host, m.who)
+				}
+			}
+		}
+	}
+	// The records must outlive the container: a restarted provisioner
+	// takes its attachments over from them.
+	if state := b.env["PROVISIONER_STATE_DIR"].Value; state != "" {
+		if _, ok := hostPathOf(b.prov.spec, b.container, state); !ok {
+			t.Errorf("PROVISIONER_STATE_DIR %s is on no hostPath volume: the records would go with the container", state)
+		}
+	}
+}
+
+// The DaemonSet lets non-root callers in through the socket group, and
+// gives the daemon what it needs to serve callers of other pods.
+func TestProvisionerServesNonRootCallers(t *testing.T) {
+	b := readBoundary(t)
+	group := b.env["PROVISIONER_SOCKET_GROUP"]
+	if gid, err := strconv.Atoi(group.Value); err != nil || gid <= 0 {
+		t.Errorf("PROVISIONER_SOCKET_GROUP = %q, want a numeric gid other than 0: without it the socket is root's and every consumer must run as uid 0", group.Value)
+	}
+	modeText := b.env["PROVISIONER_SOCKET_MODE"].Value
+	if mode, err := strconv.ParseUint(modeText, 8, 32); err != nil || mode&0o007 != 0 || mode&0o020 == 0 {
+		t.Errorf("PROVISIONER_SOCKET_MODE = %q, want one that lets the group connect (write) and nobody else, like 0660", modeText)
+	}
+	node := b.env["PROVISIONER_NODE_NAME"]
+	if node.ValueFrom == nil || node.ValueFrom.FieldRef == nil || node.ValueFrom.FieldRef.FieldPath != "spec.nodeName" {
+		t.Errorf("PROVISIONER_NODE_NAME = %+v, want the downward API's spec.nodeName", node)
+	}
+	// Without the host's pid namespace SO_PEERCRED reports pid 0 for a
+	// caller of another pod: no pidfd, no namespace check, no caller to
+	// follow after a restart.
+	if !b.prov.spec.HostPID {
+		t.Errorf("%s does not set hostPID: callers of other pods would have no pid the daemon can see", b.prov.id)
+	}
+}
+
+// The JWT secret is never a value shipped with the manifests: the daemon
+// makes a random one when none is given.
+func TestNoShippedSecret(t *testing.T) {
+	b := readBoundary(t)
+	e, ok := b.env["MVPS_TE_JWT_SECRET"]
+	if !ok {
+		return
+	}
+	if e.Value != "" {
+		t.Errorf("MVPS_TE_JWT_SECRET has a literal value in %s", b.prov.id)
+	}
+	if e.ValueFrom == nil || e.ValueFrom.SecretKeyRef == nil {
+		t.Fatalf("MVPS_TE_JWT_SECRET = %+v, want a secretKeyRef (or nothing)", e)
+	}
+	ref := e.ValueFrom.SecretKeyRef
+	if ref.Optional == nil || !*ref.Optional {
+		t.Errorf("MVPS_TE_JWT_SECRET's secretKeyRef is not optional: the pod would not start without a Secret nobody needs")
+	}
+	for _, s := range b.secrets {
+		_, inData := s.Data[ref.Key]
+		_, inString := s.StringData[ref.Key]
+		if s.Name == ref.Name && s.Namespace == b.prov.namespace && (inData || inString) {
+			t.Errorf("Secret %s/%s ships a value for %s: applied as it is, every cluster would share it", s.Namespace, s.Name, ref.Key)
+		}
+	}
+}
+
+// A consumer needs the socket group and nothing more: no root, no
+// privilege, no way to gain any, in a namespace whose Pod Security level
+// would refuse them (the server dry run applies it).
+func TestConsumersAreUnprivileged(t *testing.T) {
+	b := readBoundary(t)
+	gid, _ := strconv.ParseInt(b.env["PROVISIONER_SOCKET_GROUP"].Value, 10, 64)
+	if len(b.consumers) == 0 {
+		t.Fatal("no consumer workload: where is the sample?")
+	}
+	for _, w := range b.consumers {
+		psc := w.spec.SecurityContext
+		if psc == nil {
+			psc = &corev1.PodSecurityContext{}
+		}
+		if !slices.Contains(psc.SupplementalGroups, gid) {
+			t.Errorf("%s: supplementalGroups %v lack the socket group %d", w.id, psc.SupplementalGroups, gid)
+		}
+		if w.spec.HostPID || w.spec.HostIPC || w.spec.HostNetwork {
+			t.Errorf("%s shares a host namespace", w.id)
+		}
+		for _, c := range allContainers(w.spec) {
+			sc := c.SecurityContext
+			if sc == nil {
+				sc = &corev1.SecurityContext{}
+			}
+			nonRoot, user := psc.RunAsNonRoot, psc.RunAsUser
+			if sc.RunAsNonRoot != nil {
+				nonRoot = sc.RunAsNonRoot
+			}
+			if sc.RunAsUser != nil {
+				user = sc.RunAsUser
+			}
+			if nonRoot == nil || !*nonRoot || (user != nil && *user == 0) {
+				t.Errorf("%s container %s may run as root (runAsNonRoot %v, runAsUser %v)", w.id, c.Name, deref(nonRoot), deref(user))
+			}
+			if sc.Privileged != nil && *sc.Privileged {
+				t.Errorf("%s container %s is privileged: node root", w.id, c.Name)
+			}
+			if sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+				t.Errorf("%s container %s does not set allowPrivilegeEscalation: false", w.id, c.Name)
+			}
+			if sc.Capabilities == nil || !slices.Contains(sc.Capabilities.Drop, "ALL") || len(sc.Capabilities.Add) > 0 {
+				t.Errorf("%s container %s does not drop every capability (%+v)", w.id, c.Name, sc.Capabilities)
+			}
+			for _, vm := range c.VolumeMounts {
+				if vm.MountPropagation != nil && *vm.MountPropagation == corev1.MountPropagationBidirectional {
+					t.Errorf("%s container %s sends mounts to the host (Bidirectional %s)", w.id, c.Name, vm.Name)
+				}
+			}
+		}
+		ns := b.namespaces[w.namespace]
+		if ns == nil {
+			t.Errorf("%s: its namespace %q is not in the manifests, so nothing says which Pod Security level it enforces", w.id, w.namespace)
+			continue
+		}
+		if level := ns.Labels["pod-security.kubernetes.io/enforce"]; level != "baseline" && level != "restricted" {
+			t.Errorf("%s: namespace %s enforces Pod Security %q, want baseline or restricted", w.id, ns.Name, level)
+		}
+	}
+}
+
+func deref[T any](p *T) any {
+	if p == nil {
+		return nil
+	}
+	return *p
 }
