@@ -286,7 +286,7 @@ func startAPIServer(parent, name, etcdURL string) (*apiServer, error) {
 			"--authorization-mode=RBAC",
 			"--service-cluster-ip-range=10.0.0.0/24",
 			// As on any cluster that runs CSI drivers or node agents: the
-			// DaemonSet and the sidecar are privileged.
+			// DaemonSet is privileged.
 			"--allow-privileged=true",
 		},
 	}
