@@ -298,7 +298,7 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 	if err != nil {
 		t.Fatalf("own namespace and directory: %v", err)
 	}
-	want := mount.Request{Options: mount.Options{}, Base: base}
+	want := mount.Request{Options: mount.Options{}, Base: base, RootOwner: &mount.Owner{UID: nobody, GID: nobody}}
 	if diff := cmp.Diff(want, lastRequest(), cmp.Comparer(func(a, b *os.File) bool { return true })); diff != "" {
 		t.Errorf("unprivileged mount request (-want +got):\n%s", diff)
 	}
@@ -315,7 +315,7 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 			t.Fatalf("root mount of %s: %v", tc.key, err)
 		}
 		got := lastRequest()
-		if got.Options != tc.want || got.Base != "" {
+		if got.Options != tc.want || got.Base != "" || got.RootOwner != nil {
 			t.Errorf("root mount of %s: options %+v base %q, want %+v and no base", tc.key, got.Options, got.Base, tc.want)
 		}
 		conn.Close()

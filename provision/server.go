@@ -442,6 +442,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		defer mountReq.Dir.Close()
 		if !caller.root() {
 			mountReq.Base = s.cfg.MountBase
+			mountReq.RootOwner = &mount.Owner{UID: uint32(caller.uid), GID: uint32(caller.gid)}
 		}
 		if err := authorizeMount(caller, mountReq.Namespace, mountReq.Dir); err != nil {
 			reject(req.Key, err)

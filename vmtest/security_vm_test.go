@@ -59,6 +59,7 @@ type callerReport struct {
 	MountOpts  string // the mount's options in the caller's mountinfo
 	ProbeEUID  string // what the setuid-root probe on the mount reported
 	DevOpenErr string // opening the 0666 device node on the mount for writing
+	RootOwner  string // uid:gid of the mounted file system's root
 }
 
 // unprivilegedCaller drops to nobody with the socket group, asks for the
@@ -86,6 +87,10 @@ func unprivilegedCaller() int {
 		defer a.Close()
 		if dir := os.Getenv("CALLER_DIR"); dir != "" {
 			rep.MountOpts = mountOptions(dir)
+			var st unix.Stat_t
+			if unix.Stat(dir, &st) == nil {
+				rep.RootOwner = fmt.Sprintf("%d:%d", st.Uid, st.Gid)
+			}
 			probe := exec.Command(filepath.Join(dir, "probe"))
 			probe.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=euid")
 			out, err := probe.Output()
@@ -525,4 +530,21 @@ func TestVMMountModeProcDirectory(t *testing.T) {
 func logHas(p *provProc, s string) bool {
 	b, _ := os.ReadFile(p.LogPath)
 	return strings.Contains(string(b), s)
+}
+
+// TestVMMountModeFreshImageOwnedByCaller: a fresh image formatted for a
+// caller other than uid 0 has a root directory that caller owns; a
+// root-owned one would be of no use to it.
+func TestVMMountModeFreshImageOwnedByCaller(t *testing.T) {
+	p := startSharedProvisioner(t, nil)
+	writeImageConfig(t, p, "fresh", `{"image_id": "fresh.mvps-image", "image_size": 67108864}`)
+	ownDir := sharedDir(t, nobodyUID)
+	c := startCaller(t, p, "fresh", ownDir, nil)
+	if c.report.Err != "" {
+		t.Fatalf("unprivileged mount of a fresh image: %s", c.report.Err)
+	}
+	if want := fmt.Sprintf("%d:%d", nobodyUID, nobodyUID); c.report.RootOwner != want {
+		t.Errorf("the fresh file system's root is owned by %s, want the caller, %s", c.report.RootOwner, want)
+	}
+	c.stop()
 }

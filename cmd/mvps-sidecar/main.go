@@ -183,8 +183,12 @@ func mkdirAll(dir string) ([]string, error) {
 // unmount detaches the mount lazily: the provisioner holds the file system
 // open until the connection closes, so a plain unmount would report busy;
 // the file system is synced and shut down when the provisioner lets go.
+//
+// A sidecar that is not uid 0 may not unmount (EPERM): the provisioner
+// unmounts such a caller's file system itself when the connection closes,
+// so that is no error.
 func unmount(mountpoint string) error {
-	if err := unix.Unmount(mountpoint, unix.MNT_DETACH); err != nil {
+	if err := unix.Unmount(mountpoint, unix.MNT_DETACH); err != nil && !(errors.Is(err, unix.EPERM) && os.Geteuid() != 0) {
 		return fmt.Errorf("unmount %s: %w", mountpoint, err)
 	}
 	return nil

@@ -31,4 +31,15 @@ func TestShutdownOutlastsFormat(t *testing.T) {
 	if stop := time.Duration(sec) * time.Second; stop < ShutdownTimeout+time.Minute {
 		t.Errorf("TimeoutStopSec=%d: systemd would SIGKILL a stop the daemon still bounds (%v, then the engine's checkpoint)", sec, ShutdownTimeout)
 	}
+	ds, err := os.ReadFile("../../deploy/kubernetes/50-daemonset.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m = regexp.MustCompile(`(?m)^\s*terminationGracePeriodSeconds: (\d+)$`).FindSubmatch(ds)
+	if m == nil {
+		t.Fatal("the DaemonSet sets no terminationGracePeriodSeconds")
+	}
+	if sec, _ := strconv.Atoi(string(m[1])); time.Duration(sec)*time.Second < ShutdownTimeout+time.Minute {
+		t.Errorf("terminationGracePeriodSeconds: %d: the kubelet would SIGKILL a stop the daemon still bounds (%v)", sec, ShutdownTimeout)
+	}
 }

@@ -42,7 +42,7 @@ func TestInterruptedFormatLeavesDeviceFresh(t *testing.T) {
 	m := &Ext4{Mke2fs: fakeTool(t, `for dev; do :; done
 printf 'part of a superblock' | dd of="$dev" bs=1 seek=4096 conv=notrunc 2>/dev/null
 kill -9 $$`)}
-	if err := m.format(context.Background(), dev); err == nil {
+	if err := m.format(context.Background(), dev, nil); err == nil {
 		t.Fatal("format reported success for a killed mke2fs")
 	}
 	if !m.zeroPrefix(dev) {
@@ -58,12 +58,35 @@ func TestFormatOutlivesItsContext(t *testing.T) {
 printf 'formatted' | dd of="$dev" bs=1 seek=1024 conv=notrunc 2>/dev/null`)}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := m.format(ctx, dev); err != nil {
+	if err := m.format(ctx, dev, nil); err != nil {
 		t.Fatalf("format with a cancelled context: %v", err)
 	}
 	got := make([]byte, 9)
 	dev.File.ReadAt(got, 1024)
 	if !bytes.Equal(got, []byte("formatted")) {
 		t.Fatalf("format did not run: %q", got)
+	}
+}
+
+// A caller other than uid 0 gets a file system whose root it owns: it could
+// not write to a root-owned one.
+func TestFormatGivesTheRootToItsOwner(t *testing.T) {
+	for _, tc := range []struct {
+		owner *Owner
+		want  string
+	}{
+		{nil, "lazy_itable_init=1,lazy_journal_init=1,nodiscard"},
+		{&Owner{UID: 1000, GID: 2375}, "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=1000:2375"},
+	} {
+		dev := fakeDevice(t, 4<<20)
+		args := filepath.Join(t.TempDir(), "args")
+		m := &Ext4{Mke2fs: fakeTool(t, `printf '%s\n' "$@" > `+args)}
+		if err := m.format(context.Background(), dev, tc.owner); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := os.ReadFile(args)
+		if !bytes.Contains(got, []byte("\n-E\n"+tc.want+"\n")) {
+			t.Errorf("owner %+v: mke2fs got\n%s\nwant -E %s", tc.owner, got, tc.want)
+		}
 	}
 }

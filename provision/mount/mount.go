@@ -28,7 +28,14 @@ type Request struct {
 	// Base, when set, is a directory (as the caller's namespace sees it)
 	// that Dir must be inside of.
 	Base string
+	// RootOwner, when set, owns the root directory of a file system this
+	// mount formats: a caller other than uid 0 could not write to a
+	// root-owned one.
+	RootOwner *Owner
 }
+
+// Owner is a uid and a gid.
+type Owner struct{ UID, GID uint32 }
 
 // Options lift the default nosuid,nodev of a mount: a file system a caller
 // wrote could otherwise carry a setuid-root shell or a device node onto the

@@ -65,7 +65,7 @@ func (m *Ext4) Mount(ctx context.Context, dev *nbddev.Device, req Request) (*os.
 		// Formatting is decided here, from the device's content, and
 		// never from a failed mount: a transient mount error on a device
 		// with data must not end in mke2fs.
-		if err := m.format(ctx, dev); err != nil {
+		if err := m.format(ctx, dev, req.RootOwner); err != nil {
 			return nil, false, err
 		}
 		formatted = true
@@ -127,11 +127,14 @@ func (m *Ext4) zeroPrefix(dev *nbddev.Device) bool {
 // its end (bounded by FormatTimeout) whatever happens to ctx; if it fails
 // anyway, the first MiB, where a part-made file system shows, is zeroed so
 // that the device counts as fresh again.
-func (m *Ext4) format(ctx context.Context, dev *nbddev.Device) error {
+func (m *Ext4) format(ctx context.Context, dev *nbddev.Device, owner *Owner) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), FormatTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, m.Mke2fs, "-F", "-q", "-t", "ext4", "-b", "4096",
-		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", dev.Path)
+	ext := "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+	if owner != nil {
+		ext += fmt.Sprintf(",root_owner=%d:%d", owner.UID, owner.GID)
+	}
+	cmd := exec.CommandContext(ctx, m.Mke2fs, "-F", "-q", "-t", "ext4", "-b", "4096", "-E", ext, dev.Path)
 	out, err := cmd.CombinedOutput()
 	if err == nil {
 		return nil
