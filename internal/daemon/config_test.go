@@ -1,6 +1,8 @@
 package daemon
 
 import (
+	"os"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -93,5 +95,57 @@ func TestParseConfig(t *testing.T) {
 	}
 	if u := Usage(); !strings.Contains(u, "PROVISIONER_LISTEN_PATH") || !strings.Contains(u, "MVPS_TE_JWT_SECRET") {
 		t.Fatalf("usage lacks settings:\n%s", u)
+	}
+}
+
+// README's configuration table and the daemon's settings are one truth:
+// every setting has its row with its flag and default, and every row
+// names a setting.
+func TestReadmeConfigurationTable(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	type row struct{ flag, def string }
+	rows := map[string]row{}
+	code := regexp.MustCompile("`([^`]*)`")
+	for _, line := range strings.Split(string(readme), "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) < 5 || !strings.Contains(cells[1], "`") {
+			continue
+		}
+		envs, flags := code.FindAllStringSubmatch(cells[1], -1), code.FindAllStringSubmatch(cells[2], -1)
+		defs := code.FindAllStringSubmatch(cells[3], -1)
+		for i, e := range envs {
+			name := e[1]
+			if !regexp.MustCompile(`^(PROVISIONER|IMAGE_CONFIG)_[A-Z0-9_]+$`).MatchString(name) {
+				continue
+			}
+			var r row
+			if i < len(flags) {
+				r.flag = flags[i][1]
+			}
+			if i < len(defs) {
+				r.def = defs[i][1]
+			}
+			rows[name] = r
+		}
+	}
+	for _, s := range settings {
+		r, ok := rows[s.env]
+		if !ok {
+			t.Errorf("README's configuration table has no row for %s", s.env)
+			continue
+		}
+		if r.flag != "--"+s.flag {
+			t.Errorf("README gives %s the flag %q, the daemon --%s", s.env, r.flag, s.flag)
+		}
+		if s.def != "" && r.def != s.def {
+			t.Errorf("README gives %s the default %q, the daemon %q", s.env, r.def, s.def)
+		}
+		delete(rows, s.env)
+	}
+	for env := range rows {
+		t.Errorf("README's configuration table names %s, which is no setting of the daemon", env)
 	}
 }
