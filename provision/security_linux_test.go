@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -549,7 +550,7 @@ func TestHelperFlood(t *testing.T) {
 	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Setgroups(nil); err != nil {
+	if err := syscall.Setgroups(nil); err != nil { // every thread's, as below
 		t.Fatal(err)
 	}
 	if err := unix.Setresgid(nobody, nobody, nobody); err != nil {
