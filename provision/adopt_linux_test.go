@@ -1,0 +1,330 @@
+package provision_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
+)
+
+// The tests of Adopt: an earlier run is a server that handed over on the
+// same fake devices, and its records are then changed into what a crash,
+// a dead caller or an attacker would have left.
+
+// earlierRun attaches each key (image key+".mvps-image", device i for
+// keys[i]) from this process on a server that then hands over, as an
+// upgrade's old daemon does. It returns the state directory and the
+// devices left attached, which the next run shares.
+func earlierRun(t *testing.T, keys ...string) (stateDir string, devices *provisiontest.Devices) {
+	t.Helper()
+	stateDir = t.TempDir()
+	state, err := provision.OpenStateDir(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := provisiontest.New(t, func(c *provision.ServerConfig) { c.State = state })
+	for _, key := range keys {
+		old.AddImage(t, key, key+".mvps-image", 1<<20)
+		a := old.Attach(t, key)
+		t.Cleanup(func() { a.Close() })
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := old.Handover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The next run takes the directory's lock.
+	state.Close()
+	if attached, detached := old.Devices.Counts(t); attached != len(keys) || detached != 0 {
+		t.Fatalf("the earlier run left %d attached and detached %d, want %d and none", attached, detached, len(keys))
+	}
+	return stateDir, old.Devices
+}
+
+// nextRun starts a server on an earlier run's state and devices, as the
+// next start does; the test calls Adopt when its records are as it wants.
+func nextRun(t *testing.T, stateDir string, devices *provisiontest.Devices) (*provisiontest.Server, *provision.StateDir) {
+	t.Helper()
+	state := openState(t, stateDir)
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.State, c.Devices = state, devices })
+	return ts, state
+}
+
+// rewrite changes imageID's record as edit says, through the provisioner's
+// own writer, so that only what the test changes differs from a real one.
+func rewrite(t *testing.T, state *provision.StateDir, imageID string, edit func(*provision.StateRecord)) {
+	t.Helper()
+	records, errs := state.Records()
+	if len(errs) != 0 {
+		t.Fatal(errs)
+	}
+	for _, r := range records {
+		if r.ImageID == imageID {
+			edit(&r)
+			if err := state.WriteRecord(r); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+	}
+	t.Fatalf("no record of %s in %+v", imageID, records)
+}
+
+// standInCaller starts a process to stand for a caller, which exits when
+// its stdin is closed, and returns it with its start time as a record
+// names it by.
+func standInCaller(t *testing.T) (cmd *exec.Cmd, exit func(), start uint64) {
+	t.Helper()
+	cat, err := exec.LookPath("cat")
+	if err != nil {
+		t.Skip("no cat to stand for a caller process")
+	}
+	cmd = exec.Command(cat)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	exit = func() {
+		once.Do(func() {
+			stdin.Close()
+			// Reaped, so that its pid names no process, not even a zombie.
+			cmd.Wait()
+		})
+	}
+	t.Cleanup(exit)
+	start, err = provision.ProcessStart(int32(cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cmd, exit, start
+}
+
+// callerGone makes imageID's record name a caller that has exited since
+// it was recorded: its pid names no process, or (reused) one that started
+// at another time.
+func callerGone(t *testing.T, state *provision.StateDir, imageID string) {
+	t.Helper()
+	cmd, exit, start := standInCaller(t)
+	exit()
+	pid := int32(cmd.Process.Pid)
+	rewrite(t, state, imageID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = pid, start })
+}
+
+func recordExists(t *testing.T, stateDir, imageID string) bool {
+	t.Helper()
+	_, err := os.Stat(filepath.Join(stateDir, imageID+".json"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	return err == nil
+}
+
+// A device taken over whose caller still runs is reconnected and kept,
+// its caller followed by pid and start time; when the caller exits, the
+// device is flushed and detached, and its record removed.
+func TestAdoptFollowsALiveCaller(t *testing.T) {
+	stateDir, devices := earlierRun(t, "vol")
+	caller, exit, start := standInCaller(t)
+	pid := int32(caller.Process.Pid)
+	ts, state := nextRun(t, stateDir, devices)
+	rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = pid, start })
+
+	ts.Adopt()
+	waitFor(t, func() bool { return devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+	if info := infoOf(t, ts, volID); info.CallerPID != pid || info.Key != "vol" || info.Mode != "fd" || info.Reconnects != 1 {
+		t.Errorf("adopted attachment %+v, want key vol, fd mode, caller %d, one reconnect", info, pid)
+	}
+	if !strings.Contains(ts.Logs(), "caller_alive=true") {
+		t.Errorf("the caller was not found alive:\n%s", ts.Logs())
+	}
+	if !recordExists(t, stateDir, volID) {
+		t.Error("the record of a kept attachment is gone")
+	}
+	if conns := servingConns(ts.Engine.Logs(), volClientID); len(conns) != 1 {
+		t.Errorf("sessions on the next run's engine: %v, want one", conns)
+	}
+
+	exit()
+	devices.WaitDetached(t, 0)
+	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+	if n := devices.FlushCount(0); n != 1 {
+		t.Errorf("flushed %d times at the caller's exit, want 1", n)
+	}
+	if recordExists(t, stateDir, volID) {
+		t.Error("the record outlived the detach")
+	}
+	// Kept while the caller lived: the detach came from its exit, not
+	// from the takeover's finding it gone.
+	if logs := ts.Logs(); !strings.Contains(logs, `reason="caller exited"`) {
+		t.Errorf("the detach does not say the caller exited:\n%s", logs)
+	}
+}
+
+// A device whose caller died while no provisioner ran is reconnected
+// before its flush, so that what the caller wrote reaches the engine, and
+// then detached.
+func TestAdoptCallerGone(t *testing.T) {
+	stateDir, devices := earlierRun(t, "vol")
+	ts, state := nextRun(t, stateDir, devices)
+	callerGone(t, state, volID)
+	// The flush waits here, so that the test sees what came before it.
+	gate := make(chan struct{})
+	devices.Mu.Lock()
+	devices.FlushGate = gate
+	devices.Mu.Unlock()
+
+	ts.Adopt()
+	waitFor(t, func() bool { return devices.FlushCount(0) == 1 })
+	if n := devices.Reconnects(0); n != 1 {
+		t.Errorf("flushing after %d reconnects, want 1: the writes go nowhere", n)
+	}
+	close(gate)
+	devices.WaitDetached(t, 0)
+	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+	if recordExists(t, stateDir, volID) {
+		t.Error("the record outlived the detach")
+	}
+	logs := ts.Logs()
+	if !strings.Contains(logs, "caller_alive=false") || !strings.Contains(logs, `reason="caller exited while the provisioner was down"`) {
+		t.Errorf("the takeover of a dead caller's device is not logged as such:\n%s", logs)
+	}
+}
+
+// A record whose device is gone, or now serves another image, is dropped:
+// nothing is taken over for it, and it is not read again at the next start.
+func TestAdoptDeviceGone(t *testing.T) {
+	stateDir, devices := earlierRun(t, "vol")
+	ts, state := nextRun(t, stateDir, devices)
+	// So that the takeover ends in a detach for the test to wait for.
+	callerGone(t, state, volID)
+	for _, r := range []provision.StateRecord{
+		{Key: "gone", ImageID: "gone.mvps-image", ImageSize: 1 << 20, Index: 5, Mode: "fd"},
+		// Device 0 is vol's.
+		{Key: "moved", ImageID: "moved.mvps-image", ImageSize: 1 << 20, Index: 0, Mode: "fd"},
+	} {
+		r.ClientID = "mvps-provisioner/testhost/" + r.ImageID
+		if err := state.WriteRecord(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The records without a device are decided in Adopt itself.
+	ts.Adopt()
+	for _, id := range []string{"gone.mvps-image", "moved.mvps-image"} {
+		if recordExists(t, stateDir, id) {
+			t.Errorf("the record of %s, whose device is not its own, is still there", id)
+		}
+		for _, info := range ts.Snapshot() {
+			if info.ImageID == id {
+				t.Errorf("%s was taken over: %+v", id, info)
+			}
+		}
+	}
+	if n := strings.Count(ts.Logs(), "state record without its device; dropped"); n != 2 {
+		t.Errorf("%d records logged as dropped, want 2:\n%s", n, ts.Logs())
+	}
+	if n := devices.Reconnects(5); n != 0 {
+		t.Errorf("device 5 reconnected %d times", n)
+	}
+	// Device 0's own record still takes it over.
+	devices.WaitDetached(t, 0)
+	if n := devices.Reconnects(0); n != 1 {
+		t.Errorf("vol's device reconnected %d times, want 1", n)
+	}
+}
+
+// A provisioner killed during a kernel attach leaves a record without an
+// index: the device connected to that image that no record claims is the
+// one it made, which no caller ever got, so it is reconnected, flushed and
+// detached. A record without an index and without such a device is
+// dropped, and a device of no record at all is left alone.
+func TestAdoptUnfinishedAttach(t *testing.T) {
+	stateDir, devices := earlierRun(t, "vol", "stranger")
+	ts, state := nextRun(t, stateDir, devices)
+	rewrite(t, state, volID, func(r *provision.StateRecord) { r.Index = -1 })
+	if err := state.WriteRecord(provision.StateRecord{Key: "never", ImageID: "never.mvps-image", ImageSize: 1 << 20,
+		ClientID: "mvps-provisioner/testhost/never.mvps-image", Index: -1, Mode: "fd"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(stateDir, "stranger.mvps-image.json")); err != nil {
+		t.Fatal(err)
+	}
+
+	ts.Adopt()
+	devices.WaitDetached(t, 0)
+	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+	if n := devices.Reconnects(0); n != 1 {
+		t.Errorf("the unfinished attach's device was reconnected %d times before its detach, want 1", n)
+	}
+	if n := devices.FlushCount(0); n != 1 {
+		t.Errorf("the unfinished attach's device was flushed %d times, want 1", n)
+	}
+	for _, id := range []string{volID, "never.mvps-image"} {
+		if recordExists(t, stateDir, id) {
+			t.Errorf("the record of %s is still there", id)
+		}
+	}
+	logs := ts.Logs()
+	if !strings.Contains(logs, "state record of an attach that never reached the kernel; dropped") {
+		t.Errorf("the record without a device is not logged as dropped:\n%s", logs)
+	}
+	if !strings.Contains(logs, "has no record of; leaving it alone") || !strings.Contains(logs, "device=/dev/nbd1") {
+		t.Errorf("the device of no record is not logged as left alone:\n%s", logs)
+	}
+	// The stranger's device is as the earlier run left it.
+	connected, err := devices.Connected()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if connected[1] != "mvps:stranger.mvps-image" || devices.Reconnects(1) != 0 || devices.FlushCount(1) != 0 {
+		t.Errorf("the device of no record was touched: connected %v, %d reconnects, %d flushes",
+			connected, devices.Reconnects(1), devices.FlushCount(1))
+	}
+}
+
+// A record that cannot be read, or that someone other than the
+// provisioner could have written, is skipped, and it does not keep the
+// good records from being taken over. (What list refuses is tested in
+// state_linux_test.go; this is about Adopt going on.)
+func TestAdoptSkipsUnreadableRecords(t *testing.T) {
+	stateDir, devices := earlierRun(t, "vol", "planted")
+	ts, state := nextRun(t, stateDir, devices)
+	// So that the takeover ends in a detach for the test to wait for.
+	callerGone(t, state, volID)
+	// Sorted before the good record, so that it is met first.
+	if err := os.WriteFile(filepath.Join(stateDir, "0-garbage.mvps-image.json"), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A record that others may write could have been planted: its
+	// device is treated as one of no record.
+	if err := os.Chmod(filepath.Join(stateDir, "planted.mvps-image.json"), 0o666); err != nil {
+		t.Fatal(err)
+	}
+
+	ts.Adopt()
+	if n := strings.Count(ts.Logs(), "unreadable state file skipped"); n != 2 {
+		t.Errorf("%d unreadable records logged, want 2:\n%s", n, ts.Logs())
+	}
+	devices.WaitDetached(t, 0)
+	if n := devices.Reconnects(0); n != 1 {
+		t.Errorf("vol's device reconnected %d times, want 1", n)
+	}
+	if n := devices.Reconnects(1); n != 0 {
+		t.Errorf("the device of the planted record was reconnected %d times", n)
+	}
+	if !strings.Contains(ts.Logs(), "has no record of; leaving it alone") {
+		t.Errorf("the planted record's device is not logged as one of no record:\n%s", ts.Logs())
+	}
+}
