@@ -24,12 +24,12 @@ var (
 // The device's I/O waits (up to the dead-connection timeout) while the
 // attachment is reconnected with a new session.
 func (s *Server) LinkDead(index uint32) {
-	s.cfg.Metrics.LinkDead()
 	a := s.reg.byIndex(index)
 	if a == nil {
 		s.log.Debug("link dead on a device that is not ours", "index", index)
 		return
 	}
+	s.cfg.Metrics.LinkDead()
 	if !s.reg.startRecovery(a) {
 		return // attaching, detaching, or being recovered already
 	}
@@ -161,9 +161,12 @@ func (s *Server) adopt(e stateEntry) {
 	}
 	dev, err := s.cfg.Devices.Adopt(uint32(e.Index), engine.BackendID(e.ImageID), e.ImageSize)
 	if err != nil {
-		s.log.Warn("state record without its device; dropped", append(attrs, "err", err)...)
 		if errors.Is(err, nbddev.ErrNotOurs) || errors.Is(err, os.ErrNotExist) {
+			s.log.Warn("state record without its device; dropped", append(attrs, "err", err)...)
 			s.State().remove(e.ImageID)
+		} else {
+			// Maybe a passing failure: the next start tries again.
+			s.log.Error("state record's device could not be taken over; record kept", append(attrs, "err", err)...)
 		}
 		return
 	}
