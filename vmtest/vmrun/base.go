@@ -29,7 +29,7 @@ func libsOf(ctx context.Context, exe string) []string {
 
 // gatherBase collects what goes into the shared part of the initramfs from the host.
 func gatherBase(ctx context.Context, c *config, k *kernel, binDir string) (baseSpec, error) {
-	s := baseSpec{Tools: map[string]string{}, Etc: map[string][]byte{}, ModuleDir: k.moduleDir(), BinDir: binDir}
+	s := baseSpec{Tools: map[string]string{}, Etc: map[string][]byte{}, Kernel: k.Version, ModuleDir: k.moduleDir(), BinDir: binDir}
 	bb := "/bin/busybox"
 	if _, err := os.Stat(bb); err != nil {
 		if bb, err = exec.LookPath("busybox"); err != nil {
@@ -180,7 +180,9 @@ func openModIndex(dir string) (*modIndex, error) {
 }
 
 // ensureBase returns the shared initramfs archive for spec, written once into the cache under
-// a name made from its content; older ones are removed. Call it holding the cache lock.
+// a name made from its kernel and its content. Older ones of the same kernel, and those of
+// kernels no longer cached, are removed: each kernel of the matrix keeps its own. Call it
+// holding the cache lock.
 func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string, err error) {
 	ents := baseEntries(s)
 	key, err := contentKey(ents)
@@ -191,7 +193,7 @@ func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string
 		nmods = append(nmods, filepath.Base(m.Path))
 	}
 	dir := filepath.Join(c.cache, "initramfs")
-	path = filepath.Join(dir, "base-"+key+".cpio")
+	path = filepath.Join(dir, "base-"+s.Kernel+"-"+key+".cpio")
 	if _, err := os.Stat(path); err == nil {
 		return path, true, nmods, nil
 	}
@@ -200,7 +202,9 @@ func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string
 	}
 	old, _ := filepath.Glob(filepath.Join(dir, "base-*"))
 	for _, o := range old {
-		os.Remove(o)
+		if kver, ok := baseKernel(filepath.Base(o)); !ok || kver == s.Kernel || !kernelComplete(c.cache, kver) {
+			os.Remove(o)
+		}
 	}
 	f, err := os.Create(path + ".tmp")
 	if err != nil {
@@ -222,4 +226,22 @@ func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string
 		return "", false, nil, fmt.Errorf("initramfs: writing %s: %w", path, err)
 	}
 	return path, false, nmods, nil
+}
+
+// baseKernel returns the kernel version in the name of a shared archive,
+// base-<ver>-<key>.cpio; false for other names (those of older vmruns, without the version).
+func baseKernel(name string) (string, bool) {
+	rest, ok := strings.CutPrefix(name, "base-")
+	if !ok {
+		return "", false
+	}
+	rest, ok = strings.CutSuffix(rest, ".cpio")
+	if !ok {
+		return "", false
+	}
+	i := strings.LastIndexByte(rest, '-')
+	if i <= 0 {
+		return "", false
+	}
+	return rest[:i], true
 }

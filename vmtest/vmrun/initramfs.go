@@ -77,6 +77,7 @@ type baseSpec struct {
 	Applets   []string          // busybox --list-full: paths without the leading slash
 	Tools     map[string]string // guest path -> host path of dynamic executables (e2fsprogs ...)
 	Libs      []string          // the tools' shared libraries and loader, at the same paths
+	Kernel    string            // its version: names the cached archive, is not in it
 	Modules   []modLoad         // in load order, Path relative to ModuleDir (Src: a decompressed copy)
 	ModuleDir string            // host lib/modules/<ver>
 	Required  []string          // module names that must be loaded
