@@ -289,6 +289,7 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 	if err != nil {
 		return "", err
 	}
+	src.refreshIfStale(ctx) // a pinned package needs the suite's lists too
 	if pkg == "" {
 		pkg = src.resolveKernelPkg(ctx)
 		if pkg == "" && !src.alreadyUpdated() { // no package lists yet (a fresh machine)
@@ -313,10 +314,10 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 		return "", fmt.Errorf("kernel: %w", err)
 	}
 	defer os.RemoveAll(tmp)
-	// Stale package lists name a package the mirror no longer has: refresh them and resolve
-	// again, once.
+	// Stale package lists name a package the mirror no longer has, or do not know a pinned
+	// one yet: refresh them and try again (resolving again unless pinned), once.
 	retry := func(why error) (string, error) {
-		if !src.alreadyUpdated() && c.kernelPkg == "" {
+		if !src.alreadyUpdated() {
 			if err := src.update(ctx); err == nil {
 				return downloadKernel(ctx, c, "")
 			}

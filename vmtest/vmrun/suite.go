@@ -32,10 +32,10 @@ var suiteRe = regexp.MustCompile(`^[a-z][a-z0-9]*(-[a-z0-9]+)*$`)
 // suite it already lists, otherwise a private sources file, package lists and apt cache
 // under the VM cache (dir), so the system's apt is neither changed nor needed.
 type aptSource struct {
-	suite   string
-	dir     string   // the private configuration; "" for the system's
-	opts    []string // apt's -o options pointing at dir
-	updated bool     // apt-get update ran in this process
+	suite string
+	dir   string   // the private configuration; "" for the system's
+	opts  []string // apt's -o options pointing at dir
+	tried bool     // apt-get update ran in this process, successfully or not
 }
 
 func (s *aptSource) private() bool { return s.dir != "" }
@@ -205,10 +205,10 @@ func (s *aptSource) run(ctx context.Context, tool string, args ...string) ([]byt
 // update runs apt-get update on the source's lists.
 func (s *aptSource) update(ctx context.Context) error {
 	t0 := time.Now()
+	s.tried = true // offline, one failure is enough
 	if _, err := s.run(ctx, "apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"); err != nil {
 		return fmt.Errorf("package lists of %s: %w", s.suite, err)
 	}
-	s.updated = true
 	if !s.private() {
 		aptUpdated = true
 		return nil
@@ -221,33 +221,38 @@ func (s *aptSource) update(ctx context.Context) error {
 	return f.Close()
 }
 
-// alreadyUpdated tells whether an update in this process would fetch nothing new.
+// alreadyUpdated tells whether another update in this process would be of no use.
 func (s *aptSource) alreadyUpdated() bool {
 	if !s.private() {
 		return aptUpdated
 	}
-	return s.updated
+	return s.tried
 }
 
 // listsStale tells whether the private lists are missing or older than listsMaxAge. The
 // system's lists are the system's business: vmrun refreshes them only when they fail it.
 func (s *aptSource) listsStale() bool {
-	if !s.private() || s.updated {
+	if !s.private() || s.tried {
 		return false
 	}
 	fi, err := os.Stat(s.stamp())
 	return err != nil || time.Since(fi.ModTime()) > listsMaxAge
 }
 
-// resolveKernelPkg names the current linux-image-<ver> of the suite (what linux-image-amd64
-// depends on), refreshing stale private lists first; "" when it cannot be told (offline on
-// a fresh machine, say).
-func (s *aptSource) resolveKernelPkg(ctx context.Context) string {
+// refreshIfStale updates stale private lists; offline, the lists there are will do.
+func (s *aptSource) refreshIfStale(ctx context.Context) {
 	if s.listsStale() {
 		if err := s.update(ctx); err != nil {
 			logf("kernel: WARNING: %v; trying the lists there are", err)
 		}
 	}
+}
+
+// resolveKernelPkg names the current linux-image-<ver> of the suite (what linux-image-amd64
+// depends on), refreshing stale private lists first; "" when it cannot be told (offline on
+// a fresh machine, say).
+func (s *aptSource) resolveKernelPkg(ctx context.Context) string {
+	s.refreshIfStale(ctx)
 	out, _ := s.run(ctx, "apt-cache", "depends", "linux-image-amd64")
 	return parseKernelPkg(out)
 }
