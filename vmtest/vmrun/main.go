@@ -53,8 +53,8 @@ environment:
   VM_KERNEL_SUITE=bookworm
                         the Debian suite of the kernel, on the mirror of the system's sources:
                         bookworm (Debian 12, 6.1), bookworm-backports (6.12), trixie-backports
-                        (7.x); a suite the system does not list gets private apt lists in
-                        the cache, refreshed daily; nothing is installed
+                        (7.x); a suite other than the host's own release gets private apt
+                        lists in the cache, refreshed daily; nothing is installed
   VM_KERNEL_PKG=        pin the kernel package of that suite (e.g. linux-image-6.1.0-56-amd64);
                         default: what the suite's linux-image-amd64 depends on now
   VM_CACHE=.cache/vm    kernels (one per suite), binaries, initramfs and console logs

@@ -28,8 +28,8 @@ const listsMaxAge = 24 * time.Hour
 
 var suiteRe = regexp.MustCompile(`^[a-z][a-z0-9]*(-[a-z0-9]+)*$`)
 
-// aptSource is where the kernel packages come from: the system's apt configuration for a
-// suite it already lists, otherwise a private sources file, package lists and apt cache
+// aptSource is where the kernel packages come from: the system's apt configuration for the
+// host's own release, otherwise a private sources file, package lists and apt cache
 // under the VM cache (dir), so the system's apt is neither changed nor needed.
 type aptSource struct {
 	suite string
@@ -127,8 +127,14 @@ func mirrorOf(stanzas []debStanza) (uri, signedBy string, ok bool) {
 	return "", "", false
 }
 
-// suiteListed tells whether an enabled "deb" stanza of the system's sources has suite.
-func suiteListed(stanzas []debStanza, suite string) bool {
+// systemRelease tells whether suite is the host's own release: a release (no dash) that an
+// enabled "deb" stanza of the system's sources lists. The system's apt resolves its kernel,
+// with the release's updates and security suites. Any other suite, even one the system lists
+// (backports), needs lists of its own: apt would pick the release's kernel over it.
+func systemRelease(stanzas []debStanza, suite string) bool {
+	if strings.Contains(suite, "-") {
+		return false
+	}
 	for _, st := range stanzas {
 		if st.Enabled && slices.Contains(st.Types, "deb") && slices.Contains(st.Suites, suite) {
 			return true
@@ -148,9 +154,9 @@ func suiteSources(uri, signedBy, suite string) []byte {
 	return b.Bytes()
 }
 
-// openSuite returns the apt source of c's kernel suite. A suite the system's sources list
-// (on Debian 12, the default) uses the system's apt as it is; any other gets a private
-// configuration under the cache, written here. Call it holding the cache lock.
+// openSuite returns the apt source of c's kernel suite. The host's own release (on Debian 12,
+// the default) uses the system's apt as it is; any other suite gets a private configuration
+// under the cache, written here. Call it holding the cache lock.
 func openSuite(c *config) (*aptSource, error) {
 	src := &aptSource{suite: c.suite}
 	b, err := os.ReadFile(systemSources)
@@ -161,7 +167,7 @@ func openSuite(c *config) (*aptSource, error) {
 		return nil, fmt.Errorf("VM_KERNEL_SUITE=%s: the mirror is read from %s: %w", c.suite, systemSources, err)
 	}
 	stanzas := parseDebSources(b)
-	if suiteListed(stanzas, c.suite) {
+	if systemRelease(stanzas, c.suite) {
 		return src, nil
 	}
 	uri, signedBy, ok := mirrorOf(stanzas)

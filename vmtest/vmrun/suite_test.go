@@ -114,11 +114,16 @@ func TestDebSources(t *testing.T) {
 		t.Errorf("mirrorOf = %q, %q, %v", uri, signedBy, ok)
 	}
 	for suite, want := range map[string]bool{
-		"bookworm": true, "bookworm-security": true, "bookworm-backports": false, "trixie-backports": false,
+		"bookworm": true, "bookworm-security": false, "bookworm-backports": false, "trixie-backports": false, "trixie": false,
 	} {
-		if got := suiteListed(stanzas, suite); got != want {
-			t.Errorf("suiteListed(%s) = %v, want %v", suite, got, want)
+		if got := systemRelease(stanzas, suite); got != want {
+			t.Errorf("systemRelease(%s) = %v, want %v", suite, got, want)
 		}
+	}
+	// backports listed by the system still get lists of their own
+	withBackports := parseDebSources([]byte(strings.Replace(testDebianSources, "bookworm bookworm-updates", "bookworm bookworm-updates bookworm-backports", 1)))
+	if systemRelease(withBackports, "bookworm-backports") || !systemRelease(withBackports, "bookworm") {
+		t.Error("systemRelease: only the release itself uses the system's apt")
 	}
 
 	// the security archive first, a disabled stanza, source packages: none is the mirror
@@ -152,8 +157,8 @@ Signed-By:
 	if !ok || uri != "http://mirror.example/debian" || signedBy != wantKey {
 		t.Errorf("mirrorOf = %q, %q, %v", uri, signedBy, ok)
 	}
-	if suiteListed(stanzas, "trixie") != true || suiteListed(stanzas, "bookworm") {
-		t.Error("suiteListed: the enabled deb stanzas decide")
+	if !systemRelease(stanzas, "trixie") || systemRelease(stanzas, "bookworm") {
+		t.Error("systemRelease: the enabled deb stanzas decide")
 	}
 	if _, _, ok := mirrorOf(parseDebSources([]byte("Types: deb\nURIs: http://x/debian-security\nSuites: bookworm-security\n"))); ok {
 		t.Error("mirrorOf found a mirror in a security-only file")
