@@ -55,7 +55,7 @@ help:
 	@echo "  lint         gofmt, go vet and staticcheck, with and without the vmtest tag"
 	@echo "  unit         go test -race ./... on the host, and the systemd unit check"
 	@echo "  fuzz         every fuzz target for FUZZTIME ($(FUZZTIME)) each"
-	@echo "  integration  the VM integration suite (vmtest/vmrun)"
+	@echo "  integration  the VM integration suite (vmtest/vmrun) on each kernel of VM_KERNELS ($(VM_KERNELS))"
 	@echo "  run          build and run the daemon here on the default engine (needs the nbd module)"
 	@echo "  demo         the whole story (attach, write, detach, reattach, verify) in a VM"
 	@echo "  k8s-test     tests against a real kube-apiserver (built once into .cache/k8s)"
@@ -105,10 +105,20 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) $$pkg >"$$logs/$$name.log" 2>&1 || { cat "$$logs/$$name.log"; exit 1; }; \
 	done
 
-# promtool, when installed, goes into the guest to lint the daemon's metrics.
+# The VM suite once per kernel, in turn: Debian 12's (what the CI machines run) and the newest
+# Debian ships (trixie-backports, 7.x), whose NBD, netlink and mount code users run too. Each
+# run ends with its own "vmtest: N passed, N failed" line; the target fails if any run failed.
+# VM_KERNELS=bookworm (or VM_KERNEL_SUITE=...) runs one. promtool, when installed, goes into
+# the guest to lint the daemon's metrics.
+VM_KERNELS ?= $(or $(VM_KERNEL_SUITE),bookworm trixie-backports)
 integration:
 	$(GO) build -o .cache/vmrun ./vmtest/vmrun
-	VM_EXTRA_BINS="$(strip $(VM_EXTRA_BINS) $(shell command -v promtool 2>/dev/null))" .cache/vmrun
+	@failed=""; n=0; for k in $(VM_KERNELS); do n=$$((n + 1)); \
+		echo "==== make integration: kernel suite $$k ($$n of $(words $(VM_KERNELS)))"; \
+		VM_KERNEL_SUITE=$$k VM_EXTRA_BINS="$(strip $(VM_EXTRA_BINS) $(shell command -v promtool 2>/dev/null))" \
+			.cache/vmrun || failed="$$failed $$k"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "==== make integration: FAILED on kernel suite(s):$$failed"; exit 1; fi
 
 run: build
 	@if [ ! -e /sys/module/nbd ] && ! modprobe nbd 2>/dev/null; then \

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -28,7 +29,7 @@ func libsOf(ctx context.Context, exe string) []string {
 
 // gatherBase collects what goes into the shared part of the initramfs from the host.
 func gatherBase(ctx context.Context, c *config, k *kernel, binDir string) (baseSpec, error) {
-	s := baseSpec{Tools: map[string]string{}, Etc: map[string][]byte{}, ModuleDir: k.moduleDir(), BinDir: binDir}
+	s := baseSpec{Tools: map[string]string{}, Etc: map[string][]byte{}, Kernel: k.Version, ModuleDir: k.moduleDir(), BinDir: binDir}
 	bb := "/bin/busybox"
 	if _, err := os.Stat(bb); err != nil {
 		if bb, err = exec.LookPath("busybox"); err != nil {
@@ -86,9 +87,9 @@ func gatherBase(ctx context.Context, c *config, k *kernel, binDir string) (baseS
 	if err != nil {
 		return s, fmt.Errorf("initramfs: %w", err)
 	}
-	for _, m := range s.Modules {
-		if !strings.HasSuffix(m.Path, ".ko") {
-			return s, fmt.Errorf("initramfs: module %s is compressed; this kernel is not supported (Debian's are not compressed)", m.Path)
+	for i, m := range s.Modules {
+		if s.Modules[i].Src, err = plainModule(ctx, k, m.Path); err != nil {
+			return s, fmt.Errorf("initramfs: %w", err)
 		}
 	}
 
@@ -105,6 +106,58 @@ func gatherBase(ctx context.Context, c *config, k *kernel, binDir string) (baseS
 		return s, fmt.Errorf("initramfs: %w", err)
 	}
 	return s, nil
+}
+
+// moduleCompressors decompress kernel modules, by suffix: busybox's insmod reads only plain
+// .ko files, and Debian compresses them (xz) since 6.12.
+var moduleCompressors = map[string]string{".xz": "xz", ".zst": "zstd", ".gz": "gzip"}
+
+// splitCompression returns a module path without its compression suffix, and the tool that
+// decompresses it ("" for a plain .ko).
+func splitCompression(p string) (plain, tool string) {
+	ext := path.Ext(p)
+	if tool, ok := moduleCompressors[ext]; ok && strings.HasSuffix(strings.TrimSuffix(p, ext), ".ko") {
+		return strings.TrimSuffix(p, ext), tool
+	}
+	return p, ""
+}
+
+// plainModule returns the host file of module rel (relative to the kernel's module dir) that
+// insmod can load: "" for a plain .ko, which is copied from the module dir, or the path of a
+// decompressed copy made once in the kernel's cache dir. Call it holding the cache lock.
+func plainModule(ctx context.Context, k *kernel, rel string) (string, error) {
+	plain, tool := splitCompression(rel)
+	if tool == "" {
+		return "", nil
+	}
+	dst := filepath.Join(k.Dir, "modules-plain", filepath.FromSlash(plain))
+	if _, err := os.Stat(dst); err == nil {
+		return dst, nil
+	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return "", fmt.Errorf("module %s: %w", rel, err)
+	}
+	in, err := os.Open(filepath.Join(k.moduleDir(), filepath.FromSlash(rel)))
+	if err != nil {
+		return "", fmt.Errorf("module %s: %w", rel, err)
+	}
+	defer in.Close()
+	var out, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, tool, "-dc")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = in, &out, &stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("module %s: %s -dc: %w: %s", rel, tool, err, strings.TrimSpace(stderr.String()))
+	}
+	if !bytes.HasPrefix(out.Bytes(), []byte("\x7fELF")) {
+		return "", fmt.Errorf("module %s: %s -dc gave no ELF object", rel, tool)
+	}
+	if err := os.WriteFile(dst+".tmp", out.Bytes(), 0o644); err != nil {
+		return "", fmt.Errorf("module %s: %w", rel, err)
+	}
+	if err := os.Rename(dst+".tmp", dst); err != nil {
+		return "", fmt.Errorf("module %s: %w", rel, err)
+	}
+	return dst, nil
 }
 
 func openModIndex(dir string) (*modIndex, error) {
@@ -127,7 +180,9 @@ func openModIndex(dir string) (*modIndex, error) {
 }
 
 // ensureBase returns the shared initramfs archive for spec, written once into the cache under
-// a name made from its content; older ones are removed. Call it holding the cache lock.
+// a name made from its kernel and its content. Older ones of the same kernel, and those of
+// kernels no longer cached, are removed: each kernel of the matrix keeps its own. Call it
+// holding the cache lock.
 func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string, err error) {
 	ents := baseEntries(s)
 	key, err := contentKey(ents)
@@ -138,7 +193,7 @@ func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string
 		nmods = append(nmods, filepath.Base(m.Path))
 	}
 	dir := filepath.Join(c.cache, "initramfs")
-	path = filepath.Join(dir, "base-"+key+".cpio")
+	path = filepath.Join(dir, "base-"+s.Kernel+"-"+key+".cpio")
 	if _, err := os.Stat(path); err == nil {
 		return path, true, nmods, nil
 	}
@@ -147,7 +202,9 @@ func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string
 	}
 	old, _ := filepath.Glob(filepath.Join(dir, "base-*"))
 	for _, o := range old {
-		os.Remove(o)
+		if kver, ok := baseKernel(filepath.Base(o)); !ok || kver == s.Kernel || !kernelComplete(c.cache, kver) {
+			os.Remove(o)
+		}
 	}
 	f, err := os.Create(path + ".tmp")
 	if err != nil {
@@ -169,4 +226,22 @@ func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string
 		return "", false, nil, fmt.Errorf("initramfs: writing %s: %w", path, err)
 	}
 	return path, false, nmods, nil
+}
+
+// baseKernel returns the kernel version in the name of a shared archive,
+// base-<ver>-<key>.cpio; false for other names (those of older vmruns, without the version).
+func baseKernel(name string) (string, bool) {
+	rest, ok := strings.CutPrefix(name, "base-")
+	if !ok {
+		return "", false
+	}
+	rest, ok = strings.CutSuffix(rest, ".cpio")
+	if !ok {
+		return "", false
+	}
+	i := strings.LastIndexByte(rest, '-')
+	if i <= 0 {
+		return "", false
+	}
+	return rest[:i], true
 }

@@ -208,7 +208,11 @@ func drive(ctx context.Context, args []string) (int, error) {
 	for _, t := range cnt.failedTests {
 		logf("FAILED: %s", t)
 	}
-	logf("%d skipped; total %.1fs", cnt.Skipped, time.Since(t0).Seconds())
+	kver := state.Kernel
+	if kver == "" {
+		kver = "none"
+	}
+	logf("kernel suite %s, kernel %s: %d skipped; total %.1fs", c.suite, kver, cnt.Skipped, time.Since(t0).Seconds())
 	code := 0
 	switch {
 	case ctx.Err() != nil:
@@ -254,14 +258,20 @@ type preparedState struct {
 func prepare(ctx context.Context, c *config, binDir string) (preparedState, error) {
 	var st preparedState
 	t0 := time.Now()
-	// apt-cache takes over a second: resolve the kernel package while the binaries build.
+	src, err := c.aptSource()
+	if err != nil {
+		return st, err
+	}
+	logf("kernel suite %s", src)
+	// apt-cache takes over a second (and a private suite's lists may need an update): resolve
+	// the kernel package while the binaries build.
 	kpkg := make(chan string, 1)
 	go func() {
 		if c.kernelPkg != "" {
 			kpkg <- c.kernelPkg
 			return
 		}
-		kpkg <- resolveKernelPkg(ctx)
+		kpkg <- src.resolveKernelPkg(ctx)
 	}()
 	if err := ensurePackages(ctx); err != nil {
 		return st, err

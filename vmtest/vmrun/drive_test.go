@@ -56,16 +56,6 @@ func TestVMTimeout(t *testing.T) {
 	}
 }
 
-func TestParseKernelPkg(t *testing.T) {
-	out := "linux-image-amd64\n  Depends: linux-image-6.1.0-57-amd64\n  Depends: something-else\n"
-	if got := parseKernelPkg([]byte(out)); got != "linux-image-6.1.0-57-amd64" {
-		t.Errorf("got %q", got)
-	}
-	if got := parseKernelPkg([]byte("W: no such package\n")); got != "" {
-		t.Errorf("got %q", got)
-	}
-}
-
 func TestOnlyRunPattern(t *testing.T) {
 	for _, tc := range []struct {
 		args []string

@@ -77,7 +77,8 @@ type baseSpec struct {
 	Applets   []string          // busybox --list-full: paths without the leading slash
 	Tools     map[string]string // guest path -> host path of dynamic executables (e2fsprogs ...)
 	Libs      []string          // the tools' shared libraries and loader, at the same paths
-	Modules   []modLoad         // in load order, Path relative to ModuleDir
+	Kernel    string            // its version: names the cached archive, is not in it
+	Modules   []modLoad         // in load order, Path relative to ModuleDir (Src: a decompressed copy)
 	ModuleDir string            // host lib/modules/<ver>
 	Required  []string          // module names that must be loaded
 	BinDir    string            // host dir of the project's static binaries
@@ -134,8 +135,13 @@ func baseEntries(s baseSpec) []entry {
 
 	var mods, req bytes.Buffer
 	for _, m := range s.Modules {
-		file := path.Base(m.Path)
-		t.file(path.Join(guestModDir, file), filepath.Join(s.ModuleDir, m.Path), 0o644)
+		plain, _ := splitCompression(m.Path)
+		file := path.Base(plain)
+		src := m.Src
+		if src == "" {
+			src = filepath.Join(s.ModuleDir, m.Path)
+		}
+		t.file(path.Join(guestModDir, file), src, 0o644)
 		mods.WriteString(strings.TrimSpace(file + " " + m.Params))
 		mods.WriteByte('\n')
 	}

@@ -190,3 +190,30 @@ func TestParseLdd(t *testing.T) {
 		t.Errorf("static: %v", got)
 	}
 }
+
+// TestBaseEntriesCompressedModules: a compressed module goes in as its decompressed copy,
+// under the plain name busybox's insmod loads.
+func TestBaseEntriesCompressedModules(t *testing.T) {
+	s := testSpec(t)
+	plain := filepath.Join(t.TempDir(), "crc16.ko")
+	os.WriteFile(plain, []byte("crc16"), 0o644)
+	s.Modules = append([]modLoad{{Path: "kernel/lib/crc/crc16.ko.xz", Src: plain}}, s.Modules...)
+	s.Required = append(s.Required, "crc16")
+	var buf bytes.Buffer
+	if err := writeCpio(&buf, baseEntries(s)); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := readArchive(t, buf.Bytes())
+	for name, want := range map[string]string{
+		"lib/modules/crc16.ko":        "100644 crc16",
+		"etc/vmtest/modules":          "100644 crc16.ko\next4.ko\nnbd.ko nbds_max=16",
+		"etc/vmtest/required-modules": "100644 ext4\nnbd\ncrc16",
+	} {
+		if got[name] != want {
+			t.Errorf("%s: %q, want %q", name, got[name], want)
+		}
+	}
+	if _, ok := got["lib/modules/crc16.ko.xz"]; ok {
+		t.Error("the compressed module is in the archive")
+	}
+}

@@ -1,6 +1,6 @@
 // Command vmrun runs the VM integration tests: Go tests in files whose first line is
 // "//go:build vmtest", inside a qemu VM (TCG) that boots Debian's stock kernel, which has NBD
-// and ext4 as modules.
+// and ext4 as modules: Debian 12's, or that of the suite VM_KERNEL_SUITE names.
 //
 // It has two modes. As a go test -exec program,
 //
@@ -50,9 +50,15 @@ environment:
   VM_MODULES=           extra kernel modules to load in the guest (names, e.g. "loop dm_mod")
   VM_MODULE_PARAMS=     module parameters, modprobe's module.param=value (e.g. "nbd.max_part=0")
   VM_APPEND=            extra kernel command line arguments
-  VM_KERNEL_PKG=        pin the kernel package (e.g. linux-image-6.1.0-56-amd64);
-                        default: what linux-image-amd64 depends on now
-  VM_CACHE=.cache/vm    kernel, binaries, initramfs and console logs (out/<package>.console.log)
+  VM_KERNEL_SUITE=bookworm
+                        the Debian suite of the kernel, on the mirror of the system's sources:
+                        bookworm (Debian 12, 6.1), bookworm-backports (6.12), trixie-backports
+                        (7.x); a suite other than the host's own release gets private apt
+                        lists in the cache, refreshed daily; nothing is installed
+  VM_KERNEL_PKG=        pin the kernel package of that suite (e.g. linux-image-6.1.0-56-amd64);
+                        default: what the suite's linux-image-amd64 depends on now
+  VM_CACHE=.cache/vm    kernels (one per suite), binaries, initramfs and console logs
+                        (out/<suite>/<package>.console.log)
   GO=go                 go command
 `
 

@@ -21,6 +21,7 @@ type modSpec struct {
 type modLoad struct {
 	Path   string
 	Params string
+	Src    string // the host file to copy when not the module dir's Path: a decompressed copy
 }
 
 // modIndex is what depmod wrote about one kernel: modules.dep, modules.softdep, modules.alias

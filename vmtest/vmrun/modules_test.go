@@ -1,6 +1,10 @@
 package main
 
 import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -128,5 +132,172 @@ func TestWithParams(t *testing.T) {
 		if _, err := withParams(parseModSpecs([]string{"nbd"}), []string{bad}); err == nil {
 			t.Errorf("withParams(%q) = nil error, want one", bad)
 		}
+	}
+}
+
+// Excerpts of what depmod wrote for Debian's 6.12 (bookworm-backports) and 7.3
+// (trixie-backports) kernels: compressed modules; in 7.3 crc16 under lib/crc, no
+// crc32c_generic at all (crc32c is in the built-in crc32), and the crypto API's crc32c is
+// crc32c_cryptoapi, which jbd2's soft dependency reaches through its alias.
+const (
+	testModulesDep612 = `kernel/fs/mbcache.ko.xz:
+kernel/fs/ext4/ext4.ko.xz: kernel/lib/crc16.ko.xz kernel/fs/mbcache.ko.xz kernel/fs/jbd2/jbd2.ko.xz
+kernel/fs/jbd2/jbd2.ko.xz:
+kernel/lib/crc16.ko.xz:
+kernel/drivers/block/nbd.ko.xz:
+kernel/crypto/crc32c_generic.ko.xz:
+kernel/arch/x86/crypto/crc32c-intel.ko.xz:
+`
+	testModulesSoftdep612 = `softdep ext4 pre: crc32c
+softdep jbd2 pre: crc32c
+`
+	testModulesAlias612 = `alias crypto-crc32c crc32c_generic
+alias crc32c crc32c_generic
+alias crc32c crc32c_intel
+`
+	testModulesDep7 = `kernel/fs/mbcache.ko.xz:
+kernel/fs/ext4/ext4.ko.xz: kernel/lib/crc/crc16.ko.xz kernel/fs/mbcache.ko.xz kernel/fs/jbd2/jbd2.ko.xz
+kernel/fs/jbd2/jbd2.ko.xz:
+kernel/crypto/crc32c-cryptoapi.ko.xz:
+kernel/lib/crc/crc16.ko.xz:
+kernel/drivers/block/nbd.ko.xz:
+`
+	testModulesSoftdep7 = `softdep jbd2 pre: crypto-crc32c
+`
+	testModulesAlias7 = `alias crypto-crc32c crc32c_cryptoapi
+alias crc32c crc32c_cryptoapi
+`
+	testModulesBuiltin7 = `kernel/lib/crc/crc32.ko
+kernel/lib/crc/crc-t10dif.ko
+`
+)
+
+// TestResolveModulesByName: the default modules resolve by name whatever the kernel's layout:
+// compressed, moved, built in or gone.
+func TestResolveModulesByName(t *testing.T) {
+	for _, tc := range []struct {
+		name                         string
+		dep, softdep, alias, builtin string
+		specs                        []string
+		want                         []modLoad
+		wantRequired                 []string
+	}{
+		{
+			name: "6.12", dep: testModulesDep612, softdep: testModulesSoftdep612, alias: testModulesAlias612,
+			specs: defaultModules,
+			want: []modLoad{
+				{Path: "kernel/crypto/crc32c_generic.ko.xz"},
+				{Path: "kernel/arch/x86/crypto/crc32c-intel.ko.xz"},
+				{Path: "kernel/fs/jbd2/jbd2.ko.xz"},
+				{Path: "kernel/fs/mbcache.ko.xz"},
+				{Path: "kernel/lib/crc16.ko.xz"},
+				{Path: "kernel/fs/ext4/ext4.ko.xz"},
+				{Path: "kernel/drivers/block/nbd.ko.xz", Params: "nbds_max=16"},
+			},
+			wantRequired: []string{"ext4", "nbd"},
+		},
+		{
+			name: "7.x", dep: testModulesDep7, softdep: testModulesSoftdep7, alias: testModulesAlias7, builtin: testModulesBuiltin7,
+			specs: defaultModules,
+			want: []modLoad{
+				{Path: "kernel/crypto/crc32c-cryptoapi.ko.xz"},
+				{Path: "kernel/fs/jbd2/jbd2.ko.xz"},
+				{Path: "kernel/fs/mbcache.ko.xz"},
+				{Path: "kernel/lib/crc/crc16.ko.xz"},
+				{Path: "kernel/fs/ext4/ext4.ko.xz"},
+				{Path: "kernel/drivers/block/nbd.ko.xz", Params: "nbds_max=16"},
+			},
+			wantRequired: []string{"ext4", "nbd"},
+		},
+		{
+			// asked for by name, wherever they are: crc16 moved to lib/crc, crc32 built in
+			// (present, nothing to load, not checked in the guest), crc32c-cryptoapi by its
+			// file name with a dash
+			name: "7.x by name", dep: testModulesDep7, builtin: testModulesBuiltin7,
+			specs: []string{"crc16", "crc32", "crc32c-cryptoapi", "crc_t10dif"},
+			want: []modLoad{
+				{Path: "kernel/lib/crc/crc16.ko.xz"},
+				{Path: "kernel/crypto/crc32c-cryptoapi.ko.xz"},
+			},
+			wantRequired: []string{"crc16", "crc32c_cryptoapi"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ix, err := parseModIndex(strings.NewReader(tc.dep), strings.NewReader(tc.softdep),
+				strings.NewReader(tc.alias), strings.NewReader(tc.builtin))
+			if err != nil {
+				t.Fatal(err)
+			}
+			loads, required, err := ix.resolve(parseModSpecs(tc.specs))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tc.want, loads); diff != "" {
+				t.Errorf("loads (-want +got):\n%s", diff)
+			}
+			if diff := cmp.Diff(tc.wantRequired, required); diff != "" {
+				t.Errorf("required (-want +got):\n%s", diff)
+			}
+		})
+	}
+	ix, err := parseModIndex(strings.NewReader(testModulesDep7), nil, nil, strings.NewReader(testModulesBuiltin7))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ix.resolve(parseModSpecs([]string{"crc32c_generic"})); err == nil {
+		t.Error("a required module neither in modules.dep nor built in: no error")
+	}
+}
+
+func TestSplitCompression(t *testing.T) {
+	for in, want := range map[string][2]string{
+		"kernel/fs/ext4/ext4.ko":     {"kernel/fs/ext4/ext4.ko", ""},
+		"kernel/fs/ext4/ext4.ko.xz":  {"kernel/fs/ext4/ext4.ko", "xz"},
+		"kernel/fs/ext4/ext4.ko.zst": {"kernel/fs/ext4/ext4.ko", "zstd"},
+		"kernel/fs/ext4/ext4.ko.gz":  {"kernel/fs/ext4/ext4.ko", "gzip"},
+		"kernel/fs/x.xz":             {"kernel/fs/x.xz", ""}, // not a module
+	} {
+		plain, tool := splitCompression(in)
+		if plain != want[0] || tool != want[1] {
+			t.Errorf("splitCompression(%q) = %q, %q; want %q, %q", in, plain, tool, want[0], want[1])
+		}
+	}
+}
+
+func TestPlainModule(t *testing.T) {
+	if !have("xz") {
+		t.Skip("no xz here")
+	}
+	ver := "7.3.4+deb13-amd64"
+	k := &kernel{Version: ver, Dir: t.TempDir()}
+	elf := "\x7fELF module"
+	for rel, content := range map[string]string{"kernel/lib/crc/crc16.ko": elf, "kernel/fs/bad.ko": "not ELF"} {
+		p := filepath.Join(k.moduleDir(), rel)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		os.WriteFile(p, []byte(content), 0o644)
+		if out, err := exec.Command("xz", p).CombinedOutput(); err != nil {
+			t.Fatalf("xz %s: %v\n%s", p, err, out)
+		}
+	}
+	if src, err := plainModule(context.Background(), k, "kernel/drivers/block/nbd.ko"); src != "" || err != nil {
+		t.Errorf("plain .ko: %q, %v; want it copied from the module dir", src, err)
+	}
+	src, err := plainModule(context.Background(), k, "kernel/lib/crc/crc16.ko.xz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(src); string(got) != elf || filepath.Base(src) != "crc16.ko" {
+		t.Errorf("%s: %q, want %q", src, got, elf)
+	}
+	// cached: the compressed file is not read again
+	os.Remove(filepath.Join(k.moduleDir(), "kernel/lib/crc/crc16.ko.xz"))
+	if again, err := plainModule(context.Background(), k, "kernel/lib/crc/crc16.ko.xz"); err != nil || again != src {
+		t.Errorf("second call: %q, %v; want %q", again, err, src)
+	}
+	if _, err := plainModule(context.Background(), k, "kernel/fs/bad.ko.xz"); err == nil {
+		t.Error("a module that is not ELF once decompressed: no error")
+	}
+	if _, err := plainModule(context.Background(), k, "kernel/fs/missing.ko.xz"); err == nil {
+		t.Error("a missing module: no error")
 	}
 }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -34,6 +33,8 @@ type config struct {
 	moduleParams []string
 	appendArg    string
 	kernelPkg    string
+	suite        string     // VM_KERNEL_SUITE
+	src          *aptSource // the suite's apt source, opened once (aptSource)
 }
 
 func getenv(k, def string) string {
@@ -59,6 +60,10 @@ func loadConfig(root string) (*config, error) {
 		moduleParams: strings.Fields(os.Getenv("VM_MODULE_PARAMS")),
 		appendArg:    os.Getenv("VM_APPEND"),
 		kernelPkg:    os.Getenv("VM_KERNEL_PKG"),
+		suite:        getenv("VM_KERNEL_SUITE", defaultSuite),
+	}
+	if err := checkSuite(c.suite); err != nil {
+		return nil, err
 	}
 	if !filepath.IsAbs(c.cache) {
 		c.cache = filepath.Join(root, c.cache)
@@ -187,6 +192,9 @@ func ensurePackages(ctx context.Context) error {
 	if !have("xz") {
 		missing = append(missing, "xz-utils")
 	}
+	if !have("zstd") { // newer Debian kernels are zstd-compressed bzImages
+		missing = append(missing, "zstd")
+	}
 	if len(missing) == 0 {
 		return nil
 	}
@@ -199,7 +207,7 @@ func ensurePackages(ctx context.Context) error {
 
 // ---------------------------------------------------------------- kernel
 
-// kernel is an unpacked Debian kernel package in the cache.
+// kernel is an unpacked Debian kernel in the cache.
 type kernel struct {
 	Version string
 	Dir     string // kernel-<ver>: boot/, lib/modules/<ver>/
@@ -208,19 +216,31 @@ type kernel struct {
 
 func (k *kernel) moduleDir() string { return filepath.Join(k.Dir, "lib", "modules", k.Version) }
 
-var kernelDepRe = regexp.MustCompile(`(?m)^\s*Depends: (linux-image-[0-9]\S*-amd64)$`)
+// suiteFile, in a cached kernel's dir, names the suite it came from: each suite keeps its own
+// kernel in the cache.
+const suiteFile = "suite"
 
-// parseKernelPkg finds the versioned kernel package in apt-cache depends linux-image-amd64.
-func parseKernelPkg(out []byte) string {
-	if m := kernelDepRe.FindSubmatch(out); m != nil {
-		return string(m[1])
+// kernelSuite is the suite of the cached kernel in dir. Kernels cached before suites existed
+// came from the system's sources, the default suite.
+func kernelSuite(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, suiteFile))
+	if err != nil {
+		return defaultSuite
 	}
-	return ""
+	return strings.TrimSpace(string(b))
 }
 
-func resolveKernelPkg(ctx context.Context) string {
-	out, _ := run(ctx, "apt-cache", "depends", "linux-image-amd64")
-	return parseKernelPkg(out)
+// aptSource returns the apt source of the kernel suite, opened on first use. Call it holding
+// the cache lock.
+func (c *config) aptSource() (*aptSource, error) {
+	if c.src == nil {
+		src, err := openSuite(c)
+		if err != nil {
+			return nil, err
+		}
+		c.src = src
+	}
+	return c.src, nil
 }
 
 func kernelComplete(cache, ver string) bool {
@@ -234,8 +254,8 @@ func kernelComplete(cache, ver string) bool {
 }
 
 // ensureKernel returns the cached kernel of package pkg (linux-image-<ver>; "" resolves the
-// current one with apt-cache), downloading it if it is not cached. Call it holding the cache
-// lock.
+// suite's current one with apt-cache), downloading it if it is not cached. Call it holding
+// the cache lock.
 func ensureKernel(ctx context.Context, c *config, pkg string) (*kernel, error) {
 	ver, err := downloadKernel(ctx, c, pkg)
 	if err != nil {
@@ -253,25 +273,33 @@ func ensureKernel(ctx context.Context, c *config, pkg string) (*kernel, error) {
 	return k, nil
 }
 
-// downloadKernel resolves the kernel package and, unless it is cached, apt-get downloads and
-// unpacks it and runs depmod in a temp dir renamed into place at the end, so an interrupted
-// run caches nothing. Other cached kernels are removed. Offline, it falls back to the newest
-// cached kernel.
+// downloadKernel resolves the kernel package and, unless it is cached, apt-get downloads it
+// (with the packages that hold its files, on Debian 13), unpacks it and runs depmod in a temp
+// dir renamed into place at the end, so an interrupted run caches nothing. The other cached
+// kernels of the same suite are removed. Offline, it falls back to the suite's newest cached
+// kernel.
 func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) {
 	if pkg == "" {
 		pkg = c.kernelPkg
 	}
+	if pkg != "" && kernelComplete(c.cache, strings.TrimPrefix(pkg, "linux-image-")) {
+		return strings.TrimPrefix(pkg, "linux-image-"), nil // the runners' case: the driver got it
+	}
+	src, err := c.aptSource()
+	if err != nil {
+		return "", err
+	}
+	src.refreshIfStale(ctx) // a pinned package needs the suite's lists too
 	if pkg == "" {
-		pkg = resolveKernelPkg(ctx)
-		if pkg == "" { // no package lists yet (a fresh machine)
-			if _, err := run(ctx, "apt-get", "update", "-q"); err == nil {
-				aptUpdated = true
-				pkg = resolveKernelPkg(ctx)
+		pkg = src.resolveKernelPkg(ctx)
+		if pkg == "" && !src.alreadyUpdated() { // no package lists yet (a fresh machine)
+			if err := src.update(ctx); err == nil {
+				pkg = src.resolveKernelPkg(ctx)
 			}
 		}
 	}
 	if pkg == "" {
-		return cachedKernel(c, errors.New("cannot resolve linux-image-amd64 with apt-cache depends"))
+		return cachedKernel(c, fmt.Errorf("cannot resolve linux-image-amd64 of %s with apt-cache depends", c.suite))
 	}
 	ver := strings.TrimPrefix(pkg, "linux-image-")
 	if kernelComplete(c.cache, ver) {
@@ -286,27 +314,49 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 		return "", fmt.Errorf("kernel: %w", err)
 	}
 	defer os.RemoveAll(tmp)
-	logf("kernel: downloading %s", pkg)
-	cmd := exec.CommandContext(ctx, "apt-get", "download", pkg)
-	cmd.Dir = tmp
-	if out, err := cmd.CombinedOutput(); err != nil {
-		if !aptUpdated && c.kernelPkg == "" { // stale package lists: refresh and try again once
-			if _, err := run(ctx, "apt-get", "update", "-q"); err == nil {
-				aptUpdated = true
-				return downloadKernel(ctx, c, c.kernelPkg)
+	// Stale package lists name a package the mirror no longer has, or do not know a pinned
+	// one yet: refresh them and try again (resolving again unless pinned), once.
+	retry := func(why error) (string, error) {
+		if !src.alreadyUpdated() {
+			if err := src.update(ctx); err == nil {
+				return downloadKernel(ctx, c, "")
 			}
 		}
-		return cachedKernel(c, fmt.Errorf("apt-get download %s: %w\n%s", pkg, err, out))
+		return cachedKernel(c, why)
+	}
+	pkgs, err := src.kernelPackages(ctx, pkg, ver)
+	if err != nil {
+		return retry(err)
+	}
+	t0 := time.Now()
+	logf("kernel: downloading %s from %s", strings.Join(pkgs, " "), src)
+	cmd := src.command(ctx, "apt-get", append([]string{"download"}, pkgs...)...)
+	cmd.Dir = tmp
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return retry(fmt.Errorf("apt-get download %s: %w\n%s", strings.Join(pkgs, " "), err, out))
 	}
 	debs, _ := filepath.Glob(filepath.Join(tmp, "*.deb"))
-	if len(debs) == 0 {
-		return "", fmt.Errorf("kernel: apt-get download %s produced no .deb", pkg)
+	if len(debs) != len(pkgs) {
+		return "", fmt.Errorf("kernel: apt-get download %s produced %d .deb files", strings.Join(pkgs, " "), len(debs))
 	}
+	var size int64
 	root := filepath.Join(tmp, "root")
-	if _, err := run(ctx, "dpkg-deb", "-x", debs[0], root); err != nil {
-		return "", fmt.Errorf("kernel: %w", err)
+	for _, deb := range debs {
+		if fi, err := os.Stat(deb); err == nil {
+			size += fi.Size()
+		}
+		if _, err := run(ctx, "dpkg-deb", "-x", deb, root); err != nil {
+			return "", fmt.Errorf("kernel: %w", err)
+		}
+	}
+	tDownload := time.Since(t0)
+	if err := normalizeKernelTree(root, ver); err != nil {
+		return "", fmt.Errorf("kernel %s: %w", ver, err)
 	}
 	if _, err := run(ctx, "depmod", "-b", root, ver); err != nil {
+		return "", fmt.Errorf("kernel: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(root, suiteFile), []byte(c.suite+"\n"), 0o644); err != nil {
 		return "", fmt.Errorf("kernel: %w", err)
 	}
 	dst := filepath.Join(c.cache, "kernel-"+ver)
@@ -314,30 +364,68 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 	if err := os.Rename(root, dst); err != nil {
 		return "", fmt.Errorf("kernel: %w", err)
 	}
-	// Other cached kernels take about 400 MB each.
+	// A cached kernel takes 130 to 400 MB: keep one per suite.
 	others, _ := filepath.Glob(filepath.Join(c.cache, "kernel-*"))
 	for _, d := range others {
-		if d != dst {
+		if d != dst && kernelSuite(d) == c.suite {
 			os.RemoveAll(d)
 		}
 	}
-	logf("kernel: downloaded and unpacked %s", ver)
+	logf("kernel: downloaded and unpacked %s (%d MB in %.1fs; with depmod %.1fs)", ver, size>>20, tDownload.Seconds(), time.Since(t0).Seconds())
 	return ver, nil
 }
 
-// cachedKernel picks the newest complete kernel in the cache when the current one cannot be
-// had (offline runs).
+// normalizeKernelTree gives an unpacked kernel the layout of Debian 12's packages, which the
+// cache keeps: boot/vmlinuz-<ver>, boot/config-<ver> and lib/modules/<ver>. Debian 13's
+// packages put all of it under usr/lib/modules/<ver> (vmlinuz and config included).
+func normalizeKernelTree(root, ver string) error {
+	mods := filepath.Join(root, "lib", "modules", ver)
+	if usrMods := filepath.Join(root, "usr", "lib", "modules", ver); exists(usrMods) {
+		if exists(mods) {
+			return fmt.Errorf("modules in both lib/modules/%s and usr/lib/modules/%s", ver, ver)
+		}
+		if err := os.MkdirAll(filepath.Dir(mods), 0o755); err != nil {
+			return err
+		}
+		if err := os.Rename(usrMods, mods); err != nil {
+			return err
+		}
+	}
+	for from, to := range map[string]string{"vmlinuz": "vmlinuz-" + ver, "config": "config-" + ver} {
+		src, dst := filepath.Join(mods, from), filepath.Join(root, "boot", to)
+		if exists(dst) || !exists(src) {
+			continue
+		}
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return err
+		}
+		if err := os.Rename(src, dst); err != nil {
+			return err
+		}
+	}
+	for _, f := range []string{"boot/vmlinuz-" + ver, "lib/modules/" + ver + "/kernel"} {
+		if !exists(filepath.Join(root, f)) {
+			return fmt.Errorf("the packages have no %s (a layout vmrun does not know)", f)
+		}
+	}
+	return nil
+}
+
+func exists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// cachedKernel picks the suite's newest complete kernel in the cache when the current one
+// cannot be had (offline runs).
 func cachedKernel(c *config, why error) (string, error) {
 	dirs, _ := filepath.Glob(filepath.Join(c.cache, "kernel-*"))
 	slices.Sort(dirs)
 	for i := len(dirs) - 1; i >= 0; i-- {
 		v := strings.TrimPrefix(filepath.Base(dirs[i]), "kernel-")
-		if kernelComplete(c.cache, v) {
+		if kernelComplete(c.cache, v) && kernelSuite(dirs[i]) == c.suite {
 			logf("kernel: WARNING: %v; using the cached %s", why, v)
 			return v, nil
 		}
 	}
-	return "", fmt.Errorf("kernel: %w; nothing is cached", why)
+	return "", fmt.Errorf("kernel: %w; nothing of %s is cached", why, c.suite)
 }
 
 // ensureVmlinux unpacks the uncompressed kernel from the bzImage once (qemu boots it through

@@ -130,7 +130,7 @@ func execTest(ctx context.Context, args []string) (int, error) {
 	lock.Close() // the run dir holds its own kernel link and initramfs
 	prep := time.Since(t0)
 
-	logDir := filepath.Join(c.cache, "out")
+	logDir := filepath.Join(c.cache, "out", c.suite) // make integration runs each suite in turn
 	if err := os.MkdirAll(logDir, 0o755); err != nil {
 		return 1, fmt.Errorf("log dir: %w", err)
 	}
