@@ -299,7 +299,7 @@ func applyManifests(t *testing.T, api *apiServer, files ...string) {
 	}
 }
 
-// The trust boundary on a node (README, Kubernetes): consumer pods reach
+// The trust boundary on a node (docs/kubernetes.md, host layout): consumer pods reach
 // the caller socket and nothing else of the provisioner's, they reach it
 // read-only, and they need neither root nor privilege to use it.
 
