@@ -10,6 +10,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/peercred"
 )
 
 // Peer is who is on the other end of an admin connection, from
@@ -140,11 +142,12 @@ func (s *Server) Close() error {
 }
 
 func (s *Server) serveConn(conn *net.UnixConn) {
-	peer, err := peerOf(conn)
+	cred, err := peercred.Read(conn)
 	if err != nil {
 		s.log().Warn("admin: no peer credentials", "err", err)
 		return
 	}
+	peer := Peer{PID: cred.PID, UID: cred.UID}
 	timeout := s.RequestTimeout
 	if timeout == 0 {
 		timeout = 10 * time.Second
