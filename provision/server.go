@@ -241,13 +241,9 @@ var ErrServerClosed = errors.New("provision: server closed")
 func (s *Server) Serve(ln UnixListener) error {
 	err := s.conns.Serve(acceptloop.Loop[*callerConn]{
 		Listener: ln,
-		Accept: func() (*callerConn, error) {
-			conn, err := ln.AcceptUnix()
-			if err != nil {
-				return nil, err
-			}
-			return &callerConn{UnixConn: conn, caller: peerCredentials(conn)}, nil
-		},
+		Accept: acceptloop.Wrapped(ln.AcceptUnix, func(conn *net.UnixConn) *callerConn {
+			return &callerConn{UnixConn: conn, caller: peerCredentials(conn)}
+		}),
 		Admit: func(c *callerConn) bool {
 			reason := s.admit(c.caller)
 			if reason != "" {

@@ -52,6 +52,19 @@ type Loop[C Conn] struct {
 	Retrying func(err error, pause time.Duration)
 }
 
+// Wrapped is an Accept for a server whose connection type wraps the one its
+// listener returns: the listener's connections, each passed through wrap.
+func Wrapped[R, C any](accept func() (R, error), wrap func(R) C) func() (C, error) {
+	return func() (C, error) {
+		r, err := accept()
+		if err != nil {
+			var zero C
+			return zero, err
+		}
+		return wrap(r), nil
+	}
+}
+
 // Pauses after temporary accept errors, as net/http's: they double from
 // minPause up to maxPause while accepting keeps failing.
 const (

@@ -116,6 +116,17 @@ func result(t *testing.T, served <-chan error) error {
 	}
 }
 
+// stop closes g, checks that Serve returned ErrClosed and waits for the
+// handlers.
+func stop(t *testing.T, g *Group[*fakeConn], served <-chan error) {
+	t.Helper()
+	g.Close()
+	if err := result(t, served); err != ErrClosed {
+		t.Fatalf("Serve after Close = %v, want ErrClosed", err)
+	}
+	g.Wait()
+}
+
 // A temporary error is retried after a pause that doubles up to a second
 // while accepting fails, and starts again from the shortest after a
 // success.
@@ -158,10 +169,7 @@ func TestTemporaryErrorBacksOffAndRetries(t *testing.T) {
 	if len(retried) != len(want)+1 {
 		t.Fatalf("Retrying told of %d errors, want %d", len(retried), len(want)+1)
 	}
-	g.Close()
-	if err := result(t, served); err != ErrClosed {
-		t.Fatalf("Serve after Close = %v, want ErrClosed", err)
-	}
+	stop(t, &g, served)
 }
 
 func TestPermanentErrorIsReturned(t *testing.T) {
@@ -198,10 +206,7 @@ func TestTemporaryByTheServer(t *testing.T) {
 	served := serve(&g, l)
 	ln.next <- accepted{err: odd}
 	(<-timers).fire <- time.Now()
-	g.Close()
-	if err := result(t, served); err != ErrClosed {
-		t.Fatalf("Serve = %v, want ErrClosed", err)
-	}
+	stop(t, &g, served)
 }
 
 // Close ends a pause at once: the pause here would never end by itself.
@@ -212,10 +217,7 @@ func TestCloseDuringBackoffReturns(t *testing.T) {
 	served := serve(&g, loop(ln, nil))
 	ln.next <- accepted{err: syscall.ENFILE}
 	<-timers
-	g.Close()
-	if err := result(t, served); err != ErrClosed {
-		t.Fatalf("Serve = %v, want ErrClosed", err)
-	}
+	stop(t, &g, served)
 	if n := ln.calls.Load(); n != 1 {
 		t.Fatalf("Accept called %d times, want 1: no retry after Close", n)
 	}
@@ -286,9 +288,7 @@ func TestHandlerEndClosesTheConnection(t *testing.T) {
 	if n := g.Len(); n != 0 {
 		t.Fatalf("Len = %d after the handler returned, want 0", n)
 	}
-	g.Close()
-	result(t, served)
-	g.Wait()
+	stop(t, &g, served)
 }
 
 func TestAdmit(t *testing.T) {
@@ -307,9 +307,7 @@ func TestAdmit(t *testing.T) {
 	if !refused.isClosed() {
 		t.Fatal("the refused connection is open")
 	}
-	g.Close()
-	result(t, served)
-	g.Wait()
+	stop(t, &g, served)
 }
 
 // A connection admitted while Close runs is abandoned: Abandon undoes the
@@ -421,5 +419,22 @@ func TestTemporaryError(t *testing.T) {
 		if got := TemporaryError(tc.err); got != tc.want {
 			t.Errorf("TemporaryError(%v) = %v, want %v", tc.err, got, tc.want)
 		}
+	}
+}
+
+func TestWrapped(t *testing.T) {
+	type wrapper struct{ c *fakeConn }
+	broken := errors.New("broken")
+	results := []accepted{{c: newConn(7)}, {err: broken}}
+	accept := Wrapped(func() (*fakeConn, error) {
+		r := results[0]
+		results = results[1:]
+		return r.c, r.err
+	}, func(c *fakeConn) *wrapper { return &wrapper{c} })
+	if w, err := accept(); err != nil || w.c.id != 7 {
+		t.Fatalf("first accept = %+v, %v; want conn 7 wrapped", w, err)
+	}
+	if w, err := accept(); err != broken || w != nil {
+		t.Fatalf("second accept = %+v, %v; want nil and the error", w, err)
 	}
 }

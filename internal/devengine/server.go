@@ -171,14 +171,8 @@ func (s *Server) Serve(ln net.Listener) error {
 	defer ln.Close()
 	err := s.conns.Serve(acceptloop.Loop[*conn]{
 		Listener: ln,
-		Accept: func() (*conn, error) {
-			nc, err := ln.Accept()
-			if err != nil {
-				return nil, err
-			}
-			return s.newConn(nc), nil
-		},
-		Handle: s.handle,
+		Accept:   acceptloop.Wrapped(ln.Accept, s.newConn),
+		Handle:   s.handle,
 		Retrying: func(err error, pause time.Duration) {
 			// Out of file descriptors and the like: wait and retry
 			// rather than give up serving.
