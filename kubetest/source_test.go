@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
@@ -105,12 +106,12 @@ func TestSourceFollowsConfigMap(t *testing.T) {
 		"demo":  `{"image_id": "demo.mvps-image", "image_size": 2147483648}`,
 		"other": `{"image_id": "other.mvps-image", "image_size": 4096}`,
 	})
-	took := eventually(t, 2*time.Second, "edit seen", func() bool { return sizeOf(src, "demo") == 2<<30 })
+	took := testwait.Until(t, 2*time.Second, "edit seen", func() bool { return sizeOf(src, "demo") == 2<<30 })
 	t.Logf("edit seen in %v", took.Round(time.Millisecond))
 
 	// A removed key is not_found.
 	setData(t, admin, map[string]string{"demo": `{"image_id": "demo.mvps-image", "image_size": 2147483648}`})
-	took = eventually(t, 2*time.Second, "removed key not_found", func() bool {
+	took = testwait.Until(t, 2*time.Second, "removed key not_found", func() bool {
 		_, err := src.Lookup("other")
 		return errors.Is(err, os.ErrNotExist)
 	})
@@ -119,7 +120,7 @@ func TestSourceFollowsConfigMap(t *testing.T) {
 	// The API server goes away (killed: the harsher case, no goodbye on
 	// the watch): the last configs keep serving, the outage shows in Status.
 	b.crash()
-	took = eventually(t, 30*time.Second, "outage reported", func() bool { return src.Status().Failing })
+	took = testwait.Until(t, 30*time.Second, "outage reported", func() bool { return src.Status().Failing })
 	t.Logf("outage reported %v after the stop (%s)", took.Round(time.Millisecond), src.Status().LastError)
 	if got := sizeOf(src, "demo"); got != 2<<30 {
 		t.Fatalf("demo size = %d during the outage, want the last synced config", got)
@@ -138,7 +139,7 @@ func TestSourceFollowsConfigMap(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("kube-apiserver b back in %v", time.Since(start).Round(time.Millisecond))
-	took = eventually(t, 60*time.Second, "caught up after the outage", func() bool {
+	took = testwait.Until(t, 60*time.Second, "caught up after the outage", func() bool {
 		return sizeOf(src, "demo") == 4096 && sizeOf(src, "added") == 8192 && !src.Status().Failing
 	})
 	t.Logf("caught up %v after b was ready again", took.Round(time.Millisecond))
@@ -147,12 +148,12 @@ func TestSourceFollowsConfigMap(t *testing.T) {
 	if err := admin.CoreV1().ConfigMaps(cmNamespace).Delete(ctxFor(t, 30*time.Second), cmName, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 2*time.Second, "deleted ConfigMap not_found", func() bool {
+	testwait.Until(t, 2*time.Second, "deleted ConfigMap not_found", func() bool {
 		_, err := src.Lookup("demo")
 		return errors.Is(err, os.ErrNotExist) && !src.Status().Present
 	})
 	applyManifests(t, a, "40-configmap.yaml")
-	eventually(t, 2*time.Second, "re-created ConfigMap served", func() bool { return sizeOf(src, "demo") == 1<<30 })
+	testwait.Until(t, 2*time.Second, "re-created ConfigMap served", func() bool { return sizeOf(src, "demo") == 1<<30 })
 }
 
 // The Role lets the service account read its ConfigMap and nothing else.
@@ -259,10 +260,10 @@ func TestProvisionerServesFromConfigMap(t *testing.T) {
 		}
 		return provisiontest.Code(err)
 	}
-	eventually(t, 2*time.Second, "edit applied to attaches", func() bool { return code("demo") == protocol.CodeForbidden })
+	testwait.Until(t, 2*time.Second, "edit applied to attaches", func() bool { return code("demo") == protocol.CodeForbidden })
 	if code := ts.AttachCode(t, "broken"); code != protocol.CodeInvalidConfig {
 		t.Fatalf("broken entry: %q, want invalid_config", code)
 	}
 	setData(t, admin, map[string]string{})
-	eventually(t, 2*time.Second, "removed key not_found", func() bool { return code("demo") == protocol.CodeNotFound })
+	testwait.Until(t, 2*time.Second, "removed key not_found", func() bool { return code("demo") == protocol.CodeNotFound })
 }

@@ -17,6 +17,8 @@ import (
 	"github.com/mdlayher/genetlink/genltest"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 )
 
 // testFamily is what the fake kernel reports for "nbd".
@@ -208,19 +210,11 @@ func (s *fakeSocket) Receive() ([]netlink.Message, error) {
 // a test can act on a Receive that is really in progress.
 func (s *fakeSocket) waitBlocked(t *testing.T) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testwait.Until(t, 10*time.Second, "a Receive to block", func() bool {
 		s.mu.Lock()
-		n := s.blocked
-		s.mu.Unlock()
-		if n > 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("no Receive blocked within 10s")
-		}
-		time.Sleep(time.Millisecond)
-	}
+		defer s.mu.Unlock()
+		return s.blocked > 0
+	})
 }
 
 func (s *fakeSocket) ReceiveIter() iter.Seq2[netlink.Message, error] {

@@ -10,6 +10,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/peercred"
 )
 
 // callerInfo is who sent a request: the credentials the kernel recorded when
@@ -37,18 +39,11 @@ func (c callerInfo) known() bool { return c.uid >= 0 && c.gid >= 0 }
 func (c callerInfo) root() bool { return c.uid == 0 }
 
 // peerCredentials reads SO_PEERCRED. It never fails: a caller whose
-// credentials are unknown is treated as nobody in particular.
+// credentials are unknown (-1, peercred.Unknown) is treated as nobody in
+// particular.
 func peerCredentials(conn *net.UnixConn) callerInfo {
-	info := callerInfo{pid: -1, uid: -1, gid: -1, account: -1, pidfd: -1}
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return info
-	}
-	rc.Control(func(fd uintptr) {
-		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
-			info.pid, info.uid, info.gid = cred.Pid, int32(cred.Uid), int32(cred.Gid)
-		}
-	})
+	cred, _ := peercred.Read(conn)
+	info := callerInfo{pid: cred.PID, uid: cred.UID, gid: cred.GID, pidfd: -1}
 	info.account = accountingUID(info.pid, info.uid)
 	return info
 }

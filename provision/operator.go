@@ -121,9 +121,9 @@ func (s *Server) Serving() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch {
-	case s.closing:
+	case s.conns.Closed():
 		return errors.New("shutting down")
-	case len(s.listeners) == 0:
+	case s.conns.Listeners() == 0:
 		return errors.New("not accepting callers")
 	}
 	return nil

@@ -39,19 +39,7 @@ func (s *Server) LinkDead(index uint32) {
 
 // goTracked runs fn as part of the server's work, which Shutdown waits
 // for; it does not run at all once Shutdown began.
-func (s *Server) goTracked(fn func()) {
-	s.mu.Lock()
-	if s.closing {
-		s.mu.Unlock()
-		return
-	}
-	s.wg.Add(1)
-	s.mu.Unlock()
-	go func() {
-		defer s.wg.Done()
-		fn()
-	}()
-}
+func (s *Server) goTracked(fn func()) { s.conns.Go(fn) }
 
 // recover reconnects a's device: a new session with a's client id (which
 // fences whatever is left of the old one), then the kernel's reconfigure.

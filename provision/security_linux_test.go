@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,6 +17,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/ownthread"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
@@ -47,33 +47,11 @@ func openToAll(t *testing.T, ts *provisiontest.Server) {
 	}
 }
 
-// onThread runs fn on an OS thread of its own that is never handed back to
-// the scheduler: whatever fn changes about the thread (credentials,
-// namespaces, working directory) ends with it.
-func onThread(fn func() error) error {
-	errc := make(chan error, 1)
-	var run func()
-	run = func() {
-		runtime.LockOSThread()
-		if unix.Gettid() == unix.Getpid() {
-			// The main thread is never retired: hold it and use another.
-			done := make(chan struct{})
-			go func() { run(); close(done) }()
-			<-done
-			runtime.UnlockOSThread()
-			return
-		}
-		errc <- fn()
-	}
-	go run()
-	return <-errc
-}
-
 // onThreadAs runs fn on a thread of its own with the credentials of uid and
 // gid, as a process of that user would.
 func onThreadAs(t *testing.T, uid, gid int, fn func() error) error {
 	t.Helper()
-	return onThread(func() error {
+	return ownthread.Run(func() error {
 		// Raw syscalls change this thread only; syscall.Setuid would
 		// change every thread of the test process.
 		if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(gid), uintptr(gid), uintptr(gid)); e != 0 {
@@ -234,7 +212,7 @@ func TestImageConfigGrants(t *testing.T) {
 func otherMountNamespace(t *testing.T) *os.File {
 	t.Helper()
 	var ns *os.File
-	err := onThread(func() error {
+	err := ownthread.Run(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNS | unix.CLONE_FS); err != nil {
 			return err
 		}

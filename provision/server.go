@@ -13,10 +13,10 @@ import (
 	"net"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/acceptloop"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
@@ -155,14 +155,14 @@ type Server struct {
 	// spares dials the engine for attaches.
 	spares *engine.Spares
 
+	// conns are the listeners, the callers' connections and their
+	// handlers, and the recoveries (goTracked).
+	conns acceptloop.Group[*callerConn]
+
 	mu         sync.Mutex
-	listeners  map[UnixListener]struct{}
-	conns      map[*net.UnixConn]struct{}
-	closing    bool
 	engineDead bool
 	// handover is set by Handover: attachments end without a detach.
 	handover bool
-	wg       sync.WaitGroup
 	// background counts goroutines that end with ctx (the linger
 	// pollers); Shutdown waits for them too.
 	background sync.WaitGroup
@@ -210,8 +210,6 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	return &Server{
 		cfg:          cfg,
 		log:          cfg.Logger,
-		listeners:    make(map[UnixListener]struct{}),
-		conns:        make(map[*net.UnixConn]struct{}),
 		reg:          newRegistry(),
 		spares:       engine.NewSpares(cfg.DialEngine, cfg.EngineSpares, engine.DefaultSpareIdle),
 		waitingByUID: make(map[int32]int),
@@ -241,66 +239,40 @@ var ErrServerClosed = errors.New("provision: server closed")
 
 // Serve accepts callers on ln until Shutdown, serving each concurrently.
 func (s *Server) Serve(ln UnixListener) error {
-	s.mu.Lock()
-	if s.closing {
-		s.mu.Unlock()
+	err := s.conns.Serve(acceptloop.Loop[*callerConn]{
+		Listener: ln,
+		Accept: acceptloop.Wrapped(ln.AcceptUnix, func(conn *net.UnixConn) *callerConn {
+			return &callerConn{UnixConn: conn, caller: peerCredentials(conn)}
+		}),
+		Admit: func(c *callerConn) bool {
+			reason := s.admit(c.caller)
+			if reason != "" {
+				if n := s.dropLog.allow(); n >= 0 {
+					s.log.Warn("connection dropped", "reason", reason, "caller_pid", c.caller.pid, "caller_uid", c.caller.uid,
+						"dropped_since_last_line", n)
+				}
+			}
+			return reason == ""
+		},
+		Abandon: func(c *callerConn) { s.requestDone(c.caller) },
+		Handle:  func(c *callerConn) { s.serveConn(c.UnixConn, c.caller) },
+		Retrying: func(err error, pause time.Duration) {
+			// Out of fds, say: callers queue in the listen backlog
+			// meanwhile.
+			s.log.Error("accept failed, retrying", "err", err, "after", pause.String())
+		},
+	})
+	if errors.Is(err, acceptloop.ErrClosed) {
 		return ErrServerClosed
 	}
-	s.listeners[ln] = struct{}{}
-	s.mu.Unlock()
-
-	var backoff time.Duration
-	for {
-		conn, err := ln.AcceptUnix()
-		if err != nil {
-			s.mu.Lock()
-			closing := s.closing
-			s.mu.Unlock()
-			if closing {
-				return ErrServerClosed
-			}
-			if temporaryAcceptError(err) {
-				// Out of fds, say: back off as net/http does instead of
-				// spinning; callers queue in the listen backlog meanwhile.
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Error("accept failed, retrying", "err", err, "after", backoff.String())
-				select {
-				case <-time.After(backoff):
-				case <-s.ctx.Done():
-				}
-				continue
-			}
-			return fmt.Errorf("provision: accept: %w", err)
-		}
-		backoff = 0
-		caller := peerCredentials(conn)
-		if reason := s.admit(caller); reason != "" {
-			conn.Close()
-			if n := s.dropLog.allow(); n >= 0 {
-				s.log.Warn("connection dropped", "reason", reason, "caller_pid", caller.pid, "caller_uid", caller.uid,
-					"dropped_since_last_line", n)
-			}
-			continue
-		}
-		if !s.track(conn) {
-			s.requestDone(caller)
-			conn.Close()
-			return ErrServerClosed
-		}
-		go func() {
-			defer s.wg.Done()
-			defer s.untrack(conn)
-			s.serveConn(conn, caller)
-		}()
-	}
+	return fmt.Errorf("provision: %w", err)
 }
 
-// temporaryAcceptError is an accept error that passes: out of fds or
-// memory, or a connection aborted before it was taken.
-func temporaryAcceptError(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ECONNABORTED)
+// callerConn is a caller's connection with the credentials it connected
+// with.
+type callerConn struct {
+	*net.UnixConn
+	caller callerInfo
 }
 
 // admit counts a new connection as waiting for its request, or says why it
@@ -327,24 +299,6 @@ func (s *Server) requestDone(caller callerInfo) {
 	if s.waitingByUID[caller.account]--; s.waitingByUID[caller.account] <= 0 {
 		delete(s.waitingByUID, caller.account)
 	}
-}
-
-func (s *Server) track(conn *net.UnixConn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing {
-		return false
-	}
-	s.conns[conn] = struct{}{}
-	s.wg.Add(1)
-	return true
-}
-
-func (s *Server) untrack(conn *net.UnixConn) {
-	s.mu.Lock()
-	delete(s.conns, conn)
-	s.mu.Unlock()
-	conn.Close()
 }
 
 // serveConn handles one caller: one request, then, on success, the life of
@@ -620,23 +574,15 @@ func (s *Server) EngineRestored() {
 // Shutdown stops accepting, aborts attaches in progress, detaches every
 // device and waits for all connections to finish, or for ctx.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	s.closing = true
-	for ln := range s.listeners {
-		ln.Close()
-	}
 	// Waking every connection makes its handler detach; detach itself is
 	// the handler's job so that it happens exactly once.
-	for c := range s.conns {
-		c.Close()
-	}
-	s.mu.Unlock()
+	s.conns.Close()
 	s.cancel(ErrShuttingDown)
 	s.spares.Close()
 
 	done := make(chan struct{})
 	go func() {
-		s.wg.Wait()
+		s.conns.Wait()
 		s.background.Wait()
 		close(done)
 	}()

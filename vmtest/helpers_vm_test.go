@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 )
@@ -161,16 +162,10 @@ func (e *engineProc) token(t *testing.T, imageID string, size uint64, clientID s
 	return tok
 }
 
-// waitUntil polls cond every 10 ms until it holds or timeout passes.
+// waitUntil polls cond until it holds or timeout passes.
 func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.Until(t, timeout, what, cond)
 }
 
 // sysfs reads /sys/block/nbd<index>/<attr>, trimmed; "" if absent.

@@ -23,6 +23,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/acceptloop"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown, and is the reason
@@ -77,16 +79,14 @@ type Server struct {
 	// to it, so a directory swapped on its path later changes nothing.
 	imageDir *os.File
 
-	mu        sync.Mutex
-	closing   bool
-	listeners map[net.Listener]struct{}
-	conns     map[*conn]struct{}
-	sessions  map[string]*session
+	// conns are the listeners, the connections in any phase and their
+	// handlers.
+	conns acceptloop.Group[*conn]
 
-	// handlers counts connection goroutines. Add happens under mu while
-	// closing is false, so that Shutdown's Wait sees every one of them.
-	handlers sync.WaitGroup
-	nextID   atomic.Uint64
+	mu       sync.Mutex
+	sessions map[string]*session
+
+	nextID atomic.Uint64
 
 	// syncHook, if set by a test, is called after an image file was
 	// fsynced at shutdown.
@@ -132,13 +132,11 @@ func New(cfg Config) (*Server, error) {
 	}
 	cfg.Secret = slices.Clone(cfg.Secret)
 	return &Server{
-		cfg:       cfg,
-		log:       log,
-		maxBytes:  maxBytes,
-		imageDir:  imageDir,
-		listeners: make(map[net.Listener]struct{}),
-		conns:     make(map[*conn]struct{}),
-		sessions:  make(map[string]*session),
+		cfg:      cfg,
+		log:      log,
+		maxBytes: maxBytes,
+		imageDir: imageDir,
+		sessions: make(map[string]*session),
 	}, nil
 }
 
@@ -167,58 +165,24 @@ func checkDir(path string) error {
 }
 
 // Serve accepts connections on ln until Shutdown, then returns
-// ErrServerClosed. It closes ln when it returns.
+// ErrServerClosed. It closes ln when it returns. A connection accepted
+// while Shutdown runs is dropped, as mvps-te drops it.
 func (s *Server) Serve(ln net.Listener) error {
-	s.mu.Lock()
-	if s.closing {
-		s.mu.Unlock()
-		ln.Close()
-		return ErrServerClosed
-	}
-	s.listeners[ln] = struct{}{}
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.listeners, ln)
-		s.mu.Unlock()
-		ln.Close()
-	}()
-
-	var backoff time.Duration
-	for {
-		nc, err := ln.Accept()
-		if err != nil {
-			s.mu.Lock()
-			closing := s.closing
-			s.mu.Unlock()
-			if closing {
-				return ErrServerClosed
-			}
+	defer ln.Close()
+	err := s.conns.Serve(acceptloop.Loop[*conn]{
+		Listener: ln,
+		Accept:   acceptloop.Wrapped(ln.Accept, s.newConn),
+		Handle:   s.handle,
+		Retrying: func(err error, pause time.Duration) {
 			// Out of file descriptors and the like: wait and retry
 			// rather than give up serving.
-			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-				errors.Is(err, syscall.ECONNABORTED) {
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Warn("accept failed; retrying", "err", err, "in", backoff)
-				time.Sleep(backoff)
-				continue
-			}
-			return fmt.Errorf("devengine: accept: %w", err)
-		}
-		backoff = 0
-		c := s.newConn(nc)
-		s.mu.Lock()
-		if s.closing {
-			// mvps-te also drops connections accepted while it shuts down.
-			s.mu.Unlock()
-			nc.Close()
-			return ErrServerClosed
-		}
-		s.conns[c] = struct{}{}
-		s.handlers.Add(1)
-		s.mu.Unlock()
-		go s.handle(c)
+			s.log.Warn("accept failed; retrying", "err", err, "in", pause)
+		},
+	})
+	if errors.Is(err, acceptloop.ErrClosed) {
+		return ErrServerClosed
 	}
+	return fmt.Errorf("devengine: %w", err)
 }
 
 // Shutdown stops accepting, ends every connection, waits for their
@@ -226,19 +190,10 @@ func (s *Server) Serve(ln net.Listener) error {
 // first it still fsyncs the files, leaves them open for the handlers that
 // are left, and returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	s.closing = true
-	for ln := range s.listeners {
-		ln.Close()
-	}
-	for c := range s.conns {
-		c.abort(ErrServerClosed)
-	}
-	s.mu.Unlock()
-
+	s.conns.Close()
 	done := make(chan struct{})
 	go func() {
-		s.handlers.Wait()
+		s.conns.Wait()
 		close(done)
 	}()
 	var waitErr error
@@ -276,11 +231,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // NumConns is the number of open connections, in any phase.
-func (s *Server) NumConns() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.conns)
-}
+func (s *Server) NumConns() int { return s.conns.Len() }
 
 // NumSessions is the number of open images. Like mvps-te's sessions they
 // stay open, with their page size, until Shutdown.
@@ -325,17 +276,20 @@ func (c *conn) abort(cause error) {
 	c.nc.Close()
 }
 
+// Close is the accept loop's way to end the connection, at Shutdown; after
+// the handler's own abort it changes nothing.
+func (c *conn) Close() error {
+	c.abort(ErrServerClosed)
+	return nil
+}
+
 func (s *Server) handle(c *conn) {
-	defer s.handlers.Done()
 	log := s.log.With("conn", c.id, "remote", c.remote)
 	log.Info("connection accepted")
 	start := time.Now()
 	err := s.serveConn(c, log)
 	c.abort(err)
 	close(c.done)
-	s.mu.Lock()
-	delete(s.conns, c)
-	s.mu.Unlock()
 	log.Info("connection closed", "reason", closeReason(c, err), "duration", time.Since(start).Round(time.Millisecond))
 }
 

@@ -43,7 +43,7 @@ func (s *Server) attach(c *conn, cl Claims) (*session, *conn, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closing {
+	if s.conns.Closed() {
 		return nil, nil, errors.New("server is shutting down")
 	}
 	sess := s.sessions[cl.ImageID]

@@ -8,8 +8,10 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"sync"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/acceptloop"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/peercred"
 )
 
 // Peer is who is on the other end of an admin connection, from
@@ -50,11 +52,7 @@ type Server struct {
 	// serves uid 0 and the daemon's own effective uid.
 	AllowUID func(uid int32) bool
 
-	mu     sync.Mutex
-	ln     Listener
-	conns  map[*net.UnixConn]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	conns acceptloop.Group[*net.UnixConn]
 }
 
 func (s *Server) log() *slog.Logger {
@@ -72,79 +70,46 @@ func (s *Server) allowed(uid int32) bool {
 }
 
 // Serve accepts admin connections on ln (a SEQPACKET listener) until
-// Close, serving each concurrently.
+// Close, serving each concurrently, and then returns nil. Serve after
+// Close returns net.ErrClosed.
 func (s *Server) Serve(ln Listener) error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if s.conns.Closed() {
 		return net.ErrClosed
 	}
-	s.ln = ln
-	if s.conns == nil {
-		s.conns = make(map[*net.UnixConn]struct{})
-	}
-	s.mu.Unlock()
-	for {
-		conn, err := ln.AcceptUnix()
-		if err != nil {
-			s.mu.Lock()
-			closed := s.closed
-			s.mu.Unlock()
-			if closed {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
+	err := s.conns.Serve(acceptloop.Loop[*net.UnixConn]{
+		Listener: ln,
+		Accept:   ln.AcceptUnix,
+		Handle:   s.serveConn,
+		// The admin socket is how an operator looks into a daemon in
+		// trouble: it never gives up, whatever accept says.
+		Temporary: func(error) bool { return true },
+		Retrying: func(err error, _ time.Duration) {
 			// Out of fds, say: the caller socket matters more; back off.
 			s.log().Warn("admin: accept failed", "err", err)
-			time.Sleep(100 * time.Millisecond)
-			continue
-		}
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			conn.Close()
-			return nil
-		}
-		s.conns[conn] = struct{}{}
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go func() {
-			defer s.wg.Done()
-			s.serveConn(conn)
-			s.mu.Lock()
-			delete(s.conns, conn)
-			s.mu.Unlock()
-			conn.Close()
-		}()
+		},
+	})
+	if errors.Is(err, acceptloop.ErrClosed) {
+		return nil
 	}
+	return fmt.Errorf("admin: %w", err)
 }
 
 // Close stops accepting, closes the connections and waits for their
 // handlers. A forced detach in progress runs to its end: the device must
 // not be left half detached.
 func (s *Server) Close() error {
-	s.mu.Lock()
-	s.closed = true
-	if s.ln != nil {
-		s.ln.Close()
-	}
-	for c := range s.conns {
-		c.Close()
-	}
-	s.mu.Unlock()
-	s.wg.Wait()
+	s.conns.Close()
+	s.conns.Wait()
 	return nil
 }
 
 func (s *Server) serveConn(conn *net.UnixConn) {
-	peer, err := peerOf(conn)
+	cred, err := peercred.Read(conn)
 	if err != nil {
 		s.log().Warn("admin: no peer credentials", "err", err)
 		return
 	}
+	peer := Peer{PID: cred.PID, UID: cred.UID}
 	timeout := s.RequestTimeout
 	if timeout == 0 {
 		timeout = 10 * time.Second

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -68,20 +69,6 @@ func configMap(rv string, data map[string]string) *corev1.ConfigMap {
 	return &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, ResourceVersion: rv},
 		Data:       data,
-	}
-}
-
-// eventually polls cond until it holds or the bound passes.
-func eventually(t *testing.T, bound time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(bound)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, bound)
-		}
-		<-tick.C
 	}
 }
 
@@ -153,7 +140,7 @@ func TestEditsApplyAndBadEntriesLogOncePerChange(t *testing.T) {
 	if _, err := cms.Update(t.Context(), edited, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "edit applied", func() bool {
+	testwait.Until(t, 5*time.Second, "edit applied", func() bool {
 		cfg, err := s.Lookup("demo")
 		return err == nil && cfg.ImageSize == 8192
 	})
@@ -171,7 +158,7 @@ func TestEditsApplyAndBadEntriesLogOncePerChange(t *testing.T) {
 	if _, err := cms.Update(t.Context(), configMap("3", map[string]string{"bad": "{"}), metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "key removal applied", func() bool {
+	testwait.Until(t, 5*time.Second, "key removal applied", func() bool {
 		_, err := s.Lookup("demo")
 		return errors.Is(err, os.ErrNotExist)
 	})
@@ -185,7 +172,7 @@ func TestDeletedAndRecreated(t *testing.T) {
 	if err := cms.Delete(t.Context(), name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "deletion applied", func() bool {
+	testwait.Until(t, 5*time.Second, "deletion applied", func() bool {
 		_, err := s.Lookup("demo")
 		return errors.Is(err, os.ErrNotExist)
 	})
@@ -195,7 +182,7 @@ func TestDeletedAndRecreated(t *testing.T) {
 	if _, err := cms.Create(t.Context(), configMap("5", map[string]string{"demo": good}), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "re-creation applied", func() bool {
+	testwait.Until(t, 5*time.Second, "re-creation applied", func() bool {
 		_, err := s.Lookup("demo")
 		return err == nil
 	})
@@ -214,7 +201,7 @@ func TestMissingAtStart(t *testing.T) {
 	if _, err := cms.Create(t.Context(), configMap("1", map[string]string{"demo": good}), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "creation applied", func() bool {
+	testwait.Until(t, 5*time.Second, "creation applied", func() bool {
 		_, err := s.Lookup("demo")
 		return err == nil
 	})
@@ -310,7 +297,7 @@ func TestOutageKeepsServing(t *testing.T) {
 
 	down.Store(true)
 	w.Stop() // the server went away: the watch ends, re-watching fails
-	eventually(t, 10*time.Second, "outage reported", func() bool { return s.Status().Failing })
+	testwait.Until(t, 10*time.Second, "outage reported", func() bool { return s.Status().Failing })
 	if _, err := s.Lookup("demo"); err != nil {
 		t.Fatalf("last config not served during the outage: %v", err)
 	}
@@ -321,7 +308,7 @@ func TestOutageKeepsServing(t *testing.T) {
 
 	down.Store(false)
 	var w2 *watch.FakeWatcher
-	eventually(t, 30*time.Second, "watch resumed", func() bool {
+	testwait.Until(t, 30*time.Second, "watch resumed", func() bool {
 		select {
 		case w2 = <-watchers:
 		default:
@@ -335,7 +322,7 @@ func TestOutageKeepsServing(t *testing.T) {
 		t.Errorf("recovery not logged once: %q", rec.msgs)
 	}
 	w2.Modify(configMap("7", map[string]string{"demo": `{"image_id": "new.mvps-image", "image_size": 4096}`}))
-	eventually(t, 5*time.Second, "event after the outage applied", func() bool {
+	testwait.Until(t, 5*time.Second, "event after the outage applied", func() bool {
 		cfg, err := s.Lookup("demo")
 		return err == nil && cfg.ImageID == "new.mvps-image"
 	})

@@ -16,13 +16,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/ownthread"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
 
@@ -110,7 +110,7 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		err          error
 	}
 	started := make(chan startResult, 1)
-	goOnOwnThread(func() {
+	ownthread.Go(func() {
 		kept, err := dropThreadCapabilities()
 		if err != nil {
 			err = fmt.Errorf("confine the engine: %w", err)
@@ -159,32 +159,6 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		return nil, err
 	}
 	return e, nil
-}
-
-// goOnOwnThread runs fn in a new goroutine locked to an OS thread that no
-// other goroutine ever uses: it is never unlocked, so the runtime discards
-// the thread when fn returns, and what fn changed about it (its
-// capabilities) ends with it. Never the main thread: the runtime does not
-// retire that one, and /proc/<pid>/status shows its capabilities as the
-// daemon's.
-func goOnOwnThread(fn func()) {
-	go func() {
-		runtime.LockOSThread()
-		if !onMainThread() {
-			fn()
-			return
-		}
-		// Held until fn's goroutine has locked another thread, so that it
-		// cannot be this one, then handed back untouched.
-		locked := make(chan struct{})
-		go func() {
-			runtime.LockOSThread()
-			close(locked)
-			fn()
-		}()
-		<-locked
-		runtime.UnlockOSThread()
-	}()
 }
 
 // waitReady dials until the engine sends its greeting: a socket that

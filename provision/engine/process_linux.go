@@ -19,13 +19,9 @@ func engineProcAttr() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM, Setpgid: true}
 }
 
-// onMainThread reports whether the calling goroutine runs on the process's
-// first thread, whose id is the process id.
-func onMainThread() bool { return unix.Gettid() == unix.Getpid() }
-
 // dropThreadCapabilities leaves the calling thread, and so every process it
 // forks and execs, with no capability and no way to gain one. The caller
-// runs on a thread of its own (goOnOwnThread): the Go runtime never lends
+// runs on a thread of its own (ownthread.Go): the Go runtime never lends
 // it to other goroutines nor clones new threads from it, and discards it
 // when the goroutine ends, so the daemon's other threads keep their
 // capabilities.

@@ -10,9 +10,6 @@ func engineProcAttr() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Setpgid: true}
 }
 
-// onMainThread is never true here: no thread state is changed but on Linux.
-func onMainThread() bool { return false }
-
 // dropThreadCapabilities has nothing to drop: only Linux has capabilities.
 func dropThreadCapabilities() (keptBounding uint64, err error) { return 0, nil }
 

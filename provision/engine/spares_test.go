@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 )
@@ -164,13 +166,7 @@ func TestSparesClose(t *testing.T) {
 
 func waitIdle(t *testing.T, s *engine.Spares, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for s.Idle() != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d spares idle, want %d", s.Idle(), n)
-		}
-		time.Sleep(time.Millisecond)
-	}
+	testwait.Until(t, 10*time.Second, fmt.Sprintf("%d idle spares", n), func() bool { return s.Idle() == n })
 }
 
 // Close does not wait out a spare whose engine accepts but never greets.

@@ -9,11 +9,11 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/ownthread"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
@@ -199,7 +199,7 @@ func mountInto(dev *nbddev.Device, req Request) (*os.File, error) {
 // (when base is set). move_mount only attaches into the caller's own
 // namespace, so this runs on a thread of its own that enters ns.
 func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
-	return onOwnThread(func() error {
+	return ownthread.Run(func() error {
 		if err := unix.Unshare(unix.CLONE_FS); err != nil {
 			return fmt.Errorf("unshare CLONE_FS: %w", err)
 		}
@@ -216,31 +216,6 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
 		}
 		return nil
 	})
-}
-
-// onOwnThread runs fn on an OS thread that no other goroutine ever uses: it
-// is locked and never unlocked, so the runtime discards it when fn's
-// goroutine ends, and what fn changes about the thread (its namespaces,
-// its file system state) ends with it.
-func onOwnThread(fn func() error) error {
-	errc := make(chan error, 1)
-	var run func()
-	run = func() {
-		runtime.LockOSThread()
-		if unix.Gettid() == unix.Getpid() {
-			// The main thread is what /proc/<pid> shows, and the runtime
-			// never retires it: a namespace entered here would stay
-			// pinned. Holding it, try again on another thread.
-			done := make(chan struct{})
-			go func() { run(); close(done) }()
-			<-done
-			runtime.UnlockOSThread()
-			return
-		}
-		errc <- fn()
-	}
-	go run()
-	return <-errc
 }
 
 // checkInside runs on a thread that has entered the caller's namespace:
@@ -326,7 +301,7 @@ func Unmount(ns, root *os.File) error {
 		return fmt.Errorf("open /proc: %w", err)
 	}
 	defer unix.Close(proc)
-	return onOwnThread(func() error {
+	return ownthread.Run(func() error {
 		if err := unix.Unshare(unix.CLONE_FS); err != nil {
 			return fmt.Errorf("unshare CLONE_FS: %w", err)
 		}

@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/ownthread"
 )
 
 func TestMountOptionAttributes(t *testing.T) {
@@ -41,7 +43,7 @@ func TestMountBaseConfinement(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		err = onOwnThread(func() error {
+		err = ownthread.Run(func() error {
 			if err := unix.Unshare(unix.CLONE_FS); err != nil {
 				return err
 			}

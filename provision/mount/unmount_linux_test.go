@@ -7,13 +7,15 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/ownthread"
 )
 
 // privateNamespace returns a new mount namespace in which nothing
 // propagates back to the test's, and dir opened inside it.
 func privateNamespace(t *testing.T, path string) (ns, dir *os.File) {
 	t.Helper()
-	err := onOwnThread(func() error {
+	err := ownthread.Run(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNS | unix.CLONE_FS); err != nil {
 			return err
 		}
@@ -38,7 +40,7 @@ func privateNamespace(t *testing.T, path string) (ns, dir *os.File) {
 func mountedIn(t *testing.T, ns *os.File, path string) bool {
 	t.Helper()
 	var here, parent unix.Stat_t
-	err := onOwnThread(func() error {
+	err := ownthread.Run(func() error {
 		if err := unix.Unshare(unix.CLONE_FS); err != nil {
 			return err
 		}
