@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -29,8 +30,9 @@ import (
 // daemon's file system view, where no Unix socket path can be shared: an
 // engine binary that is a wrapper exec'ing into a VM or sandbox whose monitor
 // forwards a loopback port. Such a monitor holds the listening socket itself
-// and passes this check; a wrapper that forks and leaves the listening to a
-// child does not.
+// and passes this check, and so does a wrapper that forks and leaves the
+// listening to a child: every process descended from the engine's counts as
+// the engine, since it is ours and stops with it.
 func checkTCPListener(pid int, address string) error {
 	want, err := netip.ParseAddrPort(address)
 	if err != nil {
@@ -55,6 +57,12 @@ func checkTCPListener(pid int, address string) error {
 	own, err := socketInodes(pid)
 	if err != nil {
 		return fmt.Errorf("verify the engine's listener on %s: %w", address, err)
+	}
+	for _, child := range descendants(pid) {
+		// A child gone meanwhile holds nothing.
+		if inodes, err := socketInodes(child); err == nil {
+			maps.Copy(own, inodes)
+		}
 	}
 	for _, ino := range listeners {
 		if !own[ino] {
@@ -141,4 +149,42 @@ func socketInodes(pid int) (map[uint64]bool, error) {
 		}
 	}
 	return inodes, nil
+}
+
+// descendants lists the processes whose parent chain leads to pid.
+func descendants(pid int) []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	children := make(map[int][]int)
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// The command name may hold spaces and parentheses: the fields
+		// that follow start after its last ')'.
+		i := strings.LastIndexByte(string(stat), ')')
+		if i < 0 {
+			continue
+		}
+		fields := strings.Fields(string(stat[i+1:]))
+		if len(fields) < 2 {
+			continue
+		}
+		if ppid, err := strconv.Atoi(fields[1]); err == nil {
+			children[ppid] = append(children[ppid], p)
+		}
+	}
+	var out []int
+	for queue := children[pid]; len(queue) > 0; queue = queue[1:] {
+		out = append(out, queue[0])
+		queue = append(queue, children[queue[0]]...)
+	}
+	return out
 }

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -332,4 +334,49 @@ func TestCheckTCPListener(t *testing.T) {
 			}
 		})
 	}
+}
+
+// An engine binary that is a wrapper, forking the process that listens,
+// is still the engine: its descendants' sockets count as its own.
+func TestCheckTCPListenerOfAWrappersChild(t *testing.T) {
+	sh := exec.Command("/bin/sh", "-c", `"$0" -test.run='^TestHelperTCPListener$'; :`, os.Args[0])
+	sh.Env = append(os.Environ(), "MVPS_TCP_LISTENER_HELPER=1")
+	out, err := sh.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hold, err := sh.StdinPipe() // the helper lives until it is closed
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Close()
+	if err := sh.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { hold.Close(); sh.Wait() }()
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("helper: %v", err)
+	}
+	address, ok := strings.CutPrefix(strings.TrimSpace(line), "listening ")
+	if !ok {
+		t.Fatalf("helper said %q", line)
+	}
+	if err := checkTCPListener(sh.Process.Pid, address); err != nil {
+		t.Fatalf("a listener of the wrapper's child: %v", err)
+	}
+}
+
+// TestHelperTCPListener is the wrapper's child of the test above; run on
+// its own it does nothing.
+func TestHelperTCPListener(t *testing.T) {
+	if os.Getenv("MVPS_TCP_LISTENER_HELPER") == "" {
+		return
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Printf("listening %s\n", ln.Addr())
+	io.Copy(io.Discard, os.Stdin)
 }
