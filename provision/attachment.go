@@ -12,7 +12,6 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
@@ -70,10 +69,10 @@ type attachment struct {
 // The record of the device's index is written while the device is opened;
 // its result is recordErr, and a device attached without it must be
 // detached.
-func (s *Server) attach(ctx context.Context, a *attachment, image imageconfig.Config, sp *spans, recorded <-chan error) (dev *nbddev.Device, recordErr, err error) {
+func (s *Server) attach(ctx context.Context, a *attachment, sp *spans, recorded <-chan error) (dev *nbddev.Device, recordErr, err error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
 	defer cancel()
-	conn, export, err := s.openSession(ctx, image, a.clientID, sp)
+	conn, export, err := s.openSession(ctx, a.session(), sp)
 	recordErr = <-recorded
 	if err != nil {
 		return nil, nil, err
@@ -89,7 +88,7 @@ func (s *Server) attach(ctx context.Context, a *attachment, image imageconfig.Co
 		indexRecorded = make(chan error, 1)
 		go func() { indexRecorded <- s.record(a, int64(index)) }()
 	}}
-	dev, err = s.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, engine.BackendID(image.ImageID))
+	dev, err = s.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, engine.BackendID(a.imageID))
 	switch {
 	case indexRecorded != nil:
 		recordErr = <-indexRecorded
@@ -103,12 +102,15 @@ func (s *Server) attach(ctx context.Context, a *attachment, image imageconfig.Co
 	return dev, recordErr, nil
 }
 
-// openSession opens an engine session for image: token, dial, handshake,
+// session is what a's engine sessions are for.
+func (a *attachment) session() engine.Session {
+	return engine.Session{ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID}
+}
+
+// openSession opens an engine session: token, dial, handshake,
 // and the probe read that proves the engine serves it.
-func (s *Server) openSession(ctx context.Context, image imageconfig.Config, clientID string, sp *spans) (net.Conn, handshake.Export, error) {
-	token, err := engine.SignToken(s.cfg.Secret, engine.Session{
-		ImageID: image.ImageID, ImageSize: image.ImageSize, ClientID: clientID,
-	}, time.Now())
+func (s *Server) openSession(ctx context.Context, session engine.Session, sp *spans) (net.Conn, handshake.Export, error) {
+	token, err := engine.SignToken(s.cfg.Secret, session, time.Now())
 	if err != nil {
 		return nil, handshake.Export{}, err
 	}
@@ -136,10 +138,10 @@ func (s *Server) openSession(ctx context.Context, image imageconfig.Config, clie
 		return nil, handshake.Export{}, failf(ErrEngineUnavailable, "%w", err)
 	}
 	sp.mark("handshake")
-	if export.Size != image.ImageSize {
+	if export.Size != session.ImageSize {
 		conn.Close()
 		return nil, handshake.Export{}, failf(ErrAttachFailed, "engine exports %d bytes for the image, config says %d",
-			export.Size, image.ImageSize)
+			export.Size, session.ImageSize)
 	}
 	if err := engine.ProbeSession(ctx, conn); err != nil {
 		conn.Close()
@@ -349,6 +351,9 @@ func newSpans(start time.Time) *spans { return &spans{last: start} }
 
 // mark ends the step named name.
 func (sp *spans) mark(name string) {
+	if sp == nil {
+		return // not timed (a reconnect)
+	}
 	now := time.Now()
 	sp.steps = append(sp.steps, fmt.Sprintf("%s=%.2fms", name, float64(now.Sub(sp.last))/float64(time.Millisecond)))
 	sp.phases = append(sp.phases, phase{name, now.Sub(sp.last)})

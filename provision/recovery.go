@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
@@ -48,12 +47,11 @@ func (s *Server) goTracked(fn func()) { s.conns.Go(fn) }
 func (s *Server) recover(a *attachment) bool {
 	start := time.Now()
 	deadline := start.Add(s.cfg.RecoveryTimeout)
-	image := imageconfig.Config{ImageID: a.imageID, ImageSize: a.imageSize}
 	backoff := 50 * time.Millisecond
 	var lastErr error
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithDeadline(a.ctx, deadline)
-		conn, _, err := s.openSession(ctx, image, a.clientID, newSpans(time.Now()))
+		conn, _, err := s.openSession(ctx, a.session(), nil)
 		if err == nil {
 			err = s.cfg.Devices.Reconnect(ctx, a.dev, conn, engine.BackendID(a.imageID))
 		}

@@ -431,7 +431,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 		a.caller.readStart()
 		recorded <- s.record(a, -1)
 	}()
-	dev, recordErr, err := s.attach(ctx, a, image, sp, recorded)
+	dev, recordErr, err := s.attach(ctx, a, sp, recorded)
 	if err != nil {
 		s.forget(a)
 		s.attachFailed(mode, err)
