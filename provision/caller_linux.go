@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -195,19 +196,53 @@ func findCaller(pid int32, start uint64) (callerInfo, bool) {
 }
 
 // waitExit blocks until the caller's process exits or ctx ends; it reports
-// whether the process exited.
+// whether the process exited. A pidfd becomes readable when its process
+// exits: the runtime's poller waits for that, and ctx's end wakes it through
+// a read deadline, so nothing polls in slices.
 func (c callerInfo) waitExit(ctx context.Context) bool {
-	// A pidfd becomes readable when its process exits. Poll in slices so
-	// that ctx is heeded without another descriptor to wake the poll.
-	fds := []unix.PollFd{{Fd: int32(c.pidfd), Events: unix.POLLIN}}
+	// A duplicate, owned by the os.File: closing it leaves c.pidfd open.
+	fd, err := unix.FcntlInt(uintptr(c.pidfd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return c.pollExit(ctx)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return c.pollExit(ctx)
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	defer f.Close()
+	if err := f.SetReadDeadline(time.Time{}); err != nil {
+		return c.pollExit(ctx) // not pollable here
+	}
+	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(time.Now()) })
+	defer stop()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return c.pollExit(ctx)
+	}
+	exited := false
+	rc.Read(func(fd uintptr) bool {
+		exited = pidfdReadable(int(fd), 0)
+		return exited
+	})
+	return exited
+}
+
+// pollExit is waitExit for a pidfd the runtime cannot poll: in slices, so
+// that ctx is heeded.
+func (c callerInfo) pollExit(ctx context.Context) bool {
 	for ctx.Err() == nil {
-		n, err := unix.Poll(fds, 200)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			return false
-		}
-		if n > 0 {
+		if pidfdReadable(c.pidfd, 200) {
 			return true
 		}
 	}
 	return false
+}
+
+// pidfdReadable reports whether the process of pidfd has exited, waiting
+// at most timeout milliseconds.
+func pidfdReadable(pidfd, timeout int) bool {
+	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, timeout)
+	return err == nil && n > 0
 }

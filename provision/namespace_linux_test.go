@@ -1,10 +1,12 @@
 package provision
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // A user with a range of uids in a user namespace of its own counts as the
@@ -42,5 +44,53 @@ func TestAccountingUIDOfUserNamespace(t *testing.T) {
 	}
 	if got := accountingUID(0, 4242); got != 4242 {
 		t.Errorf("accounting uid of an unknown pid: %d, want the caller's uid", got)
+	}
+}
+
+// waitExit wakes when the followed process exits, and when its context
+// ends, without polling in slices.
+func TestCallerWaitExit(t *testing.T) {
+	cmd := exec.Command("cat")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	pid := int32(cmd.Process.Pid)
+	start, err := processStart(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caller, ok := findCaller(pid, start)
+	if !ok {
+		t.Fatal("findCaller: the child is not found")
+	}
+	defer caller.close()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan bool, 1)
+	go func() { done <- caller.waitExit(ctx) }()
+	cancel()
+	select {
+	case exited := <-done:
+		if exited {
+			t.Fatal("waitExit says a live process exited")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("waitExit did not return when its context ended")
+	}
+
+	go func() { done <- caller.waitExit(context.Background()) }()
+	stdin.Close()
+	select {
+	case exited := <-done:
+		if !exited {
+			t.Fatal("waitExit returned without the process's exit")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("waitExit did not see the process exit")
 	}
 }

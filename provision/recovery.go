@@ -192,9 +192,8 @@ func (s *Server) adopt(e stateEntry) {
 			return
 		}
 		// The caller's connection died with the earlier run: follow its
-		// process instead. The follower ends (it polls the pidfd in short
-		// slices) before the pidfd is closed, which could otherwise be
-		// reused under it.
+		// process instead. The follower ends (ctx's end wakes it) before
+		// the pidfd is closed, which could otherwise be reused under it.
 		followed := make(chan struct{})
 		go func() {
 			defer close(followed)
