@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
@@ -30,6 +31,25 @@ func withMetrics(t *testing.T) (*provisiontest.Server, func() string) {
 		return string(b)
 	}
 	return ts, scrape
+}
+
+// eventuallyMetrics waits until a scrape has every line, then checks: an
+// attach is counted just after its reply, so a caller may scrape first.
+func eventuallyMetrics(t *testing.T, scrape func() string, lines ...string) {
+	t.Helper()
+	has := func() bool {
+		exp := scrape()
+		for _, l := range lines {
+			if !strings.Contains(exp, l+"\n") {
+				return false
+			}
+		}
+		return true
+	}
+	if !has() {
+		testwait.Until(t, 10*time.Second, "metrics "+strings.Join(lines, ", "), has)
+	}
+	wantMetrics(t, scrape(), lines...)
 }
 
 func wantMetrics(t *testing.T, exposition string, lines ...string) {
@@ -55,7 +75,7 @@ func TestForceDetach(t *testing.T) {
 	if code := ts.AttachCode(t, "missing"); code != protocol.CodeNotFound {
 		t.Fatalf("attach of a missing key: %q", code)
 	}
-	wantMetrics(t, scrape(),
+	eventuallyMetrics(t, scrape,
 		`mvps_provisioner_attaches_total{mode="fd",result="ok"} 2`,
 		`mvps_provisioner_requests_refused_total{code="not_found"} 1`,
 		`mvps_provisioner_active_attachments 2`,
@@ -98,7 +118,7 @@ func TestForceDetach(t *testing.T) {
 	}
 	ts.Devices.WaitDetached(t, 1)
 	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
-	wantMetrics(t, scrape(),
+	eventuallyMetrics(t, scrape,
 		`mvps_provisioner_detaches_total{mode="fd",result="ok"} 2`,
 		`mvps_provisioner_active_attachments 0`,
 	)
