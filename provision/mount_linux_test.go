@@ -10,7 +10,6 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
@@ -38,7 +37,7 @@ func (m *fakeMounter) unmountCount() int {
 	return m.unmounts
 }
 
-func (m *fakeMounter) Mount(ctx context.Context, dev *nbddev.Device, req mount.Request) (*os.File, bool, error) {
+func (m *fakeMounter) Mount(ctx context.Context, dev *os.File, path string, req mount.Request) (*os.File, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.err != nil {

@@ -54,11 +54,11 @@ type Devices interface {
 // Mounter puts an attached device's file system into a caller's mount
 // namespace. mount.Ext4 is the Linux implementation.
 type Mounter interface {
-	// Mount formats dev if it is provably fresh, mounts its file system and
-	// attaches the mount as req asks. It returns an open directory on the
-	// file system's root, which the provisioner holds for the life of the
-	// attachment.
-	Mount(ctx context.Context, dev *nbddev.Device, req mount.Request) (root *os.File, formatted bool, err error)
+	// Mount formats the device (open as dev, its node at path) if it is
+	// provably fresh, mounts its file system and attaches the mount as req
+	// asks. It returns an open directory on the file system's root, which
+	// the provisioner holds for the life of the attachment.
+	Mount(ctx context.Context, dev *os.File, path string, req mount.Request) (root *os.File, formatted bool, err error)
 	// Unmount detaches the mount of root from the namespace ns: the
 	// provisioner's job at the detach of a caller other than uid 0, who
 	// cannot unmount what the provisioner mounted for it.
@@ -451,7 +451,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	if mountMode {
 		reply = nil
 		mctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
-		a.root, formatted, err = s.cfg.Mounter.Mount(mctx, dev, mountReq)
+		a.root, formatted, err = s.cfg.Mounter.Mount(mctx, dev.File, dev.Path, mountReq)
 		cancel()
 		// The directory is not kept: it would keep the file system it
 		// lies on busy. Nor is the namespace of a root caller, which

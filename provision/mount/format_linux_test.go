@@ -6,12 +6,10 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
-
-	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
 // fakeDevice is a file standing in for a block device.
-func fakeDevice(t *testing.T, size int64) *nbddev.Device {
+func fakeDevice(t *testing.T, size int64) blockDevice {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "nbd0")
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
@@ -22,7 +20,7 @@ func fakeDevice(t *testing.T, size int64) *nbddev.Device {
 	if err := f.Truncate(size); err != nil {
 		t.Fatal(err)
 	}
-	return &nbddev.Device{Path: path, File: f}
+	return blockDevice{Path: path, File: f}
 }
 
 func fakeTool(t *testing.T, script string) string {

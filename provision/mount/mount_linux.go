@@ -14,7 +14,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/ownthread"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
 func (o Options) attributes() uint64 {
@@ -53,7 +52,8 @@ func New(mke2fs, blkid string) (*Ext4, error) {
 // attaches the mount as req asks. It returns an open directory on the file
 // system's root, for the provisioner to hold for the life of the
 // attachment.
-func (m *Ext4) Mount(ctx context.Context, dev *nbddev.Device, req Request) (*os.File, bool, error) {
+func (m *Ext4) Mount(ctx context.Context, file *os.File, path string, req Request) (*os.File, bool, error) {
+	dev := blockDevice{Path: path, File: file}
 	fsType, err := m.probe(ctx, dev)
 	if err != nil {
 		return nil, false, err
@@ -80,7 +80,7 @@ func (m *Ext4) Mount(ctx context.Context, dev *nbddev.Device, req Request) (*os.
 
 // probe asks blkid for any known signature (file system, partition table,
 // RAID, LUKS...) anywhere on the device. "" means none.
-func (m *Ext4) probe(ctx context.Context, dev *nbddev.Device) (string, error) {
+func (m *Ext4) probe(ctx context.Context, dev blockDevice) (string, error) {
 	cmd := exec.CommandContext(ctx, m.Blkid, "-p", "-o", "export", dev.Path)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -107,7 +107,7 @@ func (m *Ext4) probe(ctx context.Context, dev *nbddev.Device) (string, error) {
 	return "unrecognised signature", nil
 }
 
-func (m *Ext4) zeroPrefix(dev *nbddev.Device) bool {
+func (m *Ext4) zeroPrefix(dev blockDevice) bool {
 	buf := make([]byte, freshBytes)
 	n, err := dev.File.ReadAt(buf, 0)
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -127,7 +127,7 @@ func (m *Ext4) zeroPrefix(dev *nbddev.Device) bool {
 // its end (bounded by FormatTimeout) whatever happens to ctx; if it fails
 // anyway, the first MiB, where a part-made file system shows, is zeroed so
 // that the device counts as fresh again.
-func (m *Ext4) format(ctx context.Context, dev *nbddev.Device, owner *Owner) error {
+func (m *Ext4) format(ctx context.Context, dev blockDevice, owner *Owner) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), FormatTimeout)
 	defer cancel()
 	ext := "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
@@ -148,7 +148,7 @@ func (m *Ext4) format(ctx context.Context, dev *nbddev.Device, owner *Owner) err
 
 // zeroFreshPrefix writes zeros over the part of dev that decides freshness,
 // and flushes them.
-func zeroFreshPrefix(dev *nbddev.Device) error {
+func zeroFreshPrefix(dev blockDevice) error {
 	if _, err := dev.File.WriteAt(make([]byte, freshBytes), 0); err != nil {
 		return fmt.Errorf("zero the first MiB: %w", err)
 	}
@@ -160,7 +160,7 @@ func zeroFreshPrefix(dev *nbddev.Device) error {
 
 // mountInto creates the mount in the provisioner's namespace, where the
 // device node lives, and moves it onto dir inside ns.
-func mountInto(dev *nbddev.Device, req Request) (*os.File, error) {
+func mountInto(dev blockDevice, req Request) (*os.File, error) {
 	fsfd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("fsopen ext4: %w", err)
@@ -280,6 +280,13 @@ func SyncAndRelease(root *os.File) error {
 		return fmt.Errorf("syncfs: %w", err)
 	}
 	return nil
+}
+
+// blockDevice is the device a mount is made from: its node's path, for
+// the tools and the kernel, and a read-write descriptor on it.
+type blockDevice struct {
+	Path string
+	File *os.File
 }
 
 // Unmount detaches root's mount from ns (the package's Unmount).

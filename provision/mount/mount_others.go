@@ -6,8 +6,6 @@ import (
 	"context"
 	"errors"
 	"os"
-
-	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
 var errNotLinux = errors.New("mount mode needs Linux")
@@ -19,7 +17,7 @@ type Ext4 struct{ Mke2fs, Blkid string }
 func New(mke2fs, blkid string) (*Ext4, error) { return nil, errNotLinux }
 
 // Mount fails on systems other than Linux.
-func (m *Ext4) Mount(ctx context.Context, dev *nbddev.Device, req Request) (*os.File, bool, error) {
+func (m *Ext4) Mount(ctx context.Context, file *os.File, path string, req Request) (*os.File, bool, error) {
 	return nil, false, errNotLinux
 }
 
