@@ -54,7 +54,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	defer state.Close()
 
-	devices, err := nbddev.New()
+	devices, err := nbddev.New(engine.BlockSize)
 	if err != nil {
 		return err
 	}

@@ -17,7 +17,6 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 )
 
 // Devices attaches engine connections as kernel NBD devices through the
@@ -30,6 +29,9 @@ type Devices struct {
 	// DeadConnTimeout is how long I/O waits for a new connection after
 	// the engine connection died, before failing.
 	DeadConnTimeout time.Duration
+	// BlockSize is the devices' logical block size: the engine's page,
+	// since a smaller write costs the engine a read-modify-write.
+	BlockSize uint64
 }
 
 // Defaults for NBDDevices.
@@ -45,8 +47,8 @@ const (
 	maxSectorsKB = 8192
 )
 
-// New opens the netlink client.
-func New() (*Devices, error) {
+// New opens the netlink client, for devices of blockSize bytes a block.
+func New(blockSize uint64) (*Devices, error) {
 	c, err := netlinknbd.New()
 	if err != nil {
 		return nil, fmt.Errorf("open nbd netlink family: %w", err)
@@ -55,6 +57,7 @@ func New() (*Devices, error) {
 		Netlink:         c,
 		RequestTimeout:  DefaultKernelRequestTimeout,
 		DeadConnTimeout: DefaultDeadConnTimeout,
+		BlockSize:       blockSize,
 	}, nil
 }
 
@@ -73,7 +76,7 @@ func (d *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Ex
 	index, err := d.Netlink.Connect(netlinknbd.ConnectConfig{
 		Sockets:           []syscall.Conn{sc},
 		Size:              export.Size,
-		BlockSize:         engine.BlockSize,
+		BlockSize:         d.BlockSize,
 		ServerFlags:       uint64(export.Flags),
 		Timeout:           d.RequestTimeout,
 		DeadConnTimeout:   d.DeadConnTimeout,

@@ -26,7 +26,7 @@ func newDevices(t *testing.T) *Devices {
 	if os.Getenv("MVPS_VM") != "1" || os.Getuid() != 0 {
 		t.Fatal("this test runs as root inside the VM: use make integration")
 	}
-	d, err := New()
+	d, err := New(engine.BlockSize)
 	if err != nil {
 		t.Fatal(err)
 	}
