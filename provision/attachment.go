@@ -50,8 +50,6 @@ type attachment struct {
 
 	// ---- guarded by registry.mu ----
 
-	// forced names who forced the detach (admin socket).
-	forced string
 	// unrecoverable is set when recovery failed: the device's connection
 	// is dead, so a flush could only wait for nothing.
 	unrecoverable bool

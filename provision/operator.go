@@ -129,13 +129,6 @@ func (s *Server) Serving() error {
 	return nil
 }
 
-// forcedReason is the reason of a forced detach of a, or "".
-func (s *Server) forcedReason(a *attachment) string {
-	s.reg.mu.Lock()
-	defer s.reg.mu.Unlock()
-	return a.forced
-}
-
 // Forced detach results.
 const (
 	ForcedDetached  = "detached"
@@ -178,23 +171,23 @@ func (s *Server) ForceDetach(ctx context.Context, target, who string) (Info, str
 		return Info{}, "", failf(ErrNotFound, "no attachment matches %q (image key, image id or /dev/nbdX)", target)
 	}
 	a := matches[0]
-	a.forced = reason
 	state := a.state
 	info := a.infoLocked()
 	s.reg.mu.Unlock()
 
 	s.log.Warn("forced detach", "image_id", a.imageID, "key", a.key, "device", info.Device, "state", state,
 		"caller_pid", a.caller.pid, "caller_uid", a.caller.uid, "by", who)
-	// The caller learns first: its connection ends, as if the provisioner
-	// had shut down. Its handler wakes up, sees the forced reason and
-	// detaches too; detach runs once, whoever gets there first.
+	// Why the attachment ends is its context's cause, and the first cause
+	// set stays: so the reason goes in before the caller's connection is
+	// closed, whose hang-up would otherwise be the cause. The handler
+	// wakes up and detaches too; detach runs once, whoever gets there
+	// first. An attachment taken over from an earlier run has no
+	// connection: its life is its context.
+	if a.cancel != nil {
+		a.cancel(errors.New(reason))
+	}
 	if a.conn != nil {
 		a.conn.Close()
-	}
-	if a.cancel != nil {
-		// An attachment taken over from an earlier run has no connection:
-		// its life is its context.
-		a.cancel(errors.New(reason))
 	}
 	switch state {
 	case StateAttaching:

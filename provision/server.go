@@ -495,11 +495,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	s.cfg.Metrics.Attached(mode, time.Since(received), sp.all)
 
 	<-ctx.Done()
-	reason := endReason(context.Cause(ctx))
-	if r := s.forcedReason(a); r != "" {
-		reason = r
-	}
-	s.detach(a, reason)
+	s.detach(a, endReason(context.Cause(ctx)))
 }
 
 // endReason says in the log why an attachment ended.
