@@ -3,6 +3,7 @@ package provision_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -587,4 +588,56 @@ func TestLingeringDevicesBoundedPerUID(t *testing.T) {
 		t.Fatalf("another uid's attach while nobody has %d devices lingering: %v", n, err)
 	}
 	conn.Close()
+}
+
+// A connection counts against its uid's waiting allowance until it has its
+// answer, not only until its request is read: requests waiting in reserve
+// for an image's detach hold descriptors as idle ones do.
+func TestWaitingInReserveCounts(t *testing.T) {
+	requireRoot(t)
+	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.MaxWaitingPerUID = 2 })
+	openToAll(t, ts)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	ts.AddImage(t, "other", "other.mvps-image", 1<<20)
+	first := ts.Attach(t, "vol")
+	gate := make(chan struct{})
+	ts.Devices.Mu.Lock()
+	ts.Devices.FlushGate = gate
+	ts.Devices.Mu.Unlock()
+	first.Close()
+	waitFor(t, func() bool { return stateOf(ts, "vol.mvps-image") == provision.StateDetaching })
+
+	// Two of nobody's requests wait in reserve for the detach.
+	answered := make(chan struct{}, 2)
+	for range 2 {
+		conn := dialAs(t, ts.Socket, nobody, nobody)
+		defer conn.Close()
+		if _, err := conn.Write(protocol.AppendRequest(nil, protocol.CommandAttach, "vol")); err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			conn.Read(make([]byte, 1024))
+			answered <- struct{}{}
+		}()
+	}
+	waitFor(t, func() bool { return ts.Gauges().Waiting == 2 })
+
+	// A third of nobody's connections is dropped at once, unanswered...
+	third := dialAs(t, ts.Socket, nobody, nobody)
+	defer third.Close()
+	third.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := third.Read(make([]byte, 1024)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("nobody's third connection: read %d bytes, %v; want it closed at once", n, err)
+	}
+	// ...and another uid's goes through.
+	conn, err := requestAs(t, ts.Socket, 4242, 4242, "other", nil)
+	if err != nil {
+		t.Fatalf("another uid's attach while nobody's allowance is used up: %v", err)
+	}
+	conn.Close()
+
+	close(gate)
+	for range 2 {
+		<-answered
+	}
 }
