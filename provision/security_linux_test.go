@@ -599,13 +599,7 @@ func TestWaitingInReserveCounts(t *testing.T) {
 	openToAll(t, ts)
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	ts.AddImage(t, "other", "other.mvps-image", 1<<20)
-	first := ts.Attach(t, "vol")
-	gate := make(chan struct{})
-	ts.Devices.Mu.Lock()
-	ts.Devices.FlushGate = gate
-	ts.Devices.Mu.Unlock()
-	first.Close()
-	waitFor(t, func() bool { return stateOf(ts, "vol.mvps-image") == provision.StateDetaching })
+	gate := holdInDetach(t, ts, "vol", "vol.mvps-image")
 
 	// Two of nobody's requests wait in reserve for the detach.
 	answered := make(chan struct{}, 2)

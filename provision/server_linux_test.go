@@ -368,13 +368,7 @@ func TestCallerHangsUpDuringAttach(t *testing.T) {
 func TestReserveWaitsForDetach(t *testing.T) {
 	ts := provisiontest.New(t, nil)
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
-	first := ts.Attach(t, "vol")
-	gate := make(chan struct{})
-	ts.Devices.Mu.Lock()
-	ts.Devices.FlushGate = gate
-	ts.Devices.Mu.Unlock()
-	first.Close()
-	waitFor(t, func() bool { return stateOf(ts, "vol.mvps-image") == provision.StateDetaching })
+	gate := holdInDetach(t, ts, "vol", "vol.mvps-image")
 
 	second := make(chan error, 1)
 	go func() {
@@ -715,4 +709,18 @@ func TestAdoptUsesThisNodesClientID(t *testing.T) {
 	if !strings.Contains(next.Logs(), "recorded_client_id=mvps-provisioner/old-pod-name/vol.mvps-image") {
 		t.Error("the change of client id is not logged")
 	}
+}
+
+// holdInDetach attaches key and closes it, then holds its detach at the
+// flush until the returned gate is closed: the image stays detaching.
+func holdInDetach(t *testing.T, ts *provisiontest.Server, key, imageID string) chan struct{} {
+	t.Helper()
+	first := ts.Attach(t, key)
+	gate := make(chan struct{})
+	ts.Devices.Mu.Lock()
+	ts.Devices.FlushGate = gate
+	ts.Devices.Mu.Unlock()
+	first.Close()
+	waitFor(t, func() bool { return stateOf(ts, imageID) == provision.StateDetaching })
+	return gate
 }
