@@ -292,9 +292,12 @@ func TestVMFaultEngineKilled(t *testing.T) {
 	syscall.Kill(old, syscall.SIGKILL)
 	after := w.waitAcked(t, before+100, 30*time.Second)
 	t.Logf("engine killed at %d writes; %d acknowledged %v after the kill", before, after, time.Since(killed).Round(time.Millisecond))
-	if p.enginePid(t) == old {
-		t.Fatal("no new engine")
-	}
+	// Writes the kernel still held may be acknowledged before the restart
+	// is through (seen on 7.x, 3 ms after the kill): wait for the new one.
+	waitUntil(t, 30*time.Second, "a new engine", func() bool {
+		engines := p.engineChildren()
+		return len(engines) == 1 && engines[0] != old
+	})
 	select {
 	case <-p.exited:
 		t.Fatalf("the provisioner exited: %v", p.exitErr)

@@ -196,17 +196,23 @@ func (p *provProc) attach(t *testing.T, key string) (*protocol.Attachment, uint3
 
 func (p *provProc) enginePid(t *testing.T) int {
 	t.Helper()
-	var engines []int
-	for _, pid := range childrenOf(p.cmd.Process.Pid) {
-		// The engine, not a tool of mount mode (mke2fs, blkid).
-		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); !strings.Contains(string(comm), "mke2fs") && !strings.Contains(string(comm), "blkid") {
-			engines = append(engines, pid)
-		}
-	}
+	engines := p.engineChildren()
 	if len(engines) != 1 {
 		t.Fatalf("provisioner has engine children %v, want exactly one", engines)
 	}
 	return engines[0]
+}
+
+// engineChildren lists the daemon's children that are engines, not tools
+// of mount mode (mke2fs, blkid).
+func (p *provProc) engineChildren() []int {
+	var engines []int
+	for _, pid := range childrenOf(p.cmd.Process.Pid) {
+		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); !strings.Contains(string(comm), "mke2fs") && !strings.Contains(string(comm), "blkid") {
+			engines = append(engines, pid)
+		}
+	}
+	return engines
 }
 
 // procStat returns the fields of /proc/<pid>/stat after the command name
