@@ -18,7 +18,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
@@ -238,7 +237,7 @@ func TestProvisionerServesFromConfigMap(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(src.Close)
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Images = src })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Images = src })
 
 	att := ts.Attach(t, "demo")
 	if st, err := att.Device.Stat(); err != nil || st.Size() != 1<<20 {

@@ -30,7 +30,7 @@ func earlierRun(t *testing.T, keys ...string) (stateDir string, devices *provisi
 	if err != nil {
 		t.Fatal(err)
 	}
-	old := provisiontest.New(t, func(c *provision.ServerConfig) { c.State = state })
+	old := provisiontest.New(t, func(c *provisiontest.Config) { c.State = state })
 	for _, key := range keys {
 		old.AddImage(t, key, key+".mvps-image", 1<<20)
 		a := old.Attach(t, key)
@@ -54,7 +54,7 @@ func earlierRun(t *testing.T, keys ...string) (stateDir string, devices *provisi
 func nextRun(t *testing.T, stateDir string, devices *provisiontest.Devices) (*provisiontest.Server, *provision.StateDir) {
 	t.Helper()
 	state := openState(t, stateDir)
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.State, c.Devices = state, devices })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.State, c.Devices = state, devices })
 	return ts, state
 }
 

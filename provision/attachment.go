@@ -4,49 +4,51 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 )
 
-// attachment is one image attached for one caller.
+// attachment is one image attached for one owner.
 //
 // Who may touch what: the fields up to caller are set before the
 // attachment is shared (reserved) and never change; dev is set once under
-// the registry's lock; root and mountNS belong to the goroutine serving
-// the attachment until it reaches StateAttached, and to the one detach
-// after that (once); the fields below the line are the registry's,
-// guarded by registry.mu. Lock order: Server.mu and registry.mu are never
-// held together.
+// the registry's lock; root and mountNS belong to Attach until the
+// attachment reaches StateAttached, and to the one detach after that
+// (once); the fields below the line are the registry's, guarded by
+// registry.mu. Lock order: Manager.mu and registry.mu are never held
+// together.
 type attachment struct {
 	imageID   string
 	imageSize uint64
 	clientID  string
 	key       string
 	mode      string // "fd" or "mount"
-	dev       *nbddev.Device
+	// owner is what the attachment lives for (its Caller is in caller).
+	owner Owner
+	dev   *nbddev.Device
 	// root, in mount mode, is held open on the file system's root; nil for
 	// an attachment taken over from an earlier run.
 	root *os.File
 	// mountNS, in mount mode for a caller other than uid 0, is the
 	// caller's mount namespace, where the detach unmounts root.
 	mountNS *os.File
-	caller  callerInfo
-	// ctx is the attachment's life: it ends when the caller is gone, at
+	// caller is the owner's process, its pidfd held until the attachment
+	// ends; unknown for a volume.
+	caller Caller
+	// ctx is the attachment's life: it ends when its owner does, at
 	// shutdown, or when its device cannot be recovered. cancel's cause
 	// says which.
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	once   sync.Once
-	// conn is the caller's connection; a forced detach closes it.
-	conn *net.UnixConn
+	// done is closed when the detach (or the handover) is over.
+	done chan struct{}
 
 	// ---- guarded by registry.mu ----
 
@@ -60,134 +62,56 @@ type attachment struct {
 	released chan struct{}
 }
 
-// attach signs a token, negotiates with the engine and attaches a's
-// device, marking each step in sp. The kernel attach waits for recorded,
-// the result of the first state record's write; attach always receives it,
-// so that the record is written (or known not to be) when attach returns.
-// The record of the device's index is written while the device is opened;
-// its result is recordErr, and a device attached without it must be
-// detached.
-func (s *Server) attach(ctx context.Context, a *attachment, sp *spans, recorded <-chan error) (dev *nbddev.Device, recordErr, err error) {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
-	defer cancel()
-	conn, export, err := s.openSession(ctx, a.session(), sp)
-	recordErr = <-recorded
-	if err != nil {
-		return nil, nil, err
-	}
-	if recordErr != nil {
-		conn.Close()
-		return nil, nil, recordErr
-	}
-	sp.mark("record")
-	var indexRecorded chan error
-	trace := &nbddev.Trace{Connected: func(index uint32) {
-		sp.mark("connect")
-		indexRecorded = make(chan error, 1)
-		go func() { indexRecorded <- s.record(a, int64(index)) }()
-	}}
-	dev, err = s.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, engine.BackendID(a.imageID))
-	switch {
-	case indexRecorded != nil:
-		recordErr = <-indexRecorded
-	case err == nil: // a device layer that does not report
-		recordErr = s.record(a, int64(dev.Index))
-	}
-	if err != nil {
-		return nil, nil, failf(ErrAttachFailed, "%w", err)
-	}
-	sp.mark("open")
-	return dev, recordErr, nil
-}
-
-// session is what a's engine sessions are for.
-func (a *attachment) session() engine.Session {
-	return engine.Session{ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID}
-}
-
-// openSession opens an engine session: token, dial, handshake,
-// and the probe read that proves the engine serves it.
-func (s *Server) openSession(ctx context.Context, session engine.Session, sp *spans) (net.Conn, handshake.Export, error) {
-	token, err := engine.SignToken(s.cfg.Secret, session, time.Now())
-	if err != nil {
-		return nil, handshake.Export{}, err
-	}
-	sp.mark("token")
-	conn, err := s.spares.Dial(ctx)
-	if err != nil {
-		return nil, handshake.Export{}, failf(ErrEngineUnavailable, "connect to engine: %w", err)
-	}
-	sp.mark("dial")
-	export, err := handshake.Negotiate(ctx, conn, token)
-	if err != nil && engine.IsSpare(conn) && ctx.Err() == nil {
-		// The engine may have closed the spare (a handshake deadline) just
-		// as it was taken; a fresh connection tells that from a refusal.
-		s.log.Debug("handshake on a spare engine connection failed; once more on a new one", "err", err)
-		conn.Close()
-		if conn, err = s.cfg.DialEngine(ctx); err != nil {
-			return nil, handshake.Export{}, failf(ErrEngineUnavailable, "connect to engine: %w", err)
-		}
-		export, err = handshake.Negotiate(ctx, conn, token)
-	}
-	if err != nil {
-		conn.Close()
-		// The token is never part of an error: handshake errors carry
-		// steps and byte counts only.
-		return nil, handshake.Export{}, failf(ErrEngineUnavailable, "%w", err)
-	}
-	sp.mark("handshake")
-	if export.Size != session.ImageSize {
-		conn.Close()
-		return nil, handshake.Export{}, failf(ErrAttachFailed, "engine exports %d bytes for the image, config says %d",
-			export.Size, session.ImageSize)
-	}
-	if err := engine.ProbeSession(ctx, conn); err != nil {
-		conn.Close()
-		return nil, handshake.Export{}, failf(ErrAttachFailed, "%w", err)
-	}
-	sp.mark("probe")
-	return conn, export, nil
-}
-
-// detach flushes and disconnects a's device, once, however many of the
-// connection's end, shutdown and engine failure ask for it.
-func (s *Server) detach(a *attachment, reason string) {
-	s.mu.Lock()
-	handover := s.handover
-	s.mu.Unlock()
-	if handover && s.reg.live(a) {
+// detach flushes and disconnects a's device, once, however many of its
+// owner's end, shutdown, a forced detach and engine failure ask for it.
+func (m *Manager) detach(a *attachment, reason string) {
+	m.mu.Lock()
+	handover := m.handover
+	m.mu.Unlock()
+	if handover && m.reg.live(a) {
 		// Handed over: the device stays attached, its record stays for the
 		// next start to take it over.
 		a.once.Do(func() {
-			s.log.Info("left attached for the next start", "image_id", a.imageID, "device", a.dev.Path,
-				"caller_pid", a.caller.pid)
+			defer close(a.done)
+			m.log.Info("left attached for the next start", "image_id", a.imageID, "device", a.dev.Path,
+				"owner", a.owner.Kind, "caller_pid", a.caller.PID)
 			if a.root != nil {
 				a.root.Close()
+			}
+			if a.mountNS != nil {
+				a.mountNS.Close()
 			}
 			a.dev.File.Close()
 		})
 		return
 	}
 	a.once.Do(func() {
-		defer s.reg.release(a)
-		if a.cancel != nil {
-			a.cancel(errDetached)
+		defer close(a.done)
+		defer m.reg.release(a)
+		a.cancel(errDetached)
+		if a.dev == nil {
+			// The attach failed before the kernel had a device.
+			m.forget(a)
+			return
+		}
+		if a.mountNS != nil {
+			defer a.mountNS.Close()
 		}
 		since := time.Now()
-		if old := s.reg.setState(a, StateDetaching); old == StateAttached {
+		if old := m.reg.setState(a, StateDetaching); old == StateAttached {
 			since = a.since
 		}
-		s.mu.Lock()
-		engineDead := s.engineDead
-		s.mu.Unlock()
-		engineDead = engineDead || s.reg.isUnrecoverable(a)
+		m.mu.Lock()
+		engineDead := m.engineDead
+		m.mu.Unlock()
+		engineDead = engineDead || m.reg.isUnrecoverable(a)
 
 		var fsErr error
 		if a.root != nil && a.mountNS != nil {
 			// Before the sync: no new writes through the caller's paths.
-			if err := s.cfg.Mounter.Unmount(a.mountNS, a.root); err != nil {
-				s.log.Warn("could not unmount the caller's mount; its device stays busy until it is unmounted",
-					"image_id", a.imageID, "caller_pid", a.caller.pid, "err", err)
+			if err := m.cfg.Mounter.Unmount(a.mountNS, a.root); err != nil {
+				m.log.Warn("could not unmount the caller's mount; its device stays busy until it is unmounted",
+					"image_id", a.imageID, "caller_pid", a.caller.PID, "err", err)
 			}
 		}
 		switch {
@@ -204,40 +128,40 @@ func (s *Server) detach(a *attachment, reason string) {
 			// Taken over from an earlier run, which held the file system:
 			// wait (bounded) until the caller's mounts are gone and the
 			// file system has written itself back and shut down.
-			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.FlushTimeout)
-			fsErr = s.cfg.Devices.WaitUnmounted(ctx, a.dev)
+			ctx, cancel := context.WithTimeout(context.Background(), m.cfg.FlushTimeout)
+			fsErr = m.cfg.Devices.WaitUnmounted(ctx, a.dev)
 			cancel()
 		}
 		flushErr := errors.New("skipped: engine is gone")
 		if !engineDead {
-			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.FlushTimeout)
-			flushErr = s.cfg.Devices.Flush(ctx, a.dev)
+			ctx, cancel := context.WithTimeout(context.Background(), m.cfg.FlushTimeout)
+			flushErr = m.cfg.Devices.Flush(ctx, a.dev)
 			cancel()
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DetachTimeout)
-		detachErr := s.cfg.Devices.Detach(ctx, a.dev)
+		ctx, cancel := context.WithTimeout(context.Background(), m.cfg.DetachTimeout)
+		detachErr := m.cfg.Devices.Detach(ctx, a.dev)
 		cancel()
-		s.forget(a)
+		m.forget(a)
 
-		attrs := []any{"image_id", a.imageID, "device", a.dev.Path, "reason", reason,
-			"caller_pid", a.caller.pid, "caller_uid", a.caller.uid,
+		attrs := []any{"image_id", a.imageID, "device", a.dev.Path, "reason", reason, "owner", a.owner.Kind,
+			"caller_pid", a.caller.PID, "caller_uid", a.caller.UID,
 			"duration", time.Since(since).Round(time.Millisecond).String()}
 		if fsErr != nil {
 			attrs = append(attrs, "fs_err", fsErr)
 		}
 		switch {
 		case errors.Is(detachErr, nbddev.ErrStillOpen):
-			n := s.linger(a)
-			s.log.Warn("detached; the device stays busy until its last opener closes it",
+			n := m.linger(a)
+			m.log.Warn("detached; the device stays busy until its last opener closes it",
 				append(attrs, "err", detachErr, "flush_err", flushErr, "lingering_devices", n)...)
 		case detachErr != nil:
-			s.log.Error("detach failed", append(attrs, "err", detachErr, "flush_err", flushErr)...)
+			m.log.Error("detach failed", append(attrs, "err", detachErr, "flush_err", flushErr)...)
 		case flushErr != nil:
-			s.log.Warn("detached without a complete flush", append(attrs, "flush_err", flushErr)...)
+			m.log.Warn("detached without a complete flush", append(attrs, "flush_err", flushErr)...)
 		default:
-			s.log.Info("detached", attrs...)
+			m.log.Info("detached", attrs...)
 		}
-		s.cfg.Metrics.Detached(a.mode, detachResult(flushErr, detachErr))
+		m.cfg.Metrics.Detached(a.mode, detachResult(flushErr, detachErr))
 	})
 }
 
@@ -246,37 +170,37 @@ var errDetached = errors.New("detached")
 
 // record writes a's state file, so that a restarted provisioner can take
 // the attachment over; index is -1 before the kernel attach.
-func (s *Server) record(a *attachment, index int64) error {
-	if s.cfg.State == nil {
+func (m *Manager) record(a *attachment, index int64) error {
+	if m.cfg.State == nil {
 		return nil
 	}
-	return s.cfg.State.write(stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
-		Index: index, Mode: a.mode, CallerPID: a.caller.pid, CallerStart: a.caller.start})
+	return m.cfg.State.write(stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
+		Index: index, Mode: a.mode, CallerPID: a.caller.PID, CallerStart: a.caller.start, Owner: a.owner.Kind, Volume: a.owner.Volume})
 }
 
 // forget removes a's state file once its device is detached.
-func (s *Server) forget(a *attachment) {
-	if s.cfg.State == nil {
+func (m *Manager) forget(a *attachment) {
+	if m.cfg.State == nil {
 		return
 	}
-	if err := s.cfg.State.remove(a.imageID); err != nil {
-		s.log.Error("state file left behind", "image_id", a.imageID, "err", err)
+	if err := m.cfg.State.remove(a.imageID); err != nil {
+		m.log.Error("state file left behind", "image_id", a.imageID, "err", err)
 	}
 }
 
 // checkLingering refuses a new attach while too many detached devices are
 // still held open by earlier callers: each takes a kernel device, and
 // without a bound a caller could take them all by keeping its fds.
-func (s *Server) checkLingering(caller callerInfo) error {
-	all, mine := s.reg.lingeringCount(caller.account)
+func (m *Manager) checkLingering(caller Caller) error {
+	all, mine := m.reg.lingeringCount(caller.Account)
 	switch {
-	case mine >= s.cfg.MaxLingeringPerUID:
-		s.log.Warn("attach refused: too many detached devices of this uid are still held open", "lingering_devices", mine,
-			"max_lingering_per_uid", s.cfg.MaxLingeringPerUID, "uid", caller.account)
+	case mine >= m.cfg.MaxLingeringPerUID:
+		m.log.Warn("attach refused: too many detached devices of this uid are still held open", "lingering_devices", mine,
+			"max_lingering_per_uid", m.cfg.MaxLingeringPerUID, "uid", caller.Account)
 		return failf(ErrBusy, "%d devices detached from your earlier attachments are still held open; try again once they are closed", mine)
-	case all >= s.cfg.MaxLingering:
-		s.log.Warn("attach refused: too many detached devices are still held open", "lingering_devices", all,
-			"max_lingering", s.cfg.MaxLingering)
+	case all >= m.cfg.MaxLingering:
+		m.log.Warn("attach refused: too many detached devices are still held open", "lingering_devices", all,
+			"max_lingering", m.cfg.MaxLingering)
 		return failf(ErrBusy, "%d detached devices are still held open by earlier callers; try again once they are closed", all)
 	}
 	return nil
@@ -288,64 +212,41 @@ const lingerPoll = time.Second
 
 // linger counts a's device as held open until the kernel frees it, and
 // returns how many devices linger now.
-func (s *Server) linger(a *attachment) int {
+func (m *Manager) linger(a *attachment) int {
 	dev := a.dev
-	n := s.reg.linger(dev.Index, Info{Key: a.key, ImageID: a.imageID, Device: dev.Path, Mode: a.mode,
-		CallerPID: a.caller.pid, CallerUID: a.caller.uid, Since: time.Now()}, a.caller.account)
-	// Ends with the server's context; Shutdown waits for it.
-	s.background.Go(func() {
+	n := m.reg.linger(dev.Index, Info{Key: a.key, ImageID: a.imageID, Device: dev.Path, Mode: a.mode,
+		CallerPID: a.caller.PID, CallerUID: a.caller.UID, Since: time.Now()}, a.caller.Account)
+	// Ends with the Manager's context; Shutdown waits for it.
+	m.goTracked(func() {
 		t := time.NewTicker(lingerPoll)
 		defer t.Stop()
 		for {
 			select {
-			case <-s.ctx.Done():
+			case <-m.ctx.Done():
 				return
 			case <-t.C:
 			}
-			busy, err := s.cfg.Devices.Busy(dev)
+			busy, err := m.cfg.Devices.Busy(dev)
 			if err != nil || busy {
 				continue
 			}
-			s.reg.unlinger(dev.Index)
-			s.log.Info("lingering device freed", "device", dev.Path)
+			m.reg.unlinger(dev.Index)
+			m.log.Info("lingering device freed", "device", dev.Path)
 			return
 		}
 	})
 	return n
 }
 
-// rateLimited lets one log line through per interval and counts the rest.
-type rateLimited struct {
-	every time.Duration
-
-	mu         sync.Mutex
-	last       time.Time
-	suppressed int
-}
-
-// allow returns how many lines were suppressed since the last one it let
-// through, or -1 to suppress this one.
-func (r *rateLimited) allow() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	now := time.Now()
-	if !r.last.IsZero() && now.Sub(r.last) < r.every {
-		r.suppressed++
-		return -1
-	}
-	n := r.suppressed
-	r.last, r.suppressed = now, 0
-	return n
-}
-
 // spans times the steps of an attach, for the log line that ends it.
 type spans struct {
+	start  time.Time
 	last   time.Time
 	steps  []string
 	phases []phase
 }
 
-func newSpans(start time.Time) *spans { return &spans{last: start} }
+func newSpans(start time.Time) *spans { return &spans{start: start, last: start} }
 
 // mark ends the step named name.
 func (sp *spans) mark(name string) {
@@ -373,4 +274,9 @@ func (sp *spans) all(yield func(string, time.Duration) bool) {
 type phase struct {
 	name string
 	took time.Duration
+}
+
+// session is what a's engine sessions are for.
+func (a *attachment) session() engine.Session {
+	return engine.Session{ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID}
 }

@@ -20,7 +20,7 @@ func BenchmarkAttachDetach(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer state.Close()
-	ts := provisiontest.New(b, func(c *provision.ServerConfig) { c.State = state })
+	ts := provisiontest.New(b, func(c *provisiontest.Config) { c.State = state })
 	ts.AddImage(b, "vol", "vol.mvps-image", 1<<20)
 	ctx := context.Background()
 	b.ReportAllocs()

@@ -6,14 +6,15 @@ import (
 	"testing"
 )
 
-// The attach core knows nothing of how it is operated or deployed: the
-// admin protocol, metrics, systemd notification and the Kubernetes client
-// belong to the daemon that wires it up (internal/daemon, the commands).
+// The attach core knows nothing of how it is reached, operated or
+// deployed: its transports (the caller socket), the admin protocol,
+// metrics, systemd notification and the Kubernetes client sit on top of it
+// and are wired up by the daemon (internal/daemon, the commands).
 func TestCoreImportsNoOperationsOrKubernetes(t *testing.T) {
 	const module = "github.com/mvps-provisioner/mvps-provisioner/"
 	forbidden := []string{
 		module + "provision/admin", module + "provision/notify", module + "provision/metrics",
-		module + "provision/configmap", module + "internal/daemon",
+		module + "provision/configmap", module + "provision/socketserver", module + "internal/daemon",
 		"k8s.io/", "sigs.k8s.io/", "github.com/prometheus/",
 	}
 	for _, goos := range []string{"linux", "darwin"} {

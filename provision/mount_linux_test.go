@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
@@ -65,7 +64,7 @@ func mountFDs(t *testing.T, nsPath, dirPath string) []int {
 
 func TestMountModeRequests(t *testing.T) {
 	mounter := &fakeMounter{dir: t.TempDir()}
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Mounter = mounter })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = mounter })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	dir := t.TempDir()
 	file := dir + "/file"
@@ -159,7 +158,7 @@ func fdsOn(t *testing.T, path string) int {
 // lies on (a container's root, say) busy for the attachment's life.
 func TestMountModeKeepsNoCallerFDs(t *testing.T) {
 	mounter := &fakeMounter{dir: t.TempDir()}
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Mounter = mounter })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = mounter })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -68,7 +68,7 @@ func TestCallerWaitExit(t *testing.T) {
 	if !ok {
 		t.Fatal("findCaller: the child is not found")
 	}
-	defer caller.close()
+	defer caller.Close()
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan bool, 1)

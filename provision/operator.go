@@ -12,37 +12,34 @@ import (
 )
 
 // This file holds what an operator's tools (the admin socket, the metrics)
-// need from the Server, kept apart from the serving code: what the Server
-// tells its Observer, the gauges, the serving check and the forced detach.
+// need from the Manager, kept apart from the attach pipeline: what the
+// Manager tells its Observer, the gauges and the forced detach.
 // The daemon adapts them to the admin protocol and to Prometheus; this
 // package imports neither.
 
-// Observer is told what the Server does, for metrics. Every method must be
+// Observer is told what the Manager does, for metrics. Every method must be
 // quick and safe for concurrent use.
 type Observer interface {
 	// Attached: an attach succeeded, taking took, in the timed phases
 	// (name and time of each step).
 	Attached(mode string, took time.Duration, phases iter.Seq2[string, time.Duration])
-	// AttachFailed: an attach failed after its image was reserved; code
-	// is the reply code its caller got, or "caller_gone".
-	AttachFailed(mode, code string)
+	// AttachFailed: an attach failed after its image was reserved, with
+	// err (ErrUndelivered: its owner was gone before it had it).
+	AttachFailed(mode string, err error)
 	// Detached: a detach ended with result, one of the Detach constants.
 	Detached(mode, result string)
-	// Refused: a request was answered with the error code.
-	Refused(code string)
 	// LinkDead: the kernel reported a device's engine connection dead.
 	LinkDead()
 	// Reconnected: a dead device was reconnected, or given up on.
 	Reconnected(ok bool)
 }
 
-// noObserver is the Observer of a Server configured without one.
+// noObserver is the Observer of a Manager configured without one.
 type noObserver struct{}
 
 func (noObserver) Attached(string, time.Duration, iter.Seq2[string, time.Duration]) {}
-func (noObserver) AttachFailed(string, string)                                      {}
+func (noObserver) AttachFailed(string, error)                                       {}
 func (noObserver) Detached(string, string)                                          {}
-func (noObserver) Refused(string)                                                   {}
 func (noObserver) LinkDead()                                                        {}
 func (noObserver) Reconnected(bool)                                                 {}
 
@@ -62,18 +59,6 @@ var (
 	ErrAmbiguous = errors.New("ambiguous target")
 )
 
-// errGoneBeforeReply is an attach whose caller hung up before the reply.
-var errGoneBeforeReply = errors.New("caller_gone")
-
-// attachFailed counts an attach that failed after its reservation.
-func (s *Server) attachFailed(mode string, err error) {
-	code := errGoneBeforeReply.Error()
-	if err != errGoneBeforeReply {
-		code = replyFor(err).Code
-	}
-	s.cfg.Metrics.AttachFailed(mode, code)
-}
-
 // detachResult names the outcome of a detach for the metrics.
 func detachResult(flushErr, detachErr error) string {
 	switch {
@@ -87,46 +72,26 @@ func detachResult(flushErr, detachErr error) string {
 	return DetachOK
 }
 
-// Gauges are counts of the Server's state at a moment.
+// Gauges are counts of the Manager's state at a moment.
 type Gauges struct {
 	// Active counts attachments in any state but lingering.
 	Active int
 	// Lingering counts detached devices still held open by a process.
 	Lingering int
-	// Waiting counts connections whose request is not answered yet.
-	Waiting int
 }
 
-// Gauges counts the attachments, the lingering devices and the connections
-// waiting for their request, for the metrics.
-func (s *Server) Gauges() Gauges {
+// Gauges counts the attachments and the lingering devices, for the
+// metrics.
+func (m *Manager) Gauges() Gauges {
 	var g Gauges
-	for _, info := range s.Snapshot() {
+	for _, info := range m.Snapshot() {
 		if info.State == StateLingering {
 			g.Lingering++
 		} else {
 			g.Active++
 		}
 	}
-	s.mu.Lock()
-	g.Waiting = s.waiting
-	s.mu.Unlock()
 	return g
-}
-
-// Serving returns nil while the server accepts callers: it has a listener
-// and is not shutting down. Taking the server's lock also proves that it
-// is not stuck.
-func (s *Server) Serving() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	switch {
-	case s.conns.Closed():
-		return errors.New("shutting down")
-	case s.conns.Listeners() == 0:
-		return errors.New("not accepting callers")
-	}
-	return nil
 }
 
 // Forced detach results.
@@ -144,24 +109,24 @@ const (
 // attachment still attaching is aborted. It returns what it ended and
 // how: ForcedDetached, ForcedStillOpen (disconnected, but a process still
 // holds the device open) or ForcedAborted.
-func (s *Server) ForceDetach(ctx context.Context, target, who string) (Info, string, error) {
+func (m *Manager) ForceDetach(ctx context.Context, target, who string) (Info, string, error) {
 	if strings.HasPrefix(target, "nbd") {
 		target = "/dev/" + target
 	}
 	reason := "forced by admin (" + who + ")"
-	s.reg.mu.Lock()
+	m.reg.mu.Lock()
 	var matches []*attachment
-	for _, a := range s.reg.byImage {
+	for _, a := range m.reg.byImage {
 		if a.key == target || a.imageID == target || a.state != StateAttaching && a.dev != nil && a.dev.Path == target {
 			matches = append(matches, a)
 		}
 	}
 	var lingering bool
-	for _, d := range s.reg.lingering {
+	for _, d := range m.reg.lingering {
 		lingering = lingering || d.info.Key == target || d.info.ImageID == target || d.info.Device == target
 	}
 	if len(matches) != 1 {
-		s.reg.mu.Unlock()
+		m.reg.mu.Unlock()
 		switch {
 		case len(matches) > 1:
 			return Info{}, "", failf(ErrAmbiguous, "%q names %d attachments; give the device instead", target, len(matches))
@@ -173,27 +138,20 @@ func (s *Server) ForceDetach(ctx context.Context, target, who string) (Info, str
 	a := matches[0]
 	state := a.state
 	info := a.infoLocked()
-	s.reg.mu.Unlock()
+	m.reg.mu.Unlock()
 
-	s.log.Warn("forced detach", "image_id", a.imageID, "key", a.key, "device", info.Device, "state", state,
-		"caller_pid", a.caller.pid, "caller_uid", a.caller.uid, "by", who)
+	m.log.Warn("forced detach", "image_id", a.imageID, "key", a.key, "device", info.Device, "state", state,
+		"caller_pid", a.caller.PID, "caller_uid", a.caller.UID, "by", who)
 	// Why the attachment ends is its context's cause, and the first cause
-	// set stays: so the reason goes in before the caller's connection is
-	// closed, whose hang-up would otherwise be the cause. The handler
-	// wakes up and detaches too; detach runs once, whoever gets there
-	// first. An attachment taken over from an earlier run has no
-	// connection: its life is its context.
-	if a.cancel != nil {
-		a.cancel(errors.New(reason))
-	}
-	if a.conn != nil {
-		a.conn.Close()
-	}
+	// set stays. Its owner's transport sees the end (a caller's
+	// connection is closed) and the detach runs once, whoever gets there
+	// first.
+	a.cancel(errors.New(reason))
 	switch state {
 	case StateAttaching:
-		// Closing the connection aborts the attach; the handler releases
-		// the image (and detaches a device it already had).
-		bound := s.cfg.AttachTimeout + s.cfg.FlushTimeout + s.cfg.DetachTimeout
+		// The cancel aborts the attach, which releases the image (and
+		// detaches a device it already had).
+		bound := m.cfg.AttachTimeout + m.cfg.FlushTimeout + m.cfg.DetachTimeout
 		select {
 		case <-a.released:
 		case <-time.After(bound):
@@ -203,17 +161,17 @@ func (s *Server) ForceDetach(ctx context.Context, target, who string) (Info, str
 	case StateDetaching:
 		<-a.released
 	default:
-		s.detach(a, reason)
+		<-a.done
 	}
-	if a.dev != nil && s.isLingering(a.dev.Index) {
+	if a.dev != nil && m.isLingering(a.dev.Index) {
 		return info, ForcedStillOpen, nil
 	}
 	return info, ForcedDetached, nil
 }
 
-func (s *Server) isLingering(index uint32) bool {
-	s.reg.mu.Lock()
-	defer s.reg.mu.Unlock()
-	_, ok := s.reg.lingering[index]
+func (m *Manager) isLingering(index uint32) bool {
+	m.reg.mu.Lock()
+	defer m.reg.mu.Unlock()
+	_, ok := m.reg.lingering[index]
 	return ok
 }

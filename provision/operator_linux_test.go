@@ -23,7 +23,7 @@ import (
 func withMetrics(t *testing.T) (*provisiontest.Server, func() string) {
 	var ts *provisiontest.Server
 	m := metrics.New(func() metrics.Gauges { return gaugesOf(ts) })
-	ts = provisiontest.New(t, func(c *provision.ServerConfig) { c.Metrics = m })
+	ts = provisiontest.New(t, func(c *provisiontest.Config) { c.Metrics, c.Socket.Refused = m, m.Refused })
 	scrape := func() string {
 		rec := httptest.NewRecorder()
 		m.Handler(nil).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
@@ -183,7 +183,7 @@ func TestMountRefusalCountedWithItsCode(t *testing.T) {
 	var ts *provisiontest.Server
 	m := metrics.New(func() metrics.Gauges { return gaugesOf(ts) })
 	mounter := &fakeMounter{dir: t.TempDir(), err: fmt.Errorf("%w: /elsewhere is not inside /mnt", mount.ErrOutsideBase)}
-	ts = provisiontest.New(t, func(c *provision.ServerConfig) { c.Metrics, c.Mounter = m, mounter })
+	ts = provisiontest.New(t, func(c *provisiontest.Config) { c.Metrics, c.Socket.Refused, c.Mounter = m, m.Refused, mounter })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -216,5 +216,5 @@ func openNamespaceAndDir(t *testing.T) (ns, dir *os.File) {
 // gaugesOf is what the daemon gives the metrics of ts's gauges.
 func gaugesOf(ts *provisiontest.Server) metrics.Gauges {
 	g := ts.Gauges()
-	return metrics.Gauges{Active: g.Active, Lingering: g.Lingering, Waiting: g.Waiting}
+	return metrics.Gauges{Active: g.Active, Lingering: g.Lingering, Waiting: ts.Sockets.Waiting()}
 }

@@ -22,44 +22,40 @@ var (
 // connection: the engine died, fenced the connection, or the socket broke.
 // The device's I/O waits (up to the dead-connection timeout) while the
 // attachment is reconnected with a new session.
-func (s *Server) LinkDead(index uint32) {
-	a := s.reg.byIndex(index)
+func (m *Manager) LinkDead(index uint32) {
+	a := m.reg.byIndex(index)
 	if a == nil {
-		s.log.Debug("link dead on a device that is not ours", "index", index)
+		m.log.Debug("link dead on a device that is not ours", "index", index)
 		return
 	}
-	s.cfg.Metrics.LinkDead()
-	if !s.reg.startRecovery(a) {
+	m.cfg.Metrics.LinkDead()
+	if !m.reg.startRecovery(a) {
 		return // attaching, detaching, or being recovered already
 	}
-	s.log.Warn("engine connection lost; reconnecting", "image_id", a.imageID, "device", a.dev.Path)
-	s.goTracked(func() { s.recover(a) })
+	m.log.Warn("engine connection lost; reconnecting", "image_id", a.imageID, "device", a.dev.Path)
+	m.goTracked(func() { m.recover(a) })
 }
-
-// goTracked runs fn as part of the server's work, which Shutdown waits
-// for; it does not run at all once Shutdown began.
-func (s *Server) goTracked(fn func()) { s.conns.Go(fn) }
 
 // recover reconnects a's device: a new session with a's client id (which
 // fences whatever is left of the old one), then the kernel's reconfigure.
 // It retries, with backoff, while the engine restarts, for at most
 // RecoveryTimeout; then it gives up and ends the attachment.
-func (s *Server) recover(a *attachment) bool {
+func (m *Manager) recover(a *attachment) bool {
 	start := time.Now()
-	deadline := start.Add(s.cfg.RecoveryTimeout)
+	deadline := start.Add(m.cfg.RecoveryTimeout)
 	backoff := 50 * time.Millisecond
 	var lastErr error
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithDeadline(a.ctx, deadline)
-		conn, _, err := s.openSession(ctx, a.session(), nil)
+		conn, _, err := m.openSession(ctx, a.session())
 		if err == nil {
-			err = s.cfg.Devices.Reconnect(ctx, a.dev, conn, engine.BackendID(a.imageID))
+			err = m.cfg.Devices.Reconnect(ctx, a.dev, conn, m.cfg.Engine.BackendID(a.imageID))
 		}
 		cancel()
 		if err == nil {
-			s.reg.endRecovery(a, true)
-			s.cfg.Metrics.Reconnected(true)
-			s.log.Info("reconnected", "image_id", a.imageID, "device", a.dev.Path, "attempts", attempt,
+			m.reg.endRecovery(a, true)
+			m.cfg.Metrics.Reconnected(true)
+			m.log.Info("reconnected", "image_id", a.imageID, "device", a.dev.Path, "attempts", attempt,
 				"took", time.Since(start).Round(time.Millisecond).String())
 			return true
 		}
@@ -70,7 +66,7 @@ func (s *Server) recover(a *attachment) bool {
 		if !time.Now().Add(backoff).Before(deadline) {
 			break
 		}
-		s.log.Debug("reconnect failed; retrying", "image_id", a.imageID, "attempt", attempt, "err", err)
+		m.log.Debug("reconnect failed; retrying", "image_id", a.imageID, "attempt", attempt, "err", err)
 		select {
 		case <-time.After(backoff):
 		case <-a.ctx.Done():
@@ -78,10 +74,10 @@ func (s *Server) recover(a *attachment) bool {
 		}
 		backoff = min(2*backoff, time.Second)
 	}
-	s.log.Error("giving up on the device: no new engine connection in time; detaching",
+	m.log.Error("giving up on the device: no new engine connection in time; detaching",
 		"image_id", a.imageID, "device", a.dev.Path, "after", time.Since(start).Round(time.Millisecond).String(), "err", lastErr)
-	s.cfg.Metrics.Reconnected(false)
-	s.reg.markUnrecoverable(a)
+	m.cfg.Metrics.Reconnected(false)
+	m.reg.markUnrecoverable(a)
 	a.cancel(errUnrecoverable)
 	return false
 }
@@ -95,17 +91,17 @@ func (s *Server) recover(a *attachment) bool {
 // detached. A device whose caller died meanwhile is reconnected (so its
 // writes reach the engine), flushed and detached. A record whose device is
 // gone is dropped. A connected mvps device with no record is never touched.
-func (s *Server) Adopt() {
-	if s.cfg.State == nil {
+func (m *Manager) Adopt() {
+	if m.cfg.State == nil {
 		return
 	}
-	entries, errs := s.cfg.State.list()
+	entries, errs := m.cfg.State.list()
 	for _, err := range errs {
-		s.log.Error("unreadable state file skipped", "err", err)
+		m.log.Error("unreadable state file skipped", "err", err)
 	}
-	connected, err := s.cfg.Devices.Connected()
+	connected, err := m.cfg.Devices.Connected()
 	if err != nil {
-		s.log.Error("cannot list nbd devices; nothing adopted", "err", err)
+		m.log.Error("cannot list nbd devices; nothing adopted", "err", err)
 		return
 	}
 	claimed := make(map[uint32]bool)
@@ -119,93 +115,92 @@ func (s *Server) Adopt() {
 			// Killed during the kernel attach: a device connected to the
 			// image and claimed by no record is the one it made.
 			for idx, backend := range connected {
-				if backend == engine.BackendID(e.ImageID) && !claimed[idx] {
+				if backend == m.cfg.Engine.BackendID(e.ImageID) && !claimed[idx] {
 					e.Index = int64(idx)
 					claimed[idx] = true
 					// No reply reached the caller: nothing to keep.
-					e.CallerPID, e.CallerStart = 0, 0
+					e.CallerPID, e.CallerStart, e.Owner = 0, 0, ""
 					break
 				}
 			}
 		}
-		s.adopt(e)
+		m.adopt(e)
 	}
 	for idx, backend := range connected {
 		if strings.HasPrefix(backend, engine.BackendPrefix) && !claimed[idx] {
-			s.log.Warn("connected mvps device that this provisioner has no record of; leaving it alone",
+			m.log.Warn("connected mvps device that this provisioner has no record of; leaving it alone",
 				"device", fmt.Sprintf("/dev/nbd%d", idx), "backend", backend)
 		}
 	}
 }
 
-func (s *Server) adopt(e stateEntry) {
+func (m *Manager) adopt(e stateEntry) {
 	attrs := []any{"image_id", e.ImageID, "key", e.Key, "index", e.Index, "caller_pid", e.CallerPID}
 	if e.Index < 0 {
-		s.log.Info("state record of an attach that never reached the kernel; dropped", attrs...)
-		s.State().remove(e.ImageID)
+		m.log.Info("state record of an attach that never reached the kernel; dropped", attrs...)
+		m.State().remove(e.ImageID)
 		return
 	}
-	dev, err := s.cfg.Devices.Adopt(uint32(e.Index), engine.BackendID(e.ImageID), e.ImageSize)
+	dev, err := m.cfg.Devices.Adopt(uint32(e.Index), m.cfg.Engine.BackendID(e.ImageID), e.ImageSize)
 	if err != nil {
 		if errors.Is(err, nbddev.ErrNotOurs) || errors.Is(err, os.ErrNotExist) {
-			s.log.Warn("state record without its device; dropped", append(attrs, "err", err)...)
-			s.State().remove(e.ImageID)
+			m.log.Warn("state record without its device; dropped", append(attrs, "err", err)...)
+			m.State().remove(e.ImageID)
 		} else {
 			// Maybe a passing failure: the next start tries again.
-			s.log.Error("state record's device could not be taken over; record kept", append(attrs, "err", err)...)
+			m.log.Error("state record's device could not be taken over; record kept", append(attrs, "err", err)...)
 		}
 		return
 	}
-	caller, alive := findCaller(e.CallerPID, e.CallerStart)
-	ctx, cancel := context.WithCancelCause(s.ctx)
+	owner := Owner{Kind: OwnerProcess, Caller: UnknownCaller}
+	alive := true
+	if e.Owner == OwnerVolume {
+		owner = Owner{Kind: OwnerVolume, Caller: UnknownCaller, Volume: e.Volume}
+	} else {
+		owner.Caller, alive = findCaller(e.CallerPID, e.CallerStart)
+		if !alive {
+			owner.Caller.PID = e.CallerPID
+		}
+	}
+	ctx, cancel := context.WithCancelCause(m.ctx)
 	// The client id is this node's, never what a record says: a record
 	// from before a change of identity (or one planted) must not name a
 	// session to fence.
-	clientID := engine.ClientID(s.cfg.Host, e.ImageID)
+	clientID := engine.ClientID(m.cfg.Host, e.ImageID)
 	if clientID != e.ClientID {
-		s.log.Info("taking over with this node's client id, not the recorded one", append(attrs, "recorded_client_id", e.ClientID,
+		m.log.Info("taking over with this node's client id, not the recorded one", append(attrs, "recorded_client_id", e.ClientID,
 			"client_id", clientID)...)
 	}
 	a := &attachment{imageID: e.ImageID, imageSize: e.ImageSize, clientID: clientID, key: e.Key, mode: e.Mode,
-		dev: dev, caller: caller, ctx: ctx, cancel: cancel}
-	if caller.pid < 0 || !alive {
-		a.caller.pid = e.CallerPID
-	}
-	if _, err := s.reg.reserve(ctx, a, 0); err != nil {
-		s.log.Error("state record for an image attached twice; leaving the device alone", append(attrs, "err", err)...)
+		owner: owner, dev: dev, caller: owner.Caller, ctx: ctx, cancel: cancel, done: make(chan struct{})}
+	a.owner.Caller = UnknownCaller // its pidfd is a.caller's
+	if _, err := m.reg.reserve(ctx, a, 0); err != nil {
+		m.log.Error("state record for an image attached twice; leaving the device alone", append(attrs, "err", err)...)
 		dev.File.Close()
-		caller.close()
+		a.caller.Close()
 		cancel(err)
 		return
 	}
-	s.reg.setState(a, StateReconnecting)
-	s.log.Info("taking over an attachment from an earlier run", append(attrs, "device", dev.Path, "caller_alive", alive)...)
-	s.goTracked(func() {
-		defer caller.close()
-		defer cancel(nil)
-		if !s.recover(a) {
-			s.detach(a, endReason(context.Cause(ctx)))
+	m.reg.setState(a, StateReconnecting)
+	m.log.Info("taking over an attachment from an earlier run", append(attrs, "device", dev.Path, "owner", owner.Kind,
+		"caller_alive", alive)...)
+	started := m.goTracked(func() {
+		if !m.recover(a) {
+			a.caller.Close()
+			m.detach(a, endReason(context.Cause(ctx)))
 			return
 		}
 		if !alive {
-			s.detach(a, "caller exited while the provisioner was down")
+			a.caller.Close()
+			m.detach(a, "caller exited while the provisioner was down")
 			return
 		}
-		// The caller's connection died with the earlier run: follow its
-		// process instead. The follower ends (ctx's end wakes it) before
-		// the pidfd is closed, which could otherwise be reused under it.
-		followed := make(chan struct{})
-		go func() {
-			defer close(followed)
-			if caller.waitExit(ctx) {
-				cancel(errCallerExited)
-			}
-		}()
-		<-ctx.Done()
-		s.detach(a, endReason(context.Cause(ctx)))
-		<-followed
+		// The caller's connection died with the earlier run: its
+		// process (or its volume) owns the attachment now.
+		m.watch(a)
 	})
+	if !started {
+		a.caller.Close()
+		m.detach(a, "shutdown")
+	}
 }
-
-// State is the server's state directory, nil without one.
-func (s *Server) State() *StateDir { return s.cfg.State }

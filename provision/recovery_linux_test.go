@@ -72,9 +72,9 @@ func (e *engineSwitch) dialCount() int {
 
 // withSwitch is a provisiontest tweak that puts sw between the server and
 // its engine.
-func withSwitch(sw *engineSwitch, tweak func(*provision.ServerConfig)) func(*provision.ServerConfig) {
-	return func(c *provision.ServerConfig) {
-		sw.dial, c.DialEngine = c.DialEngine, sw.Dial
+func withSwitch(sw *engineSwitch, tweak func(*provisiontest.Config)) func(*provisiontest.Config) {
+	return func(c *provisiontest.Config) {
+		sw.dial, c.Sessions.Dial = c.Sessions.Dial, sw.Dial
 		if tweak != nil {
 			tweak(c)
 		}
@@ -249,7 +249,7 @@ func TestLinkDeadGivesUp(t *testing.T) {
 			stateDir := t.TempDir()
 			state := openState(t, stateDir)
 			sw := &engineSwitch{}
-			ts := provisiontest.New(t, withSwitch(sw, func(c *provision.ServerConfig) {
+			ts := provisiontest.New(t, withSwitch(sw, func(c *provisiontest.Config) {
 				c.State = state
 				// Short, to give up soon: the test waits for the
 				// detach, not for a time.

@@ -29,9 +29,12 @@ type Info struct {
 	Key     string `json:"key,omitempty"`
 	ImageID string `json:"image_id"`
 	// Device is the device node, "" while attaching.
-	Device     string    `json:"device,omitempty"`
-	Mode       string    `json:"mode,omitempty"`
-	State      State     `json:"state"`
+	Device string `json:"device,omitempty"`
+	Mode   string `json:"mode,omitempty"`
+	State  State  `json:"state"`
+	// Owner is what the attachment lives for; Volume names a volume owner.
+	Owner      OwnerKind `json:"owner,omitempty"`
+	Volume     string    `json:"volume,omitempty"`
 	CallerPID  int32     `json:"caller_pid"`
 	CallerUID  int32     `json:"caller_uid"`
 	Since      time.Time `json:"since"`
@@ -174,12 +177,19 @@ func (r *registry) snapshot() []Info {
 
 // infoLocked describes a; the registry's lock is held.
 func (a *attachment) infoLocked() Info {
-	info := Info{Key: a.key, ImageID: a.imageID, Mode: a.mode, State: a.state, CallerPID: a.caller.pid,
-		CallerUID: a.caller.uid, Since: a.since, Reconnects: a.reconnects}
+	info := Info{Key: a.key, ImageID: a.imageID, Mode: a.mode, State: a.state, Owner: a.owner.Kind, Volume: a.owner.Volume,
+		CallerPID: a.caller.PID, CallerUID: a.caller.UID, Since: a.since, Reconnects: a.reconnects}
 	if a.dev != nil {
 		info.Device = a.dev.Path
 	}
 	return info
+}
+
+// get finds the attachment of image id.
+func (r *registry) get(imageID string) *attachment {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.byImage[imageID]
 }
 
 // byIndex finds the attachment of device index.

@@ -126,7 +126,7 @@ func requestAs(t *testing.T, socket string, uid, gid int, key string, fds []int)
 func TestImageConfigGrants(t *testing.T) {
 	requireRoot(t)
 	mounter := &fakeMounter{dir: t.TempDir()}
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Mounter = mounter })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = mounter })
 	openToAll(t, ts)
 	ts.WriteConfig(t, "rootonly", `{"image_id": "r.mvps-image", "image_size": 4096, "allowed_uids": [0]}`)
 	ts.WriteConfig(t, "staff", `{"image_id": "s.mvps-image", "image_size": 4096, "allowed_gids": [4242]}`)
@@ -232,7 +232,7 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 	requireRoot(t)
 	mounter := &fakeMounter{dir: t.TempDir()}
 	base := t.TempDir()
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) {
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
 		c.Mounter = mounter
 		c.MountBase = base
 	})
@@ -405,7 +405,7 @@ func TestStaleWriteFencedByNextAttachment(t *testing.T) {
 }
 
 func TestLingeringDevicesBounded(t *testing.T) {
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.MaxLingering = 2 })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.MaxLingering = 2 })
 	for i := range 3 {
 		ts.AddImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 1<<20)
 	}
@@ -595,7 +595,7 @@ func TestLingeringDevicesBoundedPerUID(t *testing.T) {
 // for an image's detach hold descriptors as idle ones do.
 func TestWaitingInReserveCounts(t *testing.T) {
 	requireRoot(t)
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.MaxWaitingPerUID = 2 })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Socket.MaxWaitingPerUID = 2 })
 	openToAll(t, ts)
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	ts.AddImage(t, "other", "other.mvps-image", 1<<20)
@@ -614,7 +614,7 @@ func TestWaitingInReserveCounts(t *testing.T) {
 			answered <- struct{}{}
 		}()
 	}
-	waitFor(t, func() bool { return ts.Gauges().Waiting == 2 })
+	waitFor(t, func() bool { return ts.Sockets.Waiting() == 2 })
 
 	// A third of nobody's connections is dropped at once, unanswered...
 	third := dialAs(t, ts.Socket, nobody, nobody)

@@ -169,7 +169,7 @@ func TestUnaskedFDsAreClosed(t *testing.T) {
 }
 
 func TestIdleCallerIsDropped(t *testing.T) {
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.RequestTimeout = 100 * time.Millisecond })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Socket.RequestTimeout = 100 * time.Millisecond })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	idle, err := net.Dial("unixpacket", ts.Socket)
 	if err != nil {
@@ -189,7 +189,7 @@ func TestIdleCallerIsDropped(t *testing.T) {
 }
 
 func TestEngineRefusesToken(t *testing.T) {
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Secret = []byte("not the engine's secret") })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Sessions.Secret = []byte("not the engine's secret") })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	if code := ts.AttachCode(t, "vol"); code != protocol.CodeEngineUnavailable {
 		t.Fatalf("code %q, want engine_unavailable", code)
@@ -211,8 +211,8 @@ func TestEngineRefusesSession(t *testing.T) {
 }
 
 func TestEngineUnreachable(t *testing.T) {
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) {
-		c.DialEngine = func(ctx context.Context) (net.Conn, error) { return nil, errors.New("connection refused") }
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.Sessions.Dial = func(ctx context.Context) (net.Conn, error) { return nil, errors.New("connection refused") }
 	})
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	if code := ts.AttachCode(t, "vol"); code != protocol.CodeEngineUnavailable {
@@ -309,7 +309,7 @@ func TestShutdownDetachesEverything(t *testing.T) {
 }
 
 func TestNoSecretsInLogs(t *testing.T) {
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Secret = []byte("correct-horse-battery-staple") })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Sessions.Secret = []byte("correct-horse-battery-staple") })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	ts.AttachCode(t, "vol") // refused by the engine: wrong secret
 	logs := ts.Logs()
@@ -570,7 +570,7 @@ func newWithState(t *testing.T, stateDir string) *provisiontest.Server {
 	}
 	// Registered first, so closed after the server's own cleanup.
 	t.Cleanup(func() { state.Close() })
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.State = state })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.State = state })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	return ts
 }
@@ -582,10 +582,10 @@ func TestEngineSpares(t *testing.T) {
 	e := devenginetest.NewTCP(t)
 	var mu sync.Mutex
 	var dialed []net.Conn
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) {
-		c.EngineSpares = 1
-		c.Secret = e.Secret
-		c.DialEngine = func(ctx context.Context) (net.Conn, error) {
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.Sessions.Spares = 1
+		c.Sessions.Secret = e.Secret
+		c.Sessions.Dial = func(ctx context.Context) (net.Conn, error) {
 			conn, err := e.Dial(ctx)
 			if err == nil {
 				mu.Lock()
@@ -598,7 +598,7 @@ func TestEngineSpares(t *testing.T) {
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	for i := range 3 {
 		a := ts.Attach(t, "vol")
-		waitFor(t, func() bool { return ts.IdleSpares() == 1 })
+		waitFor(t, func() bool { return ts.Sessions.Idle() == 1 })
 		mu.Lock()
 		n, want := len(dialed), dialed[i].LocalAddr().String()
 		mu.Unlock()
@@ -634,17 +634,17 @@ func TestEngineSpareClosedAtHandshake(t *testing.T) {
 			go relay(c, e, n == 1)
 		}
 	}()
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) {
-		c.EngineSpares = 1
-		c.Secret = e.Secret
-		c.DialEngine = func(ctx context.Context) (net.Conn, error) {
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.Sessions.Spares = 1
+		c.Sessions.Secret = e.Secret
+		c.Sessions.Dial = func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", proxy)
 		}
 	})
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	a := ts.Attach(t, "vol")
-	waitFor(t, func() bool { return ts.IdleSpares() == 1 })
+	waitFor(t, func() bool { return ts.Sessions.Idle() == 1 })
 	a.Close()
 	ts.Devices.WaitDetaches(t, 1)
 	b := ts.Attach(t, "vol") // fails the test if the cut spare fails the attach
@@ -684,7 +684,7 @@ func TestAdoptUsesThisNodesClientID(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	old := provisiontest.New(t, func(c *provision.ServerConfig) { c.State, c.Host = state, "old-pod-name" })
+	old := provisiontest.New(t, func(c *provisiontest.Config) { c.State, c.Host = state, "old-pod-name" })
 	old.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	a := old.Attach(t, "vol")
 	defer a.Close()
@@ -700,7 +700,7 @@ func TestAdoptUsesThisNodesClientID(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { state.Close() })
-	next := provisiontest.New(t, func(c *provision.ServerConfig) { c.State, c.Devices = state, old.Devices })
+	next := provisiontest.New(t, func(c *provisiontest.Config) { c.State, c.Devices = state, old.Devices })
 	next.Adopt()
 	waitFor(t, func() bool { return old.Devices.Reconnects(0) == 1 })
 	if !strings.Contains(next.Engine.Logs(), "client_id=mvps-provisioner/testhost/vol.mvps-image") {

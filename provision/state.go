@@ -38,6 +38,12 @@ type stateEntry struct {
 	// never taken for it.
 	CallerPID   int32  `json:"caller_pid"`
 	CallerStart uint64 `json:"caller_start"`
+	// Owner is what the attachment lives for: "volume" for a persisted
+	// volume (Volume names it), which a restart keeps as it is; otherwise
+	// (records before owners had kinds too) the caller's process, which a
+	// restart follows.
+	Owner  OwnerKind `json:"owner,omitempty"`
+	Volume string    `json:"volume,omitempty"`
 }
 
 // StateDir holds one state file per attachment, and a lock that keeps a

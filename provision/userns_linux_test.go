@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
@@ -96,7 +95,7 @@ func TestMountModeRefusesCallerUserNamespace(t *testing.T) {
 		t.Fatalf("this test needs unshare (util-linux): %v", err)
 	}
 	mounter := &fakeMounter{dir: t.TempDir()}
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Mounter = mounter })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = mounter })
 	openToAll(t, ts)
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	ownDir := t.TempDir()
@@ -151,7 +150,7 @@ func TestMountModeRefusesCallerUserNamespace(t *testing.T) {
 func TestMountModeRefusesPseudoFileSystems(t *testing.T) {
 	requireRoot(t)
 	mounter := &fakeMounter{dir: t.TempDir()}
-	ts := provisiontest.New(t, func(c *provision.ServerConfig) { c.Mounter = mounter })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = mounter })
 	openToAll(t, ts)
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	if code := callerProcess(t, ts.Socket, "vol", nil, "/proc/self", nil); code != protocol.CodeForbidden {

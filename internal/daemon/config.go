@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
@@ -247,7 +248,7 @@ func (cfg Config) Check() error {
 		return fmt.Errorf("PROVISIONER_LISTEN_PATH %s: its directory %s does not exist", cfg.ListenPath, filepath.Dir(cfg.ListenPath))
 	}
 	if cfg.SocketGroup != "" {
-		if _, err := provision.LookupGroup(cfg.SocketGroup); err != nil {
+		if _, err := unixsocket.LookupGroup(cfg.SocketGroup); err != nil {
 			return fmt.Errorf("PROVISIONER_SOCKET_GROUP: %w", err)
 		}
 	}

@@ -12,12 +12,14 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/socketserver"
 )
 
 // ShutdownTimeout bounds detaching everything, and then stopping the
@@ -74,7 +76,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 	// Listening first fails fast when another instance owns the socket,
 	// before a second engine is started.
-	ln, err := provision.Listen(provision.ListenConfig{Path: cfg.ListenPath, Mode: cfg.SocketMode, Group: cfg.SocketGroup})
+	ln, err := unixsocket.Listen(unixsocket.ListenConfig{Path: cfg.ListenPath, Mode: cfg.SocketMode, Group: cfg.SocketGroup})
 	if err != nil {
 		return err
 	}
@@ -127,35 +129,43 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.Images != nil {
 		images = cfg.Images
 	}
-	srv, err := provision.NewServer(provision.ServerConfig{
-		Metrics: ops.Metrics(),
-		Mounter: mounter,
-		Images:  images,
-		Secret:  []byte(secret),
+	sessions, err := engine.NewSessions(engine.SessionsConfig{
+		Secret: []byte(secret),
 		// The address stays the same across engine restarts.
-		DialEngine:   func(ctx context.Context) (net.Conn, error) { return engine.Dial(ctx, engineListen) },
-		EngineSpares: cfg.EngineSpares,
-		Devices:      devices,
-		State:        state,
-		MountBase:    cfg.MountBase,
-		Host:         cfg.NodeIdentity(),
-		Logger:       log,
+		Dial:   func(ctx context.Context) (net.Conn, error) { return engine.Dial(ctx, engineListen) },
+		Spares: cfg.EngineSpares,
+		Logger: log,
 	})
 	if err != nil {
 		return err
 	}
+	mgr, err := provision.NewManager(provision.Config{
+		Metrics:   ops.Metrics(),
+		Mounter:   mounter,
+		Images:    images,
+		Engine:    sessions,
+		Devices:   devices,
+		State:     state,
+		MountBase: cfg.MountBase,
+		Host:      cfg.NodeIdentity(),
+		Logger:    log,
+	})
+	if err != nil {
+		return err
+	}
+	srv := socketserver.New(mgr, socketserver.Config{Logger: log, Refused: ops.Metrics().Refused})
 	// The watcher ends with wctx, before the watcher is closed (deferred
 	// above) and Run returns.
 	wctx, stopWatching := context.WithCancel(ctx)
 	watching := make(chan struct{})
-	go func() { defer close(watching); watchLinkDead(wctx, watcher, srv, log) }()
+	go func() { defer close(watching); watchLinkDead(wctx, watcher, mgr, log) }()
 	defer func() { stopWatching(); <-watching }()
-	srv.Adopt()
+	mgr.Adopt()
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	// The admin socket; READY=1 once the engine answers and the server
 	// accepts, then watchdog pings.
-	ops.start(srv, eng, devices)
+	ops.start(mgr, srv, eng, devices)
 	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
 		"images_configmap", cfg.ImagesConfigMap, "state_dir", cfg.StateDir, "engine", cfg.EngineBin, "engine_pid", eng.Pid())
 
@@ -175,14 +185,14 @@ serve:
 			// The devices' connections died with it; their I/O waits for
 			// the reconnects that follow the restart.
 			log.Error("engine died; restarting it", "err", eng.Err())
-			srv.EngineFailed()
+			mgr.EngineFailed()
 			next, err := restartEngine(ctx, engineCfg, log)
 			if err != nil {
 				break serve // ctx ended
 			}
 			eng = next
 			ops.EngineRestarted(next)
-			srv.EngineRestored()
+			mgr.EngineRestored()
 		case err := <-served:
 			// The control plane failed, not the devices or their
 			// callers: they stay attached for the next start, as in a
@@ -197,11 +207,13 @@ serve:
 
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 	defer cancel()
-	stop := srv.Shutdown
+	// The Manager first: whether the attachments' devices are detached or
+	// handed over is decided before their connections end.
+	stop := mgr.Shutdown
 	if handover || context.Cause(ctx) == provision.ErrHandover {
-		stop = srv.Handover
+		stop = mgr.Handover
 	}
-	if err := stop(sctx); err != nil {
+	if err := errors.Join(stop(sctx), srv.Shutdown(sctx)); err != nil {
 		log.Error("shutdown", "err", err)
 		runErr = errors.Join(runErr, err)
 	}
@@ -237,13 +249,13 @@ func restartEngine(ctx context.Context, cfg engine.Config, log *slog.Logger) (*e
 	}
 }
 
-// watchLinkDead hands the kernel's link-dead events to srv until ctx ends.
-func watchLinkDead(ctx context.Context, w *netlinknbd.Watcher, srv *provision.Server, log *slog.Logger) {
+// watchLinkDead hands the kernel's link-dead events to m until ctx ends.
+func watchLinkDead(ctx context.Context, w *netlinknbd.Watcher, m *provision.Manager, log *slog.Logger) {
 	for {
 		ev, err := w.Receive(ctx)
 		switch {
 		case err == nil:
-			srv.LinkDead(ev.Index)
+			m.LinkDead(ev.Index)
 		case ctx.Err() != nil:
 			return
 		case errors.Is(err, netlinknbd.ErrEventsLost):

@@ -10,18 +10,20 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/notify"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/socketserver"
 )
 
 // operations is what an operator and a supervisor see of a running
 // daemon: the admin socket, the metrics listener and systemd's
-// notifications. Run makes one before the provision.Server (whose metrics it holds)
-// and starts it once the provision.Server serves.
+// notifications. Run makes one before the provision.Manager (whose
+// metrics it holds) and starts it once the caller socket serves.
 type operations struct {
 	cfg     Config
 	log     *slog.Logger
@@ -29,15 +31,16 @@ type operations struct {
 	notify  *notify.Notifier
 
 	mu          sync.Mutex
-	srv         *provision.Server
+	mgr         *provision.Manager
+	srv         *socketserver.Server
 	devices     *nbddev.Devices
 	eng         *engine.Process
 	engineSince time.Time
 	restarts    int
 
 	// callers is the caller socket's listener, whose path /readyz checks.
-	callers    *provision.Listener
-	adminLn    *provision.Listener
+	callers    *unixsocket.Listener
+	adminLn    *unixsocket.Listener
 	admin      *admin.Server
 	adminDone  chan error
 	metricsSrv *metrics.Server
@@ -53,18 +56,18 @@ func newOperations(cfg Config, log *slog.Logger) *operations {
 	return o
 }
 
-// Metrics is the metrics set for the provision.Server; nil when metrics are off.
+// Metrics is the metrics set for the provision.Manager; nil when metrics are off.
 func (o *operations) Metrics() *metrics.Set { return o.metrics }
 
 func (o *operations) gauges() metrics.Gauges {
 	o.mu.Lock()
-	srv := o.srv
+	mgr, srv := o.mgr, o.srv
 	o.mu.Unlock()
-	if srv == nil {
+	if mgr == nil {
 		return metrics.Gauges{}
 	}
-	g := srv.Gauges()
-	return metrics.Gauges{Active: g.Active, Lingering: g.Lingering, Waiting: g.Waiting}
+	g := mgr.Gauges()
+	return metrics.Gauges{Active: g.Active, Lingering: g.Lingering, Waiting: srv.Waiting()}
 }
 
 // listen binds the admin socket and the metrics listener. Run calls it
@@ -72,11 +75,11 @@ func (o *operations) gauges() metrics.Gauges {
 // some local user bound first) must fail the start while nothing is ours
 // yet, not make it end in a shutdown that detaches what it adopted. The
 // metrics answer at once (not ready until start); the admin socket waits.
-func (o *operations) listen(callers *provision.Listener) error {
+func (o *operations) listen(callers *unixsocket.Listener) error {
 	o.mu.Lock()
 	o.callers = callers
 	o.mu.Unlock()
-	ln, err := provision.Listen(provision.ListenConfig{Path: o.cfg.AdminPath, Mode: 0o600})
+	ln, err := unixsocket.Listen(unixsocket.ListenConfig{Path: o.cfg.AdminPath, Mode: 0o600})
 	if err != nil {
 		return fmt.Errorf("admin socket (PROVISIONER_ADMIN_PATH): %w", err)
 	}
@@ -100,9 +103,9 @@ func (o *operations) listen(callers *provision.Listener) error {
 
 // start serves the admin socket, and tells systemd the daemon is ready
 // once the engine answers and the server accepts.
-func (o *operations) start(srv *provision.Server, eng *engine.Process, devices *nbddev.Devices) {
+func (o *operations) start(mgr *provision.Manager, srv *socketserver.Server, eng *engine.Process, devices *nbddev.Devices) {
 	o.mu.Lock()
-	o.srv, o.eng, o.devices, o.engineSince = srv, eng, devices, time.Now()
+	o.mgr, o.srv, o.eng, o.devices, o.engineSince = mgr, srv, eng, devices, time.Now()
 	o.mu.Unlock()
 
 	o.admin = &admin.Server{Backend: adminBackend{o}, Logger: o.log}
@@ -218,7 +221,7 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 	o := b.o
 	st := admin.Status{Time: time.Now(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
 	owned := make(map[string]bool)
-	for _, info := range o.srv.Snapshot() {
+	for _, info := range o.mgr.Snapshot() {
 		st.Attachments = append(st.Attachments, admin.Attachment{
 			Key: info.Key, ImageID: info.ImageID, Device: info.Device, Mode: info.Mode, State: string(info.State),
 			CallerPID: info.CallerPID, CallerUID: info.CallerUID, Since: info.Since, Reconnects: info.Reconnects,
@@ -252,7 +255,7 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 }
 
 func (b adminBackend) ForceDetach(ctx context.Context, target string, who admin.Peer) (admin.DetachResult, error) {
-	info, result, err := b.o.srv.ForceDetach(ctx, target, who.String())
+	info, result, err := b.o.mgr.ForceDetach(ctx, target, who.String())
 	if err != nil {
 		// The core's errors, in the admin protocol's codes.
 		code, counted := admin.CodeFailed, admin.CodeFailed

@@ -12,6 +12,7 @@ import (
 	"iter"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision/socketserver"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -123,13 +124,13 @@ func (s *Set) Attached(mode string, took time.Duration, phases iter.Seq2[string,
 	}
 }
 
-// AttachFailed records an attach that was refused or failed after the
-// image config was found, with its reply code.
-func (s *Set) AttachFailed(mode, code string) {
+// AttachFailed records an attach that failed after its image was
+// reserved, by the reply code its caller got (or caller_gone).
+func (s *Set) AttachFailed(mode string, err error) {
 	if s == nil {
 		return
 	}
-	s.attaches.WithLabelValues(mode, code).Inc()
+	s.attaches.WithLabelValues(mode, socketserver.Code(err)).Inc()
 }
 
 // Detach results.

@@ -3,6 +3,7 @@ package metrics
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"iter"
 	"net/http"
@@ -12,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
 )
 
 func TestCheckAddr(t *testing.T) {
@@ -42,7 +45,7 @@ func TestCheckAddr(t *testing.T) {
 func TestNilSetRecordsNothing(t *testing.T) {
 	var s *Set
 	s.Attached("fd", time.Second, phases("dial", time.Millisecond))
-	s.AttachFailed("fd", "busy")
+	s.AttachFailed("fd", errors.New("busy"))
 	s.Detached("fd", DetachOK)
 	s.Refused("busy")
 	s.EngineRestarted()
@@ -66,7 +69,7 @@ func TestExposition(t *testing.T) {
 	s := New(func() Gauges { return Gauges{Active: 2, Lingering: 1, Waiting: 3} })
 	s.Attached("fd", 30*time.Millisecond, phases("token", time.Microsecond, "dial", time.Millisecond, "kernel", 20*time.Millisecond))
 	s.Attached("mount", 2*time.Second, phases("mount", 1900*time.Millisecond))
-	s.AttachFailed("fd", "attach_failed")
+	s.AttachFailed("fd", fmt.Errorf("%w: kernel said no", provision.ErrAttachFailed))
 	s.Detached("fd", DetachOK)
 	s.Detached("mount", DetachStillOpen)
 	s.Refused("not_found")

@@ -1,7 +1,8 @@
-// Package provisiontest runs a real provision.Server in-process for tests,
-// as httptest does for HTTP: on a socket in a temporary directory, against
-// an in-process stand-in engine, with fake kernel devices (a file per
-// device) that record every attach, flush and detach.
+// Package provisiontest runs a real provision.Manager and its socket server
+// in-process for tests, as httptest does for HTTP: on a socket in a
+// temporary directory, against an in-process stand-in engine, with fake
+// kernel devices (a file per device) that record every attach, flush and
+// detach.
 package provisiontest
 
 import (
@@ -21,10 +22,13 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/socketserver"
 )
 
 // Devices stands in for the kernel: a device is a file the size of the
@@ -280,9 +284,14 @@ func (f *Devices) Counts(t testing.TB) (attached, detached int) {
 	return len(f.attached), len(f.detaches)
 }
 
-// Server is a provision.Server serving on a socket in a test directory.
+// Server is a provision.Manager with its socket server, serving on a
+// socket in a test directory.
 type Server struct {
-	*provision.Server
+	*provision.Manager
+	// Sockets serves the callers' socket.
+	Sockets *socketserver.Server
+	// Sessions opens the engine's sessions.
+	Sessions *engine.Sessions
 	// Socket is the path callers connect to.
 	Socket string
 	// ConfigDir is the image config directory.
@@ -292,13 +301,21 @@ type Server struct {
 	logs      syncBuffer
 }
 
+// Config is what New starts a server with: the Manager's configuration,
+// the socket server's and the engine sessions'.
+type Config struct {
+	provision.Config
+	Socket   socketserver.Config
+	Sessions engine.SessionsConfig
+}
+
 // New starts a server; tweak may change its configuration first. The
 // server is shut down, and every device checked to be detached at most
 // once, when the test ends.
-func New(t testing.TB, tweak func(*provision.ServerConfig)) *Server {
+func New(t testing.TB, tweak func(*Config)) *Server {
 	t.Helper()
-	engine := devenginetest.New(t)
-	s := &Server{ConfigDir: t.TempDir(), Devices: NewDevices(t), Engine: engine}
+	eng := devenginetest.New(t)
+	s := &Server{ConfigDir: t.TempDir(), Devices: NewDevices(t), Engine: eng}
 	// Socket paths are short: t.TempDir's can be too long for sun_path.
 	dir, err := os.MkdirTemp("", "prov")
 	if err != nil {
@@ -306,35 +323,43 @@ func New(t testing.TB, tweak func(*provision.ServerConfig)) *Server {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	s.Socket = filepath.Join(dir, "p.sock")
-	cfg := provision.ServerConfig{
-		Images:     imageconfig.Dir(s.ConfigDir),
-		Secret:     engine.Secret,
-		DialEngine: engine.Dial,
-		Devices:    s.Devices,
-		Host:       "testhost",
-		Logger:     slog.New(slog.NewTextHandler(&s.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	log := slog.New(slog.NewTextHandler(&s.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	cfg := Config{
+		Config: provision.Config{
+			Images:  imageconfig.Dir(s.ConfigDir),
+			Devices: s.Devices,
+			Host:    "testhost",
+			Logger:  log,
+		},
+		Socket:   socketserver.Config{Logger: log},
+		Sessions: engine.SessionsConfig{Secret: eng.Secret, Dial: eng.Dial, Logger: log},
 	}
 	if tweak != nil {
 		tweak(&cfg)
 	}
-	srv, err := provision.NewServer(cfg)
+	if s.Sessions, err = engine.NewSessions(cfg.Sessions); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Engine = s.Sessions
+	m, err := provision.NewManager(cfg.Config)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Server = srv
-	ln, err := provision.Listen(provision.ListenConfig{Path: s.Socket, Mode: 0o600})
+	s.Manager = m
+	s.Sockets = socketserver.New(m, cfg.Socket)
+	ln, err := unixsocket.Listen(unixsocket.ListenConfig{Path: s.Socket, Mode: 0o600})
 	if err != nil {
 		t.Fatal(err)
 	}
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	go func() { served <- s.Sockets.Serve(ln) }()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
+		if err := s.Shutdown(ctx); err != nil {
 			t.Errorf("shutdown: %v", err)
 		}
-		if err := <-served; !errors.Is(err, provision.ErrServerClosed) {
+		if err := <-served; !errors.Is(err, socketserver.ErrServerClosed) {
 			t.Errorf("Serve returned %v", err)
 		}
 		s.Devices.Counts(t)
@@ -343,6 +368,18 @@ func New(t testing.TB, tweak func(*provision.ServerConfig)) *Server {
 		}
 	})
 	return s
+}
+
+// Shutdown shuts the Manager down, detaching every device, then the
+// socket server, as the daemon does.
+func (s *Server) Shutdown(ctx context.Context) error {
+	return errors.Join(s.Manager.Shutdown(ctx), s.Sockets.Shutdown(ctx))
+}
+
+// Handover hands the Manager over, leaving every device attached, then
+// shuts the socket server down, as the daemon does.
+func (s *Server) Handover(ctx context.Context) error {
+	return errors.Join(s.Manager.Handover(ctx), s.Sockets.Shutdown(ctx))
 }
 
 // Logs is what the server logged so far.

@@ -4,91 +4,62 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"strconv"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/mvps-provisioner/mvps-provisioner/internal/peercred"
 )
 
-// callerInfo is who sent a request: the credentials the kernel recorded when
-// the caller connected (SO_PEERCRED), and a pidfd on that process. A field
-// the kernel did not tell is -1.
-type callerInfo struct {
-	pid, uid, gid int32
-	// account is the uid the caller's connections count against
-	// (accountingUID): its own, or the creator of the user namespace it
-	// is in.
-	account int32
-	// start is the process's start time (clock ticks after boot), which
-	// with pid names it for good; 0 if unknown.
-	start uint64
-	// pidfd pins the caller's process: a pid can be reused once its process
-	// is gone, a pidfd cannot.
-	pidfd int
+// NewCaller is the process pid, running as uid and gid (-1 where unknown),
+// as the kernel named it: a caller's connection's peer credentials. It
+// holds no pidfd until Pin.
+func NewCaller(pid, uid, gid int32) Caller {
+	return Caller{PID: pid, UID: uid, GID: gid, Account: accountingUID(pid, uid), pidfd: -1}
 }
 
-func (c callerInfo) known() bool { return c.uid >= 0 && c.gid >= 0 }
-
-// root reports a caller with uid 0, the only one trusted to act for others
-// (mount into another namespace, onto a directory it does not own, with
-// suid or device files).
-func (c callerInfo) root() bool { return c.uid == 0 }
-
-// peerCredentials reads SO_PEERCRED. It never fails: a caller whose
-// credentials are unknown (-1, peercred.Unknown) is treated as nobody in
-// particular.
-func peerCredentials(conn *net.UnixConn) callerInfo {
-	cred, _ := peercred.Read(conn)
-	info := callerInfo{pid: cred.PID, uid: cred.UID, gid: cred.GID, pidfd: -1}
-	info.account = accountingUID(info.pid, info.uid)
-	return info
-}
-
-// openPidfd takes a pidfd on the caller. The kernel's own (SO_PEERPIDFD,
-// Linux 6.5) names the process that connected even if it is gone by now;
-// on older kernels pidfd_open on the SO_PEERCRED pid is the next best, and
-// is taken as soon as the request is in.
-func (c *callerInfo) openPidfd(conn *net.UnixConn) {
-	if c.pid <= 0 || c.pidfd >= 0 {
+// Pin pins the caller's process with pidfd, which it takes over; with a
+// negative pidfd it opens one on the pid (pidfd_open), the next best thing
+// to the kernel's own for a socket peer (SO_PEERPIDFD), and the sooner the
+// better: a pid can be reused once its process is gone, a pidfd cannot.
+func (c *Caller) Pin(pidfd int) {
+	if c.pidfd >= 0 {
+		if pidfd >= 0 {
+			unix.Close(pidfd)
+		}
 		return
 	}
-	if rc, err := conn.SyscallConn(); err == nil {
-		rc.Control(func(fd uintptr) {
-			if pfd, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PEERPIDFD); err == nil {
-				unix.CloseOnExec(pfd)
-				c.pidfd = pfd
-			}
-		})
+	if pidfd >= 0 {
+		c.pidfd = pidfd
+		return
 	}
-	if c.pidfd < 0 {
-		if pfd, err := unix.PidfdOpen(int(c.pid), unix.PIDFD_NONBLOCK); err == nil {
-			c.pidfd = pfd
-		}
+	if c.PID <= 0 {
+		return
+	}
+	if pfd, err := unix.PidfdOpen(int(c.PID), unix.PIDFD_NONBLOCK); err == nil {
+		c.pidfd = pfd
 	}
 }
 
 // readStart reads the caller's start time, for its state record, while the
 // pidfd proves the process is the one that connected.
-func (c *callerInfo) readStart() {
-	if c.pid <= 0 {
+func (c *Caller) readStart() {
+	if c.PID <= 0 {
 		return
 	}
-	if start, err := processStart(c.pid); err == nil && c.alive() {
+	if start, err := processStart(c.PID); err == nil && c.alive() {
 		c.start = start
 	}
 }
 
 // alive reports whether the process of the pidfd still runs.
-func (c callerInfo) alive() bool {
+func (c Caller) alive() bool {
 	return c.pidfd >= 0 && unix.PidfdSendSignal(c.pidfd, 0, nil, 0) == nil
 }
 
-func (c *callerInfo) close() {
+// Close releases the pidfd.
+func (c *Caller) Close() {
 	if c.pidfd >= 0 {
 		unix.Close(c.pidfd)
 		c.pidfd = -1
@@ -103,12 +74,12 @@ var errCallerGone = errors.New("the calling process is gone")
 // /proc/<pid>, then proves through the pidfd that the process is still
 // alive, so the pid could not have been reused for another process in
 // between.
-func (c callerInfo) mountNamespace() (nsID, error) {
+func (c Caller) mountNamespace() (nsID, error) {
 	if c.pidfd < 0 {
 		return nsID{}, errCallerGone
 	}
 	var st unix.Stat_t
-	if err := unix.Stat("/proc/"+strconv.Itoa(int(c.pid))+"/ns/mnt", &st); err != nil {
+	if err := unix.Stat("/proc/"+strconv.Itoa(int(c.PID))+"/ns/mnt", &st); err != nil {
 		return nsID{}, fmt.Errorf("%w: %v", errCallerGone, err)
 	}
 	if err := unix.PidfdSendSignal(c.pidfd, 0, nil, 0); err != nil {
@@ -136,7 +107,7 @@ func namespaceOf(f *os.File) (nsID, error) {
 // mount over /etc/cron.d or a root-owned bin directory. The namespace must
 // also belong to the provisioner's user namespace, and the directory lie on
 // an ordinary file system (namespace_linux.go says why).
-func authorizeMount(caller callerInfo, ns, dir *os.File) error {
+func authorizeMount(caller Caller, ns, dir *os.File) error {
 	if caller.root() {
 		return nil
 	}
@@ -152,7 +123,7 @@ func authorizeMount(caller callerInfo, ns, dir *os.File) error {
 		return err
 	}
 	if got != own {
-		return failf(ErrForbidden, "uid %d may mount only into its own mount namespace", caller.uid)
+		return failf(ErrForbidden, "uid %d may mount only into its own mount namespace", caller.UID)
 	}
 	if err := checkMountNamespaceOwner(ns); err != nil {
 		return err
@@ -161,8 +132,8 @@ func authorizeMount(caller callerInfo, ns, dir *os.File) error {
 	if err := unix.Fstat(int(dir.Fd()), &st); err != nil {
 		return fmt.Errorf("stat mount directory: %w", err)
 	}
-	if int64(st.Uid) != int64(caller.uid) {
-		return failf(ErrForbidden, "uid %d may mount only onto a directory it owns (this one is uid %d's)", caller.uid, st.Uid)
+	if int64(st.Uid) != int64(caller.UID) {
+		return failf(ErrForbidden, "uid %d may mount only onto a directory it owns (this one is uid %d's)", caller.UID, st.Uid)
 	}
 	return checkMountDirectory(dir)
 }
@@ -170,8 +141,8 @@ func authorizeMount(caller callerInfo, ns, dir *os.File) error {
 // findCaller finds the process that made an attachment in an earlier run:
 // pid, if it still runs and started at start. A reused pid has another
 // start time and is never taken for it.
-func findCaller(pid int32, start uint64) (callerInfo, bool) {
-	c := callerInfo{pid: pid, uid: -1, gid: -1, account: -1, pidfd: -1}
+func findCaller(pid int32, start uint64) (Caller, bool) {
+	c := Caller{PID: pid, UID: -1, GID: -1, Account: -1, pidfd: -1}
 	if pid <= 0 || start == 0 {
 		return c, false
 	}
@@ -182,16 +153,16 @@ func findCaller(pid int32, start uint64) (callerInfo, bool) {
 	c.pidfd = pfd
 	got, err := processStart(pid)
 	if err != nil || got != start || !c.alive() {
-		c.close()
+		c.Close()
 		return c, false
 	}
 	c.start = start
 	if st, err := os.Stat("/proc/" + strconv.Itoa(int(pid))); err == nil {
 		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-			c.uid, c.gid = int32(sys.Uid), int32(sys.Gid)
+			c.UID, c.GID = int32(sys.Uid), int32(sys.Gid)
 		}
 	}
-	c.account = accountingUID(pid, c.uid)
+	c.Account = accountingUID(pid, c.UID)
 	return c, true
 }
 
@@ -199,7 +170,7 @@ func findCaller(pid int32, start uint64) (callerInfo, bool) {
 // whether the process exited. A pidfd becomes readable when its process
 // exits: the runtime's poller waits for that, and ctx's end wakes it through
 // a read deadline, so nothing polls in slices.
-func (c callerInfo) waitExit(ctx context.Context) bool {
+func (c Caller) waitExit(ctx context.Context) bool {
 	// A duplicate, owned by the os.File: closing it leaves c.pidfd open.
 	fd, err := unix.FcntlInt(uintptr(c.pidfd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
@@ -230,7 +201,7 @@ func (c callerInfo) waitExit(ctx context.Context) bool {
 
 // pollExit is waitExit for a pidfd the runtime cannot poll: in slices, so
 // that ctx is heeded.
-func (c callerInfo) pollExit(ctx context.Context) bool {
+func (c Caller) pollExit(ctx context.Context) bool {
 	for ctx.Err() == nil {
 		if pidfdReadable(c.pidfd, 200) {
 			return true

@@ -1,4 +1,4 @@
-package provision
+package unixsocket
 
 import (
 	"crypto/rand"

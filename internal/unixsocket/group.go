@@ -1,4 +1,7 @@
-package provision
+// Package unixsocket makes the daemon's Unix sockets: created with their
+// final owner and mode, never through a symlink, and replacing only the
+// socket of an instance that is gone.
+package unixsocket
 
 import (
 	"fmt"

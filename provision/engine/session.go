@@ -1,0 +1,135 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+)
+
+// ErrUnreachable marks a session that failed before the engine took it:
+// the engine could not be dialed, or the handshake failed (a refused token
+// among other things). Any other error of Open is the engine refusing or
+// failing the image itself.
+var ErrUnreachable = errors.New("engine unreachable")
+
+// SessionsConfig is what Sessions needs to open mvps-te sessions.
+type SessionsConfig struct {
+	// Secret signs export-name tokens; the engine must know the same one.
+	Secret []byte
+	// Dial opens a new connection to the engine.
+	Dial func(ctx context.Context) (net.Conn, error)
+	// Spares is how many connections are dialed ahead after an attach,
+	// their greeting read, for the attaches that follow; each waits at most
+	// DefaultSpareIdle. 0: every session dials.
+	Spares int
+	Logger *slog.Logger
+}
+
+// Sessions opens mvps-te sessions: a signed token, a connection (a spare
+// when one waits), the handshake and the probe read. It is what the
+// provisioner's core knows of the engine; the engine's process is Process.
+type Sessions struct {
+	cfg    SessionsConfig
+	spares *Spares
+}
+
+// NewSessions returns the session opener of cfg's engine.
+func NewSessions(cfg SessionsConfig) (*Sessions, error) {
+	switch {
+	case len(cfg.Secret) == 0:
+		return nil, errors.New("engine: SessionsConfig.Secret is empty")
+	case cfg.Dial == nil:
+		return nil, errors.New("engine: SessionsConfig.Dial is nil")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Sessions{cfg: cfg, spares: NewSpares(cfg.Dial, cfg.Spares, DefaultSpareIdle)}, nil
+}
+
+// Trace is told of the steps of a session's opening, for timing an attach.
+type Trace struct {
+	// Step: the step named name is done ("token", "dial", "handshake",
+	// "probe").
+	Step func(name string)
+}
+
+type traceKey struct{}
+
+// WithTrace returns ctx carrying t for Open.
+func WithTrace(ctx context.Context, t *Trace) context.Context {
+	return context.WithValue(ctx, traceKey{}, t)
+}
+
+func step(ctx context.Context, name string) {
+	if t, _ := ctx.Value(traceKey{}).(*Trace); t != nil && t.Step != nil {
+		t.Step(name)
+	}
+}
+
+// Open opens a session for s and proves that the engine serves it: the
+// export's size is the session's and its first block reads. The connection
+// is ready for the kernel. Errors wrap ErrUnreachable when the engine could
+// not be reached or refused the token; they never carry the token.
+func (ss *Sessions) Open(ctx context.Context, s Session) (net.Conn, handshake.Export, error) {
+	token, err := SignToken(ss.cfg.Secret, s, time.Now())
+	if err != nil {
+		return nil, handshake.Export{}, err
+	}
+	step(ctx, "token")
+	conn, err := ss.spares.Dial(ctx)
+	if err != nil {
+		return nil, handshake.Export{}, fmt.Errorf("%w: connect: %w", ErrUnreachable, err)
+	}
+	step(ctx, "dial")
+	export, err := handshake.Negotiate(ctx, conn, token)
+	if err != nil && IsSpare(conn) && ctx.Err() == nil {
+		// The engine may have closed the spare (a handshake deadline) just
+		// as it was taken; a fresh connection tells that from a refusal.
+		ss.cfg.Logger.Debug("handshake on a spare engine connection failed; once more on a new one", "err", err)
+		conn.Close()
+		if conn, err = ss.cfg.Dial(ctx); err != nil {
+			return nil, handshake.Export{}, fmt.Errorf("%w: connect: %w", ErrUnreachable, err)
+		}
+		export, err = handshake.Negotiate(ctx, conn, token)
+	}
+	if err != nil {
+		conn.Close()
+		// Handshake errors carry steps and byte counts, never the token.
+		return nil, handshake.Export{}, fmt.Errorf("%w: %w", ErrUnreachable, err)
+	}
+	step(ctx, "handshake")
+	if export.Size != s.ImageSize {
+		conn.Close()
+		return nil, handshake.Export{}, fmt.Errorf("engine exports %d bytes for the image, config says %d", export.Size, s.ImageSize)
+	}
+	if err := ProbeSession(ctx, conn); err != nil {
+		conn.Close()
+		return nil, handshake.Export{}, err
+	}
+	step(ctx, "probe")
+	return conn, export, nil
+}
+
+// BackendID names the image's devices in the kernel's records.
+func (ss *Sessions) BackendID(imageID string) string { return BackendID(imageID) }
+
+// Refill dials spares ahead for the attaches that may follow one.
+func (ss *Sessions) Refill() { ss.spares.Refill() }
+
+// Drop closes the spares: the engine they were dialed to is gone.
+func (ss *Sessions) Drop() { ss.spares.Drop() }
+
+// Idle is how many spares wait for a session.
+func (ss *Sessions) Idle() int { return ss.spares.Idle() }
+
+// Close closes the spares and stops dialing more.
+func (ss *Sessions) Close() error {
+	ss.spares.Close()
+	return nil
+}

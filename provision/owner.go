@@ -1,0 +1,66 @@
+package provision
+
+import "context"
+
+// An attachment belongs to an Owner and lives as long as it does: until the
+// owner's Life ends (its cause says why), an End or ForceDetach names it,
+// its device cannot be recovered, or the Manager shuts down.
+type Owner struct {
+	Kind OwnerKind
+	// Caller is the process the attachment is for: the one that asked on
+	// a connection, the one followed; unknown (-1) for a volume. Attach
+	// takes over its pidfd.
+	Caller Caller
+	// Volume names a persisted volume (OwnerVolume).
+	Volume string
+	// Life is the owner's life; nil for an owner that ends only when it is
+	// told to (End), as a persisted volume does.
+	Life context.Context
+}
+
+// OwnerKind says what an attachment lives for.
+type OwnerKind string
+
+// Kinds of owner.
+const (
+	// OwnerConnection: a caller's connection; the attachment ends when the
+	// connection does.
+	OwnerConnection OwnerKind = "connection"
+	// OwnerProcess: a process, followed by pidfd; the attachment ends when
+	// it exits. A connection's attachment taken over after a restart
+	// becomes its process's, the connection having died with the earlier
+	// run.
+	OwnerProcess OwnerKind = "process"
+	// OwnerVolume: a persisted volume, such as a CSI volume staged on this
+	// node; the attachment ends only when it is told to, and a restart
+	// takes it over as it is.
+	OwnerVolume OwnerKind = "volume"
+)
+
+// Caller is a process attachments are made for: who sent a request, as
+// the kernel recorded it when the caller connected (SO_PEERCRED), and a
+// pidfd on that process once pinned. A field the kernel did not tell is -1.
+type Caller struct {
+	PID, UID, GID int32
+	// Account is the uid the caller's connections and devices count
+	// against: its own, or the creator of the user namespace it is in
+	// (accountingUID), so that a user cannot multiply its share by the
+	// uids of its subuid range.
+	Account int32
+	// start is the process's start time (clock ticks after boot), which
+	// with the pid names it for good; 0 if unknown.
+	start uint64
+	// pidfd pins the process: a pid can be reused once its process is
+	// gone, a pidfd cannot. -1 when not pinned.
+	pidfd int
+}
+
+// UnknownCaller is the Caller of an owner that is no process.
+var UnknownCaller = Caller{PID: -1, UID: -1, GID: -1, Account: -1, pidfd: -1}
+
+func (c Caller) known() bool { return c.UID >= 0 && c.GID >= 0 }
+
+// root reports a caller with uid 0, the only one trusted to act for others
+// (mount into another namespace, onto a directory it does not own, with
+// suid or device files).
+func (c Caller) root() bool { return c.UID == 0 }
