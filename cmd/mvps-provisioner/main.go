@@ -18,6 +18,21 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 )
 
+// Exit statuses of the daemon, as the systemd unit and the DaemonSet
+// treat them. A Go panic exits 2 and a watchdog abort is SIGABRT: both are
+// failures that a restart may cure, so neither may share a status with a
+// bad setting.
+const (
+	// exitFailure: restarted.
+	exitFailure = 1
+	// exitHandover (EX_TEMPFAIL): the devices were left attached for the
+	// next start; always restarted (RestartForceExitStatus).
+	exitHandover = 75
+	// exitConfig (EX_CONFIG): a bad or missing setting; the only status
+	// that is not restarted (RestartPreventExitStatus).
+	exitConfig = 78
+)
+
 func main() {
 	if len(os.Args) > 1 {
 		if cmd, ok := commands[os.Args[1]]; ok {
@@ -35,7 +50,7 @@ func main() {
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "mvps-provisioner: %v\n", err)
-		os.Exit(2)
+		os.Exit(exitConfig)
 	}
 	var level slog.Level
 	level.UnmarshalText([]byte(strings.ToUpper(cfg.LogLevel)))
@@ -63,19 +78,19 @@ func main() {
 		// server and the object.
 		src, err := configmap.NewFromEnv(ctx, cfg.ImagesConfigMap, log)
 		if err != nil {
+			// The API server may answer on the next start: not a
+			// setting that only an operator can fix.
 			fmt.Fprintf(os.Stderr, "mvps-provisioner: %v\n", err)
-			os.Exit(2)
+			os.Exit(exitFailure)
 		}
 		defer src.Close()
 		cfg.Images = src
 	}
 	if err := daemon.Run(ctx, cfg, log); err != nil {
 		if errors.Is(err, provision.ErrHandover) {
-			// EX_TEMPFAIL: a supervisor restarts it (the unit's
-			// RestartForceExitStatus).
-			os.Exit(75)
+			os.Exit(exitHandover)
 		}
 		log.Error("mvps-provisioner failed", "err", err)
-		os.Exit(1)
+		os.Exit(exitFailure)
 	}
 }
