@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
@@ -67,6 +68,18 @@ type Config struct {
 	// EngineSpares is PROVISIONER_ENGINE_SPARES, --engine-spares (1): engine
 	// connections dialed ahead after an attach for the next, 0 to 8.
 	EngineSpares int
+	// IOTimeout is PROVISIONER_IO_TIMEOUT, --io-timeout (10s): the kernel's
+	// timeout of one request to the engine. An engine that does not
+	// answer in time has its connection shut down and the request sent
+	// again on a new one, so a short timeout shortens the stall after an
+	// engine crash, and a request the engine holds longer (a cold read
+	// from object storage) is retried, never failed.
+	IOTimeout time.Duration
+	// DeadConnTimeout is PROVISIONER_DEAD_CONN_TIMEOUT,
+	// --dead-conn-timeout (30s): how long I/O waits for a new engine
+	// connection after one died before it fails. Reconnects are tried
+	// for up to 5 s less.
+	DeadConnTimeout time.Duration
 }
 
 // Defaults.
@@ -86,7 +99,8 @@ type setting struct {
 // are kept as text here until they are checked.
 type parsed struct {
 	Config
-	mode, allowRemote, spares string
+	mode, allowRemote, spares  string
+	ioTimeout, deadConnTimeout string
 }
 
 var settings = []setting{
@@ -106,6 +120,8 @@ var settings = []setting{
 	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)", func(p *parsed) *string { return &p.MetricsAddr }},
 	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 lets the metrics listener use addresses other than loopback", func(p *parsed) *string { return &p.allowRemote }},
 	{"PROVISIONER_NODE_NAME", "node-name", "", "this node's stable name in engine client ids; on Kubernetes the node name from the downward API (default: /etc/machine-id, else the host name)", func(p *parsed) *string { return &p.NodeName }},
+	{"PROVISIONER_IO_TIMEOUT", "io-timeout", "10s", "the kernel's timeout of one request to the engine, after which the request is sent again on a new connection; 1s to 1h", func(p *parsed) *string { return &p.ioTimeout }},
+	{"PROVISIONER_DEAD_CONN_TIMEOUT", "dead-conn-timeout", "30s", "how long I/O waits for a new engine connection before it fails; 10s to 1h", func(p *parsed) *string { return &p.deadConnTimeout }},
 	{"PROVISIONER_ENGINE_SPARES", "engine-spares", "1", "engine connections dialed ahead (greeting read) after an attach for the next, each kept at most 2 s; 0 to 8", func(p *parsed) *string { return &p.spares }},
 }
 
@@ -137,6 +153,12 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SPARES (--engine-spares) %q is not a number from 0 to 8", p.spares)
 	}
 	cfg.EngineSpares = spares
+	if cfg.IOTimeout, err = parseDuration(p.ioTimeout, time.Second, time.Hour); err != nil {
+		return Config{}, fmt.Errorf("PROVISIONER_IO_TIMEOUT (--io-timeout) %w", err)
+	}
+	if cfg.DeadConnTimeout, err = parseDuration(p.deadConnTimeout, 10*time.Second, time.Hour); err != nil {
+		return Config{}, fmt.Errorf("PROVISIONER_DEAD_CONN_TIMEOUT (--dead-conn-timeout) %w", err)
+	}
 	cfg.Secret = getenv("MVPS_TE_JWT_SECRET")
 	if err := checkSecret(cfg.Secret); err != nil {
 		return Config{}, err
@@ -290,3 +312,17 @@ func (cfg Config) NodeIdentity() string {
 	host, _ := os.Hostname()
 	return host
 }
+
+// parseDuration reads a duration such as 10s or 2m, from min to max.
+func parseDuration(text string, min, max time.Duration) (time.Duration, error) {
+	d, err := time.ParseDuration(text)
+	if err != nil || d < min || d > max {
+		return 0, fmt.Errorf("%q is not a duration from %v to %v (such as 10s or 2m)", text, min, max)
+	}
+	return d, nil
+}
+
+// RecoveryTimeout is how long the reconnects of a dead device are tried:
+// 5 s less than I/O waits for them, so that no I/O fails while one is
+// still being tried.
+func (c Config) RecoveryTimeout() time.Duration { return c.DeadConnTimeout - 5*time.Second }

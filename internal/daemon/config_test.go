@@ -5,6 +5,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
@@ -32,33 +33,41 @@ func TestParseConfig(t *testing.T) {
 	}{
 		{name: "defaults", want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 			EngineBin: "/usr/bin/mvps-te", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-			AdminPath: "/run/admin.sock", EngineSpares: 1}},
+			AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1}},
 		{name: "environment", extra: map[string]string{
 			"PROVISIONER_SOCKET_MODE": "0600", "PROVISIONER_SOCKET_GROUP": "disk", "PROVISIONER_ENGINE_BIN": "/opt/te",
 			"PROVISIONER_ENGINE_LISTEN": "127.0.0.1:2192", "MVPS_TE_JWT_SECRET": "s3cret-of-24-bytes-long"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o600, SocketGroup: "disk", ImageConfigDir: "/etc/images",
 				EngineBin: "/opt/te", EngineListen: "127.0.0.1:2192", Secret: "s3cret-of-24-bytes-long", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/admin.sock", EngineSpares: 1}},
+				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1}},
 		{name: "flags override", args: []string{"--listen-path", "/tmp/x", "--socket-mode=0666", "--engine-listen", "unix:/tmp/e"},
 			want: Config{ListenPath: "/tmp/x", SocketMode: 0o666, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", EngineListen: "unix:/tmp/e", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/tmp/admin.sock", EngineSpares: 1}},
+				AdminPath: "/tmp/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1}},
 		{name: "admin and metrics", extra: map[string]string{"PROVISIONER_ADMIN_PATH": "/run/a/admin",
 			"PROVISIONER_METRICS_ADDR": ":9105", "PROVISIONER_METRICS_ALLOW_REMOTE": "1"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/a/admin", MetricsAddr: ":9105", MetricsAllowRemote: true, EngineSpares: 1}},
+				AdminPath: "/run/a/admin", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, MetricsAddr: ":9105", MetricsAllowRemote: true, EngineSpares: 1}},
 		{name: "no spares", extra: map[string]string{"PROVISIONER_ENGINE_SPARES": "0"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/admin.sock"}},
+				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second}},
 		{name: "short secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "s3cret"}, err: "at least 16"},
 		{name: "placeholder secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "REPLACE-ME"}, err: "placeholder"},
 		{name: "long placeholder secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "replace-me-with-32-random-bytes"}, err: "placeholder"},
 		{name: "node name", extra: map[string]string{"PROVISIONER_NODE_NAME": "node-7.example"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/admin.sock", EngineSpares: 1, NodeName: "node-7.example"}},
+				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1, NodeName: "node-7.example"}},
+		{name: "timeouts", extra: map[string]string{"PROVISIONER_IO_TIMEOUT": "3s", "PROVISIONER_DEAD_CONN_TIMEOUT": "2m"},
+			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
+				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
+				AdminPath: "/run/admin.sock", IOTimeout: 3 * time.Second, DeadConnTimeout: 2 * time.Minute, EngineSpares: 1}},
+		{name: "io timeout without a unit", extra: map[string]string{"PROVISIONER_IO_TIMEOUT": "10"}, err: "PROVISIONER_IO_TIMEOUT"},
+		{name: "io timeout too short", extra: map[string]string{"PROVISIONER_IO_TIMEOUT": "100ms"}, err: "PROVISIONER_IO_TIMEOUT"},
+		{name: "dead conn timeout too short", extra: map[string]string{"PROVISIONER_DEAD_CONN_TIMEOUT": "5s"}, err: "PROVISIONER_DEAD_CONN_TIMEOUT"},
+		{name: "dead conn timeout too long", extra: map[string]string{"PROVISIONER_DEAD_CONN_TIMEOUT": "2h"}, err: "PROVISIONER_DEAD_CONN_TIMEOUT"},
 		{name: "node name with a slash", extra: map[string]string{"PROVISIONER_NODE_NAME": "a/b"}, err: "PROVISIONER_NODE_NAME"},
 		{name: "bad spares", extra: map[string]string{"PROVISIONER_ENGINE_SPARES": "many"}, err: "PROVISIONER_ENGINE_SPARES"},
 		{name: "too many spares", extra: map[string]string{"PROVISIONER_ENGINE_SPARES": "9"}, err: "PROVISIONER_ENGINE_SPARES"},

@@ -60,6 +60,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	devices.RequestTimeout, devices.DeadConnTimeout = cfg.IOTimeout, cfg.DeadConnTimeout
 	defer devices.Close()
 	if n := nbddev.MaxPart(); n > 0 {
 		log.Info("the nbd module scans every attached image for partitions (max_part > 0): each first open reads "+
@@ -148,7 +149,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		State:     state,
 		MountBase: cfg.MountBase,
 		Host:      cfg.NodeIdentity(),
-		Logger:    log,
+		// Inside the devices' dead-connection timeout: no I/O fails
+		// while a reconnect is still being tried.
+		RecoveryTimeout: cfg.RecoveryTimeout(),
+		Logger:          log,
 	})
 	if err != nil {
 		return err
