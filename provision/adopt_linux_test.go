@@ -328,3 +328,30 @@ func TestAdoptSkipsUnreadableRecords(t *testing.T) {
 		t.Errorf("the planted record's device is not logged as one of no record:\n%s", ts.Logs())
 	}
 }
+
+// A caller that connected from a PID namespace the provisioner cannot see
+// into is recorded with pid 0. Unknown is not dead: a restart keeps its
+// device (reconnected) and says why, and only an operator's detach ends it.
+func TestAdoptKeepsACallerOfAnotherPIDNamespace(t *testing.T) {
+	stateDir, devices := earlierRun(t, "vol")
+	ts, state := nextRun(t, stateDir, devices)
+	rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = 0, 0 })
+
+	ts.Adopt()
+	waitFor(t, func() bool { return devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+	if !strings.Contains(ts.Logs(), "another PID namespace") {
+		t.Errorf("the takeover does not say why the caller cannot be followed:\n%s", ts.Logs())
+	}
+	if n := devices.FlushCount(0); n != 0 || !recordExists(t, stateDir, volID) {
+		t.Fatalf("a caller of unknown pid was taken for dead: %d flushes, record kept: %v", n, recordExists(t, stateDir, volID))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, result, err := ts.ForceDetach(ctx, "vol", "test"); err != nil || result != provision.ForcedDetached {
+		t.Fatalf("forced detach: %s, %v", result, err)
+	}
+	devices.WaitDetached(t, 0)
+	if recordExists(t, stateDir, volID) {
+		t.Error("the record outlived the detach")
+	}
+}

@@ -249,7 +249,7 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 // watch waits for the end of a's life and detaches it.
 func (m *Manager) watch(a *attachment) {
 	defer a.caller.Close()
-	if a.owner.Kind == OwnerProcess {
+	if a.owner.Kind == OwnerProcess && a.caller.pidfd >= 0 {
 		// The follower ends (a's end wakes it) before the pidfd is
 		// closed, which could otherwise be reused under it.
 		followed := make(chan struct{})

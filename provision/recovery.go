@@ -111,6 +111,7 @@ func (m *Manager) Adopt() {
 		}
 	}
 	for _, e := range entries {
+		undelivered := false
 		if e.Index < 0 {
 			// Killed during the kernel attach: a device connected to the
 			// image and claimed by no record is the one it made.
@@ -119,12 +120,12 @@ func (m *Manager) Adopt() {
 					e.Index = int64(idx)
 					claimed[idx] = true
 					// No reply reached the caller: nothing to keep.
-					e.CallerPID, e.CallerStart, e.Owner = 0, 0, ""
+					undelivered = true
 					break
 				}
 			}
 		}
-		m.adopt(e)
+		m.adopt(e, undelivered)
 	}
 	for idx, backend := range connected {
 		if strings.HasPrefix(backend, engine.BackendPrefix) && !claimed[idx] {
@@ -134,7 +135,7 @@ func (m *Manager) Adopt() {
 	}
 }
 
-func (m *Manager) adopt(e stateEntry) {
+func (m *Manager) adopt(e stateEntry, undelivered bool) {
 	attrs := []any{"image_id", e.ImageID, "key", e.Key, "index", e.Index, "caller_pid", e.CallerPID}
 	if e.Index < 0 {
 		m.log.Info("state record of an attach that never reached the kernel; dropped", attrs...)
@@ -154,9 +155,21 @@ func (m *Manager) adopt(e stateEntry) {
 	}
 	owner := Owner{Kind: OwnerProcess, Caller: UnknownCaller}
 	alive := true
-	if e.Owner == OwnerVolume {
+	switch {
+	case undelivered:
+		alive = false
+	case e.Owner == OwnerVolume:
 		owner = Owner{Kind: OwnerVolume, Caller: UnknownCaller, Volume: e.Volume}
-	} else {
+	case e.CallerPID == 0:
+		// The caller connected from a PID namespace this provisioner
+		// cannot see into (SO_PEERCRED said pid 0): unknown is not dead.
+		// Nothing tells when it exits, so the attachment stays until an
+		// operator detaches it.
+		owner.Caller.PID = 0
+		m.log.Warn("taking over an attachment whose caller is in another PID namespace: it cannot be followed, "+
+			"so the device stays attached until it is detached (mvps-provisioner detach); run the provisioner "+
+			"in the host's PID namespace (hostPID) to have it followed", attrs...)
+	default:
 		owner.Caller, alive = findCaller(e.CallerPID, e.CallerStart)
 		if !alive {
 			owner.Caller.PID = e.CallerPID
@@ -192,7 +205,11 @@ func (m *Manager) adopt(e stateEntry) {
 		}
 		if !alive {
 			a.caller.Close()
-			m.detach(a, "caller exited while the provisioner was down")
+			reason := "caller exited while the provisioner was down"
+			if undelivered {
+				reason = "the attach never reached its caller"
+			}
+			m.detach(a, reason)
 			return
 		}
 		// The caller's connection died with the earlier run: its

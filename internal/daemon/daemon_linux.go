@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -50,6 +51,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Warn("MVPS_TE_JWT_SECRET is shorter than the 32 bytes RFC 7518 asks of an HS256 key", "length", len(secret))
 	}
 
+	if nested, err := inChildPIDNamespace(); err == nil && nested {
+		log.Warn("the provisioner runs in a PID namespace of its own: callers outside it are seen as pid 0, " +
+			"so after a restart their attachments cannot be followed and stay until detached; " +
+			"run it in the host's PID namespace (on Kubernetes: hostPID)")
+	}
 	state, err := provision.OpenStateDir(cfg.StateDir)
 	if err != nil {
 		return err
@@ -308,4 +314,19 @@ func raiseFileLimit(log *slog.Logger) {
 		}
 	}
 	log.Debug("open file limit", "limit", lim.Cur)
+}
+
+// inChildPIDNamespace reports whether this process runs in a PID namespace
+// below the host's: its NSpid line then has a pid per level.
+func inChildPIDNamespace() (bool, error) {
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false, err
+	}
+	for line := range strings.Lines(string(status)) {
+		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			return len(strings.Fields(rest)) > 1, nil
+		}
+	}
+	return false, errors.New("no NSpid in /proc/self/status")
 }

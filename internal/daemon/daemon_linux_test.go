@@ -4,6 +4,7 @@ import (
 	"os"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -41,5 +42,36 @@ func TestShutdownOutlastsFormat(t *testing.T) {
 	}
 	if sec, _ := strconv.Atoi(string(m[1])); time.Duration(sec)*time.Second < ShutdownTimeout+time.Minute {
 		t.Errorf("terminationGracePeriodSeconds: %d: the kubelet would SIGKILL a stop the daemon still bounds (%v)", sec, ShutdownTimeout)
+	}
+}
+
+// The test runs in the host's PID namespace or in one of its own; either
+// way the answer matches what the kernel says of this process.
+func TestInChildPIDNamespace(t *testing.T) {
+	nested, err := inChildPIDNamespace()
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Readlink("/proc/self/ns/pid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// PID 1 of a child namespace is its init; in the host's, NSpid of
+	// pid 1 has one level, as ours does.
+	status, err := os.ReadFile("/proc/1/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	levels := 0
+	for line := range strings.Lines(string(status)) {
+		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			levels = len(strings.Fields(rest))
+		}
+	}
+	if levels == 0 {
+		t.Fatalf("no NSpid for pid 1 (namespace %s)", self)
+	}
+	if nested != (levels > 1) {
+		t.Errorf("inChildPIDNamespace() = %v, but pid 1 of this namespace (%s) has %d levels", nested, self, levels)
 	}
 }
