@@ -692,11 +692,26 @@ exit 1
 // device left attached and recorded); the next start takes them over and
 // the caller's writes go on.
 func TestVMHandover(t *testing.T) {
+	t.Run("signal", func(t *testing.T) {
+		testHandover(t, func(p *provProc) { p.cmd.Process.Signal(syscall.SIGUSR2) })
+	})
+	// What a rollout's preStop and an upgrade under systemd run: the admin
+	// socket's command, which signals nothing but the daemon.
+	t.Run("command", func(t *testing.T) {
+		testHandover(t, func(p *provProc) {
+			if out, err := p.provisionerCmd(t, "handover"); err != nil || !strings.Contains(out, "handing over") {
+				t.Fatalf("mvps-provisioner handover: %v\n%s", err, out)
+			}
+		})
+	})
+}
+
+func testHandover(t *testing.T, handOver func(*provProc)) {
 	p := startProvisioner(t)
 	w, index, before := writeLoad(t, p)
 	engine := p.enginePid(t)
 	start := time.Now()
-	p.cmd.Process.Signal(syscall.SIGUSR2)
+	handOver(p)
 	<-p.exited
 	if code := p.cmd.ProcessState.ExitCode(); code != 75 {
 		t.Fatalf("handover exit status %d (%v), want 75", code, p.exitErr)

@@ -30,6 +30,7 @@ const defaultListenPath = "/run/mvps-provisioner/provisioner.sock"
 var commands = map[string]func(args []string, getenv func(string) string, stdout, stderr io.Writer) int{
 	"status":       statusCommand,
 	"detach":       detachCommand,
+	"handover":     handoverCommand,
 	"check-config": checkConfigCommand,
 }
 
@@ -40,6 +41,9 @@ Operator commands (run as root, on the daemon's host):
   mvps-provisioner detach [--admin-path P] <image key | image id | /dev/nbdX>
       force one attachment off: its caller's connection is closed, the device
       flushed (within the flush timeout) and disconnected
+  mvps-provisioner handover [--admin-path P]
+      make the daemon exit with every device left attached and recorded, for
+      the next start (a new binary, a new pod) to take over
   mvps-provisioner check-config DIR [KEY]
       check the image configs in DIR (or only KEY) with the daemon's parser
 The admin socket is PROVISIONER_ADMIN_PATH, else admin.sock next to
@@ -156,6 +160,33 @@ func detachCommand(args []string, getenv func(string) string, stdout, stderr io.
 	default:
 		fmt.Fprintf(stdout, "%s (key %s, %s): detached\n", res.ImageID, res.Key, dev)
 	}
+	return 0
+}
+
+// handoverCommand asks the daemon to exit with every device left attached
+// and recorded, for the next start to take over: an upgrade under systemd
+// (install the new binary, then this), a rollout's preStop on Kubernetes.
+func handoverCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	fs := newFlags("handover", stderr, "[--admin-path P]")
+	path := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
+	pos, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		return 2
+	}
+	if len(pos) != 0 {
+		fs.Usage()
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := admin.Handover(ctx, *path); err != nil {
+		fmt.Fprintf(stderr, "mvps-provisioner handover: %v\n", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, "handing over: the daemon exits with every device left attached for the next start")
 	return 0
 }
 

@@ -54,6 +54,8 @@ func (backend) Status(context.Context) admin.Status {
 		Engine: admin.Engine{PID: 99, Answering: true}}
 }
 
+func (backend) Handover(admin.Peer) error { return nil }
+
 func (backend) ForceDetach(_ context.Context, target string, _ admin.Peer) (admin.DetachResult, error) {
 	if target != "k" {
 		return admin.DetachResult{}, admin.Errorf(admin.CodeNotFound, "no attachment matches %q", target)
@@ -91,6 +93,12 @@ func TestStatusAndDetach(t *testing.T) {
 	}
 	if code, _, _ := run(t, "detach", env); code != 2 {
 		t.Fatalf("detach without a target: %d", code)
+	}
+	if code, out, errOut := run(t, "handover", env); code != 0 || !strings.Contains(out, "handing over") {
+		t.Fatalf("handover: %d\n%s%s", code, out, errOut)
+	}
+	if code, _, _ := run(t, "handover", env, "extra"); code != 2 {
+		t.Fatalf("handover with an argument: %d", code)
 	}
 	// The explicit path wins; a socket that is not there fails clearly.
 	if code, _, errOut := run(t, "status", map[string]string{"PROVISIONER_ADMIN_PATH": filepath.Join(dir, "none")}); code != 1 ||

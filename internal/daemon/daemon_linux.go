@@ -39,6 +39,9 @@ const ShutdownTimeout = 3 * time.Minute
 // cfg must have passed Check; its Images, when set, replaces the image
 // config directory.
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	// The admin socket's handover ends the run as SIGUSR2 does.
+	ctx, stop := context.WithCancelCause(ctx)
+	defer stop(nil)
 	raiseFileLimit(log)
 	secret := cfg.Secret
 	if secret == "" {
@@ -90,7 +93,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	defer ln.Close()
 	// Every listener is bound before anything is taken over: a failure
 	// after that would end in a shutdown that detaches what was adopted.
-	ops := newOperations(cfg, log)
+	ops := newOperations(cfg, log, func() { stop(provision.ErrHandover) })
 	defer ops.close()
 	if err := ops.listen(ln); err != nil {
 		return err
@@ -219,11 +222,11 @@ serve:
 	defer cancel()
 	// The Manager first: whether the attachments' devices are detached or
 	// handed over is decided before their connections end.
-	stop := mgr.Shutdown
+	end := mgr.Shutdown
 	if handover || context.Cause(ctx) == provision.ErrHandover {
-		stop = mgr.Handover
+		end = mgr.Handover
 	}
-	if err := errors.Join(stop(sctx), srv.Shutdown(sctx)); err != nil {
+	if err := errors.Join(end(sctx), srv.Shutdown(sctx)); err != nil {
 		log.Error("shutdown", "err", err)
 		runErr = errors.Join(runErr, err)
 	}

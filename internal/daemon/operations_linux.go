@@ -46,10 +46,12 @@ type operations struct {
 	metricsSrv *metrics.Server
 	cancel     context.CancelFunc
 	wg         sync.WaitGroup
+	// handover ends the run with every device left attached.
+	handover func()
 }
 
-func newOperations(cfg Config, log *slog.Logger) *operations {
-	o := &operations{cfg: cfg, log: log, notify: notify.New(log)}
+func newOperations(cfg Config, log *slog.Logger, handover func()) *operations {
+	o := &operations{cfg: cfg, log: log, notify: notify.New(log), handover: handover}
 	if cfg.MetricsAddr != "" {
 		o.metrics = metrics.New(o.gauges)
 	}
@@ -252,6 +254,12 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 		o.log.Warn("admin status: nbd devices", "err", err)
 	}
 	return st
+}
+
+func (b adminBackend) Handover(who admin.Peer) error {
+	b.o.log.Warn("handover requested on the admin socket", "peer_pid", who.PID, "peer_uid", who.UID)
+	b.o.handover()
+	return nil
 }
 
 func (b adminBackend) ForceDetach(ctx context.Context, target string, who admin.Peer) (admin.DetachResult, error) {

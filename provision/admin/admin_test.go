@@ -17,8 +17,16 @@ import (
 type fakeBackend struct {
 	mu      sync.Mutex
 	status  Status
-	who     []Peer
-	targets []string
+	who       []Peer
+	targets   []string
+	handovers []Peer
+}
+
+func (f *fakeBackend) Handover(who Peer) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.handovers = append(f.handovers, who)
+	return nil
 }
 
 func (f *fakeBackend) Status(context.Context) Status {
@@ -107,6 +115,21 @@ func TestStatus(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status table lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// A handover request reaches the backend with who asked, and is answered
+// once it has begun.
+func TestHandover(t *testing.T) {
+	b := &fakeBackend{}
+	path := serve(t, b, nil)
+	if err := Handover(ctx(t), path); err != nil {
+		t.Fatal(err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.handovers) != 1 || int(b.handovers[0].PID) != os.Getpid() {
+		t.Fatalf("handovers %v, want one from this process (pid %d)", b.handovers, os.Getpid())
 	}
 }
 

@@ -73,3 +73,11 @@ func Detach(ctx context.Context, path, target string) (*DetachResult, error) {
 	}
 	return r.Detach, nil
 }
+
+// Handover asks the daemon to hand over: exit with every device left
+// attached, for the next start to take over. It returns once the handover
+// has begun; the daemon's exit follows.
+func Handover(ctx context.Context, path string) error {
+	_, err := Call(ctx, path, Request{Command: CommandHandover})
+	return err
+}

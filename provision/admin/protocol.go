@@ -8,6 +8,7 @@
 //
 //	{"version":1,"command":"status"}
 //	{"version":1,"command":"detach","target":"<image key | image id | /dev/nbdX>"}
+//	{"version":1,"command":"handover"}
 //
 //	{"version":1,"ok":true,"status":{...}}
 //	{"version":1,"ok":true,"detach":{...}}
@@ -32,6 +33,10 @@ const Version = 1
 const (
 	CommandStatus = "status"
 	CommandDetach = "detach"
+	// CommandHandover asks the daemon to exit with every device left
+	// attached and recorded, for the next start to take over (an
+	// upgrade, a rollout). The reply comes once the handover has begun.
+	CommandHandover = "handover"
 )
 
 // Error codes of a reply.
@@ -163,7 +168,7 @@ func decodeRequest(msg []byte) (Request, error) {
 		return req, Errorf(CodeUnsupportedVersion, "protocol version %d is not supported; this daemon speaks version %d", req.Version, Version)
 	}
 	switch req.Command {
-	case CommandStatus:
+	case CommandStatus, CommandHandover:
 	case CommandDetach:
 		if req.Target == "" {
 			return req, Errorf(CodeBadRequest, "detach needs a target: image key, image id or /dev/nbdX")

@@ -32,6 +32,8 @@ type Backend interface {
 	// id or device) on behalf of who. It returns an *Error with
 	// CodeNotFound when nothing matches.
 	ForceDetach(ctx context.Context, target string, who Peer) (DetachResult, error)
+	// Handover begins the daemon's handover on behalf of who.
+	Handover(who Peer) error
 }
 
 // Listener is what Serve accepts admin connections from.
@@ -154,6 +156,13 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		s.log().Warn("admin: forced detach done", "target", req.Target, "image_id", res.ImageID, "device", res.Device,
 			"result", res.Result, "peer_uid", peer.UID, "peer_pid", peer.PID)
 		s.send(conn, Reply{Version: Version, OK: true, Detach: &res})
+	case CommandHandover:
+		s.log().Warn("admin: handover requested", "peer_uid", peer.UID, "peer_pid", peer.PID)
+		if err := s.Backend.Handover(peer); err != nil {
+			s.send(conn, errorReply(err))
+			return
+		}
+		s.send(conn, Reply{Version: Version, OK: true})
 	}
 }
 
