@@ -15,8 +15,8 @@ import (
 )
 
 type fakeBackend struct {
-	mu      sync.Mutex
-	status  Status
+	mu        sync.Mutex
+	status    Status
 	who       []Peer
 	targets   []string
 	handovers []Peer
