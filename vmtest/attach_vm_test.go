@@ -40,6 +40,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
 // TestVMAttachSizeAndBlockSize checks the geometry of a freshly attached
@@ -47,7 +48,7 @@ import (
 // 4096-byte block size, seen through sysfs and through the block device
 // ioctls, and the backend identifier.
 func TestVMAttachSizeAndBlockSize(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	e := startEngine(t)
 	c := newNetlinkClient(t)
 	// 96 MiB: not a power of two, so that a size taken from anywhere but the
@@ -64,19 +65,19 @@ func TestVMAttachSizeAndBlockSize(t *testing.T) {
 		}
 	})
 	t.Run("sysfs", func(t *testing.T) {
-		sectors, err := strconv.ParseUint(sysfs(a.Index, "size"), 10, 64)
+		sectors, err := strconv.ParseUint(vmharness.Sysfs(a.Index, "size"), 10, 64)
 		if err != nil || sectors*512 != size {
-			t.Errorf("/sys/block/nbd%d/size = %q sectors, want %d bytes", a.Index, sysfs(a.Index, "size"), size)
+			t.Errorf("/sys/block/nbd%d/size = %q sectors, want %d bytes", a.Index, vmharness.Sysfs(a.Index, "size"), size)
 		}
 		for _, attr := range []string{"queue/logical_block_size", "queue/physical_block_size"} {
-			if got := sysfs(a.Index, attr); got != strconv.Itoa(engine.BlockSize) {
+			if got := vmharness.Sysfs(a.Index, attr); got != strconv.Itoa(engine.BlockSize) {
 				t.Errorf("%s = %q, want %d", attr, got, engine.BlockSize)
 			}
 		}
-		if got := sysfs(a.Index, "backend"); got != a.Backend {
+		if got := vmharness.Sysfs(a.Index, "backend"); got != a.Backend {
 			t.Errorf("backend = %q, want %q", got, a.Backend)
 		}
-		if got := sysfs(a.Index, "ro"); got != "0" {
+		if got := vmharness.Sysfs(a.Index, "ro"); got != "0" {
 			t.Errorf("ro = %q, want 0 (the engine does not advertise READ_ONLY)", got)
 		}
 	})
@@ -107,7 +108,7 @@ func TestVMAttachSizeAndBlockSize(t *testing.T) {
 // with O_DIRECT, reads it back with O_DIRECT and finds it at the same offsets
 // in the engine's sparse image file; blocks around it stay zero.
 func TestVMDirectIOPattern(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	e := startEngine(t)
 	c := newNetlinkClient(t)
 	const (
@@ -180,7 +181,7 @@ func TestVMDirectIOPattern(t *testing.T) {
 // fsyncs a file, unmounts, and reads the file back from a fresh mount with
 // the page cache dropped, so that it comes from the engine.
 func TestVMExt4(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	e := startEngine(t)
 	c := newNetlinkClient(t)
 	const size = 128 << 20
@@ -239,7 +240,7 @@ func TestVMExt4(t *testing.T) {
 // (size 0, Status not connected) and that a new handshake and Connect of the
 // same image sees the data written before.
 func TestVMDisconnectAndReattach(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	e := startEngine(t)
 	c := newNetlinkClient(t)
 	const (
@@ -266,7 +267,7 @@ func TestVMDisconnectAndReattach(t *testing.T) {
 		t.Fatalf("Disconnect: %v", err)
 	}
 	waitUntil(t, 20*time.Second, fmt.Sprintf("/sys/block/nbd%d/size to read 0", a.Index), func() bool {
-		return sysfs(a.Index, "size") == "0"
+		return vmharness.Sysfs(a.Index, "size") == "0"
 	})
 	waitUntil(t, 20*time.Second, fmt.Sprintf("nbd%d to report not connected", a.Index), func() bool {
 		st, err := c.Status(a.Index)
@@ -275,7 +276,7 @@ func TestVMDisconnectAndReattach(t *testing.T) {
 
 	b := attachImage(t, c, e, image, size, attachOpts{})
 	t.Logf("first attachment nbd%d, reattached as nbd%d", a.Index, b.Index)
-	if sectors := sysfs(b.Index, "size"); sectors != strconv.Itoa(size/512) {
+	if sectors := vmharness.Sysfs(b.Index, "size"); sectors != strconv.Itoa(size/512) {
 		t.Errorf("reattached nbd%d size = %q sectors, want %d", b.Index, sectors, size/512)
 	}
 	dev2 := openDirect(t, b.Index)
@@ -289,7 +290,7 @@ func TestVMDisconnectAndReattach(t *testing.T) {
 // TestVMLinkDeadOnEngineKill checks that the kernel reports a link-dead event
 // for the device when the engine dies.
 func TestVMLinkDeadOnEngineKill(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	e := startEngine(t)
 	c := newNetlinkClient(t)
 	w := newWatcher(t)
@@ -312,7 +313,7 @@ func TestVMLinkDeadOnEngineKill(t *testing.T) {
 // of the dead one, and I/O resumes: the read that was waiting completes with
 // the data written before the crash, and new writes land.
 func TestVMReconfigureAfterEngineRestart(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	e := startEngine(t)
 	c := newNetlinkClient(t)
 	w := newWatcher(t)
@@ -424,7 +425,7 @@ func TestVMReconfigureAfterEngineRestart(t *testing.T) {
 	if st, err := c.Status(a.Index); err != nil || !st.Connected {
 		t.Errorf("Status after Reconfigure = %+v, %v; want connected", st, err)
 	}
-	if got := sysfs(a.Index, "backend"); got != a.Backend {
+	if got := vmharness.Sysfs(a.Index, "backend"); got != a.Backend {
 		t.Errorf("backend after Reconfigure = %q, want %q", got, a.Backend)
 	}
 }
@@ -434,7 +435,7 @@ func TestVMReconfigureAfterEngineRestart(t *testing.T) {
 // without hanging, and that nothing gets attached. A valid token for the same
 // image, last, shows that the token alone made the difference.
 func TestVMBadToken(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	e := startEngine(t)
 	c := newNetlinkClient(t)
 	const (
@@ -514,7 +515,7 @@ func TestVMBadToken(t *testing.T) {
 // TestVMSixteenDevices attaches 16 images at once, each on its own
 // /dev/nbdN, checks that each holds its own data, then disconnects them all.
 func TestVMSixteenDevices(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	e := startEngine(t)
 	c := newNetlinkClient(t)
 	const (
@@ -558,10 +559,10 @@ func TestVMSixteenDevices(t *testing.T) {
 			t.Fatalf("images %d and %d both got nbd%d", j, i, a.Index)
 		}
 		seen[a.Index] = i
-		if got := sysfs(a.Index, "size"); got != strconv.Itoa(size/512) {
+		if got := vmharness.Sysfs(a.Index, "size"); got != strconv.Itoa(size/512) {
 			t.Errorf("nbd%d size = %q sectors, want %d", a.Index, got, size/512)
 		}
-		if got := sysfs(a.Index, "backend"); got != a.Backend {
+		if got := vmharness.Sysfs(a.Index, "backend"); got != a.Backend {
 			t.Errorf("nbd%d backend = %q, want %q", a.Index, got, a.Backend)
 		}
 	}
@@ -609,7 +610,7 @@ func TestVMSixteenDevices(t *testing.T) {
 	}
 	waitUntil(t, 30*time.Second, "all 16 devices to have size 0", func() bool {
 		for _, a := range atts {
-			if sysfs(a.Index, "size") != "0" {
+			if vmharness.Sysfs(a.Index, "size") != "0" {
 				return false
 			}
 		}

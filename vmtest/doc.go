@@ -14,7 +14,8 @@
 // vmtest/vmrun runs go test over every package with vmtest files and is its -exec
 // runner: it boots one VM per test binary, runs the binary there as root and hands back
 // its output and exit code, so that go test itself counts the results. Inside the VM the environment has MVPS_VM=1 and MVPS_BIN_DIR pointing at
-// the built commands; a test run elsewhere fails at once (requireVM).
+// the built commands; a test run elsewhere fails at once (vmharness.RequireVM). What the tests and the benchmark
+// share (running the daemon, images, attaching, device state) is in vmtest/vmharness.
 //
 // Without the vmtest build tag this package is empty, so "go test ./..." on the host
 // does not run anything from here.

@@ -3,37 +3,24 @@
 package vmtest
 
 import (
-	"bufio"
 	"context"
-	"fmt"
-	"os"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
-// statusFields reads the "Name:\tvalue" lines of /proc/<pid>/status.
+// statusFields reads /proc/<pid>/status.
 func statusFields(t *testing.T, pid int) map[string]string {
 	t.Helper()
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	st, err := procfs.Status(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	fields := map[string]string{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if k, v, ok := strings.Cut(sc.Text(), ":"); ok {
-			fields[k] = strings.TrimSpace(v)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return fields
+	return st
 }
 
 // checkEngineConfined fails unless the engine pid (already exec'd: it has
@@ -58,14 +45,14 @@ func checkEngineConfined(t *testing.T, pid int) {
 // daemon, root with every capability, starts it (and restarts it) with
 // none, and it serves all the same.
 func TestVMEngineHasNoCapabilities(t *testing.T) {
-	p := startProvisioner(t)
-	if st := statusFields(t, p.cmd.Process.Pid); st["CapEff"] == "0000000000000000" {
+	p := vmharness.Start(t, nil)
+	if st := statusFields(t, p.Cmd.Process.Pid); st["CapEff"] == "0000000000000000" {
 		t.Fatal("the provisioner itself has no capability: this test would prove nothing")
 	}
-	p.addImage(t, "vol", "vol.mvps-image", 32<<20)
-	a, _ := p.attach(t, "vol")
+	p.AddImage(t, "vol", "vol.mvps-image", 32<<20)
+	a, _ := p.Attach(t, "vol")
 	a.Close()
-	first := p.enginePid(t)
+	first := p.EnginePid(t)
 	checkEngineConfined(t, first)
 
 	syscall.Kill(first, syscall.SIGKILL)
@@ -80,11 +67,11 @@ func TestVMEngineHasNoCapabilities(t *testing.T) {
 		a.Close()
 		return true
 	})
-	if p.enginePid(t) == first {
+	if p.EnginePid(t) == first {
 		t.Fatal("no new engine")
 	}
-	checkEngineConfined(t, p.enginePid(t))
-	if st := statusFields(t, p.cmd.Process.Pid); st["CapEff"] == "0000000000000000" {
+	checkEngineConfined(t, p.EnginePid(t))
+	if st := statusFields(t, p.Cmd.Process.Pid); st["CapEff"] == "0000000000000000" {
 		t.Fatal("the provisioner lost its own capabilities")
 	}
 }

@@ -25,8 +25,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
 // writerReport is what the block writer says when asked to verify.
@@ -144,15 +146,15 @@ type writerProc struct {
 
 // writeLoad attaches a 16 MiB image "vol" for a writer and returns once 100
 // of its writes are acknowledged: the load the faults strike.
-func writeLoad(t *testing.T, p *provProc) (w *writerProc, index uint32, acked int) {
+func writeLoad(t *testing.T, p *vmharness.Provisioner) (w *writerProc, index uint32, acked int) {
 	t.Helper()
-	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+	p.AddImage(t, "vol", "vol.mvps-image", 16<<20)
 	w = startWriter(t, p, "vol")
 	index = writerDevice(t, "vol.mvps-image")
 	return w, index, w.waitAcked(t, 100, 30*time.Second)
 }
 
-func startWriter(t *testing.T, p *provProc, key string) *writerProc {
+func startWriter(t *testing.T, p *vmharness.Provisioner, key string) *writerProc {
 	t.Helper()
 	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=writer", "WRITER_SOCKET="+p.Socket, "WRITER_KEY="+key)
@@ -237,7 +239,7 @@ func (w *writerProc) killAndWaitFree(t *testing.T, index uint32) time.Duration {
 	start := time.Now()
 	w.cmd.Process.Kill()
 	w.cmd.Wait()
-	waitUntil(t, 5*time.Second, "device detached after the caller's SIGKILL", func() bool { return deviceFree(index) })
+	waitUntil(t, 5*time.Second, "device detached after the caller's SIGKILL", func() bool { return vmharness.DeviceFree(index) })
 	return time.Since(start)
 }
 
@@ -256,12 +258,12 @@ func writerDevice(t *testing.T, imageID string) uint32 {
 // never sees an error, its writes resume once the provisioner is back, and
 // every acknowledged block reads back right.
 func TestVMFaultProvisionerKilled(t *testing.T) {
-	p := startProvisioner(t)
+	p := vmharness.Start(t, nil)
 	w, index, before := writeLoad(t, p)
 
-	p.kill(t)
+	p.Kill(t)
 	killed := time.Now()
-	p.launch(t)
+	p.Launch(t)
 	restarted := time.Since(killed)
 	after := w.waitAcked(t, before+100, 30*time.Second)
 	t.Logf("provisioner killed at %d writes, back after %v, writes resumed: %d acknowledged %v after the kill",
@@ -285,9 +287,9 @@ func TestVMFaultProvisionerKilled(t *testing.T) {
 // An engine killed under the same load: the provisioner stays up, restarts
 // it, reconnects the device, and nothing acknowledged is lost.
 func TestVMFaultEngineKilled(t *testing.T) {
-	p := startProvisioner(t)
+	p := vmharness.Start(t, nil)
 	w, index, before := writeLoad(t, p)
-	old := p.enginePid(t)
+	old := p.EnginePid(t)
 	killed := time.Now()
 	syscall.Kill(old, syscall.SIGKILL)
 	after := w.waitAcked(t, before+100, 30*time.Second)
@@ -295,19 +297,19 @@ func TestVMFaultEngineKilled(t *testing.T) {
 	// Writes the kernel still held may be acknowledged before the restart
 	// is through (seen on 7.x, 3 ms after the kill): wait for the new one.
 	waitUntil(t, 30*time.Second, "a new engine", func() bool {
-		engines := p.engineChildren()
+		engines := p.EngineChildren()
 		return len(engines) == 1 && engines[0] != old
 	})
 	select {
-	case <-p.exited:
-		t.Fatalf("the provisioner exited: %v", p.exitErr)
+	case <-p.Exited():
+		t.Fatalf("the provisioner exited: %v", p.ExitErr())
 	default:
 	}
 	w.checkReport(t, w.verify(t))
 	// Closing the connection detaches as usual.
 	w.stdin.Close()
 	w.cmd.Wait()
-	waitUntil(t, 10*time.Second, "device free after the caller closed", func() bool { return deviceFree(index) })
+	waitUntil(t, 10*time.Second, "device free after the caller closed", func() bool { return vmharness.DeviceFree(index) })
 }
 
 // The engine fences the device's connection when another connection brings
@@ -316,8 +318,8 @@ func TestVMFaultEngineKilled(t *testing.T) {
 func TestVMFaultConnectionKilled(t *testing.T) {
 	dir := t.TempDir()
 	listen := "unix:" + filepath.Join(dir, "engine.sock")
-	p := startProvisionerWith(t, map[string]string{"PROVISIONER_ENGINE_LISTEN": listen})
-	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_ENGINE_LISTEN": listen})
+	p.AddImage(t, "vol", "vol.mvps-image", 16<<20)
 	w := startWriter(t, p, "vol")
 	writerDevice(t, "vol.mvps-image")
 	before := w.waitAcked(t, 50, 30*time.Second)
@@ -352,21 +354,21 @@ func TestVMFaultConnectionKilled(t *testing.T) {
 // connected, no record is left, and the daemon holds as many fds as before.
 func TestVMFaultChaos(t *testing.T) {
 	const cycles, lanes = 500, 4
-	p := startProvisionerWith(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr})
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr})
 	goroutines := func() float64 {
 		_, body := httpGet(t, "/metrics")
 		return metricValue(body, "go_goroutines")
 	}
 	for i := range lanes {
-		p.addImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 4<<20)
+		p.AddImage(t, fmt.Sprint("vol", i), fmt.Sprintf("vol%d.mvps-image", i), 4<<20)
 	}
-	pid := p.cmd.Process.Pid
+	pid := p.Cmd.Process.Pid
 	// One attach and detach first, so that lazily made things (the
 	// engine's sessions, netlink sockets) are in the baseline.
 	for i := range lanes {
-		a, idx := p.attach(t, fmt.Sprint("vol", i))
+		a, idx := p.Attach(t, fmt.Sprint("vol", i))
 		a.Close()
-		waitUntil(t, 10*time.Second, "warm-up detach", func() bool { return deviceFree(idx) })
+		waitUntil(t, 10*time.Second, "warm-up detach", func() bool { return vmharness.DeviceFree(idx) })
 	}
 	baseFDs := openFDCount(pid)
 	baseGoroutines := goroutines()
@@ -516,11 +518,11 @@ func fileContent(i int) []byte {
 // writer goes on after each, and after the sidecar's SIGTERM the file
 // system is clean and holds every file that was fsynced.
 func TestVMFaultSidecar(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
 	work := t.TempDir()
 	mnt := filepath.Join(work, "data")
-	sidecar := exec.Command(bin(t, "mvps-sidecar"))
+	sidecar := exec.Command(vmharness.Bin(t, "mvps-sidecar"))
 	sidecar.Env = append(os.Environ(), "IMAGE_KEY=vol", "MOUNTPOINT="+mnt, "PROVISIONER_LISTEN_PATH="+p.Socket)
 	sidecar.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
 	out, _ := sidecar.StdoutPipe()
@@ -579,13 +581,13 @@ func TestVMFaultSidecar(t *testing.T) {
 	waitSynced(10, "start")
 
 	start := time.Now()
-	p.kill(t)
-	p.launch(t)
+	p.Kill(t)
+	p.Launch(t)
 	waitSynced(synced+10, "after the provisioner's SIGKILL")
 	t.Logf("provisioner killed: the writer went on, %d files fsynced, %v after the kill", synced+1, time.Since(start).Round(time.Millisecond))
 
 	start = time.Now()
-	syscall.Kill(p.enginePid(t), syscall.SIGKILL)
+	syscall.Kill(p.EnginePid(t), syscall.SIGKILL)
 	waitSynced(synced+10, "after the engine's SIGKILL")
 	t.Logf("engine killed: the writer went on, %d files fsynced, %v after the kill", synced+1, time.Since(start).Round(time.Millisecond))
 
@@ -600,10 +602,10 @@ func TestVMFaultSidecar(t *testing.T) {
 	if err := sidecar.Wait(); err != nil {
 		t.Fatalf("sidecar exit: %v", err)
 	}
-	waitUntil(t, 30*time.Second, "device detached after the sidecar exited", func() bool { return deviceFree(index) })
+	waitUntil(t, 30*time.Second, "device detached after the sidecar exited", func() bool { return vmharness.DeviceFree(index) })
 
 	// Check the file system as it reached the engine.
-	a, idx := p.attach(t, "vol")
+	a, idx := p.Attach(t, "vol")
 	defer a.Close()
 	dev := fmt.Sprintf("/dev/nbd%d", idx)
 	if out, err := exec.Command("e2fsck", "-fn", dev).CombinedOutput(); err != nil {
@@ -650,7 +652,7 @@ exit 1
 		t.Fatal(err)
 	}
 	p := startSharedProvisioner(t, map[string]string{"PROVISIONER_MKE2FS": wrapper})
-	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
+	p.AddImage(t, "vol", "vol.mvps-image", 16<<20)
 
 	// The caller, a process of its own, asks for a mount and waits.
 	done := make(chan *caller, 1)
@@ -662,7 +664,7 @@ exit 1
 	if _, ok := ourDevice(t, "vol.mvps-image"); !ok {
 		t.Fatal("no device attached during the format")
 	}
-	p.kill(t)
+	p.Kill(t)
 	os.WriteFile(release, nil, 0o644)
 	c := <-done
 	if c.report.Err == "" {
@@ -673,7 +675,7 @@ exit 1
 		t.Fatalf("state directory holds %d files after the kill, want the lock and the record", len(entries))
 	}
 
-	p.launch(t)
+	p.Launch(t)
 	waitUntil(t, 30*time.Second, "the orphaned attach resolved", func() bool {
 		log, _ := os.ReadFile(p.LogPath)
 		_, attached := ourDevice(t, "vol.mvps-image")
@@ -693,34 +695,34 @@ exit 1
 // the caller's writes go on.
 func TestVMHandover(t *testing.T) {
 	t.Run("signal", func(t *testing.T) {
-		testHandover(t, func(p *provProc) { p.cmd.Process.Signal(syscall.SIGUSR2) })
+		testHandover(t, func(p *vmharness.Provisioner) { p.Cmd.Process.Signal(syscall.SIGUSR2) })
 	})
 	// What a rollout's preStop and an upgrade under systemd run: the admin
 	// socket's command, which signals nothing but the daemon.
 	t.Run("command", func(t *testing.T) {
-		testHandover(t, func(p *provProc) {
-			if out, err := p.provisionerCmd(t, "handover"); err != nil || !strings.Contains(out, "handing over") {
+		testHandover(t, func(p *vmharness.Provisioner) {
+			if out, err := provisionerCmd(t, p, "handover"); err != nil || !strings.Contains(out, "handing over") {
 				t.Fatalf("mvps-provisioner handover: %v\n%s", err, out)
 			}
 		})
 	})
 }
 
-func testHandover(t *testing.T, handOver func(*provProc)) {
-	p := startProvisioner(t)
+func testHandover(t *testing.T, handOver func(*vmharness.Provisioner)) {
+	p := vmharness.Start(t, nil)
 	w, index, before := writeLoad(t, p)
-	engine := p.enginePid(t)
+	engine := p.EnginePid(t)
 	start := time.Now()
 	handOver(p)
-	<-p.exited
-	if code := p.cmd.ProcessState.ExitCode(); code != 75 {
-		t.Fatalf("handover exit status %d (%v), want 75", code, p.exitErr)
+	<-p.Exited()
+	if code := p.Cmd.ProcessState.ExitCode(); code != 75 {
+		t.Fatalf("handover exit status %d (%v), want 75", code, p.ExitErr())
 	}
-	waitUntil(t, 10*time.Second, "engine stopped", func() bool { return !processAlive(engine) })
+	waitUntil(t, 10*time.Second, "engine stopped", func() bool { return !procfs.Alive(engine) })
 	if _, ok := ourDevice(t, "vol.mvps-image"); !ok {
 		t.Fatal("the device was detached by a handover")
 	}
-	p.launch(t)
+	p.Launch(t)
 	after := w.waitAcked(t, before+100, 30*time.Second)
 	t.Logf("handover at %d writes; %d acknowledged %v after it began", before, after, time.Since(start).Round(time.Millisecond))
 	w.checkReport(t, w.verify(t))
@@ -740,9 +742,9 @@ func testHandover(t *testing.T, handOver func(*provProc)) {
 // attached for the next one.
 func TestVMFaultSquattedMetricsPort(t *testing.T) {
 	const addr = "127.0.0.1:19105"
-	p := startProvisionerWith(t, map[string]string{"PROVISIONER_METRICS_ADDR": addr})
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_METRICS_ADDR": addr})
 	w, index, before := writeLoad(t, p)
-	p.kill(t)
+	p.Kill(t)
 
 	squat, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -750,8 +752,8 @@ func TestVMFaultSquattedMetricsPort(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin(t, "mvps-provisioner"))
-	cmd.Env = p.env
+	cmd := exec.CommandContext(ctx, vmharness.Bin(t, "mvps-provisioner"))
+	cmd.Env = p.Env
 	out, err := cmd.CombinedOutput()
 	squat.Close()
 	if err == nil {
@@ -760,11 +762,11 @@ func TestVMFaultSquattedMetricsPort(t *testing.T) {
 	if !strings.Contains(string(out), "PROVISIONER_METRICS_ADDR") {
 		t.Errorf("the failed start does not name the setting:\n%s", out)
 	}
-	if deviceFree(index) {
+	if vmharness.DeviceFree(index) {
 		t.Fatalf("the failed start detached nbd%d:\n%s", index, out)
 	}
 
-	p.launch(t)
+	p.Launch(t)
 	after := w.waitAcked(t, before+100, 30*time.Second)
 	t.Logf("after the failed start and a good one: %d writes acknowledged (%d before the kill)", after, before)
 	w.checkReport(t, w.verify(t))

@@ -6,42 +6,19 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
-
-// requireVM stops a test that is not running as root inside the VM.
-func requireVM(t *testing.T) {
-	t.Helper()
-	if os.Getenv("MVPS_VM") != "1" || os.Getuid() != 0 {
-		t.Fatal("this test runs as root inside the VM: use make integration")
-	}
-}
-
-// bin returns the path of a command built by the harness.
-func bin(t *testing.T, name string) string {
-	t.Helper()
-	dir := os.Getenv("MVPS_BIN_DIR")
-	if dir == "" {
-		t.Fatal("MVPS_BIN_DIR is not set")
-	}
-	p := filepath.Join(dir, name)
-	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("%s: %v", name, err)
-	}
-	return p
-}
 
 // engineProc is an mvps-te-dev process.
 type engineProc struct {
@@ -84,7 +61,7 @@ func (e *engineProc) env() []string {
 
 func (e *engineProc) start(t *testing.T) {
 	t.Helper()
-	cmd := exec.Command(bin(t, "mvps-te-dev"))
+	cmd := exec.Command(vmharness.Bin(t, "mvps-te-dev"))
 	cmd.Env = e.env()
 	logPath := filepath.Join(t.TempDir(), "engine.log")
 	log, err := os.Create(logPath)
@@ -166,13 +143,4 @@ func (e *engineProc) token(t *testing.T, imageID string, size uint64, clientID s
 func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	testwait.Until(t, timeout, what, cond)
-}
-
-// sysfs reads /sys/block/nbd<index>/<attr>, trimmed; "" if absent.
-func sysfs(index uint32, attr string) string {
-	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/%s", index, attr))
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSpace(string(b))
 }

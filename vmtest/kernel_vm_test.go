@@ -12,12 +12,14 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
 // TestVMSmoke checks that the guest offers what the other VM tests rely on. It runs in the
 // VM that vmtest/vmrun boots.
 func TestVMSmoke(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 
 	t.Run("root", func(t *testing.T) {
 		if uid := os.Getuid(); uid != 0 {

@@ -21,9 +21,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
 // nsThread is a locked OS thread in a mount namespace of its own, with /
@@ -78,7 +80,7 @@ func (n *nsThread) do(fn func()) {
 }
 
 // mountInNS asks the provisioner to mount key on dir inside n's namespace.
-func (n *nsThread) mount(t *testing.T, p *provProc, key, dir string) (*protocol.Attachment, error) {
+func (n *nsThread) mount(t *testing.T, p *vmharness.Provisioner, key, dir string) (*protocol.Attachment, error) {
 	t.Helper()
 	var a *protocol.Attachment
 	var err error
@@ -126,7 +128,7 @@ func ourDevice(t *testing.T, imageID string) (uint32, bool) {
 		t.Fatal(err)
 	}
 	for _, st := range all {
-		if st.Connected && sysfs(st.Index, "backend") == engine.BackendID(imageID) {
+		if st.Connected && vmharness.Sysfs(st.Index, "backend") == engine.BackendID(imageID) {
 			return st.Index, true
 		}
 	}
@@ -134,8 +136,8 @@ func ourDevice(t *testing.T, imageID string) (uint32, bool) {
 }
 
 func TestVMMountModeInChildNamespace(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 256<<20)
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 256<<20)
 	dir := filepath.Join(t.TempDir(), "mnt")
 
 	child := newNSThread(t)
@@ -168,7 +170,7 @@ func TestVMMountModeInChildNamespace(t *testing.T) {
 	if !mountedIn(childInfo, dir) {
 		t.Fatalf("mount not in the child's namespace:\n%s", childInfo)
 	}
-	provInfo, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", p.cmd.Process.Pid))
+	provInfo, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", p.Cmd.Process.Pid))
 	ownInfo, _ := os.ReadFile("/proc/self/mountinfo")
 	if mountedIn(provInfo, dir) || mountedIn(ownInfo, dir) {
 		t.Fatal("the mount leaked into the provisioner's namespace")
@@ -180,7 +182,7 @@ func TestVMMountModeInChildNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.Close()
-	waitUntil(t, 10*time.Second, "device detached", func() bool { return deviceFree(index) })
+	waitUntil(t, 10*time.Second, "device detached", func() bool { return vmharness.DeviceFree(index) })
 
 	second := newNSThread(t)
 	b, err := second.mount(t, p, "vol", dir)
@@ -211,10 +213,10 @@ func TestVMMountModeInChildNamespace(t *testing.T) {
 }
 
 func TestVMMountModeRefusesData(t *testing.T) {
-	p := startProvisioner(t)
+	p := vmharness.Start(t, nil)
 	// Small: hashing the image file is slow under TCG.
 	const size = 8 << 20
-	p.addImage(t, "data", "data.mvps-image", size)
+	p.AddImage(t, "data", "data.mvps-image", size)
 	store := filepath.Join(filepath.Dir(p.ConfigDir), "store")
 	os.MkdirAll(store, 0o755)
 	img := filepath.Join(store, "data.mvps-image")
@@ -259,8 +261,8 @@ func openFDCount(pid int) int {
 }
 
 func TestVMMountModeBadFDs(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
 	dir := t.TempDir()
 	file := filepath.Join(dir, "regular")
 	os.WriteFile(file, []byte("x"), 0o644)
@@ -275,7 +277,7 @@ func TestVMMountModeBadFDs(t *testing.T) {
 	ns := open("/proc/self/ns/mnt")
 	d := open(dir)
 	reg := open(file)
-	fdsBefore := openFDCount(p.cmd.Process.Pid)
+	fdsBefore := openFDCount(p.Cmd.Process.Pid)
 	for name, fds := range map[string][]int{
 		"one fd":                    {ns},
 		"three fds":                 {ns, d, d},
@@ -296,7 +298,7 @@ func TestVMMountModeBadFDs(t *testing.T) {
 		})
 	}
 	waitUntil(t, 5*time.Second, "provisioner fd count back to its earlier value", func() bool {
-		return openFDCount(p.cmd.Process.Pid) <= fdsBefore
+		return openFDCount(p.Cmd.Process.Pid) <= fdsBefore
 	})
 	if _, attached := ourDevice(t, "vol.mvps-image"); attached {
 		t.Fatal("a device was attached for a bad request")
@@ -304,14 +306,14 @@ func TestVMMountModeBadFDs(t *testing.T) {
 }
 
 func TestVMSidecarLifecycle(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 128<<20)
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 128<<20)
 	work := t.TempDir()
 	mnt := filepath.Join(work, "data")
 	ready := filepath.Join(work, "ready")
 
 	start := func() (*exec.Cmd, *bufio.Scanner) {
-		cmd := exec.Command(bin(t, "mvps-sidecar"))
+		cmd := exec.Command(vmharness.Bin(t, "mvps-sidecar"))
 		cmd.Env = append(os.Environ(), "IMAGE_KEY=vol", "MOUNTPOINT="+mnt,
 			"PROVISIONER_LISTEN_PATH="+p.Socket, "READY_FILE="+ready)
 		// A mount namespace of its own with / private, like a container.
@@ -335,7 +337,7 @@ func TestVMSidecarLifecycle(t *testing.T) {
 		t.Fatalf("ready file: %q %v", b, err)
 	}
 	sidecarInfo, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", cmd.Process.Pid))
-	provInfo, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", p.cmd.Process.Pid))
+	provInfo, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", p.Cmd.Process.Pid))
 	if !mountedIn(sidecarInfo, mnt) || mountedIn(provInfo, mnt) {
 		t.Fatal("mount must be in the sidecar's namespace only")
 	}
@@ -355,7 +357,7 @@ func TestVMSidecarLifecycle(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("sidecar exit after SIGTERM: %v", err)
 	}
-	waitUntil(t, 10*time.Second, "device detached after the sidecar stopped", func() bool { return deviceFree(index) })
+	waitUntil(t, 10*time.Second, "device detached after the sidecar stopped", func() bool { return vmharness.DeviceFree(index) })
 	if _, err := os.Stat(ready); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("ready file left behind: %v", err)
 	}
@@ -369,9 +371,9 @@ func TestVMSidecarLifecycle(t *testing.T) {
 	}
 	// Losing the provisioner does not end the sidecar: it keeps its mount
 	// for a restarted provisioner to take over, and still stops cleanly.
-	p.stop(t)
-	waitUntil(t, 10*time.Second, "provisioner gone", func() bool { return !processAlive(p.cmd.Process.Pid) })
-	if !processAlive(cmd.Process.Pid) {
+	p.Stop(t)
+	waitUntil(t, 10*time.Second, "provisioner gone", func() bool { return !procfs.Alive(p.Cmd.Process.Pid) })
+	if !procfs.Alive(cmd.Process.Pid) {
 		t.Fatal("the sidecar exited when the provisioner went away")
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
@@ -383,11 +385,11 @@ func TestVMSidecarLifecycle(t *testing.T) {
 }
 
 func TestVMExampleClientMount(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	os.MkdirAll(mnt, 0o755)
-	cmd := exec.Command(bin(t, "example-client"), "--mount", mnt, p.Socket, "vol")
+	cmd := exec.Command(vmharness.Bin(t, "example-client"), "--mount", mnt, p.Socket, "vol")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
 	stdin, _ := cmd.StdinPipe()
 	out, _ := cmd.StdoutPipe()
@@ -413,5 +415,5 @@ func TestVMExampleClientMount(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("example-client: %v", err)
 	}
-	waitUntil(t, 10*time.Second, "device detached", func() bool { return deviceFree(index) })
+	waitUntil(t, 10*time.Second, "device detached", func() bool { return vmharness.DeviceFree(index) })
 }

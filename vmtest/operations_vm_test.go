@@ -22,6 +22,7 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
 const metricsAddr = "127.0.0.1:9105"
@@ -87,9 +88,10 @@ func metricValue(exposition, series string) float64 {
 	return v
 }
 
-func (p *provProc) provisionerCmd(t *testing.T, args ...string) (string, error) {
+// provisionerCmd runs the daemon binary's command line (status, detach) against p.
+func provisionerCmd(t *testing.T, p *vmharness.Provisioner, args ...string) (string, error) {
 	t.Helper()
-	cmd := exec.Command(bin(t, "mvps-provisioner"), args...)
+	cmd := exec.Command(vmharness.Bin(t, "mvps-provisioner"), args...)
 	cmd.Env = append(os.Environ(), "PROVISIONER_LISTEN_PATH="+p.Socket)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
@@ -100,9 +102,9 @@ func (p *provProc) provisionerCmd(t *testing.T, args ...string) (string, error) 
 // /metrics as attaches, refusals and detaches happen, /readyz with the
 // engine frozen, and status/detach over the admin socket.
 func TestVMOperations(t *testing.T) {
-	requireVM(t)
+	vmharness.RequireVM(t)
 	notify := newNotifySocket(t)
-	p := startProvisionerWith(t, map[string]string{
+	p := vmharness.Start(t, map[string]string{
 		"PROVISIONER_METRICS_ADDR": metricsAddr,
 		"NOTIFY_SOCKET":            notify.Path,
 		"WATCHDOG_USEC":            "300000", // a ping every 150 ms
@@ -113,7 +115,7 @@ func TestVMOperations(t *testing.T) {
 	if m := notify.next(30 * time.Second); m != "READY=1" {
 		t.Fatalf("first notification %q, want READY=1", m)
 	}
-	if !p.answers() {
+	if !p.Answers() {
 		t.Fatal("READY=1 sent but the socket does not answer")
 	}
 	for i := range 3 {
@@ -131,16 +133,16 @@ func TestVMOperations(t *testing.T) {
 	_, before := httpGet(t, "/metrics")
 	refusedBefore := max(metricValue(before, `mvps_provisioner_requests_refused_total{code="not_found"}`), 0)
 
-	p.addImage(t, "vol", "vol.mvps-image", 8<<20)
-	p.addImage(t, "stuck", "stuck.mvps-image", 8<<20)
-	a, _ := p.attach(t, "vol")
+	p.AddImage(t, "vol", "vol.mvps-image", 8<<20)
+	p.AddImage(t, "stuck", "stuck.mvps-image", 8<<20)
+	a, _ := p.Attach(t, "vol")
 	if _, err := a.Device.WriteAt(make([]byte, 64<<10), 0); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.Device.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	stuck, stuckIndex := p.attach(t, "stuck")
+	stuck, stuckIndex := p.Attach(t, "stuck")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	if _, err := protocol.Attach(ctx, p.Socket, "no-such-key"); err == nil {
 		t.Fatal("attach of a missing key succeeded")
@@ -173,12 +175,12 @@ func TestVMOperations(t *testing.T) {
 	promtoolCheck(t, exp)
 
 	// status: the table and the JSON, I/O counters included.
-	out, err := p.provisionerCmd(t, "status")
+	out, err := provisionerCmd(t, p, "status")
 	if err != nil || !strings.Contains(out, "vol.mvps-image") || !strings.Contains(out, "stuck.mvps-image") ||
 		!strings.Contains(out, "answering") || !strings.Contains(out, stray.Device()) {
 		t.Fatalf("status: %v\n%s", err, out)
 	}
-	out, err = p.provisionerCmd(t, "status", "--json")
+	out, err = provisionerCmd(t, p, "status", "--json")
 	if err != nil {
 		t.Fatalf("status --json: %v\n%s", err, out)
 	}
@@ -186,7 +188,7 @@ func TestVMOperations(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("status --json: %v\n%s", err, out)
 	}
-	if len(st.Attachments) != 2 || st.Engine.PID != p.enginePid(t) || !st.Engine.Answering {
+	if len(st.Attachments) != 2 || st.Engine.PID != p.EnginePid(t) || !st.Engine.Answering {
 		t.Fatalf("status --json: %+v", st)
 	}
 	for _, at := range st.Attachments {
@@ -205,7 +207,7 @@ func TestVMOperations(t *testing.T) {
 	// says who asked. (The caller closes its device fd first: one it kept
 	// would keep the device busy, and the result would be still_open.)
 	stuck.Device.Close()
-	out, err = p.provisionerCmd(t, "detach", fmt.Sprintf("/dev/nbd%d", stuckIndex))
+	out, err = provisionerCmd(t, p, "detach", fmt.Sprintf("/dev/nbd%d", stuckIndex))
 	if err != nil || !strings.Contains(out, "stuck.mvps-image (key stuck") || !strings.Contains(out, "detached") {
 		t.Fatalf("detach: %v\n%s", err, out)
 	}
@@ -214,12 +216,12 @@ func TestVMOperations(t *testing.T) {
 		t.Fatal("the caller's connection is still open after a forced detach")
 	}
 	wcancel()
-	waitUntil(t, 10*time.Second, "forced-off device to be free", func() bool { return deviceFree(stuckIndex) })
+	waitUntil(t, 10*time.Second, "forced-off device to be free", func() bool { return vmharness.DeviceFree(stuckIndex) })
 	log, _ := os.ReadFile(p.LogPath)
 	if !regexp.MustCompile(`reason="forced by admin \(uid 0 pid \d+\)"`).Match(log) {
 		t.Errorf("the detach line does not name who forced it:\n%s", log)
 	}
-	if out, err := p.provisionerCmd(t, "detach", "stuck"); err == nil || !strings.Contains(out, "not_found") {
+	if out, err := provisionerCmd(t, p, "detach", "stuck"); err == nil || !strings.Contains(out, "not_found") {
 		t.Errorf("second detach: %v\n%s", err, out)
 	}
 
@@ -237,7 +239,7 @@ func TestVMOperations(t *testing.T) {
 	}
 
 	// A frozen engine does not answer: not ready, and ready again after.
-	engine := p.enginePid(t)
+	engine := p.EnginePid(t)
 	syscall.Kill(engine, syscall.SIGSTOP)
 	code, body := httpGet(t, "/readyz")
 	syscall.Kill(engine, syscall.SIGCONT)
@@ -249,7 +251,7 @@ func TestVMOperations(t *testing.T) {
 	}
 
 	// SIGTERM: STOPPING=1 (watchdog pings may come before it).
-	p.stop(t)
+	p.Stop(t)
 	for {
 		m := notify.next(5 * time.Second)
 		if m == "STOPPING=1" {
@@ -268,11 +270,11 @@ func TestVMReadyzEngineGone(t *testing.T) {
 	dir := t.TempDir()
 	marker := filepath.Join(dir, "broken")
 	wrapper := filepath.Join(dir, "engine")
-	script := fmt.Sprintf("#!/bin/sh\n[ -e %s ] && exit 1\nexec %s\n", marker, bin(t, "mvps-te-dev"))
+	script := fmt.Sprintf("#!/bin/sh\n[ -e %s ] && exit 1\nexec %s\n", marker, vmharness.Bin(t, "mvps-te-dev"))
 	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	p := startProvisionerWith(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr, "PROVISIONER_ENGINE_BIN": wrapper})
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr, "PROVISIONER_ENGINE_BIN": wrapper})
 	status := func() int {
 		c := http.Client{Timeout: 5 * time.Second}
 		resp, err := c.Get("http://" + metricsAddr + "/readyz")
@@ -285,7 +287,7 @@ func TestVMReadyzEngineGone(t *testing.T) {
 	// The caller socket answers a moment before the metrics listener is up.
 	waitUntil(t, 10*time.Second, "/readyz", func() bool { return status() == 200 })
 	os.WriteFile(marker, nil, 0o644)
-	syscall.Kill(p.enginePid(t), syscall.SIGKILL)
+	syscall.Kill(p.EnginePid(t), syscall.SIGKILL)
 	waitUntil(t, 30*time.Second, "/readyz to turn unready", func() bool { return status() == 503 })
 	os.Remove(marker)
 	waitUntil(t, 30*time.Second, "/readyz ready again once the engine is back", func() bool { return status() == 200 })

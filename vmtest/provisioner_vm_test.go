@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,269 +20,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
-
-// provProc is an mvps-provisioner process with its own mvps-te-dev engine.
-type provProc struct {
-	Socket    string
-	ConfigDir string
-	StateDir  string
-	Secret    string
-	LogPath   string
-	env       []string
-	cmd       *exec.Cmd
-	exited    chan struct{}
-	exitErr   error
-}
-
-const testSecret = "vmtest-secret-4f1c9a0b7d2e"
-
-// startProvisioner runs the daemon binary the way an operator would and
-// waits until it answers a request.
-func startProvisioner(t *testing.T) *provProc {
-	t.Helper()
-	return startProvisionerWith(t, nil)
-}
-
-// startProvisionerWith overrides the environment: a key with an empty value
-// is removed.
-func startProvisionerWith(t *testing.T, override map[string]string) *provProc {
-	t.Helper()
-	requireVM(t)
-	dir := t.TempDir()
-	p := &provProc{
-		Socket:    filepath.Join(dir, "provisioner.sock"),
-		ConfigDir: filepath.Join(dir, "images"),
-		StateDir:  filepath.Join(dir, "state"),
-		Secret:    testSecret,
-		LogPath:   filepath.Join(dir, "provisioner.log"),
-	}
-	os.MkdirAll(p.ConfigDir, 0o755)
-	base := append(os.Environ(),
-		"PROVISIONER_LISTEN_PATH="+p.Socket,
-		"IMAGE_CONFIG_DIRECTORY="+p.ConfigDir,
-		"PROVISIONER_STATE_DIR="+p.StateDir,
-		"PROVISIONER_ENGINE_BIN="+bin(t, "mvps-te-dev"),
-		"MVPS_TE_JWT_SECRET="+p.Secret,
-		"MVPS_TE_IMAGE_STORE=local",
-		"MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "store"),
-		"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buffer"),
-	)
-	for _, kv := range base {
-		k, _, _ := strings.Cut(kv, "=")
-		if _, ok := override[k]; !ok {
-			p.env = append(p.env, kv)
-		}
-	}
-	for k, v := range override {
-		if v != "" {
-			p.env = append(p.env, k+"="+v)
-		}
-	}
-	if _, ok := override["MVPS_TE_JWT_SECRET"]; ok {
-		p.Secret = override["MVPS_TE_JWT_SECRET"]
-	}
-	t.Cleanup(func() {
-		p.stop(t)
-		if t.Failed() {
-			b, _ := os.ReadFile(p.LogPath)
-			t.Logf("provisioner log:\n%s", b)
-		}
-		detachLeftovers(t)
-	})
-	p.launch(t)
-	return p
-}
-
-// launch starts the daemon (again, after a kill: same settings, socket,
-// state directory and image store; its log goes on in the same file) and
-// waits until it answers.
-func (p *provProc) launch(t *testing.T) {
-	t.Helper()
-	log, err := os.OpenFile(p.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin(t, "mvps-provisioner"))
-	cmd.Env = p.env
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	p.cmd, p.exited = cmd, exited
-	go func() {
-		p.exitErr = cmd.Wait()
-		log.Close()
-		close(exited)
-	}()
-	waitUntil(t, 30*time.Second, "provisioner to answer", func() bool {
-		select {
-		case <-exited:
-			b, _ := os.ReadFile(p.LogPath)
-			t.Fatalf("provisioner exited at start (%v):\n%s", p.exitErr, b)
-		default:
-		}
-		return p.answers()
-	})
-}
-
-// kill ends the daemon with SIGKILL, as a crash or an OOM kill would; its
-// engine follows it (parent-death signal).
-func (p *provProc) kill(t *testing.T) {
-	t.Helper()
-	engine := p.enginePid(t)
-	p.cmd.Process.Kill()
-	<-p.exited
-	waitUntil(t, 10*time.Second, "engine to exit after the provisioner was killed", func() bool { return !processAlive(engine) })
-}
-
-// answers reports whether the daemon replies to a request for a key that
-// has no config.
-func (p *provProc) answers() bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	conn, payload, fds, err := protocol.SendRaw(ctx, p.Socket, protocol.AppendRequest(nil, protocol.CommandAttach, "readiness-probe"), nil)
-	if err != nil {
-		return false
-	}
-	conn.Close()
-	for _, fd := range fds {
-		unix.Close(fd)
-	}
-	return strings.HasPrefix(string(payload), "ERR not_found")
-}
-
-func (p *provProc) stop(t *testing.T) {
-	select {
-	case <-p.exited:
-		return
-	default:
-	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.exited:
-	case <-time.After(60 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.exited
-		t.Error("provisioner did not stop on SIGTERM within 60 s")
-	}
-}
-
-func (p *provProc) addImage(t *testing.T, key, imageID string, size uint64) {
-	t.Helper()
-	content := fmt.Sprintf(`{"image_id": %q, "image_size": %d}`, imageID, size)
-	if err := os.WriteFile(filepath.Join(p.ConfigDir, key), []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func (p *provProc) attach(t *testing.T, key string) (*protocol.Attachment, uint32) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	a, err := protocol.Attach(ctx, p.Socket, key)
-	if err != nil {
-		t.Fatalf("attach %s: %v", key, err)
-	}
-	// A failing test must not keep devices open for the tests after it.
-	t.Cleanup(func() { a.Close() })
-	return a, deviceIndex(t, a.Device)
-}
-
-func (p *provProc) enginePid(t *testing.T) int {
-	t.Helper()
-	engines := p.engineChildren()
-	if len(engines) != 1 {
-		t.Fatalf("provisioner has engine children %v, want exactly one", engines)
-	}
-	return engines[0]
-}
-
-// engineChildren lists the daemon's children that are engines, not tools
-// of mount mode (mke2fs, blkid).
-func (p *provProc) engineChildren() []int {
-	var engines []int
-	for _, pid := range childrenOf(p.cmd.Process.Pid) {
-		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); !strings.Contains(string(comm), "mke2fs") && !strings.Contains(string(comm), "blkid") {
-			engines = append(engines, pid)
-		}
-	}
-	return engines
-}
-
-// procStat returns the fields of /proc/<pid>/stat after the command name
-// (state first, then the parent pid), or nil if there is no such process.
-func procStat(pid int) []string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return nil
-	}
-	// The command name in parentheses may contain spaces.
-	return strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-}
-
-// childrenOf lists the processes whose parent is pid.
-func childrenOf(pid int) []int {
-	var kids []int
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		child, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if fields := procStat(child); len(fields) > 1 && fields[1] == strconv.Itoa(pid) {
-			kids = append(kids, child)
-		}
-	}
-	return kids
-}
-
-func processAlive(pid int) bool {
-	fields := procStat(pid)
-	return len(fields) > 0 && fields[0] != "Z"
-}
-
-var nbdPath = regexp.MustCompile(`^/dev/nbd(\d+)$`)
-
-func deviceIndex(t *testing.T, f *os.File) uint32 {
-	t.Helper()
-	path, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := nbdPath.FindStringSubmatch(path)
-	if m == nil {
-		t.Fatalf("device fd points at %q, not /dev/nbdN", path)
-	}
-	n, _ := strconv.Atoi(m[1])
-	return uint32(n)
-}
-
-// deviceFree reports whether nbd<index> is disconnected and unused.
-func deviceFree(index uint32) bool {
-	return sysfs(index, "size") == "0" && sysfs(index, "pid") == ""
-}
-
-// detachLeftovers disconnects every device still marked as ours, so that a
-// failed test does not starve the next ones of devices.
-func detachLeftovers(t *testing.T) {
-	nl, err := netlinknbd.New()
-	if err != nil {
-		return
-	}
-	defer nl.Close()
-	all, _ := nl.StatusAll()
-	for _, st := range all {
-		if st.Connected && strings.HasPrefix(sysfs(st.Index, "backend"), engine.BackendPrefix) {
-			t.Errorf("device nbd%d (%s) still connected after the test", st.Index, sysfs(st.Index, "backend"))
-			nl.Disconnect(st.Index)
-		}
-	}
-}
 
 // pattern fills a block with bytes derived from seed and the block number.
 func pattern(seed byte, block, size int) []byte {
@@ -303,17 +43,17 @@ func dropCache(t *testing.T, f *os.File) {
 }
 
 func TestVMProvisionerFDMode(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
 
-	a, index := p.attach(t, "vol")
-	if got := sysfs(index, "backend"); got != "mvps:vol.mvps-image" {
+	a, index := p.Attach(t, "vol")
+	if got := vmharness.Sysfs(index, "backend"); got != "mvps:vol.mvps-image" {
 		t.Errorf("backend %q", got)
 	}
-	if got := sysfs(index, "queue/logical_block_size"); got != "4096" {
+	if got := vmharness.Sysfs(index, "queue/logical_block_size"); got != "4096" {
 		t.Errorf("logical block size %s", got)
 	}
-	if kb, _ := strconv.Atoi(sysfs(index, "queue/max_sectors_kb")); kb == 0 || kb > 8192 {
+	if kb, _ := strconv.Atoi(vmharness.Sysfs(index, "queue/max_sectors_kb")); kb == 0 || kb > 8192 {
 		t.Errorf("max_sectors_kb %d, want 1..8192", kb)
 	}
 	size, err := unix.IoctlGetUint64(int(a.Device.Fd()), unix.BLKGETSIZE64)
@@ -328,9 +68,9 @@ func TestVMProvisionerFDMode(t *testing.T) {
 	// No fsync by the caller: closing the connection must flush.
 	a.Device.Close()
 	a.Conn.Close()
-	waitUntil(t, 10*time.Second, "detach", func() bool { return deviceFree(index) })
+	waitUntil(t, 10*time.Second, "detach", func() bool { return vmharness.DeviceFree(index) })
 
-	b, index2 := p.attach(t, "vol")
+	b, index2 := p.Attach(t, "vol")
 	defer b.Close()
 	// The guest loads nbd with the module's default max_part (16): the
 	// daemon says what that costs.
@@ -358,22 +98,22 @@ func sysfsModule(param string) string {
 }
 
 func TestVMProvisionerDetachOnClose(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
-	a, index := p.attach(t, "vol")
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
+	a, index := p.Attach(t, "vol")
 	a.Close()
 	closed := time.Now()
 	// The contract is detach within 1 s of the caller's close.
-	waitUntil(t, time.Second, "device free within 1 s of close", func() bool { return deviceFree(index) })
+	waitUntil(t, time.Second, "device free within 1 s of close", func() bool { return vmharness.DeviceFree(index) })
 	t.Logf("device free %v after close", time.Since(closed).Round(time.Millisecond))
 }
 
 // TestVMProvisionerDetachOnCallerKill runs the example client as the caller
 // and SIGKILLs it.
 func TestVMProvisionerDetachOnCallerKill(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
-	cmd := exec.Command(bin(t, "example-client"), "--check", p.Socket, "vol")
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
+	cmd := exec.Command(vmharness.Bin(t, "example-client"), "--check", p.Socket, "vol")
 	stdin, _ := cmd.StdinPipe()
 	defer stdin.Close()
 	out, _ := cmd.StdoutPipe()
@@ -388,12 +128,11 @@ func TestVMProvisionerDetachOnCallerKill(t *testing.T) {
 		var dev string
 		var size uint64
 		if n, _ := fmt.Sscanf(sc.Text(), "device %s size %d", &dev, &size); n == 2 {
-			m := nbdPath.FindStringSubmatch(dev)
-			if m == nil || size != 64<<20 {
+			i, ok := vmharness.PathIndex(dev)
+			if !ok || size != 64<<20 {
 				t.Fatalf("client printed %q", sc.Text())
 			}
-			i, _ := strconv.Atoi(m[1])
-			index = uint32(i)
+			index = i
 		}
 		if strings.HasPrefix(sc.Text(), "holding") {
 			break
@@ -402,19 +141,19 @@ func TestVMProvisionerDetachOnCallerKill(t *testing.T) {
 	if index == 1<<31 || !strings.Contains(strings.Join(lines, "\n"), "read/write check: OK") {
 		t.Fatalf("client output:\n%s", strings.Join(lines, "\n"))
 	}
-	if sysfs(index, "size") == "0" {
+	if vmharness.Sysfs(index, "size") == "0" {
 		t.Fatal("device not attached while the client holds it")
 	}
 	cmd.Process.Kill()
 	killed := time.Now()
 	cmd.Wait()
-	waitUntil(t, time.Second, "device free within 1 s of SIGKILL", func() bool { return deviceFree(index) })
+	waitUntil(t, time.Second, "device free within 1 s of SIGKILL", func() bool { return vmharness.DeviceFree(index) })
 	t.Logf("device free %v after SIGKILL", time.Since(killed).Round(time.Millisecond))
 }
 
 func TestVMProvisionerBadRequests(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
 	os.WriteFile(filepath.Join(p.ConfigDir, "broken"), []byte(`{"image_id": "vol", "image_size": 4096}`), 0o644)
 	os.WriteFile(filepath.Join(p.ConfigDir, "notjson"), []byte(`image_id=vol.mvps-image`), 0o644)
 	devNull, _ := os.Open("/dev/null")
@@ -455,15 +194,15 @@ func TestVMProvisionerBadRequests(t *testing.T) {
 		})
 	}
 	// The daemon keeps serving.
-	a, _ := p.attach(t, "vol")
+	a, _ := p.Attach(t, "vol")
 	a.Close()
 }
 
 func TestVMProvisionerSixteenConcurrent(t *testing.T) {
-	p := startProvisioner(t)
+	p := vmharness.Start(t, nil)
 	const n = 16
 	for i := range n {
-		p.addImage(t, fmt.Sprintf("vol%d", i), fmt.Sprintf("vol%d.mvps-image", i), 32<<20)
+		p.AddImage(t, fmt.Sprintf("vol%d", i), fmt.Sprintf("vol%d.mvps-image", i), 32<<20)
 	}
 	var wg sync.WaitGroup
 	atts := make([]*protocol.Attachment, n)
@@ -485,7 +224,10 @@ func TestVMProvisionerSixteenConcurrent(t *testing.T) {
 			t.Fatalf("attach vol%d: %v", i, errs[i])
 		}
 		defer atts[i].Close()
-		idx := deviceIndex(t, atts[i].Device)
+		idx, err := vmharness.FileIndex(atts[i].Device)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if seen[idx] {
 			t.Fatalf("nbd%d handed out twice", idx)
 		}
@@ -507,15 +249,15 @@ func TestVMProvisionerSixteenConcurrent(t *testing.T) {
 		atts[i].Close()
 	}
 	for _, idx := range indexes {
-		waitUntil(t, 10*time.Second, fmt.Sprintf("nbd%d free", idx), func() bool { return deviceFree(idx) })
+		waitUntil(t, 10*time.Second, fmt.Sprintf("nbd%d free", idx), func() bool { return vmharness.DeviceFree(idx) })
 	}
 }
 
 func TestVMProvisionerBusy(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
-	p.addImage(t, "same-image", "vol.mvps-image", 64<<20)
-	first, _ := p.attach(t, "vol")
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
+	p.AddImage(t, "same-image", "vol.mvps-image", 64<<20)
+	first, _ := p.Attach(t, "vol")
 	defer first.Close()
 	for _, key := range []string{"vol", "same-image"} {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -546,18 +288,18 @@ func TestVMProvisionerBusy(t *testing.T) {
 }
 
 func TestVMProvisionerSIGTERM(t *testing.T) {
-	p := startProvisioner(t)
-	engine := p.enginePid(t)
+	p := vmharness.Start(t, nil)
+	engine := p.EnginePid(t)
 	var atts []*protocol.Attachment
 	var indexes []uint32
 	for i := range 3 {
-		p.addImage(t, fmt.Sprint(i), fmt.Sprintf("v%d.mvps-image", i), 32<<20)
-		a, idx := p.attach(t, fmt.Sprint(i))
+		p.AddImage(t, fmt.Sprint(i), fmt.Sprintf("v%d.mvps-image", i), 32<<20)
+		a, idx := p.Attach(t, fmt.Sprint(i))
 		atts = append(atts, a)
 		indexes = append(indexes, idx)
 		a.Device.WriteAt(pattern(byte(i), 0, 4096), 0)
 	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.Cmd.Process.Signal(syscall.SIGTERM)
 	for _, a := range atts {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		err := a.Wait(ctx)
@@ -569,19 +311,19 @@ func TestVMProvisionerSIGTERM(t *testing.T) {
 		a.Close()
 	}
 	select {
-	case <-p.exited:
+	case <-p.Exited():
 	case <-time.After(60 * time.Second):
 		t.Fatal("provisioner did not exit")
 	}
-	if p.exitErr != nil {
-		t.Fatalf("provisioner exit: %v", p.exitErr)
+	if p.ExitErr() != nil {
+		t.Fatalf("provisioner exit: %v", p.ExitErr())
 	}
 	for _, idx := range indexes {
-		if !deviceFree(idx) {
-			t.Errorf("nbd%d still attached after SIGTERM (size %s)", idx, sysfs(idx, "size"))
+		if !vmharness.DeviceFree(idx) {
+			t.Errorf("nbd%d still attached after SIGTERM (size %s)", idx, vmharness.Sysfs(idx, "size"))
 		}
 	}
-	if processAlive(engine) {
+	if procfs.Alive(engine) {
 		t.Error("engine still running after the provisioner exited")
 	}
 	if _, err := os.Stat(p.Socket); !errors.Is(err, os.ErrNotExist) {
@@ -603,26 +345,26 @@ func TestVMProvisionerEngineWillNotRestart(t *testing.T) {
 	dir := t.TempDir()
 	marker := filepath.Join(dir, "broken")
 	wrapper := filepath.Join(dir, "engine")
-	script := fmt.Sprintf("#!/bin/sh\n[ -e %s ] && exit 1\nexec %s\n", marker, bin(t, "mvps-te-dev"))
+	script := fmt.Sprintf("#!/bin/sh\n[ -e %s ] && exit 1\nexec %s\n", marker, vmharness.Bin(t, "mvps-te-dev"))
 	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	p := startProvisionerWith(t, map[string]string{"PROVISIONER_ENGINE_BIN": wrapper})
-	p.addImage(t, "vol", "vol.mvps-image", 32<<20)
-	a, idx := p.attach(t, "vol")
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_ENGINE_BIN": wrapper})
+	p.AddImage(t, "vol", "vol.mvps-image", 32<<20)
+	a, idx := p.Attach(t, "vol")
 	defer a.Close()
 	os.WriteFile(marker, nil, 0o644)
-	syscall.Kill(p.enginePid(t), syscall.SIGKILL)
+	syscall.Kill(p.EnginePid(t), syscall.SIGKILL)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if err := a.Wait(ctx); ctx.Err() != nil {
 		t.Fatalf("caller not released when recovery was impossible: %v", err)
 	}
 	a.Close()
-	waitUntil(t, 10*time.Second, "device free", func() bool { return deviceFree(idx) })
+	waitUntil(t, 10*time.Second, "device free", func() bool { return vmharness.DeviceFree(idx) })
 	select {
-	case <-p.exited:
-		t.Fatalf("the provisioner exited (%v) instead of trying to restart its engine", p.exitErr)
+	case <-p.Exited():
+		t.Fatalf("the provisioner exited (%v) instead of trying to restart its engine", p.ExitErr())
 	default:
 	}
 	b, _ := os.ReadFile(p.LogPath)
@@ -635,29 +377,29 @@ func TestVMProvisionerEngineWillNotRestart(t *testing.T) {
 }
 
 func TestVMProvisionerKilledTakesEngineDown(t *testing.T) {
-	p := startProvisioner(t)
-	p.kill(t)
+	p := vmharness.Start(t, nil)
+	p.Kill(t)
 }
 
 func TestVMProvisionerSocketOwnership(t *testing.T) {
-	p := startProvisioner(t)
+	p := vmharness.Start(t, nil)
 	// A second instance on the same path must not steal the live socket.
-	cmd := exec.Command(bin(t, "mvps-provisioner"))
+	cmd := exec.Command(vmharness.Bin(t, "mvps-provisioner"))
 	cmd.Env = append(os.Environ(), "PROVISIONER_LISTEN_PATH="+p.Socket, "IMAGE_CONFIG_DIRECTORY="+p.ConfigDir,
-		"PROVISIONER_ENGINE_BIN="+bin(t, "mvps-te-dev"))
+		"PROVISIONER_ENGINE_BIN="+vmharness.Bin(t, "mvps-te-dev"))
 	out, err := cmd.CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "another provisioner is listening") {
 		t.Fatalf("second instance: %v\n%s", err, out)
 	}
-	if !p.answers() {
+	if !p.Answers() {
 		t.Fatal("first instance stopped answering")
 	}
 }
 
 func TestVMProvisionerNoTokenInCmdlineOrLogs(t *testing.T) {
-	p := startProvisioner(t)
-	p.addImage(t, "vol", "vol.mvps-image", 32<<20)
-	a, _ := p.attach(t, "vol")
+	p := vmharness.Start(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 32<<20)
+	a, _ := p.Attach(t, "vol")
 	// While attached, look at every process's argv.
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
@@ -670,7 +412,7 @@ func TestVMProvisionerNoTokenInCmdlineOrLogs(t *testing.T) {
 		}
 	}
 	a.Close()
-	p.stop(t)
+	p.Stop(t)
 	b, _ := os.ReadFile(p.LogPath)
 	if !strings.Contains(string(b), "attached") || !strings.Contains(string(b), "detached") {
 		t.Fatalf("log lacks attach/detach lines:\n%s", b)
@@ -684,14 +426,14 @@ func TestVMProvisionerNoTokenInCmdlineOrLogs(t *testing.T) {
 // gives it to the engine through the environment; the engine may also
 // listen on TCP.
 func TestVMProvisionerRandomSecretTCPEngine(t *testing.T) {
-	p := startProvisionerWith(t, map[string]string{
+	p := vmharness.Start(t, map[string]string{
 		"MVPS_TE_JWT_SECRET":        "",
 		"PROVISIONER_ENGINE_LISTEN": "127.0.0.1:2192",
 	})
-	p.addImage(t, "vol", "vol.mvps-image", 32<<20)
-	a, _ := p.attach(t, "vol")
+	p.AddImage(t, "vol", "vol.mvps-image", 32<<20)
+	a, _ := p.Attach(t, "vol")
 	defer a.Close()
-	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.enginePid(t)))
+	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.EnginePid(t)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -711,7 +453,7 @@ func TestVMProvisionerRandomSecretTCPEngine(t *testing.T) {
 		t.Fatalf("engine listens on %q", listen)
 	}
 	a.Close()
-	p.stop(t)
+	p.Stop(t)
 	log, _ := os.ReadFile(p.LogPath)
 	if strings.Contains(string(log), secret) {
 		t.Fatal("the generated secret is in the log")

@@ -17,8 +17,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
 // The uid and group of the unprivileged caller: nobody, given the socket's
@@ -155,7 +157,7 @@ type caller struct {
 
 // startCaller runs the unprivileged caller; nsFile, when set, is the
 // namespace it sends instead of its own.
-func startCaller(t *testing.T, p *provProc, key, dir string, nsFile *os.File) *caller {
+func startCaller(t *testing.T, p *vmharness.Provisioner, key, dir string, nsFile *os.File) *caller {
 	t.Helper()
 	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=caller", "CALLER_SOCKET="+p.Socket, "CALLER_KEY="+key,
@@ -221,13 +223,13 @@ func sharedDir(t *testing.T, uid int) string {
 
 // startSharedProvisioner runs the daemon with its socket open to the socket
 // group, as an operator shares it with containers.
-func startSharedProvisioner(t *testing.T, override map[string]string) *provProc {
+func startSharedProvisioner(t *testing.T, override map[string]string) *vmharness.Provisioner {
 	t.Helper()
 	if override == nil {
 		override = map[string]string{}
 	}
 	override["PROVISIONER_SOCKET_GROUP"] = strconv.Itoa(socketGroup)
-	p := startProvisionerWith(t, override)
+	p := vmharness.Start(t, override)
 	// The socket's directory and the test's temporary directory above it.
 	for _, d := range []string{filepath.Dir(p.Socket), filepath.Dir(filepath.Dir(p.Socket))} {
 		if err := os.Chmod(d, 0o755); err != nil {
@@ -237,7 +239,7 @@ func startSharedProvisioner(t *testing.T, override map[string]string) *provProc 
 	return p
 }
 
-func writeImageConfig(t *testing.T, p *provProc, key, content string) {
+func writeImageConfig(t *testing.T, p *vmharness.Provisioner, key, content string) {
 	t.Helper()
 	if err := os.WriteFile(filepath.Join(p.ConfigDir, key), []byte(content), 0o644); err != nil {
 		t.Fatal(err)
@@ -370,7 +372,7 @@ func TestVMAllowedUIDs(t *testing.T) {
 	if c := startCaller(t, p, "rootonly", "", nil); c.report.Err != `ERR not_found no image config for key "rootonly"` {
 		t.Fatalf("uid %d attaching an image for uid 0 only: %q, want the not_found of a missing key", nobodyUID, c.report.Err)
 	}
-	a, _ := p.attach(t, "rootonly")
+	a, _ := p.Attach(t, "rootonly")
 	a.Close()
 	log, _ := os.ReadFile(p.LogPath)
 	if !strings.Contains(string(log), `actual_reason="uid 65534 gid 65534 may not attach this image"`) {
@@ -398,8 +400,8 @@ exec /usr/sbin/mke2fs "$@"
 	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	p := startProvisionerWith(t, map[string]string{"PROVISIONER_MKE2FS": wrapper})
-	p.addImage(t, "vol", "vol.mvps-image", 64<<20)
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_MKE2FS": wrapper})
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
 	child := newNSThread(t)
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	if _, err := child.mount(t, p, "vol", mnt); err == nil || !strings.Contains(err.Error(), "mke2fs") {
@@ -461,7 +463,7 @@ func mountCaller() int {
 }
 
 // runMountCaller runs mountCaller with attr and returns its report.
-func runMountCaller(t *testing.T, p *provProc, key, dir string, attr *syscall.SysProcAttr) mountCallerReport {
+func runMountCaller(t *testing.T, p *vmharness.Provisioner, key, dir string, attr *syscall.SysProcAttr) mountCallerReport {
 	t.Helper()
 	exe, err := os.Open(os.Args[0])
 	if err != nil {
@@ -532,7 +534,7 @@ func TestVMMountModeProcDirectory(t *testing.T) {
 }
 
 // logHas reports whether the daemon's log holds s.
-func logHas(p *provProc, s string) bool {
+func logHas(p *vmharness.Provisioner, s string) bool {
 	b, _ := os.ReadFile(p.LogPath)
 	return strings.Contains(string(b), s)
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 	"golang.org/x/sys/unix"
 )
 
@@ -20,12 +21,12 @@ import (
 // read, sent again, returns the right data. This is what an S3-backed
 // engine's cold read that outlasts the timeout looks like to a caller.
 func TestVMReadHeldPastIOTimeout(t *testing.T) {
-	p := startProvisionerWith(t, map[string]string{"PROVISIONER_IO_TIMEOUT": "2s"})
-	p.addImage(t, "vol", "vol.mvps-image", 16<<20)
-	a, index := p.attach(t, "vol")
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_IO_TIMEOUT": "2s"})
+	p.AddImage(t, "vol", "vol.mvps-image", 16<<20)
+	a, index := p.Attach(t, "vol")
 	defer a.Close()
 	// The setting reaches the kernel (in milliseconds).
-	if got := sysfs(index, "queue/io_timeout"); got != "2000" {
+	if got := vmharness.Sysfs(index, "queue/io_timeout"); got != "2000" {
 		t.Errorf("the device's io_timeout is %q, want 2000", got)
 	}
 
@@ -50,7 +51,7 @@ func TestVMReadHeldPastIOTimeout(t *testing.T) {
 	}
 	defer unix.Munmap(buf)
 
-	engine := p.enginePid(t)
+	engine := p.EnginePid(t)
 	if err := syscall.Kill(engine, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
 )
 
 // TestLibnbd checks the stand-in against a client nobody here wrote:
@@ -48,7 +49,7 @@ func TestLibnbd(t *testing.T) {
 		"MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "images"),
 		"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buffer"),
 	)
-	var stderr lockedBuffer
+	var stderr logbuf.Buffer
 	cmd.Stdout = &stderr
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {

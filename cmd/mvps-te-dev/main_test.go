@@ -8,11 +8,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
 
@@ -84,24 +84,6 @@ func TestRunBadSettings(t *testing.T) {
 	}
 }
 
-// lockedBuffer collects a process's log while the test reads it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // waitReady dials until the engine sends its greeting: readiness by
 // protocol. It gives up when exited is closed or after 10 s.
 func waitReady(t *testing.T, network, addr string, exited <-chan struct{}) {
@@ -141,7 +123,7 @@ func TestRunServesAndShutsDown(t *testing.T) {
 	secret := "in-process secret"
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	var stderr lockedBuffer
+	var stderr logbuf.Buffer
 	code := make(chan int, 1)
 	exited := make(chan struct{})
 	go func() {

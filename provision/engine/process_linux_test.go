@@ -21,6 +21,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
 
@@ -35,31 +37,20 @@ func buildStandIn(t *testing.T, dir string) string {
 	return bin
 }
 
-// procStatus reads the "Name:\tvalue" lines of /proc/<pid>/status.
-func procStatus(t *testing.T, pid string) map[string]string {
+// procStatus reads /proc/<pid>/status.
+func procStatus(t *testing.T, pid int) map[string]string {
 	t.Helper()
-	f, err := os.Open(filepath.Join("/proc", pid, "status"))
+	st, err := procfs.Status(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	fields := map[string]string{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if k, v, ok := strings.Cut(sc.Text(), ":"); ok {
-			fields[k] = strings.TrimSpace(v)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return fields
+	return st
 }
 
 // hasCapSetpcap reports whether this test process may empty a bounding set.
 func hasCapSetpcap(t *testing.T) bool {
 	t.Helper()
-	eff, err := strconv.ParseUint(procStatus(t, "self")["CapEff"], 16, 64)
+	eff, err := strconv.ParseUint(procStatus(t, os.Getpid())["CapEff"], 16, 64)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,8 +64,8 @@ func TestEngineRunsWithoutCapabilities(t *testing.T) {
 	dir := t.TempDir()
 	secret := []byte("caps-secret-0123456789")
 	// The main thread's, which /proc/<pid>/status shows as the process's.
-	own := procStatus(t, "self")["CapEff"]
-	var logs syncBuffer
+	own := procStatus(t, os.Getpid())["CapEff"]
+	var logs logbuf.Buffer
 	e, err := Start(context.Background(), Config{
 		Bin:    buildStandIn(t, dir),
 		Listen: "unix:" + filepath.Join(dir, "te.sock"),
@@ -88,7 +79,7 @@ func TestEngineRunsWithoutCapabilities(t *testing.T) {
 	}
 	defer e.Stop(context.Background())
 
-	status := procStatus(t, strconv.Itoa(e.Pid()))
+	status := procStatus(t, e.Pid())
 	want := map[string]string{
 		"CapInh": "0000000000000000", "CapPrm": "0000000000000000", "CapEff": "0000000000000000",
 		"CapAmb": "0000000000000000", "NoNewPrivs": "1",
@@ -106,7 +97,7 @@ func TestEngineRunsWithoutCapabilities(t *testing.T) {
 
 	// The daemon keeps its own, and what it starts later from any of its
 	// threads (mke2fs, blkid) has them.
-	if got := procStatus(t, "self")["CapEff"]; got != own {
+	if got := procStatus(t, os.Getpid())["CapEff"]; got != own {
 		t.Errorf("the daemon's main thread has CapEff %s after Start, had %s", got, own)
 	}
 	var wg sync.WaitGroup
@@ -234,7 +225,7 @@ func TestStartRefusesTCPSquatter(t *testing.T) {
 	}()
 
 	secret := []byte("squat-secret-0123456789")
-	var logs syncBuffer
+	var logs logbuf.Buffer
 	e, err := Start(context.Background(), Config{
 		// The engine never listens: whatever answers is the squatter.
 		Bin:          script(t, `echo started >"$SQUAT_FIFO"; exec sleep 60`),
@@ -278,7 +269,7 @@ func TestStartEngineStandInTCP(t *testing.T) {
 	// Freed just before the engine binds it; a test on a shared machine may
 	// rarely lose the port to someone else, which fails as "already in use".
 	unix.Close(fd)
-	var logs syncBuffer
+	var logs logbuf.Buffer
 	e, err := Start(context.Background(), Config{
 		Bin:    buildStandIn(t, dir),
 		Listen: address,

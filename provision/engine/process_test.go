@@ -10,32 +10,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
 )
-
-// syncBuffer collects log output written from several goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func script(t *testing.T, body string) string {
 	t.Helper()
@@ -55,7 +37,7 @@ func TestEngineEnv(t *testing.T) {
 }
 
 func TestStartEngineFailures(t *testing.T) {
-	var logs syncBuffer
+	var logs logbuf.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 	listen := "unix:" + filepath.Join(t.TempDir(), "e.sock")
 
@@ -105,7 +87,7 @@ func TestStartEngineStandIn(t *testing.T) {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	var logs syncBuffer
+	var logs logbuf.Buffer
 	secret := []byte("standin-secret-0123456789")
 	e, err := Start(context.Background(), Config{
 		Bin:    bin,

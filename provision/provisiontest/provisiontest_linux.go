@@ -6,7 +6,6 @@
 package provisiontest
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
@@ -298,7 +298,7 @@ type Server struct {
 	ConfigDir string
 	Devices   *Devices
 	Engine    *devenginetest.Engine
-	logs      syncBuffer
+	logs      logbuf.Buffer
 }
 
 // Config is what New starts a server with: the Manager's configuration,
@@ -431,21 +431,4 @@ func Code(err error) string {
 		return rerr.Code
 	}
 	return ""
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

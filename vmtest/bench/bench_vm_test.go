@@ -28,9 +28,11 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
 const (
@@ -93,8 +95,7 @@ func TestBench(t *testing.T) {
 		b.startup(5)
 	}
 	b.p = b.startProvisioner()
-	defer b.p.stop()
-	b.engineListen = b.p.engineListen
+	defer b.p.Stop(t)
 	if run("attach") {
 		b.attachRows()
 	}
@@ -117,7 +118,7 @@ type bench struct {
 	t            *testing.T
 	n, nKill     int
 	nl           *netlinknbd.Client
-	p            *provProc
+	p            *vmharness.Provisioner
 	engineListen string
 	res          *results
 	floorSteps   map[string][]time.Duration
@@ -129,111 +130,26 @@ func (b *bench) logf(format string, args ...any) {
 
 // ---------------------------------------------------------------- the daemon
 
-type provProc struct {
-	dir, socket, configDir, logPath string
-	engineListen                    string
-	cmd                             *exec.Cmd
-	exited                          chan struct{}
-}
-
-func (b *bench) startProvisioner() *provProc {
-	p, _, err := launchProvisioner(b.t.TempDir())
-	if err != nil {
-		b.t.Fatal(err)
-	}
+func (b *bench) startProvisioner() *vmharness.Provisioner {
+	p, listen, _ := launchProvisioner(b.t, b.t.TempDir())
+	b.engineListen = listen
 	return p
 }
 
 // launchProvisioner starts the daemon with its engine on a known socket (the other rows dial
 // the same engine) and returns when it answers, with the time from exec to that answer.
-func launchProvisioner(dir string) (*provProc, time.Duration, error) {
-	binDir := os.Getenv("MVPS_BIN_DIR")
-	p := &provProc{
-		dir:       dir,
-		socket:    filepath.Join(dir, "provisioner.sock"),
-		configDir: filepath.Join(dir, "images"),
-		logPath:   filepath.Join(dir, "provisioner.log"),
-	}
+func launchProvisioner(t *testing.T, dir string) (p *vmharness.Provisioner, engineListen string, ready time.Duration) {
 	teDir := filepath.Join(dir, "te")
-	os.MkdirAll(p.configDir, 0o755)
-	os.MkdirAll(teDir, 0o700)
-	p.engineListen = "unix:" + filepath.Join(teDir, "te.sock")
-	log, err := os.Create(p.logPath)
-	if err != nil {
-		return nil, 0, err
+	if err := os.MkdirAll(teDir, 0o700); err != nil {
+		t.Fatal(err)
 	}
-	cmd := exec.Command(filepath.Join(binDir, "mvps-provisioner"))
-	cmd.Env = append(os.Environ(),
-		"PROVISIONER_LISTEN_PATH="+p.socket,
-		"IMAGE_CONFIG_DIRECTORY="+p.configDir,
-		// Each daemon its own records: one directory is one provisioner.
-		"PROVISIONER_STATE_DIR="+filepath.Join(dir, "state"),
-		"PROVISIONER_ENGINE_BIN="+filepath.Join(binDir, "mvps-te-dev"),
-		"PROVISIONER_ENGINE_LISTEN="+p.engineListen,
-		"PROVISIONER_METRICS_ADDR="+metricsAddr,
-		"MVPS_TE_JWT_SECRET="+secret,
-		"MVPS_TE_IMAGE_STORE=local",
-		"MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "store"),
-		"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buffer"),
-	)
-	cmd.Stdout, cmd.Stderr = log, log
-	t0 := time.Now()
-	if err := cmd.Start(); err != nil {
-		return nil, 0, err
-	}
-	p.cmd, p.exited = cmd, make(chan struct{})
-	go func() { cmd.Wait(); log.Close(); close(p.exited) }()
-	deadline := time.Now().Add(30 * time.Second)
-	for !p.answers() {
-		select {
-		case <-p.exited:
-			out, _ := os.ReadFile(p.logPath)
-			return nil, 0, fmt.Errorf("provisioner exited at start:\n%s", out)
-		default:
-		}
-		if time.Now().After(deadline) {
-			p.stop()
-			return nil, 0, errors.New("provisioner did not answer within 30 s")
-		}
-		time.Sleep(time.Millisecond)
-	}
-	return p, time.Since(t0), nil
-}
-
-func (p *provProc) answers() bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	conn, payload, fds, err := protocol.SendRaw(ctx, p.socket, protocol.AppendRequest(nil, protocol.CommandAttach, "readiness-probe"), nil)
-	if err != nil {
-		return false
-	}
-	conn.Close()
-	protocol.CloseFDs(fds)
-	return strings.HasPrefix(string(payload), "ERR not_found")
-}
-
-func (p *provProc) stop() {
-	select {
-	case <-p.exited:
-		return
-	default:
-	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.exited:
-	case <-time.After(60 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.exited
-	}
-}
-
-func (p *provProc) addImage(key, imageID string, size uint64) {
-	os.WriteFile(filepath.Join(p.configDir, key), fmt.Appendf(nil, `{"image_id": %q, "image_size": %d}`, imageID, size), 0o644)
-}
-
-func (p *provProc) logBytes() []byte {
-	b, _ := os.ReadFile(p.logPath)
-	return b
+	engineListen = "unix:" + filepath.Join(teDir, "te.sock")
+	p = vmharness.Prepare(t, dir, map[string]string{
+		"PROVISIONER_ENGINE_LISTEN": engineListen,
+		"PROVISIONER_METRICS_ADDR":  metricsAddr,
+		"MVPS_TE_JWT_SECRET":        secret,
+	})
+	return p, engineListen, p.Launch(t)
 }
 
 // procUsage is VmRSS (KiB) and Threads from /proc/<pid>/status.
@@ -246,40 +162,10 @@ type procUsage struct {
 
 func usageOf(pid int) procUsage {
 	var u procUsage
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	for line := range strings.SplitSeq(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		switch f[0] {
-		case "VmRSS:":
-			u.RSSKiB, _ = strconv.Atoi(f[1])
-		case "Threads:":
-			u.Threads, _ = strconv.Atoi(f[1])
-		}
-	}
+	st, _ := procfs.Status(pid)
+	u.RSSKiB, _ = strconv.Atoi(strings.TrimSuffix(st["VmRSS"], " kB"))
+	u.Threads, _ = strconv.Atoi(st["Threads"])
 	return u
-}
-
-// enginePid is the daemon's only child.
-func (p *provProc) enginePid() int {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			continue
-		}
-		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
-		if len(f) > 1 && f[1] == strconv.Itoa(p.cmd.Process.Pid) {
-			return pid
-		}
-	}
-	return 0
 }
 
 // ---------------------------------------------------------------- 5. start-up
@@ -290,13 +176,10 @@ func (b *bench) startup(k int) {
 	var ready, eng []time.Duration
 	for range k {
 		dir := b.t.TempDir()
-		p, d, err := launchProvisioner(dir)
-		if err != nil {
-			b.t.Fatal(err)
-		}
-		p.stop()
+		p, _, d := launchProvisioner(b.t, dir)
+		p.Stop(b.t)
 		ready = append(ready, d)
-		if m := engineReadyRe.FindSubmatch(p.logBytes()); m != nil {
+		if m := engineReadyRe.FindSubmatch(p.Log()); m != nil {
 			if e, err := time.ParseDuration(string(m[1])); err == nil {
 				eng = append(eng, e)
 			}
@@ -320,13 +203,13 @@ func indexOf(path string) uint32 {
 	return uint32(n)
 }
 
-// fileIndex is the nbd index of an open device (a received fd has no useful name).
+// fileIndex is the nbd index of an open device, ^0 when it cannot be read.
 func fileIndex(f *os.File) uint32 {
-	p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+	i, err := vmharness.FileIndex(f)
 	if err != nil {
 		return ^uint32(0)
 	}
-	return indexOf(p)
+	return i
 }
 
 // free reports whether the kernel let go of nbd<index>: no configuration, no pid file.
@@ -444,7 +327,7 @@ func (b *bench) floorAttach(imageID string, size uint64, record bool) (*os.File,
 func (b *bench) provAttach(key string) (*protocol.Attachment, uint32, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), attachCtx)
 	defer cancel()
-	a, err := protocol.Attach(ctx, b.p.socket, key)
+	a, err := protocol.Attach(ctx, b.p.Socket, key)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -465,7 +348,7 @@ func (b *bench) provMount(key, dir string) (*protocol.Attachment, error) {
 		return nil, err
 	}
 	defer d.Close()
-	return protocol.AttachMount(ctx, b.p.socket, key, ns, d)
+	return protocol.AttachMount(ctx, b.p.Socket, key, ns, d)
 }
 
 // mountedIndex finds the nbd device mounted on dir.
@@ -637,13 +520,13 @@ func (b *bench) attachRows() {
 	b.logf("floor: %v", b.res.Attach["floor"])
 
 	// (c) the provisioner, fd mode; the close of each cycle is the detach measurement
-	b.p.addImage("a-fd", "a-fd.mvps-image", imageSize)
-	logStart := len(b.p.logBytes())
+	b.p.AddImage(b.t, "a-fd", "a-fd.mvps-image", imageSize)
+	logStart := len(b.p.Log())
 	lat, det = nil, nil
 	stopPerf = b.perf("provisioner fd")
 	for i := range b.n {
 		t0 := time.Now()
-		a, err := protocol.Attach(context.Background(), b.p.socket, "a-fd")
+		a, err := protocol.Attach(context.Background(), b.p.Socket, "a-fd")
 		if err != nil {
 			t.Fatalf("fd cycle %d: %v", i, err)
 		}
@@ -656,11 +539,11 @@ func (b *bench) attachRows() {
 	stopPerf()
 	b.res.Attach["provisioner fd"] = stats(lat)
 	b.res.Detach["provisioner fd: caller close to free"] = stats(det)
-	b.res.Phases["fd"] = phases(b.p.logBytes()[logStart:], "fd")
+	b.res.Phases["fd"] = phases(b.p.Log()[logStart:], "fd")
 	b.logf("provisioner fd: %v", b.res.Attach["provisioner fd"])
 
 	// (d) mount mode: the first attach formats, the rest mount what is there
-	b.p.addImage("a-mnt", "a-mnt.mvps-image", imageSize)
+	b.p.AddImage(b.t, "a-mnt", "a-mnt.mvps-image", imageSize)
 	dir := filepath.Join(b.t.TempDir(), "mnt")
 	os.MkdirAll(dir, 0o755)
 	mountCycle := func() (time.Duration, time.Duration) {
@@ -680,7 +563,7 @@ func (b *bench) attachRows() {
 	}
 	first, _ := mountCycle()
 	b.res.Attach["provisioner mount, first (mkfs)"] = stats([]time.Duration{first})
-	logStart = len(b.p.logBytes())
+	logStart = len(b.p.Log())
 	lat, det = nil, nil
 	for range b.n {
 		d, dd := mountCycle()
@@ -689,7 +572,7 @@ func (b *bench) attachRows() {
 	}
 	b.res.Attach["provisioner mount"] = stats(lat)
 	b.res.Detach["provisioner mount: umount -l + close to free"] = stats(det)
-	b.res.Phases["mount"] = phases(b.p.logBytes()[logStart:], "mount")
+	b.res.Phases["mount"] = phases(b.p.Log()[logStart:], "mount")
 	b.logf("provisioner mount: %v", b.res.Attach["provisioner mount"])
 }
 
@@ -721,11 +604,11 @@ func phases(log []byte, mode string) map[string]float64 {
 
 // detachKill: the caller dies by SIGKILL while it holds the device.
 func (b *bench) detachKill() {
-	b.p.addImage("a-kill", "a-kill.mvps-image", imageSize)
+	b.p.AddImage(b.t, "a-kill", "a-kill.mvps-image", imageSize)
 	var det []time.Duration
 	for i := range b.nKill {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestBenchHolder$")
-		cmd.Env = append(os.Environ(), "MVPS_BENCH_HOLD="+b.p.socket+":a-kill", "MVPS_BENCH=")
+		cmd.Env = append(os.Environ(), "MVPS_BENCH_HOLD="+b.p.Socket+":a-kill", "MVPS_BENCH=")
 		out, _ := cmd.StdoutPipe()
 		if err := cmd.Start(); err != nil {
 			b.t.Fatal(err)
@@ -748,10 +631,18 @@ func (b *bench) detachKill() {
 
 // ---------------------------------------------------------------- 2. concurrency and scale
 
+// enginePid is the daemon's engine, 0 when there is not exactly one.
+func (b *bench) enginePid() int {
+	if e := b.p.EngineChildren(); len(e) == 1 {
+		return e[0]
+	}
+	return 0
+}
+
 func (b *bench) usage() map[string]procUsage {
-	daemon := usageOf(b.p.cmd.Process.Pid)
+	daemon := usageOf(b.p.Cmd.Process.Pid)
 	daemon.Goroutines = goroutines()
-	return map[string]procUsage{"daemon": daemon, "engine": usageOf(b.p.enginePid())}
+	return map[string]procUsage{"daemon": daemon, "engine": usageOf(b.enginePid())}
 }
 
 // metricsAddr is where the bench's daemon serves /metrics (one daemon runs at a time).
@@ -820,7 +711,7 @@ func (b *bench) concurrency() {
 	keys := make([]string, c)
 	for i := range keys {
 		keys[i] = fmt.Sprintf("c%03d", i)
-		b.p.addImage(keys[i], keys[i]+".mvps-image", imageSize)
+		b.p.AddImage(b.t, keys[i], keys[i]+".mvps-image", imageSize)
 	}
 	runtime.GC()
 	b.res.Usage["0"] = b.usage()
@@ -873,7 +764,7 @@ func (b *bench) concurrency() {
 	keys = make([]string, h)
 	for i := range keys {
 		keys[i] = fmt.Sprintf("h%03d", i)
-		b.p.addImage(keys[i], keys[i]+".mvps-image", imageSize)
+		b.p.AddImage(b.t, keys[i], keys[i]+".mvps-image", imageSize)
 	}
 	as, d = b.provMany(keys, c)
 	b.res.Concurrent["provisioner 256 held (32 callers at a time)"] = ms(d)
@@ -948,7 +839,7 @@ func (b *bench) throughput() {
 	if os.Getenv("MVPS_BENCH_FIO_RUNTIME") == "" {
 		os.Setenv("MVPS_BENCH_FIO_RUNTIME", "3")
 	}
-	b.p.addImage("tp", "tp-prov.mvps-image", tpSize)
+	b.p.AddImage(b.t, "tp", "tp-prov.mvps-image", tpSize)
 	a, idx, err := b.provAttach("tp")
 	if err != nil {
 		b.t.Fatal(err)
