@@ -355,3 +355,46 @@ func TestAdoptKeepsACallerOfAnotherPIDNamespace(t *testing.T) {
 		t.Error("the record outlived the detach")
 	}
 }
+
+// A device whose connection is to the engine that still runs (the daemon
+// restarted, the engine did not) keeps that connection: a reconnect would
+// stall the I/O in flight on it until its request timeout. A device of
+// another engine is reconnected.
+func TestAdoptKeepsTheConnectionToARunningEngine(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		next       string
+		reconnects int
+	}{
+		{"same engine", "engine-1", 0},
+		{"engine restarted", "engine-2", 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			stateDir := t.TempDir()
+			state := openState(t, stateDir)
+			old := provisiontest.New(t, func(c *provisiontest.Config) {
+				c.State, c.EngineInstance = state, func() string { return "engine-1" }
+			})
+			old.AddImage(t, "vol", volID, 1<<20)
+			a := old.Attach(t, "vol")
+			t.Cleanup(func() { a.Close() })
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := old.Handover(ctx); err != nil {
+				t.Fatal(err)
+			}
+			state.Close()
+			caller, _, start := standInCaller(t)
+			state = openState(t, stateDir)
+			rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = int32(caller.Process.Pid), start })
+			ts := provisiontest.New(t, func(c *provisiontest.Config) {
+				c.State, c.Devices, c.EngineInstance = state, old.Devices, func() string { return tc.next }
+			})
+			ts.Adopt()
+			waitFor(t, func() bool { return stateOf(ts, volID) == provision.StateAttached })
+			if n := old.Devices.Reconnects(0); n != tc.reconnects {
+				t.Errorf("%d reconnects, want %d", n, tc.reconnects)
+			}
+		})
+	}
+}

@@ -175,7 +175,8 @@ func (m *Manager) record(a *attachment, index int64) error {
 		return nil
 	}
 	return m.cfg.State.write(stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
-		Index: index, Mode: a.mode, CallerPID: a.caller.PID, CallerStart: a.caller.start, Owner: a.owner.Kind, Volume: a.owner.Volume})
+		Index: index, Mode: a.mode, CallerPID: a.caller.PID, CallerStart: a.caller.start, Owner: a.owner.Kind, Volume: a.owner.Volume,
+		Engine: m.cfg.EngineInstance()})
 }
 
 // forget removes a's state file once its device is detached.

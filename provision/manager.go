@@ -131,6 +131,12 @@ type Config struct {
 	Logger                           *slog.Logger
 	// Metrics, when set, is told of attaches, detaches and reconnects.
 	Metrics Observer
+	// EngineInstance, when set, names the engine process that sessions
+	// open on now. Records name the engine of each device's connection,
+	// so that Adopt keeps the connection of a device whose engine still
+	// runs (the daemon restarted, the engine did not) instead of
+	// reconnecting it, which would stall its I/O in flight.
+	EngineInstance func() string
 }
 
 // Defaults for zero Config durations and bounds.
@@ -193,6 +199,9 @@ func NewManager(cfg Config) (*Manager, error) {
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = noObserver{}
+	}
+	if cfg.EngineInstance == nil {
+		cfg.EngineInstance = func() string { return "" }
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	return &Manager{cfg: cfg, log: cfg.Logger, reg: newRegistry(), ctx: ctx, cancel: cancel}, nil

@@ -7,8 +7,8 @@ import (
 	"os"
 	"strconv"
 	"syscall"
-	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/pidfd"
 	"golang.org/x/sys/unix"
 )
 
@@ -55,7 +55,7 @@ func (c *Caller) readStart() {
 
 // alive reports whether the process of the pidfd still runs.
 func (c Caller) alive() bool {
-	return c.pidfd >= 0 && unix.PidfdSendSignal(c.pidfd, 0, nil, 0) == nil
+	return pidfd.Alive(c.pidfd)
 }
 
 // Close releases the pidfd.
@@ -167,53 +167,5 @@ func findCaller(pid int32, start uint64) (Caller, bool) {
 }
 
 // waitExit blocks until the caller's process exits or ctx ends; it reports
-// whether the process exited. A pidfd becomes readable when its process
-// exits: the runtime's poller waits for that, and ctx's end wakes it through
-// a read deadline, so nothing polls in slices.
-func (c Caller) waitExit(ctx context.Context) bool {
-	// A duplicate, owned by the os.File: closing it leaves c.pidfd open.
-	fd, err := unix.FcntlInt(uintptr(c.pidfd), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		return c.pollExit(ctx)
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return c.pollExit(ctx)
-	}
-	f := os.NewFile(uintptr(fd), "pidfd")
-	defer f.Close()
-	if err := f.SetReadDeadline(time.Time{}); err != nil {
-		return c.pollExit(ctx) // not pollable here
-	}
-	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(time.Now()) })
-	defer stop()
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return c.pollExit(ctx)
-	}
-	exited := false
-	rc.Read(func(fd uintptr) bool {
-		exited = pidfdReadable(int(fd), 0)
-		return exited
-	})
-	return exited
-}
-
-// pollExit is waitExit for a pidfd the runtime cannot poll: in slices, so
-// that ctx is heeded.
-func (c Caller) pollExit(ctx context.Context) bool {
-	for ctx.Err() == nil {
-		if pidfdReadable(c.pidfd, 200) {
-			return true
-		}
-	}
-	return false
-}
-
-// pidfdReadable reports whether the process of pidfd has exited, waiting
-// at most timeout milliseconds.
-func pidfdReadable(pidfd, timeout int) bool {
-	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
-	n, err := unix.Poll(fds, timeout)
-	return err == nil && n > 0
-}
+// whether the process exited.
+func (c Caller) waitExit(ctx context.Context) bool { return pidfd.Wait(ctx, c.pidfd) }

@@ -53,6 +53,10 @@ func (m *Manager) recover(a *attachment) bool {
 		}
 		cancel()
 		if err == nil {
+			// The record names the engine of the new connection.
+			if err := m.record(a, int64(a.dev.Index)); err != nil {
+				m.log.Warn("state record not updated after the reconnect", "image_id", a.imageID, "err", err)
+			}
 			m.reg.endRecovery(a, true)
 			m.cfg.Metrics.Reconnected(true)
 			m.log.Info("reconnected", "image_id", a.imageID, "device", a.dev.Path, "attempts", attempt,
@@ -197,8 +201,15 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 	m.reg.setState(a, StateReconnecting)
 	m.log.Info("taking over an attachment from an earlier run", append(attrs, "device", dev.Path, "owner", owner.Kind,
 		"caller_alive", alive)...)
+	// Connected to the engine that still runs: the connection is alive
+	// (only a new session of ours would fence it), and a reconnect would
+	// stall the I/O in flight on it until its request timeout.
+	keep := e.Engine != "" && e.Engine == m.cfg.EngineInstance()
 	started := m.goTracked(func() {
-		if !m.recover(a) {
+		if keep {
+			m.reg.endRecovery(a, false)
+			m.log.Info("kept its connection to the engine that still runs", "image_id", a.imageID, "device", dev.Path)
+		} else if !m.recover(a) {
 			a.caller.Close()
 			m.detach(a, endReason(context.Cause(ctx)))
 			return

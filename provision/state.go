@@ -10,10 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -44,6 +44,10 @@ type stateEntry struct {
 	// restart follows.
 	Owner  OwnerKind `json:"owner,omitempty"`
 	Volume string    `json:"volume,omitempty"`
+	// Engine names the engine process the device's connection is to
+	// (Config.EngineInstance): a restart that finds that engine still
+	// running keeps the connection.
+	Engine string `json:"engine,omitempty"`
 }
 
 // StateDir holds one state file per attachment, and a lock that keeps a
@@ -363,23 +367,6 @@ func fileType(m fs.FileMode) string {
 	return "special file"
 }
 
-// processStart is the start time of process pid in clock ticks after boot
-// (field 22 of /proc/<pid>/stat): with the pid, it names one process for
-// good.
-func processStart(pid int32) (uint64, error) {
-	data, err := os.ReadFile("/proc/" + strconv.Itoa(int(pid)) + "/stat")
-	if err != nil {
-		return 0, err
-	}
-	// The command name, field 2, may hold spaces and parentheses.
-	i := bytes.LastIndexByte(data, ')')
-	if i < 0 {
-		return 0, errors.New("malformed /proc stat")
-	}
-	fields := strings.Fields(string(data[i+1:]))
-	// fields[0] is field 3 (state); starttime is field 22.
-	if len(fields) < 20 {
-		return 0, errors.New("malformed /proc stat")
-	}
-	return strconv.ParseUint(fields[19], 10, 64)
-}
+// processStart is the start time of process pid, which with the pid names
+// it for good.
+func processStart(pid int32) (uint64, error) { return procfs.StartTime(int(pid)) }

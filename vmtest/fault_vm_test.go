@@ -254,20 +254,30 @@ func writerDevice(t *testing.T, imageID string) uint32 {
 	return index
 }
 
-// A provisioner killed while a caller writes through its fd: the caller
-// never sees an error, its writes resume once the provisioner is back, and
-// every acknowledged block reads back right.
+// A provisioner killed while a caller writes through its fd: the engine
+// keeps serving the device, so the writes never stop; the next start takes
+// the engine and the device over without a reconnect, and every
+// acknowledged block reads back right.
 func TestVMFaultProvisionerKilled(t *testing.T) {
 	p := vmharness.Start(t, nil)
 	w, index, before := writeLoad(t, p)
+	engine := p.EnginePid(t)
 
 	p.Kill(t)
 	killed := time.Now()
+	// The data path does not notice: writes go on while no provisioner
+	// runs.
+	during := w.waitAcked(t, before+50, 30*time.Second)
+	t.Logf("provisioner killed at %d writes; %d acknowledged %v after the kill, before any restart",
+		before, during, time.Since(killed).Round(time.Millisecond))
 	p.Launch(t)
 	restarted := time.Since(killed)
-	after := w.waitAcked(t, before+100, 30*time.Second)
-	t.Logf("provisioner killed at %d writes, back after %v, writes resumed: %d acknowledged %v after the kill",
-		before, restarted.Round(time.Millisecond), after, time.Since(killed).Round(time.Millisecond))
+	after := w.waitAcked(t, during+100, 30*time.Second)
+	t.Logf("back after %v; %d acknowledged %v after the kill", restarted.Round(time.Millisecond), after,
+		time.Since(killed).Round(time.Millisecond))
+	if got := p.EnginePid(t); got != engine {
+		t.Errorf("engine %d after the restart, want the one that kept running (%d)", got, engine)
+	}
 	w.checkReport(t, w.verify(t))
 	if got, _ := ourDevice(t, "vol.mvps-image"); got != index {
 		t.Fatalf("device changed from nbd%d to nbd%d", index, got)
@@ -276,11 +286,15 @@ func TestVMFaultProvisionerKilled(t *testing.T) {
 	t.Logf("device free %v after the caller's SIGKILL", took.Round(time.Millisecond))
 	// The kernel shows the device free a moment before the daemon has
 	// logged its detach (seen on 6.1 and on 7.x).
-	for _, want := range []string{"taking over an attachment from an earlier run", "reconnected", "caller exited"} {
+	for _, want := range []string{"engine taken over from an earlier run", "taking over an attachment from an earlier run",
+		"kept its connection to the engine that still runs", "caller exited"} {
 		waitUntil(t, 5*time.Second, "log line "+strconv.Quote(want), func() bool { return logHas(p, want) })
 	}
-	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 { // the lock file
-		t.Errorf("state directory holds %d files after the detach, want only the lock", len(entries))
+	if logHas(p, "reconnected") {
+		t.Error("the device was reconnected, though its engine still ran")
+	}
+	if n := stateFiles(t, p); n != 1 {
+		t.Errorf("state directory holds %d files after the detach, want only the lock", n)
 	}
 }
 
@@ -416,8 +430,8 @@ func TestVMFaultChaos(t *testing.T) {
 	})
 	waitUntil(t, 30*time.Second, "the daemon's fds back at their baseline", func() bool { return openFDCount(pid) <= baseFDs })
 	waitUntil(t, 30*time.Second, "the daemon's goroutines back at their baseline", func() bool { return goroutines() <= baseGoroutines })
-	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 {
-		t.Errorf("state directory holds %d files, want only the lock", len(entries))
+	if n := stateFiles(t, p); n != 1 {
+		t.Errorf("state directory holds %d files, want only the lock", n)
 	}
 	t.Logf("daemon fds: %d before, %d after; goroutines: %v before, %v after", baseFDs, openFDCount(pid), baseGoroutines, goroutines())
 }
@@ -671,8 +685,8 @@ exit 1
 		t.Fatal("the caller's attach succeeded although the provisioner was killed during it")
 	}
 	c.stop() // the caller exits
-	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 2 {
-		t.Fatalf("state directory holds %d files after the kill, want the lock and the record", len(entries))
+	if n := stateFiles(t, p); n != 2 {
+		t.Fatalf("state directory holds %d files after the kill, want the lock and the record", n)
 	}
 
 	p.Launch(t)
@@ -681,8 +695,8 @@ exit 1
 		_, attached := ourDevice(t, "vol.mvps-image")
 		return strings.Contains(string(log), "msg=detached") && !attached
 	})
-	if entries, _ := os.ReadDir(p.StateDir); len(entries) != 1 {
-		t.Errorf("state directory holds %d files after the restart, want only the lock", len(entries))
+	if n := stateFiles(t, p); n != 1 {
+		t.Errorf("state directory holds %d files after the restart, want only the lock", n)
 	}
 	log, _ := os.ReadFile(p.LogPath)
 	if n := strings.Count(string(log), "msg=detached"); n != 1 {
@@ -690,7 +704,7 @@ exit 1
 	}
 }
 
-// An upgrade: SIGUSR2 hands over (exit 75, the engine stopped cleanly, every
+// An upgrade: SIGUSR2 hands over (exit 75, the engine left running, every
 // device left attached and recorded); the next start takes them over and
 // the caller's writes go on.
 func TestVMHandover(t *testing.T) {
@@ -718,7 +732,10 @@ func testHandover(t *testing.T, handOver func(*vmharness.Provisioner)) {
 	if code := p.Cmd.ProcessState.ExitCode(); code != 75 {
 		t.Fatalf("handover exit status %d (%v), want 75", code, p.ExitErr())
 	}
-	waitUntil(t, 10*time.Second, "engine stopped", func() bool { return !procfs.Alive(engine) })
+	// The engine serves the device on: the next start takes it over.
+	if !procfs.Alive(engine) {
+		t.Fatal("the engine stopped at a handover")
+	}
 	if _, ok := ourDevice(t, "vol.mvps-image"); !ok {
 		t.Fatal("the device was detached by a handover")
 	}
@@ -729,7 +746,11 @@ func testHandover(t *testing.T, handOver func(*vmharness.Provisioner)) {
 	took := w.killAndWaitFree(t, index)
 	t.Logf("device free %v after the caller's SIGKILL", took.Round(time.Millisecond))
 	log, _ := os.ReadFile(p.LogPath)
-	for _, want := range []string{"left attached for the next start", "handed over", "taking over an attachment from an earlier run"} {
+	if got := p.EnginePid(t); got != engine {
+		t.Errorf("engine %d after the handover, want the one that kept running (%d)", got, engine)
+	}
+	for _, want := range []string{"left attached for the next start", "handed over", "taking over an attachment from an earlier run",
+		"engine taken over from an earlier run", "kept its connection to the engine that still runs"} {
 		if !strings.Contains(string(log), want) {
 			t.Errorf("log lacks %q", want)
 		}
@@ -773,4 +794,21 @@ func TestVMFaultSquattedMetricsPort(t *testing.T) {
 	if got, _ := ourDevice(t, "vol.mvps-image"); got != index {
 		t.Fatalf("device changed from nbd%d to nbd%d", index, got)
 	}
+}
+
+// stateFiles counts the files of p's state directory: the lock and the
+// attachments' records, not the engine's directory.
+func stateFiles(t *testing.T, p *vmharness.Provisioner) int {
+	t.Helper()
+	entries, err := os.ReadDir(p.StateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if e.Name() != "engine" {
+			n++
+		}
+	}
+	return n
 }

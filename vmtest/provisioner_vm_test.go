@@ -376,9 +376,24 @@ func TestVMProvisionerEngineWillNotRestart(t *testing.T) {
 	os.Remove(marker)
 }
 
-func TestVMProvisionerKilledTakesEngineDown(t *testing.T) {
+// A killed provisioner leaves its engine running; the next start takes it
+// over, and a shutdown then stops it.
+func TestVMProvisionerKilledLeavesEngineRunning(t *testing.T) {
 	p := vmharness.Start(t, nil)
+	engine := p.EnginePid(t)
 	p.Kill(t)
+	if !procfs.Alive(engine) {
+		t.Fatal("the engine died with the provisioner")
+	}
+	p.Launch(t)
+	if got := p.EnginePid(t); got != engine {
+		t.Fatalf("engine %d after the restart, want %d taken over", got, engine)
+	}
+	p.Stop(t)
+	waitUntil(t, 10*time.Second, "the engine to stop at the shutdown", func() bool { return !procfs.Alive(engine) })
+	if _, ok := p.EngineRecord(); ok {
+		t.Error("the engine's record outlived its shutdown")
+	}
 }
 
 func TestVMProvisionerSocketOwnership(t *testing.T) {

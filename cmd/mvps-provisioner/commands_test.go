@@ -54,7 +54,7 @@ func (backend) Status(context.Context) admin.Status {
 		Engine: admin.Engine{PID: 99, Answering: true}}
 }
 
-func (backend) Handover(admin.Peer) error { return nil }
+func (backend) Handover(admin.Peer) {}
 
 func (backend) ForceDetach(_ context.Context, target string, _ admin.Peer) (admin.DetachResult, error) {
 	if target != "k" {

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -43,14 +42,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
 	raiseFileLimit(log)
-	secret := cfg.Secret
-	if secret == "" {
-		var err error
-		if secret, err = engine.NewSecret(); err != nil {
-			return err
-		}
-		log.Info("MVPS_TE_JWT_SECRET is unset: using a random secret for this run")
-	} else if len(secret) < 32 {
+	if secret := cfg.Secret; secret != "" && len(secret) < 32 {
 		log.Warn("MVPS_TE_JWT_SECRET is shorter than the 32 bytes RFC 7518 asks of an HS256 key", "length", len(secret))
 	}
 
@@ -99,32 +91,30 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 
-	engineListen := cfg.EngineListen
-	if engineListen == "" {
-		dir, err := privateRuntimeDir()
-		if err != nil {
-			return err
-		}
-		defer os.RemoveAll(dir)
-		engineListen = "unix:" + filepath.Join(dir, "engine.sock")
-	}
-	engineCfg := engine.Config{
+	// The engine outlives the daemon: taken over from the run before if it
+	// still serves, left running by a handover or a crash.
+	sup, err := newEngineSupervisor(cfg.StateDir, engine.Config{
 		Bin:    cfg.EngineBin,
-		Listen: engineListen,
-		Secret: []byte(secret),
+		Listen: cfg.EngineListen,
 		Env:    os.Environ(),
-		Logger: log,
-	}
-	eng, err := engine.Start(ctx, engineCfg)
+	}, log)
 	if err != nil {
 		return err
 	}
-	// eng changes when the engine is restarted; only this goroutine
-	// touches it.
+	secret, err := sup.start(ctx, cfg.Secret)
+	if err != nil {
+		return err
+	}
+	engineListen := sup.cfg.Listen
+	keepEngine := false
 	defer func() {
+		if keepEngine {
+			log.Info("the engine keeps running for the next start", "pid", sup.engine().Pid())
+			return
+		}
 		sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 		defer cancel()
-		if err := eng.Stop(sctx); err != nil {
+		if err := sup.stop(sctx); err != nil {
 			log.Error("stopping engine", "err", err)
 		}
 	}()
@@ -140,7 +130,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		images = cfg.Images
 	}
 	sessions, err := engine.NewSessions(engine.SessionsConfig{
-		Secret: []byte(secret),
+		Secret: secret,
 		// The address stays the same across engine restarts.
 		Dial:   func(ctx context.Context) (net.Conn, error) { return engine.Dial(ctx, engineListen) },
 		Spares: cfg.EngineSpares,
@@ -161,7 +151,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		// Inside the devices' dead-connection timeout: no I/O fails
 		// while a reconnect is still being tried.
 		RecoveryTimeout: cfg.RecoveryTimeout(),
-		Logger:          log,
+		// A device connected to the engine that still runs keeps its
+		// connection when it is taken over.
+		EngineInstance: sup.instance,
+		Logger:         log,
 	})
 	if err != nil {
 		return err
@@ -178,9 +171,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	go func() { served <- srv.Serve(ln) }()
 	// The admin socket; READY=1 once the engine answers and the server
 	// accepts, then watchdog pings.
-	ops.start(mgr, srv, eng, devices)
+	ops.start(mgr, srv, sup.engine(), devices)
 	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
-		"images_configmap", cfg.ImagesConfigMap, "state_dir", cfg.StateDir, "engine", cfg.EngineBin, "engine_pid", eng.Pid())
+		"images_configmap", cfg.ImagesConfigMap, "state_dir", cfg.StateDir, "engine", cfg.EngineBin, "engine_pid", sup.engine().Pid())
 
 	var runErr error
 	handover := false
@@ -194,17 +187,15 @@ serve:
 				log.Info("shutting down")
 			}
 			break serve
-		case <-eng.Done():
+		case <-sup.engine().Done():
 			// The devices' connections died with it; their I/O waits for
 			// the reconnects that follow the restart.
-			log.Error("engine died; restarting it", "err", eng.Err())
+			log.Error("engine died; restarting it", "err", sup.engine().Err())
 			mgr.EngineFailed()
-			next, err := restartEngine(ctx, engineCfg, log)
-			if err != nil {
+			if err := sup.restart(ctx); err != nil {
 				break serve // ctx ended
 			}
-			eng = next
-			ops.EngineRestarted(next)
+			ops.EngineRestarted(sup.engine())
 			mgr.EngineRestored()
 		case err := <-served:
 			// The control plane failed, not the devices or their
@@ -230,8 +221,10 @@ serve:
 		log.Error("shutdown", "err", err)
 		runErr = errors.Join(runErr, err)
 	}
+	// Handed over, or the control plane failed: the devices stay attached,
+	// and so the engine that serves them stays too.
+	keepEngine = handover || context.Cause(ctx) == provision.ErrHandover
 	if runErr == nil && context.Cause(ctx) == provision.ErrHandover {
-		// The engine stops next (deferred), checkpointing every image.
 		log.Info("handed over")
 		return provision.ErrHandover
 	}
@@ -239,27 +232,6 @@ serve:
 		log.Info("stopped cleanly")
 	}
 	return runErr
-}
-
-// restartEngine starts the engine again until it answers or ctx ends,
-// waiting longer between tries (up to 5 s) and logging each one.
-func restartEngine(ctx context.Context, cfg engine.Config, log *slog.Logger) (*engine.Process, error) {
-	backoff := 100 * time.Millisecond
-	for try := 1; ; try++ {
-		log.Info("starting the engine again", "try", try)
-		eng, err := engine.Start(ctx, cfg)
-		if err == nil {
-			log.Info("engine restarted", "try", try, "pid", eng.Pid())
-			return eng, nil
-		}
-		log.Error("engine restart failed", "try", try, "err", err, "next_try_in", backoff.String())
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 5*time.Second)
-	}
 }
 
 // watchLinkDead hands the kernel's link-dead events to m until ctx ends.
@@ -280,23 +252,6 @@ func watchLinkDead(ctx context.Context, w *netlinknbd.Watcher, m *provision.Mana
 			return
 		}
 	}
-}
-
-// privateRuntimeDir makes a 0700 directory for the engine's socket, so only
-// this user can reach the engine (which trusts any valid token).
-func privateRuntimeDir() (string, error) {
-	base := os.Getenv("RUNTIME_DIRECTORY")
-	if base == "" {
-		base = "/run"
-		if st, err := os.Stat(base); err != nil || !st.IsDir() {
-			base = os.TempDir()
-		}
-	}
-	dir, err := os.MkdirTemp(base, "mvps-provisioner-")
-	if err != nil {
-		return "", fmt.Errorf("create runtime directory: %w", err)
-	}
-	return dir, nil
 }
 
 // raiseFileLimit lifts the soft limit on open files to the hard one: every

@@ -256,10 +256,9 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 	return st
 }
 
-func (b adminBackend) Handover(who admin.Peer) error {
+func (b adminBackend) Handover(who admin.Peer) {
 	b.o.log.Warn("handover requested on the admin socket", "peer_pid", who.PID, "peer_uid", who.UID)
 	b.o.handover()
-	return nil
 }
 
 func (b adminBackend) ForceDetach(ctx context.Context, target string, who admin.Peer) (admin.DetachResult, error) {

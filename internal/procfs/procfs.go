@@ -77,3 +77,17 @@ func Alive(pid int) bool {
 	f, err := Stat(pid)
 	return err == nil && len(f) > 0 && f[0] != "Z"
 }
+
+// StartTime is the start time of process pid in clock ticks after boot
+// (field 22 of /proc/<pid>/stat): with the pid, it names one process for
+// good, as a pid alone does not once it is reused.
+func StartTime(pid int) (uint64, error) {
+	fields, err := Stat(pid)
+	if err != nil {
+		return 0, err
+	}
+	if len(fields) < 20 {
+		return 0, fmt.Errorf("process stat of %d: %d fields", pid, len(fields))
+	}
+	return strconv.ParseUint(fields[19], 10, 64)
+}

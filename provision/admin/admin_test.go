@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 )
 
 type fakeBackend struct {
@@ -22,11 +24,10 @@ type fakeBackend struct {
 	handovers []Peer
 }
 
-func (f *fakeBackend) Handover(who Peer) error {
+func (f *fakeBackend) Handover(who Peer) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.handovers = append(f.handovers, who)
-	return nil
 }
 
 func (f *fakeBackend) Status(context.Context) Status {
@@ -126,6 +127,12 @@ func TestHandover(t *testing.T) {
 	if err := Handover(ctx(t), path); err != nil {
 		t.Fatal(err)
 	}
+	// Begun just after the reply.
+	testwait.Until(t, 10*time.Second, "the handover", func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return len(b.handovers) == 1
+	})
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if len(b.handovers) != 1 || int(b.handovers[0].PID) != os.Getpid() {

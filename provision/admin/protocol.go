@@ -35,7 +35,8 @@ const (
 	CommandDetach = "detach"
 	// CommandHandover asks the daemon to exit with every device left
 	// attached and recorded, for the next start to take over (an
-	// upgrade, a rollout). The reply comes once the handover has begun.
+	// upgrade, a rollout). The reply comes just before the handover
+	// begins.
 	CommandHandover = "handover"
 )
 

@@ -32,8 +32,9 @@ type Backend interface {
 	// id or device) on behalf of who. It returns an *Error with
 	// CodeNotFound when nothing matches.
 	ForceDetach(ctx context.Context, target string, who Peer) (DetachResult, error)
-	// Handover begins the daemon's handover on behalf of who.
-	Handover(who Peer) error
+	// Handover begins the daemon's handover on behalf of who; it is
+	// called once the request is answered.
+	Handover(who Peer)
 }
 
 // Listener is what Serve accepts admin connections from.
@@ -158,11 +159,10 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		s.send(conn, Reply{Version: Version, OK: true, Detach: &res})
 	case CommandHandover:
 		s.log().Warn("admin: handover requested", "peer_uid", peer.UID, "peer_pid", peer.PID)
-		if err := s.Backend.Handover(peer); err != nil {
-			s.send(conn, errorReply(err))
-			return
-		}
+		// Answered first: the handover closes this server, and the
+		// requester must still learn that it began.
 		s.send(conn, Reply{Version: Version, OK: true})
+		s.Backend.Handover(peer)
 	}
 }
 

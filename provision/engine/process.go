@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/ownthread"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
 
@@ -42,15 +43,30 @@ type Config struct {
 	// StartTimeout bounds the wait for the engine's first NBD greeting.
 	StartTimeout time.Duration
 	Logger       *slog.Logger
+	// LogFIFO, when set, makes the engine independent of the provisioner:
+	// its output goes to this FIFO (made if missing), which the engine
+	// holds open for reading too, so that it never meets a broken pipe
+	// while no provisioner reads; no parent-death signal stops it; and a
+	// next provisioner takes it over (Adopt) and reads on. Without it the
+	// engine gets pipes and SIGTERM when the provisioner dies.
+	LogFIFO string
 }
 
-// Process is a running engine process.
+// Process is a running engine process: one this provisioner started, or
+// one an earlier run started and this one took over (Adopt).
 type Process struct {
-	cfg  Config
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error // set before done is closed
-	logs sync.WaitGroup
+	cfg Config
+	// cmd is the engine this run started; nil for one taken over, which
+	// pid and pidfd name.
+	cmd   *exec.Cmd
+	pid   int
+	start uint64
+	pidfd int
+	done  chan struct{}
+	err   error // set before done is closed
+	logs  sync.WaitGroup
+	// logFiles are what the engine's output is read from.
+	logFiles []*os.File
 }
 
 // DefaultStartTimeout is the StartTimeout used when it is zero.
@@ -84,26 +100,19 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 	}
 	cmd := exec.Command(cfg.Bin)
 	cmd.Env = engineEnv(cfg.Env, cfg.Listen, cfg.Secret)
-	// Pdeathsig fires when the thread that forked exits, not the process:
-	// the fork happens on a thread locked for the engine's whole life. The
-	// same thread drops every capability first, so that the engine, which
-	// parses what the network and the object store send it, starts with
-	// none (dropThreadCapabilities).
-	cmd.SysProcAttr = engineProcAttr()
-	// Pipes of our own rather than StdoutPipe: if the engine is never
-	// started, closing them is all there is to release.
-	stdout, stdoutW, err := os.Pipe()
+	// The fork happens on a thread of its own (ownthread.Go), which first
+	// drops every capability, so that the engine, which parses what the
+	// network and the object store send it, starts with none
+	// (dropThreadCapabilities); a parent-death signal, where the engine is
+	// tied to the provisioner, fires when that thread exits, and the thread
+	// lives as long as the engine.
+	cmd.SysProcAttr = engineProcAttr(cfg.LogFIFO == "")
+	outputs, err := openOutputs(cfg.LogFIFO)
 	if err != nil {
 		return nil, fmt.Errorf("engine: %w", err)
 	}
-	stderr, stderrW, err := os.Pipe()
-	if err != nil {
-		stdout.Close()
-		stdoutW.Close()
-		return nil, fmt.Errorf("engine: %w", err)
-	}
-	cmd.Stdout, cmd.Stderr = stdoutW, stderrW
-	e := &Process{cfg: cfg, cmd: cmd, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = outputs.stdoutW, outputs.stderrW
+	e := &Process{cfg: cfg, cmd: cmd, pidfd: -1, done: make(chan struct{}), logFiles: outputs.ours}
 
 	type startResult struct {
 		keptBounding uint64
@@ -119,23 +128,20 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		}
 		// The engine holds its own copies; ours would keep the log
 		// readers below from ever seeing the end.
-		stdoutW.Close()
-		stderrW.Close()
+		outputs.closeWriters()
 		if err != nil {
-			stdout.Close()
-			stderr.Close()
+			outputs.closeReaders()
 			started <- startResult{err: err}
 			return
 		}
+		e.pid = cmd.Process.Pid
+		e.start, _ = procfs.StartTime(e.pid)
 		started <- startResult{keptBounding: kept}
-		e.logs.Add(2)
-		go e.copyLog(stdout, "stdout")
-		go e.copyLog(stderr, "stderr")
+		e.readLogs(outputs.readers)
 		// Drained first, so that the engine's last words are logged
 		// before its exit is reported.
 		e.logs.Wait()
-		stdout.Close()
-		stderr.Close()
+		outputs.closeReaders()
 		err = cmd.Wait()
 		if err == nil {
 			err = errors.New("engine exited with status 0")
@@ -152,7 +158,7 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 			"the engine still has no capability and cannot gain one (no_new_privs)",
 			"bounding_set", fmt.Sprintf("%#x", res.keptBounding))
 	}
-	cfg.Logger.Info("engine started", "bin", cfg.Bin, "pid", cmd.Process.Pid, "listen", cfg.Listen)
+	cfg.Logger.Info("engine started", "bin", cfg.Bin, "pid", e.pid, "listen", cfg.Listen, "outlives_provisioner", cfg.LogFIFO != "")
 
 	if err := e.waitReady(ctx, network, address); err != nil {
 		e.Stop(context.Background())
@@ -221,6 +227,14 @@ func probeGreeting(ctx context.Context, network, address string) error {
 	return err
 }
 
+// readLogs relays the engine's output, a reader per stream, into the log.
+func (e *Process) readLogs(readers map[string]io.Reader) {
+	e.logs.Add(len(readers))
+	for stream, r := range readers {
+		go e.copyLog(r, stream)
+	}
+}
+
 func (e *Process) copyLog(r io.Reader, stream string) {
 	defer e.logs.Done()
 	sc := bufio.NewScanner(r)
@@ -240,7 +254,17 @@ func (e *Process) Done() <-chan struct{} { return e.done }
 func (e *Process) Err() error { return e.err }
 
 // Pid is the engine's process id.
-func (e *Process) Pid() int { return e.cmd.Process.Pid }
+func (e *Process) Pid() int { return e.pid }
+
+// Instance names this engine process for good (its pid and start time): a
+// record of which engine a device was connected to tells a later run
+// whether that connection can still be alive.
+func (e *Process) Instance() string { return fmt.Sprintf("%d:%d", e.pid, e.start) }
+
+// Record is what a later run needs to take the engine over.
+func (e *Process) Record() Record {
+	return Record{PID: e.pid, Start: e.start, Listen: e.cfg.Listen, Bin: e.cfg.Bin, SecretSHA256: SecretDigest(e.cfg.Secret)}
+}
 
 // Stop sends SIGTERM, which makes mvps-te fsync and checkpoint every open
 // image, and waits for the exit; SIGKILL when ctx ends first.
@@ -250,17 +274,31 @@ func (e *Process) Stop(ctx context.Context) error {
 		return nil
 	default:
 	}
-	if err := e.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
+	if err := e.signal(syscall.SIGTERM); err != nil {
 		return fmt.Errorf("stop engine: %w", err)
 	}
 	select {
 	case <-e.done:
 		return nil
 	case <-ctx.Done():
-		e.cmd.Process.Kill()
+		e.signal(syscall.SIGKILL)
 		<-e.done
 		return fmt.Errorf("engine did not stop in time, killed: %w", ctx.Err())
 	}
+}
+
+// signal signals the engine, through its pidfd when it is not our child.
+func (e *Process) signal(sig syscall.Signal) error {
+	var err error
+	if e.cmd != nil {
+		err = e.cmd.Process.Signal(sig)
+	} else {
+		err = signalPidfd(e.pidfd, sig)
+	}
+	if errors.Is(err, os.ErrProcessDone) || errors.Is(err, syscall.ESRCH) {
+		return nil
+	}
+	return err
 }
 
 // Dial connects to the engine.

@@ -12,11 +12,16 @@ import (
 )
 
 // engineProcAttr puts the engine in its own process group (a Ctrl-C reaches
-// only the provisioner, which detaches before stopping it) and has the
-// kernel send it SIGTERM when the provisioner dies, so that it never
-// outlives it and still checkpoints.
-func engineProcAttr() *syscall.SysProcAttr {
-	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM, Setpgid: true}
+// only the provisioner, which detaches before stopping it). An engine tied
+// to the provisioner gets SIGTERM from the kernel when the provisioner
+// dies, so that it never outlives it and still checkpoints; an independent
+// one outlives it, for the next run to take over.
+func engineProcAttr(tied bool) *syscall.SysProcAttr {
+	attr := &syscall.SysProcAttr{Setpgid: true}
+	if tied {
+		attr.Pdeathsig = syscall.SIGTERM
+	}
+	return attr
 }
 
 // dropThreadCapabilities leaves the calling thread, and so every process it

@@ -6,7 +6,7 @@ import "syscall"
 
 // engineProcAttr puts the engine in its own process group; only Linux has a
 // parent-death signal.
-func engineProcAttr() *syscall.SysProcAttr {
+func engineProcAttr(tied bool) *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Setpgid: true}
 }
 

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
-	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
@@ -77,6 +76,9 @@ func Start(t testing.TB, override map[string]string) *Provisioner {
 		if t.Failed() {
 			t.Logf("provisioner log:\n%s", p.Log())
 		}
+		// The engine outlives a daemon that was killed or handed over
+		// and not started again: nothing of a test may outlive it.
+		p.StopLeftEngine(t)
 		DetachLeftovers(t)
 	})
 	p.Launch(t)
@@ -206,14 +208,38 @@ func (p *Provisioner) Stop(t testing.TB) {
 	}
 }
 
-// Kill ends the daemon with SIGKILL, as a crash or an OOM kill would, and waits for its
-// engine to follow it (parent-death signal).
+// Kill ends the daemon with SIGKILL, as a crash or an OOM kill would. Its engine keeps
+// running, for the next Launch to take over.
 func (p *Provisioner) Kill(t testing.TB) {
 	t.Helper()
-	engine := p.EnginePid(t)
 	p.Cmd.Process.Kill()
 	<-p.exited
-	testwait.Until(t, 10*time.Second, "engine to exit after the provisioner was killed", func() bool { return !procfs.Alive(engine) })
+}
+
+// EngineRecord is the engine the daemon recorded for the next start to take over; ok is
+// false when there is none (no engine yet, or one stopped by a shutdown).
+func (p *Provisioner) EngineRecord() (rec engine.Record, ok bool) {
+	rec, err := engine.ReadRecord(filepath.Join(p.StateDir, "engine"))
+	return rec, err == nil
+}
+
+// StopLeftEngine stops the recorded engine if no daemon runs to stop it.
+func (p *Provisioner) StopLeftEngine(t testing.TB) {
+	select {
+	case <-p.exited:
+	default:
+		return
+	}
+	rec, ok := p.EngineRecord()
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := engine.StopRecorded(ctx, rec); err != nil {
+		t.Errorf("engine left by the test: %v", err)
+	}
+	os.Remove(filepath.Join(p.StateDir, "engine", "engine.json"))
 }
 
 // AddImage writes the config of key: imageID, size bytes, nothing else.
@@ -249,14 +275,15 @@ func (p *Provisioner) Log() []byte {
 	return b
 }
 
-// EnginePid is the daemon's engine; the test fails unless there is exactly one.
+// EnginePid is the daemon's engine, as its record names it (it need not be the daemon's child:
+// one taken over from an earlier run is not); the test fails unless it runs.
 func (p *Provisioner) EnginePid(t testing.TB) int {
 	t.Helper()
-	engines := p.EngineChildren()
-	if len(engines) != 1 {
-		t.Fatalf("provisioner has engine children %v, want exactly one", engines)
+	rec, ok := p.EngineRecord()
+	if !ok || !procfs.Alive(rec.PID) {
+		t.Fatalf("no running engine recorded (record %+v, found %v)", rec, ok)
 	}
-	return engines[0]
+	return rec.PID
 }
 
 // EngineChildren lists the daemon's children that are engines, not tools of mount mode

@@ -1,0 +1,150 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/pidfd"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
+)
+
+// fifoSize is what the engine may log while no provisioner reads (between
+// a crash and the next start): past it the engine's writes block.
+const fifoSize = 1 << 20
+
+// openFIFO makes (if missing) and opens the FIFO at path: read-write for
+// the engine, which so holds a reader of its own and never gets EPIPE or
+// SIGPIPE while no provisioner reads, and read-only for us.
+func openFIFO(path string) (*outputs, error) {
+	if err := unix.Mkfifo(path, 0o600); err != nil && !errors.Is(err, unix.EEXIST) {
+		return nil, fmt.Errorf("make log FIFO: %w", err)
+	}
+	w, err := openOwnFIFO(path, os.O_RDWR)
+	if err != nil {
+		return nil, err
+	}
+	// Room for a restart's worth of lines; the default 64 KiB may be all
+	// a capped pipe gets, which is fine too.
+	unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, fifoSize)
+	r, err := openOwnFIFO(path, os.O_RDONLY)
+	if err != nil {
+		w.Close()
+		return nil, err
+	}
+	return &outputs{stdoutW: w, stderrW: w, readers: map[string]io.Reader{"output": r}, ours: []*os.File{r}}, nil
+}
+
+// openOwnFIFO opens the FIFO at path, never through a symbolic link and
+// only if it is a FIFO of this process's user.
+func openOwnFIFO(path string, flag int) (*os.File, error) {
+	f, err := os.OpenFile(path, flag|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open log FIFO: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("log FIFO: %w", err)
+	}
+	sys, _ := st.Sys().(*syscall.Stat_t)
+	if st.Mode().Type() != fs.ModeNamedPipe || sys == nil || int(sys.Uid) != os.Geteuid() {
+		f.Close()
+		return nil, fmt.Errorf("%w: %s is not a FIFO of uid %d", errNoFIFO, path, os.Geteuid())
+	}
+	return f, nil
+}
+
+// ErrEngineGone: the recorded engine is no longer running.
+var ErrEngineGone = errors.New("the recorded engine is no longer running")
+
+// Adopt takes over the engine an earlier run started (rec names it), which
+// cfg would have started: the same listen address, executable and secret,
+// and cfg.LogFIFO its log. It fails with ErrEngineGone when that process
+// has exited (a reused pid has another start time). An engine that runs
+// but does not answer is stopped, and Adopt fails: the caller starts a new
+// one.
+func Adopt(ctx context.Context, cfg Config, rec Record) (*Process, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = defaultLogger()
+	}
+	switch {
+	case rec.Listen != cfg.Listen:
+		return nil, fmt.Errorf("the recorded engine listens on %s, not %s", rec.Listen, cfg.Listen)
+	case rec.Bin != cfg.Bin:
+		return nil, fmt.Errorf("the recorded engine runs %s, not %s", rec.Bin, cfg.Bin)
+	case rec.SecretSHA256 != SecretDigest(cfg.Secret):
+		return nil, errors.New("the recorded engine checks tokens with another secret")
+	case cfg.LogFIFO == "":
+		return nil, errors.New("only an engine with a log FIFO outlives its provisioner")
+	}
+	fd, err := pidfd.Open(rec.PID)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrEngineGone, err)
+	}
+	// A zombie has exited too (procfs.Alive), though it can be signalled.
+	if start, err := procfs.StartTime(rec.PID); err != nil || start != rec.Start || !procfs.Alive(rec.PID) {
+		unix.Close(fd)
+		return nil, ErrEngineGone
+	}
+	r, err := openOwnFIFO(cfg.LogFIFO, os.O_RDONLY|unix.O_NONBLOCK)
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	e := &Process{cfg: cfg, pid: rec.PID, start: rec.Start, pidfd: fd, done: make(chan struct{})}
+	e.readLogs(map[string]io.Reader{"output": r})
+	go func() {
+		pidfd.Wait(context.Background(), fd)
+		// Its last words first, then the exit.
+		e.logs.Wait()
+		r.Close()
+		e.err = errors.New("engine exited")
+		close(e.done)
+	}()
+	network, address, err := ParseListen(cfg.Listen)
+	if err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := probeGreeting(pctx, network, address); err != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		e.Stop(sctx)
+		return nil, fmt.Errorf("the recorded engine (pid %d) does not answer on %s, stopped: %w", rec.PID, cfg.Listen, err)
+	}
+	cfg.Logger.Info("engine taken over from an earlier run", "pid", rec.PID, "listen", cfg.Listen)
+	return e, nil
+}
+
+func signalPidfd(fd int, sig syscall.Signal) error { return pidfd.Signal(fd, sig) }
+
+// StopRecorded stops the engine rec names, if it still runs (SIGTERM, then
+// SIGKILL when ctx ends), without taking it over.
+func StopRecorded(ctx context.Context, rec Record) error {
+	fd, err := pidfd.Open(rec.PID)
+	if err != nil {
+		return nil
+	}
+	defer unix.Close(fd)
+	if start, err := procfs.StartTime(rec.PID); err != nil || start != rec.Start || !procfs.Alive(rec.PID) {
+		return nil
+	}
+	if err := pidfd.Signal(fd, unix.SIGTERM); err != nil {
+		return nil
+	}
+	if pidfd.Wait(ctx, fd) {
+		return nil
+	}
+	pidfd.Signal(fd, unix.SIGKILL)
+	pidfd.Wait(context.Background(), fd)
+	return fmt.Errorf("engine %d did not stop in time, killed: %w", rec.PID, ctx.Err())
+}
