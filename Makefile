@@ -16,9 +16,19 @@ VAR    := $(CURDIR)/var
 
 all: build
 
+# Every binary says what it is (--version, status, build_info): the release
+# from git describe and the commit, stamped by the linker. Without git (a
+# tarball) they fall back to what Go records, which may be nothing. OUT is
+# where the binaries go.
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+OUT      ?= bin
+LDFLAGS  := -X github.com/mvps-provisioner/mvps-provisioner/internal/version.version=$(VERSION) \
+	-X github.com/mvps-provisioner/mvps-provisioner/internal/version.revision=$(REVISION)
+
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -o bin/ ./cmd/...
-	CGO_ENABLED=0 $(GO) build -trimpath -o bin/example-client ./examples/client
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(OUT)/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(OUT)/example-client ./examples/client
 
 # make install [PREFIX=/usr/local] [DESTDIR=]: binaries in $(PREFIX)/bin, the
 # unit, the modules-load.d and modprobe.d entries under $(PREFIX)/lib

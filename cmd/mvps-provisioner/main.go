@@ -14,6 +14,7 @@ import (
 	"syscall"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/daemon"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 )
@@ -28,6 +29,10 @@ func main() {
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Print(daemon.Usage())
 		fmt.Print(commandsUsage)
+		return
+	}
+	if errors.Is(err, daemon.ErrVersion) {
+		fmt.Println("mvps-provisioner", version.Get())
 		return
 	}
 	if err == nil {

@@ -108,6 +108,10 @@ var settings = []setting{
 	{"PROVISIONER_ENGINE_SPARES", "engine-spares", "1", "engine connections dialed ahead (greeting read) after an attach for the next, each kept at most 2 s; 0 to 8", func(p *parsed) *string { return &p.spares }},
 }
 
+// ErrVersion is ParseConfig's answer to --version: print the version and
+// exit, whatever else is set or missing.
+var ErrVersion = errors.New("version requested")
+
 // ParseConfig reads the configuration from args (without the program name)
 // and the environment. Its errors are one line naming the setting.
 func ParseConfig(args []string, getenv func(string) string) (Config, error) {
@@ -121,11 +125,15 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		}
 		fset.StringVar(s.field(&p), s.flag, v, s.usage+" [$"+s.env+"]")
 	}
+	showVersion := fset.Bool("version", false, "")
 	if err := fset.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return Config{}, err
 		}
 		return Config{}, fmt.Errorf("command line: %w", err)
+	}
+	if *showVersion {
+		return Config{}, ErrVersion
 	}
 	if fset.NArg() > 0 {
 		return Config{}, fmt.Errorf("command line: unexpected argument %q", fset.Arg(0))
@@ -270,6 +278,7 @@ func Usage() string {
 	for _, s := range settings {
 		fset.String(s.flag, s.def, s.usage+" [$"+s.env+"]")
 	}
+	fset.Bool("version", false, "print the version and exit")
 	fset.PrintDefaults()
 	b.WriteString("\nMVPS_TE_JWT_SECRET (environment only): the engine's token secret; random when unset.\n")
 	return b.String()

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
@@ -216,7 +217,7 @@ type adminBackend struct{ o *operations }
 
 func (b adminBackend) Status(ctx context.Context) admin.Status {
 	o := b.o
-	st := admin.Status{Time: time.Now(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
+	st := admin.Status{Time: time.Now(), Daemon: version.Get(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
 	owned := make(map[string]bool)
 	for _, info := range o.srv.Snapshot() {
 		st.Attachments = append(st.Attachments, admin.Attachment{
