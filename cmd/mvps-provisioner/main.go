@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/daemon"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
@@ -73,6 +74,7 @@ func main() {
 		}
 		defer src.Close()
 		cfg.Images = src
+		cfg.ImagesLastSync = func() time.Time { return src.Status().LastSync }
 	}
 	if err := daemon.Run(ctx, cfg, log); err != nil {
 		if errors.Is(err, provision.ErrHandover) {

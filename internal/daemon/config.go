@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
@@ -31,8 +32,11 @@ type Config struct {
 	// Images, when set, is where image configs come from instead of
 	// ImageConfigDir: the ConfigMap source, which the command opens so that
 	// this package never links the Kubernetes client.
-	Images    provision.ImageSource
-	EngineBin string // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
+	Images provision.ImageSource
+	// ImagesLastSync, when set with Images, says when the ConfigMap was
+	// last synced, for the metrics.
+	ImagesLastSync func() time.Time
+	EngineBin      string // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
 	// EngineListen is PROVISIONER_ENGINE_LISTEN, --engine-listen: empty
 	// means a Unix socket in a private runtime directory.
 	EngineListen string

@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -56,17 +54,6 @@ func newOperations(cfg Config, log *slog.Logger) *operations {
 
 // Metrics is the metrics set for the provision.Server; nil when metrics are off.
 func (o *operations) Metrics() *metrics.Set { return o.metrics }
-
-func (o *operations) gauges() metrics.Gauges {
-	o.mu.Lock()
-	srv := o.srv
-	o.mu.Unlock()
-	if srv == nil {
-		return metrics.Gauges{}
-	}
-	g := srv.Gauges()
-	return metrics.Gauges{Active: g.Active, Lingering: g.Lingering, Waiting: g.Waiting}
-}
 
 // listen binds the admin socket and the metrics listener. Run calls it
 // before it takes anything over: a listener that cannot be had (a port
@@ -218,37 +205,23 @@ type adminBackend struct{ o *operations }
 func (b adminBackend) Status(ctx context.Context) admin.Status {
 	o := b.o
 	st := admin.Status{Time: time.Now(), Daemon: version.Get(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
-	owned := make(map[string]bool)
-	for _, info := range o.srv.Snapshot() {
+	snapshot := o.srv.Snapshot()
+	for _, info := range snapshot {
 		st.Attachments = append(st.Attachments, admin.Attachment{
 			Key: info.Key, ImageID: info.ImageID, Device: info.Device, Mode: info.Mode, State: string(info.State),
 			CallerPID: info.CallerPID, CallerUID: info.CallerUID, Since: info.Since, Reconnects: info.Reconnects,
 		})
-		owned[engine.BackendID(info.ImageID)] = true
-		if info.Device != "" {
-			owned[info.Device] = true
-		}
 	}
 	eng, since, restarts := o.engine()
 	st.Engine = admin.Engine{PID: eng.Pid(), Since: since, Restarts: restarts, Answering: true}
 	if err := o.engineAnswers(ctx); err != nil {
 		st.Engine.Answering, st.Engine.Error = false, err.Error()
 	}
-	if sts, err := o.devices.Netlink.StatusAll(); err == nil {
-		for _, d := range sts {
-			if !d.Connected {
-				continue
-			}
-			path := fmt.Sprintf("/dev/nbd%d", d.Index)
-			backend, _ := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", d.Index))
-			id := strings.TrimSpace(string(backend))
-			if strings.HasPrefix(id, engine.BackendPrefix) && !owned[path] && !owned[id] {
-				st.Foreign = append(st.Foreign, admin.Device{Device: path, Backend: id})
-			}
-		}
-	} else {
+	foreign, err := o.foreignDevices(snapshot)
+	if err != nil {
 		o.log.Warn("admin status: nbd devices", "err", err)
 	}
+	st.Foreign = append(st.Foreign, foreign...)
 	return st
 }
 
