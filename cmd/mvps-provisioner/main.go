@@ -7,10 +7,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -43,9 +41,7 @@ func main() {
 		fmt.Fprintf(os.Stderr, "mvps-provisioner: %v\n", err)
 		os.Exit(2)
 	}
-	var level slog.Level
-	level.UnmarshalText([]byte(strings.ToUpper(cfg.LogLevel)))
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	log := daemon.NewLogger(os.Stderr, cfg.LogFormat, cfg.LogLevel, os.Getenv)
 
 	// SIGTERM and SIGINT shut down: every device is detached. SIGUSR2
 	// hands over: the daemon exits with the devices left attached and
