@@ -110,6 +110,8 @@ func (o *operations) start(srv *provision.Server, eng *engine.Process, devices *
 		}
 		o.notify.Watchdog(ctx, o.listening)
 	}()
+	o.wg.Add(1)
+	go func() { defer o.wg.Done(); o.reportStatus(ctx) }()
 }
 
 // EngineRestarted records that the engine was started again: eng is the
@@ -127,6 +129,8 @@ func (o *operations) stopping() {
 	if o.cancel != nil {
 		o.cancel()
 	}
+	o.wg.Wait() // the last STATUS= before this one
+	o.notify.Status("stopping: " + o.statusLine())
 	o.notify.Stopping()
 }
 
