@@ -4,9 +4,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -19,34 +17,6 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/provision/metrics"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
-
-// documentedMetrics reads README's metrics table: name (without the
-// namespace) and type of each row.
-func documentedMetrics(t *testing.T) map[string]string {
-	t.Helper()
-	readme, err := os.ReadFile("../../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	section := string(readme)
-	start := strings.Index(section, "### Metrics and health")
-	if start < 0 {
-		t.Fatal("README has no Metrics and health section")
-	}
-	section = section[start:]
-	if end := strings.Index(section[1:], "\n### "); end > 0 {
-		section = section[:end]
-	}
-	row := regexp.MustCompile("(?m)^\\| `([a-z_]+)` \\| (counter|gauge|histogram) \\|")
-	docs := map[string]string{}
-	for _, m := range row.FindAllStringSubmatch(section, -1) {
-		docs[m[1]] = m[2]
-	}
-	if len(docs) < 10 {
-		t.Fatalf("found only %d metrics in README's table", len(docs))
-	}
-	return docs
-}
 
 // A fresh daemon (nothing attached, no engine, no ConfigMap) already has
 // every documented series, at 0, so that rate() and increase() see the
