@@ -4,7 +4,8 @@
 GO          ?= go
 STATICCHECK ?= $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the host-side tests need (libnbd's tools; promtool, from
-# prometheus, lints the metrics); the VM harness installs its own.
+# prometheus, lints the metrics and tests the alert rules); the VM harness
+# installs its own.
 HOST_PACKAGES := libnbd-bin prometheus
 
 # The daemon's embedded default: the real engine when installed, otherwise
@@ -12,13 +13,23 @@ HOST_PACKAGES := libnbd-bin prometheus
 ENGINE ?= $(shell command -v mvps-te 2>/dev/null || echo $(CURDIR)/bin/mvps-te-dev)
 VAR    := $(CURDIR)/var
 
-.PHONY: fuzz all build install help test check deps lint unit integration run demo bench clean
+.PHONY: fuzz all build install help test check deps lint unit rules integration run demo bench clean
 
 all: build
 
+# Every binary says what it is (--version, status, build_info): the release
+# from git describe and the commit, stamped by the linker. Without git (a
+# tarball) they fall back to what Go records, which may be nothing. OUT is
+# where the binaries go.
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+OUT      ?= bin
+LDFLAGS  := -X github.com/mvps-provisioner/mvps-provisioner/internal/version.version=$(VERSION) \
+	-X github.com/mvps-provisioner/mvps-provisioner/internal/version.revision=$(REVISION)
+
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -o bin/ ./cmd/...
-	CGO_ENABLED=0 $(GO) build -trimpath -o bin/example-client ./examples/client
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(OUT)/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(OUT)/example-client ./examples/client
 
 # make install [PREFIX=/usr/local] [DESTDIR=]: binaries in $(PREFIX)/bin, the
 # unit, the modules-load.d and modprobe.d entries under $(PREFIX)/lib
@@ -50,10 +61,11 @@ help:
 	@echo "  install      build, then install binaries, systemd unit and sample settings (PREFIX=$(PREFIX), DESTDIR=)"
 	@echo "  help         this list"
 	@echo "  test         what CI runs: deps, check, fuzz, integration, k8s-test"
-	@echo "  check        lint and unit: the fast first stage"
+	@echo "  check        lint, unit and rules: the fast first stage"
 	@echo "  deps         install the Debian packages the host tests need ($(HOST_PACKAGES))"
 	@echo "  lint         gofmt, go vet and staticcheck, with and without the vmtest tag"
 	@echo "  unit         go test -race ./... on the host, and the systemd unit check"
+	@echo "  rules        promtool check and test of the alert rules in deploy/prometheus"
 	@echo "  fuzz         every fuzz target for FUZZTIME ($(FUZZTIME)) each"
 	@echo "  integration  the VM integration suite (vmtest/vmrun) on each kernel of VM_KERNELS ($(VM_KERNELS))"
 	@echo "  run          build and run the daemon here on the default engine (needs the nbd module)"
@@ -66,7 +78,15 @@ help:
 # lint error fails in minutes, not after the VM suite.
 test: deps check fuzz integration k8s-test
 
-check: lint unit
+check: lint unit rules
+
+# The alert rules of deploy/prometheus, checked and unit-tested (each alert
+# firing and not firing) by promtool, which make deps installs (Debian's
+# prometheus package).
+rules:
+	@command -v promtool >/dev/null || { echo "promtool is missing: run 'make deps' (Debian package prometheus)"; exit 1; }
+	promtool check rules deploy/prometheus/mvps-provisioner.rules.yml
+	cd deploy/prometheus && promtool test rules mvps-provisioner.rules.test.yml
 
 deps:
 	@missing=""; for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

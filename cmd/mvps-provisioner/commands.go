@@ -9,11 +9,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/daemon"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
@@ -36,8 +38,9 @@ var commands = map[string]func(args []string, getenv func(string) string, stdout
 
 const commandsUsage = `
 Operator commands (run as root, on the daemon's host):
-  mvps-provisioner status [--json] [--admin-path P]
-      the attachments, the engine and stray mvps devices, from the admin socket
+  mvps-provisioner status [--json] [--admin-path P] [image key | image id | /dev/nbdX]
+      the attachments (or the one named), the engine and stray mvps devices,
+      from the admin socket
   mvps-provisioner detach [--admin-path P] <image key | image id | /dev/nbdX>
       force one attachment off: its caller's connection is closed, the device
       flushed (within the flush timeout) and disconnected
@@ -48,7 +51,42 @@ Operator commands (run as root, on the daemon's host):
       check the image configs in DIR (or only KEY) with the daemon's parser
 The admin socket is PROVISIONER_ADMIN_PATH, else admin.sock next to
 PROVISIONER_LISTEN_PATH, else /run/mvps-provisioner/admin.sock.
+Exit status of status and detach: 0 done; 1 no attachment matches; 2 bad
+usage; 3 the daemon could not be reached or did not answer; 4 the daemon
+answered with another error.
 `
+
+// Exit codes of status and detach, for scripts: "not there" and "could
+// not ask" call for different actions.
+const (
+	exitNotFound    = 1
+	exitUsage       = 2
+	exitUnreachable = 3
+	exitFailed      = 4
+)
+
+// exitCode is the exit status for an error of the admin client.
+func exitCode(err error) int {
+	var reply *admin.Error
+	switch {
+	case errors.As(err, &reply) && reply.Code == admin.CodeNotFound:
+		return exitNotFound
+	case errors.As(err, &reply):
+		return exitFailed
+	case errors.Is(err, admin.ErrUnreachable):
+		return exitUnreachable
+	}
+	return exitFailed
+}
+
+// matches tells whether target names a: its image key, its image id, or
+// its device as /dev/nbdX or nbdX (as detach takes them).
+func matches(a admin.Attachment, target string) bool {
+	if target == a.Key || target == a.ImageID {
+		return true
+	}
+	return a.Device != "" && (target == a.Device || "/dev/"+target == a.Device)
+}
 
 // adminPath is where the commands find the admin socket.
 func adminPath(getenv func(string) string) string {
@@ -88,7 +126,7 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 }
 
 func statusCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	fs := newFlags("status", stderr, "[--json] [--admin-path P]")
+	fs := newFlags("status", stderr, "[--json] [--admin-path P] [image key | image id | /dev/nbdX]")
 	asJSON := fs.Bool("json", false, "print the status as JSON")
 	path := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
 	pos, err := parseInterspersed(fs, args)
@@ -96,31 +134,44 @@ func statusCommand(args []string, getenv func(string) string, stdout, stderr io.
 		return 0
 	}
 	if err != nil {
-		return 2
+		return exitUsage
 	}
-	if len(pos) > 0 {
-		fmt.Fprintf(stderr, "mvps-provisioner status: unexpected argument %q\n", pos[0])
-		return 2
+	if len(pos) > 1 {
+		fmt.Fprintf(stderr, "mvps-provisioner status: unexpected argument %q\n", pos[1])
+		return exitUsage
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	st, err := admin.GetStatus(ctx, *path)
 	if err != nil {
 		fmt.Fprintf(stderr, "mvps-provisioner status: %v\n", err)
-		return 1
+		return exitCode(err)
+	}
+	if len(pos) == 1 {
+		// One attachment asked for: "is it attached here?" has its
+		// answer in the exit status.
+		st.Attachments = slices.DeleteFunc(st.Attachments, func(a admin.Attachment) bool { return !matches(a, pos[0]) })
+		if len(st.Attachments) == 0 {
+			fmt.Fprintf(stderr, "mvps-provisioner status: no attachment matches %q (image key, image id or /dev/nbdX)\n", pos[0])
+			return exitNotFound
+		}
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(st); err != nil {
 			fmt.Fprintf(stderr, "mvps-provisioner status: %v\n", err)
-			return 1
+			return exitFailed
 		}
 		return 0
 	}
 	if err := admin.WriteStatus(stdout, st); err != nil {
 		fmt.Fprintf(stderr, "mvps-provisioner status: %v\n", err)
-		return 1
+		return exitFailed
+	}
+	if own := version.Get(); own.Version != st.Daemon.Version || own.Revision != st.Daemon.Revision {
+		// An upgrade installed, the daemon not restarted (or handed over) yet.
+		fmt.Fprintf(stdout, "this command: mvps-provisioner %s\n", own)
 	}
 	return 0
 }
@@ -133,11 +184,11 @@ func detachCommand(args []string, getenv func(string) string, stdout, stderr io.
 		return 0
 	}
 	if err != nil {
-		return 2
+		return exitUsage
 	}
 	if len(pos) != 1 {
 		fs.Usage()
-		return 2
+		return exitUsage
 	}
 	// The daemon bounds the flush and the disconnect (a minute and a bit
 	// by default); this only keeps a dead daemon from hanging the command.
@@ -146,7 +197,7 @@ func detachCommand(args []string, getenv func(string) string, stdout, stderr io.
 	res, err := admin.Detach(ctx, *path, pos[0])
 	if err != nil {
 		fmt.Fprintf(stderr, "mvps-provisioner detach: %v\n", err)
-		return 1
+		return exitCode(err)
 	}
 	dev := res.Device
 	if dev == "" {

@@ -57,6 +57,9 @@ func (backend) Status(context.Context) admin.Status {
 func (backend) Handover(admin.Peer) {}
 
 func (backend) ForceDetach(_ context.Context, target string, _ admin.Peer) (admin.DetachResult, error) {
+	if target == "stuck" {
+		return admin.DetachResult{}, admin.Errorf(admin.CodeFailed, "disconnect failed")
+	}
 	if target != "k" {
 		return admin.DetachResult{}, admin.Errorf(admin.CodeNotFound, "no attachment matches %q", target)
 	}
@@ -100,9 +103,48 @@ func TestStatusAndDetach(t *testing.T) {
 	if code, _, _ := run(t, "handover", env, "extra"); code != 2 {
 		t.Fatalf("handover with an argument: %d", code)
 	}
-	// The explicit path wins; a socket that is not there fails clearly.
-	if code, _, errOut := run(t, "status", map[string]string{"PROVISIONER_ADMIN_PATH": filepath.Join(dir, "none")}); code != 1 ||
-		!strings.Contains(errOut, "admin socket") {
+	if code, _, errOut := run(t, "detach", env, "stuck"); code != 4 || !strings.Contains(errOut, "disconnect failed") {
+		t.Fatalf("detach the daemon failed: %d %s", code, errOut)
+	}
+
+	// status TARGET: one attachment, or exit 1 when none matches.
+	for _, target := range []string{"k", "k.mvps-image", "/dev/nbd1", "nbd1"} {
+		if code, out, errOut := run(t, "status", env, target); code != 0 || !strings.Contains(out, "k.mvps-image") {
+			t.Fatalf("status %s: %d\n%s%s", target, code, out, errOut)
+		}
+	}
+	if code, _, errOut := run(t, "status", env, "--json", "other"); code != 1 || !strings.Contains(errOut, "no attachment matches") {
+		t.Fatalf("status of an unknown target: %d %s", code, errOut)
+	}
+	if code, _, _ := run(t, "status", env, "a", "b"); code != 2 {
+		t.Fatalf("status with two targets: %d", code)
+	}
+
+	// The explicit path wins; a daemon that cannot be reached is exit 3,
+	// whether its socket is missing or it hangs up without an answer.
+	missing := map[string]string{"PROVISIONER_ADMIN_PATH": filepath.Join(dir, "none")}
+	if code, _, errOut := run(t, "status", missing); code != 3 || !strings.Contains(errOut, "admin socket") {
 		t.Fatalf("status on a missing socket: %d %s", code, errOut)
+	}
+	if code, _, _ := run(t, "detach", missing, "k"); code != 3 {
+		t.Fatalf("detach on a missing socket: %d", code)
+	}
+	mute := filepath.Join(dir, "mute.sock")
+	mln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: mute, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mln.Close()
+	go func() {
+		for {
+			c, err := mln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	if code, _, errOut := run(t, "status", map[string]string{"PROVISIONER_ADMIN_PATH": mute}); code != 3 {
+		t.Fatalf("status on a daemon that hangs up: %d %s", code, errOut)
 	}
 }

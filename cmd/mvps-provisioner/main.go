@@ -7,13 +7,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
+	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/daemon"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 )
@@ -45,6 +45,10 @@ func main() {
 		fmt.Print(commandsUsage)
 		return
 	}
+	if errors.Is(err, daemon.ErrVersion) {
+		fmt.Println("mvps-provisioner", version.Get())
+		return
+	}
 	if err == nil {
 		err = cfg.Check()
 	}
@@ -52,9 +56,7 @@ func main() {
 		fmt.Fprintf(os.Stderr, "mvps-provisioner: %v\n", err)
 		os.Exit(exitConfig)
 	}
-	var level slog.Level
-	level.UnmarshalText([]byte(strings.ToUpper(cfg.LogLevel)))
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	log := daemon.NewLogger(os.Stderr, cfg.LogFormat, cfg.LogLevel, os.Getenv)
 
 	// SIGTERM and SIGINT shut down: every device is detached. SIGUSR2
 	// hands over: the daemon exits with the devices left attached and
@@ -85,6 +87,7 @@ func main() {
 		}
 		defer src.Close()
 		cfg.Images = src
+		cfg.ImagesLastSync = func() time.Time { return src.Status().LastSync }
 	}
 	if err := daemon.Run(ctx, cfg, log); err != nil {
 		if errors.Is(err, provision.ErrHandover) {

@@ -45,6 +45,8 @@ func TestBadSettings(t *testing.T) {
 		{"bad configmap ref", map[string]string{"IMAGE_CONFIG_DIRECTORY": "", "PROVISIONER_IMAGES_CM": "images"}, nil, "PROVISIONER_IMAGES_CM", exitConfig},
 		{"unknown socket group", map[string]string{"PROVISIONER_SOCKET_GROUP": "no-such-group-here"}, nil, "PROVISIONER_SOCKET_GROUP", exitConfig},
 		{"listen directory missing", map[string]string{"PROVISIONER_LISTEN_PATH": filepath.Join(dir, "nope", "p.sock")}, nil, "PROVISIONER_LISTEN_PATH", exitConfig},
+		// A Kubernetes Secret applied from a sample without editing it.
+		{"placeholder secret", map[string]string{"MVPS_TE_JWT_SECRET": "REPLACE-ME-with-openssl-rand-hex-32"}, nil, "MVPS_TE_JWT_SECRET", exitConfig},
 		{"configmap unreachable", map[string]string{"IMAGE_CONFIG_DIRECTORY": "", "PROVISIONER_IMAGES_CM": "ns/images",
 			"KUBECONFIG": filepath.Join(dir, "no-kubeconfig")}, nil, "PROVISIONER_IMAGES_CM", exitFailure},
 	}
@@ -73,7 +75,7 @@ func TestBadSettings(t *testing.T) {
 			if len(lines) != 1 || !strings.Contains(lines[0], tt.names) {
 				t.Fatalf("output %q, want one line naming %s", out, tt.names)
 			}
-			if strings.Contains(string(out), "do-not-print-me-ever") {
+			if strings.Contains(string(out), "do-not-print-me-ever") || strings.Contains(string(out), "openssl-rand-hex") {
 				t.Fatal("secret printed")
 			}
 		})

@@ -24,8 +24,13 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
+
+// errVersion is parse's answer to --version: print it and exit, whatever
+// else is missing.
+var errVersion = errors.New("version requested")
 
 type config struct {
 	key, mountpoint, socket, readyFile string
@@ -47,10 +52,13 @@ func parse(args []string, getenv func(string) string, stderr io.Writer) (config,
 	fs.StringVar(&c.socket, "socket", getenv("PROVISIONER_LISTEN_PATH"), "provisioner socket (required) [$PROVISIONER_LISTEN_PATH]")
 	fs.StringVar(&c.readyFile, "ready-file", getenv("READY_FILE"), "file written once the mount is ready (optional) [$READY_FILE]")
 	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the provisioner's answer (optional)")
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
 	switch {
+	case *showVersion:
+		return c, errVersion
 	case fs.NArg() > 0:
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	case c.key == "":
@@ -66,6 +74,10 @@ func parse(args []string, getenv func(string) string, stderr io.Writer) (config,
 func main() {
 	c, err := parse(os.Args[1:], os.Getenv, os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if errors.Is(err, errVersion) {
+		fmt.Println("mvps-sidecar", version.Get())
 		return
 	}
 	if err != nil {

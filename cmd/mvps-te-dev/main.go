@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 )
 
 // shutdownTimeout bounds the wait for connections at SIGTERM; a client that
@@ -44,7 +45,25 @@ const shutdownTimeout = 30 * time.Second
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if wantsVersion(os.Args[1:]) {
+		fmt.Println("mvps-te-dev", version.Get())
+		return
+	}
 	os.Exit(run(ctx, os.Args[1:], os.LookupEnv, os.Stderr))
+}
+
+// wantsVersion tells whether the command line asks for --version (as
+// mvps-te's does), which answers before any setting is checked.
+func wantsVersion(args []string) bool {
+	for _, a := range args {
+		switch a {
+		case "--":
+			return false
+		case "-version", "--version", "-V":
+			return true
+		}
+	}
+	return false
 }
 
 func run(ctx context.Context, args []string, lookupEnv func(string) (string, bool), stderr io.Writer) int {

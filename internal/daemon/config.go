@@ -33,8 +33,11 @@ type Config struct {
 	// Images, when set, is where image configs come from instead of
 	// ImageConfigDir: the ConfigMap source, which the command opens so that
 	// this package never links the Kubernetes client.
-	Images    provision.ImageSource
-	EngineBin string // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
+	Images provision.ImageSource
+	// ImagesLastSync, when set with Images, says when the ConfigMap was
+	// last synced, for the metrics.
+	ImagesLastSync func() time.Time
+	EngineBin      string // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
 	// EngineListen is PROVISIONER_ENGINE_LISTEN, --engine-listen: empty
 	// means a Unix socket in a private runtime directory.
 	EngineListen string
@@ -42,6 +45,8 @@ type Config struct {
 	// argv is readable by every user. Empty means generate one.
 	Secret   string
 	LogLevel string // PROVISIONER_LOG_LEVEL, --log-level (info)
+	// LogFormat is PROVISIONER_LOG_FORMAT, --log-format: LogText or LogJSON.
+	LogFormat string
 	// Mke2fs and Blkid are the tools mount mode formats and probes with;
 	// without them mount mode is disabled.
 	Mke2fs string // PROVISIONER_MKE2FS, --mke2fs (/usr/sbin/mke2fs)
@@ -112,18 +117,23 @@ var settings = []setting{
 	{"PROVISIONER_ENGINE_BIN", "engine-bin", DefaultEngineBin, "mvps-te executable", func(p *parsed) *string { return &p.EngineBin }},
 	{"PROVISIONER_ENGINE_LISTEN", "engine-listen", "", "engine address, unix:/path or host:port (default: a socket in a private runtime directory)", func(p *parsed) *string { return &p.EngineListen }},
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(p *parsed) *string { return &p.LogLevel }},
+	{"PROVISIONER_LOG_FORMAT", "log-format", LogText, "text (logfmt) or json, one record a line", func(p *parsed) *string { return &p.LogFormat }},
 	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images", func(p *parsed) *string { return &p.Mke2fs }},
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures", func(p *parsed) *string { return &p.Blkid }},
 	{"PROVISIONER_STATE_DIR", "state-dir", provision.DefaultStateDir, "directory of the attachment records a restarted provisioner takes over (one provisioner per directory)", func(p *parsed) *string { return &p.StateDir }},
 	{"PROVISIONER_MOUNT_BASE", "mount-base", "", "absolute directory that mounts of callers other than uid 0 must be under (default: anywhere they own)", func(p *parsed) *string { return &p.MountBase }},
 	{"PROVISIONER_ADMIN_PATH", "admin-path", "", "admin socket for mvps-provisioner status and detach, mode 0600 (default: admin.sock next to the listen path)", func(p *parsed) *string { return &p.AdminPath }},
 	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)", func(p *parsed) *string { return &p.MetricsAddr }},
-	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 lets the metrics listener use addresses other than loopback", func(p *parsed) *string { return &p.allowRemote }},
+	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 (or true) lets the metrics listener use addresses other than loopback", func(p *parsed) *string { return &p.allowRemote }},
 	{"PROVISIONER_NODE_NAME", "node-name", "", "this node's stable name in engine client ids; on Kubernetes the node name from the downward API (default: /etc/machine-id, else the host name)", func(p *parsed) *string { return &p.NodeName }},
 	{"PROVISIONER_IO_TIMEOUT", "io-timeout", "10s", "the kernel's timeout of one request to the engine, after which the request is sent again on a new connection; 1s to 1h", func(p *parsed) *string { return &p.ioTimeout }},
 	{"PROVISIONER_DEAD_CONN_TIMEOUT", "dead-conn-timeout", "30s", "how long I/O waits for a new engine connection before it fails; 10s to 1h", func(p *parsed) *string { return &p.deadConnTimeout }},
 	{"PROVISIONER_ENGINE_SPARES", "engine-spares", "1", "engine connections dialed ahead (greeting read) after an attach for the next, each kept at most 2 s; 0 to 8", func(p *parsed) *string { return &p.spares }},
 }
+
+// ErrVersion is ParseConfig's answer to --version: print the version and
+// exit, whatever else is set or missing.
+var ErrVersion = errors.New("version requested")
 
 // ParseConfig reads the configuration from args (without the program name)
 // and the environment. Its errors are one line naming the setting.
@@ -138,11 +148,15 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		}
 		fset.StringVar(s.field(&p), s.flag, v, s.usage+" [$"+s.env+"]")
 	}
+	showVersion := fset.Bool("version", false, "")
 	if err := fset.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return Config{}, err
 		}
 		return Config{}, fmt.Errorf("command line: %w", err)
+	}
+	if *showVersion {
+		return Config{}, ErrVersion
 	}
 	if fset.NArg() > 0 {
 		return Config{}, fmt.Errorf("command line: unexpected argument %q", fset.Arg(0))
@@ -203,12 +217,8 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	if filepath.Clean(cfg.AdminPath) == filepath.Clean(cfg.ListenPath) {
 		return Config{}, fmt.Errorf("PROVISIONER_ADMIN_PATH (--admin-path) %q is the listen path; the admin socket needs its own", cfg.AdminPath)
 	}
-	switch allowRemote {
-	case "0", "":
-	case "1":
-		cfg.MetricsAllowRemote = true
-	default:
-		return Config{}, fmt.Errorf("PROVISIONER_METRICS_ALLOW_REMOTE (--metrics-allow-remote) %q is not 0 or 1", allowRemote)
+	if cfg.MetricsAllowRemote, err = parseBool(allowRemote); err != nil {
+		return Config{}, fmt.Errorf("PROVISIONER_METRICS_ALLOW_REMOTE (--metrics-allow-remote) %w", err)
 	}
 	if cfg.MetricsAddr != "" {
 		if err := metrics.CheckAddr(cfg.MetricsAddr, cfg.MetricsAllowRemote); err != nil {
@@ -220,7 +230,24 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	default:
 		return Config{}, fmt.Errorf("PROVISIONER_LOG_LEVEL (--log-level) %q is not debug, info, warn or error", cfg.LogLevel)
 	}
+	switch cfg.LogFormat {
+	case LogText, LogJSON:
+	default:
+		return Config{}, fmt.Errorf("PROVISIONER_LOG_FORMAT (--log-format) %q is not text or json", cfg.LogFormat)
+	}
 	return cfg, nil
+}
+
+// parseBool reads a boolean setting: 1 or true, 0 or false (any case), or
+// empty for false. Words such as "yes" are refused rather than guessed at.
+func parseBool(v string) (bool, error) {
+	switch strings.ToLower(v) {
+	case "1", "true":
+		return true, nil
+	case "0", "false", "":
+		return false, nil
+	}
+	return false, fmt.Errorf("%q is not 1, true, 0 or false", v)
 }
 
 // MinSecretLen is the shortest MVPS_TE_JWT_SECRET accepted. RFC 7518 asks
@@ -293,6 +320,7 @@ func Usage() string {
 	for _, s := range settings {
 		fset.String(s.flag, s.def, s.usage+" [$"+s.env+"]")
 	}
+	fset.Bool("version", false, "print the version and exit")
 	fset.PrintDefaults()
 	b.WriteString("\nMVPS_TE_JWT_SECRET (environment only): the engine's token secret; random when unset.\n")
 	return b.String()

@@ -5,12 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
@@ -60,17 +59,6 @@ func newOperations(cfg Config, log *slog.Logger, handover func()) *operations {
 
 // Metrics is the metrics set for the provision.Manager; nil when metrics are off.
 func (o *operations) Metrics() *metrics.Set { return o.metrics }
-
-func (o *operations) gauges() metrics.Gauges {
-	o.mu.Lock()
-	mgr, srv := o.mgr, o.srv
-	o.mu.Unlock()
-	if mgr == nil {
-		return metrics.Gauges{}
-	}
-	g := mgr.Gauges()
-	return metrics.Gauges{Active: g.Active, Lingering: g.Lingering, Waiting: srv.Waiting()}
-}
 
 // listen binds the admin socket and the metrics listener. Run calls it
 // before it takes anything over: a listener that cannot be had (a port
@@ -127,6 +115,8 @@ func (o *operations) start(mgr *provision.Manager, srv *socketserver.Server, eng
 		}
 		o.notify.Watchdog(ctx, o.listening)
 	}()
+	o.wg.Add(1)
+	go func() { defer o.wg.Done(); o.reportStatus(ctx) }()
 }
 
 // EngineRestarted records that the engine was started again: eng is the
@@ -144,6 +134,8 @@ func (o *operations) stopping() {
 	if o.cancel != nil {
 		o.cancel()
 	}
+	o.wg.Wait() // the last STATUS= before this one
+	o.notify.Status("stopping: " + o.statusLine())
 	o.notify.Stopping()
 }
 
@@ -221,38 +213,24 @@ type adminBackend struct{ o *operations }
 
 func (b adminBackend) Status(ctx context.Context) admin.Status {
 	o := b.o
-	st := admin.Status{Time: time.Now(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
-	owned := make(map[string]bool)
-	for _, info := range o.mgr.Snapshot() {
+	st := admin.Status{Time: time.Now(), Daemon: version.Get(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
+	snapshot := o.mgr.Snapshot()
+	for _, info := range snapshot {
 		st.Attachments = append(st.Attachments, admin.Attachment{
 			Key: info.Key, ImageID: info.ImageID, Device: info.Device, Mode: info.Mode, State: string(info.State),
 			CallerPID: info.CallerPID, CallerUID: info.CallerUID, Since: info.Since, Reconnects: info.Reconnects,
 		})
-		owned[engine.BackendID(info.ImageID)] = true
-		if info.Device != "" {
-			owned[info.Device] = true
-		}
 	}
 	eng, since, restarts := o.engine()
 	st.Engine = admin.Engine{PID: eng.Pid(), Since: since, Restarts: restarts, Answering: true}
 	if err := o.engineAnswers(ctx); err != nil {
 		st.Engine.Answering, st.Engine.Error = false, err.Error()
 	}
-	if sts, err := o.devices.Netlink.StatusAll(); err == nil {
-		for _, d := range sts {
-			if !d.Connected {
-				continue
-			}
-			path := fmt.Sprintf("/dev/nbd%d", d.Index)
-			backend, _ := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", d.Index))
-			id := strings.TrimSpace(string(backend))
-			if strings.HasPrefix(id, engine.BackendPrefix) && !owned[path] && !owned[id] {
-				st.Foreign = append(st.Foreign, admin.Device{Device: path, Backend: id})
-			}
-		}
-	} else {
+	foreign, err := o.foreignDevices(snapshot)
+	if err != nil {
 		o.log.Warn("admin status: nbd devices", "err", err)
 	}
+	st.Foreign = append(st.Foreign, foreign...)
 	return st
 }
 

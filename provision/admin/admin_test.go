@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 )
 
 type fakeBackend struct {
@@ -83,7 +84,8 @@ func ctx(t *testing.T) context.Context {
 func TestStatus(t *testing.T) {
 	since := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	b := &fakeBackend{status: Status{
-		Time: since.Add(time.Hour),
+		Time:   since.Add(time.Hour),
+		Daemon: version.Info{Version: "v1.2.3", Revision: "abc", GoVersion: "go1.26.0"},
 		Attachments: []Attachment{
 			{Key: "demo", ImageID: "demo.mvps-image", Device: "/dev/nbd3", Mode: "fd", State: "attached", CallerPID: 42, CallerUID: 1000, Since: since, Reconnects: 1},
 			{Key: "other", ImageID: "other.mvps-image", State: "attaching", CallerPID: 43, Since: since},
@@ -96,7 +98,7 @@ func TestStatus(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(st.Attachments) != 2 || st.Engine.PID != 7 || len(st.Foreign) != 1 {
+	if len(st.Attachments) != 2 || st.Engine.PID != 7 || len(st.Foreign) != 1 || st.Daemon.Version != "v1.2.3" {
 		t.Fatalf("status: %+v", st)
 	}
 	io := st.Attachments[0].IO
@@ -112,7 +114,7 @@ func TestStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"KEY", "demo.mvps-image", "/dev/nbd3", "attached", "4.7MiB/120", "1.0MiB/30", "1h0m0s",
-		"engine: pid 7", "0 restarts, answering", "/dev/nbd9", "mvps:stray.mvps-image"} {
+		"daemon: mvps-provisioner v1.2.3 (revision abc, go1.26.0)", "engine: pid 7", "0 restarts, answering", "/dev/nbd9", "mvps:stray.mvps-image"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status table lacks %q:\n%s", want, out.String())
 		}

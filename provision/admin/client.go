@@ -3,13 +3,27 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"time"
 )
 
+// ErrUnreachable is wrapped by Call's errors when the daemon could not be
+// asked or gave no answer (no socket, refused, timed out, hung up), as
+// opposed to an answer that is an error (*Error): scripts tell the two
+// apart by the commands' exit codes.
+var ErrUnreachable = errors.New("daemon unreachable")
+
+type unreachableError struct{ err error }
+
+func (e unreachableError) Error() string        { return e.err.Error() }
+func (e unreachableError) Unwrap() error        { return e.err }
+func (e unreachableError) Is(target error) bool { return target == ErrUnreachable }
+
 // Call sends req to the admin socket at path and returns the reply. A
-// reply that is not OK is returned as an *Error.
+// reply that is not OK is returned as an *Error; a daemon that cannot be
+// asked, or does not answer, as an error wrapping ErrUnreachable.
 func Call(ctx context.Context, path string, req Request) (Reply, error) {
 	if req.Version == 0 {
 		req.Version = Version
@@ -17,7 +31,7 @@ func Call(ctx context.Context, path string, req Request) (Reply, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unixpacket", path)
 	if err != nil {
-		return Reply{}, fmt.Errorf("connect to the admin socket %s: %w", path, err)
+		return Reply{}, unreachableError{fmt.Errorf("connect to the admin socket %s: %w", path, err)}
 	}
 	defer c.Close()
 	if deadline, ok := ctx.Deadline(); ok {
@@ -30,15 +44,15 @@ func Call(ctx context.Context, path string, req Request) (Reply, error) {
 		return Reply{}, err
 	}
 	if _, err := c.Write(b); err != nil {
-		return Reply{}, fmt.Errorf("admin request: %w", err)
+		return Reply{}, unreachableError{fmt.Errorf("admin request: %w", err)}
 	}
 	buf := make([]byte, MaxMessage+1)
 	n, err := c.Read(buf)
 	if err != nil {
-		return Reply{}, fmt.Errorf("admin reply: %w", err)
+		return Reply{}, unreachableError{fmt.Errorf("admin reply: %w", err)}
 	}
 	if n == 0 {
-		return Reply{}, fmt.Errorf("admin reply: the daemon closed the connection without an answer")
+		return Reply{}, unreachableError{errors.New("admin reply: the daemon closed the connection without an answer")}
 	}
 	var r Reply
 	if err := json.Unmarshal(buf[:n], &r); err != nil {

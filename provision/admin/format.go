@@ -38,7 +38,8 @@ func WriteStatus(w io.Writer, st *Status) error {
 			answering += ": " + e.Error
 		}
 	}
-	fmt.Fprintf(w, "\nengine: pid %d, up since %s (%s), %d restarts, %s\n", e.PID,
+	fmt.Fprintf(w, "\ndaemon: mvps-provisioner %s\n", st.Daemon)
+	fmt.Fprintf(w, "engine: pid %d, up since %s (%s), %d restarts, %s\n", e.PID,
 		e.Since.Local().Format(time.RFC3339), since(st.Time, e.Since), e.Restarts, answering)
 	if len(st.Foreign) > 0 {
 		fmt.Fprintln(w, "\nconnected mvps devices this provisioner does not own:")

@@ -24,6 +24,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 )
 
 // Version is the protocol version this package speaks.
@@ -73,7 +75,10 @@ type Reply struct {
 
 // Status is the daemon's state at a moment.
 type Status struct {
-	Time        time.Time    `json:"time"`
+	Time time.Time `json:"time"`
+	// Daemon is the running daemon's build, which is not the command's
+	// after an upgrade that has not restarted it.
+	Daemon      version.Info `json:"daemon"`
 	Attachments []Attachment `json:"attachments"`
 	Engine      Engine       `json:"engine"`
 	// Foreign lists connected nbd devices with an "mvps:" backend that

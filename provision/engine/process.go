@@ -237,10 +237,12 @@ func (e *Process) readLogs(readers map[string]io.Reader) {
 
 func (e *Process) copyLog(r io.Reader, stream string) {
 	defer e.logs.Done()
+	lr := newLogReader(e.cfg.Logger, stream)
+	defer lr.end()
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
-		e.cfg.Logger.Info("engine: "+sc.Text(), "source", "engine", "stream", stream)
+		lr.line(sc.Text())
 	}
 	// Keep draining after an over-long line so the engine never blocks on
 	// a full pipe.
@@ -359,10 +361,12 @@ func ParseListen(listen string) (network, address string, err error) {
 func engineEnv(base []string, listen string, secret []byte) []string {
 	env := make([]string, 0, len(base)+2)
 	for _, kv := range base {
-		if strings.HasPrefix(kv, "MVPS_TE_LISTEN=") || strings.HasPrefix(kv, "MVPS_TE_JWT_SECRET=") {
+		if strings.HasPrefix(kv, "MVPS_TE_LISTEN=") || strings.HasPrefix(kv, "MVPS_TE_JWT_SECRET=") || strings.HasPrefix(kv, "NO_COLOR=") {
 			continue
 		}
 		env = append(env, kv)
 	}
-	return append(env, "MVPS_TE_LISTEN="+listen, "MVPS_TE_JWT_SECRET="+string(secret))
+	// NO_COLOR: the engine's output goes to a pipe that the provisioner
+	// reads for levels and re-logs, where colour escapes are noise.
+	return append(env, "MVPS_TE_LISTEN="+listen, "MVPS_TE_JWT_SECRET="+string(secret), "NO_COLOR=1")
 }

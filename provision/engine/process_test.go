@@ -29,8 +29,8 @@ func script(t *testing.T, body string) string {
 }
 
 func TestEngineEnv(t *testing.T) {
-	got := engineEnv([]string{"A=1", "MVPS_TE_LISTEN=old", "MVPS_TE_JWT_SECRET=old", "MVPS_TE_IMAGE_STORE=s3"}, "unix:/x", []byte("s"))
-	want := []string{"A=1", "MVPS_TE_IMAGE_STORE=s3", "MVPS_TE_LISTEN=unix:/x", "MVPS_TE_JWT_SECRET=s"}
+	got := engineEnv([]string{"A=1", "MVPS_TE_LISTEN=old", "MVPS_TE_JWT_SECRET=old", "MVPS_TE_IMAGE_STORE=s3", "NO_COLOR="}, "unix:/x", []byte("s"))
+	want := []string{"A=1", "MVPS_TE_IMAGE_STORE=s3", "MVPS_TE_LISTEN=unix:/x", "MVPS_TE_JWT_SECRET=s", "NO_COLOR=1"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Fatal(diff)
 	}
@@ -46,7 +46,8 @@ func TestStartEngineFailures(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "exit status 3") {
 		t.Fatalf("engine exiting at start: %v", err)
 	}
-	if !strings.Contains(logs.String(), "engine: boom") {
+	// Its stderr, in no format of a log, is an error.
+	if !strings.Contains(logs.String(), `level=ERROR msg="engine: boom"`) {
 		t.Fatalf("engine output not in the log:\n%s", logs.String())
 	}
 

@@ -22,9 +22,10 @@ type Check struct {
 
 // CheckAddr accepts the address of the metrics listener: host:port with a
 // literal IP. Without allowRemote the IP must be a loopback one: /metrics
-// tells which images are attached and by whom, which is nobody else's
-// business on a shared network. An empty host or an unspecified IP (all
-// interfaces) and host names are refused then.
+// names no image or caller, but it tells the node's load and build to
+// anyone who reaches it, unauthenticated, which is nobody else's business
+// on a shared network unless the operator says so. An empty host or an
+// unspecified IP (all interfaces) and host names are refused then.
 func CheckAddr(addr string, allowRemote bool) error {
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {

@@ -10,17 +10,37 @@ package metrics
 
 import (
 	"iter"
+	"slices"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision/socketserver"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
 // Namespace prefixes every metric name.
 const Namespace = "mvps_provisioner"
 
-// Gauges are the values read from the server at every scrape.
+// Label values known in advance. Every labelled counter has a series for
+// each of them from the start, at 0: a series that first appears at 1 has
+// no increase() or rate() to show, so an alert on the first failed
+// reconnect would never fire.
+var (
+	Modes = []string{"fd", "mount"}
+	// AttachResults: "ok", a reply code, or "caller_gone".
+	AttachResults      = append([]string{"ok", "caller_gone"}, protocol.Codes...)
+	DetachResults      = []string{DetachOK, DetachUnflushed, DetachStillOpen, DetachFailed}
+	ReconnectResults   = []string{"ok", "failed"}
+	AdminDetachResults = []string{"ok", "not_found", "failed"}
+	// AttachmentStates are the states of the attachments gauge, each
+	// reported (0 when no attachment is in it).
+	AttachmentStates = []string{"attaching", "attached", "reconnecting", "detaching", "lingering"}
+)
+
+// Gauges are the values read from the daemon at every scrape.
 type Gauges struct {
 	// Active counts attachments in any state but lingering.
 	Active int
@@ -28,6 +48,18 @@ type Gauges struct {
 	Lingering int
 	// Waiting counts connections that have not sent their request yet.
 	Waiting int
+	// States counts the attachments (lingering ones included) by state;
+	// a state missing from it is 0.
+	States map[string]int
+	// EngineUp: the engine process runs and sent its NBD greeting now.
+	EngineUp bool
+	// Foreign counts the connected nbd devices with an mvps backend that
+	// this provisioner does not own.
+	Foreign int
+	// ConfigMapLastSync is when the API server last answered the image
+	// ConfigMap's list or watch; zero when the configs come from a
+	// directory.
+	ConfigMapLastSync time.Time
 }
 
 // Set is the provisioner's metrics. The zero value is not usable; a nil
@@ -93,13 +125,44 @@ func New(gauges func() Gauges) *Set {
 		Namespace: Namespace, Name: "admin_detaches_total",
 		Help: `Forced detaches an operator asked for on the admin socket, by result ("ok", "not_found", "failed").`,
 	}, []string{"result"})
+	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: Namespace, Name: "build_info",
+		Help: "Always 1; the labels say which build of the daemon runs.",
+	}, []string{"version", "revision", "goversion"})
+	build := version.Get()
+	buildInfo.WithLabelValues(build.Version, build.Revision, build.GoVersion).Set(1)
 	s.reg.MustRegister(s.attaches, s.detaches, s.attachSeconds, s.phaseSeconds, s.refused, s.engineRestart,
-		s.reconnects, s.linkDead, s.adminDetaches)
+		s.reconnects, s.linkDead, s.adminDetaches, buildInfo)
+	s.zero()
 	if gauges != nil {
 		s.reg.MustRegister(gaugeCollector(gauges))
 	}
 	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return s
+}
+
+// zero makes every series of the known label values, at 0. The phase
+// histograms are left out: which phases an attach has depends on its mode
+// and its path, and each adds 17 series.
+func (s *Set) zero() {
+	for _, mode := range Modes {
+		for _, r := range AttachResults {
+			s.attaches.WithLabelValues(mode, r)
+		}
+		for _, r := range DetachResults {
+			s.detaches.WithLabelValues(mode, r)
+		}
+		s.attachSeconds.WithLabelValues(mode)
+	}
+	for _, code := range protocol.Codes {
+		s.refused.WithLabelValues(code)
+	}
+	for _, r := range ReconnectResults {
+		s.reconnects.WithLabelValues(r)
+	}
+	for _, r := range AdminDetachResults {
+		s.adminDetaches.WithLabelValues(r)
+	}
 }
 
 // Registry is where the metrics are registered, for the HTTP handler and
@@ -194,7 +257,7 @@ func (s *Set) AdminDetach(result string) {
 	s.adminDetaches.WithLabelValues(result).Inc()
 }
 
-// gaugeCollector reads the gauges once per scrape, so the three agree.
+// gaugeCollector reads the gauges once per scrape, so that they agree.
 type gaugeCollector func() Gauges
 
 var (
@@ -204,17 +267,48 @@ var (
 		"Detached devices that a process still holds open.", nil, nil)
 	waitingDesc = prometheus.NewDesc(Namespace+"_waiting_connections",
 		"Caller connections that have not sent their request yet.", nil, nil)
+	statesDesc = prometheus.NewDesc(Namespace+"_attachments",
+		"Attachments now by state (attaching, attached, reconnecting, detaching, lingering).", []string{"state"}, nil)
+	engineUpDesc = prometheus.NewDesc(Namespace+"_engine_up",
+		"1 when the engine process runs and answered its NBD greeting at this scrape, else 0.", nil, nil)
+	foreignDesc = prometheus.NewDesc(Namespace+"_foreign_devices",
+		"Connected nbd devices with an mvps backend that this provisioner does not own: another instance's, or left over from a crash.", nil, nil)
+	configMapSyncDesc = prometheus.NewDesc(Namespace+"_configmap_last_sync_timestamp_seconds",
+		"When the API server last answered the image ConfigMap's list or watch, in Unix seconds; 0 when image configs come from a directory.", nil, nil)
 )
 
 func (g gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- activeDesc
-	ch <- lingeringDesc
-	ch <- waitingDesc
+	for _, d := range []*prometheus.Desc{activeDesc, lingeringDesc, waitingDesc, statesDesc, engineUpDesc, foreignDesc, configMapSyncDesc} {
+		ch <- d
+	}
 }
 
 func (g gaugeCollector) Collect(ch chan<- prometheus.Metric) {
 	v := g()
-	ch <- prometheus.MustNewConstMetric(activeDesc, prometheus.GaugeValue, float64(v.Active))
-	ch <- prometheus.MustNewConstMetric(lingeringDesc, prometheus.GaugeValue, float64(v.Lingering))
-	ch <- prometheus.MustNewConstMetric(waitingDesc, prometheus.GaugeValue, float64(v.Waiting))
+	gauge := func(d *prometheus.Desc, value float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, value, labels...)
+	}
+	gauge(activeDesc, float64(v.Active))
+	gauge(lingeringDesc, float64(v.Lingering))
+	gauge(waitingDesc, float64(v.Waiting))
+	for _, state := range AttachmentStates {
+		gauge(statesDesc, float64(v.States[state]), state)
+	}
+	// A state this list does not know yet still shows.
+	for state, n := range v.States {
+		if !slices.Contains(AttachmentStates, state) {
+			gauge(statesDesc, float64(n), state)
+		}
+	}
+	up := 0.0
+	if v.EngineUp {
+		up = 1
+	}
+	gauge(engineUpDesc, up)
+	gauge(foreignDesc, float64(v.Foreign))
+	synced := 0.0
+	if !v.ConfigMapLastSync.IsZero() {
+		synced = float64(v.ConfigMapLastSync.UnixNano()) / 1e9
+	}
+	gauge(configMapSyncDesc, synced)
 }

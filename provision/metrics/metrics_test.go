@@ -66,7 +66,10 @@ func scrape(t *testing.T, h http.Handler, path string) (int, string) {
 }
 
 func TestExposition(t *testing.T) {
-	s := New(func() Gauges { return Gauges{Active: 2, Lingering: 1, Waiting: 3} })
+	s := New(func() Gauges {
+		return Gauges{Active: 2, Lingering: 1, Waiting: 3, States: map[string]int{"attached": 1, "reconnecting": 1, "lingering": 1, "newstate": 4},
+			EngineUp: true, Foreign: 2, ConfigMapLastSync: time.Unix(1700000000, 500e6)}
+	})
 	s.Attached("fd", 30*time.Millisecond, phases("token", time.Microsecond, "dial", time.Millisecond, "kernel", 20*time.Millisecond))
 	s.Attached("mount", 2*time.Second, phases("mount", 1900*time.Millisecond))
 	s.AttachFailed("fd", fmt.Errorf("%w: kernel said no", provision.ErrAttachFailed))
@@ -99,6 +102,15 @@ func TestExposition(t *testing.T) {
 		`mvps_provisioner_active_attachments 2`,
 		`mvps_provisioner_lingering_devices 1`,
 		`mvps_provisioner_waiting_connections 3`,
+		`mvps_provisioner_attachments{state="attached"} 1`,
+		`mvps_provisioner_attachments{state="attaching"} 0`,
+		`mvps_provisioner_attachments{state="newstate"} 4`,
+		`mvps_provisioner_engine_up 1`,
+		`mvps_provisioner_foreign_devices 2`,
+		`mvps_provisioner_configmap_last_sync_timestamp_seconds 1.7000000005e+09`,
+		`mvps_provisioner_build_info{goversion="go`,
+		`mvps_provisioner_reconnects_total{result="ok"} 1`,
+		`mvps_provisioner_detaches_total{mode="fd",result="failed"} 0`,
 		`go_goroutines `,
 		`process_open_fds `,
 	} {

@@ -1,12 +1,13 @@
 // Package notify speaks systemd's service notification protocol for the
 // daemon (sd_notify(3)): READY=1 once it serves, WATCHDOG=1 while it is
-// healthy, STOPPING=1 when it shuts down. Outside systemd (no
-// NOTIFY_SOCKET) every call does nothing.
+// healthy, STATUS= for systemctl status, STOPPING=1 when it shuts down.
+// Outside systemd (no NOTIFY_SOCKET) every call does nothing.
 package notify
 
 import (
 	"context"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -112,6 +113,12 @@ func (n *Notifier) Watchdog(ctx context.Context, check Check) {
 		case <-t.C:
 		}
 	}
+}
+
+// Status sends STATUS=line, the one line systemctl status shows for the
+// service. A line break would end it early, so line breaks become spaces.
+func (n *Notifier) Status(line string) {
+	n.send("STATUS=" + strings.Join(strings.Fields(line), " "))
 }
 
 // Stopping sends STOPPING=1.

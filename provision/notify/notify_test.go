@@ -181,3 +181,9 @@ func TestStoppingAndNoSocket(t *testing.T) {
 	t.Setenv("NOTIFY_SOCKET", "")
 	New(quiet()).Stopping() // nothing to send to: no error, no block
 }
+
+func TestStatusIsOneLine(t *testing.T) {
+	msgs := fakeSystemd(t)
+	New(quiet()).Status("2 attachments (1 attached,\n1 reconnecting); engine pid 7 running")
+	expect(t, msgs, "STATUS=2 attachments (1 attached, 1 reconnecting); engine pid 7 running", 5*time.Second)
+}

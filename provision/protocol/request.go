@@ -117,6 +117,13 @@ const (
 	CodeInternal          = "internal"
 )
 
+// Codes lists every reply code, for whoever counts replies by code and
+// wants each count to exist before its first reply (the metrics).
+var Codes = []string{
+	CodeBadRequest, CodeUnknownCommand, CodeNotFound, CodeForbidden, CodeInvalidConfig,
+	CodeBusy, CodeEngineUnavailable, CodeAttachFailed, CodeInternal,
+}
+
 // ReplyOK is the payload of a successful reply.
 const ReplyOK = "OK"
 
