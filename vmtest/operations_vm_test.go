@@ -16,6 +16,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -32,6 +33,19 @@ const metricsAddr = "127.0.0.1:9105"
 type notifySocket struct {
 	Path string
 	msgs chan string
+
+	mu       sync.Mutex
+	statuses []string
+}
+
+// lastStatus is the last STATUS= line received, "" if none.
+func (n *notifySocket) lastStatus() string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if len(n.statuses) == 0 {
+		return ""
+	}
+	return n.statuses[len(n.statuses)-1]
 }
 
 func newNotifySocket(t *testing.T) *notifySocket {
@@ -49,7 +63,15 @@ func newNotifySocket(t *testing.T) *notifySocket {
 			if err != nil {
 				return
 			}
-			n.msgs <- string(buf[:k])
+			// STATUS= lines come whenever the state changes: kept apart,
+			// so that the order of the others can be checked.
+			if m := string(buf[:k]); strings.HasPrefix(m, "STATUS=") {
+				n.mu.Lock()
+				n.statuses = append(n.statuses, m)
+				n.mu.Unlock()
+			} else {
+				n.msgs <- m
+			}
 		}
 	}()
 	return n
@@ -123,6 +145,10 @@ func TestVMOperations(t *testing.T) {
 			t.Fatalf("notification %d after READY=1: %q, want WATCHDOG=1", i, m)
 		}
 	}
+	// systemctl status shows the state.
+	waitUntil(t, 10*time.Second, "a STATUS= line naming the engine", func() bool {
+		return strings.Contains(notify.lastStatus(), "engine pid")
+	})
 
 	if code, body := httpGet(t, "/healthz"); code != 200 {
 		t.Fatalf("/healthz: %d %s", code, body)

@@ -41,9 +41,16 @@ type Config struct {
 	// EngineListen is PROVISIONER_ENGINE_LISTEN, --engine-listen: empty
 	// means a Unix socket in a private runtime directory.
 	EngineListen string
-	// Secret is MVPS_TE_JWT_SECRET; environment only, never a flag, since
-	// argv is readable by every user. Empty means generate one.
-	Secret   string
+	// Secret is MVPS_TE_JWT_SECRET, or the content of
+	// PROVISIONER_ENGINE_SECRET_FILE; never a flag, since argv is readable
+	// by every user. Empty means generate one.
+	Secret     string
+	SecretFile string // PROVISIONER_ENGINE_SECRET_FILE, --engine-secret-file
+	// EngineExternal is PROVISIONER_ENGINE_EXTERNAL,
+	// --engine-external: the engine at EngineListen is run by someone
+	// else (a container of its own), which a restart of the daemon
+	// cannot touch; the daemon only dials it.
+	EngineExternal bool
 	LogLevel string // PROVISIONER_LOG_LEVEL, --log-level (info)
 	// LogFormat is PROVISIONER_LOG_FORMAT, --log-format: LogText or LogJSON.
 	LogFormat string
@@ -105,6 +112,7 @@ type setting struct {
 type parsed struct {
 	Config
 	mode, allowRemote, spares  string
+	external                   string
 	ioTimeout, deadConnTimeout string
 }
 
@@ -117,6 +125,8 @@ var settings = []setting{
 	{"PROVISIONER_ENGINE_BIN", "engine-bin", DefaultEngineBin, "mvps-te executable", func(p *parsed) *string { return &p.EngineBin }},
 	{"PROVISIONER_ENGINE_LISTEN", "engine-listen", "", "engine address, unix:/path or host:port (default: a socket in a private runtime directory)", func(p *parsed) *string { return &p.EngineListen }},
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(p *parsed) *string { return &p.LogLevel }},
+	{"PROVISIONER_ENGINE_EXTERNAL", "engine-external", "0", "1 (or true): the engine at PROVISIONER_ENGINE_LISTEN runs on its own (its own container); the daemon only dials it", func(p *parsed) *string { return &p.external }},
+	{"PROVISIONER_ENGINE_SECRET_FILE", "engine-secret-file", "", "file holding the engine's token secret, instead of MVPS_TE_JWT_SECRET", func(p *parsed) *string { return &p.SecretFile }},
 	{"PROVISIONER_LOG_FORMAT", "log-format", LogText, "text (logfmt) or json, one record a line", func(p *parsed) *string { return &p.LogFormat }},
 	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images", func(p *parsed) *string { return &p.Mke2fs }},
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures", func(p *parsed) *string { return &p.Blkid }},
@@ -174,8 +184,27 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		return Config{}, fmt.Errorf("PROVISIONER_DEAD_CONN_TIMEOUT (--dead-conn-timeout) %w", err)
 	}
 	cfg.Secret = getenv("MVPS_TE_JWT_SECRET")
+	if cfg.SecretFile != "" {
+		if cfg.Secret != "" {
+			return Config{}, errors.New("MVPS_TE_JWT_SECRET and PROVISIONER_ENGINE_SECRET_FILE are both set; the secret comes from exactly one of them")
+		}
+		b, err := os.ReadFile(cfg.SecretFile)
+		if err != nil {
+			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE (--engine-secret-file): %w", err)
+		}
+		if cfg.Secret = strings.TrimRight(string(b), "\r\n"); cfg.Secret == "" {
+			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE (--engine-secret-file) %s is empty", cfg.SecretFile)
+		}
+	}
 	if err := checkSecret(cfg.Secret); err != nil {
 		return Config{}, err
+	}
+	if cfg.EngineExternal, err = parseBool(p.external); err != nil {
+		return Config{}, fmt.Errorf("PROVISIONER_ENGINE_EXTERNAL (--engine-external) %w", err)
+	}
+	if cfg.EngineExternal && (cfg.EngineListen == "" || cfg.Secret == "") {
+		return Config{}, errors.New("PROVISIONER_ENGINE_EXTERNAL needs PROVISIONER_ENGINE_LISTEN (where the engine listens) and its secret " +
+			"(PROVISIONER_ENGINE_SECRET_FILE or MVPS_TE_JWT_SECRET)")
 	}
 
 	if len(cfg.NodeName) > 253 || strings.ContainsFunc(cfg.NodeName, func(r rune) bool { return r <= ' ' || r == '/' || r > '~' }) {
@@ -301,7 +330,7 @@ func (cfg Config) Check() error {
 			return fmt.Errorf("PROVISIONER_SOCKET_GROUP: %w", err)
 		}
 	}
-	if _, err := exec.LookPath(cfg.EngineBin); err != nil {
+	if _, err := exec.LookPath(cfg.EngineBin); err != nil && !cfg.EngineExternal {
 		hint := ""
 		if cfg.EngineBin == DefaultEngineBin {
 			hint = "; without mvps-te installed, use the stand-in built by 'make build': --engine-bin=bin/mvps-te-dev (or 'make run')"

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -64,6 +65,11 @@ func TestParseConfig(t *testing.T) {
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
 				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1, NodeName: "node-7.example"}},
+		{name: "external engine without its address", extra: map[string]string{"PROVISIONER_ENGINE_EXTERNAL": "true", "MVPS_TE_JWT_SECRET": "s3cret-of-24-bytes-long"}, err: "PROVISIONER_ENGINE_LISTEN"},
+		{name: "external engine without a secret", extra: map[string]string{"PROVISIONER_ENGINE_EXTERNAL": "1", "PROVISIONER_ENGINE_LISTEN": "unix:/run/e.sock"}, err: "secret"},
+		{name: "bad external", extra: map[string]string{"PROVISIONER_ENGINE_EXTERNAL": "yes"}, err: "PROVISIONER_ENGINE_EXTERNAL"},
+		{name: "two secrets", extra: map[string]string{"PROVISIONER_ENGINE_SECRET_FILE": "/nonexistent", "MVPS_TE_JWT_SECRET": "s3cret-of-24-bytes-long"}, err: "exactly one"},
+		{name: "missing secret file", extra: map[string]string{"PROVISIONER_ENGINE_SECRET_FILE": "/nonexistent/secret"}, err: "PROVISIONER_ENGINE_SECRET_FILE"},
 		{name: "timeouts", extra: map[string]string{"PROVISIONER_IO_TIMEOUT": "3s", "PROVISIONER_DEAD_CONN_TIMEOUT": "2m"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
@@ -162,5 +168,39 @@ func TestReadmeConfigurationTable(t *testing.T) {
 	}
 	for env := range rows {
 		t.Errorf("README's configuration table names %s, which is no setting of the daemon", env)
+	}
+}
+
+// The secret comes from a file as from the environment: its last newline
+// dropped, checked alike, never echoed; an external engine takes it.
+func TestSecretFile(t *testing.T) {
+	dir := t.TempDir()
+	env := map[string]string{"PROVISIONER_LISTEN_PATH": "/run/p.sock", "IMAGE_CONFIG_DIRECTORY": "/etc/images",
+		"PROVISIONER_ENGINE_EXTERNAL": "true", "PROVISIONER_ENGINE_LISTEN": "unix:/run/engine/engine.sock"}
+	getenv := func(k string) string { return env[k] }
+	for _, tc := range []struct {
+		name, content, want, err string
+	}{
+		{"with a newline", "a-secret-of-32-bytes-0123456789ab\n", "a-secret-of-32-bytes-0123456789ab", ""},
+		{"without", "a-secret-of-32-bytes-0123456789ab", "a-secret-of-32-bytes-0123456789ab", ""},
+		{"empty", "\n", "", "is empty"},
+		{"short", "short-secret\n", "", "at least"},
+		{"placeholder", "REPLACE-ME-with-32-random-bytes\n", "", "placeholder"},
+	} {
+		path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-"))
+		if err := os.WriteFile(path, []byte(tc.content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		env["PROVISIONER_ENGINE_SECRET_FILE"] = path
+		cfg, err := ParseConfig(nil, getenv)
+		switch {
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("%s: %v, want an error saying %q", tc.name, err, tc.err)
+		case tc.err == "" && (err != nil || cfg.Secret != tc.want || !cfg.EngineExternal):
+			t.Errorf("%s: secret %q external %v (%v)", tc.name, cfg.Secret, cfg.EngineExternal, err)
+		}
+		if err != nil && strings.Contains(err.Error(), strings.TrimSpace(tc.content)) && strings.TrimSpace(tc.content) != "" {
+			t.Errorf("%s: the error %q shows the secret", tc.name, err)
+		}
 	}
 }

@@ -97,7 +97,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Bin:    cfg.EngineBin,
 		Listen: cfg.EngineListen,
 		Env:    os.Environ(),
-	}, log)
+	}, cfg.EngineExternal, log)
 	if err != nil {
 		return err
 	}

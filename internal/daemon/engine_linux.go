@@ -25,12 +25,15 @@ type engineSupervisor struct {
 	dir string
 	cfg engine.Config
 	log *slog.Logger
+	// external: the engine runs on its own (PROVISIONER_ENGINE_EXTERNAL);
+	// it is waited for, never started or stopped.
+	external bool
 	// current is the engine now; the serving loop alone replaces it.
 	current atomic.Pointer[engine.Process]
 }
 
 // newEngineSupervisor prepares the engine's directory in stateDir.
-func newEngineSupervisor(stateDir string, cfg engine.Config, log *slog.Logger) (*engineSupervisor, error) {
+func newEngineSupervisor(stateDir string, cfg engine.Config, external bool, log *slog.Logger) (*engineSupervisor, error) {
 	dir := filepath.Join(stateDir, "engine")
 	if err := makeOwnDir(dir); err != nil {
 		return nil, fmt.Errorf("engine directory: %w", err)
@@ -40,7 +43,7 @@ func newEngineSupervisor(stateDir string, cfg engine.Config, log *slog.Logger) (
 	}
 	cfg.LogFIFO = filepath.Join(dir, engine.LogFIFOName)
 	cfg.Logger = log
-	return &engineSupervisor{dir: dir, cfg: cfg, log: log}, nil
+	return &engineSupervisor{dir: dir, cfg: cfg, log: log, external: external}, nil
 }
 
 // makeOwnDir makes dir (0700) unless it exists, and checks that it is a
@@ -66,6 +69,15 @@ func makeOwnDir(dir string) error {
 // the directory), or a new random one. It returns the secret the engine
 // checks tokens with.
 func (s *engineSupervisor) start(ctx context.Context, configured string) ([]byte, error) {
+	if s.external {
+		s.cfg.Secret = []byte(configured)
+		eng, err := engine.External(ctx, s.cfg)
+		if err != nil {
+			return nil, err
+		}
+		s.current.Store(eng)
+		return s.cfg.Secret, nil
+	}
 	if eng, secret := s.adopt(ctx, configured); eng != nil {
 		s.current.Store(eng)
 		return secret, nil
@@ -156,6 +168,17 @@ func (s *engineSupervisor) instance() string {
 func (s *engineSupervisor) restart(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
 	for try := 1; ; try++ {
+		if s.external {
+			// Its own supervisor (the kubelet) restarts it.
+			s.log.Info("waiting for the engine to answer again", "try", try)
+			if eng, err := engine.External(ctx, s.cfg); err == nil {
+				s.current.Store(eng)
+				return nil
+			} else if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			continue
+		}
 		s.log.Info("starting the engine again", "try", try)
 		eng, err := engine.Start(ctx, s.cfg)
 		if err == nil {
@@ -176,6 +199,9 @@ func (s *engineSupervisor) restart(ctx context.Context) error {
 // stop stops the engine (it checkpoints every image) and forgets it: what
 // a shutdown does, not a handover, which leaves it running.
 func (s *engineSupervisor) stop(ctx context.Context) error {
+	if s.external {
+		return nil // not ours
+	}
 	err := s.engine().Stop(ctx)
 	if rerr := engine.RemoveRecord(s.dir); rerr != nil {
 		err = errors.Join(err, fmt.Errorf("engine record: %w", rerr))

@@ -113,10 +113,11 @@ func (o *operations) start(mgr *provision.Manager, srv *socketserver.Server, eng
 		if o.notify.Ready(ctx, ready) != nil {
 			return
 		}
+		// The state line from READY=1 on, while the watchdog pings.
+		o.wg.Add(1)
+		go func() { defer o.wg.Done(); o.reportStatus(ctx) }()
 		o.notify.Watchdog(ctx, o.listening)
 	}()
-	o.wg.Add(1)
-	go func() { defer o.wg.Done(); o.reportStatus(ctx) }()
 }
 
 // EngineRestarted records that the engine was started again: eng is the

@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/peercred"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/pidfd"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
 )
@@ -147,4 +149,67 @@ func StopRecorded(ctx context.Context, rec Record) error {
 	pidfd.Signal(fd, unix.SIGKILL)
 	pidfd.Wait(context.Background(), fd)
 	return fmt.Errorf("engine %d did not stop in time, killed: %w", rec.PID, ctx.Err())
+}
+
+// External is an engine someone else runs (a container of its own), at
+// cfg.Listen: it waits (at most cfg.StartTimeout) until the engine answers.
+// Where the kernel names the process that answers (a Unix socket's peer
+// credentials, in a PID namespace this one sees into), it is followed:
+// Done is closed when it exits, and Instance names it. The provisioner
+// never stops it.
+func External(ctx context.Context, cfg Config) (*Process, error) {
+	if cfg.StartTimeout == 0 {
+		cfg.StartTimeout = DefaultStartTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = defaultLogger()
+	}
+	network, address, err := ParseListen(cfg.Listen)
+	if err != nil {
+		return nil, err
+	}
+	e := &Process{cfg: cfg, pidfd: -1, external: true, done: make(chan struct{})}
+	if err := e.waitReady(ctx, network, address); err != nil {
+		return nil, err
+	}
+	if network == "unix" {
+		e.identify(ctx, address)
+	}
+	if e.pidfd >= 0 {
+		go func() {
+			pidfd.Wait(context.Background(), e.pidfd)
+			e.err = errors.New("engine exited")
+			close(e.done)
+		}()
+	}
+	cfg.Logger.Info("using the engine that runs on its own", "listen", cfg.Listen, "pid", e.pid)
+	return e, nil
+}
+
+// identify finds the process that accepts on the engine's Unix socket.
+func (e *Process) identify(ctx context.Context, address string) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", address)
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return
+	}
+	cred, err := peercred.Read(uc)
+	if err != nil || cred.PID <= 0 {
+		return // in a PID namespace this one does not see
+	}
+	fd, err := pidfd.Open(int(cred.PID))
+	if err != nil {
+		return
+	}
+	start, err := procfs.StartTime(int(cred.PID))
+	if err != nil {
+		unix.Close(fd)
+		return
+	}
+	e.pid, e.start, e.pidfd = int(cred.PID), start, fd
 }

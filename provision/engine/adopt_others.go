@@ -25,3 +25,6 @@ func writeOwnFile(path string, data []byte) error { return os.WriteFile(path, da
 
 // StopRecorded has no recorded engine to stop elsewhere than Linux.
 func StopRecorded(ctx context.Context, rec Record) error { return nil }
+
+// External needs Linux here, as the rest of the engine's supervision.
+func External(ctx context.Context, cfg Config) (*Process, error) { return nil, errors.ErrUnsupported }

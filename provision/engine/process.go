@@ -67,6 +67,9 @@ type Process struct {
 	logs  sync.WaitGroup
 	// logFiles are what the engine's output is read from.
 	logFiles []*os.File
+	// external is an engine someone else runs (External): never stopped
+	// by the provisioner.
+	external bool
 }
 
 // DefaultStartTimeout is the StartTimeout used when it is zero.
@@ -176,7 +179,7 @@ func (e *Process) waitReady(ctx context.Context, network, address string) error 
 	var lastErr error
 	for {
 		lastErr = probeGreeting(ctx, network, address)
-		if lastErr == nil && network == "tcp" {
+		if lastErr == nil && network == "tcp" && !e.external {
 			// Refused at once: while another process holds the port the
 			// engine cannot bind it, and it is no engine we would wait for.
 			if err := checkTCPListener(e.Pid(), address); err != nil {
@@ -261,7 +264,12 @@ func (e *Process) Pid() int { return e.pid }
 // Instance names this engine process for good (its pid and start time): a
 // record of which engine a device was connected to tells a later run
 // whether that connection can still be alive.
-func (e *Process) Instance() string { return fmt.Sprintf("%d:%d", e.pid, e.start) }
+func (e *Process) Instance() string {
+	if e.pid <= 0 {
+		return "" // an engine of its own that could not be named
+	}
+	return fmt.Sprintf("%d:%d", e.pid, e.start)
+}
 
 // Record is what a later run needs to take the engine over.
 func (e *Process) Record() Record {
@@ -271,6 +279,9 @@ func (e *Process) Record() Record {
 // Stop sends SIGTERM, which makes mvps-te fsync and checkpoint every open
 // image, and waits for the exit; SIGKILL when ctx ends first.
 func (e *Process) Stop(ctx context.Context) error {
+	if e.external {
+		return nil // not ours to stop
+	}
 	select {
 	case <-e.done:
 		return nil
