@@ -51,7 +51,7 @@ type Config struct {
 	// else (a container of its own), which a restart of the daemon
 	// cannot touch; the daemon only dials it.
 	EngineExternal bool
-	LogLevel string // PROVISIONER_LOG_LEVEL, --log-level (info)
+	LogLevel       string // PROVISIONER_LOG_LEVEL, --log-level (info)
 	// LogFormat is PROVISIONER_LOG_FORMAT, --log-format: LogText or LogJSON.
 	LogFormat string
 	// Mke2fs and Blkid are the tools mount mode formats and probes with;
