@@ -108,7 +108,7 @@ func TestManifestsAgree(t *testing.T) {
 	sa := decode[corev1.ServiceAccount](t, ms, "ServiceAccount")
 
 	var ref string
-	for _, e := range ds.Spec.Template.Spec.Containers[0].Env {
+	for _, e := range readBoundary(t).container.Env {
 		if e.Name == "PROVISIONER_IMAGES_CM" {
 			ref = e.Value
 		}
@@ -377,7 +377,9 @@ func readBoundary(t *testing.T) *boundary {
 	for _, w := range workloads(t, ms) {
 		provisioner := false
 		for _, c := range w.spec.Containers {
-			if len(c.Command) > 0 && filepath.Base(c.Command[0]) == "mvps-provisioner" {
+			// The daemon, not a subcommand of its binary (the engine
+			// container's run-engine).
+			if len(c.Command) == 1 && filepath.Base(c.Command[0]) == "mvps-provisioner" {
 				provisioner = true
 				b.container = c
 			}

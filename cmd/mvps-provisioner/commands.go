@@ -33,6 +33,7 @@ var commands = map[string]func(args []string, getenv func(string) string, stdout
 	"status":       statusCommand,
 	"detach":       detachCommand,
 	"handover":     handoverCommand,
+	"run-engine":   runEngineCommand,
 	"check-config": checkConfigCommand,
 }
 
@@ -47,6 +48,9 @@ Operator commands (run as root, on the daemon's host):
   mvps-provisioner handover [--admin-path P]
       make the daemon exit with every device left attached and recorded, for
       the next start (a new binary, a new pod) to take over
+  mvps-provisioner run-engine
+      the engine container's entry point when the engine runs on its own:
+      waits for PROVISIONER_ENGINE_SECRET_FILE, then execs the engine
   mvps-provisioner check-config DIR [KEY]
       check the image configs in DIR (or only KEY) with the daemon's parser
 The admin socket is PROVISIONER_ADMIN_PATH, else admin.sock next to

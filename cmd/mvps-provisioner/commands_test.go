@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -146,5 +147,46 @@ func TestStatusAndDetach(t *testing.T) {
 	}()
 	if code, _, errOut := run(t, "status", map[string]string{"PROVISIONER_ADMIN_PATH": mute}); code != 3 {
 		t.Fatalf("status on a daemon that hangs up: %d %s", code, errOut)
+	}
+}
+
+// run-engine waits for the secret file the daemon makes, then becomes the
+// engine with its secret and address in the environment, not in argv.
+func TestRunEngine(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "mvps-provisioner")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	// The "engine" prints its argv and environment.
+	engine := filepath.Join(dir, "engine")
+	if err := os.WriteFile(engine, []byte("#!/bin/sh\necho \"argv: $*\"\nenv\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	secretFile := filepath.Join(dir, "secret")
+	cmd := exec.Command(bin, "run-engine")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "PROVISIONER_ENGINE_BIN=" + engine,
+		"PROVISIONER_ENGINE_LISTEN=unix:/run/e.sock", "PROVISIONER_ENGINE_SECRET_FILE=" + secretFile,
+		"MVPS_TE_JWT_SECRET=not-this-one"}
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Made after the launcher started, as the daemon does.
+	if err := os.WriteFile(secretFile, []byte("the-secret-0123456789abcdef\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("run-engine: %v\n%s", err, out.String())
+	}
+	got := out.String()
+	for _, want := range []string{"MVPS_TE_JWT_SECRET=the-secret-0123456789abcdef\n", "MVPS_TE_LISTEN=unix:/run/e.sock\n", "argv: \n"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("the engine's output lacks %q:\n%s", want, got)
+		}
+	}
+	if strings.Contains(got, "not-this-one") {
+		t.Errorf("the engine got the launcher's own MVPS_TE_JWT_SECRET:\n%s", got)
 	}
 }

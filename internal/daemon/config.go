@@ -126,7 +126,7 @@ var settings = []setting{
 	{"PROVISIONER_ENGINE_LISTEN", "engine-listen", "", "engine address, unix:/path or host:port (default: a socket in a private runtime directory)", func(p *parsed) *string { return &p.EngineListen }},
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(p *parsed) *string { return &p.LogLevel }},
 	{"PROVISIONER_ENGINE_EXTERNAL", "engine-external", "0", "1 (or true): the engine at PROVISIONER_ENGINE_LISTEN runs on its own (its own container); the daemon only dials it", func(p *parsed) *string { return &p.external }},
-	{"PROVISIONER_ENGINE_SECRET_FILE", "engine-secret-file", "", "file holding the engine's token secret, instead of MVPS_TE_JWT_SECRET", func(p *parsed) *string { return &p.SecretFile }},
+	{"PROVISIONER_ENGINE_SECRET_FILE", "engine-secret-file", "", "file holding the engine's token secret, instead of MVPS_TE_JWT_SECRET; made (0600, random) at start if missing", func(p *parsed) *string { return &p.SecretFile }},
 	{"PROVISIONER_LOG_FORMAT", "log-format", LogText, "text (logfmt) or json, one record a line", func(p *parsed) *string { return &p.LogFormat }},
 	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images", func(p *parsed) *string { return &p.Mke2fs }},
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures", func(p *parsed) *string { return &p.Blkid }},
@@ -188,12 +188,13 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		if cfg.Secret != "" {
 			return Config{}, errors.New("MVPS_TE_JWT_SECRET and PROVISIONER_ENGINE_SECRET_FILE are both set; the secret comes from exactly one of them")
 		}
-		b, err := os.ReadFile(cfg.SecretFile)
-		if err != nil {
-			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE (--engine-secret-file): %w", err)
-		}
-		if cfg.Secret = strings.TrimRight(string(b), "\r\n"); cfg.Secret == "" {
-			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE (--engine-secret-file) %s is empty", cfg.SecretFile)
+		// A file not there yet is made at start, with a random secret.
+		if b, err := os.ReadFile(cfg.SecretFile); err == nil {
+			if cfg.Secret = strings.TrimRight(string(b), "\r\n"); cfg.Secret == "" {
+				return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE (--engine-secret-file) %s is empty", cfg.SecretFile)
+			}
+		} else if !errors.Is(err, fs.ErrNotExist) || !filepath.IsAbs(cfg.SecretFile) {
+			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE (--engine-secret-file) %q: not an absolute path of a readable file (%v)", cfg.SecretFile, err)
 		}
 	}
 	if err := checkSecret(cfg.Secret); err != nil {
@@ -202,9 +203,9 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	if cfg.EngineExternal, err = parseBool(p.external); err != nil {
 		return Config{}, fmt.Errorf("PROVISIONER_ENGINE_EXTERNAL (--engine-external) %w", err)
 	}
-	if cfg.EngineExternal && (cfg.EngineListen == "" || cfg.Secret == "") {
+	if cfg.EngineExternal && (cfg.EngineListen == "" || cfg.Secret == "" && cfg.SecretFile == "") {
 		return Config{}, errors.New("PROVISIONER_ENGINE_EXTERNAL needs PROVISIONER_ENGINE_LISTEN (where the engine listens) and its secret " +
-			"(PROVISIONER_ENGINE_SECRET_FILE or MVPS_TE_JWT_SECRET)")
+			"(PROVISIONER_ENGINE_SECRET_FILE, which the engine's launcher reads, or MVPS_TE_JWT_SECRET)")
 	}
 
 	if len(cfg.NodeName) > 253 || strings.ContainsFunc(cfg.NodeName, func(r rune) bool { return r <= ' ' || r == '/' || r > '~' }) {

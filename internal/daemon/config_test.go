@@ -69,7 +69,7 @@ func TestParseConfig(t *testing.T) {
 		{name: "external engine without a secret", extra: map[string]string{"PROVISIONER_ENGINE_EXTERNAL": "1", "PROVISIONER_ENGINE_LISTEN": "unix:/run/e.sock"}, err: "secret"},
 		{name: "bad external", extra: map[string]string{"PROVISIONER_ENGINE_EXTERNAL": "yes"}, err: "PROVISIONER_ENGINE_EXTERNAL"},
 		{name: "two secrets", extra: map[string]string{"PROVISIONER_ENGINE_SECRET_FILE": "/nonexistent", "MVPS_TE_JWT_SECRET": "s3cret-of-24-bytes-long"}, err: "exactly one"},
-		{name: "missing secret file", extra: map[string]string{"PROVISIONER_ENGINE_SECRET_FILE": "/nonexistent/secret"}, err: "PROVISIONER_ENGINE_SECRET_FILE"},
+		{name: "relative secret file", extra: map[string]string{"PROVISIONER_ENGINE_SECRET_FILE": "secret"}, err: "PROVISIONER_ENGINE_SECRET_FILE"},
 		{name: "timeouts", extra: map[string]string{"PROVISIONER_IO_TIMEOUT": "3s", "PROVISIONER_DEAD_CONN_TIMEOUT": "2m"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,

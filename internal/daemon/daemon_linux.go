@@ -101,7 +101,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	secret, err := sup.start(ctx, cfg.Secret)
+	configured := cfg.Secret
+	if configured == "" && cfg.SecretFile != "" {
+		if configured, err = ensureSecretFile(cfg.SecretFile, log); err != nil {
+			return err
+		}
+	}
+	secret, err := sup.start(ctx, configured)
 	if err != nil {
 		return err
 	}

@@ -181,8 +181,9 @@ func TestDaemonSetMemoryCoversTheEngineCache(t *testing.T) {
 	if err := yaml.Unmarshal(b, &ds); err != nil {
 		t.Fatal(err)
 	}
+	// The engine's container: the engine runs on its own there.
 	for _, c := range ds.Spec.Template.Spec.Containers {
-		if c.Name != "provisioner" {
+		if c.Name != "engine" {
 			continue
 		}
 		cache := int64(1 << 30) // mvps-te's default
@@ -202,5 +203,5 @@ func TestDaemonSetMemoryCoversTheEngineCache(t *testing.T) {
 		}
 		return
 	}
-	t.Fatal("the DaemonSet has no container named provisioner")
+	t.Fatal("the DaemonSet has no container named engine")
 }

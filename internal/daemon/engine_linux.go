@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -207,4 +208,35 @@ func (s *engineSupervisor) stop(ctx context.Context) error {
 		err = errors.Join(err, fmt.Errorf("engine record: %w", rerr))
 	}
 	return err
+}
+
+// ensureSecretFile returns the secret in path, making the file (0600,
+// random) first if it is not there: the secret of a pod whose engine runs
+// in a container of its own, whose launcher (mvps-provisioner run-engine)
+// reads it from a directory both containers share.
+func ensureSecretFile(path string, log *slog.Logger) (string, error) {
+	secret, err := engine.NewSecret()
+	if err != nil {
+		return "", err
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return "", fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE: %w", err)
+		}
+		return strings.TrimRight(string(b), "\r\n"), nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE: %w", err)
+	}
+	if _, err := f.WriteString(secret); err != nil {
+		f.Close()
+		return "", fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return "", fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE: %w", err)
+	}
+	log.Info("made a random secret for the engine", "file", path)
+	return secret, nil
 }
