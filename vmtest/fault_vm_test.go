@@ -38,6 +38,9 @@ type writerReport struct {
 	Verified int      `json:"verified"`
 	Bad      int      `json:"bad"`
 	Errors   []string `json:"errors,omitempty"`
+	// LongestWrite is the longest a write took to be acknowledged: with
+	// one write at a time, the longest stall the writer saw.
+	LongestWrite time.Duration `json:"longest_write_ns"`
 }
 
 // writerBlocks is how many 4 KiB blocks the writer cycles over.
@@ -84,7 +87,10 @@ func blockWriter() int {
 		default:
 			block := int(seq % writerBlocks)
 			fillChecked(buf, seq, block)
-			if _, err := unix.Pwrite(fd, buf, int64(block)*4096); err != nil {
+			began := time.Now()
+			_, err := unix.Pwrite(fd, buf, int64(block)*4096)
+			rep.LongestWrite = max(rep.LongestWrite, time.Since(began))
+			if err != nil {
 				rep.Failed++
 				rep.Errors = append(rep.Errors, fmt.Sprintf("write %d: %v", seq, err))
 				if rep.Failed > 10 {
@@ -226,7 +232,8 @@ func (w *writerProc) verify(t *testing.T) writerReport {
 
 func (w *writerProc) checkReport(t *testing.T, rep writerReport) {
 	t.Helper()
-	t.Logf("writer: %d writes acknowledged, %d failed, %d distinct blocks verified, %d bad", rep.Writes, rep.Failed, rep.Verified, rep.Bad)
+	t.Logf("writer: %d writes acknowledged, %d failed, %d distinct blocks verified, %d bad; longest stall %v", rep.Writes, rep.Failed,
+		rep.Verified, rep.Bad, rep.LongestWrite.Round(time.Millisecond))
 	if rep.Failed != 0 || rep.Bad != 0 || rep.Verified == 0 {
 		t.Fatalf("writer report %+v", rep)
 	}

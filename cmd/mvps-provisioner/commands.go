@@ -34,6 +34,7 @@ var commands = map[string]func(args []string, getenv func(string) string, stdout
 	"detach":       detachCommand,
 	"handover":     handoverCommand,
 	"run-engine":   runEngineCommand,
+	"engine":       engineCommand,
 	"check-config": checkConfigCommand,
 }
 
@@ -48,6 +49,9 @@ Operator commands (run as root, on the daemon's host):
   mvps-provisioner handover [--admin-path P]
       make the daemon exit with every device left attached and recorded, for
       the next start (a new binary, a new pod) to take over
+  mvps-provisioner engine restart [--admin-path P]
+      restart the engine (an engine upgrade) and reconnect every device;
+      the devices' I/O stalls for about PROVISIONER_IO_TIMEOUT
   mvps-provisioner run-engine
       the engine container's entry point when the engine runs on its own:
       waits for PROVISIONER_ENGINE_SECRET_FILE, then execs the engine
@@ -55,9 +59,9 @@ Operator commands (run as root, on the daemon's host):
       check the image configs in DIR (or only KEY) with the daemon's parser
 The admin socket is PROVISIONER_ADMIN_PATH, else admin.sock next to
 PROVISIONER_LISTEN_PATH, else /run/mvps-provisioner/admin.sock.
-Exit status of status and detach: 0 done; 1 no attachment matches; 2 bad
-usage; 3 the daemon could not be reached or did not answer; 4 the daemon
-answered with another error.
+Exit status of status, detach, handover and engine restart: 0 done; 1 no
+attachment matches; 2 bad usage; 3 the daemon could not be reached or did
+not answer; 4 the daemon answered with another error.
 `
 
 // Exit codes of status and detach, for scripts: "not there" and "could
@@ -239,9 +243,37 @@ func handoverCommand(args []string, getenv func(string) string, stdout, stderr i
 	defer cancel()
 	if err := admin.Handover(ctx, *path); err != nil {
 		fmt.Fprintf(stderr, "mvps-provisioner handover: %v\n", err)
-		return 1
+		return exitCode(err)
 	}
 	fmt.Fprintln(stdout, "handing over: the daemon exits with every device left attached for the next start")
+	return 0
+}
+
+// engineCommand acts on the engine: "restart" stops it (it checkpoints),
+// starts the installed one and reconnects every device, for an engine
+// upgrade.
+func engineCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	fs := newFlags("engine", stderr, "restart [--admin-path P]")
+	path := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
+	pos, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		return 2
+	}
+	if len(pos) != 1 || pos[0] != "restart" {
+		fs.Usage()
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := admin.RestartEngine(ctx, *path)
+	if err != nil {
+		fmt.Fprintf(stderr, "mvps-provisioner engine restart: %v\n", err)
+		return exitCode(err)
+	}
+	fmt.Fprintf(stdout, "engine %d replaced by %d in %v; the devices reconnect to it\n", res.OldPID, res.NewPID, res.Took.Round(time.Millisecond))
 	return 0
 }
 

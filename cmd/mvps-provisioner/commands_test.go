@@ -57,6 +57,10 @@ func (backend) Status(context.Context) admin.Status {
 
 func (backend) Handover(admin.Peer) {}
 
+func (backend) RestartEngine(context.Context, admin.Peer) (admin.EngineRestart, error) {
+	return admin.EngineRestart{OldPID: 99, NewPID: 100, Took: 1500 * time.Millisecond}, nil
+}
+
 func (backend) ForceDetach(_ context.Context, target string, _ admin.Peer) (admin.DetachResult, error) {
 	if target == "stuck" {
 		return admin.DetachResult{}, admin.Errorf(admin.CodeFailed, "disconnect failed")
@@ -103,6 +107,12 @@ func TestStatusAndDetach(t *testing.T) {
 	}
 	if code, _, _ := run(t, "handover", env, "extra"); code != 2 {
 		t.Fatalf("handover with an argument: %d", code)
+	}
+	if code, out, errOut := run(t, "engine", env, "restart"); code != 0 || !strings.Contains(out, "engine 99 replaced by 100") {
+		t.Fatalf("engine restart: %d\n%s%s", code, out, errOut)
+	}
+	if code, _, _ := run(t, "engine", env, "start"); code != 2 {
+		t.Fatalf("engine start: %d", code)
 	}
 	if code, _, errOut := run(t, "detach", env, "stuck"); code != 4 || !strings.Contains(errOut, "disconnect failed") {
 		t.Fatalf("detach the daemon failed: %d %s", code, errOut)

@@ -15,6 +15,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
 	"github.com/mvps-provisioner/mvps-provisioner/netlinknbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
@@ -203,6 +204,8 @@ serve:
 			}
 			ops.EngineRestarted(sup.engine())
 			mgr.EngineRestored()
+		case req := <-ops.engineRestarts:
+			req.reply <- restartEngineOnRequest(ctx, sup, mgr, ops, log)
 		case err := <-served:
 			// The control plane failed, not the devices or their
 			// callers: they stay attached for the next start, as in a
@@ -293,4 +296,34 @@ func inChildPIDNamespace() (bool, error) {
 		}
 	}
 	return false, errors.New("no NSpid in /proc/self/status")
+}
+
+// restartEngineOnRequest restarts the engine the daemon runs (an engine
+// upgrade): the old one stops (it checkpoints every image), the installed
+// one starts, and the devices, whose connections died with the old one,
+// are reconnected as after a crash. Their I/O stalls meanwhile: requests
+// in flight when the old engine stopped are sent again when their request
+// timeout (PROVISIONER_IO_TIMEOUT) expires.
+func restartEngineOnRequest(ctx context.Context, sup *engineSupervisor, mgr *provision.Manager, ops *operations, log *slog.Logger) engineRestartResult {
+	if sup.external {
+		return engineRestartResult{err: errors.New("the engine runs on its own (PROVISIONER_ENGINE_EXTERNAL): restart its container")}
+	}
+	start := time.Now()
+	old := sup.engine()
+	log.Warn("restarting the engine on request", "pid", old.Pid())
+	mgr.EngineFailed()
+	sctx, cancel := context.WithTimeout(ctx, ShutdownTimeout)
+	err := old.Stop(sctx)
+	cancel()
+	if err != nil {
+		log.Error("stopping the engine for its restart", "err", err)
+	}
+	if err := sup.restart(ctx); err != nil {
+		return engineRestartResult{err: fmt.Errorf("start the engine: %w", err)}
+	}
+	ops.EngineRestarted(sup.engine())
+	mgr.EngineRestored()
+	res := engineRestartResult{EngineRestart: admin.EngineRestart{OldPID: old.Pid(), NewPID: sup.engine().Pid(), Took: time.Since(start)}}
+	log.Info("engine restarted on request", "old_pid", res.OldPID, "pid", res.NewPID, "took", res.Took.Round(time.Millisecond).String())
+	return res
 }

@@ -47,10 +47,14 @@ type operations struct {
 	wg         sync.WaitGroup
 	// handover ends the run with every device left attached.
 	handover func()
+	// engineRestarts carries the admin's engine restarts to the serving
+	// loop, which alone replaces the engine.
+	engineRestarts chan engineRestartRequest
 }
 
 func newOperations(cfg Config, log *slog.Logger, handover func()) *operations {
-	o := &operations{cfg: cfg, log: log, notify: notify.New(log), handover: handover}
+	o := &operations{cfg: cfg, log: log, notify: notify.New(log), handover: handover,
+		engineRestarts: make(chan engineRestartRequest)}
 	if cfg.MetricsAddr != "" {
 		o.metrics = metrics.New(o.gauges)
 	}
@@ -233,6 +237,31 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 	}
 	st.Foreign = append(st.Foreign, foreign...)
 	return st
+}
+
+func (b adminBackend) RestartEngine(ctx context.Context, who admin.Peer) (admin.EngineRestart, error) {
+	b.o.log.Warn("engine restart requested on the admin socket", "peer_pid", who.PID, "peer_uid", who.UID)
+	reply := make(chan engineRestartResult, 1)
+	select {
+	case b.o.engineRestarts <- engineRestartRequest{reply: reply}:
+	case <-ctx.Done():
+		return admin.EngineRestart{}, ctx.Err()
+	}
+	res := <-reply
+	if res.err != nil {
+		return admin.EngineRestart{}, admin.Errorf(admin.CodeFailed, "%s", res.err)
+	}
+	return res.EngineRestart, nil
+}
+
+// engineRestartRequest asks the serving loop to restart the engine.
+type engineRestartRequest struct {
+	reply chan<- engineRestartResult
+}
+
+type engineRestartResult struct {
+	admin.EngineRestart
+	err error
 }
 
 func (b adminBackend) Handover(who admin.Peer) {

@@ -25,6 +25,10 @@ type fakeBackend struct {
 	handovers []Peer
 }
 
+func (f *fakeBackend) RestartEngine(_ context.Context, who Peer) (EngineRestart, error) {
+	return EngineRestart{OldPID: 10, NewPID: 11, Took: time.Second}, nil
+}
+
 func (f *fakeBackend) Handover(who Peer) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -139,6 +143,14 @@ func TestHandover(t *testing.T) {
 	defer b.mu.Unlock()
 	if len(b.handovers) != 1 || int(b.handovers[0].PID) != os.Getpid() {
 		t.Fatalf("handovers %v, want one from this process (pid %d)", b.handovers, os.Getpid())
+	}
+}
+
+func TestRestartEngine(t *testing.T) {
+	path := serve(t, &fakeBackend{}, nil)
+	res, err := RestartEngine(ctx(t), path)
+	if err != nil || res.OldPID != 10 || res.NewPID != 11 || res.Took != time.Second {
+		t.Fatalf("RestartEngine = %+v, %v", res, err)
 	}
 }
 

@@ -95,3 +95,16 @@ func Handover(ctx context.Context, path string) error {
 	_, err := Call(ctx, path, Request{Command: CommandHandover})
 	return err
 }
+
+// RestartEngine asks the daemon to restart its engine and returns once the
+// new one answers.
+func RestartEngine(ctx context.Context, path string) (*EngineRestart, error) {
+	r, err := Call(ctx, path, Request{Command: CommandEngineRestart})
+	if err != nil {
+		return nil, err
+	}
+	if r.Engine == nil {
+		return nil, fmt.Errorf("admin reply has no engine restart")
+	}
+	return r.Engine, nil
+}

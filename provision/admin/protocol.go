@@ -9,6 +9,7 @@
 //	{"version":1,"command":"status"}
 //	{"version":1,"command":"detach","target":"<image key | image id | /dev/nbdX>"}
 //	{"version":1,"command":"handover"}
+//	{"version":1,"command":"engine-restart"}
 //
 //	{"version":1,"ok":true,"status":{...}}
 //	{"version":1,"ok":true,"detach":{...}}
@@ -40,6 +41,11 @@ const (
 	// upgrade, a rollout). The reply comes just before the handover
 	// begins.
 	CommandHandover = "handover"
+	// CommandEngineRestart asks the daemon to restart the engine it runs
+	// (an engine upgrade): stop it (it checkpoints), start the installed
+	// one, reconnect every device. The reply comes once the new engine
+	// answers.
+	CommandEngineRestart = "engine-restart"
 )
 
 // Error codes of a reply.
@@ -71,6 +77,7 @@ type Reply struct {
 	Error   string        `json:"error,omitempty"`
 	Status  *Status       `json:"status,omitempty"`
 	Detach  *DetachResult `json:"detach,omitempty"`
+	Engine  *EngineRestart `json:"engine,omitempty"`
 }
 
 // Status is the daemon's state at a moment.
@@ -134,6 +141,15 @@ type Device struct {
 }
 
 // DetachResult says what a forced detach did.
+// EngineRestart is what an engine restart did.
+type EngineRestart struct {
+	OldPID int `json:"old_pid"`
+	NewPID int `json:"new_pid"`
+	// Took is from the request to the new engine's first answer.
+	Took time.Duration `json:"took_ns"`
+}
+
+// DetachResult is what a forced detach did.
 type DetachResult struct {
 	Key     string `json:"key,omitempty"`
 	ImageID string `json:"image_id"`
@@ -174,7 +190,7 @@ func decodeRequest(msg []byte) (Request, error) {
 		return req, Errorf(CodeUnsupportedVersion, "protocol version %d is not supported; this daemon speaks version %d", req.Version, Version)
 	}
 	switch req.Command {
-	case CommandStatus, CommandHandover:
+	case CommandStatus, CommandHandover, CommandEngineRestart:
 	case CommandDetach:
 		if req.Target == "" {
 			return req, Errorf(CodeBadRequest, "detach needs a target: image key, image id or /dev/nbdX")

@@ -35,6 +35,8 @@ type Backend interface {
 	// Handover begins the daemon's handover on behalf of who; it is
 	// called once the request is answered.
 	Handover(who Peer)
+	// RestartEngine restarts the engine on behalf of who.
+	RestartEngine(ctx context.Context, who Peer) (EngineRestart, error)
 }
 
 // Listener is what Serve accepts admin connections from.
@@ -157,6 +159,14 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		s.log().Warn("admin: forced detach done", "target", req.Target, "image_id", res.ImageID, "device", res.Device,
 			"result", res.Result, "peer_uid", peer.UID, "peer_pid", peer.PID)
 		s.send(conn, Reply{Version: Version, OK: true, Detach: &res})
+	case CommandEngineRestart:
+		s.log().Warn("admin: engine restart requested", "peer_uid", peer.UID, "peer_pid", peer.PID)
+		res, err := s.Backend.RestartEngine(ctx, peer)
+		if err != nil {
+			s.send(conn, errorReply(err))
+			return
+		}
+		s.send(conn, Reply{Version: Version, OK: true, Engine: &res})
 	case CommandHandover:
 		s.log().Warn("admin: handover requested", "peer_uid", peer.UID, "peer_pid", peer.PID)
 		// Answered first: the handover closes this server, and the
