@@ -162,7 +162,15 @@ func writeLoad(t *testing.T, p *vmharness.Provisioner) (w *writerProc, index uin
 
 func startWriter(t *testing.T, p *vmharness.Provisioner, key string) *writerProc {
 	t.Helper()
+	return startWriterWith(t, p, key, nil)
+}
+
+// startWriterWith starts the writer with attr: in namespaces of its own,
+// say, as a pod's process is.
+func startWriterWith(t *testing.T, p *vmharness.Provisioner, key string, attr *syscall.SysProcAttr) *writerProc {
+	t.Helper()
 	cmd := exec.Command(os.Args[0])
+	cmd.SysProcAttr = attr
 	cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=writer", "WRITER_SOCKET="+p.Socket, "WRITER_KEY="+key)
 	stdin, _ := cmd.StdinPipe()
 	out, _ := cmd.StdoutPipe()
