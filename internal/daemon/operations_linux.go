@@ -219,6 +219,7 @@ type adminBackend struct{ o *operations }
 func (b adminBackend) Status(ctx context.Context) admin.Status {
 	o := b.o
 	st := admin.Status{Time: time.Now(), Daemon: version.Get(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
+	st.OwnPIDNamespace, _ = inChildPIDNamespace()
 	snapshot := o.mgr.Snapshot()
 	for _, info := range snapshot {
 		st.Attachments = append(st.Attachments, admin.Attachment{

@@ -123,6 +123,18 @@ func TestStatus(t *testing.T) {
 			t.Errorf("status table lacks %q:\n%s", want, out.String())
 		}
 	}
+	if strings.Contains(out.String(), "PID namespace") {
+		t.Errorf("a daemon in the host's PID namespace warned of its own:\n%s", out.String())
+	}
+	// A daemon that cannot see its callers' pids says so.
+	st.OwnPIDNamespace = true
+	out.Reset()
+	if err := WriteStatus(&out, st); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "PID namespace of its own") {
+		t.Errorf("status of a daemon in its own PID namespace does not warn:\n%s", out.String())
+	}
 }
 
 // A handover request reaches the backend with who asked, and is answered

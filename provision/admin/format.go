@@ -41,6 +41,10 @@ func WriteStatus(w io.Writer, st *Status) error {
 	fmt.Fprintf(w, "\ndaemon: mvps-provisioner %s\n", st.Daemon)
 	fmt.Fprintf(w, "engine: pid %d, up since %s (%s), %d restarts, %s\n", e.PID,
 		e.Since.Local().Format(time.RFC3339), since(st.Time, e.Since), e.Restarts, answering)
+	if st.OwnPIDNamespace {
+		fmt.Fprintln(w, "\nwarning: the daemon runs in a PID namespace of its own: callers outside it show as pid 0, and after "+
+			"a restart their attachments are kept until detached (run it in the host's PID namespace: hostPID)")
+	}
 	if len(st.Foreign) > 0 {
 		fmt.Fprintln(w, "\nconnected mvps devices this provisioner does not own:")
 		for _, d := range st.Foreign {

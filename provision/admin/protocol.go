@@ -91,6 +91,10 @@ type Status struct {
 	// Foreign lists connected nbd devices with an "mvps:" backend that
 	// this provisioner does not own (another instance's, or left over).
 	Foreign []Device `json:"foreign"`
+	// OwnPIDNamespace is set when the daemon runs in a PID namespace of
+	// its own: callers outside it are seen as pid 0, and after a restart
+	// their attachments cannot be followed (they stay until detached).
+	OwnPIDNamespace bool `json:"own_pid_namespace,omitempty"`
 }
 
 // Attachment is one attachment or lingering device.
