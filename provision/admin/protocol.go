@@ -71,12 +71,12 @@ type Request struct {
 
 // Reply is what the daemon answers.
 type Reply struct {
-	Version int           `json:"version"`
-	OK      bool          `json:"ok"`
-	Code    string        `json:"code,omitempty"`
-	Error   string        `json:"error,omitempty"`
-	Status  *Status       `json:"status,omitempty"`
-	Detach  *DetachResult `json:"detach,omitempty"`
+	Version int            `json:"version"`
+	OK      bool           `json:"ok"`
+	Code    string         `json:"code,omitempty"`
+	Error   string         `json:"error,omitempty"`
+	Status  *Status        `json:"status,omitempty"`
+	Detach  *DetachResult  `json:"detach,omitempty"`
 	Engine  *EngineRestart `json:"engine,omitempty"`
 }
 
