@@ -185,24 +185,16 @@ func statusCommand(args []string, getenv func(string) string, stdout, stderr io.
 }
 
 func detachCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	fs := newFlags("detach", stderr, "[--admin-path P] <image key | image id | /dev/nbdX>")
-	path := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
-	pos, err := parseInterspersed(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		return exitUsage
-	}
-	if len(pos) != 1 {
-		fs.Usage()
-		return exitUsage
+	path, pos, code, ok := adminCommand("detach", "[--admin-path P] <image key | image id | /dev/nbdX>", args, getenv, stderr,
+		func(pos []string) bool { return len(pos) == 1 })
+	if !ok {
+		return code
 	}
 	// The daemon bounds the flush and the disconnect (a minute and a bit
 	// by default); this only keeps a dead daemon from hanging the command.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	res, err := admin.Detach(ctx, *path, pos[0])
+	res, err := admin.Detach(ctx, path, pos[0])
 	if err != nil {
 		fmt.Fprintf(stderr, "mvps-provisioner detach: %v\n", err)
 		return exitCode(err)
@@ -226,22 +218,13 @@ func detachCommand(args []string, getenv func(string) string, stdout, stderr io.
 // and recorded, for the next start to take over: an upgrade under systemd
 // (install the new binary, then this), a rollout's preStop on Kubernetes.
 func handoverCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	fs := newFlags("handover", stderr, "[--admin-path P]")
-	path := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
-	pos, err := parseInterspersed(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		return 2
-	}
-	if len(pos) != 0 {
-		fs.Usage()
-		return 2
+	path, _, code, ok := adminCommand("handover", "[--admin-path P]", args, getenv, stderr, func(pos []string) bool { return len(pos) == 0 })
+	if !ok {
+		return code
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := admin.Handover(ctx, *path); err != nil {
+	if err := admin.Handover(ctx, path); err != nil {
 		fmt.Fprintf(stderr, "mvps-provisioner handover: %v\n", err)
 		return exitCode(err)
 	}
@@ -249,26 +232,38 @@ func handoverCommand(args []string, getenv func(string) string, stdout, stderr i
 	return 0
 }
 
+// adminCommand parses the flags of a command of the admin socket
+// (--admin-path) and its positional arguments, which valid checks; ok is
+// false when the command ends here, with code.
+func adminCommand(name, usage string, args []string, getenv func(string) string, stderr io.Writer,
+	valid func(pos []string) bool) (path string, pos []string, code int, ok bool) {
+	fs := newFlags(name, stderr, usage)
+	p := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
+	pos, err := parseInterspersed(fs, args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return "", nil, 0, false
+	case err != nil:
+		return "", nil, exitUsage, false
+	case !valid(pos):
+		fs.Usage()
+		return "", nil, exitUsage, false
+	}
+	return *p, pos, 0, true
+}
+
 // engineCommand acts on the engine: "restart" stops it (it checkpoints),
 // starts the installed one and reconnects every device, for an engine
 // upgrade.
 func engineCommand(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	fs := newFlags("engine", stderr, "restart [--admin-path P]")
-	path := fs.String("admin-path", adminPath(getenv), "admin socket [$PROVISIONER_ADMIN_PATH]")
-	pos, err := parseInterspersed(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		return 2
-	}
-	if len(pos) != 1 || pos[0] != "restart" {
-		fs.Usage()
-		return 2
+	path, _, code, ok := adminCommand("engine", "restart [--admin-path P]", args, getenv, stderr,
+		func(pos []string) bool { return len(pos) == 1 && pos[0] == "restart" })
+	if !ok {
+		return code
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	res, err := admin.RestartEngine(ctx, *path)
+	res, err := admin.RestartEngine(ctx, path)
 	if err != nil {
 		fmt.Fprintf(stderr, "mvps-provisioner engine restart: %v\n", err)
 		return exitCode(err)
