@@ -30,21 +30,21 @@ func readYAML(t *testing.T, path string) map[string]any {
 	return v
 }
 
-// documentedMetrics reads README's metrics table: name (without the
-// namespace) and type of each row.
+// documentedMetrics reads the metrics table of docs/operating.md: name
+// (without the namespace) and type of each row.
 func documentedMetrics(t *testing.T) map[string]string {
 	t.Helper()
-	readme, err := os.ReadFile("../../README.md")
+	doc, err := os.ReadFile("../../docs/operating.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	section := string(readme)
-	start := strings.Index(section, "### Metrics and health")
+	section := string(doc)
+	start := strings.Index(section, "## Metrics and health")
 	if start < 0 {
-		t.Fatal("README has no Metrics and health section")
+		t.Fatal("docs/operating.md has no Metrics and health section")
 	}
 	section = section[start:]
-	if end := strings.Index(section[1:], "\n### "); end > 0 {
+	if end := strings.Index(section[1:], "\n## "); end > 0 {
 		section = section[:end]
 	}
 	row := regexp.MustCompile("(?m)^\\| `([a-z_]+)` \\| (counter|gauge|histogram) \\|")
@@ -53,7 +53,7 @@ func documentedMetrics(t *testing.T) map[string]string {
 		docs[m[1]] = m[2]
 	}
 	if len(docs) < 10 {
-		t.Fatalf("found only %d metrics in README's table", len(docs))
+		t.Fatalf("found only %d metrics in docs/operating.md's table", len(docs))
 	}
 	return docs
 }

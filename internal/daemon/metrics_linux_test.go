@@ -81,7 +81,7 @@ func TestFreshDaemonHasEveryDocumentedSeriesAtZero(t *testing.T) {
 			continue
 		}
 		if !ok {
-			t.Errorf("%s (README) is not in a fresh daemon's /metrics", full)
+			t.Errorf("%s (docs/operating.md) is not in a fresh daemon's /metrics", full)
 			continue
 		}
 		if got := strings.ToLower(f.GetType().String()); got != typ {
@@ -119,7 +119,7 @@ func TestFreshDaemonHasEveryDocumentedSeriesAtZero(t *testing.T) {
 	for full := range families {
 		name, ok := strings.CutPrefix(full, metrics.Namespace+"_")
 		if ok && docs[name] == "" {
-			t.Errorf("%s is served but not in README's metrics table", full)
+			t.Errorf("%s is served but not in the metrics table of docs/operating.md", full)
 		}
 	}
 }
