@@ -123,9 +123,15 @@ func TestManifestsAgree(t *testing.T) {
 	if ns != cm.Namespace || name != cm.Name {
 		t.Errorf("DaemonSet reads %s, the sample ConfigMap is %s/%s", ref, cm.Namespace, cm.Name)
 	}
-	if role.Namespace != ns || len(role.Rules) != 1 || strings.Join(role.Rules[0].ResourceNames, ",") != name ||
+	if role.Namespace != ns || len(role.Rules) != 2 || strings.Join(role.Rules[0].ResourceNames, ",") != name ||
 		strings.Join(role.Rules[0].Resources, ",") != "configmaps" || strings.Join(role.Rules[0].Verbs, ",") != "get,list,watch" {
 		t.Errorf("Role does not allow exactly get, list, watch on %s: %+v", ref, role)
+	}
+	// The images' Leases: get, create, update in that namespace, nothing
+	// across the cluster, no delete.
+	if len(role.Rules) == 2 && (strings.Join(role.Rules[1].APIGroups, ",") != "coordination.k8s.io" ||
+		strings.Join(role.Rules[1].Resources, ",") != "leases" || strings.Join(role.Rules[1].Verbs, ",") != "get,create,update") {
+		t.Errorf("Role does not allow exactly get, create, update on leases: %+v", role.Rules[1])
 	}
 	if rb.RoleRef.Name != role.Name || len(rb.Subjects) != 1 || rb.Subjects[0].Name != sa.Name ||
 		rb.Subjects[0].Namespace != sa.Namespace || ds.Spec.Template.Spec.ServiceAccountName != sa.Name || ds.Namespace != sa.Namespace {

@@ -188,7 +188,12 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 		a.caller.Close()
 		return nil, err
 	}
-	// Parsing, the image config, the checks, the reservation.
+	// Across hosts: before the engine session opens, so that no second
+	// writer ever reaches it.
+	if err := m.acquireLock(actx, a); err != nil {
+		return fail(err)
+	}
+	// Parsing, the image config, the checks, the reservation, the lock.
 	sp := newSpans(req.Received)
 	sp.mark("request")
 	// Recorded before the kernel attach, so that a crash in the middle

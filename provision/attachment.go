@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"sync"
@@ -53,11 +54,18 @@ type attachment struct {
 	// ---- guarded by registry.mu ----
 
 	// unrecoverable is set when recovery failed: the device's connection
-	// is dead, so a flush could only wait for nothing.
+	// is dead, so a flush could only wait for nothing; or when the image's
+	// lock was lost: nothing more may be written.
 	unrecoverable bool
-	state         State
-	since         time.Time
-	reconnects    int
+	// lock is the image's cross-host lock, nil without Exclusivity.
+	lock Lock
+	// suspended is set while the lock could lapse: the device's engine
+	// connection is cut (fenceConn fenced it) and not reconnected.
+	suspended  bool
+	fenceConn  net.Conn
+	state      State
+	since      time.Time
+	reconnects int
 	// released is closed when the image id is free again.
 	released chan struct{}
 }
@@ -73,6 +81,9 @@ func (m *Manager) detach(a *attachment, reason string) {
 		// next start to take it over.
 		a.once.Do(func() {
 			defer close(a.done)
+			if lock := m.reg.takeLock(a); lock != nil {
+				lock.Abandon() // this node's still: the next start takes it
+			}
 			m.log.Info("left attached for the next start", "image_id", a.imageID, "device", a.dev.Path,
 				"owner", a.owner.Kind, "caller_pid", a.caller.PID)
 			if a.root != nil {
@@ -88,6 +99,9 @@ func (m *Manager) detach(a *attachment, reason string) {
 	a.once.Do(func() {
 		defer close(a.done)
 		defer m.reg.release(a)
+		// After the detach and before the image is free here: the next
+		// holder, here or elsewhere, finds everything written.
+		defer m.releaseLock(a)
 		a.cancel(errDetached)
 		if a.dev == nil {
 			// The attach failed before the kernel had a device.
@@ -104,7 +118,9 @@ func (m *Manager) detach(a *attachment, reason string) {
 		m.mu.Lock()
 		engineDead := m.engineDead
 		m.mu.Unlock()
-		engineDead = engineDead || m.reg.isUnrecoverable(a)
+		// Suspended: the image's lock may have lapsed, so nothing more
+		// may be written, a flush included.
+		engineDead = engineDead || m.reg.isUnrecoverable(a) || m.reg.isSuspended(a)
 
 		var fsErr error
 		if a.root != nil && a.mountNS != nil {
@@ -176,7 +192,7 @@ func (m *Manager) record(a *attachment, index int64) error {
 	}
 	return m.cfg.State.write(stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
 		Index: index, Mode: a.mode, CallerPID: a.caller.PID, CallerStart: a.caller.start, Owner: a.owner.Kind, Volume: a.owner.Volume,
-		Engine: m.cfg.EngineInstance()})
+		Engine: m.cfg.EngineInstance(), Lease: m.reg.lockName(a)})
 }
 
 // forget removes a's state file once its device is detached.

@@ -137,6 +137,10 @@ type Config struct {
 	// runs (the daemon restarted, the engine did not) instead of
 	// reconnecting it, which would stall its I/O in flight.
 	EngineInstance func() string
+	// Exclusivity, when set, keeps each image to one writer across hosts
+	// (a Kubernetes Lease per image): an attach takes the image's lock
+	// before its engine session opens, and the detach releases it.
+	Exclusivity Exclusivity
 }
 
 // Defaults for zero Config durations and bounds.

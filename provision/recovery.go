@@ -206,6 +206,14 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 	// stall the I/O in flight on it until its request timeout.
 	keep := e.Engine != "" && e.Engine == m.cfg.EngineInstance()
 	started := m.goTracked(func() {
+		// The image's lock first, this node's still: nothing is written
+		// before it is proven ours.
+		if err := m.reacquireLock(a); err != nil {
+			m.reg.markUnrecoverable(a)
+			a.caller.Close()
+			m.detach(a, err.Error())
+			return
+		}
 		if keep {
 			m.reg.endRecovery(a, false)
 			m.log.Info("kept its connection to the engine that still runs", "image_id", a.imageID, "device", dev.Path)

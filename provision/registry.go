@@ -2,6 +2,7 @@ package provision
 
 import (
 	"context"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -33,12 +34,18 @@ type Info struct {
 	Mode   string `json:"mode,omitempty"`
 	State  State  `json:"state"`
 	// Owner is what the attachment lives for; Volume names a volume owner.
-	Owner      OwnerKind `json:"owner,omitempty"`
-	Volume     string    `json:"volume,omitempty"`
-	CallerPID  int32     `json:"caller_pid"`
-	CallerUID  int32     `json:"caller_uid"`
-	Since      time.Time `json:"since"`
-	Reconnects int       `json:"reconnects"`
+	Owner  OwnerKind `json:"owner,omitempty"`
+	Volume string    `json:"volume,omitempty"`
+	// Lease is the image's cross-host lock, its holder and last renewal;
+	// Suspended while its I/O is cut because renewals failed.
+	Lease        string    `json:"lease,omitempty"`
+	LeaseHolder  string    `json:"lease_holder,omitempty"`
+	LeaseRenewed time.Time `json:"lease_renewed,omitzero"`
+	Suspended    bool      `json:"suspended,omitempty"`
+	CallerPID    int32     `json:"caller_pid"`
+	CallerUID    int32     `json:"caller_uid"`
+	Since        time.Time `json:"since"`
+	Reconnects   int       `json:"reconnects"`
 }
 
 // registry owns the attachments: one per image id on this host, from the
@@ -182,6 +189,12 @@ func (a *attachment) infoLocked() Info {
 	if a.dev != nil {
 		info.Device = a.dev.Path
 	}
+	if a.lock != nil {
+		// Lock order: registry.mu, then the lock's own.
+		st := a.lock.Status()
+		info.Lease, info.LeaseHolder, info.LeaseRenewed = st.Name, st.Holder, st.Renewed
+	}
+	info.Suspended = a.suspended
 	return info
 }
 
@@ -209,7 +222,8 @@ func (r *registry) byIndex(index uint32) *attachment {
 func (r *registry) startRecovery(a *attachment) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if a.state != StateAttached {
+	// A suspended attachment stays cut off until its lock is renewed.
+	if a.state != StateAttached || a.suspended {
 		return false
 	}
 	a.state = StateReconnecting
@@ -248,4 +262,63 @@ func (r *registry) live(a *attachment) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return a.dev != nil && (a.state == StateAttached || a.state == StateReconnecting)
+}
+
+// setLock records a's lock.
+func (r *registry) setLock(a *attachment, lock Lock) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.lock = lock
+}
+
+// takeLock hands a's lock to the caller, once.
+func (r *registry) takeLock(a *attachment) Lock {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	lock := a.lock
+	a.lock = nil
+	return lock
+}
+
+// lockName names a's lock, "" without one.
+func (r *registry) lockName(a *attachment) string {
+	r.mu.Lock()
+	lock := a.lock
+	r.mu.Unlock()
+	if lock == nil {
+		return ""
+	}
+	return lock.Status().Name
+}
+
+// suspend marks a suspended and keeps conn, the session that fenced its
+// connection, closing one kept before.
+func (r *registry) suspend(a *attachment, conn net.Conn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.suspended = true
+	if a.fenceConn != nil {
+		a.fenceConn.Close()
+	}
+	a.fenceConn = conn
+}
+
+// unsuspend ends a's suspension and closes its fencing session; it reports
+// whether a was suspended.
+func (r *registry) unsuspend(a *attachment) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	was := a.suspended
+	a.suspended = false
+	if a.fenceConn != nil {
+		a.fenceConn.Close()
+		a.fenceConn = nil
+	}
+	return was
+}
+
+func (r *registry) isSuspended(a *attachment) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return a.suspended
 }

@@ -48,6 +48,9 @@ type stateEntry struct {
 	// (Config.EngineInstance): a restart that finds that engine still
 	// running keeps the connection.
 	Engine string `json:"engine,omitempty"`
+	// Lease names the image's cross-host lock, which a restart takes
+	// again (this node's still) before anything else.
+	Lease string `json:"lease,omitempty"`
 }
 
 // StateDir holds one state file per attachment, and a lock that keeps a

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -16,6 +17,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/lease"
 )
 
 // Exit statuses of the daemon, as the systemd unit and the DaemonSet
@@ -88,6 +90,11 @@ func main() {
 		defer src.Close()
 		cfg.Images = src
 		cfg.ImagesLastSync = func() time.Time { return src.Status().LastSync }
+	}
+	if cfg.Leases {
+		cfg.NewExclusivity = func(holder string, events func(string), log *slog.Logger) (provision.Exclusivity, error) {
+			return lease.NewFromEnv(cfg.LeaseNamespace, holder, cfg.LeaseDuration, events, log)
+		}
 	}
 	if err := daemon.Run(ctx, cfg, log); err != nil {
 		if errors.Is(err, provision.ErrHandover) {

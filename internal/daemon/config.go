@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,6 +38,19 @@ type Config struct {
 	// ImagesLastSync, when set with Images, says when the ConfigMap was
 	// last synced, for the metrics.
 	ImagesLastSync func() time.Time
+	// Leases is PROVISIONER_LEASES, --leases (auto: on with
+	// PROVISIONER_IMAGES_CM): each image attached here holds a
+	// Kubernetes Lease, so that no two nodes write one image.
+	Leases bool
+	// LeaseNamespace is PROVISIONER_LEASE_NAMESPACE, --lease-namespace:
+	// where the Leases are (default: the ConfigMap's namespace).
+	LeaseNamespace string
+	// LeaseDuration is PROVISIONER_LEASE_DURATION, --lease-duration (30s).
+	LeaseDuration time.Duration
+	// NewExclusivity, when Leases, makes the Lease keeper for holder,
+	// telling events the metrics count; the command sets it, so that this
+	// package never links the Kubernetes client.
+	NewExclusivity func(holder string, events func(event string), log *slog.Logger) (provision.Exclusivity, error)
 	EngineBin      string // PROVISIONER_ENGINE_BIN, --engine-bin (/usr/bin/mvps-te)
 	// EngineListen is PROVISIONER_ENGINE_LISTEN, --engine-listen: empty
 	// means a Unix socket in a private runtime directory.
@@ -113,6 +127,7 @@ type parsed struct {
 	Config
 	mode, allowRemote, spares  string
 	external                   string
+	leases, leaseDuration      string
 	ioTimeout, deadConnTimeout string
 }
 
@@ -127,6 +142,9 @@ var settings = []setting{
 	{"PROVISIONER_LOG_LEVEL", "log-level", "info", "debug, info, warn or error", func(p *parsed) *string { return &p.LogLevel }},
 	{"PROVISIONER_ENGINE_EXTERNAL", "engine-external", "0", "1 (or true): the engine at PROVISIONER_ENGINE_LISTEN runs on its own (its own container); the daemon only dials it", func(p *parsed) *string { return &p.external }},
 	{"PROVISIONER_ENGINE_SECRET_FILE", "engine-secret-file", "", "file holding the engine's token secret, instead of MVPS_TE_JWT_SECRET; made (0600, random) at start if missing", func(p *parsed) *string { return &p.SecretFile }},
+	{"PROVISIONER_LEASES", "leases", "auto", "true: each attached image holds a Kubernetes Lease (one writer per image in the cluster); auto: with PROVISIONER_IMAGES_CM", func(p *parsed) *string { return &p.leases }},
+	{"PROVISIONER_LEASE_NAMESPACE", "lease-namespace", "", "namespace of the images' Leases (default: the ConfigMap's)", func(p *parsed) *string { return &p.LeaseNamespace }},
+	{"PROVISIONER_LEASE_DURATION", "lease-duration", "30s", "each Lease's duration, 12s to 10m; renewed every sixth of it, I/O suspended a third of it before it could lapse", func(p *parsed) *string { return &p.leaseDuration }},
 	{"PROVISIONER_LOG_FORMAT", "log-format", LogText, "text (logfmt) or json, one record a line", func(p *parsed) *string { return &p.LogFormat }},
 	{"PROVISIONER_MKE2FS", "mke2fs", "/usr/sbin/mke2fs", "mke2fs used by mount mode to format fresh images", func(p *parsed) *string { return &p.Mke2fs }},
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures", func(p *parsed) *string { return &p.Blkid }},
@@ -228,6 +246,24 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		ns, name, ok := strings.Cut(cfg.ImagesConfigMap, "/")
 		if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
 			return Config{}, fmt.Errorf("PROVISIONER_IMAGES_CM (--images-configmap) %q is not namespace/name", cfg.ImagesConfigMap)
+		}
+	}
+	switch strings.ToLower(p.leases) {
+	case "auto", "":
+		cfg.Leases = cfg.ImagesConfigMap != ""
+	default:
+		if cfg.Leases, err = parseBool(p.leases); err != nil {
+			return Config{}, fmt.Errorf("PROVISIONER_LEASES (--leases) %w, or auto", err)
+		}
+	}
+	if cfg.LeaseDuration, err = parseDuration(p.leaseDuration, 12*time.Second, 10*time.Minute); err != nil {
+		return Config{}, fmt.Errorf("PROVISIONER_LEASE_DURATION (--lease-duration) %w", err)
+	}
+	if cfg.Leases && cfg.LeaseNamespace == "" {
+		if ns, _, ok := strings.Cut(cfg.ImagesConfigMap, "/"); ok {
+			cfg.LeaseNamespace = ns
+		} else {
+			return Config{}, errors.New("PROVISIONER_LEASES needs PROVISIONER_LEASE_NAMESPACE (where the Leases are)")
 		}
 	}
 	if cfg.EngineListen != "" {

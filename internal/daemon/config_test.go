@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -34,46 +35,49 @@ func TestParseConfig(t *testing.T) {
 	}{
 		{name: "defaults", want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 			EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-			AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1}},
+			AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, LeaseDuration: 30 * time.Second, EngineSpares: 1}},
 		{name: "environment", extra: map[string]string{
 			"PROVISIONER_SOCKET_MODE": "0600", "PROVISIONER_SOCKET_GROUP": "disk", "PROVISIONER_ENGINE_BIN": "/opt/te",
 			"PROVISIONER_ENGINE_LISTEN": "127.0.0.1:2192", "MVPS_TE_JWT_SECRET": "s3cret-of-24-bytes-long"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o600, SocketGroup: "disk", ImageConfigDir: "/etc/images",
 				EngineBin: "/opt/te", EngineListen: "127.0.0.1:2192", Secret: "s3cret-of-24-bytes-long", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1}},
+				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, LeaseDuration: 30 * time.Second, EngineSpares: 1}},
 		{name: "flags override", args: []string{"--listen-path", "/tmp/x", "--socket-mode=0666", "--engine-listen", "unix:/tmp/e"},
 			want: Config{ListenPath: "/tmp/x", SocketMode: 0o666, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", EngineListen: "unix:/tmp/e", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/tmp/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1}},
+				AdminPath: "/tmp/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, LeaseDuration: 30 * time.Second, EngineSpares: 1}},
 		{name: "admin and metrics", extra: map[string]string{"PROVISIONER_ADMIN_PATH": "/run/a/admin",
 			"PROVISIONER_METRICS_ADDR": ":9105", "PROVISIONER_METRICS_ALLOW_REMOTE": "true"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/a/admin", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, MetricsAddr: ":9105", MetricsAllowRemote: true, EngineSpares: 1}},
+				AdminPath: "/run/a/admin", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, LeaseDuration: 30 * time.Second, MetricsAddr: ":9105", MetricsAllowRemote: true, EngineSpares: 1}},
 		{name: "no spares", extra: map[string]string{"PROVISIONER_ENGINE_SPARES": "0"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second}},
+				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, LeaseDuration: 30 * time.Second}},
 		{name: "json logs", extra: map[string]string{"PROVISIONER_LOG_FORMAT": "json", "PROVISIONER_METRICS_ALLOW_REMOTE": "false"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "json", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1}},
+				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, LeaseDuration: 30 * time.Second, EngineSpares: 1}},
 		{name: "short secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "s3cret"}, err: "at least 16"},
 		{name: "placeholder secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "REPLACE-ME"}, err: "placeholder"},
 		{name: "long placeholder secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "replace-me-with-32-random-bytes"}, err: "placeholder"},
 		{name: "node name", extra: map[string]string{"PROVISIONER_NODE_NAME": "node-7.example"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, EngineSpares: 1, NodeName: "node-7.example"}},
+				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, LeaseDuration: 30 * time.Second, EngineSpares: 1, NodeName: "node-7.example"}},
 		{name: "external engine without its address", extra: map[string]string{"PROVISIONER_ENGINE_EXTERNAL": "true", "MVPS_TE_JWT_SECRET": "s3cret-of-24-bytes-long"}, err: "PROVISIONER_ENGINE_LISTEN"},
 		{name: "external engine without a secret", extra: map[string]string{"PROVISIONER_ENGINE_EXTERNAL": "1", "PROVISIONER_ENGINE_LISTEN": "unix:/run/e.sock"}, err: "secret"},
 		{name: "bad external", extra: map[string]string{"PROVISIONER_ENGINE_EXTERNAL": "yes"}, err: "PROVISIONER_ENGINE_EXTERNAL"},
 		{name: "two secrets", extra: map[string]string{"PROVISIONER_ENGINE_SECRET_FILE": "/nonexistent", "MVPS_TE_JWT_SECRET": "s3cret-of-24-bytes-long"}, err: "exactly one"},
 		{name: "relative secret file", extra: map[string]string{"PROVISIONER_ENGINE_SECRET_FILE": "secret"}, err: "PROVISIONER_ENGINE_SECRET_FILE"},
+		{name: "leases without a namespace", extra: map[string]string{"PROVISIONER_LEASES": "true"}, err: "PROVISIONER_LEASE_NAMESPACE"},
+		{name: "bad leases", extra: map[string]string{"PROVISIONER_LEASES": "sometimes"}, err: "PROVISIONER_LEASES"},
+		{name: "short lease", extra: map[string]string{"PROVISIONER_LEASE_DURATION": "5s"}, err: "PROVISIONER_LEASE_DURATION"},
 		{name: "timeouts", extra: map[string]string{"PROVISIONER_IO_TIMEOUT": "3s", "PROVISIONER_DEAD_CONN_TIMEOUT": "2m"},
 			want: Config{ListenPath: "/run/p.sock", SocketMode: 0o660, ImageConfigDir: "/etc/images",
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "text", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
-				AdminPath: "/run/admin.sock", IOTimeout: 3 * time.Second, DeadConnTimeout: 2 * time.Minute, EngineSpares: 1}},
+				AdminPath: "/run/admin.sock", IOTimeout: 3 * time.Second, DeadConnTimeout: 2 * time.Minute, LeaseDuration: 30 * time.Second, EngineSpares: 1}},
 		{name: "io timeout without a unit", extra: map[string]string{"PROVISIONER_IO_TIMEOUT": "10"}, err: "PROVISIONER_IO_TIMEOUT"},
 		{name: "io timeout too short", extra: map[string]string{"PROVISIONER_IO_TIMEOUT": "100ms"}, err: "PROVISIONER_IO_TIMEOUT"},
 		{name: "dead conn timeout too short", extra: map[string]string{"PROVISIONER_DEAD_CONN_TIMEOUT": "5s"}, err: "PROVISIONER_DEAD_CONN_TIMEOUT"},
@@ -201,6 +205,33 @@ func TestSecretFile(t *testing.T) {
 		}
 		if err != nil && strings.Contains(err.Error(), strings.TrimSpace(tc.content)) && strings.TrimSpace(tc.content) != "" {
 			t.Errorf("%s: the error %q shows the secret", tc.name, err)
+		}
+	}
+}
+
+// With a ConfigMap source the Leases are on by default, in its namespace;
+// off when asked; elsewhere on when asked, in the namespace given.
+func TestLeaseSettings(t *testing.T) {
+	base := map[string]string{"PROVISIONER_LISTEN_PATH": "/run/p.sock", "PROVISIONER_IMAGES_CM": "mvps-system/mvps-images"}
+	for _, tc := range []struct {
+		name      string
+		extra     map[string]string
+		leases    bool
+		namespace string
+	}{
+		{"auto with a ConfigMap", nil, true, "mvps-system"},
+		{"off", map[string]string{"PROVISIONER_LEASES": "false"}, false, ""},
+		{"another namespace", map[string]string{"PROVISIONER_LEASE_NAMESPACE": "leases"}, true, "leases"},
+		{"auto without a ConfigMap", map[string]string{"PROVISIONER_IMAGES_CM": "", "IMAGE_CONFIG_DIRECTORY": "/etc/images"}, false, ""},
+		{"on without a ConfigMap", map[string]string{"PROVISIONER_IMAGES_CM": "", "IMAGE_CONFIG_DIRECTORY": "/etc/images",
+			"PROVISIONER_LEASES": "1", "PROVISIONER_LEASE_NAMESPACE": "leases"}, true, "leases"},
+	} {
+		env := maps.Clone(base)
+		maps.Copy(env, tc.extra)
+		cfg, err := ParseConfig(nil, func(k string) string { return env[k] })
+		if err != nil || cfg.Leases != tc.leases || cfg.LeaseNamespace != tc.namespace || cfg.LeaseDuration != 30*time.Second {
+			t.Errorf("%s: leases %v in %q for %v (%v), want %v in %q", tc.name, cfg.Leases, cfg.LeaseNamespace, cfg.LeaseDuration, err,
+				tc.leases, tc.namespace)
 		}
 	}
 }

@@ -146,15 +146,25 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	var exclusivity provision.Exclusivity
+	if cfg.Leases {
+		if cfg.NewExclusivity == nil {
+			return errors.New("PROVISIONER_LEASES: this build cannot keep Kubernetes Leases")
+		}
+		if exclusivity, err = cfg.NewExclusivity(cfg.NodeIdentity(), ops.Metrics().LockEvent, log); err != nil {
+			return fmt.Errorf("PROVISIONER_LEASES: %w", err)
+		}
+	}
 	mgr, err := provision.NewManager(provision.Config{
-		Metrics:   ops.Metrics(),
-		Mounter:   mounter,
-		Images:    images,
-		Engine:    sessions,
-		Devices:   devices,
-		State:     state,
-		MountBase: cfg.MountBase,
-		Host:      cfg.NodeIdentity(),
+		Exclusivity: exclusivity,
+		Metrics:     ops.Metrics(),
+		Mounter:     mounter,
+		Images:      images,
+		Engine:      sessions,
+		Devices:     devices,
+		State:       state,
+		MountBase:   cfg.MountBase,
+		Host:        cfg.NodeIdentity(),
 		// Inside the devices' dead-connection timeout: no I/O fails
 		// while a reconnect is still being tried.
 		RecoveryTimeout: cfg.RecoveryTimeout(),

@@ -91,7 +91,8 @@ func TestStatus(t *testing.T) {
 		Time:   since.Add(time.Hour),
 		Daemon: version.Info{Version: "v1.2.3", Revision: "abc", GoVersion: "go1.26.0"},
 		Attachments: []Attachment{
-			{Key: "demo", ImageID: "demo.mvps-image", Device: "/dev/nbd3", Mode: "fd", State: "attached", CallerPID: 42, CallerUID: 1000, Since: since, Reconnects: 1},
+			{Key: "demo", ImageID: "demo.mvps-image", Device: "/dev/nbd3", Mode: "fd", State: "attached", CallerPID: 42, CallerUID: 1000, Since: since, Reconnects: 1,
+				Lease: "mvps-demo.mvps-image-0123456789", LeaseHolder: "node-a", LeaseRenewed: since.Add(time.Hour - 3*time.Second), Suspended: true},
 			{Key: "other", ImageID: "other.mvps-image", State: "attaching", CallerPID: 43, Since: since},
 		},
 		Engine:  Engine{PID: 7, Since: since, Answering: true},
@@ -118,7 +119,8 @@ func TestStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"KEY", "demo.mvps-image", "/dev/nbd3", "attached", "4.7MiB/120", "1.0MiB/30", "1h0m0s",
-		"daemon: mvps-provisioner v1.2.3 (revision abc, go1.26.0)", "engine: pid 7", "0 restarts, answering", "/dev/nbd9", "mvps:stray.mvps-image"} {
+		"daemon: mvps-provisioner v1.2.3 (revision abc, go1.26.0)", "engine: pid 7", "0 restarts, answering", "/dev/nbd9", "mvps:stray.mvps-image",
+		"lease of demo.mvps-image: mvps-demo.mvps-image-0123456789, held by node-a, renewed 3s ago; I/O SUSPENDED"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status table lacks %q:\n%s", want, out.String())
 		}

@@ -30,6 +30,17 @@ func WriteStatus(w io.Writer, st *Status) error {
 	if len(st.Attachments) == 0 {
 		fmt.Fprintln(w, "(no attachments)")
 	}
+	for _, a := range st.Attachments {
+		if a.Lease == "" {
+			continue
+		}
+		suspended := ""
+		if a.Suspended {
+			suspended = "; I/O SUSPENDED until a renewal succeeds"
+		}
+		fmt.Fprintf(w, "lease of %s: %s, held by %s, renewed %s ago%s\n", a.ImageID, a.Lease, a.LeaseHolder,
+			since(st.Time, a.LeaseRenewed), suspended)
+	}
 	e := st.Engine
 	answering := "answering"
 	if !e.Answering {

@@ -112,6 +112,15 @@ type Attachment struct {
 	// IO holds the device's counters from /sys/block/nbdX/stat, when it
 	// has a device.
 	IO *IOStats `json:"io,omitempty"`
+	// Owner is what the attachment lives for ("connection", "process",
+	// "volume").
+	Owner string `json:"owner,omitempty"`
+	// Lease is the image's Kubernetes Lease, its holder and last renewal;
+	// Suspended while the image's I/O is cut because renewals failed.
+	Lease        string    `json:"lease,omitempty"`
+	LeaseHolder  string    `json:"lease_holder,omitempty"`
+	LeaseRenewed time.Time `json:"lease_renewed,omitzero"`
+	Suspended    bool      `json:"suspended,omitempty"`
 }
 
 // IOStats are a block device's counters since it was connected

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/socketserver"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -72,6 +73,7 @@ type Set struct {
 	attachSeconds *prometheus.HistogramVec
 	phaseSeconds  *prometheus.HistogramVec
 	refused       *prometheus.CounterVec
+	lockEvents    *prometheus.CounterVec
 	engineRestart prometheus.Counter
 	reconnects    *prometheus.CounterVec
 	linkDead      prometheus.Counter
@@ -109,6 +111,10 @@ func New(gauges func() Gauges) *Set {
 		Namespace: Namespace, Name: "requests_refused_total",
 		Help: "Requests answered with ERR, by code.",
 	}, []string{"code"})
+	s.lockEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "lease_events_total",
+		Help: `Events of the images' Kubernetes Leases, by event: "acquired", "refused" (held by another node), "takeover" (of a lapsed one), "renewal_failed", "suspended" (I/O cut: the Lease could lapse), "resumed", "lost" (another node took it), "released".`,
+	}, []string{"event"})
 	s.engineRestart = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: Namespace, Name: "engine_restarts_total",
 		Help: "Times the engine was started again after it died.",
@@ -132,7 +138,7 @@ func New(gauges func() Gauges) *Set {
 	build := version.Get()
 	buildInfo.WithLabelValues(build.Version, build.Revision, build.GoVersion).Set(1)
 	s.reg.MustRegister(s.attaches, s.detaches, s.attachSeconds, s.phaseSeconds, s.refused, s.engineRestart,
-		s.reconnects, s.linkDead, s.adminDetaches, buildInfo)
+		s.reconnects, s.linkDead, s.adminDetaches, s.lockEvents, buildInfo)
 	s.zero()
 	if gauges != nil {
 		s.reg.MustRegister(gaugeCollector(gauges))
@@ -162,6 +168,9 @@ func (s *Set) zero() {
 	}
 	for _, r := range AdminDetachResults {
 		s.adminDetaches.WithLabelValues(r)
+	}
+	for _, e := range provision.LockEvents {
+		s.lockEvents.WithLabelValues(e)
 	}
 }
 
@@ -210,6 +219,14 @@ func (s *Set) Detached(mode, result string) {
 		return
 	}
 	s.detaches.WithLabelValues(mode, result).Inc()
+}
+
+// LockEvent records an event of an image's Lease (provision.LockEvents).
+func (s *Set) LockEvent(event string) {
+	if s == nil {
+		return
+	}
+	s.lockEvents.WithLabelValues(event).Inc()
 }
 
 // Refused records a request answered with ERR code.

@@ -1,0 +1,394 @@
+// Package lease keeps each mvps image to one writer across a Kubernetes
+// cluster: a coordination.k8s.io/v1 Lease per image, held by the node that
+// has the image attached and renewed while it is. It implements the
+// provisioner core's Exclusivity; it is the only package besides
+// provision/configmap that imports client-go.
+//
+// Margins (the defaults, for a 30 s Lease): a renewal every 5 s, each
+// bounded by 5 s; when the last successful renewal was sent 20 s ago the
+// image's I/O is suspended (Fence.Suspend cuts its engine connection), so
+// at the latest 25 s after it, while another node may take the Lease only
+// 32 s after it (its duration plus a 2 s allowance for clock skew). An API
+// server outage shorter than 15 s costs nothing.
+package lease
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	coordinationclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
+)
+
+// Config says where the Leases are and who holds them.
+type Config struct {
+	Client    coordinationclient.LeasesGetter
+	Namespace string
+	// Holder is this node's identity: stable across restarts, so that a
+	// restarted provisioner takes its own Leases again at once.
+	Holder string
+	// Duration is each Lease's duration (default 30 s); RenewEvery
+	// (default Duration/6) how often it is renewed; Margin (default
+	// Duration/3) how long before the Lease could lapse the image's I/O is
+	// suspended; Skew (default 2 s) how far another node's clock may be
+	// off: its Lease lapsed only Duration+Skew after its last renewal.
+	Duration, RenewEvery, Margin, Skew time.Duration
+	Logger                             *slog.Logger
+	// Events, when set, is told of each event of provision.LockEvents.
+	Events func(event string)
+}
+
+// Locker takes and keeps the images' Leases.
+type Locker struct {
+	cfg Config
+}
+
+// New checks cfg and returns a Locker.
+func New(cfg Config) (*Locker, error) {
+	switch {
+	case cfg.Client == nil:
+		return nil, errors.New("lease: Config.Client is nil")
+	case cfg.Namespace == "" || cfg.Holder == "":
+		return nil, errors.New("lease: the namespace and the holder are required")
+	}
+	if cfg.Duration == 0 {
+		cfg.Duration = 30 * time.Second
+	}
+	if cfg.RenewEvery == 0 {
+		cfg.RenewEvery = cfg.Duration / 6
+	}
+	if cfg.Margin == 0 {
+		cfg.Margin = cfg.Duration / 3
+	}
+	if cfg.Skew == 0 {
+		cfg.Skew = 2 * time.Second
+	}
+	if cfg.RenewEvery+cfg.Margin >= cfg.Duration {
+		return nil, fmt.Errorf("lease: a renewal every %v with a margin of %v does not fit a %v Lease", cfg.RenewEvery, cfg.Margin, cfg.Duration)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Events == nil {
+		cfg.Events = func(string) {}
+	}
+	return &Locker{cfg: cfg}, nil
+}
+
+// Name is the Lease of an image: "mvps-", the image id made a valid object
+// name (lower case; anything but letters, digits, '-' and '.' becomes '-';
+// cut to fit), "-" and the first 10 hex digits of the image id's SHA-256,
+// so that two ids that clean alike still name two Leases.
+func Name(imageID string) string {
+	sum := sha256.Sum256([]byte(imageID))
+	var b strings.Builder
+	for _, r := range strings.ToLower(imageID) {
+		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '.' {
+			b.WriteRune(r)
+		} else {
+			b.WriteByte('-')
+		}
+	}
+	clean := b.String()
+	const max = 253 - len("mvps-") - 11
+	if len(clean) > max {
+		clean = clean[:max]
+	}
+	clean = strings.Trim(clean, "-.")
+	return "mvps-" + clean + "-" + hex.EncodeToString(sum[:5])
+}
+
+// Acquire takes imageID's Lease for this node (see provision.Exclusivity).
+func (l *Locker) Acquire(ctx context.Context, imageID string, fence provision.Fence) (provision.Lock, error) {
+	name := Name(imageID)
+	leases := l.cfg.Client.Leases(l.cfg.Namespace)
+	for try := 0; ; try++ {
+		if try == 5 {
+			return nil, fmt.Errorf("lease %s/%s: kept changing under us", l.cfg.Namespace, name)
+		}
+		sent := time.Now()
+		cur, err := leases.Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			lease := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: l.cfg.Namespace,
+				Annotations: map[string]string{"mvps.io/image-id": imageID}}}
+			l.hold(lease, sent, true)
+			got, err := leases.Create(ctx, lease, metav1.CreateOptions{})
+			if apierrors.IsAlreadyExists(err) {
+				continue
+			}
+			if err != nil {
+				return nil, fmt.Errorf("lease %s/%s: %w", l.cfg.Namespace, name, err)
+			}
+			return l.held(imageID, got, sent, fence), nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("lease %s/%s: %w", l.cfg.Namespace, name, err)
+		}
+		holder := holderOf(cur)
+		switch {
+		case holder == l.cfg.Holder || holder == "":
+		case l.lapsed(cur, sent):
+			l.cfg.Logger.Warn("taking over the lapsed lease of another node", "lease", name, "image_id", imageID,
+				"previous_holder", holder, "renewed", renewTimeOf(cur))
+			l.cfg.Events("takeover")
+		default:
+			l.cfg.Events("refused")
+			return nil, fmt.Errorf("%w: lease %s/%s is held by %s (renewed %v)", provision.ErrHeldElsewhere, l.cfg.Namespace, name,
+				holder, renewTimeOf(cur).Format(time.RFC3339Nano))
+		}
+		l.hold(cur, sent, holder != l.cfg.Holder)
+		got, err := leases.Update(ctx, cur, metav1.UpdateOptions{})
+		if apierrors.IsConflict(err) {
+			continue // someone else wrote it meanwhile: look again
+		}
+		if err != nil {
+			return nil, fmt.Errorf("lease %s/%s: %w", l.cfg.Namespace, name, err)
+		}
+		return l.held(imageID, got, sent, fence), nil
+	}
+}
+
+// hold makes lease this node's, renewed at now; taken counts a new holder.
+func (l *Locker) hold(lease *coordinationv1.Lease, now time.Time, taken bool) {
+	holder := l.cfg.Holder
+	seconds := int32(l.cfg.Duration / time.Second)
+	t := metav1.NewMicroTime(now)
+	lease.Spec.HolderIdentity = &holder
+	lease.Spec.LeaseDurationSeconds = &seconds
+	lease.Spec.RenewTime = &t
+	if taken || lease.Spec.AcquireTime == nil {
+		lease.Spec.AcquireTime = &t
+	}
+	if taken {
+		n := int32(0)
+		if lease.Spec.LeaseTransitions != nil {
+			n = *lease.Spec.LeaseTransitions + 1
+		}
+		lease.Spec.LeaseTransitions = &n
+	}
+}
+
+// lapsed reports whether lease, held by another node, can be taken at now:
+// its duration and the skew allowance have passed since its renewal.
+func (l *Locker) lapsed(lease *coordinationv1.Lease, now time.Time) bool {
+	d := l.cfg.Duration
+	if lease.Spec.LeaseDurationSeconds != nil {
+		d = time.Duration(*lease.Spec.LeaseDurationSeconds) * time.Second
+	}
+	return now.After(renewTimeOf(lease).Add(d + l.cfg.Skew))
+}
+
+func holderOf(lease *coordinationv1.Lease) string {
+	if lease.Spec.HolderIdentity == nil {
+		return ""
+	}
+	return *lease.Spec.HolderIdentity
+}
+
+func renewTimeOf(lease *coordinationv1.Lease) time.Time {
+	if lease.Spec.RenewTime == nil {
+		return time.Time{}
+	}
+	return lease.Spec.RenewTime.Time
+}
+
+// held starts keeping lease, renewed when sent.
+func (l *Locker) held(imageID string, lease *coordinationv1.Lease, sent time.Time, fence provision.Fence) *held {
+	l.cfg.Events("acquired")
+	l.cfg.Logger.Info("image lease held", "lease", lease.Name, "image_id", imageID)
+	h := &held{l: l, imageID: imageID, name: lease.Name, fence: fence, renewed: sent, last: lease,
+		stop: make(chan struct{}), done: make(chan struct{})}
+	go h.keep()
+	return h
+}
+
+// held is a Lease this node holds: keep renews it until Release or
+// Abandon.
+type held struct {
+	l       *Locker
+	imageID string
+	name    string
+	fence   provision.Fence
+
+	mu        sync.Mutex
+	renewed   time.Time // when the last successful renewal was sent
+	suspended bool
+	// last is the Lease as this node last wrote it (keep's alone): a
+	// renewal updates it in one request, which fails on a conflict if
+	// anyone else wrote the Lease since.
+	last *coordinationv1.Lease
+
+	stopOnce sync.Once
+	stop     chan struct{}
+	done     chan struct{}
+}
+
+// errLost is a Lease another node holds now.
+type errLost struct{ holder string }
+
+func (e errLost) Error() string { return "the lease is held by " + e.holder }
+
+// keep renews the Lease every RenewEvery. When the last successful renewal
+// is Duration-Margin old, it suspends the image's I/O; a renewal resumes
+// it; a Lease another node holds ends it. The fence is called without h.mu
+// held (the core's registry takes its own lock, then asks for Status).
+func (h *held) keep() {
+	defer close(h.done)
+	cfg := h.l.cfg
+	tick := time.NewTicker(cfg.RenewEvery)
+	defer tick.Stop()
+	deadline := time.NewTimer(cfg.Duration - cfg.Margin)
+	defer deadline.Stop()
+	for {
+		select {
+		case <-h.stop:
+			return
+		case <-deadline.C:
+			h.mu.Lock()
+			suspend := !h.suspended
+			h.suspended = true
+			h.mu.Unlock()
+			if suspend {
+				cfg.Logger.Warn("image lease not renewed in time: suspending its I/O", "lease", h.name, "image_id", h.imageID,
+					"last_renewal", h.lastRenewal(), "lapses_at", h.lastRenewal().Add(cfg.Duration))
+				cfg.Events("suspended")
+				h.fence.Suspend()
+			}
+		case <-tick.C:
+			sent := time.Now()
+			ctx, cancel := context.WithTimeout(context.Background(), cfg.RenewEvery)
+			err := h.renew(ctx, sent)
+			cancel()
+			var lost errLost
+			switch {
+			case errors.As(err, &lost):
+				cfg.Logger.Error("image lease taken by another node", "lease", h.name, "image_id", h.imageID, "holder", lost.holder)
+				cfg.Events("lost")
+				h.fence.Lost(lost.holder)
+				return
+			case err != nil:
+				cfg.Logger.Warn("image lease renewal failed", "lease", h.name, "image_id", h.imageID, "err", err,
+					"last_renewal", h.lastRenewal())
+				cfg.Events("renewal_failed")
+				continue
+			}
+			h.mu.Lock()
+			h.renewed = sent
+			resume := h.suspended
+			h.suspended = false
+			h.mu.Unlock()
+			deadline.Reset(time.Until(sent.Add(cfg.Duration - cfg.Margin)))
+			if resume {
+				cfg.Logger.Info("image lease renewed: resuming its I/O", "lease", h.name, "image_id", h.imageID)
+				cfg.Events("resumed")
+				h.fence.Resume()
+			}
+		}
+	}
+}
+
+func (h *held) lastRenewal() time.Time {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.renewed
+}
+
+// renew writes the Lease's renewal time, sent, unless another node holds
+// it now: one update of the Lease as last written, and only on a conflict
+// (someone else wrote it) a read of what it is now.
+func (h *held) renew(ctx context.Context, sent time.Time) error {
+	leases := h.l.cfg.Client.Leases(h.l.cfg.Namespace)
+	next := h.last.DeepCopy()
+	h.l.hold(next, sent, false)
+	got, err := leases.Update(ctx, next, metav1.UpdateOptions{})
+	if apierrors.IsConflict(err) {
+		cur, gerr := leases.Get(ctx, h.name, metav1.GetOptions{})
+		if gerr != nil {
+			return gerr
+		}
+		if holder := holderOf(cur); holder != h.l.cfg.Holder {
+			return errLost{holder: holder}
+		}
+		h.l.hold(cur, sent, false)
+		got, err = leases.Update(ctx, cur, metav1.UpdateOptions{})
+	}
+	if err != nil {
+		return err
+	}
+	h.last = got
+	return nil
+}
+
+func (h *held) stopKeeping() {
+	h.stopOnce.Do(func() { close(h.stop) })
+	<-h.done
+}
+
+// Release stops renewing and clears the holder, for the next holder to
+// take the Lease at once.
+func (h *held) Release(ctx context.Context) error {
+	h.stopKeeping()
+	leases := h.l.cfg.Client.Leases(h.l.cfg.Namespace)
+	for try := 0; try < 5; try++ {
+		cur, err := leases.Get(ctx, h.name, metav1.GetOptions{})
+		if err != nil {
+			return fmt.Errorf("lease %s: %w", h.name, err)
+		}
+		if holderOf(cur) != h.l.cfg.Holder {
+			return nil // another node's already
+		}
+		cur.Spec.HolderIdentity = nil
+		if _, err = leases.Update(ctx, cur, metav1.UpdateOptions{}); apierrors.IsConflict(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("lease %s: %w", h.name, err)
+		}
+		h.l.cfg.Events("released")
+		h.l.cfg.Logger.Info("image lease released", "lease", h.name, "image_id", h.imageID)
+		return nil
+	}
+	return fmt.Errorf("lease %s: kept changing under us", h.name)
+}
+
+// Abandon stops renewing and leaves the Lease this node's.
+func (h *held) Abandon() { h.stopKeeping() }
+
+// Status describes the Lease.
+func (h *held) Status() provision.LockStatus {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return provision.LockStatus{Name: h.name, Holder: h.l.cfg.Holder, Renewed: h.renewed, Suspended: h.suspended}
+}
+
+// NewFromEnv is New for the daemon: the connection comes from
+// configmap.RESTConfigFromEnv (in a pod, its service account).
+func NewFromEnv(namespace, holder string, duration time.Duration, events func(string), log *slog.Logger) (*Locker, error) {
+	cfg, err := configmap.RESTConfigFromEnv()
+	if err != nil {
+		return nil, err
+	}
+	cfg.UserAgent = "mvps-provisioner"
+	// A renewal per image every few seconds: client-go's default of 5
+	// requests a second would queue them behind each other on a node
+	// with many images attached.
+	cfg.QPS, cfg.Burst = 50, 100
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return New(Config{Client: cs.CoordinationV1(), Namespace: namespace, Holder: holder, Duration: duration, Events: events, Logger: log})
+}
