@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/kubecluster"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
@@ -80,10 +81,11 @@ func TestSourceFollowsConfigMap(t *testing.T) {
 	setData(t, admin, map[string]string{"demo": `{"image_id": "demo.mvps-image", "image_size": 1073741824}`})
 
 	start := time.Now()
-	b, err := startAPIServer(shared.dir, "b", shared.etcd.url)
+	bs, err := kubecluster.StartAPIServer(binDir(), shared.dir, "b", shared.etcd.URL)
 	if err != nil {
 		t.Fatal(err)
 	}
+	b := &apiServer{bs}
 	t.Cleanup(b.stop)
 	t.Logf("second kube-apiserver ready in %v", time.Since(start).Round(time.Millisecond))
 
