@@ -118,14 +118,19 @@ func (m *Manager) fence(a *attachment) Fence {
 			// follows reconnects nothing while suspended.
 			m.log.Warn("image lock not renewed in time: suspending the image's I/O until a renewal succeeds",
 				"image_id", a.imageID)
+			// Suspended first: the fence kills the device's connection,
+			// and the link-dead event that follows must find nothing to
+			// reconnect.
+			m.reg.suspend(a, nil)
 			ctx, cancel := context.WithTimeout(a.ctx, m.cfg.AttachTimeout)
 			conn, _, err := m.openSession(ctx, a.session())
 			cancel()
 			if err != nil {
 				// No engine to fence at: none writes either.
 				m.log.Error("could not fence the image's engine connection", "image_id", a.imageID, "err", err)
+				return
 			}
-			m.reg.suspend(a, conn)
+			m.reg.keepFence(a, conn)
 		},
 		Resume: func() {
 			if !m.reg.unsuspend(a) {

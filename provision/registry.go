@@ -322,3 +322,18 @@ func (r *registry) isSuspended(a *attachment) bool {
 	defer r.mu.Unlock()
 	return a.suspended
 }
+
+// keepFence keeps conn, the session that fenced a's connection, while a is
+// suspended; it closes conn if a was resumed meanwhile.
+func (r *registry) keepFence(a *attachment, conn net.Conn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !a.suspended {
+		conn.Close()
+		return
+	}
+	if a.fenceConn != nil {
+		a.fenceConn.Close()
+	}
+	a.fenceConn = conn
+}

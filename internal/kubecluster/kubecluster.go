@@ -26,6 +26,10 @@ import (
 	"k8s.io/client-go/rest"
 )
 
+// ReadyBound bounds the wait for a kube-apiserver's /readyz: a few seconds
+// on a host, minutes in a VM without acceleration.
+var ReadyBound = 90 * time.Second
+
 // AdminToken is a static token of system:masters, for a test's own set-up.
 const AdminToken = "kubetest-admin-token"
 
@@ -235,6 +239,10 @@ func StartAPIServer(binDir, parent, name, etcdURL string) (*APIServer, error) {
 			// As on any cluster that runs CSI drivers or node agents: the
 			// DaemonSet is privileged.
 			"--allow-privileged=true",
+			// API priority and fairness bootstraps its configuration in
+			// post-start hooks that hold /readyz back for minutes in a VM
+			// without acceleration; a test server does not need it.
+			"--enable-priority-and-fairness=false",
 		},
 	}
 	if err := s.Start(); err != nil {
@@ -254,7 +262,7 @@ func (s *APIServer) Start() error {
 	// checked without verifying it; clients verify it through s.ca.
 	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
 	defer hc.CloseIdleConnections()
-	err = p.waitReady(90*time.Second, func() error {
+	err = p.waitReady(ReadyBound, func() error {
 		req, _ := http.NewRequest(http.MethodGet, s.host+"/readyz", nil)
 		req.Header.Set("Authorization", "Bearer "+AdminToken)
 		resp, err := hc.Do(req)

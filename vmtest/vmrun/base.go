@@ -71,6 +71,9 @@ func gatherBase(ctx context.Context, c *config, k *kernel, binDir string) (baseS
 		s.Tools[f] = f
 		addLibs(f)
 	}
+	// Where they are, for the tests in the guest (etcd and kube-apiserver
+	// live wherever the host built them).
+	s.Etc["vmtest-extra-bins"] = []byte(strings.Join(c.extraBins, "\n") + "\n")
 	if b, err := os.ReadFile("/etc/mke2fs.conf"); err == nil {
 		s.Etc["mke2fs.conf"] = b
 	}

@@ -117,6 +117,7 @@ func drive(ctx context.Context, args []string) (int, error) {
 	flags := flag.NewFlagSet("vmrun", flag.ContinueOnError)
 	flags.Usage = func() { fmt.Fprint(flags.Output(), usage) }
 	runRe := flags.String("run", os.Getenv("VM_TEST_RUN"), "run only the tests matching `REGEX`")
+	skipRe := flags.String("skip", os.Getenv("VM_TEST_SKIP"), "skip the tests matching `REGEX`")
 	if err := flags.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0, nil
@@ -158,6 +159,9 @@ func drive(ctx context.Context, args []string) (int, error) {
 	gargs := []string{"test", "-tags", "vmtest", "-count=1", "-json", "-timeout", getenv("VM_TEST_TIMEOUT", "300s"), "-exec", self}
 	if *runRe != "" {
 		gargs = append(gargs, "-run", *runRe)
+	}
+	if *skipRe != "" {
+		gargs = append(gargs, "-skip", *skipRe)
 	}
 	gargs = append(gargs, pkgs...)
 	logf("%s %s", c.goCmd, strings.Join(gargs, " "))

@@ -29,17 +29,19 @@ import (
 	"syscall"
 )
 
-const usage = `usage: bash vmtest/run.sh [-run REGEX] [packages]     (make integration; builds .cache/vmrun)
-       .cache/vmrun [-run REGEX] [packages]
+const usage = `usage: bash vmtest/run.sh [-run REGEX] [-skip REGEX] [packages]     (make integration; builds .cache/vmrun)
+       .cache/vmrun [-run REGEX] [-skip REGEX] [packages]
        go test -tags vmtest -exec "$PWD/.cache/vmrun" [go test flags] packages
 
   -run REGEX   run only the tests matching REGEX (same as VM_TEST_RUN)
+  -skip REGEX  skip the tests matching REGEX (same as VM_TEST_SKIP)
   packages     default: every package with a *_test.go file whose first line is //go:build vmtest
 
 environment:
   VM_TIMEOUT=           seconds one VM may run (default: the binary's -test.timeout plus 60 s)
   VM_TEST_TIMEOUT=300s  go test -timeout (each test binary)
   VM_TEST_RUN=REGEX     like -run
+  VM_TEST_SKIP=REGEX    like -skip
   VM_SMP=1              guest CPUs (1 measured faster than 2 under TCG on a 2-core host)
   VM_MEM=2048           guest memory in MB
   VM_ACCEL=tcg          qemu accelerator; KVM hangs on the usual CI/dev machines

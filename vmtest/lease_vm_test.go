@@ -1,0 +1,153 @@
+//go:build vmtest
+
+package vmtest
+
+import (
+	"bufio"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/kubecluster"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
+	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
+)
+
+// k8sBinDir is where the host's etcd and kube-apiserver are in the guest
+// (VM_EXTRA_BINS, listed in /etc/vmtest-extra-bins).
+func k8sBinDir(t *testing.T) string {
+	t.Helper()
+	f, err := os.Open("/etc/vmtest-extra-bins")
+	if err != nil {
+		t.Fatalf("no extra binaries in the VM (make integration passes etcd and kube-apiserver): %v", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if filepath.Base(sc.Text()) == "kube-apiserver" {
+			return filepath.Dir(sc.Text())
+		}
+	}
+	t.Fatal("kube-apiserver is not among the VM's extra binaries (make integration passes it)")
+	return ""
+}
+
+// A real API server inside the VM, a real device under a writer: with the
+// API server stopped past the margin, the image's I/O is suspended (its
+// engine connection fenced, the kernel queuing the writes) before the
+// Lease could lapse; with the server back, a renewal resumes it, and every
+// acknowledged block reads back right.
+func TestVMLeaseSuspendsARealDevice(t *testing.T) {
+	vmharness.RequireVM(t)
+	bin := k8sBinDir(t)
+	dir := t.TempDir()
+	etcd, err := kubecluster.StartEtcd(bin, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(etcd.Stop)
+	started := time.Now()
+	// Under TCG its post-start hooks take minutes.
+	kubecluster.ReadyBound = 4 * time.Minute
+	api, err := kubecluster.StartAPIServer(bin, dir, "vm", etcd.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(api.Stop)
+	t.Logf("kube-apiserver ready in the VM in %v", time.Since(started).Round(time.Millisecond))
+	cs, err := kubernetes.NewForConfig(api.RESTConfig(kubecluster.AdminToken))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "mvps-system"}},
+		metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := api.Kubeconfig(kubeconfig, kubecluster.AdminToken); err != nil {
+		t.Fatal(err)
+	}
+	p := vmharness.Start(t, map[string]string{
+		"KUBECONFIG": kubeconfig, "PROVISIONER_LEASES": "true", "PROVISIONER_LEASE_NAMESPACE": "mvps-system",
+		"PROVISIONER_LEASE_DURATION": "12s", "PROVISIONER_NODE_NAME": "vm-node",
+		// The API server's restart under TCG takes about 20 s: the
+		// suspended writes wait for it.
+		"PROVISIONER_DEAD_CONN_TIMEOUT": "300s",
+	})
+	w, index, before := writeLoad(t, p)
+	if st := leaseStatus(t, p); st.LeaseHolder != "vm-node" || st.Suspended {
+		t.Fatalf("attachment %+v: want the lease held by vm-node", st)
+	}
+
+	stopped := time.Now()
+	api.Stop()
+	waitUntil(t, 60*time.Second, "the suspension", func() bool { return logHas(p, "suspending its I/O") })
+	suspended := time.Now()
+	st := leaseStatus(t, p)
+	lapse := st.LeaseRenewed.Add(12 * time.Second)
+	t.Logf("API server stopped %v; last renewal %v; suspended by %v; the lease would lapse %v",
+		stopped.Format(time.StampMilli), st.LeaseRenewed.Format(time.StampMilli), suspended.Format(time.StampMilli),
+		lapse.Format(time.StampMilli))
+	if !st.Suspended || !suspended.Before(lapse) {
+		t.Fatalf("suspended %v (status %v), the lease lapsing %v", suspended, st.Suspended, lapse)
+	}
+
+	if err := api.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 120*time.Second, "the resumption", func() bool { return logHas(p, "resuming its I/O") })
+	after := w.waitAcked(t, before+100, 120*time.Second)
+	t.Logf("writes resumed %v after the outage began; %d acknowledged", time.Since(stopped).Round(time.Millisecond), after)
+	rep := w.verify(t)
+	w.checkReport(t, rep)
+	// Nothing was written while suspended: the write in flight waited from
+	// the suspension to the resumption.
+	suspendedFor := logTime(t, p, "resuming its I/O").Sub(logTime(t, p, "suspending its I/O"))
+	t.Logf("suspended for %v by the provisioner's log; the longest write took %v", suspendedFor.Round(time.Millisecond),
+		rep.LongestWrite.Round(time.Millisecond))
+	if rep.LongestWrite < suspendedFor-time.Second {
+		t.Errorf("writes completed while the image was suspended: the longest took %v of a %v suspension", rep.LongestWrite, suspendedFor)
+	}
+	took := w.killAndWaitFree(t, index)
+	t.Logf("device free %v after the caller's SIGKILL", took.Round(time.Millisecond))
+}
+
+// leaseStatus is the one attachment's status, from the admin socket.
+func leaseStatus(t *testing.T, p *vmharness.Provisioner) admin.Attachment {
+	t.Helper()
+	out, err := provisionerCmd(t, p, "status", "--json")
+	if err != nil {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	var st admin.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil || len(st.Attachments) != 1 {
+		t.Fatalf("status %s: %v", strings.TrimSpace(out), err)
+	}
+	return st.Attachments[0]
+}
+
+// logTime is the time of the first line of p's log that has msg.
+func logTime(t *testing.T, p *vmharness.Provisioner, msg string) time.Time {
+	t.Helper()
+	for line := range strings.Lines(string(p.Log())) {
+		if !strings.Contains(line, msg) {
+			continue
+		}
+		if rest, ok := strings.CutPrefix(line, "time="); ok {
+			stamp, _, _ := strings.Cut(rest, " ")
+			if at, err := time.Parse(time.RFC3339Nano, stamp); err == nil {
+				return at
+			}
+		}
+	}
+	t.Fatalf("no log line with %q", msg)
+	return time.Time{}
+}
