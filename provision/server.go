@@ -448,9 +448,10 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 
 	var reply *os.File = dev.File
 	formatted := false
+	var mountSteps mount.Steps // what the mount phase did, for the log
 	if mountMode {
 		reply = nil
-		mctx, cancel := context.WithTimeout(ctx, s.cfg.AttachTimeout)
+		mctx, cancel := context.WithTimeout(mount.WithSteps(ctx, &mountSteps), s.cfg.AttachTimeout)
 		a.root, formatted, err = s.cfg.Mounter.Mount(mctx, dev.File, dev.Path, mountReq)
 		cancel()
 		// The directory is not kept: it would keep the file system it
@@ -491,7 +492,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller callerInfo) {
 	s.spares.Refill()
 	s.log.Info("attached", "image_id", image.ImageID, "key", req.Key, "device", dev.Path, "mode", mode,
 		"formatted", formatted, "caller_pid", caller.pid, "caller_uid", caller.uid,
-		"took", time.Since(received).Round(time.Millisecond).String(), "phases", sp.String())
+		"took", time.Since(received).Round(time.Millisecond).String(), "phases", sp.String(), "mount_steps", &mountSteps)
 	s.cfg.Metrics.Attached(mode, time.Since(received), sp.all)
 
 	<-ctx.Done()

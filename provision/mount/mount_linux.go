@@ -54,7 +54,10 @@ func New(mke2fs, blkid string) (*Ext4, error) {
 // attachment.
 func (m *Ext4) Mount(ctx context.Context, file *os.File, path string, req Request) (*os.File, bool, error) {
 	dev := blockDevice{Path: path, File: file}
+	steps := contextSteps(ctx)
+	steps.start()
 	fsType, err := m.probe(ctx, dev)
+	steps.mark("blkid")
 	if err != nil {
 		return nil, false, err
 	}
@@ -62,19 +65,21 @@ func (m *Ext4) Mount(ctx context.Context, file *os.File, path string, req Reques
 	switch {
 	case fsType == "ext4":
 	case fsType == "" && m.zeroPrefix(dev):
+		steps.mark("fresh")
 		// Formatting is decided here, from the device's content, and
 		// never from a failed mount: a transient mount error on a device
 		// with data must not end in mke2fs.
 		if err := m.format(ctx, dev, req.RootOwner); err != nil {
 			return nil, false, err
 		}
+		steps.mark("mke2fs")
 		formatted = true
 	case fsType == "":
 		return nil, false, ErrNotExt4
 	default:
 		return nil, false, fmt.Errorf("%w (found %s)", ErrNotExt4, fsType)
 	}
-	root, err := mountInto(dev, req)
+	root, err := mountInto(dev, req, steps)
 	return root, formatted, err
 }
 
@@ -160,7 +165,7 @@ func zeroFreshPrefix(dev blockDevice) error {
 
 // mountInto creates the mount in the provisioner's namespace, where the
 // device node lives, and moves it onto dir inside ns.
-func mountInto(dev blockDevice, req Request) (*os.File, error) {
+func mountInto(dev blockDevice, req Request, steps *Steps) (*os.File, error) {
 	fsfd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("fsopen ext4: %w", err)
@@ -177,17 +182,20 @@ func mountInto(dev blockDevice, req Request) (*os.File, error) {
 	if err := unix.FsconfigCreate(fsfd); err != nil {
 		return nil, fmt.Errorf("mount ext4 from %s: %w", dev.Path, err)
 	}
+	steps.mark("fsconfig")
 	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, int(req.Options.attributes()))
 	if err != nil {
 		return nil, fmt.Errorf("fsmount: %w", err)
 	}
 	defer unix.Close(mntfd)
+	steps.mark("fsmount")
 	rootfd, err := unix.Openat(mntfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open file system root: %w", err)
 	}
 	root := os.NewFile(uintptr(rootfd), dev.Path+":/")
-	if err := moveMountInNamespace(mntfd, int(req.Namespace.Fd()), int(req.Dir.Fd()), req.Base); err != nil {
+	steps.mark("root")
+	if err := moveMountInNamespace(mntfd, int(req.Namespace.Fd()), int(req.Dir.Fd()), req.Base, steps); err != nil {
 		root.Close()
 		return nil, err
 	}
@@ -198,14 +206,17 @@ func mountInto(dev blockDevice, req Request) (*os.File, error) {
 // the mount namespace nsfd, after checking that dirfd is inside base there
 // (when base is set). move_mount only attaches into the caller's own
 // namespace, so this runs on a thread of its own that enters ns.
-func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
+func moveMountInNamespace(mntfd, nsfd, dirfd int, base string, steps *Steps) error {
 	return ownthread.Run(func() error {
+		// Marked from the thread while the caller waits for it.
+		steps.mark("thread")
 		if err := unix.Unshare(unix.CLONE_FS); err != nil {
 			return fmt.Errorf("unshare CLONE_FS: %w", err)
 		}
 		if err := unix.Setns(nsfd, unix.CLONE_NEWNS); err != nil {
 			return fmt.Errorf("enter caller's mount namespace: %w", err)
 		}
+		steps.mark("setns")
 		if base != "" {
 			if err := checkInside(dirfd, base); err != nil {
 				return err
@@ -214,6 +225,7 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
 		if err := unix.MoveMount(mntfd, "", dirfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
 			return fmt.Errorf("move mount onto the caller's directory: %w", err)
 		}
+		steps.mark("move")
 		return nil
 	})
 }
