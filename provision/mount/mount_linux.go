@@ -56,31 +56,57 @@ func (m *Ext4) Mount(ctx context.Context, file *os.File, path string, req Reques
 	dev := blockDevice{Path: path, File: file}
 	steps := contextSteps(ctx)
 	steps.start()
-	fsType, err := m.probe(ctx, dev)
-	steps.mark("blkid")
+	formatted, err := m.prepare(ctx, dev, req.RootOwner, steps)
 	if err != nil {
 		return nil, false, err
 	}
-	formatted := false
+	root, err := mountInto(dev, req, steps)
+	return root, formatted, err
+}
+
+// prepare leaves dev holding an ext4 file system the kernel will mount
+// read-write, or refuses it. The common case, an image that holds ext4
+// already, costs one 4 KiB read, which the kernel's mount then finds in the
+// page cache: through mvps-te every read of a cold page is a fetch from
+// object storage, and blkid would read superblock locations across the
+// whole device, its end included. Only a device without an ext2, ext3 or
+// ext4 superblock is probed with blkid, for any other signature, and
+// formatted when it holds nothing at all.
+func (m *Ext4) prepare(ctx context.Context, dev blockDevice, owner *Owner, steps *Steps) (formatted bool, err error) {
+	first, err := readSuperblock(dev.File)
+	if err != nil {
+		return false, fmt.Errorf("%s: %w", dev.Path, err)
+	}
+	found, err := checkExt4(first)
+	steps.mark("superblock")
+	if found {
+		// Mountable ext4, or refused as it is: a superblock is data, so
+		// the device is not fresh and is never formatted.
+		return false, err
+	}
+	fsType, err := m.probe(ctx, dev)
+	steps.mark("blkid")
+	if err != nil {
+		return false, err
+	}
 	switch {
-	case fsType == "ext4":
 	case fsType == "" && m.zeroPrefix(dev):
 		steps.mark("fresh")
 		// Formatting is decided here, from the device's content, and
 		// never from a failed mount: a transient mount error on a device
 		// with data must not end in mke2fs.
-		if err := m.format(ctx, dev, req.RootOwner); err != nil {
-			return nil, false, err
+		if err := m.format(ctx, dev, owner); err != nil {
+			return false, err
 		}
 		steps.mark("mke2fs")
-		formatted = true
+		return true, nil
 	case fsType == "":
-		return nil, false, ErrNotExt4
+		return false, ErrNotExt4
 	default:
-		return nil, false, fmt.Errorf("%w (found %s)", ErrNotExt4, fsType)
+		// ext4 too, should the superblock have been written since it was
+		// read: whatever is there now was not checked.
+		return false, fmt.Errorf("%w (found %s)", ErrNotExt4, fsType)
 	}
-	root, err := mountInto(dev, req, steps)
-	return root, formatted, err
 }
 
 // probe asks blkid for any known signature (file system, partition table,
@@ -95,7 +121,7 @@ func (m *Ext4) probe(ctx context.Context, dev blockDevice) (string, error) {
 		return "", nil // nothing found
 	}
 	if err != nil {
-		return "", fmt.Errorf("probe %s: %v: %s", dev.Path, err, strings.TrimSpace(stderr.String()))
+		return "", fmt.Errorf("probe %s: %w: %s", dev.Path, err, strings.TrimSpace(stderr.String()))
 	}
 	found := map[string]string{}
 	sc := bufio.NewScanner(bytes.NewReader(out))
