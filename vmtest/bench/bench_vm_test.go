@@ -11,6 +11,7 @@ import (
 	"io"
 	"maps"
 	"math"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -76,6 +77,9 @@ func TestBench(t *testing.T) {
 	}
 	b := &bench{t: t, n: envInt("MVPS_BENCH_N", 200), nKill: envInt("MVPS_BENCH_KILL_N", 30), res: newResults(), floorSteps: map[string][]time.Duration{}}
 	b.res.Machine = machine()
+	if e := os.Getenv("MVPS_BENCH_ENGINE_LISTEN"); e != "" {
+		b.res.Machine["engine_listen"] = e
+	}
 	b.res.N = b.n
 	t0 := time.Now()
 	nl, err := netlinknbd.New()
@@ -144,6 +148,11 @@ func launchProvisioner(t *testing.T, dir string) (p *vmharness.Provisioner, engi
 		t.Fatal(err)
 	}
 	engineListen = "unix:" + filepath.Join(teDir, "te.sock")
+	if tcp := os.Getenv("MVPS_BENCH_ENGINE_LISTEN"); tcp != "" {
+		// A loopback address and port instead (BENCH_ENGINE_LISTEN=127.0.0.1:10809), as hosts
+		// that run the engine on TCP have it; the start-up rows restart the daemon on it in turn.
+		engineListen = tcp
+	}
 	p = vmharness.Prepare(t, dir, map[string]string{
 		"PROVISIONER_ENGINE_LISTEN": engineListen,
 		"PROVISIONER_METRICS_ADDR":  metricsAddr,
@@ -249,8 +258,14 @@ func token(imageID string, size uint64) string {
 // nbdClientAttach is the seed's path: exec nbd-client (netlink mode, default options, the
 // kernel picks the device), then open the device.
 func (b *bench) nbdClientAttach(imageID string, size uint64) (*os.File, uint32, error) {
-	sock := strings.TrimPrefix(b.engineListen, "unix:")
-	out, err := exec.Command("/usr/sbin/nbd-client", "-N", token(imageID, size), "-u", sock).CombinedOutput()
+	args := []string{"-N", token(imageID, size)}
+	if sock, ok := strings.CutPrefix(b.engineListen, "unix:"); ok {
+		args = append(args, "-u", sock)
+	} else {
+		host, port, _ := net.SplitHostPort(b.engineListen)
+		args = append(args, host, port)
+	}
+	out, err := exec.Command("/usr/sbin/nbd-client", args...).CombinedOutput()
 	if err != nil {
 		return nil, 0, fmt.Errorf("nbd-client: %v: %s", err, out)
 	}
@@ -1143,6 +1158,9 @@ func (r *results) print(w io.Writer) {
 	p("")
 	p("mvps-provisioner benchmark: guest %s vCPU(s) (%s), kernel %s (nbd max_part=%s), %s MiB, N=%d, %s, %.0f s",
 		r.Machine["vcpus"], r.Machine["cpu"], r.Machine["kernel"], r.Machine["nbd_max_part"], kib2mib(r.Machine["mem_kib"]), r.N, r.Machine["date"], r.TotalSeconds)
+	if e := r.Machine["engine_listen"]; e != "" {
+		p("engine on %s", e)
+	}
 	floor, nbdc := r.Attach["floor"].P50, r.Attach["nbd-client"].P50
 	p("")
 	p("1. attach, request to fd in hand (ms)  %5s %8s %8s %8s %9s %9s", "n", "p50", "p90", "p99", "vs floor", "nbd-client/x")

@@ -90,7 +90,11 @@ func compare(prev, cur run) string {
 }
 
 func machineLine(r run) string {
-	return fmt.Sprintf("%s vCPU, kernel %s, max_part=%s", r.Machine["vcpus"], r.Machine["kernel"], r.Machine["nbd_max_part"])
+	line := fmt.Sprintf("%s vCPU, kernel %s, max_part=%s", r.Machine["vcpus"], r.Machine["kernel"], r.Machine["nbd_max_part"])
+	if e := r.Machine["engine_listen"]; e != "" {
+		line += ", engine on " + e
+	}
+	return line
 }
 
 func num(v float64, unit string) string {
