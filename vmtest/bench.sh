@@ -10,7 +10,7 @@
 # address such as 127.0.0.1:10809 instead of a Unix socket, for every row),
 # BENCH_PERF=1 (perf samples the whole guest during the attach rows and prints where the
 # time went by process and function), BENCH_KTRACE=1 (ftrace times the calls inside the
-# kernel's netlink connect during the floor row), and vmrun's own (VM_SMP, VM_MEM, ...; .cache/vmrun -h).
+# kernel's netlink connect during the floor and fd rows), and vmrun's own (VM_SMP, VM_MEM, ...; .cache/vmrun -h).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin

@@ -384,8 +384,9 @@ func mountedIndex(dir string) uint32 {
 // ---------------------------------------------------------------- 1. and 3.: sequential cycles
 
 // ktrace times what the kernel does inside the netlink connect (the largest step of every
-// attach) with ftrace's function_graph tracer while one row runs, when MVPS_BENCH_KTRACE=1, and
-// prints the median time of each call nbd_genl_connect makes, three levels down.
+// attach) with ftrace's function_graph tracer while the given rows run, when
+// MVPS_BENCH_KTRACE=1, and prints the median time of each call nbd_genl_connect makes, three
+// levels down.
 func (b *bench) ktrace(row string) (stop func()) {
 	if os.Getenv("MVPS_BENCH_KTRACE") != "1" {
 		return func() {}
@@ -509,10 +510,15 @@ func (b *bench) attachRows() {
 	b.res.Detach["nbd-client: netlink disconnect to free"] = stats(det)
 	b.logf("nbd-client: %v", b.res.Attach["nbd-client"])
 
-	// (b) floor
+	// (b) the floor and (c) the provisioner in fd mode, interleaved cycle by cycle, so that a
+	// burst of load on a shared machine hits both rows alike and their ratio stays fair; the
+	// close of each provisioner cycle is its detach measurement.
+	b.p.AddImage(b.t, "a-fd", "a-fd.mvps-image", imageSize)
+	logStart := len(b.p.Log())
 	lat, det = nil, nil
-	stopPerf = b.perf("floor")
-	stopTrace := b.ktrace("floor")
+	var plat, pdet []time.Duration
+	stopPerf = b.perf("floor and provisioner fd")
+	stopTrace := b.ktrace("floor and provisioner fd")
 	for i := range b.n {
 		t0 := time.Now()
 		f, idx, err := b.floorAttach("a-floor.mvps-image", imageSize, b.floorSteps)
@@ -524,6 +530,17 @@ func (b *bench) attachRows() {
 		t1 := time.Now()
 		b.nl.Disconnect(idx)
 		det = append(det, b.waitFree(idx).Sub(t1))
+
+		t0 = time.Now()
+		a, err := protocol.Attach(context.Background(), b.p.Socket, "a-fd")
+		if err != nil {
+			t.Fatalf("fd cycle %d: %v", i, err)
+		}
+		plat = append(plat, time.Since(t0))
+		idx = fileIndex(a.Device) // the floor knows its index without asking
+		t1 = time.Now()
+		a.Close()
+		pdet = append(pdet, b.waitFree(idx).Sub(t1))
 	}
 	stopTrace()
 	stopPerf()
@@ -533,30 +550,10 @@ func (b *bench) attachRows() {
 		b.res.Phases["floor"][k] = stats(v).P50
 	}
 	b.res.Detach["floor: netlink disconnect to free"] = stats(det)
-	b.logf("floor: %v", b.res.Attach["floor"])
-
-	// (c) the provisioner, fd mode; the close of each cycle is the detach measurement
-	b.p.AddImage(b.t, "a-fd", "a-fd.mvps-image", imageSize)
-	logStart := len(b.p.Log())
-	lat, det = nil, nil
-	stopPerf = b.perf("provisioner fd")
-	for i := range b.n {
-		t0 := time.Now()
-		a, err := protocol.Attach(context.Background(), b.p.Socket, "a-fd")
-		if err != nil {
-			t.Fatalf("fd cycle %d: %v", i, err)
-		}
-		lat = append(lat, time.Since(t0))
-		idx := fileIndex(a.Device) // the floor knows its index without asking
-		t1 := time.Now()
-		a.Close()
-		det = append(det, b.waitFree(idx).Sub(t1))
-	}
-	stopPerf()
-	b.res.Attach["provisioner fd"] = stats(lat)
-	b.res.Detach["provisioner fd: caller close to free"] = stats(det)
+	b.res.Attach["provisioner fd"] = stats(plat)
+	b.res.Detach["provisioner fd: caller close to free"] = stats(pdet)
 	b.res.Phases["fd"] = phases(b.p.Log()[logStart:], "fd")
-	b.logf("provisioner fd: %v", b.res.Attach["provisioner fd"])
+	b.logf("floor: %v; provisioner fd: %v", b.res.Attach["floor"], b.res.Attach["provisioner fd"])
 
 	// (d) mount mode: the first attach formats, the rest mount what is there; interleaved, cycle
 	// by cycle, with (e) its floor: the fd floor, then mount(2) of the same image with the
