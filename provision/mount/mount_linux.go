@@ -66,14 +66,19 @@ func (m *Ext4) Mount(ctx context.Context, file *os.File, path string, req Reques
 
 // prepare leaves dev holding an ext4 file system the kernel will mount
 // read-write, or refuses it. The common case, an image that holds ext4
-// already, costs one 4 KiB read, which the kernel's mount then finds in the
-// page cache: through mvps-te every read of a cold page is a fetch from
+// already, costs one 8 KiB read, of the two blocks the kernel's mount reads
+// first and then finds in the page cache: through mvps-te every read of a cold page is a fetch from
 // object storage, and blkid would read superblock locations across the
 // whole device, its end included. Only a device without an ext2, ext3 or
 // ext4 superblock is probed with blkid, for any other signature, and
 // formatted when it holds nothing at all.
 func (m *Ext4) prepare(ctx context.Context, dev blockDevice, owner *Owner, steps *Steps) (formatted bool, err error) {
-	first, err := readSuperblock(dev.File)
+	// Without readahead the read below is those 8 KiB and no more: the
+	// kernel would otherwise add blocks that nobody reads, each a cold
+	// fetch through mvps-te. Only this descriptor's reads are affected;
+	// should the advice fail, the read still works, with readahead.
+	_ = unix.Fadvise(int(dev.File.Fd()), 0, 0, unix.FADV_RANDOM)
+	first, err := readHead(dev.File)
 	if err != nil {
 		return false, fmt.Errorf("%s: %w", dev.Path, err)
 	}

@@ -66,7 +66,7 @@ func TestPrepare(t *testing.T) {
 	if f, err := os.OpenFile(unknownFeature, os.O_RDWR, 0); err != nil {
 		t.Fatal(err)
 	} else {
-		b, _ := readSuperblock(f)
+		b, _ := readHead(f)
 		f.WriteAt(setFeatures(b, 0x40000, 0), 0)
 		f.Close()
 	}
@@ -123,7 +123,7 @@ func TestPrepare(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.formatted {
-				if found, err := checkExt4(after[:superblockRead]); !found || err != nil {
+				if found, err := checkExt4(after[:headRead]); !found || err != nil {
 					t.Errorf("after the format: found %v, %v; want ext4", found, err)
 				}
 			} else if !bytes.Equal(before, after) {

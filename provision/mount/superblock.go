@@ -15,11 +15,12 @@ import (
 const (
 	superblockOffset = 1024
 	superblockSize   = 1024
-	// superblockRead is what the check reads: the first 4 KiB, one page
-	// and one engine read. It is the device's first block, which the
-	// kernel's mount reads first, so the mount finds it in the page
+	// headRead is what the check reads, in one engine request: the block
+	// that holds the superblock and the next, which holds the group
+	// descriptors (block 1 with 4 KiB blocks, byte 2048 with 1 KiB ones).
+	// The kernel's mount reads both first, and finds them in the page
 	// cache this read fills.
-	superblockRead = 4096
+	headRead = 8192
 
 	ext4Magic = 0xef53
 
@@ -100,10 +101,10 @@ var ErrUnsupportedExt4 = errors.New("image holds an ext4 file system this provis
 // crc32c is the checksum of ext4's metadata.
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
 
-// readSuperblock reads the first 4 KiB of the device, short for a device
+// readHead reads the first 8 KiB of the device, short for a device
 // smaller than that.
-func readSuperblock(r io.ReaderAt) ([]byte, error) {
-	buf := make([]byte, superblockRead)
+func readHead(r io.ReaderAt) ([]byte, error) {
+	buf := make([]byte, headRead)
 	n, err := r.ReadAt(buf, 0)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("read the superblock: %w", err)
@@ -111,7 +112,7 @@ func readSuperblock(r io.ReaderAt) ([]byte, error) {
 	return buf[:n], nil
 }
 
-// checkExt4 looks at the first 4 KiB of a device. found is false when
+// checkExt4 looks at the first bytes of a device (readHead's). found is false when
 // there is no ext4 superblock magic: the device holds no ext2, ext3 or
 // ext4, and only a probe for every other signature can tell whether it is
 // fresh. When found, err is nil for an ext4 file system the kernel will

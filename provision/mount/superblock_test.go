@@ -58,7 +58,7 @@ func firstBlock(t *testing.T, path string) []byte {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	b, err := readSuperblock(f)
+	b, err := readHead(f)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +77,7 @@ func setFeatures(b []byte, incompat, roCompat uint32) []byte {
 	return b
 }
 
-// What each kind of content in the first 4 KiB makes of a mount: ext4 as
+// What each kind of content in the first 8 KiB makes of a mount: ext4 as
 // mke2fs makes it is mounted; ext2, ext3 and an external journal are
 // refused as not ext4, as blkid named them before; ext4 with a feature
 // the kernel may not mount read-write, or a damaged superblock, is
@@ -112,7 +112,7 @@ func TestCheckExt4(t *testing.T) {
 		{name: "read-only feature", first: setFeatures(ext4, 0, 0x1000), found: true,
 			err: ErrUnsupportedExt4, says: "ro_compat 0x1000"},
 		{name: "damaged superblock", first: damaged, found: true, err: ErrUnsupportedExt4, says: "checksum"},
-		{name: "zeros", first: make([]byte, superblockRead)},
+		{name: "zeros", first: make([]byte, headRead)},
 		{name: "swap", first: firstBlock(t, imageFile(t, "mkswap"))},
 		{name: "shorter than a superblock", first: ext4[:superblockOffset+100]},
 	} {
@@ -126,4 +126,32 @@ func TestCheckExt4(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Whatever the first 8 KiB of an image hold (a caller wrote them), the
+// check neither panics nor calls ext4 what has no magic, and a mountable
+// answer always comes with the magic.
+func FuzzCheckExt4(f *testing.F) {
+	ext4 := make([]byte, headRead)
+	sb := ext4[superblockOffset:]
+	binary.LittleEndian.PutUint16(sb[sbMagic:], ext4Magic)
+	binary.LittleEndian.PutUint32(sb[sbRevLevel:], 1)
+	binary.LittleEndian.PutUint32(sb[sbIncompat:], 0x2c2)
+	binary.LittleEndian.PutUint32(sb[sbROCompat:], 0x46b)
+	sb[sbChecksumType] = checksumCRC32C
+	f.Add(setFeatures(ext4, 0, 0))
+	f.Add(ext4)
+	f.Add(ext4[:superblockOffset+sbMagic+2])
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, first []byte) {
+		found, err := checkExt4(first)
+		magic := len(first) >= superblockOffset+superblockSize &&
+			binary.LittleEndian.Uint16(first[superblockOffset+sbMagic:]) == ext4Magic
+		if found != magic {
+			t.Fatalf("found %v with magic %v", found, magic)
+		}
+		if !found && err != nil {
+			t.Fatalf("no superblock, yet an error: %v", err)
+		}
+	})
 }
