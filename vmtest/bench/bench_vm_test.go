@@ -720,24 +720,7 @@ var mountStepsRe = regexp.MustCompile(`msg=attached .*mode=mount.* mount_steps="
 
 // mountSteps gives the medians per step of the mount phase; a step that not every attach took
 // (mke2fs) has the median of those that took it.
-func mountSteps(log []byte) map[string]float64 {
-	per := map[string][]time.Duration{}
-	for line := range strings.SplitSeq(string(log), "\n") {
-		m := mountStepsRe.FindStringSubmatch(line)
-		if m == nil {
-			continue
-		}
-		for _, p := range phaseRe.FindAllStringSubmatch(m[1], -1) {
-			ms, _ := strconv.ParseFloat(p[2], 64)
-			per[p[1]] = append(per[p[1]], time.Duration(ms*float64(time.Millisecond)))
-		}
-	}
-	out := map[string]float64{}
-	for k, v := range per {
-		out[k] = stats(v).P50
-	}
-	return out
-}
+func mountSteps(log []byte) map[string]float64 { return stepMedians(log, mountStepsRe, "") }
 
 // phasesRe picks the phases of the daemon's "attached" lines.
 var (
@@ -746,14 +729,19 @@ var (
 )
 
 // phases gives the medians per phase of the "attached" lines of mode in log.
-func phases(log []byte, mode string) map[string]float64 {
+func phases(log []byte, mode string) map[string]float64 { return stepMedians(log, attachedRe, mode) }
+
+// stepMedians gives the medians per step of the lists of steps ("name=1.23ms ...") that the
+// last group of re picks from the lines of log; when re has two groups, only of the lines whose
+// first is mode.
+func stepMedians(log []byte, re *regexp.Regexp, mode string) map[string]float64 {
 	per := map[string][]time.Duration{}
 	for line := range strings.SplitSeq(string(log), "\n") {
-		m := attachedRe.FindStringSubmatch(line)
-		if m == nil || m[1] != mode {
+		m := re.FindStringSubmatch(line)
+		if m == nil || (len(m) > 2 && m[1] != mode) {
 			continue
 		}
-		for _, p := range phaseRe.FindAllStringSubmatch(m[2], -1) {
+		for _, p := range phaseRe.FindAllStringSubmatch(m[len(m)-1], -1) {
 			ms, _ := strconv.ParseFloat(p[2], 64)
 			per[p[1]] = append(per[p[1]], time.Duration(ms*float64(time.Millisecond)))
 		}
