@@ -51,6 +51,8 @@ type Attached struct {
 	// Formatted reports a file system made for this attach, in mount mode.
 	Formatted bool
 	sp        *spans
+	// mountSteps is what the mount phase did, for the log; nil in fd mode.
+	mountSteps *mount.Steps
 }
 
 // ID names the attachment for End: its image id.
@@ -69,9 +71,13 @@ func (at *Attached) Delivered(m *Manager) {
 	at.sp.mark("reply")
 	m.cfg.Engine.Refill()
 	took := time.Since(at.sp.start)
-	m.log.Info("attached", "image_id", a.imageID, "key", a.key, "device", at.Device, "mode", a.mode,
+	attrs := []any{"image_id", a.imageID, "key", a.key, "device", at.Device, "mode", a.mode,
 		"formatted", at.Formatted, "owner", a.owner.Kind, "caller_pid", a.caller.PID, "caller_uid", a.caller.UID,
-		"took", took.Round(time.Millisecond).String(), "phases", at.sp.String())
+		"took", took.Round(time.Millisecond).String(), "phases", at.sp.String()}
+	if at.mountSteps != nil {
+		attrs = append(attrs, "mount_steps", at.mountSteps)
+	}
+	m.log.Info("attached", attrs...)
 	m.cfg.Metrics.Attached(a.mode, took, at.sp.all)
 }
 
@@ -218,7 +224,8 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 		at.File = nil
 		mreq := *req.Mount
 		req.Mount = nil // the attachment's now
-		mctx, cancel := context.WithTimeout(actx, m.cfg.AttachTimeout)
+		at.mountSteps = &mount.Steps{}
+		mctx, cancel := context.WithTimeout(mount.WithSteps(actx, at.mountSteps), m.cfg.AttachTimeout)
 		a.root, at.Formatted, err = m.cfg.Mounter.Mount(mctx, dev.File, dev.Path, mreq)
 		cancel()
 		// The directory is not kept: it would keep the file system it

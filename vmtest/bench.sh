@@ -6,10 +6,11 @@
 # Knobs: BENCH_N (attach/detach cycles per row, default 200), BENCH_KILL_N (SIGKILL cycles,
 # 30), BENCH_FIO_RUNTIME (seconds per random fio job, 3), BENCH_GOTIME (go test -benchtime,
 # 200ms), BENCH_ONLY (a comma list of the VM sections to run: startup, attach, kill,
-# concurrency, throughput; all by default),
+# concurrency, throughput; all by default), BENCH_ENGINE_LISTEN (the engine on a loopback TCP
+# address such as 127.0.0.1:10809 instead of a Unix socket, for every row),
 # BENCH_PERF=1 (perf samples the whole guest during the attach rows and prints where the
 # time went by process and function), BENCH_KTRACE=1 (ftrace times the calls inside the
-# kernel's netlink connect during the floor row), and vmrun's own (VM_SMP, VM_MEM, ...; .cache/vmrun -h).
+# kernel's netlink connect during the floor and fd rows), and vmrun's own (VM_SMP, VM_MEM, ...; .cache/vmrun -h).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
@@ -53,7 +54,7 @@ if [ "${BENCH_KTRACE:-}" = 1 ]; then extra="$extra MVPS_BENCH_KTRACE=1"; fi
 log=$out/$ts.log
 set +e
 VM_EXTRA_BINS="/usr/sbin/nbd-client /usr/bin/fio ${VM_EXTRA_BINS:-}" \
-	VM_APPEND="MVPS_BENCH=1 MVPS_BENCH_N=${BENCH_N:-200} MVPS_BENCH_KILL_N=${BENCH_KILL_N:-30} MVPS_BENCH_FIO_RUNTIME=${BENCH_FIO_RUNTIME:-3} ${BENCH_ONLY:+MVPS_BENCH_ONLY=$BENCH_ONLY}$extra ${VM_APPEND:-}" \
+	VM_APPEND="MVPS_BENCH=1 MVPS_BENCH_N=${BENCH_N:-200} MVPS_BENCH_KILL_N=${BENCH_KILL_N:-30} MVPS_BENCH_FIO_RUNTIME=${BENCH_FIO_RUNTIME:-3} ${BENCH_ONLY:+MVPS_BENCH_ONLY=$BENCH_ONLY}${BENCH_ENGINE_LISTEN:+ MVPS_BENCH_ENGINE_LISTEN=$BENCH_ENGINE_LISTEN}$extra ${VM_APPEND:-}" \
 	CGO_ENABLED=0 "$GO" test -v -tags vmtest -count=1 -timeout 40m -exec "$PWD/.cache/vmrun" \
 	-run '^TestBench$' ./vmtest/bench >"$log" 2>&1
 rc=$?

@@ -8,8 +8,10 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -209,6 +211,95 @@ func TestVMMountModeInChildNamespace(t *testing.T) {
 	}
 	if got := strings.Count(string(log), "formatted=false"); got != 1 {
 		t.Fatalf("second attach formatted again or not logged:\n%s", log)
+	}
+	// The image held ext4 the second time: its superblock decided, and
+	// blkid, which reads across the whole device, did not run.
+	for line := range strings.SplitSeq(string(log), "\n") {
+		if strings.Contains(line, "formatted=false") && (!strings.Contains(line, "mount_steps=\"superblock=") || strings.Contains(line, "blkid=")) {
+			t.Fatalf("the second mount was not decided by the superblock alone: %s", line)
+		}
+	}
+}
+
+// An image with anything but ext4 that mount mode mounts is refused and
+// left as it is, whichever way it is told apart: a swap signature by
+// blkid (no ext4 superblock), ext4 with a feature the provisioner does not
+// know by its superblock, without asking the kernel.
+func TestVMMountModeRefusesOtherContent(t *testing.T) {
+	p := vmharness.Start(t, nil)
+	const size = 8 << 20
+	store := filepath.Join(filepath.Dir(p.ConfigDir), "store")
+	os.MkdirAll(store, 0o755)
+	for _, tc := range []struct {
+		name, says string
+		make       func(t *testing.T, img string)
+	}{
+		{"swap", "found swap", func(t *testing.T, img string) {
+			// mkswap's header: version 1 and the last page at 1024, the
+			// magic at the end of the first page.
+			hdr := make([]byte, 4096)
+			hdr[1024] = 1
+			binary.LittleEndian.PutUint32(hdr[1028:], size/4096-1)
+			copy(hdr[4096-10:], "SWAPSPACE2")
+			writeImage(t, img, hdr, size)
+		}},
+		{"ext4 with an unknown feature", "unknown features (incompat 0x40000)", func(t *testing.T, img string) {
+			writeImage(t, img, nil, size)
+			if out, err := exec.Command("/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", img).CombinedOutput(); err != nil {
+				t.Fatalf("mke2fs: %v\n%s", err, out)
+			}
+			f, err := os.OpenFile(img, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			sb := make([]byte, 1024)
+			f.ReadAt(sb, 1024)
+			sb[0x62] |= 0x04 // incompat bit 0x40000, which no kernel defines
+			binary.LittleEndian.PutUint32(sb[0x3fc:], ^crc32.Checksum(sb[:0x3fc], crc32.MakeTable(crc32.Castagnoli)))
+			if _, err := f.WriteAt(sb, 1024); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key := strings.ReplaceAll(tc.name, " ", "-")
+			p.AddImage(t, key, key+".mvps-image", size)
+			img := filepath.Join(store, key+".mvps-image")
+			tc.make(t, img)
+			before := fileSum(t, img)
+			_, err := newNSThread(t).mount(t, p, key, filepath.Join(t.TempDir(), "mnt"))
+			var rerr *protocol.ReplyError
+			if !errors.As(err, &rerr) || rerr.Code != "attach_failed" || !strings.Contains(rerr.Message, tc.says) {
+				t.Fatalf("mount: %v, want ERR attach_failed ... %s", err, tc.says)
+			}
+			waitUntil(t, 10*time.Second, "device detached", func() bool {
+				_, attached := ourDevice(t, key+".mvps-image")
+				return !attached
+			})
+			if fileSum(t, img) != before {
+				t.Fatal("the refused image's data changed")
+			}
+		})
+	}
+	if log, _ := os.ReadFile(p.LogPath); strings.Contains(string(log), "mount ext4 from") {
+		t.Fatalf("the kernel was asked to mount a refused image:\n%s", log)
+	}
+}
+
+// writeImage creates the image file img of size bytes holding head.
+func writeImage(t *testing.T, img string, head []byte, size int64) {
+	t.Helper()
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.Write(head); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
 	}
 }
 

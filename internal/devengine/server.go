@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/acceptloop"
+	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown, and is the reason
@@ -251,6 +252,37 @@ type conn struct {
 	// done is closed when the connection's handler and every request it
 	// dispatched have finished: after that it cannot touch the image.
 	done chan struct{}
+	// who names the session once the token is checked (image_id,
+	// client_id), and served counts the READ and WRITE requests served,
+	// for the log line that ends the connection.
+	who    []any
+	served ioCounts
+}
+
+// ioCounts are a connection's requests and bytes. Reads are what a real
+// mvps-te may have to fetch from object storage when the page is cold, so
+// the line at the end of each connection lets a benchmark count what an
+// attach reads.
+type ioCounts struct {
+	reads, readBytes, writes, writeBytes atomic.Uint64
+}
+
+// add counts one request of length bytes.
+func (n *ioCounts) add(cmd nbd.Command, length uint32) {
+	switch cmd {
+	case nbd.CmdRead:
+		n.reads.Add(1)
+		n.readBytes.Add(uint64(length))
+	case nbd.CmdWrite:
+		n.writes.Add(1)
+		n.writeBytes.Add(uint64(length))
+	}
+}
+
+// attrs are the counts as log attributes.
+func (n *ioCounts) attrs() []any {
+	return []any{"reads", n.reads.Load(), "read_bytes", n.readBytes.Load(),
+		"writes", n.writes.Load(), "write_bytes", n.writeBytes.Load()}
 }
 
 func (s *Server) newConn(nc net.Conn) *conn {
@@ -290,7 +322,9 @@ func (s *Server) handle(c *conn) {
 	err := s.serveConn(c, log)
 	c.abort(err)
 	close(c.done)
-	log.Info("connection closed", "reason", closeReason(c, err), "duration", time.Since(start).Round(time.Millisecond))
+	// serveConn sets c.who, and its return orders that before this read.
+	attrs := append(c.who, "reason", closeReason(c, err), "duration", time.Since(start).Round(time.Millisecond))
+	log.Info("connection closed", append(attrs, c.served.attrs()...)...)
 }
 
 // serveConn runs a connection through the handshake, the session checks
@@ -323,7 +357,8 @@ func (s *Server) serveConn(c *conn, log *slog.Logger) error {
 	if err := c.nc.SetDeadline(time.Time{}); err != nil {
 		return fmt.Errorf("clear handshake deadline: %w", err)
 	}
-	log = log.With("image_id", truncate(claims.ImageID, 80), "client_id", clientIDAttr(claims.ClientID))
+	c.who = []any{"image_id", truncate(claims.ImageID, 80), "client_id", clientIDAttr(claims.ClientID)}
+	log = log.With(c.who...)
 	sess, fenced, err := s.attach(c, claims)
 	if err != nil {
 		log.Warn("session refused", "err", err)

@@ -85,6 +85,7 @@ func (s *Server) transmit(c *conn, br *bufio.Reader, sess *session) error {
 // protocol recommends, and the connection goes on; mvps-te itself does not
 // check the range, having no fixed size.
 func (s *Server) serveRequest(c *conn, sess *session, req nbd.Request, data []byte, replyMu *sync.Mutex) {
+	c.served.add(req.Type, req.Length)
 	reply := nbd.SimpleReply{Handle: req.Handle}
 	capacity := nbd.SimpleReplySize
 	if req.Type == nbd.CmdRead {

@@ -3,13 +3,18 @@ package devengine_test
 import (
 	"bytes"
 	"encoding/binary"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
 
@@ -278,4 +283,40 @@ func readImage(t *testing.T, dir, id string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// The line that ends a connection counts the READ and WRITE requests it
+// served and their bytes: what a benchmark reads to tell how much an attach
+// asked of the engine.
+func TestConnectionCountsItsRequests(t *testing.T) {
+	var logs logbuf.Buffer
+	cfg := devengine.Config{Secret: []byte("count secret"), ImageDir: t.TempDir(),
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	_, d, _ := start(t, cfg)
+	c := dial(t, d)
+	c.handshake(devenginetest.Sign(cfg.Secret, map[string]any{
+		"image_id": "count.mvps-image", "image_size": 1 << 20, "page_size_bits": 12, "exp": time.Now().Add(time.Hour).Unix(),
+	}), 1<<20)
+	c.readAt(1, 0, make([]byte, 4096))
+	c.write(2, 4096, randomBytes(3, 8192))
+	c.readAt(3, 1<<20-512, make([]byte, 512))
+	c.request(nbd.CmdRead, 4, 1<<20, 4096, nil) // past the end: answered, and counted
+	c.expectReply("READ past the end", 4, nbd.EINVAL, nil)
+	c.conn.Close()
+
+	var line string
+	testwait.Until(t, 10*time.Second, "the connection's last line", func() bool {
+		for l := range strings.SplitSeq(logs.String(), "\n") {
+			if strings.Contains(l, `msg="connection closed"`) {
+				line = l
+				return true
+			}
+		}
+		return false
+	})
+	for _, want := range []string{"image_id=count.mvps-image ", "reads=3 ", "read_bytes=8704 ", "writes=1 ", "write_bytes=8192"} {
+		if !strings.Contains(line+" ", want) {
+			t.Errorf("the last line lacks %q: %s", want, line)
+		}
+	}
 }

@@ -54,28 +54,64 @@ func New(mke2fs, blkid string) (*Ext4, error) {
 // attachment.
 func (m *Ext4) Mount(ctx context.Context, file *os.File, path string, req Request) (*os.File, bool, error) {
 	dev := blockDevice{Path: path, File: file}
-	fsType, err := m.probe(ctx, dev)
+	steps := contextSteps(ctx)
+	steps.start()
+	formatted, err := m.prepare(ctx, dev, req.RootOwner, steps)
 	if err != nil {
 		return nil, false, err
 	}
-	formatted := false
+	root, err := mountInto(dev, req, steps)
+	return root, formatted, err
+}
+
+// prepare leaves dev holding an ext4 file system the kernel will mount
+// read-write, or refuses it. The common case, an image that holds ext4
+// already, costs one 8 KiB read, of the two blocks the kernel's mount reads
+// first and then finds in the page cache: through mvps-te every read of a cold page is a fetch from
+// object storage, and blkid would read superblock locations across the
+// whole device, its end included. Only a device without an ext2, ext3 or
+// ext4 superblock is probed with blkid, for any other signature, and
+// formatted when it holds nothing at all.
+func (m *Ext4) prepare(ctx context.Context, dev blockDevice, owner *Owner, steps *Steps) (formatted bool, err error) {
+	// Without readahead the read below is those 8 KiB and no more: the
+	// kernel would otherwise add blocks that nobody reads, each a cold
+	// fetch through mvps-te. Only this descriptor's reads are affected;
+	// should the advice fail, the read still works, with readahead.
+	_ = unix.Fadvise(int(dev.File.Fd()), 0, 0, unix.FADV_RANDOM)
+	first, err := readHead(dev.File)
+	if err != nil {
+		return false, fmt.Errorf("%s: %w", dev.Path, err)
+	}
+	found, err := checkExt4(first)
+	steps.mark("superblock")
+	if found {
+		// Mountable ext4, or refused as it is: a superblock is data, so
+		// the device is not fresh and is never formatted.
+		return false, err
+	}
+	fsType, err := m.probe(ctx, dev)
+	steps.mark("blkid")
+	if err != nil {
+		return false, err
+	}
 	switch {
-	case fsType == "ext4":
 	case fsType == "" && m.zeroPrefix(dev):
+		steps.mark("fresh")
 		// Formatting is decided here, from the device's content, and
 		// never from a failed mount: a transient mount error on a device
 		// with data must not end in mke2fs.
-		if err := m.format(ctx, dev, req.RootOwner); err != nil {
-			return nil, false, err
+		if err := m.format(ctx, dev, owner); err != nil {
+			return false, err
 		}
-		formatted = true
+		steps.mark("mke2fs")
+		return true, nil
 	case fsType == "":
-		return nil, false, ErrNotExt4
+		return false, ErrNotExt4
 	default:
-		return nil, false, fmt.Errorf("%w (found %s)", ErrNotExt4, fsType)
+		// ext4 too, should the superblock have been written since it was
+		// read: whatever is there now was not checked.
+		return false, fmt.Errorf("%w (found %s)", ErrNotExt4, fsType)
 	}
-	root, err := mountInto(dev, req)
-	return root, formatted, err
 }
 
 // probe asks blkid for any known signature (file system, partition table,
@@ -90,7 +126,7 @@ func (m *Ext4) probe(ctx context.Context, dev blockDevice) (string, error) {
 		return "", nil // nothing found
 	}
 	if err != nil {
-		return "", fmt.Errorf("probe %s: %v: %s", dev.Path, err, strings.TrimSpace(stderr.String()))
+		return "", fmt.Errorf("probe %s: %w: %s", dev.Path, err, strings.TrimSpace(stderr.String()))
 	}
 	found := map[string]string{}
 	sc := bufio.NewScanner(bytes.NewReader(out))
@@ -160,7 +196,7 @@ func zeroFreshPrefix(dev blockDevice) error {
 
 // mountInto creates the mount in the provisioner's namespace, where the
 // device node lives, and moves it onto dir inside ns.
-func mountInto(dev blockDevice, req Request) (*os.File, error) {
+func mountInto(dev blockDevice, req Request, steps *Steps) (*os.File, error) {
 	fsfd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("fsopen ext4: %w", err)
@@ -177,17 +213,20 @@ func mountInto(dev blockDevice, req Request) (*os.File, error) {
 	if err := unix.FsconfigCreate(fsfd); err != nil {
 		return nil, fmt.Errorf("mount ext4 from %s: %w", dev.Path, err)
 	}
+	steps.mark("fsconfig")
 	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, int(req.Options.attributes()))
 	if err != nil {
 		return nil, fmt.Errorf("fsmount: %w", err)
 	}
 	defer unix.Close(mntfd)
+	steps.mark("fsmount")
 	rootfd, err := unix.Openat(mntfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open file system root: %w", err)
 	}
 	root := os.NewFile(uintptr(rootfd), dev.Path+":/")
-	if err := moveMountInNamespace(mntfd, int(req.Namespace.Fd()), int(req.Dir.Fd()), req.Base); err != nil {
+	steps.mark("root")
+	if err := moveMountInNamespace(mntfd, int(req.Namespace.Fd()), int(req.Dir.Fd()), req.Base, steps); err != nil {
 		root.Close()
 		return nil, err
 	}
@@ -198,14 +237,17 @@ func mountInto(dev blockDevice, req Request) (*os.File, error) {
 // the mount namespace nsfd, after checking that dirfd is inside base there
 // (when base is set). move_mount only attaches into the caller's own
 // namespace, so this runs on a thread of its own that enters ns.
-func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
+func moveMountInNamespace(mntfd, nsfd, dirfd int, base string, steps *Steps) error {
 	return ownthread.Run(func() error {
+		// Marked from the thread while the caller waits for it.
+		steps.mark("thread")
 		if err := unix.Unshare(unix.CLONE_FS); err != nil {
 			return fmt.Errorf("unshare CLONE_FS: %w", err)
 		}
 		if err := unix.Setns(nsfd, unix.CLONE_NEWNS); err != nil {
 			return fmt.Errorf("enter caller's mount namespace: %w", err)
 		}
+		steps.mark("setns")
 		if base != "" {
 			if err := checkInside(dirfd, base); err != nil {
 				return err
@@ -214,6 +256,7 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int, base string) error {
 		if err := unix.MoveMount(mntfd, "", dirfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
 			return fmt.Errorf("move mount onto the caller's directory: %w", err)
 		}
+		steps.mark("move")
 		return nil
 	})
 }

@@ -84,7 +84,7 @@ func TestUnmountFromCallerNamespace(t *testing.T) {
 	}
 	root := os.NewFile(uintptr(rootfd), "root")
 	defer root.Close()
-	if err := moveMountInNamespace(mntfd, int(ns.Fd()), int(dir.Fd()), ""); err != nil {
+	if err := moveMountInNamespace(mntfd, int(ns.Fd()), int(dir.Fd()), "", nil); err != nil {
 		t.Fatal(err)
 	}
 	if !mountedIn(t, ns, path) {

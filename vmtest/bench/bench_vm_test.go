@@ -11,6 +11,7 @@ import (
 	"io"
 	"maps"
 	"math"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -76,6 +77,9 @@ func TestBench(t *testing.T) {
 	}
 	b := &bench{t: t, n: envInt("MVPS_BENCH_N", 200), nKill: envInt("MVPS_BENCH_KILL_N", 30), res: newResults(), floorSteps: map[string][]time.Duration{}}
 	b.res.Machine = machine()
+	if e := os.Getenv("MVPS_BENCH_ENGINE_LISTEN"); e != "" {
+		b.res.Machine["engine_listen"] = e
+	}
 	b.res.N = b.n
 	t0 := time.Now()
 	nl, err := netlinknbd.New()
@@ -144,6 +148,11 @@ func launchProvisioner(t *testing.T, dir string) (p *vmharness.Provisioner, engi
 		t.Fatal(err)
 	}
 	engineListen = "unix:" + filepath.Join(teDir, "te.sock")
+	if tcp := os.Getenv("MVPS_BENCH_ENGINE_LISTEN"); tcp != "" {
+		// A loopback address and port instead (BENCH_ENGINE_LISTEN=127.0.0.1:10809), as hosts
+		// that run the engine on TCP have it; the start-up rows restart the daemon on it in turn.
+		engineListen = tcp
+	}
 	p = vmharness.Prepare(t, dir, map[string]string{
 		"PROVISIONER_ENGINE_LISTEN": engineListen,
 		"PROVISIONER_METRICS_ADDR":  metricsAddr,
@@ -249,8 +258,14 @@ func token(imageID string, size uint64) string {
 // nbdClientAttach is the seed's path: exec nbd-client (netlink mode, default options, the
 // kernel picks the device), then open the device.
 func (b *bench) nbdClientAttach(imageID string, size uint64) (*os.File, uint32, error) {
-	sock := strings.TrimPrefix(b.engineListen, "unix:")
-	out, err := exec.Command("/usr/sbin/nbd-client", "-N", token(imageID, size), "-u", sock).CombinedOutput()
+	args := []string{"-N", token(imageID, size)}
+	if sock, ok := strings.CutPrefix(b.engineListen, "unix:"); ok {
+		args = append(args, "-u", sock)
+	} else {
+		host, port, _ := net.SplitHostPort(b.engineListen)
+		args = append(args, host, port)
+	}
+	out, err := exec.Command("/usr/sbin/nbd-client", args...).CombinedOutput()
 	if err != nil {
 		return nil, 0, fmt.Errorf("nbd-client: %v: %s", err, out)
 	}
@@ -266,17 +281,18 @@ func (b *bench) nbdClientAttach(imageID string, size uint64) (*os.File, uint32, 
 	return f, uint32(n), nil
 }
 
-// floorAttach is the minimum: token, dial, handshake, netlink connect, size visible, open.
-func (b *bench) floorAttach(imageID string, size uint64, record bool) (*os.File, uint32, error) {
+// floorAttach is the minimum: token, dial, handshake, netlink connect, size visible, open. The
+// time of each step goes into steps, unless it is nil.
+func (b *bench) floorAttach(imageID string, size uint64, steps map[string][]time.Duration) (*os.File, uint32, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), attachCtx)
 	defer cancel()
 	last := time.Now()
 	mark := func(name string) {
-		if !record {
+		if steps == nil {
 			return
 		}
 		now := time.Now()
-		b.floorSteps[name] = append(b.floorSteps[name], now.Sub(last))
+		steps[name] = append(steps[name], now.Sub(last))
 		last = now
 	}
 	tok := token(imageID, size)
@@ -368,8 +384,9 @@ func mountedIndex(dir string) uint32 {
 // ---------------------------------------------------------------- 1. and 3.: sequential cycles
 
 // ktrace times what the kernel does inside the netlink connect (the largest step of every
-// attach) with ftrace's function_graph tracer while one row runs, when MVPS_BENCH_KTRACE=1, and
-// prints the median time of each call nbd_genl_connect makes, three levels down.
+// attach) with ftrace's function_graph tracer while the given rows run, when
+// MVPS_BENCH_KTRACE=1, and prints the median time of each call nbd_genl_connect makes, three
+// levels down.
 func (b *bench) ktrace(row string) (stop func()) {
 	if os.Getenv("MVPS_BENCH_KTRACE") != "1" {
 		return func() {}
@@ -493,13 +510,18 @@ func (b *bench) attachRows() {
 	b.res.Detach["nbd-client: netlink disconnect to free"] = stats(det)
 	b.logf("nbd-client: %v", b.res.Attach["nbd-client"])
 
-	// (b) floor
+	// (b) the floor and (c) the provisioner in fd mode, interleaved cycle by cycle, so that a
+	// burst of load on a shared machine hits both rows alike and their ratio stays fair; the
+	// close of each provisioner cycle is its detach measurement.
+	b.p.AddImage(b.t, "a-fd", "a-fd.mvps-image", imageSize)
+	logStart := len(b.p.Log())
 	lat, det = nil, nil
-	stopPerf = b.perf("floor")
-	stopTrace := b.ktrace("floor")
+	var plat, pdet []time.Duration
+	stopPerf = b.perf("floor and provisioner fd")
+	stopTrace := b.ktrace("floor and provisioner fd")
 	for i := range b.n {
 		t0 := time.Now()
-		f, idx, err := b.floorAttach("a-floor.mvps-image", imageSize, true)
+		f, idx, err := b.floorAttach("a-floor.mvps-image", imageSize, b.floorSteps)
 		if err != nil {
 			t.Fatalf("floor cycle %d: %v", i, err)
 		}
@@ -508,6 +530,17 @@ func (b *bench) attachRows() {
 		t1 := time.Now()
 		b.nl.Disconnect(idx)
 		det = append(det, b.waitFree(idx).Sub(t1))
+
+		t0 = time.Now()
+		a, err := protocol.Attach(context.Background(), b.p.Socket, "a-fd")
+		if err != nil {
+			t.Fatalf("fd cycle %d: %v", i, err)
+		}
+		plat = append(plat, time.Since(t0))
+		idx = fileIndex(a.Device) // the floor knows its index without asking
+		t1 = time.Now()
+		a.Close()
+		pdet = append(pdet, b.waitFree(idx).Sub(t1))
 	}
 	stopTrace()
 	stopPerf()
@@ -517,35 +550,19 @@ func (b *bench) attachRows() {
 		b.res.Phases["floor"][k] = stats(v).P50
 	}
 	b.res.Detach["floor: netlink disconnect to free"] = stats(det)
-	b.logf("floor: %v", b.res.Attach["floor"])
-
-	// (c) the provisioner, fd mode; the close of each cycle is the detach measurement
-	b.p.AddImage(b.t, "a-fd", "a-fd.mvps-image", imageSize)
-	logStart := len(b.p.Log())
-	lat, det = nil, nil
-	stopPerf = b.perf("provisioner fd")
-	for i := range b.n {
-		t0 := time.Now()
-		a, err := protocol.Attach(context.Background(), b.p.Socket, "a-fd")
-		if err != nil {
-			t.Fatalf("fd cycle %d: %v", i, err)
-		}
-		lat = append(lat, time.Since(t0))
-		idx := fileIndex(a.Device) // the floor knows its index without asking
-		t1 := time.Now()
-		a.Close()
-		det = append(det, b.waitFree(idx).Sub(t1))
-	}
-	stopPerf()
-	b.res.Attach["provisioner fd"] = stats(lat)
-	b.res.Detach["provisioner fd: caller close to free"] = stats(det)
+	b.res.Attach["provisioner fd"] = stats(plat)
+	b.res.Detach["provisioner fd: caller close to free"] = stats(pdet)
 	b.res.Phases["fd"] = phases(b.p.Log()[logStart:], "fd")
-	b.logf("provisioner fd: %v", b.res.Attach["provisioner fd"])
+	b.logf("floor: %v; provisioner fd: %v", b.res.Attach["floor"], b.res.Attach["provisioner fd"])
 
-	// (d) mount mode: the first attach formats, the rest mount what is there
+	// (d) mount mode: the first attach formats, the rest mount what is there; interleaved, cycle
+	// by cycle, with (e) its floor: the fd floor, then mount(2) of the same image with the
+	// options the daemon gives the kernel, so that drift on a shared machine hits both alike.
 	b.p.AddImage(b.t, "a-mnt", "a-mnt.mvps-image", imageSize)
 	dir := filepath.Join(b.t.TempDir(), "mnt")
+	floorDir := filepath.Join(b.t.TempDir(), "floor-mnt")
 	os.MkdirAll(dir, 0o755)
+	os.MkdirAll(floorDir, 0o755)
 	mountCycle := func() (time.Duration, time.Duration) {
 		t0 := time.Now()
 		a, err := b.provMount("a-mnt", dir)
@@ -561,20 +578,149 @@ func (b *bench) attachRows() {
 		a.Close()
 		return d, b.waitFree(idx).Sub(t1)
 	}
+	floorMountSteps := map[string][]time.Duration{}
+	floorMountCycle := func() (time.Duration, time.Duration) {
+		t0 := time.Now()
+		f, idx, err := b.floorAttach("a-mnt.mvps-image", imageSize, floorMountSteps)
+		if err != nil {
+			t.Fatalf("floor mount: %v", err)
+		}
+		t1 := time.Now()
+		if err := unix.Mount(fmt.Sprintf("/dev/nbd%d", idx), floorDir, "ext4", unix.MS_NOSUID|unix.MS_NODEV, floorMountData); err != nil {
+			t.Fatalf("floor mount(2): %v", err)
+		}
+		floorMountSteps["mount"] = append(floorMountSteps["mount"], time.Since(t1))
+		d := time.Since(t0)
+		t2 := time.Now()
+		if err := unix.Unmount(floorDir, 0); err != nil {
+			t.Fatalf("floor umount: %v", err)
+		}
+		f.Close()
+		b.nl.Disconnect(idx)
+		return d, b.waitFree(idx).Sub(t2)
+	}
 	first, _ := mountCycle()
 	b.res.Attach["provisioner mount, first (mkfs)"] = stats([]time.Duration{first})
 	logStart = len(b.p.Log())
 	lat, det = nil, nil
+	var flat, fdet []time.Duration
 	for range b.n {
-		d, dd := mountCycle()
+		d, dd := floorMountCycle()
+		flat = append(flat, d)
+		fdet = append(fdet, dd)
+		d, dd = mountCycle()
 		lat = append(lat, d)
 		det = append(det, dd)
 	}
+	b.res.Attach["floor + mount(2)"] = stats(flat)
+	b.res.Detach["floor + mount(2): umount + netlink disconnect to free"] = stats(fdet)
+	b.res.Phases["floor mount"] = map[string]float64{}
+	for k, v := range floorMountSteps {
+		b.res.Phases["floor mount"][k] = stats(v).P50
+	}
 	b.res.Attach["provisioner mount"] = stats(lat)
 	b.res.Detach["provisioner mount: umount -l + close to free"] = stats(det)
-	b.res.Phases["mount"] = phases(b.p.Log()[logStart:], "mount")
-	b.logf("provisioner mount: %v", b.res.Attach["provisioner mount"])
+	mountLog := b.p.Log()[logStart:]
+	b.res.Phases["mount"] = phases(mountLog, "mount")
+	b.res.MountSteps = mountSteps(mountLog)
+	b.logf("provisioner mount: %v; floor + mount(2): %v", b.res.Attach["provisioner mount"], b.res.Attach["floor + mount(2)"])
+	b.engineReads()
 }
+
+// floorMountData is what the daemon gives the kernel's ext4 besides nosuid,nodev (see
+// provision/mount): the floor mounts with the same.
+const floorMountData = "noinit_itable"
+
+// readRows are the attach rows whose engine requests are counted, by the image and the client
+// id the engine logs for their connections. A cycle is one connection: the attach, what the
+// caller does with it (nothing here) and the detach.
+var readRows = []struct{ row, image, client string }{
+	{"floor", "a-floor.mvps-image", "bench/"},
+	{"provisioner fd", "a-fd.mvps-image", "mvps-provisioner/"},
+	{"floor + mount(2)", "a-mnt.mvps-image", "bench/"},
+	{"provisioner mount", "a-mnt.mvps-image", "mvps-provisioner/"},
+}
+
+// engineClosedRe picks the engine's line at the end of a session connection, copied into the
+// daemon's log (quotes escaped).
+var engineClosedRe = regexp.MustCompile(`connection closed.* image_id=(\S+) client_id=(\S+) .*reads=(\d+) read_bytes=(\d+) writes=(\d+) write_bytes=(\d+)`)
+
+// engineReads counts the engine's requests per cycle of the attach rows from the daemon's log,
+// once every cycle's line is there (the engine's log reaches it through a pipe). The first
+// cycle of mount mode, which formats, is reported on its own.
+func (b *bench) engineReads() {
+	want := map[string]int{"floor": b.n, "provisioner fd": b.n, "floor + mount(2)": b.n, "provisioner mount": b.n + 1}
+	var per map[string][]ioCount
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		per = map[string][]ioCount{}
+		for line := range strings.SplitSeq(string(b.p.Log()), "\n") {
+			m := engineClosedRe.FindStringSubmatch(line)
+			if m == nil {
+				continue
+			}
+			for _, r := range readRows {
+				if m[1] == r.image && strings.HasPrefix(m[2], r.client) {
+					var c ioCount
+					c.Reads, _ = strconv.Atoi(m[3])
+					c.ReadBytes, _ = strconv.Atoi(m[4])
+					c.Writes, _ = strconv.Atoi(m[5])
+					c.WriteBytes, _ = strconv.Atoi(m[6])
+					per[r.row] = append(per[r.row], c)
+				}
+			}
+		}
+		complete := true
+		for row, n := range want {
+			complete = complete && len(per[row]) >= n
+		}
+		if complete || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for row, cs := range per {
+		if row == "provisioner mount" && len(cs) > 0 {
+			b.res.EngineIO["provisioner mount, first (mkfs)"] = medianIO(cs[:1])
+			cs = cs[1:]
+		}
+		b.res.EngineIO[row] = medianIO(cs)
+	}
+}
+
+// ioCount is what the engine served on one connection.
+type ioCount struct {
+	Cycles     int `json:"cycles"`
+	Reads      int `json:"reads"`
+	ReadBytes  int `json:"read_bytes"`
+	Writes     int `json:"writes"`
+	WriteBytes int `json:"write_bytes"`
+}
+
+// medianIO is the median of each count over the cycles.
+func medianIO(cs []ioCount) ioCount {
+	med := func(f func(ioCount) int) int {
+		v := make([]int, len(cs))
+		for i, c := range cs {
+			v[i] = f(c)
+		}
+		slices.Sort(v)
+		if len(v) == 0 {
+			return 0
+		}
+		return v[(len(v)-1)/2]
+	}
+	return ioCount{Cycles: len(cs), Reads: med(func(c ioCount) int { return c.Reads }),
+		ReadBytes: med(func(c ioCount) int { return c.ReadBytes }), Writes: med(func(c ioCount) int { return c.Writes }),
+		WriteBytes: med(func(c ioCount) int { return c.WriteBytes })}
+}
+
+// mountStepsRe picks the mount steps of the daemon's "attached" lines.
+var mountStepsRe = regexp.MustCompile(`msg=attached .*mode=mount.* mount_steps="([^"]*)"`)
+
+// mountSteps gives the medians per step of the mount phase; a step that not every attach took
+// (mke2fs) has the median of those that took it.
+func mountSteps(log []byte) map[string]float64 { return stepMedians(log, mountStepsRe, "") }
 
 // phasesRe picks the phases of the daemon's "attached" lines.
 var (
@@ -583,14 +729,19 @@ var (
 )
 
 // phases gives the medians per phase of the "attached" lines of mode in log.
-func phases(log []byte, mode string) map[string]float64 {
+func phases(log []byte, mode string) map[string]float64 { return stepMedians(log, attachedRe, mode) }
+
+// stepMedians gives the medians per step of the lists of steps ("name=1.23ms ...") that the
+// last group of re picks from the lines of log; when re has two groups, only of the lines whose
+// first is mode.
+func stepMedians(log []byte, re *regexp.Regexp, mode string) map[string]float64 {
 	per := map[string][]time.Duration{}
 	for line := range strings.SplitSeq(string(log), "\n") {
-		m := attachedRe.FindStringSubmatch(line)
-		if m == nil || m[1] != mode {
+		m := re.FindStringSubmatch(line)
+		if m == nil || (len(m) > 2 && m[1] != mode) {
 			continue
 		}
-		for _, p := range phaseRe.FindAllStringSubmatch(m[2], -1) {
+		for _, p := range phaseRe.FindAllStringSubmatch(m[len(m)-1], -1) {
 			ms, _ := strconv.ParseFloat(p[2], 64)
 			per[p[1]] = append(per[p[1]], time.Duration(ms*float64(time.Millisecond)))
 		}
@@ -751,7 +902,7 @@ func (b *bench) concurrency() {
 	// The floor, 32 at once: what the kernel and the engine allow any 32 attaches.
 	t0 = time.Now()
 	for i, k := range keys {
-		wg.Go(func() { files[i], idx[i], errs[i] = b.floorAttach(k+".mvps-image", imageSize, false) })
+		wg.Go(func() { files[i], idx[i], errs[i] = b.floorAttach(k+".mvps-image", imageSize, nil) })
 	}
 	wg.Wait()
 	b.res.Concurrent["floor 32 at once"] = ms(time.Since(t0))
@@ -927,6 +1078,8 @@ type results struct {
 	N             int                             `json:"n"`
 	Attach        map[string]dist                 `json:"attach"`
 	Phases        map[string]map[string]float64   `json:"phases_p50_ms"`
+	MountSteps    map[string]float64              `json:"mount_steps_p50_ms,omitempty"`
+	EngineIO      map[string]ioCount              `json:"engine_io_per_cycle,omitempty"`
 	Detach        map[string]dist                 `json:"detach"`
 	Concurrent    map[string]float64              `json:"concurrent_ms"`
 	Usage         map[string]map[string]procUsage `json:"usage"`
@@ -940,7 +1093,7 @@ type results struct {
 }
 
 func newResults() *results {
-	return &results{Attach: map[string]dist{}, Phases: map[string]map[string]float64{}, Detach: map[string]dist{},
+	return &results{Attach: map[string]dist{}, Phases: map[string]map[string]float64{}, Detach: map[string]dist{}, EngineIO: map[string]ioCount{},
 		Concurrent: map[string]float64{}, Usage: map[string]map[string]procUsage{}}
 }
 
@@ -990,33 +1143,32 @@ func (r *results) print(w io.Writer) {
 	p("")
 	p("mvps-provisioner benchmark: guest %s vCPU(s) (%s), kernel %s (nbd max_part=%s), %s MiB, N=%d, %s, %.0f s",
 		r.Machine["vcpus"], r.Machine["cpu"], r.Machine["kernel"], r.Machine["nbd_max_part"], kib2mib(r.Machine["mem_kib"]), r.N, r.Machine["date"], r.TotalSeconds)
+	if e := r.Machine["engine_listen"]; e != "" {
+		p("engine on %s", e)
+	}
 	floor, nbdc := r.Attach["floor"].P50, r.Attach["nbd-client"].P50
 	p("")
 	p("1. attach, request to fd in hand (ms)  %5s %8s %8s %8s %9s %9s", "n", "p50", "p90", "p99", "vs floor", "nbd-client/x")
-	for _, k := range []string{"nbd-client", "floor", "provisioner fd", "provisioner mount", "provisioner mount, first (mkfs)"} {
+	for _, k := range []string{"nbd-client", "floor", "provisioner fd", "floor + mount(2)", "provisioner mount", "provisioner mount, first (mkfs)"} {
 		d := r.Attach[k]
+		if d.N == 0 {
+			continue
+		}
 		p("   %-34s %5d %8.2f %8.2f %8.2f %9s %9s", k, d.N, d.P50, d.P90, d.P99, ratio(d.P50, floor), ratio(nbdc, d.P50))
 	}
-	for _, mode := range []string{"floor", "fd", "mount"} {
-		ph := r.Phases[mode]
-		var parts []string
-		for _, k := range phaseOrder {
-			if v, ok := ph[k]; ok {
-				parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
-			}
+	for _, row := range []struct{ key, who string }{{"floor", "floor steps"}, {"fd", "daemon phases, fd"},
+		{"floor mount", "floor + mount(2) steps"}, {"mount", "daemon phases, mount"}} {
+		if ph := r.Phases[row.key]; len(ph) > 0 {
+			p("   %-22s (p50 ms): %s", row.who, inOrder(ph, phaseOrder))
 		}
-		for k, v := range ph {
-			if !slices.Contains(phaseOrder, k) {
-				parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
-			}
-		}
-		who := "daemon phases, " + mode
-		if mode == "floor" {
-			who = "floor steps"
-		}
-		p("   %-20s (p50 ms): %s", who, strings.Join(parts, " "))
+	}
+	if len(r.MountSteps) > 0 {
+		p("   %-22s (p50 ms): %s", "mount phase, steps", inOrder(r.MountSteps, mountStepOrder))
 	}
 	p("   provisioner fd overhead over the floor (p50): %+.2f ms", r.Attach["provisioner fd"].P50-floor)
+	if fm := r.Attach["floor + mount(2)"].P50; fm > 0 {
+		p("   provisioner mount / (floor + mount(2)) (p50): %s, %+.2f ms", ratio(r.Attach["provisioner mount"].P50, fm), r.Attach["provisioner mount"].P50-fm)
+	}
 	if ph := r.Phases["fd"]; len(ph) > 0 {
 		sum := 0.0
 		for _, v := range ph {
@@ -1024,6 +1176,15 @@ func (r *results) print(w io.Writer) {
 		}
 		p("   outside the daemon's phases (caller's socket and request, accept, fd delivery; p50 minus their sum): %.2f ms",
 			r.Attach["provisioner fd"].P50-sum)
+	}
+	if len(r.EngineIO) > 0 {
+		p("   engine requests per cycle (median over the row; one connection: attach, detach)")
+		p("   %-34s %6s %6s %9s %7s %9s", "", "cycles", "reads", "read KiB", "writes", "write KiB")
+		for _, k := range []string{"floor", "provisioner fd", "floor + mount(2)", "provisioner mount", "provisioner mount, first (mkfs)"} {
+			if c, ok := r.EngineIO[k]; ok {
+				p("   %-34s %6d %6d %9.0f %7d %9.0f", k, c.Cycles, c.Reads, float64(c.ReadBytes)/1024, c.Writes, float64(c.WriteBytes)/1024)
+			}
+		}
 	}
 	p("")
 	p("2. concurrency and scale (wall ms)")
@@ -1059,6 +1220,11 @@ func (r *results) print(w io.Writer) {
 	fd := r.Attach["provisioner fd"].P50
 	p("   attach p50 >=5x faster than nbd-client:  %s  %s", ratio(nbdc, fd), verdict(nbdc >= 5*fd))
 	p("   attach p50 within 20%% of the floor:      %s  %s", ratio(fd, floor), verdict(fd <= 1.2*floor))
+	p("   fd attach p50 within 15%% of the floor:   %s  %s", ratio(fd, floor), verdict(fd <= 1.15*floor))
+	if fm := r.Attach["floor + mount(2)"].P50; fm > 0 {
+		mnt := r.Attach["provisioner mount"].P50
+		p("   mount attach p50 within 25%% of floor + mount(2): %s  %s", ratio(mnt, fm), verdict(mnt <= 1.25*fm))
+	}
 	cr := 0.0
 	if c["provisioner 32 at once"] > 0 {
 		cr = c["nbd-client 32 at once"] / c["provisioner 32 at once"]
@@ -1092,3 +1258,22 @@ func kib2mib(s string) string {
 // phaseOrder is the order an attach takes its steps in, the floor's and the
 // daemon's together.
 var phaseOrder = []string{"request", "token", "dial", "handshake", "probe", "record", "connect", "size", "open", "mount", "reply"}
+
+// mountStepOrder is the order of the steps of the daemon's mount phase (provision/mount.Steps).
+var mountStepOrder = []string{"superblock", "blkid", "fresh", "mke2fs", "fsconfig", "fsmount", "root", "thread", "setns", "move"}
+
+// inOrder gives ph as "name=ms ..." in order, then whatever order does not name.
+func inOrder(ph map[string]float64, order []string) string {
+	var parts []string
+	for _, k := range order {
+		if v, ok := ph[k]; ok {
+			parts = append(parts, fmt.Sprintf("%s=%.2f", k, v))
+		}
+	}
+	for _, k := range slices.Sorted(maps.Keys(ph)) {
+		if !slices.Contains(order, k) {
+			parts = append(parts, fmt.Sprintf("%s=%.2f", k, ph[k]))
+		}
+	}
+	return strings.Join(parts, " ")
+}

@@ -47,12 +47,15 @@ func figures(r run) []figure {
 		return a / b
 	}
 	fd, floor, nbdc := r.Attach["provisioner fd"].P50, r.Attach["floor"].P50, r.Attach["nbd-client"].P50
+	mnt, floorMount := r.Attach["provisioner mount"].P50, r.Attach["floor + mount(2)"].P50
 	c := r.Concurrent
 	return []figure{
 		{"attach p50, provisioner fd", fd, "ms", true},
 		{"attach p50, floor", floor, "ms", true},
 		{"attach, nbd-client / provisioner", div(nbdc, fd), "x", false},
 		{"attach, provisioner / floor", div(fd, floor), "x", true},
+		{"attach p50, provisioner mount", mnt, "ms", true},
+		{"mount, provisioner / (floor+mount(2))", div(mnt, floorMount), "x", true},
 		{"32 at once, nbd-client / provisioner", div(c["nbd-client 32 at once"], c["provisioner 32 at once"]), "x", false},
 		{"32 at once, provisioner / floor", div(c["provisioner 32 at once"], c["floor 32 at once"]), "x", true},
 		{"daemon RSS at 256 held", float64(r.Usage["256"]["daemon"].RSSKiB) / 1024, "MiB", true},
@@ -87,7 +90,11 @@ func compare(prev, cur run) string {
 }
 
 func machineLine(r run) string {
-	return fmt.Sprintf("%s vCPU, kernel %s, max_part=%s", r.Machine["vcpus"], r.Machine["kernel"], r.Machine["nbd_max_part"])
+	line := fmt.Sprintf("%s vCPU, kernel %s, max_part=%s", r.Machine["vcpus"], r.Machine["kernel"], r.Machine["nbd_max_part"])
+	if e := r.Machine["engine_listen"]; e != "" {
+		line += ", engine on " + e
+	}
+	return line
 }
 
 func num(v float64, unit string) string {
@@ -120,6 +127,8 @@ attach p50, provisioner fd                40.0 ms    33.0 ms     -18%
 attach p50, floor                         30.0 ms    30.0 ms      +0%
 attach, nbd-client / provisioner            2.50x      3.03x     +21%
 attach, provisioner / floor                 1.33x      1.10x     -17%
+attach p50, provisioner mount                   -          -        -
+mount, provisioner / (floor+mount(2))           -          -        -
 32 at once, nbd-client / provisioner        2.00x      1.60x     -20%  WORSE
 32 at once, provisioner / floor             1.60x      2.00x     +25%  WORSE
 daemon RSS at 256 held                   24.0 MiB   24.0 MiB      +0%
