@@ -134,20 +134,28 @@ VM_KERNELS ?= $(or $(VM_KERNEL_SUITE),bookworm trixie-backports)
 # The Lease test runs a real etcd and kube-apiserver inside the VM, next
 # to the devices: kubetest/build.sh makes them; they want 2 CPUs and about
 # 1 GiB, and take two minutes to start under TCG, so that test runs once,
-# on the newest kernel, apart from the rest.
+# on the newest kernel, apart from the rest. The kernels' suites run side
+# by side (each VM uses one CPU under TCG), each with a cache of its own
+# (.cache/vm/<suite>: its kernel, and binaries the other run cannot
+# overwrite under it), their output shown in turn.
 K8S_BIN := $(CURDIR)/.cache/k8s/bin
 LEASE_VM_TESTS := ^TestVMLease
+VM_TEST_TIMEOUT ?= 900s
 integration: k8s-cache
 	$(GO) build -o .cache/vmrun ./vmtest/vmrun
-	@failed=""; n=0; for k in $(VM_KERNELS); do n=$$((n + 1)); \
-		echo "==== make integration: kernel suite $$k ($$n of $(words $(VM_KERNELS)))"; \
-		VM_KERNEL_SUITE=$$k VM_TEST_SKIP='$(LEASE_VM_TESTS)' \
+	@mkdir -p .cache/integration; failed=""; pids=""; \
+	for k in $(VM_KERNELS); do \
+		VM_KERNEL_SUITE=$$k VM_CACHE=$(CURDIR)/.cache/vm/$$k VM_TEST_SKIP='$(LEASE_VM_TESTS)' VM_TEST_TIMEOUT=$(VM_TEST_TIMEOUT) \
 		VM_EXTRA_BINS="$(strip $(VM_EXTRA_BINS) $(shell command -v promtool 2>/dev/null))" \
-			.cache/vmrun || failed="$$failed $$k"; \
+			.cache/vmrun > .cache/integration/$$k.log 2>&1 & pids="$$pids $$!"; \
+	done; \
+	set -- $$pids; for k in $(VM_KERNELS); do \
+		wait $$1 || failed="$$failed $$k"; shift; \
+		echo "==== make integration: kernel suite $$k"; cat .cache/integration/$$k.log; \
 	done; \
 	k=$(lastword $(VM_KERNELS)); echo "==== make integration: the Lease test, a real API server in the VM, kernel suite $$k"; \
-	VM_KERNEL_SUITE=$$k VM_SMP=2 VM_MEM=3072 VM_TEST_TIMEOUT=600s \
-	VM_EXTRA_BINS="$(K8S_BIN)/etcd $(K8S_BIN)/kube-apiserver" \
+	VM_KERNEL_SUITE=$$k VM_CACHE=$(CURDIR)/.cache/vm/$$k VM_SMP=2 VM_MEM=3072 VM_TEST_TIMEOUT=$(VM_TEST_TIMEOUT) \
+	VM_EXTRA_BINS="$(K8S_BIN)/etcd=/opt/k8s/bin/etcd $(K8S_BIN)/kube-apiserver=/opt/k8s/bin/kube-apiserver" \
 		.cache/vmrun -run '$(LEASE_VM_TESTS)' ./vmtest || failed="$$failed $$k(leases)"; \
 	if [ -n "$$failed" ]; then echo "==== make integration: FAILED on kernel suite(s):$$failed"; exit 1; fi
 

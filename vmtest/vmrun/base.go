@@ -64,16 +64,23 @@ func gatherBase(ctx context.Context, c *config, k *kernel, binDir string) (baseS
 		s.Tools["/usr/sbin/"+t] = src
 		addLibs(src)
 	}
-	for _, f := range c.extraBins {
-		if fi, err := os.Stat(f); err != nil || fi.Mode()&0o111 == 0 || !filepath.IsAbs(f) {
-			return s, fmt.Errorf("initramfs: VM_EXTRA_BINS: %s is not an executable with an absolute path", f)
+	var guestPaths []string
+	for _, spec := range c.extraBins {
+		// HOST=GUEST puts it elsewhere in the guest: a host path under /tmp
+		// would be hidden by the guest's own /tmp.
+		f, guest, ok := strings.Cut(spec, "=")
+		if !ok {
+			guest = f
 		}
-		s.Tools[f] = f
+		if fi, err := os.Stat(f); err != nil || fi.Mode()&0o111 == 0 || !filepath.IsAbs(f) || !filepath.IsAbs(guest) {
+			return s, fmt.Errorf("initramfs: VM_EXTRA_BINS: %s is not an executable with an absolute path", spec)
+		}
+		s.Tools[guest] = f
 		addLibs(f)
+		guestPaths = append(guestPaths, guest)
 	}
-	// Where they are, for the tests in the guest (etcd and kube-apiserver
-	// live wherever the host built them).
-	s.Etc["vmtest-extra-bins"] = []byte(strings.Join(c.extraBins, "\n") + "\n")
+	// Where they are, for the tests in the guest.
+	s.Etc["vmtest-extra-bins"] = []byte(strings.Join(guestPaths, "\n") + "\n")
 	if b, err := os.ReadFile("/etc/mke2fs.conf"); err == nil {
 		s.Etc["mke2fs.conf"] = b
 	}

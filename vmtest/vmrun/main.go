@@ -48,7 +48,9 @@ environment:
   VM_CPU=max            qemu CPU model (max: RDRAND, so the guest's random pool is ready at once)
   VM_PVH=1              0: boot the compressed bzImage instead of the unpacked vmlinux (PVH)
   VM_EXTRA_BINS=        extra host executables to copy into the guest at the same path, with
-                        their libraries (e.g. "/usr/sbin/nbd-client /usr/bin/nbd-server")
+                        their libraries (e.g. "/usr/sbin/nbd-client /usr/bin/nbd-server"), or
+                        HOST=GUEST for another guest path; listed in the guest's
+                        /etc/vmtest-extra-bins
   VM_MODULES=           extra kernel modules to load in the guest (names, e.g. "loop dm_mod")
   VM_MODULE_PARAMS=     module parameters, modprobe's module.param=value (e.g. "nbd.max_part=0")
   VM_APPEND=            extra kernel command line arguments
