@@ -22,26 +22,60 @@ import (
 // a crash and the next start): past it the engine's writes block.
 const fifoSize = 1 << 20
 
-// openFIFO makes (if missing) and opens the FIFO at path: read-write for
-// the engine, which so holds a reader of its own and never gets EPIPE or
-// SIGPIPE while no provisioner reads, and read-only for us.
-func openFIFO(path string) (*outputs, error) {
-	if err := unix.Mkfifo(path, 0o600); err != nil && !errors.Is(err, unix.EEXIST) {
-		return nil, fmt.Errorf("make log FIFO: %w", err)
+// openFIFO makes (if missing) and opens the FIFOs of the engine's stdout
+// and stderr, prefix.stdout and prefix.stderr: read-write for the engine,
+// which so holds a reader of its own and never gets EPIPE or SIGPIPE while
+// no provisioner reads, and read-only for us.
+func openFIFO(prefix string) (*outputs, error) {
+	o := &outputs{readers: map[string]io.Reader{}}
+	for _, stream := range []string{"stdout", "stderr"} {
+		path := prefix + "." + stream
+		if err := unix.Mkfifo(path, 0o600); err != nil && !errors.Is(err, unix.EEXIST) {
+			o.closeAll()
+			return nil, fmt.Errorf("make log FIFO: %w", err)
+		}
+		w, err := openOwnFIFO(path, os.O_RDWR)
+		if err != nil {
+			o.closeAll()
+			return nil, err
+		}
+		// Room for a restart's worth of lines; the default 64 KiB may be
+		// all a capped pipe gets, which is fine too.
+		unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, fifoSize)
+		r, err := openOwnFIFO(path, os.O_RDONLY)
+		if err != nil {
+			w.Close()
+			o.closeAll()
+			return nil, err
+		}
+		if stream == "stdout" {
+			o.stdoutW = w
+		} else {
+			o.stderrW = w
+		}
+		o.readers[stream] = r
+		o.ours = append(o.ours, r)
 	}
-	w, err := openOwnFIFO(path, os.O_RDWR)
-	if err != nil {
-		return nil, err
+	return o, nil
+}
+
+// openLogReaders opens our side of the FIFOs of prefix, for an engine taken
+// over.
+func openLogReaders(prefix string) (map[string]io.Reader, []*os.File, error) {
+	readers := map[string]io.Reader{}
+	var files []*os.File
+	for _, stream := range []string{"stdout", "stderr"} {
+		r, err := openOwnFIFO(prefix+"."+stream, os.O_RDONLY|unix.O_NONBLOCK)
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			return nil, nil, err
+		}
+		readers[stream] = r
+		files = append(files, r)
 	}
-	// Room for a restart's worth of lines; the default 64 KiB may be all
-	// a capped pipe gets, which is fine too.
-	unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, fifoSize)
-	r, err := openOwnFIFO(path, os.O_RDONLY)
-	if err != nil {
-		w.Close()
-		return nil, err
-	}
-	return &outputs{stdoutW: w, stderrW: w, readers: map[string]io.Reader{"output": r}, ours: []*os.File{r}}, nil
+	return readers, files, nil
 }
 
 // openOwnFIFO opens the FIFO at path, never through a symbolic link and
@@ -96,18 +130,20 @@ func Adopt(ctx context.Context, cfg Config, rec Record) (*Process, error) {
 		unix.Close(fd)
 		return nil, ErrEngineGone
 	}
-	r, err := openOwnFIFO(cfg.LogFIFO, os.O_RDONLY|unix.O_NONBLOCK)
+	readers, files, err := openLogReaders(cfg.LogFIFO)
 	if err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
-	e := &Process{cfg: cfg, pid: rec.PID, start: rec.Start, pidfd: fd, done: make(chan struct{})}
-	e.readLogs(map[string]io.Reader{"output": r})
+	e := &Process{cfg: cfg, pid: rec.PID, start: rec.Start, pidfd: fd, done: make(chan struct{}), logFiles: files}
+	e.readLogs(readers)
 	go func() {
 		pidfd.Wait(context.Background(), fd)
 		// Its last words first, then the exit.
 		e.logs.Wait()
-		r.Close()
+		for _, f := range files {
+			f.Close()
+		}
 		e.err = errors.New("engine exited")
 		close(e.done)
 	}()

@@ -15,7 +15,7 @@ type outputs struct {
 }
 
 // openOutputs makes the engine's outputs: a pipe per stream, or, with
-// fifo set, the FIFO at that path for both (openFIFO).
+// fifo set, a FIFO per stream at that prefix (openFIFO).
 func openOutputs(fifo string) (*outputs, error) {
 	if fifo != "" {
 		return openFIFO(fifo)
@@ -38,10 +38,17 @@ func openOutputs(fifo string) (*outputs, error) {
 
 // closeWriters closes our copies of the engine's side.
 func (o *outputs) closeWriters() {
-	o.stdoutW.Close()
-	if o.stderrW != o.stdoutW {
-		o.stderrW.Close()
+	for _, w := range []*os.File{o.stdoutW, o.stderrW} {
+		if w != nil {
+			w.Close()
+		}
 	}
+}
+
+// closeAll closes everything opened so far.
+func (o *outputs) closeAll() {
+	o.closeWriters()
+	o.closeReaders()
 }
 
 func (o *outputs) closeReaders() {

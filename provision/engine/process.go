@@ -44,8 +44,9 @@ type Config struct {
 	StartTimeout time.Duration
 	Logger       *slog.Logger
 	// LogFIFO, when set, makes the engine independent of the provisioner:
-	// its output goes to this FIFO (made if missing), which the engine
-	// holds open for reading too, so that it never meets a broken pipe
+	// its stdout and stderr go to the FIFOs LogFIFO.stdout and
+	// LogFIFO.stderr (made if missing), which the engine holds open for
+	// reading too, so that it never meets a broken pipe
 	// while no provisioner reads; no parent-death signal stops it; and a
 	// next provisioner takes it over (Adopt) and reads on. Without it the
 	// engine gets pipes and SIGTERM when the provisioner dies.

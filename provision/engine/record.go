@@ -35,7 +35,8 @@ func SecretDigest(secret []byte) string {
 const (
 	recordFile = "engine.json"
 	secretFile = "secret"
-	// LogFIFOName is the engine's log FIFO in its directory.
+	// LogFIFOName is the prefix of the engine's output FIFOs in its
+	// directory (log.stdout, log.stderr).
 	LogFIFOName = "log"
 	// SocketName is the engine's default socket in its directory.
 	SocketName = "engine.sock"
