@@ -240,15 +240,7 @@ func TestLeaseSuspendsBeforeItCouldLapse(t *testing.T) {
 			api.start()
 		}
 	})
-	var suspendedAt time.Time
-	testwait.Until(t, 3*testLeaseDuration, "the suspension", func() bool {
-		infos := a.Snapshot()
-		if len(infos) == 1 && infos[0].Suspended {
-			suspendedAt = time.Now()
-			return true
-		}
-		return false
-	})
+	suspendedAt := a.waitSuspended(t)
 	last := a.Snapshot()[0].LeaseRenewed
 	lapse := last.Add(testLeaseDuration)
 	t.Logf("API server stopped %v; last renewal %v; I/O suspended %v; the lease would lapse %v",
@@ -334,15 +326,7 @@ func TestLeaseLostToANodeAcrossAPartition(t *testing.T) {
 	t.Cleanup(func() { att.Close() })
 
 	cut.cut.Store(true)
-	var suspendedAt time.Time
-	testwait.Until(t, 3*testLeaseDuration, "node-a's suspension", func() bool {
-		infos := a.Snapshot()
-		if len(infos) == 1 && infos[0].Suspended {
-			suspendedAt = time.Now()
-			return true
-		}
-		return false
-	})
+	suspendedAt := a.waitSuspended(t)
 	var tookAt time.Time
 	testwait.Until(t, 3*testLeaseDuration, "node-b's takeover", func() bool {
 		c, err := provisionAttach(b)
@@ -366,4 +350,20 @@ func TestLeaseLostToANodeAcrossAPartition(t *testing.T) {
 	if !strings.Contains(a.Logs(), "image lock taken by another node") {
 		t.Errorf("node-a's detach does not say why:\n%s", a.Logs())
 	}
+}
+
+// waitSuspended waits until n's one attachment is suspended and returns
+// when it saw it.
+func (n *node) waitSuspended(t *testing.T) time.Time {
+	t.Helper()
+	var at time.Time
+	testwait.Until(t, 3*testLeaseDuration, n.name+"'s suspension", func() bool {
+		infos := n.Snapshot()
+		if len(infos) == 1 && infos[0].Suspended {
+			at = time.Now()
+			return true
+		}
+		return false
+	})
+	return at
 }
