@@ -93,7 +93,7 @@ func (m *Manager) releaseLock(a *attachment) {
 	if lock == nil {
 		return
 	}
-	if m.reg.isUnrecoverable(a) && m.isLockLost(a) {
+	if m.isLockLost(a) {
 		return // another node's already
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.DetachTimeout)

@@ -47,7 +47,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Warn("MVPS_TE_JWT_SECRET is shorter than the 32 bytes RFC 7518 asks of an HS256 key", "length", len(secret))
 	}
 
-	if nested, err := inChildPIDNamespace(); err == nil && nested {
+	nested, _ := inChildPIDNamespace()
+	if nested {
 		log.Warn("the provisioner runs in a PID namespace of its own: callers outside it are seen as pid 0, " +
 			"so after a restart their attachments cannot be followed and stay until detached; " +
 			"run it in the host's PID namespace (on Kubernetes: hostPID)")
@@ -87,6 +88,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// Every listener is bound before anything is taken over: a failure
 	// after that would end in a shutdown that detaches what was adopted.
 	ops := newOperations(cfg, log, func() { stop(provision.ErrHandover) })
+	ops.ownPIDNamespace = nested
 	defer ops.close()
 	if err := ops.listen(ln); err != nil {
 		return err

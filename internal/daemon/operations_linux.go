@@ -47,6 +47,9 @@ type operations struct {
 	wg         sync.WaitGroup
 	// handover ends the run with every device left attached.
 	handover func()
+	// ownPIDNamespace: the daemon runs in a PID namespace of its own,
+	// found once at start.
+	ownPIDNamespace bool
 	// engineRestarts carries the admin's engine restarts to the serving
 	// loop, which alone replaces the engine.
 	engineRestarts chan engineRestartRequest
@@ -219,7 +222,7 @@ type adminBackend struct{ o *operations }
 func (b adminBackend) Status(ctx context.Context) admin.Status {
 	o := b.o
 	st := admin.Status{Time: time.Now(), Daemon: version.Get(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
-	st.OwnPIDNamespace, _ = inChildPIDNamespace()
+	st.OwnPIDNamespace = o.ownPIDNamespace
 	snapshot := o.mgr.Snapshot()
 	for _, info := range snapshot {
 		st.Attachments = append(st.Attachments, admin.Attachment{
