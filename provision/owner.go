@@ -64,3 +64,8 @@ func (c Caller) known() bool { return c.UID >= 0 && c.GID >= 0 }
 // (mount into another namespace, onto a directory it does not own, with
 // suid or device files).
 func (c Caller) root() bool { return c.UID == 0 }
+
+// VolumeCaller is the Caller of a volume owner: the container
+// orchestrator, which reaches the provisioner through a socket only root
+// may use and acts as root on the node (mounts where it says, as root would).
+var VolumeCaller = Caller{PID: -1, UID: 0, GID: 0, Account: 0, pidfd: -1}

@@ -11,6 +11,10 @@ import (
 	"testing"
 	"time"
 
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -75,6 +79,9 @@ func TestVMLeaseSuspendsARealDevice(t *testing.T) {
 	if err := api.Kubeconfig(kubeconfig, kubecluster.AdminToken); err != nil {
 		t.Fatal(err)
 	}
+	t.Run("a second node cannot stage a CSI volume another holds", func(t *testing.T) {
+		csiSecondNode(t, kubeconfig)
+	})
 	p := vmharness.Start(t, map[string]string{
 		"KUBECONFIG": kubeconfig, "PROVISIONER_LEASES": "true", "PROVISIONER_LEASE_NAMESPACE": "mvps-system",
 		"PROVISIONER_LEASE_DURATION": "12s", "PROVISIONER_NODE_NAME": "vm-node",
@@ -123,15 +130,25 @@ func TestVMLeaseSuspendsARealDevice(t *testing.T) {
 // leaseStatus is the one attachment's status, from the admin socket.
 func leaseStatus(t *testing.T, p *vmharness.Provisioner) admin.Attachment {
 	t.Helper()
+	st := adminStatus(t, p)
+	if len(st.Attachments) != 1 {
+		t.Fatalf("status: %d attachments, want 1: %+v", len(st.Attachments), st.Attachments)
+	}
+	return st.Attachments[0]
+}
+
+// adminStatus is the daemon's status, from the admin socket.
+func adminStatus(t *testing.T, p *vmharness.Provisioner) admin.Status {
+	t.Helper()
 	out, err := provisionerCmd(t, p, "status", "--json")
 	if err != nil {
 		t.Fatalf("status: %v\n%s", err, out)
 	}
 	var st admin.Status
-	if err := json.Unmarshal([]byte(out), &st); err != nil || len(st.Attachments) != 1 {
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("status %s: %v", strings.TrimSpace(out), err)
 	}
-	return st.Attachments[0]
+	return st
 }
 
 // logTime is the time of the first line of p's log that has msg.
@@ -150,4 +167,51 @@ func logTime(t *testing.T, p *vmharness.Provisioner, msg string) time.Time {
 	}
 	t.Fatalf("no log line with %q", msg)
 	return time.Time{}
+}
+
+// csiSecondNode: two node plugins with their own node identities, one
+// image store: while the first has the volume staged, the second's stage
+// is refused (the Lease is the first's); once the first unstages, the
+// second stages it and finds what the first wrote.
+func csiSecondNode(t *testing.T, kubeconfig string) {
+	store := t.TempDir()
+	nodes := make([]*csiDriver, 2)
+	for i, name := range []string{"node-a", "node-b"} {
+		nodes[i] = startCSI(t, map[string]string{
+			"KUBECONFIG": kubeconfig, "PROVISIONER_LEASES": "true", "PROVISIONER_LEASE_NAMESPACE": "mvps-system",
+			"PROVISIONER_NODE_NAME": name, "MVPS_TE_IMAGE_STORE_LOCAL_PATH": store,
+		})
+	}
+	a, b := nodes[0], nodes[1]
+	id := a.create(t, "pvc-two-nodes", 64<<20, mountCap)
+	cfg, err := os.ReadFile(filepath.Join(a.p.ConfigDir, id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The nodes share the image source, as they share the ConfigMap.
+	if err := os.WriteFile(filepath.Join(b.p.ConfigDir, id), cfg, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stagingA, stagingB := filepath.Join(t.TempDir(), "a"), filepath.Join(t.TempDir(), "b")
+	os.Mkdir(stagingA, 0o750)
+	os.Mkdir(stagingB, 0o750)
+	a.stage(t, id, stagingA, mountCap)
+	if err := os.WriteFile(filepath.Join(stagingA, "from-a"), []byte("node a"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err = b.node.NodeStageVolume(t.Context(), &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: stagingB,
+		VolumeCapability: mountCap})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("node-b staged a volume node-a holds: %v, want FailedPrecondition", err)
+	}
+	t.Logf("node-b refused while node-a holds the volume: %v", err)
+	if b.volumeDevice(t, id) != "" {
+		t.Fatal("node-b holds a device for the refused volume")
+	}
+	a.unstage(t, id, stagingA)
+	b.stage(t, id, stagingB, mountCap)
+	if got, err := os.ReadFile(filepath.Join(stagingB, "from-a")); err != nil || string(got) != "node a" {
+		t.Fatalf("node-b reads %q, %v; want what node-a wrote", got, err)
+	}
+	b.unstage(t, id, stagingB)
 }

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision/csi"
+
 	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
@@ -78,6 +80,10 @@ type Config struct {
 	// MountBase is PROVISIONER_MOUNT_BASE, --mount-base: when set, callers
 	// other than uid 0 may mount only below it.
 	MountBase string
+	// CSIEndpoint is PROVISIONER_CSI_ENDPOINT, --csi-endpoint: when set,
+	// the daemon is also the CSI node plugin, serving the Identity and
+	// Node services on this Unix socket.
+	CSIEndpoint string
 	// AdminPath is PROVISIONER_ADMIN_PATH, --admin-path: the admin socket
 	// (mode 0600), by default admin.sock next to ListenPath.
 	AdminPath string
@@ -150,6 +156,7 @@ var settings = []setting{
 	{"PROVISIONER_BLKID", "blkid", "/usr/sbin/blkid", "blkid used by mount mode to probe images for signatures", func(p *parsed) *string { return &p.Blkid }},
 	{"PROVISIONER_STATE_DIR", "state-dir", provision.DefaultStateDir, "directory of the attachment records a restarted provisioner takes over (one provisioner per directory)", func(p *parsed) *string { return &p.StateDir }},
 	{"PROVISIONER_MOUNT_BASE", "mount-base", "", "absolute directory that mounts of callers other than uid 0 must be under (default: anywhere they own)", func(p *parsed) *string { return &p.MountBase }},
+	{"PROVISIONER_CSI_ENDPOINT", "csi-endpoint", "", "Unix socket (path or unix:// URL) of the CSI Identity and Node services; set, the daemon is the node plugin of the CSI driver and a stop leaves every device attached as a handover does", func(p *parsed) *string { return &p.CSIEndpoint }},
 	{"PROVISIONER_ADMIN_PATH", "admin-path", "", "admin socket for mvps-provisioner status and detach, mode 0600 (default: admin.sock next to the listen path)", func(p *parsed) *string { return &p.AdminPath }},
 	{"PROVISIONER_METRICS_ADDR", "metrics-addr", "", "host:port of the HTTP listener for /metrics, /healthz, /readyz, a loopback IP unless allowed otherwise (default: off)", func(p *parsed) *string { return &p.MetricsAddr }},
 	{"PROVISIONER_METRICS_ALLOW_REMOTE", "metrics-allow-remote", "0", "1 (or true) lets the metrics listener use addresses other than loopback", func(p *parsed) *string { return &p.allowRemote }},
@@ -273,6 +280,11 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	}
 	if !filepath.IsAbs(cfg.StateDir) {
 		return Config{}, fmt.Errorf("PROVISIONER_STATE_DIR (--state-dir) %q is not an absolute path", cfg.StateDir)
+	}
+	if cfg.CSIEndpoint != "" {
+		if _, err := csi.SocketPath(cfg.CSIEndpoint); err != nil {
+			return Config{}, fmt.Errorf("PROVISIONER_CSI_ENDPOINT (--csi-endpoint): %w", err)
+		}
 	}
 	if cfg.MountBase != "" && (!filepath.IsAbs(cfg.MountBase) || filepath.Clean(cfg.MountBase) != cfg.MountBase) {
 		return Config{}, fmt.Errorf("PROVISIONER_MOUNT_BASE (--mount-base) %q is not a clean absolute path", cfg.MountBase)

@@ -10,6 +10,11 @@ import (
 	"strings"
 	"time"
 
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/csi"
+	"google.golang.org/grpc"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
@@ -190,9 +195,15 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	go func() { served <- srv.Serve(ln) }()
 	// The admin socket; READY=1 once the engine answers and the server
 	// accepts, then watchdog pings.
+	var csiServer *grpc.Server
+	if cfg.CSIEndpoint != "" {
+		if csiServer, err = serveCSI(cfg, mgr, served, log); err != nil {
+			return err
+		}
+	}
 	ops.start(mgr, srv, sup.engine(), devices)
 	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
-		"images_configmap", cfg.ImagesConfigMap, "state_dir", cfg.StateDir, "engine", cfg.EngineBin, "engine_pid", sup.engine().Pid())
+		"images_configmap", cfg.ImagesConfigMap, "csi_endpoint", cfg.CSIEndpoint, "state_dir", cfg.StateDir, "engine", cfg.EngineBin, "engine_pid", sup.engine().Pid())
 
 	var runErr error
 	handover := false
@@ -234,11 +245,17 @@ serve:
 	defer cancel()
 	// The Manager first: whether the attachments' devices are detached or
 	// handed over is decided before their connections end.
+	// A CSI node plugin's stop is a handover: what the kubelet staged
+	// stays attached, under its pods, until the kubelet unstages it.
+	if cfg.CSIEndpoint != "" && context.Cause(ctx) != provision.ErrHandover {
+		handover = true
+		log.Info("CSI node plugin: leaving every device attached for the next start")
+	}
 	end := mgr.Shutdown
 	if handover || context.Cause(ctx) == provision.ErrHandover {
 		end = mgr.Handover
 	}
-	if err := errors.Join(end(sctx), srv.Shutdown(sctx)); err != nil {
+	if err := errors.Join(end(sctx), srv.Shutdown(sctx), stopCSI(sctx, csiServer)); err != nil {
 		log.Error("shutdown", "err", err)
 		runErr = errors.Join(runErr, err)
 	}
@@ -338,4 +355,42 @@ func restartEngineOnRequest(ctx context.Context, sup *engineSupervisor, mgr *pro
 	res := engineRestartResult{EngineRestart: admin.EngineRestart{OldPID: old.Pid(), NewPID: sup.engine().Pid(), Took: time.Since(start)}}
 	log.Info("engine restarted on request", "old_pid", res.OldPID, "pid", res.NewPID, "took", res.Took.Round(time.Millisecond).String())
 	return res
+}
+
+// serveCSI serves the CSI Identity and Node services on the endpoint; a
+// failure to serve ends the run through served, as the caller socket's does.
+func serveCSI(cfg Config, mgr *provision.Manager, served chan<- error, log *slog.Logger) (*grpc.Server, error) {
+	ln, err := csi.Listen(cfg.CSIEndpoint)
+	if err != nil {
+		return nil, fmt.Errorf("PROVISIONER_CSI_ENDPOINT: %w", err)
+	}
+	s := csi.NewGRPCServer(log.With("service", "csi"))
+	csipb.RegisterIdentityServer(s, csi.NewIdentity(version.Get().Version, nil))
+	csipb.RegisterNodeServer(s, csi.NewNode(mgr, cfg.NodeIdentity(), 0, log.With("service", "csi")))
+	go func() {
+		if err := s.Serve(ln); err != nil {
+			select {
+			case served <- fmt.Errorf("CSI endpoint: %w", err):
+			default: // the caller socket's failure ends the run already
+			}
+		}
+	}()
+	return s, nil
+}
+
+// stopCSI stops the CSI server: the calls in flight are waited for, until
+// ctx ends.
+func stopCSI(ctx context.Context, s *grpc.Server) error {
+	if s == nil {
+		return nil
+	}
+	stopped := make(chan struct{})
+	go func() { s.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+		return nil
+	case <-ctx.Done():
+		s.Stop()
+		return fmt.Errorf("CSI calls still running at the end of the shutdown: %w", ctx.Err())
+	}
 }

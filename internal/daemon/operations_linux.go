@@ -228,7 +228,7 @@ func (b adminBackend) Status(ctx context.Context) admin.Status {
 		st.Attachments = append(st.Attachments, admin.Attachment{
 			Key: info.Key, ImageID: info.ImageID, Device: info.Device, Mode: info.Mode, State: string(info.State),
 			CallerPID: info.CallerPID, CallerUID: info.CallerUID, Since: info.Since, Reconnects: info.Reconnects,
-			Owner: string(info.Owner), Lease: info.Lease, LeaseHolder: info.LeaseHolder, LeaseRenewed: info.LeaseRenewed,
+			Owner: string(info.Owner), Volume: info.Volume, Lease: info.Lease, LeaseHolder: info.LeaseHolder, LeaseRenewed: info.LeaseRenewed,
 			Suspended: info.Suspended,
 		})
 	}

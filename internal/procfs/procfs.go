@@ -1,6 +1,7 @@
 // Package procfs reads the per-process files of /proc that the daemon and
 // its tests look at, each parsed in one place: the command name in stat
-// may hold spaces and parentheses, and status lines are "Name:\tvalue".
+// may hold spaces and parentheses, status lines are "Name:\tvalue", and
+// mountinfo escapes the blanks of its paths.
 package procfs
 
 import (
@@ -10,6 +11,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Status returns the "Name:\tvalue" lines of /proc/<pid>/status as a map,
@@ -91,3 +94,43 @@ func StartTime(pid int) (uint64, error) {
 	}
 	return strconv.ParseUint(fields[19], 10, 64)
 }
+
+// MountPoints lists where this process's mount namespace has mounted the
+// file system of device dev (its st_dev, as major:minor in mountinfo).
+func MountPoints(dev uint64) ([]string, error) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("read mountinfo: %w", err)
+	}
+	want := fmt.Sprintf("%d:%d", unix.Major(dev), unix.Minor(dev))
+	var points []string
+	for line := range strings.Lines(string(data)) {
+		// id parent major:minor root mount-point options ...
+		fields := strings.Fields(line)
+		if len(fields) < 5 || fields[2] != want {
+			continue
+		}
+		points = append(points, unescapeMountinfo(fields[4]))
+	}
+	return points, nil
+}
+
+// unescapeMountinfo undoes the kernel's octal escapes of space, tab,
+// newline and backslash in a mountinfo path.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]) {
+			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
+			i += 3
+			continue
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func isOctal(c byte) bool { return '0' <= c && c <= '7' }

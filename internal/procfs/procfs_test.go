@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strconv"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // A child whose command name holds spaces and parentheses is still found
@@ -67,5 +69,34 @@ func TestMissingProcess(t *testing.T) {
 	}
 	if Alive(-1) {
 		t.Error("pid -1 is alive")
+	}
+}
+
+func TestUnescapeMountinfo(t *testing.T) {
+	for in, want := range map[string]string{
+		`/plain`:                   "/plain",
+		`/with\040space`:           "/with space",
+		`/tab\011and\134backslash`: "/tab\tand\\backslash",
+		`/short\04`:                `/short\04`,
+		`/not\089octal`:            `/not\089octal`,
+	} {
+		if got := unescapeMountinfo(in); got != want {
+			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// The root file system is mounted at "/" in this namespace.
+func TestMountPointsOfRoot(t *testing.T) {
+	var st unix.Stat_t
+	if err := unix.Stat("/", &st); err != nil {
+		t.Fatal(err)
+	}
+	points, err := MountPoints(st.Dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(points, "/") {
+		t.Fatalf("mount points of / 's device %d:%d: %v", unix.Major(st.Dev), unix.Minor(st.Dev), points)
 	}
 }

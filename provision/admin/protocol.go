@@ -115,6 +115,8 @@ type Attachment struct {
 	// Owner is what the attachment lives for ("connection", "process",
 	// "volume").
 	Owner string `json:"owner,omitempty"`
+	// Volume names a volume owner (a CSI volume id).
+	Volume string `json:"volume,omitempty"`
 	// Lease is the image's Kubernetes Lease, its holder and last renewal;
 	// Suspended while the image's I/O is cut because renewals failed.
 	Lease        string    `json:"lease,omitempty"`

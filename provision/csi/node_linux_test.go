@@ -1,0 +1,202 @@
+package csi
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
+)
+
+var block = &csipb.VolumeCapability{
+	AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	AccessType: &csipb.VolumeCapability_Block{Block: &csipb.VolumeCapability_BlockVolume{}},
+}
+
+// nodeClient serves a Node on a Manager with file devices, over a real
+// socket as the kubelet reaches it.
+func nodeClient(t *testing.T) (csipb.NodeClient, *provisiontest.Server) {
+	t.Helper()
+	s := provisiontest.New(t, nil)
+	sock := filepath.Join(filepath.Dir(s.Socket), "csi.sock")
+	ln, err := Listen("unix://" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(sock); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("CSI socket %v, %v; want mode 0600", st.Mode(), err)
+	}
+	srv := NewGRPCServer(discard)
+	csipb.RegisterNodeServer(srv, NewNode(s.Manager, "node-a", 0, discard))
+	csipb.RegisterIdentityServer(srv, NewIdentity("test", nil))
+	go srv.Serve(ln)
+	t.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return csipb.NewNodeClient(conn), s
+}
+
+// A block volume through the node service: staged (attached for the
+// volume), published twice at one target, written through it, its stats,
+// unpublished, unstaged (detached once), every call repeated answering the
+// same.
+func TestNodeBlockVolume(t *testing.T) {
+	n, s := nodeClient(t)
+	ctx := context.Background()
+	s.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	staging, target := t.TempDir(), filepath.Join(t.TempDir(), "dev")
+
+	_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
+		TargetPath: target, VolumeCapability: block})
+	wantCode(t, err, codes.FailedPrecondition) // not staged
+	for range 2 {
+		if _, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
+			VolumeCapability: block}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	info, ok := s.Volume("vol")
+	if !ok || info.Device == "" {
+		t.Fatalf("no attachment for the staged volume: %+v", info)
+	}
+	// The other access type, staged as block.
+	_, err = n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "vol", StagingTargetPath: staging, VolumeCapability: writer})
+	wantCode(t, err, codes.AlreadyExists)
+	for range 2 {
+		if _, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: block}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(target, []byte("through the target"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(info.Device); !bytes.HasPrefix(got, []byte("through the target")) {
+		t.Fatalf("the device holds %.20q, not what was written through the target", got)
+	}
+	stats, err := n.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: "vol", VolumePath: target})
+	// A file device is as large as what was written to it.
+	if err != nil || stats.GetUsage()[0].GetTotal() != int64(len("through the target")) {
+		t.Fatalf("stats %v, %v", stats, err)
+	}
+	_, err = n.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: "vol", VolumePath: staging})
+	wantCode(t, err, codes.NotFound)
+	_, err = n.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: "other", VolumePath: target})
+	wantCode(t, err, codes.NotFound)
+	for range 2 {
+		if _, err := n.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: "vol", TargetPath: target}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("target after unpublish: %v", err)
+	}
+	for range 2 {
+		if _, err := n.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: "vol", StagingTargetPath: staging}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, ok := s.Volume("vol"); ok {
+		t.Fatal("the volume is still attached after the unstage")
+	}
+	if attached, detached := s.Devices.Counts(t); attached != 1 || detached != 1 {
+		t.Fatalf("%d attached, %d detached; want 1 and 1", attached, detached)
+	}
+}
+
+// What the node refuses, with the codes CSI names.
+func TestNodeRefuses(t *testing.T) {
+	n, s := nodeClient(t)
+	ctx := context.Background()
+	s.WriteConfig(t, "only-1000", `{"image_id": "x.mvps-image", "image_size": 4096, "allowed_uids": [1000]}`)
+	staging := t.TempDir()
+	for _, tc := range []struct {
+		name string
+		call func() error
+		code codes.Code
+	}{
+		{"stage without id", func() error {
+			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{StagingTargetPath: staging, VolumeCapability: block})
+			return err
+		}, codes.InvalidArgument},
+		{"stage without capability", func() error {
+			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "v", StagingTargetPath: staging})
+			return err
+		}, codes.InvalidArgument},
+		{"stage an unknown key", func() error {
+			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "missing", StagingTargetPath: staging, VolumeCapability: block})
+			return err
+		}, codes.NotFound},
+		{"stage an image for uid 1000 only (concealed)", func() error {
+			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "only-1000", StagingTargetPath: staging, VolumeCapability: block})
+			return err
+		}, codes.NotFound},
+		{"stage a bad key", func() error {
+			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "../etc", StagingTargetPath: staging, VolumeCapability: block})
+			return err
+		}, codes.InvalidArgument},
+		{"unpublish without target", func() error {
+			_, err := n.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: "v"})
+			return err
+		}, codes.InvalidArgument},
+		{"stats of a volume not here", func() error {
+			_, err := n.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: "v", VolumePath: staging})
+			return err
+		}, codes.NotFound},
+	} {
+		t.Run(tc.name, func(t *testing.T) { wantCode(t, tc.call(), tc.code) })
+	}
+	if attached, _ := s.Devices.Counts(t); attached != 0 {
+		t.Fatalf("%d devices attached by refused calls", attached)
+	}
+}
+
+func TestListenRefusesALiveEndpoint(t *testing.T) {
+	dir, err := os.MkdirTemp("", "csi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "csi.sock")
+	ln, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Listen(sock); err == nil {
+		t.Fatal("a second Listen took over a live endpoint")
+	}
+	ln.Close()
+	// Closing removed it; a stale socket file is replaced.
+	ln, err = Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(interface{ SetUnlinkOnClose(bool) }).SetUnlinkOnClose(false)
+	ln.Close()
+	if ln, err = Listen(sock); err != nil {
+		t.Fatalf("a stale socket was not replaced: %v", err)
+	}
+	ln.Close()
+	if err := os.WriteFile(sock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Listen(sock); err == nil {
+		t.Fatal("Listen replaced a regular file")
+	}
+	for _, bad := range []string{"tcp://127.0.0.1:1", "relative.sock"} {
+		if _, err := Listen(bad); err == nil {
+			t.Errorf("Listen(%q) succeeded", bad)
+		}
+	}
+}
