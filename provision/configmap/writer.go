@@ -35,7 +35,13 @@ const DefaultFieldManager = "mvps-csi"
 // AlreadyExists for a ConfigMap created meanwhile) and done again from a
 // fresh read. No write ever replaces a key it did not read; several
 // Writers, in one process or in several, may share one ConfigMap.
+//
+// One Writer's Creates and Deletes run one at a time: goroutines sharing a
+// Writer (external-provisioner calls CreateVolume from many workers at
+// once) then never refuse each other's writes, which would cost each of
+// them a read, a backoff and a write per writer ahead of it.
 type Writer struct {
+	turn                    chan struct{} // held by the Create or Delete writing
 	client                  corev1client.ConfigMapsGetter
 	namespace, name, server string
 	err                     error // a bad namespace or name: every call fails with it
@@ -69,6 +75,7 @@ func WithWriterServer(server string) WriterOption { return func(w *Writer) { w.s
 // API server would refuse makes every call of the Writer fail.
 func NewWriter(client corev1client.ConfigMapsGetter, namespace, name string, opts ...WriterOption) *Writer {
 	w := &Writer{
+		turn:         make(chan struct{}, 1),
 		client:       client,
 		namespace:    namespace,
 		name:         name,
@@ -247,6 +254,12 @@ func (w *Writer) check(key string) error {
 // attempts run out, waiting a jittered backoff between attempts and no
 // longer than ctx allows.
 func (w *Writer) retry(ctx context.Context, what string, attempt func(context.Context) (retry bool, err error)) error {
+	select {
+	case w.turn <- struct{}{}:
+		defer func() { <-w.turn }()
+	case <-ctx.Done():
+		return w.wrap(what, fmt.Errorf("waiting for this Writer's other writes: %w", context.Cause(ctx)))
+	}
 	for n := 1; ; n++ {
 		again, err := attempt(ctx)
 		if err == nil {

@@ -377,6 +377,50 @@ func TestWriterConcurrentCreates(t *testing.T) {
 	}
 }
 
+// Goroutines sharing one Writer take turns: none of their writes is
+// refused, so each key costs one write.
+func TestWriterSharedByGoroutinesNeverConflicts(t *testing.T) {
+	cs := strictClientset()
+	w := NewWriter(cs.CoreV1(), ns, name)
+	w.backoff = func(int) time.Duration { t.Error("a write was refused"); return 0 }
+	const n = 20
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			if _, err := w.Create(t.Context(), "k"+strconv.Itoa(i), img("k", 4096)); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if got := writes(cs); got != n {
+		t.Errorf("%d writes for %d keys", got, n)
+	}
+	for i := range n {
+		wg.Go(func() {
+			if err := w.Delete(t.Context(), "k"+strconv.Itoa(i)); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if got := writes(cs); got != 2*n {
+		t.Errorf("%d writes for %d Creates and %d Deletes", got, n, n)
+	}
+	if data := stored(t, cs).Data; len(data) != 0 {
+		t.Errorf("left: %v", data)
+	}
+
+	// A Create waiting for its turn gives up with its context.
+	w.turn <- struct{}{}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if _, err := w.Create(ctx, "late", img("late", 4096)); !errors.Is(err, context.Canceled) {
+		t.Errorf("Create waiting its turn, cancelled = %v", err)
+	}
+	<-w.turn
+}
+
 // A node's Source sees what the Writer records, and its removal.
 func TestSourceSeesWriter(t *testing.T) {
 	cs := strictClientset()
