@@ -127,7 +127,14 @@ func TestWriterRecordsImageConfigs(t *testing.T) {
 		}
 	}
 
-	w := configmap.NewWriter(clientFor(t, api, controllerToken).CoreV1(), cmNamespace, cmName)
+	// As mvps-csi makes its Writer: from PROVISIONER_IMAGES_CM and, outside
+	// a pod, KUBECONFIG.
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	t.Setenv("KUBECONFIG", api.kubeconfig(t, controllerToken))
+	w, err := configmap.NewWriterFromEnv(cmRef, "mvps-csi-test")
+	if err != nil {
+		t.Fatal(err)
+	}
 	if cfg, err := w.Get(ctx, "pvc-same"); err != nil || !cmp.Equal(cfg, got[0]) {
 		t.Errorf("Get(pvc-same) = %+v, %v", cfg, err)
 	}

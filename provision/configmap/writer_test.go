@@ -191,6 +191,12 @@ func TestWriterRefusesBadInput(t *testing.T) {
 		t.Errorf("the bad value was replaced: %q", v)
 	}
 
+	for _, ref := range []string{"", "mvps-images", "Bad/mvps-images", "mvps-system/"} {
+		if _, err := NewWriterFromEnv(ref, "test"); err == nil || !strings.Contains(err.Error(), "PROVISIONER_IMAGES_CM") {
+			t.Errorf("NewWriterFromEnv(%q) = %v, want an error naming PROVISIONER_IMAGES_CM", ref, err)
+		}
+	}
+
 	// A reference the API server would refuse fails every call, before
 	// any call.
 	bad := NewWriter(cs.CoreV1(), "Not_A_Namespace", name)
