@@ -30,7 +30,10 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
-const manifestDir = "../deploy/kubernetes"
+const (
+	manifestDir    = "../deploy/kubernetes"
+	csiManifestDir = manifestDir + "/csi"
+)
 
 // manifest is one YAML document of a file in deploy/kubernetes.
 type manifest struct {
@@ -46,11 +49,15 @@ var (
 
 // manifests reads every document of every file, in file name order (the
 // order README says to apply them in).
-func manifests(t *testing.T) []manifest {
+func manifests(t *testing.T) []manifest { return manifestsIn(t, manifestDir) }
+
+// manifestsIn reads every document of every file of dir, in file name
+// order. Files are named by their path relative to manifestDir.
+func manifestsIn(t *testing.T, dir string) []manifest {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join(manifestDir, "*.yaml"))
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
 	if err != nil || len(files) == 0 {
-		t.Fatalf("no manifests in %s (%v)", manifestDir, err)
+		t.Fatalf("no manifests in %s (%v)", dir, err)
 	}
 	sort.Strings(files)
 	var out []manifest
@@ -67,7 +74,11 @@ func manifests(t *testing.T) []manifest {
 			if err := yaml.UnmarshalStrict([]byte(doc), &obj.Object); err != nil {
 				t.Fatalf("%s: %v", f, err)
 			}
-			out = append(out, manifest{file: filepath.Base(f), doc: []byte(doc), obj: obj})
+			rel, err := filepath.Rel(manifestDir, f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, manifest{file: rel, doc: []byte(doc), obj: obj})
 		}
 	}
 	return out
@@ -183,7 +194,14 @@ func TestManifestsAgree(t *testing.T) {
 // Every manifest passes a server-side dry run of a server-side apply, which
 // runs defaulting, validation and admission without storing anything.
 func TestManifestsServerDryRun(t *testing.T) {
-	api := cluster(t)
+	serverDryRun(t, cluster(t), manifests(t))
+}
+
+// serverDryRun runs a server-side dry run of each manifest, in order, and
+// checks that the pods among them pass Pod Security admission on their
+// merit: made privileged, each is refused.
+func serverDryRun(t *testing.T, api *apiServer, ms []manifest) {
+	t.Helper()
 	cfg := api.restConfig(adminToken)
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
@@ -199,7 +217,6 @@ func TestManifestsServerDryRun(t *testing.T) {
 	// Namespace lifecycle admission refuses objects in a namespace that
 	// does not exist, dry run or not; so the namespaces are created for
 	// real. Pod Security admission reads its level from them.
-	ms := manifests(t)
 	for _, m := range ms {
 		if m.obj.GetKind() == "Namespace" {
 			applyManifests(t, api, m.file)
@@ -286,10 +303,12 @@ func applyManifests(t *testing.T, api *apiServer, files ...string) {
 		want[f] = true
 	}
 	ctx := ctxFor(t, time.Minute)
-	for _, m := range manifests(t) {
+	applied := map[string]bool{}
+	for _, m := range append(manifests(t), manifestsIn(t, csiManifestDir)...) {
 		if !want[m.file] {
 			continue
 		}
+		applied[m.file] = true
 		gvk := m.obj.GroupVersionKind()
 		mapping, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
 		if err != nil {
@@ -301,6 +320,11 @@ func applyManifests(t *testing.T, api *apiServer, files ...string) {
 		}
 		if _, err := ri.Apply(ctx, m.obj.GetName(), m.obj, metav1.ApplyOptions{FieldManager: "kubetest", Force: true}); err != nil {
 			t.Fatalf("%s: apply %s %s: %v", m.file, gvk.Kind, m.obj.GetName(), err)
+		}
+	}
+	for _, f := range files {
+		if !applied[f] {
+			t.Fatalf("applyManifests: no manifest %s", f)
 		}
 	}
 }

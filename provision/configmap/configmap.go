@@ -1,5 +1,6 @@
 // Package configmap serves image configs from one Kubernetes ConfigMap
-// (PROVISIONER_IMAGES_CM=<namespace>/<name>), kept current by an informer.
+// (PROVISIONER_IMAGES_CM=<namespace>/<name>), kept current by an informer,
+// and records them there (Writer, for the CSI controller mvps-csi).
 //
 // It is the only package of the project that imports client-go, which is
 // large: the sidecar, the example client and the protocol package must
