@@ -142,7 +142,7 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 	defer stop()
 	var store csi.ImageStore = imageconfig.Dir(cfg.configDir)
 	if cfg.configMap != "" {
-		if store, err = configMapStore(ctx, cfg.configMap, log); err != nil {
+		if store, err = configMapStore(cfg.configMap, log); err != nil {
 			fmt.Fprintf(stderr, "mvps-csi: %v\n", err)
 			return exitFailure
 		}

@@ -60,6 +60,8 @@ func TestParseConfig(t *testing.T) {
 				EngineBin: "/usr/bin/mvps-te", LogLevel: "info", LogFormat: "json", Mke2fs: "/usr/sbin/mke2fs", Blkid: "/usr/sbin/blkid", StateDir: provision.DefaultStateDir,
 				AdminPath: "/run/admin.sock", IOTimeout: 10 * time.Second, DeadConnTimeout: 30 * time.Second, LeaseDuration: 30 * time.Second, EngineSpares: 1}},
 		{name: "short secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "s3cret"}, err: "at least 16"},
+		{name: "CSI endpoint over TCP", extra: map[string]string{"PROVISIONER_CSI_ENDPOINT": "tcp://0.0.0.0:10000"}, err: "PROVISIONER_CSI_ENDPOINT"},
+		{name: "relative CSI endpoint", extra: map[string]string{"PROVISIONER_CSI_ENDPOINT": "csi.sock"}, err: "not an absolute socket path"},
 		{name: "placeholder secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "REPLACE-ME"}, err: "placeholder"},
 		{name: "long placeholder secret", extra: map[string]string{"MVPS_TE_JWT_SECRET": "replace-me-with-32-random-bytes"}, err: "placeholder"},
 		{name: "node name", extra: map[string]string{"PROVISIONER_NODE_NAME": "node-7.example"},

@@ -8,22 +8,30 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"reflect"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
-// Marshal is cfg as a config file holds it, which Parse reads back.
+// Marshal is cfg as a config file holds it, which Parse reads back as cfg.
+// A config whose parse would differ is refused: the JSON tags' omitempty
+// turn an empty, non-nil list (no caller, no mode) into an absent one
+// (every caller, every mode).
 func (c Config) Marshal() ([]byte, error) {
-	if err := c.validate(); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
 	data, err := json.Marshal(c)
 	if err != nil {
-		return nil, fmt.Errorf("encode image config: %w", err)
+		return nil, fmt.Errorf("%w: encoding: %v", ErrInvalid, err)
 	}
-	return append(data, '\n'), nil
+	parsed, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if !reflect.DeepEqual(parsed, c) {
+		return nil, fmt.Errorf("%w: the config does not survive its JSON encoding (an empty list reads back as none)", ErrInvalid)
+	}
+	return data, nil
 }
 
 // Get is Lookup, as the CSI controller's image store asks it.
@@ -46,7 +54,7 @@ func (d Dir) Create(_ context.Context, key string, cfg Config) (Config, error) {
 		return Config{}, fmt.Errorf("create image config %q: %w", key, err)
 	}
 	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(data)
+	_, err = tmp.Write(append(data, '\n'))
 	if err == nil {
 		err = tmp.Chmod(0o644)
 	}
