@@ -92,11 +92,11 @@ func TestMountPointsOfRoot(t *testing.T) {
 	if err := unix.Stat("/", &st); err != nil {
 		t.Fatal(err)
 	}
-	points, err := MountPoints(st.Dev)
+	points, err := MountPoints(uint64(st.Dev))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !slices.Contains(points, "/") {
-		t.Fatalf("mount points of / 's device %d:%d: %v", unix.Major(st.Dev), unix.Minor(st.Dev), points)
+		t.Fatalf("mount points of / 's device %d:%d: %v", unix.Major(uint64(st.Dev)), unix.Minor(uint64(st.Dev)), points)
 	}
 }
