@@ -56,8 +56,13 @@ func (n *Node) NodeGetInfo(context.Context, *csipb.NodeGetInfoRequest) (*csipb.N
 	return &csipb.NodeGetInfoResponse{NodeId: n.nodeID, MaxVolumesPerNode: n.maxVolumes}, nil
 }
 
-// lockVolume takes the volume's lock for one call, or answers Aborted.
-func (n *Node) lockVolume(id string) (func(), error) {
+// begin checks a call's required fields, the volume id and the pairs of
+// name and value in fields, and takes the volume's lock for the call, or
+// answers Aborted.
+func (n *Node) begin(id string, fields ...string) (func(), error) {
+	if err := required(append([]string{"volume id", id}, fields...)...); err != nil {
+		return nil, err
+	}
 	unlock, ok := n.locks.tryLock(id)
 	if !ok {
 		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is in progress", id)

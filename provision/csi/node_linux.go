@@ -22,18 +22,15 @@ import (
 // already, as asked, is success.
 func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRequest) (*csipb.NodeStageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	if err := required("volume id", id, "staging target path", staging); err != nil {
-		return nil, err
-	}
-	if err := checkCapability(req.GetVolumeCapability()); err != nil {
-		return nil, err
-	}
-	block := isBlock(req.GetVolumeCapability())
-	unlock, err := n.lockVolume(id)
+	unlock, err := n.begin(id, "staging target path", staging)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
+	if err := checkCapability(req.GetVolumeCapability()); err != nil {
+		return nil, err
+	}
+	block := isBlock(req.GetVolumeCapability())
 
 	if info, ok := n.m.Volume(id); ok {
 		if err := n.checkStaged(info, staging, block); err != nil {
@@ -108,10 +105,7 @@ func stagingMount(staging string) (*mount.Request, error) {
 // answer. Not staged is success.
 func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	if err := required("volume id", id, "staging target path", staging); err != nil {
-		return nil, err
-	}
-	unlock, err := n.lockVolume(id)
+	unlock, err := n.begin(id, "staging target path", staging)
 	if err != nil {
 		return nil, err
 	}
@@ -169,9 +163,11 @@ func unmountStaging(info provision.Info, staging string) error {
 // success.
 func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	id, staging, target := req.GetVolumeId(), req.GetStagingTargetPath(), req.GetTargetPath()
-	if err := required("volume id", id, "target path", target, "staging target path", staging); err != nil {
+	unlock, err := n.begin(id, "target path", target, "staging target path", staging)
+	if err != nil {
 		return nil, err
 	}
+	defer unlock()
 	vc := req.GetVolumeCapability()
 	if err := checkCapability(vc); err != nil {
 		return nil, err
@@ -181,11 +177,6 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 	if err != nil {
 		return nil, err
 	}
-	unlock, err := n.lockVolume(id)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
 	info, ok := n.m.Volume(id)
 	if !ok {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
@@ -210,10 +201,7 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 // published is success.
 func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	if err := required("volume id", id, "target path", target); err != nil {
-		return nil, err
-	}
-	unlock, err := n.lockVolume(id)
+	unlock, err := n.begin(id, "target path", target)
 	if err != nil {
 		return nil, err
 	}
