@@ -322,7 +322,8 @@ func TestVMCSIBlockVolume(t *testing.T) {
 
 // TestVMCSIPluginKilledBetweenStageAndPublish: the node plugin SIGKILLed
 // after the stage and started again takes the volume over (same device,
-// never detached), and the publish and the data path work.
+// never detached), and the publish and the data path work; stopped, it
+// leaves the volume attached and writable, and its next start unstages it.
 func TestVMCSIPluginKilledBetweenStageAndPublish(t *testing.T) {
 	d := startCSI(t, nil)
 	dir := t.TempDir()
@@ -359,6 +360,19 @@ func TestVMCSIPluginKilledBetweenStageAndPublish(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(target, "after"), []byte("after"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+
+	// A stop (SIGTERM) of a node plugin is a handover: the pod's volume
+	// stays attached and usable with no daemon at all, its engine kept.
+	d.p.Stop(t)
+	if vmharness.DeviceFree(index) {
+		t.Fatalf("%s detached by the node plugin's stop", dev)
+	}
+	if err := os.WriteFile(filepath.Join(target, "while-stopped"), bytes.Repeat([]byte("x"), 1<<20), 0o644); err != nil {
+		t.Fatalf("write with the node plugin stopped: %v", err)
+	}
+	unix.Sync()
+	d.p.Launch(t)
+	waitUntil(t, 30*time.Second, "the node plugin back after its stop", func() bool { return d.volumeDevice(t, id) == dev })
 	d.unpublish(t, id, target)
 	d.unstage(t, id, staging)
 	if !vmharness.DeviceFree(index) {
