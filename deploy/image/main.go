@@ -508,7 +508,7 @@ func layer(mtime time.Time, base, files []entry) ([]byte, error) {
 	slices.Sort(names)
 
 	var buf bytes.Buffer
-	zw, err := gzip.NewWriterLevel(&buf, gzip.BestCompression)
+	zw, err := gzip.NewWriterLevel(&buf, gzip.DefaultCompression)
 	if err != nil {
 		return nil, fmt.Errorf("layer: %w", err)
 	}
@@ -601,7 +601,9 @@ func image(o options, pkgs []debPkg, debLayer, binLayer []byte) (v1.ImageIndex, 
 	}
 	desc := v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: o.arch}}
 	if o.ref != "" {
-		desc.Annotations = map[string]string{"org.opencontainers.image.ref.name": o.ref}
+		// The OCI name, which podman load reads, and containerd's (ctr
+		// images import), both the full reference.
+		desc.Annotations = map[string]string{"org.opencontainers.image.ref.name": o.ref, "io.containerd.image.name": o.ref}
 	}
 	idx := mutate.IndexMediaType(empty.Index, types.OCIImageIndex)
 	return mutate.AppendManifests(idx, mutate.IndexAddendum{Add: img, Descriptor: desc}), nil

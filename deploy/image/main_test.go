@@ -365,7 +365,8 @@ func TestBuildIsReproducible(t *testing.T) {
 		t.Fatalf("validate: %v", err)
 	}
 	im, _ := idx.IndexManifest()
-	if n := len(im.Manifests); n != 1 || im.Manifests[0].Annotations["org.opencontainers.image.ref.name"] != o.ref {
+	if n := len(im.Manifests); n != 1 || im.Manifests[0].Annotations["org.opencontainers.image.ref.name"] != o.ref ||
+		im.Manifests[0].Annotations["io.containerd.image.name"] != o.ref {
 		t.Fatalf("index: %+v", im)
 	}
 	img, err := idx.Image(im.Manifests[0].Digest)
