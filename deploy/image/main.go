@@ -172,6 +172,9 @@ func build(o options, stdout io.Writer) error {
 
 	var bins []entry
 	for _, b := range o.binaries {
+		if b != path.Base(b) || b == "." || b == ".." {
+			return fmt.Errorf("binary %q: a file name in -bin-dir, not a path", b)
+		}
 		data, err := os.ReadFile(filepath.Join(o.binDir, b))
 		if err != nil {
 			return fmt.Errorf("binary: %w", err)
@@ -337,10 +340,10 @@ func (t *tree) addTar(r io.Reader, pkg string) error {
 		default:
 			return fmt.Errorf("%s: %s: tar entry type %q not supported", pkg, h.Name, h.Typeflag)
 		}
+		// Packages share directories; a file or link two ship must be
+		// the same in both.
 		if old, ok := t.files[name]; ok && (old.typ != e.typ || old.linkname != e.linkname || !bytes.Equal(old.data, e.data)) {
-			if old.typ != tar.TypeDir || e.typ != tar.TypeDir {
-				return fmt.Errorf("%s: %s is in %s too, and differs", pkg, name, old.pkg)
-			}
+			return fmt.Errorf("%s: %s is in %s too, and differs", pkg, name, old.pkg)
 		}
 		t.files[name] = e
 	}

@@ -52,7 +52,9 @@ b=$work/b/mvps-provisioner-image.tar
 digest_a=$(skopeo inspect --format '{{.Digest}}' "oci-archive:$a")
 digest_b=$(skopeo inspect --format '{{.Digest}}' "oci-archive:$b")
 echo "image-test: digests $digest_a $digest_b"
-if [ "$digest_a" = "$digest_b" ] && cmp -s "$a" "$b"; then
+if [ "$("$work/a/mvps-provisioner" --version)" != "$("$work/b/mvps-provisioner" --version)" ]; then
+	fail "the version changed between the builds (the tree was edited?): $("$work/a/mvps-provisioner" --version) vs $("$work/b/mvps-provisioner" --version)"
+elif [ "$digest_a" = "$digest_b" ] && cmp -s "$a" "$b"; then
 	pass "two builds, one image: $digest_a, archive sha256 $(sha256sum <"$a" | cut -c1-64)"
 else
 	fail "two builds differ: $digest_a vs $digest_b"
