@@ -4,16 +4,17 @@
 GO          ?= go
 STATICCHECK ?= $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the host-side tests need (libnbd's tools; promtool, from
-# prometheus, lints the metrics and tests the alert rules); the VM harness
+# prometheus, lints the metrics and tests the alert rules; podman, runc and
+# skopeo load, run and inspect the image in make image-test); the VM harness
 # installs its own.
-HOST_PACKAGES := libnbd-bin prometheus
+HOST_PACKAGES := libnbd-bin prometheus podman runc skopeo
 
 # The daemon's embedded default: the real engine when installed, otherwise
 # the stand-in built here.
 ENGINE ?= $(shell command -v mvps-te 2>/dev/null || echo $(CURDIR)/bin/mvps-te-dev)
 VAR    := $(CURDIR)/var
 
-.PHONY: fuzz all build install help test check deps lint unit rules integration run demo bench clean
+.PHONY: fuzz all build install help test check deps lint unit rules integration run demo bench clean image image-lock image-test
 
 all: build
 
@@ -30,6 +31,32 @@ LDFLAGS  := -X github.com/mvps-provisioner/mvps-provisioner/internal/version.ver
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(OUT)/ ./cmd/...
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(OUT)/example-client ./examples/client
+
+# The OCI image (docs/image.md): the binaries of IMAGE_CMDS that exist under
+# cmd/, as make build stamps them, plus mke2fs, blkid and modprobe from the
+# Debian packages pinned in deploy/image/debs.lock (fetched into
+# .cache/debs), built from scratch by deploy/image into an oci-archive:
+# podman load -i $(IMAGE). Every file's time and the image's created time
+# are SOURCE_DATE_EPOCH, the commit's time by default: the same commit and
+# packages give the same image digest.
+IMAGE_CMDS        := mvps-provisioner mvps-sidecar mvps-csi mvps-te-dev
+IMAGE_BINARIES     = $(foreach c,$(IMAGE_CMDS),$(if $(wildcard cmd/$(c)/*.go),$(c)))
+IMAGE             ?= $(OUT)/mvps-provisioner-image.tar
+IMAGE_REF         ?= localhost/mvps-provisioner:$(or $(VERSION),devel)
+IMAGE_SOURCE      ?= https://github.com/mvps-provisioner/mvps-provisioner
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
+
+image: build
+	bash deploy/image/debs.sh fetch .cache/debs
+	$(GO) run ./deploy/image -o $(IMAGE) -bin-dir $(OUT) -binaries "$(IMAGE_BINARIES)" \
+		-lock deploy/image/debs.lock -deb-dir .cache/debs -ref "$(IMAGE_REF)" \
+		-version "$(VERSION)" -revision "$(REVISION)" -source "$(IMAGE_SOURCE)" -created "$(SOURCE_DATE_EPOCH)"
+
+image-lock:
+	bash deploy/image/debs.sh lock
+
+image-test:
+	MAKE="$(MAKE)" IMAGE_BINARIES="$(IMAGE_BINARIES)" bash deploy/image/test.sh
 
 # make install [PREFIX=/usr/local] [DESTDIR=]: binaries in $(PREFIX)/bin, the
 # unit, the modules-load.d and modprobe.d entries under $(PREFIX)/lib
@@ -59,8 +86,11 @@ help:
 	@echo "make targets:"
 	@echo "  build        static binaries in bin/ (mvps-provisioner, mvps-te-dev, mvps-sidecar, example-client)"
 	@echo "  install      build, then install binaries, systemd unit and sample settings (PREFIX=$(PREFIX), DESTDIR=)"
+	@echo "  image        the OCI image, reproducibly, as an oci-archive: $(IMAGE) ($(IMAGE_REF)); docs/image.md"
+	@echo "  image-lock   move deploy/image/debs.lock to Debian's current versions of its packages"
+	@echo "  image-test   build the image twice (same digest?), then run its programs in podman"
 	@echo "  help         this list"
-	@echo "  test         what CI runs: deps, check, fuzz, integration, k8s-test"
+	@echo "  test         what CI runs: deps, check, image-test, fuzz, integration, k8s-test"
 	@echo "  check        lint, unit and rules: the fast first stage"
 	@echo "  deps         install the Debian packages the host tests need ($(HOST_PACKAGES))"
 	@echo "  lint         gofmt, go vet and staticcheck, with and without the vmtest tag"
@@ -76,7 +106,7 @@ help:
 
 # check (lint and unit tests, a couple of minutes) comes first, so that a
 # lint error fails in minutes, not after the VM suite.
-test: deps check fuzz integration k8s-test
+test: deps check image-test fuzz integration k8s-test
 
 check: lint unit rules
 

@@ -7,6 +7,10 @@
 // readiness line (and writes READY_FILE when set), then holds the
 // connection. SIGTERM or SIGINT unmounts and exits 0; losing the
 // provisioner exits 1 so that a supervisor restarts the sidecar.
+//
+// "mvps-sidecar check-config [flags]" reads the same flags and environment,
+// checks them without connecting or mounting anything, prints them and
+// exits 0, or names what is wrong and exits 2.
 package main
 
 import (
@@ -42,9 +46,11 @@ func parse(args []string, getenv func(string) string, stderr io.Writer) (config,
 	fs := flag.NewFlagSet("mvps-sidecar", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprint(stderr, "usage: mvps-sidecar --image-key KEY --mountpoint DIR --socket PATH [--ready-file FILE] [--timeout D]\n\n"+
+		fmt.Fprint(stderr, "usage: mvps-sidecar --image-key KEY --mountpoint DIR --socket PATH [--ready-file FILE] [--timeout D]\n"+
+			"       mvps-sidecar check-config [same flags]\n\n"+
 			"Holds the image KEY mounted at DIR until SIGTERM or SIGINT. Each flag may be given by the\n"+
-			"environment variable named with it; the flag wins.\n\n")
+			"environment variable named with it; the flag wins. check-config checks them offline, prints\n"+
+			"them and exits 0, or exits 2 naming what is wrong.\n\n")
 		fs.PrintDefaults()
 	}
 	fs.StringVar(&c.key, "image-key", getenv("IMAGE_KEY"), "image key to mount (required) [$IMAGE_KEY]")
@@ -72,7 +78,11 @@ func parse(args []string, getenv func(string) string, stderr io.Writer) (config,
 }
 
 func main() {
-	c, err := parse(os.Args[1:], os.Getenv, os.Stderr)
+	args := os.Args[1:]
+	if len(args) > 0 && args[0] == "check-config" {
+		os.Exit(checkConfig(args[1:], os.Getenv, os.Stdout, os.Stderr))
+	}
+	c, err := parse(args, os.Getenv, os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return
 	}
@@ -85,6 +95,46 @@ func main() {
 		os.Exit(2)
 	}
 	os.Exit(run(c))
+}
+
+// checkConfig is "mvps-sidecar check-config": the settings a start would
+// use, checked offline (nothing is created, dialled or mounted), so that a
+// pod spec or an image can be tried before it runs. 0 when they would do,
+// 2 with the reason otherwise.
+func checkConfig(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	c, err := parse(args, getenv, stderr)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errVersion):
+		fmt.Fprintln(stdout, "mvps-sidecar", version.Get())
+		return 0
+	case err == nil:
+		err = c.validate()
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "mvps-sidecar check-config:", err)
+		return 2
+	}
+	fmt.Fprintf(stdout, "ok       image key %s, mountpoint %s, socket %s, timeout %v", c.key, c.mountpoint, c.socket, c.timeout)
+	if c.readyFile != "" {
+		fmt.Fprintf(stdout, ", ready file %s", c.readyFile)
+	}
+	fmt.Fprintln(stdout)
+	return 0
+}
+
+// validate checks what parse leaves to the provisioner or to the first
+// system call: with an invalid key or a timeout that is not positive, a
+// start would fail every time.
+func (c config) validate() error {
+	if err := protocol.ValidateKey(c.key); err != nil {
+		return fmt.Errorf("IMAGE_KEY (--image-key): %w", err)
+	}
+	if c.timeout <= 0 {
+		return fmt.Errorf("--timeout %v: must be positive", c.timeout)
+	}
+	return nil
 }
 
 func run(c config) int {

@@ -5,6 +5,7 @@ package main
 import (
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -79,5 +80,78 @@ func TestNoMountPointLeftWhenTheProvisionerIsAway(t *testing.T) {
 	}
 	if _, err := os.Stat(existing); err != nil {
 		t.Fatalf("an existing mount point was removed: %v", err)
+	}
+}
+
+func TestCheckConfig(t *testing.T) {
+	env := map[string]string{"IMAGE_KEY": "vol", "MOUNTPOINT": "/data", "PROVISIONER_LISTEN_PATH": "/run/p.sock"}
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+		code int
+		out  string // in stdout on 0, in stderr otherwise
+	}{
+		{"valid from the environment", nil, env, 0, "ok       image key vol, mountpoint /data, socket /run/p.sock, timeout 2m0s\n"},
+		{"flags win", []string{"--image-key", "other", "--ready-file", "/tmp/r", "--timeout", "5s"}, env, 0,
+			"image key other, mountpoint /data, socket /run/p.sock, timeout 5s, ready file /tmp/r"},
+		{"missing socket", nil, map[string]string{"IMAGE_KEY": "vol", "MOUNTPOINT": "/data"}, 2, "PROVISIONER_LISTEN_PATH (--socket) is required"},
+		{"invalid key", []string{"--image-key", "a/etc"}, env, 2, "IMAGE_KEY (--image-key): image key has byte '/'"},
+		{"key too long", []string{"--image-key", strings.Repeat("k", 1000)}, env, 2, "IMAGE_KEY (--image-key): image key is 1000 bytes"},
+		{"zero timeout", []string{"--timeout", "0s"}, env, 2, "--timeout 0s: must be positive"},
+		{"bad duration", []string{"--timeout", "soon"}, env, 2, "invalid value"},
+		{"stray argument", []string{"extra"}, env, 2, `unexpected argument "extra"`},
+		{"version", []string{"--version"}, nil, 0, "mvps-sidecar "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr strings.Builder
+			code := checkConfig(tc.args, func(k string) string { return tc.env[k] }, &stdout, &stderr)
+			if code != tc.code {
+				t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", code, tc.code, stdout.String(), stderr.String())
+			}
+			where := stdout.String()
+			if code != 0 {
+				where = stderr.String()
+				if stdout.Len() != 0 {
+					t.Errorf("stdout on failure: %q", stdout.String())
+				}
+			}
+			if !strings.Contains(where, tc.out) {
+				t.Errorf("want %q in %q", tc.out, where)
+			}
+		})
+	}
+}
+
+// The command line dispatches check-config before the sidecar's own
+// parse: run as a process, it exits with checkConfig's code, and never
+// tries to mount.
+func TestCheckConfigCommand(t *testing.T) {
+	if os.Getenv("MVPS_SIDECAR_TEST_MAIN") == "1" {
+		os.Args = []string{"mvps-sidecar", "check-config"}
+		main()
+		return
+	}
+	for _, tc := range []struct {
+		key  string
+		code int
+	}{{"vol", 0}, {"bad/key", 2}} {
+		base := t.TempDir()
+		cmd := exec.Command(os.Args[0], "-test.run=^TestCheckConfigCommand$")
+		cmd.Env = append(os.Environ(), "MVPS_SIDECAR_TEST_MAIN=1", "IMAGE_KEY="+tc.key,
+			"MOUNTPOINT="+filepath.Join(base, "mnt"), "PROVISIONER_LISTEN_PATH="+filepath.Join(base, "nobody.sock"))
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if code != tc.code {
+			t.Errorf("key %q: exit %d, want %d\n%s", tc.key, code, tc.code, out)
+		}
+		if _, err := os.Stat(filepath.Join(base, "mnt")); !os.IsNotExist(err) {
+			t.Errorf("key %q: check-config made the mount point (%v)", tc.key, err)
+		}
 	}
 }
