@@ -125,6 +125,12 @@ for b in $binaries; do
 		run_opts=(-e IMAGE_KEY=a/b -e MOUNTPOINT=/data/disk -e PROVISIONER_LISTEN_PATH=/run/mvps/provisioner.sock)
 		in_image 2 "IMAGE_KEY \\(--image-key\\)" mvps-sidecar check-config
 		;;
+	mvps-csi)
+		run_opts=(-e CSI_ENDPOINT=unix:///csi/csi.sock -e PROVISIONER_IMAGES_CM=mvps-system/mvps-images)
+		in_image 0 "^configuration OK" mvps-csi check-config
+		run_opts=(-e CSI_ENDPOINT=tcp://0.0.0.0:9000 -e PROVISIONER_IMAGES_CM=mvps-system/mvps-images)
+		in_image 78 "CSI_ENDPOINT \\(--endpoint\\)" mvps-csi check-config
+		;;
 	mvps-te-dev)
 		# The dev engine has no check-config: its settings are mvps-te's
 		# environment. A start without a JWT secret must fail on that.
