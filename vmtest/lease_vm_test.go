@@ -169,17 +169,23 @@ func logTime(t *testing.T, p *vmharness.Provisioner, msg string) time.Time {
 	return time.Time{}
 }
 
-// csiSecondNode: two node plugins with their own node identities, one
-// image store: while the first has the volume staged, the second's stage
-// is refused (the Lease is the first's); once the first unstages, the
-// second stages it and finds what the first wrote.
+// csiSecondNode: two node plugins with their own node identities and one
+// engine, as two nodes share the object store (an engine lets two client
+// ids write one image: only the Lease keeps the second out). While the
+// first has the volume staged, the second's stage is refused; once the
+// first unstages, the second stages it and finds what the first wrote.
 func csiSecondNode(t *testing.T, kubeconfig string) {
-	store := t.TempDir()
+	e := startEngine(t)
+	secretFile := filepath.Join(t.TempDir(), "jwt-secret")
+	if err := os.WriteFile(secretFile, append(e.Secret, '\n'), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	nodes := make([]*csiDriver, 2)
 	for i, name := range []string{"node-a", "node-b"} {
 		nodes[i] = startCSI(t, map[string]string{
 			"KUBECONFIG": kubeconfig, "PROVISIONER_LEASES": "true", "PROVISIONER_LEASE_NAMESPACE": "mvps-system",
-			"PROVISIONER_NODE_NAME": name, "MVPS_TE_IMAGE_STORE_LOCAL_PATH": store,
+			"PROVISIONER_NODE_NAME": name, "PROVISIONER_ENGINE_EXTERNAL": "true", "PROVISIONER_ENGINE_LISTEN": e.Listen,
+			"PROVISIONER_ENGINE_SECRET_FILE": secretFile, "MVPS_TE_JWT_SECRET": "", "PROVISIONER_ENGINE_BIN": "/nonexistent/mvps-te",
 		})
 	}
 	a, b := nodes[0], nodes[1]
