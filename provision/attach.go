@@ -28,6 +28,11 @@ type Request struct {
 	// Received is when the request arrived, for the attach's timing; zero
 	// is when Attach is called.
 	Received time.Time
+	// Accepted, when set, is when the caller's connection was accepted:
+	// the attach's timing then starts there, with a first phase "accept"
+	// up to Received (the caller's credentials, and the wait for its
+	// request), so that the daemon's own work before the request shows.
+	Accepted time.Time
 }
 
 // Mode names the request's mode, as image configs and the metrics do.
@@ -201,6 +206,10 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	}
 	// Parsing, the image config, the checks, the reservation, the lock.
 	sp := newSpans(req.Received)
+	if !req.Accepted.IsZero() && !req.Accepted.After(req.Received) {
+		sp = newSpans(req.Accepted)
+		sp.markAt("accept", req.Received)
+	}
 	sp.mark("request")
 	// Recorded before the kernel attach, so that a crash in the middle
 	// leaves a device the next start knows to be ours; written while the
