@@ -336,8 +336,11 @@ func authorize(caller Caller, key string, image imageconfig.Config, mode string)
 // step in sp. The kernel attach waits for recorded, the result of the
 // first state record's write; attach always receives it, so that the
 // record is written (or known not to be) when attach returns. The record of
-// the device's index is written while the device is opened; its result is
-// recordErr, and a device attached without it must be detached.
+// the device's index is written once the device is open, in this goroutine:
+// a goroutine of its own, to write it while the device opens, cost more
+// than it saved (a hand-off to another thread and back, for a write of a
+// few hundred bytes). Its result is recordErr, and a device attached
+// without it must be detached.
 func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded <-chan error) (dev *nbddev.Device, recordErr, err error) {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.AttachTimeout)
 	defer cancel()
@@ -351,22 +354,12 @@ func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded
 		return nil, nil, recordErr
 	}
 	sp.mark("record")
-	var indexRecorded chan error
-	trace := &nbddev.Trace{Connected: func(index uint32) {
-		sp.mark("connect")
-		indexRecorded = make(chan error, 1)
-		go func() { indexRecorded <- m.record(a, int64(index)) }()
-	}}
+	trace := &nbddev.Trace{Connected: func(uint32) { sp.mark("connect") }}
 	dev, err = m.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, m.cfg.Engine.BackendID(a.imageID))
-	switch {
-	case indexRecorded != nil:
-		recordErr = <-indexRecorded
-	case err == nil: // a device layer that does not report
-		recordErr = m.record(a, int64(dev.Index))
-	}
 	if err != nil {
 		return nil, nil, failf(ErrAttachFailed, "%w", err)
 	}
+	recordErr = m.record(a, int64(dev.Index))
 	sp.mark("open")
 	return dev, recordErr, nil
 }
