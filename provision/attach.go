@@ -74,6 +74,7 @@ func (at *Attached) Detached() <-chan struct{} { return at.a.done }
 func (at *Attached) Delivered(m *Manager) {
 	a := at.a
 	at.sp.mark("reply")
+	m.cfg.Engine.Refill()
 	took := time.Since(at.sp.start)
 	attrs := []any{"image_id", a.imageID, "key", a.key, "device", at.Device, "mode", a.mode,
 		"formatted", at.Formatted, "owner", a.owner.Kind, "caller_pid", a.caller.PID, "caller_uid", a.caller.UID,
@@ -353,11 +354,6 @@ func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded
 		return nil, nil, recordErr
 	}
 	sp.mark("record")
-	// The spare for the next attach is dialed now, while the kernel's
-	// connect waits out its RCU grace period with the CPUs idle, rather
-	// than after the reply, where the dial, the engine's accept and its
-	// log line would compete with the caller taking its fd.
-	m.cfg.Engine.Refill()
 	trace := &nbddev.Trace{Connected: func(uint32) { sp.mark("connect") }}
 	dev, err = m.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, m.cfg.Engine.BackendID(a.imageID))
 	if err != nil {

@@ -84,8 +84,7 @@ type Engine interface {
 	Open(ctx context.Context, s engine.Session) (net.Conn, handshake.Export, error)
 	// BackendID names an image's devices in the kernel's records.
 	BackendID(imageID string) string
-	// Refill prepares for more sessions once one was opened (before its
-	// device is attached).
+	// Refill prepares for more sessions after one was opened.
 	Refill()
 	// Drop forgets what was prepared for an engine that is gone.
 	Drop()

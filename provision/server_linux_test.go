@@ -754,31 +754,3 @@ func TestAttachPhasesStartAtAccept(t *testing.T) {
 		t.Fatalf("phases %q, want the steps %q", phases, want)
 	}
 }
-
-// The spare for the next attach is dialed while the kernel attaches the
-// device, before the reply: not in the caller's time after it.
-func TestEngineSpareDialedDuringKernelAttach(t *testing.T) {
-	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Sessions.Spares = 1 })
-	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
-	gate := make(chan struct{})
-	ts.Devices.Mu.Lock()
-	ts.Devices.Gate = gate
-	ts.Devices.Mu.Unlock()
-	type result struct {
-		a   *protocol.Attachment
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		a, err := protocol.Attach(context.Background(), ts.Socket, "vol")
-		done <- result{a, err}
-	}()
-	waitFor(t, func() bool { return ts.Sessions.Idle() == 1 })
-	close(gate)
-	r := <-done
-	if r.err != nil {
-		t.Fatal(r.err)
-	}
-	r.a.Close()
-	ts.Devices.WaitDetaches(t, 1)
-}

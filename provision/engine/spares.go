@@ -88,9 +88,8 @@ func (s *Spares) Dial(ctx context.Context) (net.Conn, error) {
 }
 
 // Refill dials spares in the background up to the maximum; call it once an
-// attach has its session, while the kernel attaches the device: that wait
-// (an RCU grace period) leaves the CPUs idle, so the dial competes neither
-// with the session's handshake nor with the reply to the caller.
+// attach is done, so that the next one finds a spare without the dial
+// competing with this one.
 func (s *Spares) Refill() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
