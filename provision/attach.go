@@ -28,6 +28,11 @@ type Request struct {
 	// Received is when the request arrived, for the attach's timing; zero
 	// is when Attach is called.
 	Received time.Time
+	// Accepted, when set, is when the caller's connection was accepted:
+	// the attach's timing then starts there, with a first phase "accept"
+	// up to Received (the caller's credentials, and the wait for its
+	// request), so that the daemon's own work before the request shows.
+	Accepted time.Time
 }
 
 // Mode names the request's mode, as image configs and the metrics do.
@@ -201,6 +206,10 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	}
 	// Parsing, the image config, the checks, the reservation, the lock.
 	sp := newSpans(req.Received)
+	if !req.Accepted.IsZero() && !req.Accepted.After(req.Received) {
+		sp = newSpans(req.Accepted)
+		sp.markAt("accept", req.Received)
+	}
 	sp.mark("request")
 	// Recorded before the kernel attach, so that a crash in the middle
 	// leaves a device the next start knows to be ours; written while the
@@ -327,8 +336,11 @@ func authorize(caller Caller, key string, image imageconfig.Config, mode string)
 // step in sp. The kernel attach waits for recorded, the result of the
 // first state record's write; attach always receives it, so that the
 // record is written (or known not to be) when attach returns. The record of
-// the device's index is written while the device is opened; its result is
-// recordErr, and a device attached without it must be detached.
+// the device's index is written once the device is open, in this goroutine:
+// a goroutine of its own, to write it while the device opens, cost more
+// than it saved (a hand-off to another thread and back, for a write of a
+// few hundred bytes). Its result is recordErr, and a device attached
+// without it must be detached.
 func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded <-chan error) (dev *nbddev.Device, recordErr, err error) {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.AttachTimeout)
 	defer cancel()
@@ -342,22 +354,12 @@ func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded
 		return nil, nil, recordErr
 	}
 	sp.mark("record")
-	var indexRecorded chan error
-	trace := &nbddev.Trace{Connected: func(index uint32) {
-		sp.mark("connect")
-		indexRecorded = make(chan error, 1)
-		go func() { indexRecorded <- m.record(a, int64(index)) }()
-	}}
+	trace := &nbddev.Trace{Connected: func(uint32) { sp.mark("connect") }}
 	dev, err = m.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, m.cfg.Engine.BackendID(a.imageID))
-	switch {
-	case indexRecorded != nil:
-		recordErr = <-indexRecorded
-	case err == nil: // a device layer that does not report
-		recordErr = m.record(a, int64(dev.Index))
-	}
 	if err != nil {
 		return nil, nil, failf(ErrAttachFailed, "%w", err)
 	}
+	recordErr = m.record(a, int64(dev.Index))
 	sp.mark("open")
 	return dev, recordErr, nil
 }

@@ -266,11 +266,13 @@ type spans struct {
 func newSpans(start time.Time) *spans { return &spans{start: start, last: start} }
 
 // mark ends the step named name.
-func (sp *spans) mark(name string) {
+func (sp *spans) mark(name string) { sp.markAt(name, time.Now()) }
+
+// markAt ends the step named name at now.
+func (sp *spans) markAt(name string, now time.Time) {
 	if sp == nil {
 		return // not timed (a reconnect)
 	}
-	now := time.Now()
 	sp.steps = append(sp.steps, fmt.Sprintf("%s=%.2fms", name, float64(now.Sub(sp.last))/float64(time.Millisecond)))
 	sp.phases = append(sp.phases, phase{name, now.Sub(sp.last)})
 	sp.last = now

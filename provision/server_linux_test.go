@@ -724,3 +724,33 @@ func holdInDetach(t *testing.T, ts *provisiontest.Server, key, imageID string) c
 	waitFor(t, func() bool { return stateOf(ts, imageID) == provision.StateDetaching })
 	return gate
 }
+
+// The attach's timing starts at the accept of the caller's connection: the
+// "attached" line's phases begin with accept, then the daemon's own steps
+// in the order it takes them.
+func TestAttachPhasesStartAtAccept(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	var phases string
+	waitFor(t, func() bool {
+		for line := range strings.SplitSeq(ts.Logs(), "\n") {
+			if strings.Contains(line, "msg=attached") {
+				_, phases, _ = strings.Cut(line, `phases="`)
+				phases, _, _ = strings.Cut(phases, `"`)
+				return true
+			}
+		}
+		return false
+	})
+	var names []string
+	for f := range strings.FieldsSeq(phases) {
+		name, _, _ := strings.Cut(f, "=")
+		names = append(names, name)
+	}
+	want := "accept request token dial handshake probe record connect open reply"
+	if got := strings.Join(names, " "); got != want {
+		t.Fatalf("phases %q, want the steps %q", phases, want)
+	}
+}

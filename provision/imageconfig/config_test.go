@@ -295,3 +295,60 @@ func TestLoadImageConfigNotRegular(t *testing.T) {
 		}
 	}
 }
+
+// readAtMost reads the whole file whatever fstat said of its size, and
+// stops one byte past the limit.
+func TestReadAtMost(t *testing.T) {
+	dir := t.TempDir()
+	const limit = 100
+	for _, tt := range []struct {
+		size     int
+		hint     int64
+		wantSize int
+	}{
+		{0, 0, 0},
+		{10, 10, 10},
+		{10, 0, 10},  // the file grew after its fstat
+		{90, 3, 90},  // grew by more than the buffer doubles at once
+		{10, 50, 10}, // shrank
+		{100, 100, 100},
+		{101, 101, 101},
+		{5000, 5000, 101}, // too long: one byte past the limit tells
+		{5000, 0, 101},
+	} {
+		want := make([]byte, tt.size)
+		for i := range want {
+			want[i] = byte(i)
+		}
+		p := filepath.Join(dir, "f")
+		if err := os.WriteFile(p, want, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := readAtMost(int(f.Fd()), tt.hint, limit)
+		f.Close()
+		if err != nil || string(got) != string(want[:tt.wantSize]) {
+			t.Errorf("size %d, hint %d: got %d bytes (%v), want the first %d", tt.size, tt.hint, len(got), err, tt.wantSize)
+		}
+	}
+}
+
+func TestLoadImageConfigTooLarge(t *testing.T) {
+	dir := t.TempDir()
+	big := `{"image_id": "a.mvps-image", "image_size": 4096}` + strings.Repeat(" ", maxConfigFileSize)
+	if err := os.WriteFile(filepath.Join(dir, "big"), []byte(big), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(dir, "big"); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("err = %v, want ErrInvalid: larger than", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ok"), []byte(big[:len(big)-maxConfigFileSize+10]), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(dir, "ok"); err != nil {
+		t.Fatalf("a config with trailing blanks: %v", err)
+	}
+}

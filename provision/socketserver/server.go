@@ -104,7 +104,8 @@ func (s *Server) Serve(ln UnixListener) error {
 	err := s.conns.Serve(acceptloop.Loop[*callerConn]{
 		Listener: ln,
 		Accept: acceptloop.Wrapped(ln.AcceptUnix, func(conn *net.UnixConn) *callerConn {
-			return &callerConn{UnixConn: conn, caller: peerCredentials(conn)}
+			accepted := time.Now()
+			return &callerConn{UnixConn: conn, caller: peerCredentials(conn), accepted: accepted}
 		}),
 		Admit: func(c *callerConn) bool {
 			reason := s.admit(c.caller)
@@ -117,7 +118,7 @@ func (s *Server) Serve(ln UnixListener) error {
 			return reason == ""
 		},
 		Abandon: func(c *callerConn) { s.requestDone(c.caller) },
-		Handle:  func(c *callerConn) { s.serveConn(c.UnixConn, c.caller) },
+		Handle:  func(c *callerConn) { s.serveConn(c.UnixConn, c.caller, c.accepted) },
 		Retrying: func(err error, pause time.Duration) {
 			// Out of fds, say: callers queue in the listen backlog
 			// meanwhile.
@@ -131,10 +132,11 @@ func (s *Server) Serve(ln UnixListener) error {
 }
 
 // callerConn is a caller's connection with the credentials it connected
-// with.
+// with, and when it was accepted.
 type callerConn struct {
 	*net.UnixConn
-	caller provision.Caller
+	caller   provision.Caller
+	accepted time.Time
 }
 
 // admit counts a new connection as waiting for its request, or says why it
@@ -167,8 +169,9 @@ func (s *Server) requestDone(caller provision.Caller) {
 var errHungUp = errors.New("connection closed")
 
 // serveConn handles one caller: one request, then, on success, the life of
-// the attachment, which ends with the connection.
-func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller) {
+// the attachment, which ends with the connection. accepted is when the
+// connection was accepted, for the attach's timing.
+func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller, accepted time.Time) {
 	msg, fds, err := protocol.ReadRequest(conn, time.Now().Add(s.cfg.RequestTimeout))
 	// The connection counts as waiting until it has its answer: a request
 	// waiting for an image's previous detach holds a descriptor as long
@@ -216,7 +219,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller) {
 		reject(parsed.Key, err)
 		return
 	}
-	req := provision.Request{Key: parsed.Key, Received: received}
+	req := provision.Request{Key: parsed.Key, Received: received, Accepted: accepted}
 	switch len(fds) {
 	case 0:
 	case 2:

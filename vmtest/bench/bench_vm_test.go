@@ -4,6 +4,7 @@ package bench
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -519,6 +520,7 @@ func (b *bench) attachRows() {
 	var plat, pdet []time.Duration
 	stopPerf = b.perf("floor and provisioner fd")
 	stopTrace := b.ktrace("floor and provisioner fd")
+	quiet := b.quietWatch()
 	for i := range b.n {
 		t0 := time.Now()
 		f, idx, err := b.floorAttach("a-floor.mvps-image", imageSize, b.floorSteps)
@@ -530,6 +532,7 @@ func (b *bench) attachRows() {
 		t1 := time.Now()
 		b.nl.Disconnect(idx)
 		det = append(det, b.waitFree(idx).Sub(t1))
+		quiet.wait(1, 0)
 
 		t0 = time.Now()
 		a, err := protocol.Attach(context.Background(), b.p.Socket, "a-fd")
@@ -541,6 +544,7 @@ func (b *bench) attachRows() {
 		t1 = time.Now()
 		a.Close()
 		pdet = append(pdet, b.waitFree(idx).Sub(t1))
+		quiet.wait(1, 1)
 	}
 	stopTrace()
 	stopPerf()
@@ -552,7 +556,9 @@ func (b *bench) attachRows() {
 	b.res.Detach["floor: netlink disconnect to free"] = stats(det)
 	b.res.Attach["provisioner fd"] = stats(plat)
 	b.res.Detach["provisioner fd: caller close to free"] = stats(pdet)
-	b.res.Phases["fd"] = phases(b.p.Log()[logStart:], "fd")
+	fdLog := b.p.Log()[logStart:]
+	b.res.Phases["fd"] = phases(fdLog, "fd")
+	b.res.Outside = outside(plat, fdLog, "fd")
 	b.logf("floor: %v; provisioner fd: %v", b.res.Attach["floor"], b.res.Attach["provisioner fd"])
 
 	// (d) mount mode: the first attach formats, the rest mount what is there; interleaved, cycle
@@ -599,8 +605,10 @@ func (b *bench) attachRows() {
 		b.nl.Disconnect(idx)
 		return d, b.waitFree(idx).Sub(t2)
 	}
+	quiet = b.quietWatch()
 	first, _ := mountCycle()
 	b.res.Attach["provisioner mount, first (mkfs)"] = stats([]time.Duration{first})
+	quiet.wait(1, 1)
 	logStart = len(b.p.Log())
 	lat, det = nil, nil
 	var flat, fdet []time.Duration
@@ -608,9 +616,11 @@ func (b *bench) attachRows() {
 		d, dd := floorMountCycle()
 		flat = append(flat, d)
 		fdet = append(fdet, dd)
+		quiet.wait(1, 0)
 		d, dd = mountCycle()
 		lat = append(lat, d)
 		det = append(det, dd)
+		quiet.wait(1, 1)
 	}
 	b.res.Attach["floor + mount(2)"] = stats(flat)
 	b.res.Detach["floor + mount(2): umount + netlink disconnect to free"] = stats(fdet)
@@ -721,6 +731,101 @@ var mountStepsRe = regexp.MustCompile(`msg=attached .*mode=mount.* mount_steps="
 // mountSteps gives the medians per step of the mount phase; a step that not every attach took
 // (mke2fs) has the median of those that took it.
 func mountSteps(log []byte) map[string]float64 { return stepMedians(log, mountStepsRe, "") }
+
+// outside is, cycle by cycle, the caller's time (lat, in the order of the attaches) minus the
+// sum of the daemon's phases of the same attach, from the "attached" lines of mode in log.
+// The median of those differences, unlike the difference of the medians, is not inflated by
+// the skew of each phase's spread. Empty if the lines do not match the cycles one to one.
+func outside(lat []time.Duration, log []byte, mode string) dist {
+	var sums []time.Duration
+	for line := range strings.SplitSeq(string(log), "\n") {
+		m := attachedRe.FindStringSubmatch(line)
+		if m == nil || m[1] != mode {
+			continue
+		}
+		var sum time.Duration
+		for _, p := range phaseRe.FindAllStringSubmatch(m[2], -1) {
+			ms, _ := strconv.ParseFloat(p[2], 64)
+			sum += time.Duration(ms * float64(time.Millisecond))
+		}
+		sums = append(sums, sum)
+	}
+	if len(sums) != len(lat) {
+		return dist{}
+	}
+	d := make([]time.Duration, len(lat))
+	for i := range lat {
+		d[i] = lat[i] - sums[i]
+	}
+	return stats(d)
+}
+
+// quietLog follows the daemon's log for the ends of the attach rows' cycles: the engine's
+// line at the close of a session connection (relayed by the daemon) and the daemon's
+// "detached" line.
+type quietLog struct {
+	b                *bench
+	f                *os.File
+	off              int64
+	closed, detached int // seen since the start
+	wantC, wantD     int // waited for so far
+}
+
+// quietWatch follows the log from its present end.
+func (b *bench) quietWatch() *quietLog {
+	f, err := os.Open(b.p.LogPath)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	b.t.Cleanup(func() { f.Close() })
+	st, err := f.Stat()
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	return &quietLog{b: b, f: f, off: st.Size()}
+}
+
+// wait returns once closed more engine connections have closed and detached more devices
+// have been detached (by the daemon's log) than at the last wait, or after 5 s. An attach
+// row's cycle starts on a quiet host: the last cycle's detach, in the daemon and in the
+// engine, is over. Without it the tail of each cycle's detach (the daemon's bookkeeping and
+// log lines, the engine's close of the session and its log line, which the daemon parses)
+// ran into the next cycle, of the other row, so that each row paid part of the other's
+// detach; a caller that attaches on a quiet host pays neither.
+func (q *quietLog) wait(closed, detached int) {
+	q.wantC += closed
+	q.wantD += detached
+	deadline := time.Now().Add(5 * time.Second)
+	buf := make([]byte, 64<<10)
+	for {
+		n, _ := q.f.ReadAt(buf, q.off)
+		if end := bytes.LastIndexByte(buf[:n], '\n') + 1; end > 0 {
+			for line := range strings.SplitSeq(string(buf[:end]), "\n") {
+				switch {
+				case engineClosedRe.MatchString(line):
+					q.closed++
+				case strings.Contains(line, "msg=detached"):
+					q.detached++
+				}
+			}
+			q.off += int64(end)
+			continue
+		}
+		if n == len(buf) { // a line longer than buf: none of ours
+			q.off += int64(n)
+			continue
+		}
+		if q.closed >= q.wantC && q.detached >= q.wantD {
+			return
+		}
+		if time.Now().After(deadline) {
+			q.b.logf("quiet: still waiting for %d engine closes and %d detaches after 5 s; going on", q.wantC-q.closed, q.wantD-q.detached)
+			q.closed, q.detached = q.wantC, q.wantD
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
 
 // phasesRe picks the phases of the daemon's "attached" lines.
 var (
@@ -1074,10 +1179,12 @@ type tpRow struct {
 }
 
 type results struct {
-	Machine       map[string]string               `json:"machine"`
-	N             int                             `json:"n"`
-	Attach        map[string]dist                 `json:"attach"`
-	Phases        map[string]map[string]float64   `json:"phases_p50_ms"`
+	Machine map[string]string             `json:"machine"`
+	N       int                           `json:"n"`
+	Attach  map[string]dist               `json:"attach"`
+	Phases  map[string]map[string]float64 `json:"phases_p50_ms"`
+	// Outside is, per fd cycle, the caller's time minus the sum of the daemon's phases.
+	Outside       dist                            `json:"fd_outside_phases,omitzero"`
 	MountSteps    map[string]float64              `json:"mount_steps_p50_ms,omitempty"`
 	EngineIO      map[string]ioCount              `json:"engine_io_per_cycle,omitempty"`
 	Detach        map[string]dist                 `json:"detach"`
@@ -1169,13 +1276,9 @@ func (r *results) print(w io.Writer) {
 	if fm := r.Attach["floor + mount(2)"].P50; fm > 0 {
 		p("   provisioner mount / (floor + mount(2)) (p50): %s, %+.2f ms", ratio(r.Attach["provisioner mount"].P50, fm), r.Attach["provisioner mount"].P50-fm)
 	}
-	if ph := r.Phases["fd"]; len(ph) > 0 {
-		sum := 0.0
-		for _, v := range ph {
-			sum += v
-		}
-		p("   outside the daemon's phases (caller's socket and request, accept, fd delivery; p50 minus their sum): %.2f ms",
-			r.Attach["provisioner fd"].P50-sum)
+	if o := r.Outside; o.N > 0 {
+		p("   outside the daemon's phases (the caller's connect and request up to the accept, the fd's delivery;")
+		p("   per cycle, the caller's time minus the sum of the daemon's phases): p50 %.2f ms, p90 %.2f ms, n=%d", o.P50, o.P90, o.N)
 	}
 	if len(r.EngineIO) > 0 {
 		p("   engine requests per cycle (median over the row; one connection: attach, detach)")
@@ -1257,7 +1360,7 @@ func kib2mib(s string) string {
 
 // phaseOrder is the order an attach takes its steps in, the floor's and the
 // daemon's together.
-var phaseOrder = []string{"request", "token", "dial", "handshake", "probe", "record", "connect", "size", "open", "mount", "reply"}
+var phaseOrder = []string{"accept", "request", "token", "dial", "handshake", "probe", "record", "connect", "size", "open", "mount", "reply"}
 
 // mountStepOrder is the order of the steps of the daemon's mount phase (provision/mount.Steps).
 var mountStepOrder = []string{"superblock", "blkid", "fresh", "mke2fs", "fsconfig", "fsmount", "root", "thread", "setns", "move"}
