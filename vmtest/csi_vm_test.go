@@ -199,6 +199,21 @@ func (d *csiDriver) unpublish(t *testing.T, id, target string) {
 	}
 }
 
+// kubeletPaths makes a staging directory, as the kubelet does, and names
+// up to two target paths beside it, which the node plugin makes.
+func kubeletPaths(t *testing.T, target, other string) (staging, targetPath, otherPath string) {
+	t.Helper()
+	dir := t.TempDir()
+	staging = filepath.Join(dir, "staging")
+	if err := os.Mkdir(staging, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if other != "" {
+		otherPath = filepath.Join(dir, other)
+	}
+	return staging, filepath.Join(dir, target), otherPath
+}
+
 // volumeDevice is the device the daemon holds for volume id ("" if none),
 // from its admin status.
 func (d *csiDriver) volumeDevice(t *testing.T, id string) string {
@@ -217,11 +232,7 @@ func (d *csiDriver) volumeDevice(t *testing.T, id string) string {
 // data is there. Every call made twice answers the same.
 func TestVMCSIStagePublishTwiceAndStageAgain(t *testing.T) {
 	d := startCSI(t, nil)
-	dir := t.TempDir()
-	staging, rw, ro := filepath.Join(dir, "staging"), filepath.Join(dir, "pod-a"), filepath.Join(dir, "pod-b")
-	if err := os.Mkdir(staging, 0o750); err != nil {
-		t.Fatal(err)
-	}
+	staging, rw, ro := kubeletPaths(t, "pod-a", "pod-b")
 	id := d.create(t, "pvc-lifecycle", 64<<20, mountCap)
 	if again := d.create(t, "pvc-lifecycle", 64<<20, mountCap); again != id {
 		t.Fatalf("CreateVolume again: volume %s, first %s", again, id)
@@ -288,9 +299,7 @@ func TestVMCSIStagePublishTwiceAndStageAgain(t *testing.T) {
 // written, unstaged and staged again: the bytes are there.
 func TestVMCSIBlockVolume(t *testing.T) {
 	d := startCSI(t, nil)
-	dir := t.TempDir()
-	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "dev")
-	os.Mkdir(staging, 0o750)
+	staging, target, _ := kubeletPaths(t, "dev", "")
 	id := d.create(t, "pvc-block", 16<<20, blockCap)
 	data := bytes.Repeat([]byte{0xA5, 0x5A, 0x01, 0xFE}, 1<<18)
 	for round := range 2 {
@@ -326,9 +335,7 @@ func TestVMCSIBlockVolume(t *testing.T) {
 // leaves the volume attached and writable, and its next start unstages it.
 func TestVMCSIPluginKilledBetweenStageAndPublish(t *testing.T) {
 	d := startCSI(t, nil)
-	dir := t.TempDir()
-	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "pod")
-	os.Mkdir(staging, 0o750)
+	staging, target, _ := kubeletPaths(t, "pod", "")
 	id := d.create(t, "pvc-restart", 64<<20, mountCap)
 	d.stage(t, id, staging, mountCap)
 	dev := d.volumeDevice(t, id)

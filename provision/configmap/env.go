@@ -69,13 +69,9 @@ func RESTConfigFromEnv() (*rest.Config, error) {
 // log lines (klog) to log, so the daemon has one log format; that setting
 // is process-wide, which suits the daemon and nothing else.
 func NewFromEnv(ctx context.Context, ref string, log *slog.Logger, opts ...Option) (*Source, error) {
-	namespace, name, err := ParseRef(ref)
+	namespace, name, cfg, err := refFromEnv(ref)
 	if err != nil {
-		return nil, fmt.Errorf("PROVISIONER_IMAGES_CM: %w", err)
-	}
-	cfg, err := RESTConfigFromEnv()
-	if err != nil {
-		return nil, fmt.Errorf("PROVISIONER_IMAGES_CM %s: %w", ref, err)
+		return nil, err
 	}
 	cfg.UserAgent = "mvps-provisioner"
 	client, err := NewRESTClient(cfg, namespace)
@@ -86,4 +82,18 @@ func NewFromEnv(ctx context.Context, ref string, log *slog.Logger, opts ...Optio
 		klog.SetSlogLogger(log.With("component", "client-go"))
 	}
 	return New(ctx, client, namespace, name, log, append([]Option{WithServer(cfg.Host)}, opts...)...)
+}
+
+// refFromEnv parses PROVISIONER_IMAGES_CM's ref and finds the connection
+// to its API server (RESTConfigFromEnv); its errors name the setting.
+func refFromEnv(ref string) (namespace, name string, cfg *rest.Config, err error) {
+	namespace, name, err = ParseRef(ref)
+	if err != nil {
+		return "", "", nil, fmt.Errorf("PROVISIONER_IMAGES_CM: %w", err)
+	}
+	cfg, err = RESTConfigFromEnv()
+	if err != nil {
+		return "", "", nil, fmt.Errorf("PROVISIONER_IMAGES_CM %s: %w", ref, err)
+	}
+	return namespace, name, cfg, nil
 }

@@ -97,13 +97,9 @@ func NewWriter(client corev1client.ConfigMapsGetter, namespace, name string, opt
 // PROVISIONER_IMAGES_CM's "<namespace>/<name>", the connection comes from
 // RESTConfigFromEnv, the user agent names userAgent.
 func NewWriterFromEnv(ref, userAgent string, opts ...WriterOption) (*Writer, error) {
-	namespace, name, err := ParseRef(ref)
+	namespace, name, cfg, err := refFromEnv(ref)
 	if err != nil {
-		return nil, fmt.Errorf("PROVISIONER_IMAGES_CM: %w", err)
-	}
-	cfg, err := RESTConfigFromEnv()
-	if err != nil {
-		return nil, fmt.Errorf("PROVISIONER_IMAGES_CM %s: %w", ref, err)
+		return nil, err
 	}
 	if userAgent != "" {
 		cfg.UserAgent = userAgent
