@@ -186,8 +186,13 @@ integration: k8s-cache
 	k=$(lastword $(VM_KERNELS)); echo "==== make integration: the Lease test, a real API server in the VM, kernel suite $$k"; \
 	VM_KERNEL_SUITE=$$k VM_CACHE=$(CURDIR)/.cache/vm/$$k VM_SMP=2 VM_MEM=3072 VM_TEST_TIMEOUT=$(VM_TEST_TIMEOUT) \
 	VM_EXTRA_BINS="$(K8S_BIN)/etcd=/opt/k8s/bin/etcd $(K8S_BIN)/kube-apiserver=/opt/k8s/bin/kube-apiserver" \
-		.cache/vmrun -run '$(LEASE_VM_TESTS)' ./vmtest || failed="$$failed $$k(leases)"; \
-	if [ -n "$$failed" ]; then echo "==== make integration: FAILED on kernel suite(s):$$failed"; exit 1; fi
+		.cache/vmrun -run '$(LEASE_VM_TESTS)' ./vmtest > .cache/integration/leases.log 2>&1 || failed="$$failed $$k(leases)"; \
+	cat .cache/integration/leases.log; \
+	if [ -n "$$failed" ]; then \
+		echo "==== make integration: what failed, again (the whole output is above)"; \
+		for k in $(VM_KERNELS) leases; do grep -h -e 'vmrun: FAILED' -e 'vmrun:     |' -e 'failed without a failing test' -e 'vmrun: ERROR' \
+			.cache/integration/$$k.log | sed "s/^/[$$k] /"; done; \
+		echo "==== make integration: FAILED on kernel suite(s):$$failed"; exit 1; fi
 
 run: build
 	@if [ ! -e /sys/module/nbd ] && ! modprobe nbd 2>/dev/null; then \

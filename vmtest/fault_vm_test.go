@@ -383,7 +383,7 @@ func TestVMFaultConnectionKilled(t *testing.T) {
 // connected, no record is left, and the daemon holds as many fds as before.
 func TestVMFaultChaos(t *testing.T) {
 	const cycles, lanes = 500, 4
-	p := vmharness.Start(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr})
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_METRICS_ADDR": metricsAddr, "GOTRACEBACK": "all"})
 	goroutines := func() float64 {
 		_, body := httpGet(t, "/metrics")
 		return metricValue(body, "go_goroutines")
@@ -444,7 +444,14 @@ func TestVMFaultChaos(t *testing.T) {
 		return true
 	})
 	waitUntil(t, 30*time.Second, "the daemon's fds back at their baseline", func() bool { return openFDCount(pid) <= baseFDs })
-	waitUntil(t, 30*time.Second, "the daemon's goroutines back at their baseline", func() bool { return goroutines() <= baseGoroutines })
+	if !eventually(30*time.Second, func() bool { return goroutines() <= baseGoroutines }) {
+		// Which goroutines stayed is what tells a leak from a slow exit:
+		// the runtime dumps them all into the daemon's log on SIGQUIT.
+		p.Cmd.Process.Signal(syscall.SIGQUIT)
+		<-p.Exited()
+		t.Logf("the daemon's log, with every goroutine's stack at the end:\n%s", p.Log())
+		t.Fatalf("the daemon's goroutines stayed above their baseline of %v for 30s (stacks above)", baseGoroutines)
+	}
 	if n := stateFiles(t, p); n != 1 {
 		t.Errorf("state directory holds %d files, want only the lock", n)
 	}

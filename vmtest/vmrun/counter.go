@@ -28,15 +28,28 @@ type counter struct {
 	pkgElapsed              map[string]float64
 	crashed                 []string // packages that failed without a failing test
 	failedTests             []string // package.Test
+	// tails keeps the last lines each top-level test (its subtests'
+	// included) printed, so that the recap at the end of a long run can
+	// say why a test failed: its failure message is usually last.
+	tails map[string][]string
 }
 
+// tailLines is how many of a failed test's last lines the recap shows.
+const tailLines = 15
+
 func newCounter() *counter {
-	return &counter{pkgFailedTests: map[string]int{}, pkgResult: map[string]string{}, pkgElapsed: map[string]float64{}}
+	return &counter{pkgFailedTests: map[string]int{}, pkgResult: map[string]string{}, pkgElapsed: map[string]float64{},
+		tails: map[string][]string{}}
 }
 
 func (c *counter) add(ev testEvent) {
 	if ev.Test != "" {
-		if strings.Contains(ev.Test, "/") {
+		top, _, sub := strings.Cut(ev.Test, "/")
+		if ev.Action == "output" {
+			c.keepTail(shortPkg(ev.Package)+"."+top, ev.Output)
+			return
+		}
+		if sub {
 			return // a subtest: its parent's result counts
 		}
 		switch ev.Action {
@@ -69,6 +82,21 @@ func (c *counter) add(ev testEvent) {
 		}
 	}
 }
+
+func (c *counter) keepTail(test, output string) {
+	line := strings.TrimRight(output, "\n")
+	if strings.HasPrefix(line, "=== ") {
+		return // RUN, PAUSE, CONT, NAME: no news
+	}
+	t := append(c.tails[test], line)
+	if len(t) > tailLines {
+		t = slices.Delete(t, 0, len(t)-tailLines)
+	}
+	c.tails[test] = t
+}
+
+// tail is the last lines a failed test (package.Test) printed.
+func (c *counter) tail(test string) []string { return c.tails[test] }
 
 // finish counts each package that started but never ended (go test was stopped) as a
 // failure.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -56,6 +57,23 @@ not json
 `
 	if out.String() != wantOut {
 		t.Errorf("output:\n%s\nwant:\n%s", out.String(), wantOut)
+	}
+}
+
+// A failed test's last lines, its subtests' among them, are kept for the
+// recap, without the runner's own markers and only the last tailLines.
+func TestCounterTail(t *testing.T) {
+	c := newCounter()
+	c.add(testEvent{Action: "output", Package: mod + "a", Test: "TestBad", Output: "=== RUN   TestBad\n"})
+	for i := range tailLines + 3 {
+		c.add(testEvent{Action: "output", Package: mod + "a", Test: "TestBad/sub", Output: fmt.Sprintf("    bad_test.go:%d: line\n", i)})
+	}
+	c.add(testEvent{Action: "output", Package: mod + "a", Test: "TestBad", Output: "    bad_test.go:99: why it failed\n"})
+	c.add(testEvent{Action: "output", Package: mod + "a", Test: "TestOther", Output: "    other_test.go:1: unrelated\n"})
+	c.add(testEvent{Action: "fail", Package: mod + "a", Test: "TestBad"})
+	tail := c.tail("a.TestBad")
+	if len(tail) != tailLines || tail[len(tail)-1] != "    bad_test.go:99: why it failed" || tail[0] != "    bad_test.go:4: line" {
+		t.Errorf("tail:\n%s", strings.Join(tail, "\n"))
 	}
 }
 

@@ -210,7 +210,10 @@ func drive(ctx context.Context, args []string) (int, error) {
 		logf("%s failed without a failing test (build error, crash, timeout or VM error: see its output)", shortPkg(p))
 	}
 	for _, t := range cnt.failedTests {
-		logf("FAILED: %s", t)
+		logf("FAILED: %s, its last lines:", t)
+		for _, line := range cnt.tail(t) {
+			logf("    | %s", line)
+		}
 	}
 	kver := state.Kernel
 	if kver == "" {
