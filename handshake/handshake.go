@@ -36,6 +36,21 @@ const ClientFlags = nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes
 // deadline already set on conn, and clears the deadline it set before
 // returning. On error the caller should close conn.
 func Negotiate(ctx context.Context, conn net.Conn, exportName string) (Export, error) {
+	return NegotiateAndSend(ctx, conn, exportName, nil)
+}
+
+// NegotiateAndSend is Negotiate that also sends first, in the same write as
+// the export name, the first bytes of the transmission phase (a request):
+// the server finds them as soon as the handshake is done, without waiting
+// a round trip for them. The caller reads their answer after Negotiate
+// returns.
+//
+// mvps-te reads the handshake through the buffer its transmission phase
+// goes on reading, so a request sent this way is served. A server that
+// read the handshake through a buffer of its own and then dropped it would
+// never see the request; a caller should be ready to notice that (no
+// answer) and to fall back to Negotiate.
+func NegotiateAndSend(ctx context.Context, conn net.Conn, exportName string, first []byte) (Export, error) {
 	if err := ctx.Err(); err != nil {
 		return Export{}, &Error{Step: "greeting", Err: err}
 	}
@@ -52,7 +67,7 @@ func Negotiate(ctx context.Context, conn net.Conn, exportName string) (Export, e
 		conn.SetDeadline(time.Unix(1, 0))
 		close(cancelled)
 	})
-	export, err := negotiate(conn, exportName)
+	export, err := negotiate(conn, exportName, first)
 	if !stop() {
 		<-cancelled
 		touched = true
@@ -77,7 +92,7 @@ func Negotiate(ctx context.Context, conn net.Conn, exportName string) (Export, e
 
 // negotiate is the protocol without deadlines, so that it can be fuzzed
 // over any byte stream.
-func negotiate(rw io.ReadWriter, exportName string) (Export, error) {
+func negotiate(rw io.ReadWriter, exportName string, first []byte) (Export, error) {
 	if len(exportName) > nbd.MaxOptionLength {
 		return Export{}, &Error{Step: "export name", Err: fmt.Errorf("%w: %d bytes, at most %d",
 			ErrExportNameTooLong, len(exportName), nbd.MaxOptionLength)}
@@ -99,10 +114,11 @@ func negotiate(rw io.ReadWriter, exportName string) (Export, error) {
 
 	// Flags and option go out in one write: the server reads them in order
 	// and a single segment halves the round trips on a fresh connection.
-	msg := make([]byte, 0, nbd.ClientFlagsSize+nbd.OptionHeaderSize+len(exportName))
+	msg := make([]byte, 0, nbd.ClientFlagsSize+nbd.OptionHeaderSize+len(exportName)+len(first))
 	msg = nbd.AppendClientFlags(msg, ClientFlags)
 	msg = nbd.OptionHeader{Option: nbd.OptExportName, Length: uint32(len(exportName))}.Append(msg)
 	msg = append(msg, exportName...)
+	msg = append(msg, first...)
 	if _, err := rw.Write(msg); err != nil {
 		return Export{}, &Error{Step: "export name", Err: classifyWriteError(err)}
 	}

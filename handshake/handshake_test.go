@@ -118,6 +118,30 @@ func TestNegotiate(t *testing.T) {
 	}
 }
 
+// The bytes to send first follow the export name in the same stream, and
+// nothing is read past the export info: their answer is the caller's.
+func TestNegotiateAndSend(t *testing.T) {
+	first := []byte("first transmission bytes")
+	conn, got := serve(t, "unix", script{
+		greet: greeting(nbd.FlagFixedNewstyle | nbd.FlagNoZeroes),
+		read:  len(wantClientBytes(token)) + len(first),
+		reply: append(exportInfo(1<<20, nbd.FlagHasFlags), "answer"...),
+		hold:  true,
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := NegotiateAndSend(ctx, conn, token, first); err != nil {
+		t.Fatalf("NegotiateAndSend: %v", err)
+	}
+	if diff := cmp.Diff(append(wantClientBytes(token), first...), <-got); diff != "" {
+		t.Errorf("bytes sent to the server (-want +got):\n%s", diff)
+	}
+	rest := make([]byte, len("answer"))
+	if _, err := io.ReadFull(conn, rest); err != nil || string(rest) != "answer" {
+		t.Errorf("after the export info: %q, %v; want the server's answer untouched", rest, err)
+	}
+}
+
 func TestNegotiateErrors(t *testing.T) {
 	good := greeting(nbd.FlagFixedNewstyle | nbd.FlagNoZeroes)
 	clientLen := len(wantClientBytes(token))
@@ -220,7 +244,7 @@ func FuzzNegotiate(f *testing.F) {
 		export, err := negotiate(struct {
 			io.Reader
 			io.Writer
-		}{bytes.NewReader(server), &sent}, token)
+		}{bytes.NewReader(server), &sent}, token, nil)
 		if err != nil {
 			var herr *Error
 			if !errors.As(err, &herr) {

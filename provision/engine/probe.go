@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"syscall"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
@@ -17,6 +18,14 @@ import (
 // so without this check the kernel would get a dead socket.
 var ErrSessionRefused = errors.New("engine closed the session right after the handshake (image refused; see the engine log)")
 
+// probeHandle marks the probe's read: "mvps-prb".
+const probeHandle = 0x6d7670732d707262
+
+// probeRequest is the probe: a read of the first block.
+func probeRequest() []byte {
+	return nbd.Request{Type: nbd.CmdRead, Handle: probeHandle, Length: BlockSize}.Append(nil)
+}
+
 // ProbeSession reads the first block through conn before the kernel gets
 // it, proving the engine serves the image.
 func ProbeSession(ctx context.Context, conn net.Conn) error {
@@ -24,14 +33,20 @@ func ProbeSession(ctx context.Context, conn net.Conn) error {
 		conn.SetDeadline(deadline)
 		defer conn.SetDeadline(time.Time{})
 	}
-	const handle = 0x6d7670732d707262 // "mvps-prb"
-	req := nbd.Request{Type: nbd.CmdRead, Handle: handle, Length: BlockSize}.Append(nil)
-	if _, err := conn.Write(req); err != nil {
+	if _, err := conn.Write(probeRequest()); err != nil {
 		return fmt.Errorf("probe read: %w", err)
 	}
+	return readProbeReply(conn)
+}
+
+// readProbeReply reads the answer to probeRequest, within whatever
+// deadline conn has.
+func readProbeReply(conn net.Conn) error {
 	var hdr [nbd.SimpleReplySize]byte
 	if _, err := io.ReadFull(conn, hdr[:]); err != nil {
-		if errors.Is(err, io.EOF) {
+		// A refusing engine closes the connection; with our request still
+		// unread in its socket, that arrives as a reset.
+		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
 			return ErrSessionRefused
 		}
 		return fmt.Errorf("probe read: %w", err)
@@ -40,7 +55,7 @@ func ProbeSession(ctx context.Context, conn net.Conn) error {
 	if err != nil {
 		return fmt.Errorf("probe read: %w", err)
 	}
-	if reply.Handle != handle {
+	if reply.Handle != probeHandle {
 		return fmt.Errorf("probe read: reply for handle %#x", reply.Handle)
 	}
 	if reply.Error != 0 {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
@@ -36,6 +38,10 @@ type SessionsConfig struct {
 type Sessions struct {
 	cfg    SessionsConfig
 	spares *Spares
+	// probeApart is set once the engine lost a probe sent with the export
+	// name: from then on it goes after the handshake.
+	probeApart atomic.Bool
+	probeGrace time.Duration
 }
 
 // NewSessions returns the session opener of cfg's engine.
@@ -49,7 +55,7 @@ func NewSessions(cfg SessionsConfig) (*Sessions, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Sessions{cfg: cfg, spares: NewSpares(cfg.Dial, cfg.Spares, DefaultSpareIdle)}, nil
+	return &Sessions{cfg: cfg, spares: NewSpares(cfg.Dial, cfg.Spares, DefaultSpareIdle), probeGrace: probeGrace}, nil
 }
 
 // Trace is told of the steps of a session's opening, for timing an attach.
@@ -76,18 +82,42 @@ func step(ctx context.Context, name string) {
 // export's size is the session's and its first block reads. The connection
 // is ready for the kernel. Errors wrap ErrUnreachable when the engine could
 // not be reached or refused the token; they never carry the token.
+//
+// The probe's read goes out with the export name, saving a round trip,
+// unless the engine has been seen to lose it (see probeGrace): then the
+// session is opened again with the read sent after the handshake, and so
+// are all that follow.
 func (ss *Sessions) Open(ctx context.Context, s Session) (net.Conn, handshake.Export, error) {
 	token, err := SignToken(ss.cfg.Secret, s, time.Now())
 	if err != nil {
 		return nil, handshake.Export{}, err
 	}
 	step(ctx, "token")
+	together := !ss.probeApart.Load()
+	conn, export, err := ss.open(ctx, s, token, together)
+	if together && errors.Is(err, errProbeUnanswered) {
+		conn, export, err = ss.open(ctx, s, token, false)
+		if err == nil && !ss.probeApart.Swap(true) {
+			ss.cfg.Logger.Warn("the engine did not answer a read sent with the export name, and answered it sent after the handshake; "+
+				"sending it after the handshake from now on, one round trip more per attach", "waited", ss.probeGrace.String())
+		}
+	}
+	return conn, export, err
+}
+
+// open is one try of Open: the probe's read sent with the export name
+// (together) or after the handshake.
+func (ss *Sessions) open(ctx context.Context, s Session, token string, together bool) (net.Conn, handshake.Export, error) {
 	conn, err := ss.spares.Dial(ctx)
 	if err != nil {
 		return nil, handshake.Export{}, fmt.Errorf("%w: connect: %w", ErrUnreachable, err)
 	}
 	step(ctx, "dial")
-	export, err := handshake.Negotiate(ctx, conn, token)
+	var first []byte
+	if together {
+		first = probeRequest()
+	}
+	export, err := handshake.NegotiateAndSend(ctx, conn, token, first)
 	if err != nil && IsSpare(conn) && ctx.Err() == nil {
 		// The engine may have closed the spare (a handshake deadline) just
 		// as it was taken; a fresh connection tells that from a refusal.
@@ -96,7 +126,7 @@ func (ss *Sessions) Open(ctx context.Context, s Session) (net.Conn, handshake.Ex
 		if conn, err = ss.cfg.Dial(ctx); err != nil {
 			return nil, handshake.Export{}, fmt.Errorf("%w: connect: %w", ErrUnreachable, err)
 		}
-		export, err = handshake.Negotiate(ctx, conn, token)
+		export, err = handshake.NegotiateAndSend(ctx, conn, token, first)
 	}
 	if err != nil {
 		conn.Close()
@@ -108,12 +138,53 @@ func (ss *Sessions) Open(ctx context.Context, s Session) (net.Conn, handshake.Ex
 		conn.Close()
 		return nil, handshake.Export{}, fmt.Errorf("engine exports %d bytes for the image, config says %d", export.Size, s.ImageSize)
 	}
-	if err := ProbeSession(ctx, conn); err != nil {
+	if together {
+		err = awaitProbe(ctx, conn, ss.probeGrace)
+	} else {
+		err = ProbeSession(ctx, conn)
+	}
+	if err != nil {
 		conn.Close()
 		return nil, handshake.Export{}, err
 	}
 	step(ctx, "probe")
 	return conn, export, nil
+}
+
+// probeGrace is how long a probe sent with the export name may go
+// unanswered before Open takes it for lost. mvps-te reads the handshake
+// through the buffer its transmission phase goes on reading, so it serves
+// such a read; an engine that dropped that buffer after the handshake
+// would wait for a request forever. An engine that is merely slow (a cold
+// image behind object storage) costs one session opened twice, and the
+// round trip on every later attach.
+const probeGrace = 5 * time.Second
+
+// errProbeUnanswered: the probe sent with the export name got no answer
+// within the grace.
+var errProbeUnanswered = errors.New("probe read sent with the export name: no answer")
+
+// awaitProbe reads the answer to the probe sent with the export name.
+func awaitProbe(ctx context.Context, conn net.Conn, wait time.Duration) error {
+	grace := time.Now().Add(wait)
+	deadline, ok := ctx.Deadline()
+	if !ok || grace.Before(deadline) {
+		deadline = grace
+	}
+	conn.SetDeadline(deadline)
+	defer conn.SetDeadline(time.Time{})
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	err := readProbeReply(conn)
+	switch {
+	case err == nil:
+		return nil
+	case ctx.Err() != nil:
+		return fmt.Errorf("probe read: %w", ctx.Err())
+	case errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(grace):
+		return errProbeUnanswered
+	}
+	return err
 }
 
 // BackendID names the image's devices in the kernel's records.

@@ -1,0 +1,202 @@
+package engine_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
+	"github.com/mvps-provisioner/mvps-provisioner/nbd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+)
+
+func newSessions(t *testing.T, secret []byte, dial func(context.Context) (net.Conn, error), log io.Writer) *engine.Sessions {
+	t.Helper()
+	ss, err := engine.NewSessions(engine.SessionsConfig{Secret: secret, Dial: dial,
+		Logger: slog.New(slog.NewTextHandler(log, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ss.Close() })
+	return ss
+}
+
+// readThrough sends a read on conn and checks its answer: an opened
+// session must leave nothing of its own (the probe's answer) unread, or
+// the kernel would take it for the answer to one of its requests.
+func readThrough(t *testing.T, conn net.Conn, handle uint64) {
+	t.Helper()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	defer conn.SetDeadline(time.Time{})
+	if _, err := conn.Write(nbd.Request{Type: nbd.CmdRead, Handle: handle, Offset: 8192, Length: 4096}.Append(nil)); err != nil {
+		t.Fatal(err)
+	}
+	hdr := make([]byte, nbd.SimpleReplySize)
+	if _, err := io.ReadFull(conn, hdr); err != nil {
+		t.Fatalf("read through the session: %v", err)
+	}
+	reply, err := nbd.ParseSimpleReply(hdr)
+	if err != nil || reply.Handle != handle || reply.Error != 0 {
+		t.Fatalf("reply %+v, %v; want handle %#x without error", reply, err, handle)
+	}
+	if _, err := io.CopyN(io.Discard, conn, 4096); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Against the stand-in, over both transports: a session opens with the
+// probe sent with the export name, is left clean for the kernel, and an
+// engine's refusals come out as what they are.
+func TestOpenAgainstEngine(t *testing.T) {
+	for name, start := range map[string]func(testing.TB) *devenginetest.Engine{
+		"unix": devenginetest.New, "tcp": devenginetest.NewTCP,
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := start(t)
+			var log bytes.Buffer
+			ss := newSessions(t, e.Secret, e.Dial, &log)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			var steps []string
+			tctx := engine.WithTrace(ctx, &engine.Trace{Step: func(s string) { steps = append(steps, s) }})
+			conn, export, err := ss.Open(tctx, engine.Session{ImageID: "o.mvps-image", ImageSize: 1 << 20, ClientID: "c1"})
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			defer conn.Close()
+			if export.Size != 1<<20 {
+				t.Errorf("export size %d", export.Size)
+			}
+			if got := strings.Join(steps, " "); got != "token dial handshake probe" {
+				t.Errorf("steps %q", got)
+			}
+			readThrough(t, conn, 9)
+
+			// The token is fine, the image is not: a refusal after the
+			// handshake, which the kernel must never get.
+			if err := os.WriteFile(filepath.Join(e.ImageDir, "big.mvps-image"), make([]byte, 2<<20), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, _, err = ss.Open(ctx, engine.Session{ImageID: "big.mvps-image", ImageSize: 1 << 20, ClientID: "c1"})
+			if !errors.Is(err, engine.ErrSessionRefused) || errors.Is(err, engine.ErrUnreachable) {
+				t.Errorf("size refused by the engine: %v, want ErrSessionRefused", err)
+			}
+			// A token the engine cannot check: unreachable, as before.
+			other := newSessions(t, []byte("another secret, not the engine's"), e.Dial, &log)
+			if _, _, err := other.Open(ctx, engine.Session{ImageID: "o.mvps-image", ImageSize: 1 << 20}); !errors.Is(err, engine.ErrUnreachable) {
+				t.Errorf("wrong secret: %v, want ErrUnreachable", err)
+			}
+			if bytes.Contains(log.Bytes(), []byte("did not answer")) {
+				t.Errorf("the stand-in was taken for an engine that loses early requests:\n%s", log.String())
+			}
+		})
+	}
+}
+
+// losingEngine reads each handshake through a buffer of its own and drops
+// it, with whatever came after the export name, then serves reads from the
+// socket: a request sent with the export name is lost.
+type losingEngine struct {
+	path  string
+	conns atomic.Int32
+}
+
+func newLosingEngine(t *testing.T) *losingEngine {
+	l := &losingEngine{path: filepath.Join(t.TempDir(), "e.sock")}
+	ln, err := net.Listen("unix", l.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			l.conns.Add(1)
+			go l.serve(c)
+		}
+	}()
+	return l
+}
+
+func (l *losingEngine) serve(c net.Conn) {
+	defer c.Close()
+	c.Write(nbd.Greeting{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.Append(nil))
+	br := bufio.NewReader(c)
+	var hdr [nbd.ClientFlagsSize + nbd.OptionHeaderSize]byte
+	if _, err := io.ReadFull(br, hdr[:]); err != nil {
+		return
+	}
+	if _, err := io.CopyN(io.Discard, br, int64(binary.BigEndian.Uint32(hdr[nbd.ClientFlagsSize+12:]))); err != nil {
+		return
+	}
+	c.Write(nbd.ExportInfo{Size: 1 << 20, Flags: nbd.FlagHasFlags}.Append(nil))
+	for {
+		var req [nbd.RequestSize]byte
+		if _, err := io.ReadFull(c, req[:]); err != nil {
+			return
+		}
+		handle := binary.BigEndian.Uint64(req[8:])
+		length := binary.BigEndian.Uint32(req[24:])
+		reply := nbd.SimpleReply{Handle: handle}.Append(nil)
+		c.Write(append(reply, make([]byte, length)...))
+	}
+}
+
+func (l *losingEngine) dial(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", l.path)
+}
+
+// An engine that loses a request sent with the export name costs one
+// attach the grace and a second session; the attaches after it send the
+// probe after the handshake, at once.
+func TestOpenEngineThatLosesEarlyRequests(t *testing.T) {
+	l := newLosingEngine(t)
+	var log bytes.Buffer
+	ss := newSessions(t, []byte("secret"), l.dial, &log)
+	engine.SetProbeGrace(ss, 200*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s := engine.Session{ImageID: "l.mvps-image", ImageSize: 1 << 20}
+
+	conn, _, err := ss.Open(ctx, s)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	readThrough(t, conn, 1)
+	conn.Close()
+	if n := l.conns.Load(); n != 2 {
+		t.Errorf("%d connections for the first session, want 2 (the lost probe's and the one after)", n)
+	}
+	if !bytes.Contains(log.Bytes(), []byte("did not answer a read sent with the export name")) {
+		t.Errorf("no warning in the log:\n%s", log.String())
+	}
+
+	start := time.Now()
+	conn, _, err = ss.Open(ctx, s)
+	if err != nil {
+		t.Fatalf("second Open: %v", err)
+	}
+	defer conn.Close()
+	if took := time.Since(start); took >= 200*time.Millisecond {
+		t.Errorf("second Open took %v: it waited for a probe sent with the export name again", took)
+	}
+	if n := l.conns.Load(); n != 3 {
+		t.Errorf("%d connections after the second session, want 3", n)
+	}
+	readThrough(t, conn, 2)
+}
