@@ -107,21 +107,25 @@ func (d *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Ex
 func (d *Devices) prepare(ctx context.Context, dev *Device, size uint64) error {
 	var last error
 	err := poll(ctx, func() (bool, error) {
-		f, err := os.OpenFile(dev.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
+		// Opened without os.OpenFile, whose try to register the fd with
+		// the poller (refused for a block device) and whose Fd (setting
+		// it blocking again) cost four system calls on every attach.
+		fd, err := unix.Open(dev.Path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 		if err != nil {
+			err = &fs.PathError{Op: "open", Path: dev.Path, Err: err}
 			if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, unix.ENXIO) {
-				return false, fmt.Errorf("open %s: %w", dev.Path, err)
+				return false, err
 			}
 			last = err
 			return false, nil
 		}
-		got, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETSIZE64)
+		got, err := unix.IoctlGetUint64(fd, unix.BLKGETSIZE64)
 		if err != nil || got != size {
-			f.Close()
+			unix.Close(fd)
 			last = fmt.Errorf("%s reports size %d (%v), want %d", dev.Path, got, err, size)
 			return false, nil
 		}
-		dev.File = f
+		dev.File = os.NewFile(uintptr(fd), dev.Path)
 		return true, nil
 	})
 	if err != nil {
