@@ -13,7 +13,8 @@ import (
 )
 
 // Against the stand-in engine, which is as strict as mvps-te: over Unix
-// and TCP, a valid token negotiates and a bad one is refused.
+// and TCP, a valid token negotiates, a bad one is refused, and a request
+// sent with the export name is served.
 func TestAgainstEngine(t *testing.T) {
 	for name, start := range map[string]func(testing.TB) *devenginetest.Engine{
 		"unix": devenginetest.New, "tcp": devenginetest.NewTCP,
@@ -48,40 +49,30 @@ func TestAgainstEngine(t *testing.T) {
 			if _, err := handshake.Negotiate(ctx, bad, forged); !errors.Is(err, handshake.ErrTokenRefused) {
 				t.Fatalf("forged token: %v, want ErrTokenRefused", err)
 			}
-		})
-	}
-}
 
-// A read sent with the export name is served: the engine goes on reading
-// the transmission phase from the buffer it read the handshake through.
-func TestAgainstEngineRequestWithExportName(t *testing.T) {
-	for name, start := range map[string]func(testing.TB) *devenginetest.Engine{
-		"unix": devenginetest.New, "tcp": devenginetest.NewTCP,
-	} {
-		t.Run(name, func(t *testing.T) {
-			e := start(t)
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			conn, err := e.Dial(ctx)
+			// A read sent with the export name is served: the engine goes
+			// on reading the transmission phase from the buffer it read
+			// the handshake through.
+			early, err := e.Dial(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer conn.Close()
-			conn.SetDeadline(time.Now().Add(10 * time.Second))
-			token := e.Token(devenginetest.Claims{ImageID: "p.mvps-image", ImageSize: 1 << 20, PageSizeBits: 12, ClientID: "c1"})
+			defer early.Close()
+			early.SetDeadline(time.Now().Add(10 * time.Second))
+			token = e.Token(devenginetest.Claims{ImageID: "p.mvps-image", ImageSize: 1 << 20, PageSizeBits: 12, ClientID: "c2"})
 			read := nbd.Request{Type: nbd.CmdRead, Handle: 7, Offset: 4096, Length: 4096}.Append(nil)
-			if _, err := handshake.NegotiateAndSend(ctx, conn, token, read); err != nil {
+			if _, err := handshake.NegotiateAndSend(ctx, early, token, read); err != nil {
 				t.Fatalf("NegotiateAndSend: %v", err)
 			}
 			hdr := make([]byte, nbd.SimpleReplySize)
-			if _, err := io.ReadFull(conn, hdr); err != nil {
+			if _, err := io.ReadFull(early, hdr); err != nil {
 				t.Fatalf("reply to the read sent with the export name: %v", err)
 			}
 			reply, err := nbd.ParseSimpleReply(hdr)
 			if err != nil || reply.Handle != 7 || reply.Error != 0 {
 				t.Fatalf("reply %+v, %v; want handle 7 without error", reply, err)
 			}
-			if _, err := io.CopyN(io.Discard, conn, 4096); err != nil {
+			if _, err := io.CopyN(io.Discard, early, 4096); err != nil {
 				t.Fatalf("the read's data: %v", err)
 			}
 		})

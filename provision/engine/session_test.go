@@ -113,22 +113,11 @@ type losingEngine struct {
 }
 
 func newLosingEngine(t *testing.T) *losingEngine {
-	l := &losingEngine{path: filepath.Join(t.TempDir(), "e.sock")}
-	ln, err := net.Listen("unix", l.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			l.conns.Add(1)
-			go l.serve(c)
-		}
-	}()
+	l := &losingEngine{}
+	l.path = listenEngine(t, func(c net.Conn) {
+		l.conns.Add(1)
+		go l.serve(c)
+	})
 	return l
 }
 

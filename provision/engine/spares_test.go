@@ -62,8 +62,19 @@ type fakeEngine struct {
 }
 
 func newFakeEngine(t *testing.T) *fakeEngine {
-	f := &fakeEngine{path: filepath.Join(t.TempDir(), "e.sock"), greeted: make(chan net.Conn, 16)}
-	ln, err := net.Listen("unix", f.path)
+	f := &fakeEngine{greeted: make(chan net.Conn, 16)}
+	f.path = listenEngine(t, func(c net.Conn) {
+		c.Write(nbd.Greeting{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.Append(nil))
+		f.greeted <- c
+	})
+	return f
+}
+
+// listenEngine calls accepted, in turn, with each connection to a new Unix
+// socket, whose path it returns.
+func listenEngine(t *testing.T, accepted func(net.Conn)) string {
+	path := filepath.Join(t.TempDir(), "e.sock")
+	ln, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,11 +85,10 @@ func newFakeEngine(t *testing.T) *fakeEngine {
 			if err != nil {
 				return
 			}
-			c.Write(nbd.Greeting{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.Append(nil))
-			f.greeted <- c
+			accepted(c)
 		}
 	}()
-	return f
+	return path
 }
 
 func (f *fakeEngine) dial(ctx context.Context) (net.Conn, error) {
