@@ -402,6 +402,7 @@ func TestVMFaultChaos(t *testing.T) {
 	baseFDs := openFDCount(pid)
 	baseGoroutines := goroutines()
 
+	caller := vmharness.Bin(t, "chaos-caller")
 	var killed [4]int
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -413,9 +414,9 @@ func TestVMFaultChaos(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(lane), 42))
 			for range cycles / lanes {
 				moment := rng.IntN(4)
-				cmd := exec.Command(os.Args[0])
-				cmd.Env = append(os.Environ(), "MVPS_VMTEST_HELPER=chaos", "WRITER_SOCKET="+p.Socket,
-					fmt.Sprint("WRITER_KEY=vol", lane), fmt.Sprint("CHAOS_MOMENT=", moment))
+				cmd := exec.Command(caller)
+				cmd.Env = append(os.Environ(), "CHAOS_SOCKET="+p.Socket,
+					fmt.Sprint("CHAOS_KEY=vol", lane), fmt.Sprint("CHAOS_MOMENT=", moment))
 				out, _ := cmd.StdoutPipe()
 				if err := cmd.Start(); err != nil {
 					t.Error(err)
@@ -456,49 +457,6 @@ func TestVMFaultChaos(t *testing.T) {
 		t.Errorf("state directory holds %d files, want only the lock", n)
 	}
 	t.Logf("daemon fds: %d before, %d after; goroutines: %v before, %v after", baseFDs, openFDCount(pid), baseGoroutines, goroutines())
-}
-
-// chaosCaller connects and, at the moment CHAOS_MOMENT names, prints a line
-// and waits to be killed: 0 before sending the request, 1 right after
-// sending it (the attach is under way), 2 after the reply, 3 after a
-// write through the device.
-func chaosCaller() int {
-	moment, _ := strconv.Atoi(os.Getenv("CHAOS_MOMENT"))
-	socket, key := os.Getenv("WRITER_SOCKET"), os.Getenv("WRITER_KEY")
-	hold := func(what string) int {
-		fmt.Println(what)
-		select {}
-	}
-	if moment == 0 {
-		c, err := net.Dial("unixpacket", socket)
-		if err != nil {
-			return hold("error " + err.Error())
-		}
-		defer c.Close()
-		return hold("connected")
-	}
-	if moment == 1 {
-		c, err := net.Dial("unixpacket", socket)
-		if err != nil {
-			return hold("error " + err.Error())
-		}
-		c.Write(protocol.AppendRequest(nil, protocol.CommandAttach, key))
-		return hold("requested")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	a, err := protocol.Attach(ctx, socket, key)
-	if err != nil {
-		// Busy while the previous caller's device is detached: the kill
-		// now is a kill before the reply.
-		return hold("refused " + err.Error())
-	}
-	if moment == 2 {
-		return hold("attached")
-	}
-	buf := alignedBuf(4096)
-	a.Device.WriteAt(buf, 0)
-	return hold("wrote")
 }
 
 // fileWriter writes numbered files into FILES_DIR, fsyncing each, and

@@ -43,8 +43,6 @@ func TestMain(m *testing.M) {
 		os.Exit(unprivilegedCaller())
 	case "writer":
 		os.Exit(blockWriter())
-	case "chaos":
-		os.Exit(chaosCaller())
 	case "files":
 		os.Exit(fileWriter())
 	case "mountcaller":

@@ -497,7 +497,7 @@ func decompress(ctx context.Context, tool string, data []byte) []byte {
 
 // ---------------------------------------------------------------- the project's binaries
 
-// buildBins builds ./cmd/* and examples/client as static binaries into dir; go build leaves
+// buildBins builds ./cmd/*, examples/client and vmtest/chaoscaller as static binaries into dir; go build leaves
 // an up-to-date binary alone.
 func buildBins(ctx context.Context, c *config, dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -506,6 +506,9 @@ func buildBins(ctx context.Context, c *config, dir string) error {
 	builds := [][]string{{"build", "-trimpath", "-o", dir + "/", "./cmd/..."}}
 	if _, err := os.Stat(filepath.Join(c.root, "examples", "client")); err == nil {
 		builds = append(builds, []string{"build", "-trimpath", "-o", filepath.Join(dir, "example-client"), "./examples/client"})
+	}
+	if _, err := os.Stat(filepath.Join(c.root, "vmtest", "chaoscaller")); err == nil {
+		builds = append(builds, []string{"build", "-trimpath", "-o", filepath.Join(dir, "chaos-caller"), "./vmtest/chaoscaller"})
 	}
 	errs := make(chan error, len(builds))
 	for _, args := range builds {
