@@ -22,8 +22,8 @@ var ErrSessionRefused = errors.New("engine closed the session right after the ha
 const probeHandle = 0x6d7670732d707262
 
 // probeRequest is the probe: a read of the first block.
-func probeRequest() []byte {
-	return nbd.Request{Type: nbd.CmdRead, Handle: probeHandle, Length: BlockSize}.Append(nil)
+func probeRequest(handle uint64) []byte {
+	return nbd.Request{Type: nbd.CmdRead, Handle: handle, Length: BlockSize}.Append(nil)
 }
 
 // ProbeSession reads the first block through conn before the kernel gets
@@ -33,36 +33,37 @@ func ProbeSession(ctx context.Context, conn net.Conn) error {
 		conn.SetDeadline(deadline)
 		defer conn.SetDeadline(time.Time{})
 	}
-	if _, err := conn.Write(probeRequest()); err != nil {
+	if _, err := conn.Write(probeRequest(probeHandle)); err != nil {
 		return fmt.Errorf("probe read: %w", err)
 	}
-	return readProbeReply(conn)
+	handle, err := readProbeReply(conn)
+	if err == nil && handle != probeHandle {
+		err = fmt.Errorf("probe read: reply for handle %#x", handle)
+	}
+	return err
 }
 
-// readProbeReply reads the answer to probeRequest, within whatever
-// deadline conn has.
-func readProbeReply(conn net.Conn) error {
+// readProbeReply reads the answer to a probe, within whatever deadline
+// conn has, and returns its handle.
+func readProbeReply(conn net.Conn) (uint64, error) {
 	var hdr [nbd.SimpleReplySize]byte
 	if _, err := io.ReadFull(conn, hdr[:]); err != nil {
 		// A refusing engine closes the connection; with our request still
 		// unread in its socket, that arrives as a reset.
 		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
-			return ErrSessionRefused
+			return 0, ErrSessionRefused
 		}
-		return fmt.Errorf("probe read: %w", err)
+		return 0, fmt.Errorf("probe read: %w", err)
 	}
 	reply, err := nbd.ParseSimpleReply(hdr[:])
 	if err != nil {
-		return fmt.Errorf("probe read: %w", err)
-	}
-	if reply.Handle != probeHandle {
-		return fmt.Errorf("probe read: reply for handle %#x", reply.Handle)
+		return 0, fmt.Errorf("probe read: %w", err)
 	}
 	if reply.Error != 0 {
-		return fmt.Errorf("probe read: %w", reply.Error)
+		return 0, fmt.Errorf("probe read: %w", reply.Error)
 	}
 	if _, err := io.CopyN(io.Discard, conn, BlockSize); err != nil {
-		return fmt.Errorf("probe read data: %w", err)
+		return 0, fmt.Errorf("probe read data: %w", err)
 	}
-	return nil
+	return reply.Handle, nil
 }

@@ -95,7 +95,7 @@ func (ss *Sessions) Open(ctx context.Context, s Session) (net.Conn, handshake.Ex
 	step(ctx, "token")
 	together := !ss.probeApart.Load()
 	conn, export, err := ss.open(ctx, s, token, together)
-	if together && errors.Is(err, errProbeUnanswered) {
+	if together && errors.Is(err, errProbeLost) {
 		conn, export, err = ss.open(ctx, s, token, false)
 		if err == nil && !ss.probeApart.Swap(true) {
 			ss.cfg.Logger.Warn("the engine did not answer a read sent with the export name, and answered it sent after the handshake; "+
@@ -115,7 +115,7 @@ func (ss *Sessions) open(ctx context.Context, s Session, token string, together 
 	step(ctx, "dial")
 	var first []byte
 	if together {
-		first = probeRequest()
+		first = probeRequest(probeHandle)
 	}
 	export, err := handshake.NegotiateAndSend(ctx, conn, token, first)
 	if err != nil && IsSpare(conn) && ctx.Err() == nil {
@@ -152,37 +152,72 @@ func (ss *Sessions) open(ctx context.Context, s Session, token string, together 
 }
 
 // probeGrace is how long a probe sent with the export name may go
-// unanswered before Open takes it for lost. mvps-te reads the handshake
-// through the buffer its transmission phase goes on reading, so it serves
-// such a read; an engine that dropped that buffer after the handshake
-// would wait for a request forever. An engine that is merely slow (a cold
-// image behind object storage) costs one session opened twice, and the
-// round trip on every later attach.
-const probeGrace = 5 * time.Second
+// unanswered before Open asks again. mvps-te reads the handshake through
+// the buffer its transmission phase goes on reading, so it serves such a
+// read; an engine that dropped that buffer after the handshake would wait
+// for a request forever. The probe sent again, on its own, tells the two
+// apart: a slow engine (a cold image behind object storage) answers both,
+// one that lost the first answers only the second, and the first's answer
+// gets another grace after it.
+const probeGrace = time.Second
 
-// errProbeUnanswered: the probe sent with the export name got no answer
-// within the grace.
-var errProbeUnanswered = errors.New("probe read sent with the export name: no answer")
+// errProbeLost: the engine answered a probe sent on its own, but not the
+// one sent with the export name.
+var errProbeLost = errors.New("probe read sent with the export name: lost by the engine")
 
-// awaitProbe reads the answer to the probe sent with the export name.
-func awaitProbe(ctx context.Context, conn net.Conn, wait time.Duration) error {
-	grace := time.Now().Add(wait)
-	deadline, ok := ctx.Deadline()
-	if !ok || grace.Before(deadline) {
-		deadline = grace
+// probeAgainHandle marks the probe sent again: "mvps-pr2".
+const probeAgainHandle = 0x6d7670732d707232
+
+// awaitProbe reads the answer to the probe sent with the export name,
+// asking again after grace. It returns errProbeLost when the engine
+// answered only the probe sent again: the connection may still get an
+// answer the kernel would not expect, and must not be used.
+func awaitProbe(ctx context.Context, conn net.Conn, grace time.Duration) error {
+	deadline, bounded := ctx.Deadline()
+	again := time.Now().Add(grace)
+	askAgain := !bounded || again.Before(deadline)
+	if askAgain {
+		conn.SetDeadline(again)
+	} else {
+		conn.SetDeadline(deadline)
 	}
-	conn.SetDeadline(deadline)
 	defer conn.SetDeadline(time.Time{})
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	err := readProbeReply(conn)
+	handle, err := readProbeReply(conn)
+	if askAgain && errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() == nil {
+		conn.SetDeadline(deadline) // none when ctx has none
+		if ctx.Err() != nil {
+			// Ended since the check: its AfterFunc's deadline was just
+			// overwritten.
+			conn.SetDeadline(time.Unix(1, 0))
+		}
+		if _, err = conn.Write(probeRequest(probeAgainHandle)); err == nil {
+			if handle, err = readProbeReply(conn); err == nil {
+				switch handle {
+				case probeHandle: // slow, not lost: the second answer follows
+					handle, err = readProbeReply(conn)
+				case probeAgainHandle:
+					// The engine serves requests concurrently, so a slow
+					// first read may still be under way: it gets another
+					// grace.
+					if again := time.Now().Add(grace); !bounded || again.Before(deadline) {
+						conn.SetDeadline(again)
+					}
+					if handle, err = readProbeReply(conn); errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() == nil {
+						return errProbeLost
+					}
+				}
+			}
+		}
+	}
 	switch {
+	case err == nil && handle != probeHandle && handle != probeAgainHandle:
+		return fmt.Errorf("probe read: reply for handle %#x", handle)
 	case err == nil:
 		return nil
 	case ctx.Err() != nil:
 		return fmt.Errorf("probe read: %w", ctx.Err())
-	case errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(grace):
-		return errProbeUnanswered
 	}
 	return err
 }

@@ -104,24 +104,28 @@ func TestOpenAgainstEngine(t *testing.T) {
 	}
 }
 
-// losingEngine reads each handshake through a buffer of its own and drops
-// it, with whatever came after the export name, then serves reads from the
-// socket: a request sent with the export name is lost.
-type losingEngine struct {
-	path  string
-	conns atomic.Int32
+// oddEngine speaks mvps-te's dialect with one of two quirks. lose: it
+// reads each handshake through a buffer of its own and drops it, with
+// whatever came after the export name, then serves reads from the socket,
+// so a request sent with the export name is lost. Otherwise it keeps that
+// buffer, as mvps-te does, but answers each connection's first read only
+// after slowFirst, as an engine fetching a cold image might.
+type oddEngine struct {
+	lose      bool
+	slowFirst time.Duration
+	path      string
+	conns     atomic.Int32
 }
 
-func newLosingEngine(t *testing.T) *losingEngine {
-	l := &losingEngine{}
-	l.path = listenEngine(t, func(c net.Conn) {
-		l.conns.Add(1)
-		go l.serve(c)
+func newOddEngine(t *testing.T, e *oddEngine) *oddEngine {
+	e.path = listenEngine(t, func(c net.Conn) {
+		e.conns.Add(1)
+		go e.serve(c)
 	})
-	return l
+	return e
 }
 
-func (l *losingEngine) serve(c net.Conn) {
+func (e *oddEngine) serve(c net.Conn) {
 	defer c.Close()
 	c.Write(nbd.Greeting{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.Append(nil))
 	br := bufio.NewReader(c)
@@ -133,30 +137,40 @@ func (l *losingEngine) serve(c net.Conn) {
 		return
 	}
 	c.Write(nbd.ExportInfo{Size: 1 << 20, Flags: nbd.FlagHasFlags}.Append(nil))
-	for {
+	var r io.Reader = br
+	if e.lose {
+		r = c
+	}
+	for n := 0; ; n++ {
 		var req [nbd.RequestSize]byte
-		if _, err := io.ReadFull(c, req[:]); err != nil {
+		if _, err := io.ReadFull(r, req[:]); err != nil {
 			return
 		}
 		handle := binary.BigEndian.Uint64(req[8:])
 		length := binary.BigEndian.Uint32(req[24:])
-		reply := nbd.SimpleReply{Handle: handle}.Append(nil)
-		c.Write(append(reply, make([]byte, length)...))
+		reply := append(nbd.SimpleReply{Handle: handle}.Append(nil), make([]byte, length)...)
+		if n == 0 && e.slowFirst > 0 {
+			// Served meanwhile are the reads after it, as mvps-te
+			// serves requests concurrently.
+			time.AfterFunc(e.slowFirst, func() { c.Write(reply) })
+			continue
+		}
+		c.Write(reply)
 	}
 }
 
-func (l *losingEngine) dial(ctx context.Context) (net.Conn, error) {
+func (e *oddEngine) dial(ctx context.Context) (net.Conn, error) {
 	var d net.Dialer
-	return d.DialContext(ctx, "unix", l.path)
+	return d.DialContext(ctx, "unix", e.path)
 }
 
 // An engine that loses a request sent with the export name costs one
-// attach the grace and a second session; the attaches after it send the
-// probe after the handshake, at once.
+// attach two graces, a probe sent again and a second session; the
+// attaches after it send the probe after the handshake, at once.
 func TestOpenEngineThatLosesEarlyRequests(t *testing.T) {
-	l := newLosingEngine(t)
+	e := newOddEngine(t, &oddEngine{lose: true})
 	var log bytes.Buffer
-	ss := newSessions(t, []byte("secret"), l.dial, &log)
+	ss := newSessions(t, []byte("secret"), e.dial, &log)
 	engine.SetProbeGrace(ss, 200*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -168,7 +182,7 @@ func TestOpenEngineThatLosesEarlyRequests(t *testing.T) {
 	}
 	readThrough(t, conn, 1)
 	conn.Close()
-	if n := l.conns.Load(); n != 2 {
+	if n := e.conns.Load(); n != 2 {
 		t.Errorf("%d connections for the first session, want 2 (the lost probe's and the one after)", n)
 	}
 	if !bytes.Contains(log.Bytes(), []byte("did not answer a read sent with the export name")) {
@@ -184,8 +198,38 @@ func TestOpenEngineThatLosesEarlyRequests(t *testing.T) {
 	if took := time.Since(start); took >= 200*time.Millisecond {
 		t.Errorf("second Open took %v: it waited for a probe sent with the export name again", took)
 	}
-	if n := l.conns.Load(); n != 3 {
+	if n := e.conns.Load(); n != 3 {
 		t.Errorf("%d connections after the second session, want 3", n)
 	}
 	readThrough(t, conn, 2)
+}
+
+// An engine slower than the grace that keeps what follows the export name
+// answers both probes, in any order: the session is opened once, both
+// answers are read before the kernel could get the connection, and later
+// attaches still send the probe with the export name.
+func TestOpenSlowEngine(t *testing.T) {
+	e := newOddEngine(t, &oddEngine{slowFirst: 300 * time.Millisecond})
+	// Asked again at 200 ms, it answers that at once, and the first
+	// within the next 200.
+	var log bytes.Buffer
+	ss := newSessions(t, []byte("secret"), e.dial, &log)
+	engine.SetProbeGrace(ss, 200*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s := engine.Session{ImageID: "s.mvps-image", ImageSize: 1 << 20}
+	for i := range 2 {
+		conn, _, err := ss.Open(ctx, s)
+		if err != nil {
+			t.Fatalf("Open %d: %v", i, err)
+		}
+		readThrough(t, conn, uint64(10+i))
+		conn.Close()
+		if n := e.conns.Load(); n != int32(i+1) {
+			t.Errorf("%d connections after %d sessions", n, i+1)
+		}
+	}
+	if bytes.Contains(log.Bytes(), []byte("did not answer")) {
+		t.Errorf("a slow engine was taken for one that loses early requests:\n%s", log.String())
+	}
 }
