@@ -485,6 +485,9 @@ func (b *bench) perf(row string) (stop func()) {
 			out, _ = exec.Command("perf", "report", "-i", data, "--stdio", "--children", "-g", "none", "--comm", comm,
 				"--sort", "sym", "--percent-limit", "1.5").CombinedOutput()
 			b.logf("perf, %s row, %s with what it calls:\n%s", row, comm, out)
+			out, _ = exec.Command("perf", "report", "-i", data, "--stdio", "--no-children", "-g", "none", "--comm", comm,
+				"--sort", "dso,sym", "--percent-limit", "0.5").CombinedOutput()
+			b.logf("perf, %s row, %s by itself:\n%s", row, comm, out)
 		}
 	}
 }
