@@ -164,14 +164,21 @@ func (e *oddEngine) dial(ctx context.Context) (net.Conn, error) {
 	return d.DialContext(ctx, "unix", e.path)
 }
 
+// sessions opens sessions on e, logging to log, with a probe grace of
+// 200 ms.
+func (e *oddEngine) sessions(t *testing.T, log io.Writer) *engine.Sessions {
+	ss := newSessions(t, []byte("secret"), e.dial, log)
+	engine.SetProbeGrace(ss, 200*time.Millisecond)
+	return ss
+}
+
 // An engine that loses a request sent with the export name costs one
 // attach two graces, a probe sent again and a second session; the
 // attaches after it send the probe after the handshake, at once.
 func TestOpenEngineThatLosesEarlyRequests(t *testing.T) {
 	e := newOddEngine(t, &oddEngine{lose: true})
 	var log bytes.Buffer
-	ss := newSessions(t, []byte("secret"), e.dial, &log)
-	engine.SetProbeGrace(ss, 200*time.Millisecond)
+	ss := e.sessions(t, &log)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s := engine.Session{ImageID: "l.mvps-image", ImageSize: 1 << 20}
@@ -213,8 +220,7 @@ func TestOpenSlowEngine(t *testing.T) {
 	// Asked again at 200 ms, it answers that at once, and the first
 	// within the next 200.
 	var log bytes.Buffer
-	ss := newSessions(t, []byte("secret"), e.dial, &log)
-	engine.SetProbeGrace(ss, 200*time.Millisecond)
+	ss := e.sessions(t, &log)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s := engine.Session{ImageID: "s.mvps-image", ImageSize: 1 << 20}
