@@ -44,16 +44,11 @@ func ProbeSession(ctx context.Context, conn net.Conn) error {
 }
 
 // readProbeReply reads the answer to a probe, within whatever deadline
-// conn has, and returns its handle.
-func readProbeReply(conn net.Conn) (uint64, error) {
+// its connection has, and returns its handle.
+func readProbeReply(r io.Reader) (uint64, error) {
 	var hdr [nbd.SimpleReplySize]byte
-	if _, err := io.ReadFull(conn, hdr[:]); err != nil {
-		// A refusing engine closes the connection; with our request still
-		// unread in its socket, that arrives as a reset.
-		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
-			return 0, ErrSessionRefused
-		}
-		return 0, fmt.Errorf("probe read: %w", err)
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return 0, probeReadError(err)
 	}
 	reply, err := nbd.ParseSimpleReply(hdr[:])
 	if err != nil {
@@ -62,8 +57,18 @@ func readProbeReply(conn net.Conn) (uint64, error) {
 	if reply.Error != 0 {
 		return 0, fmt.Errorf("probe read: %w", reply.Error)
 	}
-	if _, err := io.CopyN(io.Discard, conn, BlockSize); err != nil {
+	if _, err := io.CopyN(io.Discard, r, BlockSize); err != nil {
 		return 0, fmt.Errorf("probe read data: %w", err)
 	}
 	return reply.Handle, nil
+}
+
+// probeReadError says why a probe's answer did not come. A refusing engine
+// closes the connection; with our request still unread in its socket,
+// that arrives as a reset.
+func probeReadError(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+		return ErrSessionRefused
+	}
+	return fmt.Errorf("probe read: %w", err)
 }

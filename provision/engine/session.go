@@ -1,9 +1,11 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -171,27 +173,41 @@ const probeAgainHandle = 0x6d7670732d707232
 // awaitProbe reads the answer to the probe sent with the export name,
 // asking again after grace. It returns errProbeLost when the engine
 // answered only the probe sent again: the connection may still get an
-// answer the kernel would not expect, and must not be used.
+// answer the kernel would not expect, and must not be used. Only the wait
+// for an answer's first byte is bounded by a grace: an answer that has
+// begun is read to its end, within ctx.
 func awaitProbe(ctx context.Context, conn net.Conn, grace time.Duration) error {
-	deadline, bounded := ctx.Deadline()
-	again := time.Now().Add(grace)
-	askAgain := !bounded || again.Before(deadline)
-	if askAgain {
-		conn.SetDeadline(again)
-	} else {
-		conn.SetDeadline(deadline)
-	}
-	defer conn.SetDeadline(time.Time{})
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	handle, err := readProbeReply(conn)
-	if askAgain && errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() == nil {
-		conn.SetDeadline(deadline) // none when ctx has none
+	deadline, _ := ctx.Deadline() // zero: none
+	// The AfterFunc's deadline ends any read once ctx ends; one set after
+	// it must not undo that.
+	setDeadline := func(t time.Time) {
+		conn.SetDeadline(t)
 		if ctx.Err() != nil {
-			// Ended since the check: its AfterFunc's deadline was just
-			// overwritten.
 			conn.SetDeadline(time.Unix(1, 0))
 		}
+	}
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	defer conn.SetDeadline(time.Time{})
+	// within reads an answer whose first byte comes within d.
+	within := func(d time.Duration) (uint64, error) {
+		if until := time.Now().Add(d); deadline.IsZero() || until.Before(deadline) {
+			setDeadline(until)
+		} else {
+			setDeadline(deadline)
+		}
+		var first [1]byte
+		if _, err := io.ReadFull(conn, first[:]); err != nil {
+			return 0, probeReadError(err)
+		}
+		setDeadline(deadline)
+		return readProbeReply(io.MultiReader(bytes.NewReader(first[:]), conn))
+	}
+	quiet := func(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() == nil }
+
+	handle, err := within(grace)
+	if quiet(err) && (deadline.IsZero() || time.Now().Before(deadline)) {
+		setDeadline(deadline)
 		if _, err = conn.Write(probeRequest(probeAgainHandle)); err == nil {
 			if handle, err = readProbeReply(conn); err == nil {
 				switch handle {
@@ -201,10 +217,7 @@ func awaitProbe(ctx context.Context, conn net.Conn, grace time.Duration) error {
 					// The engine serves requests concurrently, so a slow
 					// first read may still be under way: it gets another
 					// grace.
-					if again := time.Now().Add(grace); !bounded || again.Before(deadline) {
-						conn.SetDeadline(again)
-					}
-					if handle, err = readProbeReply(conn); errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() == nil {
+					if handle, err = within(grace); quiet(err) {
 						return errProbeLost
 					}
 				}

@@ -113,8 +113,11 @@ func TestOpenAgainstEngine(t *testing.T) {
 type oddEngine struct {
 	lose      bool
 	slowFirst time.Duration
-	path      string
-	conns     atomic.Int32
+	// splitFirst: the first answer's first byte goes at once, the rest
+	// after this long.
+	splitFirst time.Duration
+	path       string
+	conns      atomic.Int32
 }
 
 func newOddEngine(t *testing.T, e *oddEngine) *oddEngine {
@@ -149,6 +152,12 @@ func (e *oddEngine) serve(c net.Conn) {
 		handle := binary.BigEndian.Uint64(req[8:])
 		length := binary.BigEndian.Uint32(req[24:])
 		reply := append(nbd.SimpleReply{Handle: handle}.Append(nil), make([]byte, length)...)
+		if n == 0 && e.splitFirst > 0 {
+			c.Write(reply[:1])
+			time.Sleep(e.splitFirst)
+			c.Write(reply[1:])
+			continue
+		}
 		if n == 0 && e.slowFirst > 0 {
 			// Served meanwhile are the reads after it, as mvps-te
 			// serves requests concurrently.
@@ -214,28 +223,38 @@ func TestOpenEngineThatLosesEarlyRequests(t *testing.T) {
 // An engine slower than the grace that keeps what follows the export name
 // answers both probes, in any order: the session is opened once, both
 // answers are read before the kernel could get the connection, and later
-// attaches still send the probe with the export name.
+// attaches still send the probe with the export name. An answer that has
+// begun is read to its end, however long the rest takes: the grace bounds
+// only the wait for its first byte, so the probe is not sent again into
+// the middle of an answer.
 func TestOpenSlowEngine(t *testing.T) {
-	e := newOddEngine(t, &oddEngine{slowFirst: 300 * time.Millisecond})
-	// Asked again at 200 ms, it answers that at once, and the first
-	// within the next 200.
-	var log bytes.Buffer
-	ss := e.sessions(t, &log)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s := engine.Session{ImageID: "s.mvps-image", ImageSize: 1 << 20}
-	for i := range 2 {
-		conn, _, err := ss.Open(ctx, s)
-		if err != nil {
-			t.Fatalf("Open %d: %v", i, err)
-		}
-		readThrough(t, conn, uint64(10+i))
-		conn.Close()
-		if n := e.conns.Load(); n != int32(i+1) {
-			t.Errorf("%d connections after %d sessions", n, i+1)
-		}
-	}
-	if bytes.Contains(log.Bytes(), []byte("did not answer")) {
-		t.Errorf("a slow engine was taken for one that loses early requests:\n%s", log.String())
+	for name, odd := range map[string]*oddEngine{
+		// Asked again at 200 ms, it answers that at once, and the first
+		// within the next 200.
+		"first answer last": {slowFirst: 300 * time.Millisecond},
+		"answer in two":     {splitFirst: 500 * time.Millisecond},
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newOddEngine(t, odd)
+			var log bytes.Buffer
+			ss := e.sessions(t, &log)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			s := engine.Session{ImageID: "s.mvps-image", ImageSize: 1 << 20}
+			for i := range 2 {
+				conn, _, err := ss.Open(ctx, s)
+				if err != nil {
+					t.Fatalf("Open %d: %v", i, err)
+				}
+				readThrough(t, conn, uint64(10+i))
+				conn.Close()
+				if n := e.conns.Load(); n != int32(i+1) {
+					t.Errorf("%d connections after %d sessions", n, i+1)
+				}
+			}
+			if bytes.Contains(log.Bytes(), []byte("did not answer")) {
+				t.Errorf("a slow engine was taken for one that loses early requests:\n%s", log.String())
+			}
+		})
 	}
 }
