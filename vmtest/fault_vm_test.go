@@ -26,6 +26,7 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
@@ -445,7 +446,7 @@ func TestVMFaultChaos(t *testing.T) {
 		return true
 	})
 	waitUntil(t, 30*time.Second, "the daemon's fds back at their baseline", func() bool { return openFDCount(pid) <= baseFDs })
-	if !eventually(30*time.Second, func() bool { return goroutines() <= baseGoroutines }) {
+	if _, ok := testwait.Within(30*time.Second, func() bool { return goroutines() <= baseGoroutines }); !ok {
 		// Which goroutines stayed is what tells a leak from a slow exit:
 		// the runtime dumps them all into the daemon's log on SIGQUIT.
 		p.Cmd.Process.Signal(syscall.SIGQUIT)

@@ -144,16 +144,3 @@ func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() boo
 	t.Helper()
 	testwait.Until(t, timeout, what, cond)
 }
-
-// eventually is waitUntil for a test that has more to do than fail when
-// cond never holds: it reports whether cond held within bound.
-func eventually(bound time.Duration, cond func() bool) bool {
-	tick := time.NewTicker(testwait.Interval)
-	defer tick.Stop()
-	for start := time.Now(); !cond(); <-tick.C {
-		if time.Since(start) >= bound {
-			return false
-		}
-	}
-	return true
-}

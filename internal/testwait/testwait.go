@@ -19,14 +19,25 @@ const Interval = 5 * time.Millisecond
 // it waited for.
 func Until(t testing.TB, bound time.Duration, what string, cond func() bool) time.Duration {
 	t.Helper()
+	took, ok := Within(bound, cond)
+	if !ok {
+		t.Fatalf("timed out after %v waiting for %s", bound, what)
+	}
+	return took
+}
+
+// Within is Until for a test that has more to do than fail when cond
+// never holds: it reports how long it waited and whether cond held within
+// bound.
+func Within(bound time.Duration, cond func() bool) (time.Duration, bool) {
 	start := time.Now()
 	tick := time.NewTicker(Interval)
 	defer tick.Stop()
 	for !cond() {
 		if time.Since(start) >= bound {
-			t.Fatalf("timed out after %v waiting for %s", bound, what)
+			return time.Since(start), false
 		}
 		<-tick.C
 	}
-	return time.Since(start)
+	return time.Since(start), true
 }
