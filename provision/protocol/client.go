@@ -65,25 +65,22 @@ func AttachMount(ctx context.Context, socketPath, key string, mountNS, dir *os.F
 // SendRaw sends an arbitrary message with fds and returns the reply payload
 // and any fds received; for tests and diagnostics of the protocol itself.
 func SendRaw(ctx context.Context, socketPath string, msg []byte, fds []int) (*net.UnixConn, []byte, []int, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unixpacket", socketPath)
-	if err != nil {
+	if err := ctx.Err(); err != nil {
 		return nil, nil, nil, fmt.Errorf("connect to provisioner: %w", err)
 	}
-	conn := c.(*net.UnixConn)
+	var oob []byte
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
+	}
+	conn, err := connectAndSend(socketPath, msg, oob)
+	if err != nil {
+		return nil, nil, nil, err
+	}
 	if deadline, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(deadline)
 	}
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	var oob []byte
-	if len(fds) > 0 {
-		oob = unix.UnixRights(fds...)
-	}
-	if _, _, err := conn.WriteMsgUnix(msg, oob, nil); err != nil {
-		conn.Close()
-		return nil, nil, nil, fmt.Errorf("send request: %w", err)
-	}
 	buf := make([]byte, maxReplySize+64)
 	roob := make([]byte, unix.CmsgSpace(4*4))
 	n, oobn, _, _, err := conn.ReadMsgUnix(buf, roob)
