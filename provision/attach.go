@@ -45,7 +45,8 @@ func (r Request) Mode() string {
 
 // Attached is an attachment that Attach made, for its owner's transport
 // to deliver: it is StateAttached already, and until the transport says
-// Delivered or Undelivered, nothing is logged or counted as attached.
+// Delivered or Undelivered, nothing is logged or counted as attached, nor
+// is its end watched for. A transport calls one of the two, always.
 type Attached struct {
 	a *attachment
 	// Device is the device node, /dev/nbdX.
@@ -74,6 +75,7 @@ func (at *Attached) Detached() <-chan struct{} { return at.a.done }
 func (at *Attached) Delivered(m *Manager) {
 	a := at.a
 	at.sp.mark("reply")
+	at.watch(m)
 	m.cfg.Engine.Refill()
 	took := time.Since(at.sp.start)
 	attrs := []any{"image_id", a.imageID, "key", a.key, "device", at.Device, "mode", a.mode,
@@ -90,10 +92,23 @@ func (at *Attached) Delivered(m *Manager) {
 // (err says why): it ends, and counts as a failed attach.
 func (at *Attached) Undelivered(m *Manager, err error) {
 	a := at.a
+	at.watch(m)
 	m.log.Warn("owner gone before the attachment was delivered", "image_id", a.imageID, "device", at.Device, "err", err)
 	m.cfg.Metrics.AttachFailed(a.mode, ErrUndelivered)
 	a.cancel(fmt.Errorf("%w: %w", ErrUndelivered, err))
 	<-a.done
+}
+
+// watch starts the watcher that detaches the attachment when it ends, in
+// the Manager's work that Attach added for it. It starts once the owner's
+// reply is out, not before: a goroutine started wakes an idle thread of
+// the daemon, which then competes for a CPU with the caller, who is woken
+// by the reply.
+func (at *Attached) watch(m *Manager) {
+	go func() {
+		defer m.work.Done()
+		m.watch(at.a)
+	}()
 }
 
 // ErrUndelivered ends an attachment whose owner was gone before it had it.
@@ -261,7 +276,8 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	// Attached before the owner has it: an owner that is told and asks
 	// for the status sees it so.
 	m.reg.setState(a, StateAttached)
-	if !m.goTracked(func() { m.watch(a) }) {
+	// The watcher's share of the work, which Delivered or Undelivered starts.
+	if !m.goTracked(nil) {
 		return fail(ErrShuttingDown)
 	}
 	return at, nil
