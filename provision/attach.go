@@ -229,10 +229,11 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	// Recorded before the kernel attach, so that a crash in the middle
 	// leaves a device the next start knows to be ours; written while the
 	// engine session opens, which waits on the engine anyway.
-	recorded := make(chan error, 1)
+	recorded := make(chan recordResult, 1)
 	go func() {
 		a.caller.readStart()
-		recorded <- m.record(a, -1)
+		r, err := m.recordAttaching(a)
+		recorded <- recordResult{r, err}
 	}()
 	dev, recordErr, err := m.attach(actx, a, sp, recorded)
 	if err != nil {
@@ -348,26 +349,34 @@ func authorize(caller Caller, key string, image imageconfig.Config, mode string)
 	return nil
 }
 
+// recordResult is the first state record's write: the record, still
+// open for the device's index, or why it could not be written.
+type recordResult struct {
+	r   *openRecord
+	err error
+}
+
 // attach opens a's engine session and attaches its device, marking each
 // step in sp. The kernel attach waits for recorded, the result of the
 // first state record's write; attach always receives it, so that the
-// record is written (or known not to be) when attach returns. The record of
-// the device's index is written once the device is open, in this goroutine:
-// a goroutine of its own, to write it while the device opens, cost more
-// than it saved (a hand-off to another thread and back, for a write of a
-// few hundred bytes). Its result is recordErr, and a device attached
+// record is written (or known not to be) when attach returns. The device's
+// index is written into that record once the device is open, in this
+// goroutine: a goroutine of its own, to write it while the device opens,
+// cost more than it saved (a hand-off to another thread and back, for a
+// write of a few bytes). Its result is recordErr, and a device attached
 // without it must be detached.
-func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded <-chan error) (dev *nbddev.Device, recordErr, err error) {
+func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded <-chan recordResult) (dev *nbddev.Device, recordErr, err error) {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.AttachTimeout)
 	defer cancel()
 	conn, export, err := m.openSession(engine.WithTrace(ctx, &engine.Trace{Step: sp.mark}), a.session())
-	recordErr = <-recorded
+	rec := <-recorded
+	defer rec.r.close()
 	if err != nil {
 		return nil, nil, err
 	}
-	if recordErr != nil {
+	if rec.err != nil {
 		conn.Close()
-		return nil, nil, recordErr
+		return nil, nil, rec.err
 	}
 	sp.mark("record")
 	trace := &nbddev.Trace{Connected: func(uint32) { sp.mark("connect") }}
@@ -375,7 +384,7 @@ func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded
 	if err != nil {
 		return nil, nil, failf(ErrAttachFailed, "%w", err)
 	}
-	recordErr = m.record(a, int64(dev.Index))
+	recordErr = rec.r.setIndex(int64(dev.Index))
 	sp.mark("open")
 	return dev, recordErr, nil
 }

@@ -181,6 +181,12 @@ func (m *Manager) detach(a *attachment, reason string) {
 	})
 }
 
+// recordAttaching writes a's first state record, before the kernel attach
+// (index -1), and keeps it open for the device's index.
+func (m *Manager) recordAttaching(a *attachment) (*openRecord, error) {
+	return m.cfg.State.writeOpen(m.stateEntry(a, -1))
+}
+
 // errDetached ends an attachment's context once its detach has begun.
 var errDetached = errors.New("detached")
 
@@ -190,9 +196,13 @@ func (m *Manager) record(a *attachment, index int64) error {
 	if m.cfg.State == nil {
 		return nil
 	}
-	return m.cfg.State.write(stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
+	return m.cfg.State.write(m.stateEntry(a, index))
+}
+
+func (m *Manager) stateEntry(a *attachment, index int64) stateEntry {
+	return stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
 		Index: index, Mode: a.mode, CallerPID: a.caller.PID, CallerStart: a.caller.start, Owner: a.owner.Kind, Volume: a.owner.Volume,
-		Engine: m.cfg.EngineInstance(), Lease: m.reg.lockName(a)})
+		Engine: m.cfg.EngineInstance(), Lease: m.reg.lockName(a)}
 }
 
 // forget removes a's state file once its device is detached.

@@ -7,6 +7,10 @@ type StateRecord = stateEntry
 // WriteRecord writes e as the attach pipeline does.
 func (d *StateDir) WriteRecord(e StateRecord) error { return d.write(e) }
 
+// FailIndexWrites makes every write of a device's index into its record
+// fail with err from now on.
+func (d *StateDir) FailIndexWrites(err error) { d.indexFault.Store(&err) }
+
 // Records reads the records as Adopt does.
 func (d *StateDir) Records() ([]StateRecord, []error) { return d.list() }
 

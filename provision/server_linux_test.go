@@ -507,42 +507,23 @@ func TestStateNotRecordedRefusesAttach(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			stateDir := filepath.Join(t.TempDir(), "state")
-			ts := newWithState(t, stateDir)
-			gate := make(chan struct{})
+			state, ts := newWithStateDir(t, stateDir)
 			if after {
-				// The first record is written before the kernel attach,
-				// which waits here; the second fails.
-				ts.Devices.Mu.Lock()
-				ts.Devices.Gate = gate
-				ts.Devices.Mu.Unlock()
+				// The first record is written; the device's index, written
+				// into it once the device is open, is not.
+				state.FailIndexWrites(errors.New("injected fault"))
 			} else {
 				os.RemoveAll(stateDir)
 			}
-			done := make(chan string, 1)
-			go func() {
-				a, err := protocol.Attach(context.Background(), ts.Socket, "vol")
-				if err == nil {
-					a.Close()
-					done <- "ok"
-					return
-				}
-				done <- provisiontest.Code(err)
-			}()
-			if after {
-				waitFor(t, func() bool {
-					_, err := os.Stat(filepath.Join(stateDir, "vol.mvps-image.json"))
-					return err == nil && stateOf(ts, "vol.mvps-image") == provision.StateAttaching
-				})
-				os.RemoveAll(stateDir)
-				close(gate)
+			code := "ok"
+			a, err := protocol.Attach(context.Background(), ts.Socket, "vol")
+			if err == nil {
+				a.Close()
+			} else {
+				code = provisiontest.Code(err)
 			}
-			select {
-			case code := <-done:
-				if code != "internal" {
-					t.Fatalf("reply %q, want internal", code)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatal("no reply within 10 s")
+			if code != "internal" {
+				t.Fatalf("reply %q, want internal", code)
 			}
 			want := 0
 			if after {
@@ -560,9 +541,14 @@ func TestStateNotRecordedRefusesAttach(t *testing.T) {
 	}
 }
 
-// newWithState starts a server that records its attachments in stateDir,
-// with image "vol".
 func newWithState(t *testing.T, stateDir string) *provisiontest.Server {
+	t.Helper()
+	_, ts := newWithStateDir(t, stateDir)
+	return ts
+}
+
+// newWithStateDir is newWithState, with the StateDir it opened.
+func newWithStateDir(t *testing.T, stateDir string) (*provision.StateDir, *provisiontest.Server) {
 	t.Helper()
 	state, err := provision.OpenStateDir(stateDir)
 	if err != nil {
@@ -572,7 +558,7 @@ func newWithState(t *testing.T, stateDir string) *provisiontest.Server {
 	t.Cleanup(func() { state.Close() })
 	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.State = state })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
-	return ts
+	return state, ts
 }
 
 // An attach leaves a spare engine connection for the next, which takes it

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
@@ -25,14 +26,16 @@ const DefaultStateDir = "/run/mvps-provisioner"
 // over: the device, the session to reconnect it with, and the caller to
 // follow.
 type stateEntry struct {
+	// Index is the device's nbd index, -1 while the kernel attach is in
+	// progress: a device found connected to this image then is ours. It
+	// is the first field, at a fixed place in the file, so that an
+	// attach writes it into its record in place (openRecord.setIndex).
+	Index     int64  `json:"index"`
 	Key       string `json:"key"`
 	ImageID   string `json:"image_id"`
 	ImageSize uint64 `json:"image_size"`
 	ClientID  string `json:"client_id"`
-	// Index is the device's nbd index, -1 while the kernel attach is in
-	// progress: a device found connected to this image then is ours.
-	Index int64  `json:"index"`
-	Mode  string `json:"mode"`
+	Mode      string `json:"mode"`
 	// CallerPID and CallerStart (clock ticks after boot, from
 	// /proc/<pid>/stat) name the caller's process so that a reused pid is
 	// never taken for it.
@@ -66,6 +69,9 @@ type StateDir struct {
 	path string
 	dir  *os.File
 	lock *os.File
+	// indexFault, set by tests only, fails every write of an index in
+	// place, which no file system fault can be made to fail on demand.
+	indexFault atomic.Pointer[error]
 }
 
 // maxRecordSize bounds what is read of a record: a real one is a few
@@ -196,53 +202,134 @@ func (d *StateDir) Path() string { return d.path }
 //
 // Nothing is synced: a record describes a kernel attachment, which a power
 // loss ends too, and the page cache outlives the process that a record is
-// for. An attach writes two records, so a sync here would be on every
-// attach's path for nothing.
+// for. An attach writes a record and then its index, so a sync here would
+// be on every attach's path for nothing.
 func (d *StateDir) write(e stateEntry) error {
-	data, err := json.Marshal(e)
+	r, err := d.writeOpen(e)
 	if err != nil {
 		return err
 	}
-	// One attach per image at a time (the registry reserves it), so the
-	// temporary name is the image's own.
-	tmp := "." + e.ImageID + ".tmp"
-	err = d.at(func(dirfd int) error {
-		if err := writeNew(dirfd, tmp, data); err != nil {
-			return &fs.PathError{Op: "write", Path: filepath.Join(d.path, tmp), Err: err}
-		}
-		name := e.ImageID + ".json"
-		if err := unix.Renameat(dirfd, tmp, dirfd, name); err != nil {
-			unix.Unlinkat(dirfd, tmp, 0)
-			return &os.LinkError{Op: "rename", Old: filepath.Join(d.path, tmp), New: filepath.Join(d.path, name), Err: err}
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("write state of %s: %w", e.ImageID, err)
+	if err := r.close(); err != nil {
+		return fmt.Errorf("write state of %s: %w", e.ImageID, &fs.PathError{Op: "close", Path: r.path, Err: err})
 	}
 	return nil
 }
 
-// writeNew writes data to the file name in dirfd, creating or truncating
-// it; a link there is not followed, nor a FIFO waited on. The directory is
-// the provisioner's alone, so what is there is a write of ours cut short.
-func writeNew(dirfd int, name string, data []byte) error {
-	fd, err := unix.Openat(dirfd, name, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return err
+// openRecord is a record just written, still open so that the device's
+// index is written into it in place.
+type openRecord struct {
+	fd      int
+	path    string
+	imageID string
+	fault   *error
+}
+
+// indexAt and indexWidth place a record's index in its file: first, and
+// padded with spaces (which JSON allows after a value) to the width of
+// any nbd index, so that writing another index changes nothing else.
+const (
+	indexAt    = len(`{"index":`)
+	indexWidth = len("4294967295")
+)
+
+// writeOpen writes e like write, and returns the record still open, for
+// setIndex and then close (nil with an error, or without a StateDir).
+func (d *StateDir) writeOpen(e stateEntry) (*openRecord, error) {
+	if d == nil {
+		return nil, nil
 	}
-	n, err := unix.Write(fd, data)
-	if cerr := unix.Close(fd); err == nil {
+	data, err := json.Marshal(e)
+	if err != nil {
+		return nil, err
+	}
+	// The index, the first field, padded to its fixed width.
+	comma := bytes.IndexByte(data, ',')
+	if !bytes.HasPrefix(data, []byte(`{"index":`)) || comma < 0 || comma-indexAt > indexWidth {
+		return nil, fmt.Errorf("write state of %s: index %d does not fit its record", e.ImageID, e.Index)
+	}
+	data = slices.Concat(data[:indexAt], fmt.Appendf(nil, "%-*d", indexWidth, e.Index), data[comma:])
+	// One attach per image at a time (the registry reserves it), so the
+	// temporary name is the image's own.
+	tmp := "." + e.ImageID + ".tmp"
+	r := &openRecord{fd: -1, path: filepath.Join(d.path, e.ImageID+".json"), imageID: e.ImageID, fault: d.indexFault.Load()}
+	err = d.at(func(dirfd int) error {
+		fd, err := writeNew(dirfd, tmp, data)
+		if err != nil {
+			return &fs.PathError{Op: "write", Path: filepath.Join(d.path, tmp), Err: err}
+		}
+		name := e.ImageID + ".json"
+		if err := unix.Renameat(dirfd, tmp, dirfd, name); err != nil {
+			unix.Close(fd)
+			unix.Unlinkat(dirfd, tmp, 0)
+			return &os.LinkError{Op: "rename", Old: filepath.Join(d.path, tmp), New: filepath.Join(d.path, name), Err: err}
+		}
+		r.fd = fd
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("write state of %s: %w", e.ImageID, err)
+	}
+	return r, nil
+}
+
+// setIndex writes index into the record, in place, and closes it. One
+// pwrite of a few bytes within the file's first page: a crash leaves the
+// old index or the new one. It saves the attach a second record's
+// encoding, file and rename, on its path to the caller's reply.
+func (r *openRecord) setIndex(index int64) error {
+	if r == nil {
+		return nil
+	}
+	b := fmt.Appendf(nil, "%-*d", indexWidth, index)
+	if len(b) != indexWidth {
+		r.close()
+		return fmt.Errorf("write state of %s: index %d does not fit its record", r.imageID, index)
+	}
+	n, err := unix.Pwrite(r.fd, b, int64(indexAt))
+	if r.fault != nil {
+		err = *r.fault
+	}
+	if err == nil && n != len(b) {
+		err = fmt.Errorf("short write: %d of %d bytes", n, len(b))
+	}
+	if cerr := r.close(); err == nil {
 		err = cerr
 	}
+	if err != nil {
+		return fmt.Errorf("write state of %s: %w", r.imageID, &fs.PathError{Op: "write", Path: r.path, Err: err})
+	}
+	return nil
+}
+
+// close closes the record; it may be called more than once.
+func (r *openRecord) close() error {
+	if r == nil || r.fd < 0 {
+		return nil
+	}
+	err := unix.Close(r.fd)
+	r.fd = -1
+	return err
+}
+
+// writeNew writes data to the file name in dirfd, creating or truncating
+// it, and returns it open for writing; a link there is not followed, nor a
+// FIFO waited on. The directory is the provisioner's alone, so what is
+// there is a write of ours cut short.
+func writeNew(dirfd int, name string, data []byte) (int, error) {
+	fd, err := unix.Openat(dirfd, name, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return -1, err
+	}
+	n, err := unix.Write(fd, data)
 	if err == nil && n != len(data) {
 		err = fmt.Errorf("short write: %d of %d bytes", n, len(data))
 	}
 	if err != nil {
+		unix.Close(fd)
 		unix.Unlinkat(dirfd, name, 0)
-		return err
+		return -1, err
 	}
-	return nil
+	return fd, nil
 }
 
 func (d *StateDir) remove(imageID string) error {

@@ -76,3 +76,50 @@ func TestProcessStart(t *testing.T) {
 		t.Fatal("no error for a pid that does not exist")
 	}
 }
+
+// The device's index is written into the first record in place: the
+// record reads back with it, whole, and nothing else in it moves.
+func TestStateIndexWrittenInPlace(t *testing.T) {
+	for _, index := range []int64{0, 7, 4294967295} {
+		d, err := OpenStateDir(filepath.Join(t.TempDir(), "state"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := stateEntry{Key: "vol", ImageID: "vol.mvps-image", ImageSize: 1 << 20, ClientID: "c", Index: -1, Mode: "fd",
+			CallerPID: 42, CallerStart: 7, Engine: "engine-1"}
+		r, err := d.writeOpen(e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(d.Path(), "vol.mvps-image.json")
+		before, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := d.list(); len(got) != 1 || got[0].Index != -1 {
+			t.Fatalf("before the index: records %+v, want one with index -1", got)
+		}
+		if err := r.setIndex(index); err != nil {
+			t.Fatal(err)
+		}
+		after, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(after) != len(before) || string(after[indexAt+indexWidth:]) != string(before[indexAt+indexWidth:]) {
+			t.Errorf("index %d: the record changed beyond its index:\n%s\n%s", index, before, after)
+		}
+		e.Index = index
+		got, errs := d.list()
+		if errs != nil {
+			t.Fatal(errs)
+		}
+		if diff := cmp.Diff([]stateEntry{e}, got); diff != "" {
+			t.Errorf("index %d: records (-want +got):\n%s", index, diff)
+		}
+		if r.fd != -1 {
+			t.Errorf("the record is still open after its index: fd %d", r.fd)
+		}
+		d.Close()
+	}
+}
