@@ -103,7 +103,9 @@ const maxConfigFileSize = 64 << 10
 
 // Load reads the file named key in dir. It is called for every
 // request, so edits and a ConfigMap's atomic "..data" swap take effect at
-// once. The key must have passed ValidateKey.
+// once: the file is opened and checked every time, and read and parsed
+// unless what was parsed of it is kept (configCache). The key must have
+// passed ValidateKey.
 //
 // Symlinks are followed, since a ConfigMap volume is made of them, but
 // what is read must be a regular file: it is opened without blocking (a
@@ -134,6 +136,10 @@ func Load(dir, key string) (Config, error) {
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return Config{}, fmt.Errorf("%w: image config %q is not a regular file", ErrInvalid, key)
 	}
+	id := identityOf(&st)
+	if cfg, ok := parsed.get(id); ok {
+		return cfg, nil
+	}
 	data, err := readAtMost(fd, st.Size, maxConfigFileSize)
 	if err != nil {
 		return Config{}, fmt.Errorf("read image config %q: %w", key, err)
@@ -145,6 +151,7 @@ func Load(dir, key string) (Config, error) {
 	if err != nil {
 		return Config{}, fmt.Errorf("%w: image config %q: %v", ErrInvalid, key, err)
 	}
+	parsed.put(id, &st, cfg)
 	return cfg, nil
 }
 
