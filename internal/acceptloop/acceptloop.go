@@ -118,7 +118,8 @@ func (g *Group[C]) init() {
 }
 
 // Serve accepts connections with l until Close, handling each in a
-// goroutine of its own, and then returns ErrClosed. It returns at once
+// goroutine of its own (the one that accepted it), and then returns
+// ErrClosed. It returns at once
 // with ErrClosed if Close was called before, and with a wrapped error when
 // Accept fails with an error that is not temporary. Errors that are
 // temporary are retried after a pause, which Close ends.
@@ -136,6 +137,33 @@ func (g *Group[C]) Serve(l Loop[C]) error {
 	done := g.done
 	g.mu.Unlock()
 
+	result := make(chan error, 1)
+	go g.acceptAndHandle(l, done, result)
+	return <-result
+}
+
+// acceptAndHandle accepts the next connection of l, hands the accepting on
+// to a new goroutine and handles the connection itself; the last one's
+// error, once accepting ends, goes to result. The goroutine that accepted
+// a connection handles it because it is running already: a handler of
+// its own would wait for the scheduler to start it, on the path of every
+// connection's first request.
+func (g *Group[C]) acceptAndHandle(l Loop[C], done <-chan struct{}, result chan<- error) {
+	c, err := g.accept(l, done)
+	if err != nil {
+		result <- err
+		return
+	}
+	go g.acceptAndHandle(l, done, result)
+	defer g.handlers.Done()
+	defer g.forget(c)
+	l.Handle(c)
+}
+
+// accept waits for the next connection of l that Admit lets in, and
+// tracks it; temporary errors are waited out.
+func (g *Group[C]) accept(l Loop[C], done <-chan struct{}) (C, error) {
+	var zero C
 	temporary := l.Temporary
 	if temporary == nil {
 		temporary = TemporaryError
@@ -145,17 +173,17 @@ func (g *Group[C]) Serve(l Loop[C]) error {
 		c, err := l.Accept()
 		if err != nil {
 			if g.Closed() {
-				return ErrClosed
+				return zero, ErrClosed
 			}
 			if !temporary(err) {
-				return fmt.Errorf("accept: %w", err)
+				return zero, fmt.Errorf("accept: %w", err)
 			}
 			pause = min(max(2*pause, minPause), maxPause)
 			if l.Retrying != nil {
 				l.Retrying(err, pause)
 			}
 			if !g.wait(done, pause) {
-				return ErrClosed
+				return zero, ErrClosed
 			}
 			continue
 		}
@@ -169,13 +197,9 @@ func (g *Group[C]) Serve(l Loop[C]) error {
 				l.Abandon(c)
 			}
 			c.Close()
-			return ErrClosed
+			return zero, ErrClosed
 		}
-		go func() {
-			defer g.handlers.Done()
-			defer g.forget(c)
-			l.Handle(c)
-		}()
+		return c, nil
 	}
 }
 
