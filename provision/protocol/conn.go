@@ -21,15 +21,21 @@ var ErrEmptyConnection = errors.New("connection closed without a request")
 // ReadRequest reads one message and the fds that came with it. The fds are
 // returned even with an error so that the caller closes them.
 func ReadRequest(conn *net.UnixConn, deadline time.Time) ([]byte, []int, error) {
-	if err := conn.SetReadDeadline(deadline); err != nil {
-		return nil, nil, fmt.Errorf("set deadline: %w", err)
-	}
-	defer conn.SetReadDeadline(time.Time{})
 	// One byte more than the longest valid request tells "too long" from
 	// "exactly right" even if the kernel did not flag truncation.
 	buf := make([]byte, MaxRequestSize+1)
 	oob := make([]byte, unix.CmsgSpace(maxRequestFDs*4))
-	n, oobn, flags, _, err := conn.ReadMsgUnix(buf, oob)
+	// A caller sends its request as soon as it is connected, so it is
+	// nearly always there already: read without the deadline's set-up
+	// first, and wait (with it) only if it is not.
+	n, oobn, flags, err := readWaiting(conn, buf, oob)
+	if errors.Is(err, unix.EAGAIN) {
+		if err := conn.SetReadDeadline(deadline); err != nil {
+			return nil, nil, fmt.Errorf("set deadline: %w", err)
+		}
+		n, oobn, flags, _, err = conn.ReadMsgUnix(buf, oob)
+		conn.SetReadDeadline(time.Time{})
+	}
 	fds := parseFDs(oob[:oobn])
 	if err != nil {
 		return nil, fds, fmt.Errorf("read request: %w", err)
@@ -44,6 +50,25 @@ func ReadRequest(conn *net.UnixConn, deadline time.Time) ([]byte, []int, error) 
 		return nil, fds, fmt.Errorf("%w: request is longer than %d bytes", ErrBadRequest, MaxRequestSize)
 	}
 	return buf[:n], fds, nil
+}
+
+// readWaiting reads a message that is waiting on conn, without waiting for
+// one: EAGAIN if there is none. Received fds are close-on-exec, as Go's
+// own reads make them.
+func readWaiting(conn *net.UnixConn, buf, oob []byte) (n, oobn, flags int, err error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	if cerr := rc.Control(func(fd uintptr) {
+		n, oobn, flags, _, err = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
+	}); cerr != nil {
+		return 0, 0, 0, cerr
+	}
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	return n, oobn, flags, nil
 }
 
 func parseFDs(oob []byte) []int {
