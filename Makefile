@@ -105,8 +105,12 @@ help:
 	@echo "  clean        remove bin/, var/ and the VM output (rm -rf .cache drops every cache, ~1 GB)"
 
 # check (lint and unit tests, a couple of minutes) comes first, so that a
-# lint error fails in minutes, not after the VM suite.
-test: deps check image-test fuzz integration k8s-test
+# lint error fails in minutes, not after the VM suite. The image's test and
+# fuzzing, which wait on nothing but the CPU and time nothing, run side by
+# side, each target's output shown whole.
+test: deps check
+	@$(MAKE) --no-print-directory -j2 --output-sync=target image-test fuzz
+	@$(MAKE) --no-print-directory integration k8s-test
 
 check: lint unit rules
 
@@ -171,8 +175,14 @@ VM_KERNELS ?= $(or $(VM_KERNEL_SUITE),bookworm trixie-backports)
 K8S_BIN := $(CURDIR)/.cache/k8s/bin
 LEASE_VM_TESTS := ^TestVMLease
 VM_TEST_TIMEOUT ?= 900s
+# What the kernels' suites build alike (the test binaries, the binaries in
+# the guest) is compiled once first, so that the suites, started together,
+# do not both compile it.
+VM_TEST_PACKAGES = $(sort $(dir $(shell grep -rl --include='*_test.go' '^//go:build vmtest' . | grep -v '^./vmtest/bench/')))
 integration: k8s-cache
 	$(GO) build -o .cache/vmrun ./vmtest/vmrun
+	CGO_ENABLED=0 $(GO) test -tags vmtest -count=1 -run '^$$' -exec /bin/true $(VM_TEST_PACKAGES) >/dev/null
+	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath ./cmd/... ./examples/client ./vmtest/chaoscaller
 	@mkdir -p .cache/integration; failed=""; pids=""; \
 	for k in $(VM_KERNELS); do \
 		VM_KERNEL_SUITE=$$k VM_CACHE=$(CURDIR)/.cache/vm/$$k VM_TEST_SKIP='$(LEASE_VM_TESTS)' VM_TEST_TIMEOUT=$(VM_TEST_TIMEOUT) \

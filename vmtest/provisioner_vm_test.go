@@ -349,7 +349,9 @@ func TestVMProvisionerEngineWillNotRestart(t *testing.T) {
 	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	p := vmharness.Start(t, map[string]string{"PROVISIONER_ENGINE_BIN": wrapper})
+	// The shortest I/O wait the daemon allows: the recovery it bounds
+	// (the wait minus 5 s) is what this test waits out.
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_ENGINE_BIN": wrapper, "PROVISIONER_DEAD_CONN_TIMEOUT": "10s"})
 	p.AddImage(t, "vol", "vol.mvps-image", 32<<20)
 	a, idx := p.Attach(t, "vol")
 	defer a.Close()
