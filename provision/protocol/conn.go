@@ -52,25 +52,6 @@ func ReadRequest(conn *net.UnixConn, deadline time.Time) ([]byte, []int, error) 
 	return buf[:n], fds, nil
 }
 
-// readWaiting reads a message that is waiting on conn, without waiting for
-// one: EAGAIN if there is none. Received fds are close-on-exec, as Go's
-// own reads make them.
-func readWaiting(conn *net.UnixConn, buf, oob []byte) (n, oobn, flags int, err error) {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return 0, 0, 0, err
-	}
-	if cerr := rc.Control(func(fd uintptr) {
-		n, oobn, flags, _, err = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
-	}); cerr != nil {
-		return 0, 0, 0, cerr
-	}
-	if err != nil {
-		return 0, 0, 0, err
-	}
-	return n, oobn, flags, nil
-}
-
 func parseFDs(oob []byte) []int {
 	if len(oob) == 0 {
 		return nil
