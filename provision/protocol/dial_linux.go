@@ -26,7 +26,9 @@ func connectAndSend(socketPath string, msg, oob []byte) (*net.UnixConn, error) {
 		return nil, fmt.Errorf("connect to provisioner %s: %w", socketPath, os.NewSyscallError("connect", err))
 	}
 	sent := false
-	switch err := unix.Sendmsg(fd, msg, oob, nil, 0); err {
+	// MSG_NOSIGNAL: a provisioner gone since the connect is an error here,
+	// never a SIGPIPE.
+	switch err := unix.Sendmsg(fd, msg, oob, nil, unix.MSG_NOSIGNAL); err {
 	case nil:
 		sent = true
 	case unix.EAGAIN: // no room yet: sent below, through the poller
