@@ -174,6 +174,10 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	if err := m.checkLingering(caller); err != nil {
 		return nil, err
 	}
+	engineGen, restarting := m.engineAt()
+	if restarting {
+		return nil, errEngineRestarting
+	}
 
 	// The attachment's life: the owner's, and the Manager's.
 	life, end := context.WithCancelCause(m.ctx)
@@ -235,7 +239,7 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 		r, err := m.recordAttaching(a)
 		recorded <- recordResult{r, err}
 	}()
-	dev, recordErr, err := m.attach(actx, a, sp, recorded)
+	dev, recordErr, err := m.attach(actx, a, sp, recorded, engineGen)
 	if err != nil {
 		m.cfg.Metrics.AttachFailed(mode, err)
 		return fail(err)
@@ -364,8 +368,10 @@ type recordResult struct {
 // goroutine: a goroutine of its own, to write it while the device opens,
 // cost more than it saved (a hand-off to another thread and back, for a
 // write of a few bytes). Its result is recordErr, and a device attached
-// without it must be detached.
-func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded <-chan recordResult) (dev *nbddev.Device, recordErr, err error) {
+// without it must be detached. engineGen is the engine's generation when
+// the attach began: a session opened across the engine's failure is not
+// handed to the kernel.
+func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded <-chan recordResult, engineGen uint64) (dev *nbddev.Device, recordErr, err error) {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.AttachTimeout)
 	defer cancel()
 	conn, export, err := m.openSession(engine.WithTrace(ctx, &engine.Trace{Step: sp.mark}), a.session())
@@ -377,6 +383,12 @@ func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded
 	if rec.err != nil {
 		conn.Close()
 		return nil, nil, rec.err
+	}
+	// The engine failed since the attach began: the session may be the
+	// new engine's, which its record (and this one's) do not name yet.
+	if gen, restarting := m.engineAt(); restarting || gen != engineGen {
+		conn.Close()
+		return nil, nil, errEngineRestarting
 	}
 	sp.mark("record")
 	trace := &nbddev.Trace{Connected: func(uint32) { sp.mark("connect") }}

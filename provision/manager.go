@@ -170,6 +170,9 @@ type Manager struct {
 
 	mu         sync.Mutex
 	engineDead bool
+	// engineGen counts the engine's failures: an attach whose engine
+	// session opened across one is refused (engineAt).
+	engineGen uint64
 	// closed is set by Shutdown: no new work starts.
 	closed bool
 	// handover is set by Handover: attachments end without a detach.
@@ -242,9 +245,23 @@ func (m *Manager) goTracked(fn func()) bool {
 func (m *Manager) EngineFailed() {
 	m.mu.Lock()
 	m.engineDead = true
+	m.engineGen++
 	m.mu.Unlock()
 	m.cfg.Engine.Drop()
 }
+
+// engineAt reports the engine's generation, or that it is restarting. An
+// engine that has just been started answers before the supervisor has
+// recorded it (and made it the instance that state records name), which
+// it does before EngineRestored: until then, no attach may use it.
+func (m *Manager) engineAt() (gen uint64, restarting bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.engineGen, m.engineDead
+}
+
+// errEngineRestarting refuses an attach while the engine restarts.
+var errEngineRestarting = failf(ErrEngineUnavailable, "the engine is restarting; try again")
 
 // EngineRestored tells the Manager a new engine answers.
 func (m *Manager) EngineRestored() {

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -406,6 +407,43 @@ func TestDetachSkipsFlushWhenEngineIsDead(t *testing.T) {
 	}
 	// The detach logs once the device is gone.
 	waitFor(t, func() bool { return strings.Contains(ts.Logs(), "skipped: engine is gone") })
+}
+
+// While the engine restarts, and for an attach whose engine session opened
+// across the engine's failure, nothing is attached: a new engine answers
+// before its supervisor has recorded it, and an attachment on it would
+// name the old one in its state record.
+func TestAttachRefusedAcrossEngineRestart(t *testing.T) {
+	var m atomic.Pointer[provision.Manager]
+	var restartOnDial atomic.Bool
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
+		dial := c.Sessions.Dial
+		c.Sessions.Dial = func(ctx context.Context) (net.Conn, error) {
+			if restartOnDial.Swap(false) {
+				// The engine fails and is back while this attach dials.
+				m.Load().EngineFailed()
+				m.Load().EngineRestored()
+			}
+			return dial(ctx)
+		}
+	})
+	m.Store(ts.Manager)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+
+	ts.EngineFailed()
+	if code := ts.AttachCode(t, "vol"); code != "engine_unavailable" {
+		t.Fatalf("attach while the engine restarts: %q, want engine_unavailable", code)
+	}
+	ts.EngineRestored()
+	restartOnDial.Store(true)
+	if code := ts.AttachCode(t, "vol"); code != "engine_unavailable" {
+		t.Fatalf("attach across the engine's restart: %q, want engine_unavailable", code)
+	}
+	if attached, _ := ts.Devices.Counts(t); attached != 0 {
+		t.Fatalf("%d devices attached across the engine's restart, want 0", attached)
+	}
+	ts.Attach(t, "vol").Close()
+	ts.Devices.WaitDetaches(t, 1)
 }
 
 func TestSnapshot(t *testing.T) {
