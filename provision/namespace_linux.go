@@ -22,6 +22,12 @@ var ownUserNamespace = sync.OnceValues(func() (nsID, error) {
 	return nsID{dev: st.Dev, ino: st.Ino}, nil
 })
 
+// ownUserNamespaceLink is the provisioner's user namespace as its link in
+// /proc names it ("user:[<inode>]"), read once.
+var ownUserNamespaceLink = sync.OnceValues(func() (string, error) {
+	return os.Readlink("/proc/self/ns/user")
+})
+
 // userNamespaceOf returns the user namespace that owns the namespace nsfd
 // (NS_GET_USERNS).
 func userNamespaceOf(nsfd int) (nsID, error) {
@@ -109,13 +115,18 @@ func accountingUID(pid, uid int32) int32 {
 		return uid
 	}
 	path := "/proc/" + strconv.Itoa(int(pid)) + "/ns/user"
-	// Nearly every caller is in the provisioner's own user namespace: one
-	// stat tells, on the path of every connection, where open, fstat and
-	// close took three system calls. The walk below opens it only for a
-	// caller in another, and checks it again on what it opened.
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil || (nsID{dev: st.Dev, ino: st.Ino}) == own {
-		return uid
+	// Nearly every caller is in the provisioner's own user namespace: the
+	// name of its namespace link tells, one readlink on the path of every
+	// connection (a stat of the link, which resolves it to the namespace,
+	// costs more). The name holds the namespace's inode number, which no
+	// two namespaces share. The walk below opens it only for a caller in
+	// another, and checks it again on what it opened.
+	if ownLink, err := ownUserNamespaceLink(); err == nil {
+		var buf [64]byte
+		n, err := unix.Readlink(path, buf[:])
+		if err != nil || string(buf[:n]) == ownLink {
+			return uid
+		}
 	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
