@@ -75,7 +75,6 @@ func (at *Attached) Detached() <-chan struct{} { return at.a.done }
 func (at *Attached) Delivered(m *Manager) {
 	a := at.a
 	at.sp.mark("reply")
-	at.watch(m)
 	m.cfg.Engine.Refill()
 	took := time.Since(at.sp.start)
 	attrs := []any{"image_id", a.imageID, "key", a.key, "device", at.Device, "mode", a.mode,
@@ -86,6 +85,8 @@ func (at *Attached) Delivered(m *Manager) {
 	}
 	m.log.Info("attached", attrs...)
 	m.cfg.Metrics.Attached(a.mode, took, at.sp.all)
+	// Last: its detach, which can begin at once, is logged after this.
+	at.watch(m)
 }
 
 // Undelivered tells that the owner could not be given the attachment

@@ -424,6 +424,12 @@ exec /usr/sbin/mke2fs "$@"
 		t.Fatal(err)
 	}
 	a.Close()
+	// The attach is logged once the caller has its reply, maybe after the
+	// caller looked: the detach, logged after it, tells it is there.
+	waitUntil(t, 10*time.Second, "the detach logged", func() bool {
+		log, _ := os.ReadFile(p.LogPath)
+		return strings.Count(string(log), "msg=detached") == 2
+	})
 	log, _ := os.ReadFile(p.LogPath)
 	if !strings.Contains(string(log), "formatted=true") {
 		t.Fatalf("the second attach did not format:\n%s", log)
