@@ -54,11 +54,7 @@ func (c *configCache) get(id fileIdentity) (Config, bool) {
 	}
 	// The caller's own copy: nothing it does to the lists reaches the
 	// next request's.
-	cfg.AllowedUIDs = slices.Clone(cfg.AllowedUIDs)
-	cfg.AllowedGIDs = slices.Clone(cfg.AllowedGIDs)
-	cfg.Modes = slices.Clone(cfg.Modes)
-	cfg.MountOptions = slices.Clone(cfg.MountOptions)
-	return cfg, true
+	return cfg.clone(), true
 }
 
 // put keeps cfg, parsed from the file st describes, if that file has been
@@ -72,7 +68,14 @@ func (c *configCache) put(id fileIdentity, st *unix.Stat_t, cfg Config) {
 	if len(c.m) >= maxCachedConfigs {
 		clear(c.m)
 	}
-	c.m[id] = Config{ImageID: cfg.ImageID, ImageSize: cfg.ImageSize, DiscloseExistence: cfg.DiscloseExistence,
-		AllowedUIDs: slices.Clone(cfg.AllowedUIDs), AllowedGIDs: slices.Clone(cfg.AllowedGIDs),
-		Modes: slices.Clone(cfg.Modes), MountOptions: slices.Clone(cfg.MountOptions)}
+	c.m[id] = cfg.clone()
+}
+
+// clone is c with lists of its own (nil stays nil: it means "any").
+func (c Config) clone() Config {
+	c.AllowedUIDs = slices.Clone(c.AllowedUIDs)
+	c.AllowedGIDs = slices.Clone(c.AllowedGIDs)
+	c.Modes = slices.Clone(c.Modes)
+	c.MountOptions = slices.Clone(c.MountOptions)
+	return c
 }
