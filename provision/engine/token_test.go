@@ -54,3 +54,30 @@ func TestClientIDIsOnePerHostAndImage(t *testing.T) {
 		t.Fatalf("secret %q: %v", s, err)
 	}
 }
+
+// The token is what golang-jwt itself makes of the session's TokenClaims:
+// the engine's JWT library reads the same bytes.
+func TestSignTokenIsJWTsOwn(t *testing.T) {
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	now := time.Unix(1_800_000_000, 500_000_000)
+	for _, s := range []Session{
+		{ImageID: "vol.mvps-image", ImageSize: 1 << 30, ClientID: ClientID("node-1", "vol.mvps-image")},
+		{ImageID: "a_b-c.mvps-image", ImageSize: 1<<64 - 1},
+		{ImageID: "q.mvps-image", ImageSize: 4096, ClientID: "host \"quoted\" <&> é \u2028"},
+	} {
+		got, err := SignToken(secret, s, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := jwt.NewWithClaims(jwt.SigningMethodHS256, TokenClaims{
+			ImageID: s.ImageID, ImageSize: s.ImageSize, PageSizeBits: PageSizeBits, ClientID: s.ClientID,
+			RegisteredClaims: jwt.RegisteredClaims{IssuedAt: jwt.NewNumericDate(now), ExpiresAt: jwt.NewNumericDate(now.Add(TokenLifetime))},
+		}).SignedString(secret)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Errorf("session %+v:\n got %s\nwant %s", s, got, want)
+		}
+	}
+}
