@@ -1230,6 +1230,7 @@ func machine() map[string]string {
 	}
 	// max_part decides whether the first open of a device scans it for partitions.
 	m["nbd_max_part"] = readTrimmed("/sys/module/nbd/parameters/max_part")
+	m["clocksource"] = readTrimmed("/sys/devices/system/clocksource/clocksource0/current_clocksource")
 	return m
 }
 
@@ -1251,8 +1252,9 @@ func verdict(ok bool) string {
 func (r *results) print(w io.Writer) {
 	p := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
 	p("")
-	p("mvps-provisioner benchmark: guest %s vCPU(s) (%s), kernel %s (nbd max_part=%s), %s MiB, N=%d, %s, %.0f s",
-		r.Machine["vcpus"], r.Machine["cpu"], r.Machine["kernel"], r.Machine["nbd_max_part"], kib2mib(r.Machine["mem_kib"]), r.N, r.Machine["date"], r.TotalSeconds)
+	p("mvps-provisioner benchmark: guest %s vCPU(s) (%s), kernel %s (nbd max_part=%s, clock %s), %s MiB, N=%d, %s, %.0f s",
+		r.Machine["vcpus"], r.Machine["cpu"], r.Machine["kernel"], r.Machine["nbd_max_part"], r.Machine["clocksource"], kib2mib(r.Machine["mem_kib"]),
+		r.N, r.Machine["date"], r.TotalSeconds)
 	if e := r.Machine["engine_listen"]; e != "" {
 		p("engine on %s", e)
 	}

@@ -91,6 +91,9 @@ func compare(prev, cur run) string {
 
 func machineLine(r run) string {
 	line := fmt.Sprintf("%s vCPU, kernel %s, max_part=%s", r.Machine["vcpus"], r.Machine["kernel"], r.Machine["nbd_max_part"])
+	if c := r.Machine["clocksource"]; c != "" {
+		line += ", clock " + c
+	}
 	if e := r.Machine["engine_listen"]; e != "" {
 		line += ", engine on " + e
 	}
