@@ -228,9 +228,13 @@ type openRecord struct {
 // padded with spaces (which JSON allows after a value) to the width of
 // any nbd index, so that writing another index changes nothing else.
 const (
-	indexAt    = len(`{"index":`)
-	indexWidth = len("4294967295")
+	indexPrefix = `{"index":`
+	indexAt     = len(indexPrefix)
+	indexWidth  = len("4294967295")
 )
+
+// indexField is index as its record holds it: padded to indexWidth.
+func indexField(index int64) []byte { return fmt.Appendf(nil, "%-*d", indexWidth, index) }
 
 // writeOpen writes e like write, and returns the record still open, for
 // setIndex and then close (nil with an error, or without a StateDir).
@@ -244,10 +248,10 @@ func (d *StateDir) writeOpen(e stateEntry) (*openRecord, error) {
 	}
 	// The index, the first field, padded to its fixed width.
 	comma := bytes.IndexByte(data, ',')
-	if !bytes.HasPrefix(data, []byte(`{"index":`)) || comma < 0 || comma-indexAt > indexWidth {
+	if !bytes.HasPrefix(data, []byte(indexPrefix)) || comma < 0 || comma-indexAt > indexWidth {
 		return nil, fmt.Errorf("write state of %s: index %d does not fit its record", e.ImageID, e.Index)
 	}
-	data = slices.Concat(data[:indexAt], fmt.Appendf(nil, "%-*d", indexWidth, e.Index), data[comma:])
+	data = slices.Concat(data[:indexAt], indexField(e.Index), data[comma:])
 	// One attach per image at a time (the registry reserves it), so the
 	// temporary name is the image's own.
 	tmp := "." + e.ImageID + ".tmp"
@@ -280,7 +284,7 @@ func (r *openRecord) setIndex(index int64) error {
 	if r == nil {
 		return nil
 	}
-	b := fmt.Appendf(nil, "%-*d", indexWidth, index)
+	b := indexField(index)
 	if len(b) != indexWidth {
 		r.close()
 		return fmt.Errorf("write state of %s: index %d does not fit its record", r.imageID, index)
