@@ -83,6 +83,28 @@ func newSource(t *testing.T, client Client, opts ...Option) (*Source, *logRecord
 	return s, rec
 }
 
+// newWatchedSource is newSource on a fake clientset, returning once the
+// informer's watch is open. The fake's watch replays objects created or
+// changed since the list, but not a deletion: a delete in the gap between
+// the first sync and the watch would be lost, which a real API server's
+// resourceVersion resume never loses.
+func newWatchedSource(t *testing.T, cs *fake.Clientset, opts ...Option) (*Source, *logRecorder) {
+	t.Helper()
+	watching := make(chan struct{})
+	var once sync.Once
+	cs.PrependWatchReactor("configmaps", func(k8stesting.Action) (bool, watch.Interface, error) {
+		once.Do(func() { close(watching) })
+		return false, nil, nil // the tracker answers
+	})
+	s, rec := newSource(t, cs.CoreV1().ConfigMaps(ns), opts...)
+	select {
+	case <-watching:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the informer did not open its watch within 10s")
+	}
+	return s, rec
+}
+
 func TestLookup(t *testing.T) {
 	cm := configMap("1", map[string]string{
 		"demo":    good,
@@ -134,7 +156,7 @@ func TestLookup(t *testing.T) {
 func TestEditsApplyAndBadEntriesLogOncePerChange(t *testing.T) {
 	cs := fake.NewClientset(configMap("1", map[string]string{"demo": good, "bad": "{"}))
 	cms := cs.CoreV1().ConfigMaps(ns)
-	s, rec := newSource(t, cms)
+	s, rec := newWatchedSource(t, cs)
 
 	edited := configMap("2", map[string]string{"demo": `{"image_id": "demo.mvps-image", "image_size": 8192}`, "bad": "{"})
 	if _, err := cms.Update(t.Context(), edited, metav1.UpdateOptions{}); err != nil {
@@ -167,7 +189,7 @@ func TestEditsApplyAndBadEntriesLogOncePerChange(t *testing.T) {
 func TestDeletedAndRecreated(t *testing.T) {
 	cs := fake.NewClientset(configMap("1", map[string]string{"demo": good}))
 	cms := cs.CoreV1().ConfigMaps(ns)
-	s, _ := newSource(t, cms)
+	s, _ := newWatchedSource(t, cs)
 
 	if err := cms.Delete(t.Context(), name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
@@ -191,7 +213,7 @@ func TestDeletedAndRecreated(t *testing.T) {
 func TestMissingAtStart(t *testing.T) {
 	cs := fake.NewClientset()
 	cms := cs.CoreV1().ConfigMaps(ns)
-	s, rec := newSource(t, cms)
+	s, rec := newWatchedSource(t, cs)
 	if _, err := s.Lookup("demo"); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Lookup without a ConfigMap = %v, want os.ErrNotExist", err)
 	}

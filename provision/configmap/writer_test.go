@@ -430,7 +430,7 @@ func TestWriterSharedByGoroutinesNeverConflicts(t *testing.T) {
 // A node's Source sees what the Writer records, and its removal.
 func TestSourceSeesWriter(t *testing.T) {
 	cs := strictClientset()
-	s, _ := newSource(t, cs.CoreV1().ConfigMaps(ns))
+	s, _ := newWatchedSource(t, cs)
 	w := NewWriter(cs.CoreV1(), ns, name)
 	want := img("pvc-x", 1<<20)
 	if _, err := w.Create(t.Context(), "pvc-x", want); err != nil {
