@@ -314,11 +314,11 @@ func boot(ctx context.Context, c *config, kver, kernelPath, initrd string, timeo
 		return res, fmt.Errorf("test output pipe: %w", err)
 	}
 	// mitigations=off: about 0.5 s faster under TCG, and nothing to protect in a test VM.
-	// transparent_hugepage=never: no khugepaged. On kernels with preemptible RCU (Debian's
-	// 7.x) a test's writer keeps the one vCPU busy, and khugepaged, at nice 19, preempted
-	// inside an RCU read-side section, got no CPU for 15 to 21 s: every RCU grace period
-	// waited for it, and so did whatever needs one (a process's exit, a queue freeze). The
-	// tests that restart the daemon under a writer then timed out (docs/testing.md).
+	// transparent_hugepage=never: no khugepaged. A kernel that preempts kernel code (Debian's
+	// 7.x, lazy preemption) preempted khugepaged, at nice 19, inside an RCU read-side section
+	// while a test's writer kept the one vCPU busy, and it got no CPU for 15 to 21 s: every
+	// RCU grace period waited for it, and so did whatever needs one. The tests that restart
+	// the daemon under a writer then timed out (docs/testing.md).
 	appendArgs := "console=ttyS0 panic=-1 oops=panic quiet mitigations=off transparent_hugepage=never"
 	if c.appendArg != "" {
 		appendArgs += " " + c.appendArg
