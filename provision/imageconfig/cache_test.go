@@ -1,6 +1,7 @@
 package imageconfig
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -91,5 +92,63 @@ func TestLoadReturnsItsOwnCopy(t *testing.T) {
 			t.Fatalf("lookup %d: %+v", i, cfg)
 		}
 		cfg.AllowedUIDs[0], cfg.Modes[0] = 0, "mount"
+	}
+}
+
+// A kept config is found by a stat of its path, which follows the
+// ConfigMap's symlinks: a swap of "..data" shows at once, and so does the
+// file's removal, or a non-regular file in its place.
+func TestLoadOfAKeptConfigFollowsThePath(t *testing.T) {
+	old := settleTime
+	settleTime = 0 // every config parsed is kept
+	t.Cleanup(func() { settleTime = old })
+	dir := t.TempDir()
+	for _, v := range []string{"..v1", "..v2"} {
+		if err := os.Mkdir(filepath.Join(dir, v), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, v, "vol"), []byte(`{"image_id": "`+v[2:]+`.mvps-image", "image_size": 4096}`), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := func(target, name string) {
+		t.Helper()
+		if err := os.Symlink(target, filepath.Join(dir, name+"_tmp")); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(filepath.Join(dir, name+"_tmp"), filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link("..v1", "..data")
+	link("..data/vol", "vol")
+	want := func(stage, id string) {
+		t.Helper()
+		for range 2 { // parsed, then kept
+			if cfg, err := Load(dir, "vol"); err != nil || cfg.ImageID != id {
+				t.Fatalf("%s: %+v, %v; want %s", stage, cfg, err, id)
+			}
+		}
+	}
+	want("before the swap", "v1.mvps-image")
+	link("..v2", "..data")
+	want("after the swap", "v2.mvps-image")
+	link("..v1", "..data")
+	want("swapped back", "v1.mvps-image")
+
+	if err := unix.Mkfifo(filepath.Join(dir, "..v1", "fifo"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(dir, "..v1", "fifo"), filepath.Join(dir, "..v1", "vol")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(dir, "vol"); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a FIFO in the kept file's place: %v, want ErrInvalid", err)
+	}
+	if err := os.Remove(filepath.Join(dir, "..v1", "vol")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(dir, "vol"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the kept file removed: %v, want ErrNotFound", err)
 	}
 }

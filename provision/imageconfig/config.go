@@ -103,7 +103,7 @@ const maxConfigFileSize = 64 << 10
 
 // Load reads the file named key in dir. It is called for every
 // request, so edits and a ConfigMap's atomic "..data" swap take effect at
-// once: the file is opened and checked every time, and read and parsed
+// once: the file is checked every time, and opened, read and parsed
 // unless what was parsed of it is kept (configCache). The key must have
 // passed ValidateKey.
 //
@@ -115,7 +115,26 @@ func Load(dir, key string) (Config, error) {
 	if err := protocol.ValidateKey(key); err != nil {
 		return Config{}, fmt.Errorf("%w: %v", protocol.ErrBadRequest, err)
 	}
-	fd, err := unix.Open(filepath.Join(dir, key), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	path := filepath.Join(dir, key)
+	// A config unchanged since it was parsed is told by a stat of its
+	// path: one system call, where the open, fstat and close below are
+	// three, and a file that is no regular one is never opened. The
+	// identity stat and fstat give of one file is the same, and nothing is
+	// read on this path, so a swap after the stat changes nothing.
+	var st unix.Stat_t
+	switch err := ignoringEINTR(func() error { return unix.Stat(path, &st) }); {
+	case err == nil:
+		if st.Mode&unix.S_IFMT != unix.S_IFREG {
+			return Config{}, fmt.Errorf("%w: image config %q is not a regular file", ErrInvalid, key)
+		}
+		if cfg, ok := parsed.get(identityOf(&st)); ok {
+			return cfg, nil
+		}
+	case errors.Is(err, fs.ErrNotExist):
+		return Config{}, NotFound(key)
+	}
+	// Read: the checks again on the descriptor, which is what is read.
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return Config{}, NotFound(key)
 	}
@@ -129,7 +148,6 @@ func Load(dir, key string) (Config, error) {
 	// (the descriptor's flags, an attempt to register it with the poller)
 	// costs two more system calls on the path of every request.
 	defer unix.Close(fd)
-	var st unix.Stat_t
 	if err := ignoringEINTR(func() error { return unix.Fstat(fd, &st) }); err != nil {
 		return Config{}, fmt.Errorf("stat image config %q: %w", key, err)
 	}
@@ -137,9 +155,6 @@ func Load(dir, key string) (Config, error) {
 		return Config{}, fmt.Errorf("%w: image config %q is not a regular file", ErrInvalid, key)
 	}
 	id := identityOf(&st)
-	if cfg, ok := parsed.get(id); ok {
-		return cfg, nil
-	}
 	data, err := readAtMost(fd, st.Size, maxConfigFileSize)
 	if err != nil {
 		return Config{}, fmt.Errorf("read image config %q: %w", key, err)
