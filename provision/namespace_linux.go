@@ -106,8 +106,14 @@ func checkMountDirectory(dir *os.File) error {
 // Inside a user namespace of its own a user has many uids (its
 // /etc/subuid range); by its own uid, it would get a cap per uid of the
 // range.
+//
+// A caller that is uid 0 in the provisioner's namespace counts as 0
+// without the walk, which costs a procfs lookup on the path of every
+// connection. Only a process that is root there, or holds CAP_SETUID
+// there (and can become root at will), can map uid 0 into a namespace it
+// makes: the walk would name root or such a process.
 func accountingUID(pid, uid int32) int32 {
-	if pid <= 0 {
+	if pid <= 0 || uid == 0 {
 		return uid
 	}
 	own, err := ownUserNamespace()

@@ -39,6 +39,9 @@ func TestAccountingUIDOfUserNamespace(t *testing.T) {
 	if got := accountingUID(pid, 100007); got != 0 {
 		t.Errorf("accounting uid of uid 7 in root's user namespace: %d, want 0 (its creator)", got)
 	}
+	if got := accountingUID(pid, 0); got != 0 {
+		t.Errorf("accounting uid of uid 0 in the provisioner's namespace: %d, want 0", got)
+	}
 	if got := accountingUID(int32(os.Getpid()), 4242); got != 4242 {
 		t.Errorf("accounting uid in the provisioner's own user namespace: %d, want the caller's uid", got)
 	}
