@@ -34,10 +34,23 @@ func (a *Attachment) Close() error {
 }
 
 // Wait blocks until the provisioner closes the connection (it is shutting
-// down or gone) or ctx is done.
+// down or gone) or ctx is done. The attachment stays as it was: Wait can
+// be called again.
 func (a *Attachment) Wait(ctx context.Context) error {
-	stop := context.AfterFunc(ctx, func() { a.Conn.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
+	// ctx's end interrupts the read with a deadline in the past, which
+	// goes again once the read is over: a later Wait would otherwise take
+	// it for the provisioner's hang-up.
+	ended := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		a.Conn.SetReadDeadline(time.Unix(1, 0))
+		close(ended)
+	})
+	defer func() {
+		if !stop() {
+			<-ended
+			a.Conn.SetReadDeadline(time.Time{})
+		}
+	}()
 	buf := make([]byte, 64)
 	for {
 		n, err := a.Conn.Read(buf)
@@ -76,14 +89,29 @@ func SendRaw(ctx context.Context, socketPath string, msg []byte, fds []int) (*ne
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	if deadline, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(deadline)
+	// The wait ends with ctx: at its deadline, or at its cancellation,
+	// which sets a deadline in the past. Neither may outlive the wait, for
+	// the connection is the attachment's once the reply is in: a
+	// cancellation that comes as the reply is read is waited out before
+	// the deadline is cleared, never left to land after it.
+	var stop func() bool
+	var ended chan struct{}
+	if ctx.Done() != nil {
+		if deadline, ok := ctx.Deadline(); ok {
+			conn.SetDeadline(deadline)
+		}
+		ended = make(chan struct{})
+		stop = context.AfterFunc(ctx, func() {
+			conn.SetDeadline(time.Unix(1, 0))
+			close(ended)
+		})
 	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
 	buf := make([]byte, maxReplySize+64)
 	roob := make([]byte, unix.CmsgSpace(4*4))
 	n, oobn, _, _, err := conn.ReadMsgUnix(buf, roob)
+	if stop != nil && !stop() {
+		<-ended
+	}
 	got := parseFDs(roob[:oobn])
 	if err != nil {
 		CloseFDs(got)
@@ -93,7 +121,9 @@ func SendRaw(ctx context.Context, socketPath string, msg []byte, fds []int) (*ne
 		}
 		return nil, nil, nil, fmt.Errorf("read reply: %w", err)
 	}
-	conn.SetDeadline(time.Time{})
+	if stop != nil {
+		conn.SetDeadline(time.Time{})
+	}
 	return conn, buf[:n], got, nil
 }
 

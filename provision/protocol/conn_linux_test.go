@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"context"
 	"errors"
 	"net"
 	"os"
@@ -95,5 +96,92 @@ func TestConnectAndSendErrors(t *testing.T) {
 	_, err := connectAndSend(missing, AppendRequest(nil, CommandAttach, "vol"), nil)
 	if !errors.Is(err, syscall.ENOENT) || !strings.Contains(err.Error(), missing) {
 		t.Fatalf("connect to a missing socket: %v", err)
+	}
+}
+
+// A reply that arrives as the caller's context ends is still the
+// caller's, and its connection, the attachment's from then on, keeps no
+// deadline of the wait: a deadline set by the context's end after the
+// reply was read would break every later read of a live attachment.
+func TestSendRawLeavesNoDeadlineWhenCancelledAtTheReply(t *testing.T) {
+	ln, path := listen(t)
+	const rounds = 2000
+	served := make(chan error, 1)
+	cancels := make(chan context.CancelFunc)
+	go func() {
+		served <- func() error {
+			for range rounds {
+				cancel := <-cancels
+				c, err := ln.AcceptUnix()
+				if err != nil {
+					return err
+				}
+				buf := make([]byte, MaxRequestSize)
+				if _, err := c.Read(buf); err != nil {
+					return err
+				}
+				// The context ends as the reply goes out, then comes
+				// something the caller must be able to read. A caller
+				// whose wait ended first has hung up: the writes fail.
+				go cancel()
+				c.Write([]byte(ReplyOK))
+				c.Write([]byte("later"))
+				c.Close()
+			}
+			return nil
+		}()
+	}()
+	deadlined := 0
+	for range rounds {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancels <- cancel
+		conn, payload, fds, err := SendRaw(ctx, path, AppendRequest(nil, CommandAttach, "vol"), nil)
+		CloseFDs(fds)
+		if err != nil {
+			continue // the context ended before the reply: a failed wait, as it should be
+		}
+		if string(payload) != ReplyOK {
+			t.Fatalf("payload %q", payload)
+		}
+		buf := make([]byte, 16)
+		if _, err := conn.Read(buf); errors.Is(err, os.ErrDeadlineExceeded) {
+			deadlined++
+		}
+		conn.Close()
+	}
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+	if deadlined > 0 {
+		t.Fatalf("%d of %d connections handed over with the wait's deadline", deadlined, rounds)
+	}
+}
+
+// A Wait that its context ended leaves the attachment's connection as it
+// was: the next Wait waits again, and tells a closed connection apart.
+func TestWaitAgainAfterItsContextEnded(t *testing.T) {
+	ln, path := listen(t)
+	client, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := ln.AcceptUnix()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	a := &Attachment{Conn: client}
+	defer a.Close()
+	for i := range 2 {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		err := a.Wait(ctx)
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("wait %d on a live attachment: %v, want its context's end", i+1, err)
+		}
+	}
+	server.Close()
+	if err := a.Wait(context.Background()); err == nil || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("wait after the provisioner closed: %v", err)
 	}
 }
