@@ -37,20 +37,9 @@ func (a *Attachment) Close() error {
 // down or gone) or ctx is done. The attachment stays as it was: Wait can
 // be called again.
 func (a *Attachment) Wait(ctx context.Context) error {
-	// ctx's end interrupts the read with a deadline in the past, which
-	// goes again once the read is over: a later Wait would otherwise take
-	// it for the provisioner's hang-up.
-	ended := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() {
-		a.Conn.SetReadDeadline(time.Unix(1, 0))
-		close(ended)
-	})
-	defer func() {
-		if !stop() {
-			<-ended
-			a.Conn.SetReadDeadline(time.Time{})
-		}
-	}()
+	// A later Wait would take a deadline left behind for the
+	// provisioner's hang-up.
+	defer interruptUntil(ctx, a.Conn.SetReadDeadline)()
 	buf := make([]byte, 64)
 	for {
 		n, err := a.Conn.Read(buf)
@@ -89,29 +78,13 @@ func SendRaw(ctx context.Context, socketPath string, msg []byte, fds []int) (*ne
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	// The wait ends with ctx: at its deadline, or at its cancellation,
-	// which sets a deadline in the past. Neither may outlive the wait, for
-	// the connection is the attachment's once the reply is in: a
-	// cancellation that comes as the reply is read is waited out before
-	// the deadline is cleared, never left to land after it.
-	var stop func() bool
-	var ended chan struct{}
-	if ctx.Done() != nil {
-		if deadline, ok := ctx.Deadline(); ok {
-			conn.SetDeadline(deadline)
-		}
-		ended = make(chan struct{})
-		stop = context.AfterFunc(ctx, func() {
-			conn.SetDeadline(time.Unix(1, 0))
-			close(ended)
-		})
-	}
+	// The connection is the attachment's once the reply is in: no
+	// deadline of the wait may outlive it.
+	release := interruptUntil(ctx, conn.SetDeadline)
 	buf := make([]byte, maxReplySize+64)
 	roob := make([]byte, unix.CmsgSpace(4*4))
 	n, oobn, _, _, err := conn.ReadMsgUnix(buf, roob)
-	if stop != nil && !stop() {
-		<-ended
-	}
+	release()
 	got := parseFDs(roob[:oobn])
 	if err != nil {
 		CloseFDs(got)
@@ -121,10 +94,30 @@ func SendRaw(ctx context.Context, socketPath string, msg []byte, fds []int) (*ne
 		}
 		return nil, nil, nil, fmt.Errorf("read reply: %w", err)
 	}
-	if stop != nil {
-		conn.SetDeadline(time.Time{})
-	}
 	return conn, buf[:n], got, nil
+}
+
+// interruptUntil makes ctx's end (its cancellation, or its deadline)
+// interrupt what waits on a connection, through setDeadline with a
+// deadline in the past, until the function it returns is called. That one
+// waits for an interruption already begun and takes its deadline back:
+// none outlives the wait, whenever ctx ends. A context that cannot end
+// costs nothing.
+func interruptUntil(ctx context.Context, setDeadline func(time.Time) error) (release func()) {
+	if ctx.Done() == nil {
+		return func() {}
+	}
+	ended := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		setDeadline(time.Unix(1, 0))
+		close(ended)
+	})
+	return func() {
+		if !stop() {
+			<-ended
+			setDeadline(time.Time{})
+		}
+	}
 }
 
 func request(ctx context.Context, socketPath, key string, fds []int, wantFD bool) (*Attachment, error) {
