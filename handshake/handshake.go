@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/interrupt"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
 
@@ -62,17 +63,9 @@ func NegotiateAndSend(ctx context.Context, conn net.Conn, exportName string, fir
 		touched = true
 	}
 	// Cancellation must unblock a read that is already waiting.
-	cancelled := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() {
-		conn.SetDeadline(time.Unix(1, 0))
-		close(cancelled)
-	})
+	release := interrupt.OnDone(ctx, conn.SetDeadline)
 	export, err := negotiate(conn, exportName, first)
-	if !stop() {
-		<-cancelled
-		touched = true
-	}
-	if touched {
+	if !release() && touched {
 		conn.SetDeadline(time.Time{})
 	}
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {

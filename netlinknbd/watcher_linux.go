@@ -13,6 +13,8 @@ import (
 	"github.com/mdlayher/genetlink"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/interrupt"
 )
 
 type watcher struct {
@@ -88,17 +90,11 @@ func (w *watcher) receive(ctx context.Context) ([]LinkDead, error) {
 	if err := w.c.SetReadDeadline(deadline); err != nil {
 		return nil, err
 	}
-	woken := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() {
-		defer close(woken)
-		_ = w.c.SetReadDeadline(time.Unix(1, 0))
-	})
+	// A wake-up that has started finishes before the next Receive, which
+	// it could otherwise cut short.
+	release := interrupt.OnDone(ctx, w.c.SetReadDeadline)
 	gmsgs, nmsgs, err := w.c.Receive()
-	if !stop() {
-		// The wake-up has started; let it finish so it cannot cut short
-		// a later Receive with a different context.
-		<-woken
-	}
+	release()
 
 	if err != nil {
 		if cerr := ctx.Err(); cerr != nil {

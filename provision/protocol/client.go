@@ -6,9 +6,10 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/interrupt"
 )
 
 // Attachment is the caller's side of an attached image: it lasts as long
@@ -39,7 +40,7 @@ func (a *Attachment) Close() error {
 func (a *Attachment) Wait(ctx context.Context) error {
 	// A later Wait would take a deadline left behind for the
 	// provisioner's hang-up.
-	defer interruptUntil(ctx, a.Conn.SetReadDeadline)()
+	defer interrupt.OnDone(ctx, a.Conn.SetReadDeadline)()
 	buf := make([]byte, 64)
 	for {
 		n, err := a.Conn.Read(buf)
@@ -80,7 +81,7 @@ func SendRaw(ctx context.Context, socketPath string, msg []byte, fds []int) (*ne
 	}
 	// The connection is the attachment's once the reply is in: no
 	// deadline of the wait may outlive it.
-	release := interruptUntil(ctx, conn.SetDeadline)
+	release := interrupt.OnDone(ctx, conn.SetDeadline)
 	buf := make([]byte, maxReplySize+64)
 	roob := make([]byte, unix.CmsgSpace(4*4))
 	n, oobn, _, _, err := conn.ReadMsgUnix(buf, roob)
@@ -95,29 +96,6 @@ func SendRaw(ctx context.Context, socketPath string, msg []byte, fds []int) (*ne
 		return nil, nil, nil, fmt.Errorf("read reply: %w", err)
 	}
 	return conn, buf[:n], got, nil
-}
-
-// interruptUntil makes ctx's end (its cancellation, or its deadline)
-// interrupt what waits on a connection, through setDeadline with a
-// deadline in the past, until the function it returns is called. That one
-// waits for an interruption already begun and takes its deadline back:
-// none outlives the wait, whenever ctx ends. A context that cannot end
-// costs nothing.
-func interruptUntil(ctx context.Context, setDeadline func(time.Time) error) (release func()) {
-	if ctx.Done() == nil {
-		return func() {}
-	}
-	ended := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() {
-		setDeadline(time.Unix(1, 0))
-		close(ended)
-	})
-	return func() {
-		if !stop() {
-			<-ended
-			setDeadline(time.Time{})
-		}
-	}
 }
 
 func request(ctx context.Context, socketPath, key string, fds []int, wantFD bool) (*Attachment, error) {
