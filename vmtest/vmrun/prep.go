@@ -149,20 +149,73 @@ func run(ctx context.Context, name string, args ...string) ([]byte, error) {
 
 // ---------------------------------------------------------------- Debian packages
 
+// aptLockPath is the lock every apt command of vmrun holds, host-wide: the kernels' suites
+// run side by side, and of two apt-get updates of the system's lists at once the second fails
+// at once ("Could not get lock /var/lib/apt/lists/lock"; DPkg::Lock::Timeout waits for
+// dpkg's lock only). aptLockWait bounds the wait for apt's own locks held by another
+// program, such as the apt-daily update of a machine that just booted.
+var aptLockPath = "/run/lock/mvps-vmrun-apt.lock"
+
+const aptLockWait = 5 * time.Minute
+
+// apt runs the apt command newCmd makes (again, if apt's own lock is busy) holding vmrun's
+// apt lock, and returns its output, with its stderr in the error.
+func apt(ctx context.Context, newCmd func() *exec.Cmd) ([]byte, error) {
+	f, err := os.OpenFile(aptLockPath, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		f, err = os.OpenFile(filepath.Join(os.TempDir(), filepath.Base(aptLockPath)), os.O_RDWR|os.O_CREATE, 0o644)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("apt lock: %w", err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t0 := time.Now()
+		logf("packages: waiting for another vmrun's apt-get")
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+			return nil, fmt.Errorf("apt lock: %w", err)
+		}
+		logf("packages: waited %.1fs for another vmrun's apt-get", time.Since(t0).Seconds())
+	}
+	deadline := time.Now().Add(aptLockWait)
+	for pause := time.Second; ; pause = min(2*pause, 10*time.Second) {
+		cmd := newCmd()
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err == nil {
+			return out, nil
+		}
+		msg := strings.TrimSpace(stderr.String())
+		busy := strings.Contains(msg, "Could not get lock") || strings.Contains(msg, "Unable to lock")
+		if !busy || time.Now().Add(pause).After(deadline) {
+			return out, fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err, msg)
+		}
+		logf("packages: apt's lock is held by another program; again in %v", pause)
+		select {
+		case <-ctx.Done():
+			return out, ctx.Err()
+		case <-time.After(pause):
+		}
+	}
+}
+
 var aptUpdated bool
 
 func aptInstall(ctx context.Context, pkgs ...string) error {
 	if !aptUpdated {
-		if _, err := run(ctx, "apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"); err != nil {
+		if _, err := apt(ctx, func() *exec.Cmd { return exec.CommandContext(ctx, "apt-get", "update", "-q") }); err != nil {
 			return fmt.Errorf("packages: %w", err)
 		}
 		aptUpdated = true
 	}
 	args := append([]string{"-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "--no-install-recommends"}, pkgs...)
-	cmd := exec.CommandContext(ctx, "apt-get", args...)
-	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("packages: apt-get install %s: %w\n%s", strings.Join(pkgs, " "), err, out)
+	if _, err := apt(ctx, func() *exec.Cmd {
+		cmd := exec.CommandContext(ctx, "apt-get", args...)
+		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+		return cmd
+	}); err != nil {
+		return fmt.Errorf("packages: %w", err)
 	}
 	return nil
 }
@@ -330,10 +383,12 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 	}
 	t0 := time.Now()
 	logf("kernel: downloading %s from %s", strings.Join(pkgs, " "), src)
-	cmd := src.command(ctx, "apt-get", append([]string{"download"}, pkgs...)...)
-	cmd.Dir = tmp
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return retry(fmt.Errorf("apt-get download %s: %w\n%s", strings.Join(pkgs, " "), err, out))
+	if _, err := apt(ctx, func() *exec.Cmd {
+		cmd := src.command(ctx, "apt-get", append([]string{"download"}, pkgs...)...)
+		cmd.Dir = tmp
+		return cmd
+	}); err != nil {
+		return retry(err)
 	}
 	debs, _ := filepath.Glob(filepath.Join(tmp, "*.deb"))
 	if len(debs) != len(pkgs) {

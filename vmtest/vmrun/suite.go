@@ -205,14 +205,14 @@ func (s *aptSource) command(ctx context.Context, tool string, args ...string) *e
 }
 
 func (s *aptSource) run(ctx context.Context, tool string, args ...string) ([]byte, error) {
-	return run(ctx, tool, append(slices.Clone(s.opts), args...)...)
+	return apt(ctx, func() *exec.Cmd { return s.command(ctx, tool, args...) })
 }
 
 // update runs apt-get update on the source's lists.
 func (s *aptSource) update(ctx context.Context) error {
 	t0 := time.Now()
 	s.tried = true // offline, one failure is enough
-	if _, err := s.run(ctx, "apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"); err != nil {
+	if _, err := s.run(ctx, "apt-get", "update", "-q"); err != nil {
 		return fmt.Errorf("package lists of %s: %w", s.suite, err)
 	}
 	if !s.private() {
