@@ -49,7 +49,7 @@ func TestCSIControllerOnTheAPIServer(t *testing.T) {
 	for i := range answers {
 		wg.Go(func() {
 			// A replica each: its own client, its own Writer.
-			c := csi.NewController(configmap.NewWriter(clientFor(t, api, controllerToken).CoreV1(), cmNamespace, cmName), discard)
+			c := csi.NewController(configmap.NewWriter(writerClientFor(t, api, controllerToken), cmNamespace, cmName), discard)
 			r, err := c.CreateVolume(ctx, req)
 			if err != nil {
 				t.Errorf("CreateVolume: %v", err)
@@ -81,7 +81,7 @@ func TestCSIControllerOnTheAPIServer(t *testing.T) {
 		return err == nil && got.ImageID == recorded.ImageID
 	})
 
-	c := csi.NewController(configmap.NewWriter(clientFor(t, api, controllerToken).CoreV1(), cmNamespace, cmName), discard)
+	c := csi.NewController(configmap.NewWriter(writerClientFor(t, api, controllerToken), cmNamespace, cmName), discard)
 	for range 2 {
 		if _, err := c.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Fatalf("DeleteVolume: %v", err)

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
@@ -73,12 +72,12 @@ func startNodeVia(t *testing.T, api *apiServer, token, name string, p *partition
 		rc.WrapTransport = p.wrap
 	}
 	rc.QPS, rc.Burst = 50, 100 // as lease.NewFromEnv's
-	cs, err := kubernetes.NewForConfig(rc)
+	leases, err := lease.NewRESTClient(rc, cmNamespace)
 	if err != nil {
 		t.Fatal(err)
 	}
 	n := &node{name: name, logs: &logbuf.Buffer{}}
-	locker, err := lease.New(lease.Config{Client: cs.CoordinationV1(), Namespace: cmNamespace, Holder: name,
+	locker, err := lease.New(lease.Config{Client: leases, Namespace: cmNamespace, Holder: name,
 		Duration: testLeaseDuration, RenewEvery: testLeaseRenew, Margin: testLeaseMargin, Skew: testLeaseSkew,
 		Logger: slog.New(slog.NewTextHandler(io.MultiWriter(n.logs, testLogWriter{t, name}), nil))})
 	if err != nil {
@@ -283,11 +282,11 @@ func TestLeaseAcquireLatency(t *testing.T) {
 	token := deploy(t, api)
 	rc := api.restConfig(token)
 	rc.QPS, rc.Burst = 50, 100 // as lease.NewFromEnv's
-	cs, err := kubernetes.NewForConfig(rc)
+	leases, err := lease.NewRESTClient(rc, cmNamespace)
 	if err != nil {
 		t.Fatal(err)
 	}
-	locker, err := lease.New(lease.Config{Client: cs.CoordinationV1(), Namespace: cmNamespace, Holder: "node-a",
+	locker, err := lease.New(lease.Config{Client: leases, Namespace: cmNamespace, Holder: "node-a",
 		Duration: testLeaseDuration, RenewEvery: testLeaseRenew, Margin: testLeaseMargin, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)

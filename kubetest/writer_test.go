@@ -50,6 +50,17 @@ func clientFor(t *testing.T, api *apiServer, token string) *kubernetes.Clientset
 	return cs
 }
 
+// writerClientFor is the client mvps-csi's Writer has: the REST client of
+// the images ConfigMap's namespace, core/v1 only.
+func writerClientFor(t *testing.T, api *apiServer, token string) configmap.RESTClient {
+	t.Helper()
+	c, err := configmap.NewRESTClient(api.restConfig(token), cmNamespace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 func imageOf(id string, size uint64) imageconfig.Config {
 	return imageconfig.Config{ImageID: id + ".mvps-image", ImageSize: size}
 }
@@ -88,7 +99,7 @@ func TestWriterRecordsImageConfigs(t *testing.T) {
 	start := time.Now()
 	for i := range n {
 		// A client and a Writer each, as separate controller replicas.
-		w := configmap.NewWriter(clientFor(t, api, controllerToken).CoreV1(), cmNamespace, cmName)
+		w := configmap.NewWriter(writerClientFor(t, api, controllerToken), cmNamespace, cmName)
 		wg.Go(func() { got[i], errs[i] = w.Create(ctx, "pvc-same", imageOf("pvc-same", uint64(i+1)<<20)) })
 		wg.Go(func() {
 			want := imageOf("pvc-own-"+strconv.Itoa(i), 4096)
@@ -193,7 +204,7 @@ func TestControllerRBAC(t *testing.T) {
 	if _, err := admin.CoreV1().ConfigMaps(cmNamespace).Create(ctx, other, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
-	w := configmap.NewWriter(sa.CoreV1(), cmNamespace, other.Name)
+	w := configmap.NewWriter(writerClientFor(t, api, controllerToken), cmNamespace, other.Name)
 	if _, err := w.Create(ctx, "pvc-x", imageOf("pvc-x", 4096)); !apierrors.IsForbidden(err) {
 		t.Errorf("Create in another ConfigMap = %v, want forbidden", err)
 	}

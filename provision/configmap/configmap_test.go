@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -378,38 +377,5 @@ func TestParseRef(t *testing.T) {
 		if _, _, err := ParseRef(bad); err == nil {
 			t.Errorf("ParseRef(%q) accepted", bad)
 		}
-	}
-}
-
-func TestRESTConfigFromEnv(t *testing.T) {
-	t.Setenv("KUBERNETES_SERVICE_HOST", "")
-	t.Setenv("KUBECONFIG", "")
-	if _, err := RESTConfigFromEnv(); err == nil || !strings.Contains(err.Error(), "KUBECONFIG") {
-		t.Fatalf("no configuration: %v", err)
-	}
-	kc := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(kc, []byte(`apiVersion: v1
-kind: Config
-clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443", insecure-skip-tls-verify: true}}]
-users: [{name: u, user: {token: abc}}]
-contexts: [{name: x, context: {cluster: c, user: u}}]
-current-context: x
-`), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("KUBECONFIG", kc)
-	cfg, err := RESTConfigFromEnv()
-	if err != nil || cfg.Host != "https://127.0.0.1:6443" || cfg.BearerToken != "abc" {
-		t.Fatalf("RESTConfigFromEnv = %+v, %v", cfg, err)
-	}
-	t.Setenv("KUBECONFIG", filepath.Join(t.TempDir(), "missing"))
-	if _, err := RESTConfigFromEnv(); err == nil {
-		t.Error("a missing kubeconfig was accepted")
-	}
-	// In a pod without the service account files mounted.
-	t.Setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-	t.Setenv("KUBERNETES_SERVICE_PORT", "443")
-	if _, err := RESTConfigFromEnv(); err == nil || !strings.Contains(err.Error(), "in-cluster") {
-		t.Errorf("in-cluster without a token: %v", err)
 	}
 }

@@ -2,17 +2,15 @@ package configmap
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/kubeclient"
 )
 
 // ParseRef splits PROVISIONER_IMAGES_CM's "<namespace>/<name>" and checks
@@ -40,32 +38,8 @@ func ValidateRef(namespace, name string) error {
 	return nil
 }
 
-// RESTConfigFromEnv is the API server connection the daemon uses: the
-// in-cluster configuration (service account token and CA) when it runs in a
-// pod, which Kubernetes announces with KUBERNETES_SERVICE_HOST, otherwise
-// the kubeconfig file(s) named by KUBECONFIG.
-func RESTConfigFromEnv() (*rest.Config, error) {
-	if os.Getenv("KUBERNETES_SERVICE_HOST") != "" {
-		cfg, err := rest.InClusterConfig()
-		if err != nil {
-			return nil, fmt.Errorf("in-cluster configuration: %w", err)
-		}
-		return cfg, nil
-	}
-	kubeconfig := os.Getenv("KUBECONFIG")
-	if kubeconfig == "" {
-		return nil, errors.New("outside a pod (no KUBERNETES_SERVICE_HOST) KUBECONFIG must name a kubeconfig file")
-	}
-	rules := &clientcmd.ClientConfigLoadingRules{Precedence: filepath.SplitList(kubeconfig)}
-	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
-	if err != nil {
-		return nil, fmt.Errorf("KUBECONFIG %s: %w", kubeconfig, err)
-	}
-	return cfg, nil
-}
-
 // NewFromEnv is New for the daemon: ref is PROVISIONER_IMAGES_CM, the
-// connection comes from RESTConfigFromEnv. It also sends client-go's own
+// connection comes from kubeclient.ConfigFromEnv. It also sends client-go's own
 // log lines (klog) to log, so the daemon has one log format; that setting
 // is process-wide, which suits the daemon and nothing else.
 func NewFromEnv(ctx context.Context, ref string, log *slog.Logger, opts ...Option) (*Source, error) {
@@ -85,13 +59,13 @@ func NewFromEnv(ctx context.Context, ref string, log *slog.Logger, opts ...Optio
 }
 
 // refFromEnv parses PROVISIONER_IMAGES_CM's ref and finds the connection
-// to its API server (RESTConfigFromEnv); its errors name the setting.
+// to its API server (kubeclient.ConfigFromEnv); its errors name the setting.
 func refFromEnv(ref string) (namespace, name string, cfg *rest.Config, err error) {
 	namespace, name, err = ParseRef(ref)
 	if err != nil {
 		return "", "", nil, fmt.Errorf("PROVISIONER_IMAGES_CM: %w", err)
 	}
-	cfg, err = RESTConfigFromEnv()
+	cfg, err = kubeclient.ConfigFromEnv()
 	if err != nil {
 		return "", "", nil, fmt.Errorf("PROVISIONER_IMAGES_CM %s: %w", ref, err)
 	}

@@ -3,69 +3,42 @@ package configmap
 import (
 	"context"
 	"fmt"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/runtime/serializer"
-	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/gentype"
 	"k8s.io/client-go/rest"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/kubeclient"
 )
 
-// restClient lists and watches ConfigMaps through a REST client whose
-// scheme has core/v1 only. It does what client-go's typed ConfigMaps client
-// does for List and Watch, without that client's scheme of every API group.
-type restClient struct {
-	rc        *rest.RESTClient
-	namespace string
-	params    runtime.ParameterCodec
+// WriterClient is what a Writer needs of the API server: read, create and
+// update the ConfigMaps of one namespace. client-go's typed
+// ConfigMapInterface (clientset.CoreV1().ConfigMaps(namespace)) and its
+// fake satisfy it, as does NewRESTClient's.
+type WriterClient interface {
+	Get(ctx context.Context, name string, opts metav1.GetOptions) (*corev1.ConfigMap, error)
+	Create(ctx context.Context, cm *corev1.ConfigMap, opts metav1.CreateOptions) (*corev1.ConfigMap, error)
+	Update(ctx context.Context, cm *corev1.ConfigMap, opts metav1.UpdateOptions) (*corev1.ConfigMap, error)
 }
 
-// NewRESTClient returns a Client for the ConfigMaps of namespace on the API
-// server cfg describes.
-func NewRESTClient(cfg *rest.Config, namespace string) (Client, error) {
-	scheme := runtime.NewScheme()
-	if err := corev1.AddToScheme(scheme); err != nil {
-		return nil, fmt.Errorf("core/v1 scheme: %w", err)
-	}
-	// ListOptions are encoded as query parameters through the unversioned
-	// meta/v1 types, as client-go's own scheme registers them.
-	metav1.AddToGroupVersion(scheme, schema.GroupVersion{Version: "v1"})
+// RESTClient is a client of the ConfigMaps of one namespace, for a Source
+// (Client) and a Writer (WriterClient) alike.
+type RESTClient interface {
+	Client
+	WriterClient
+}
 
-	c := rest.CopyConfig(cfg)
-	c.GroupVersion = &corev1.SchemeGroupVersion
-	c.APIPath = "/api"
-	c.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
-	if c.UserAgent == "" {
-		c.UserAgent = rest.DefaultKubernetesUserAgent()
-	}
-	rc, err := rest.RESTClientFor(c)
+// NewRESTClient returns a client for the ConfigMaps of namespace on the API
+// server cfg describes. It knows core/v1 only (kubeclient.ForGroup): it does
+// what client-go's typed ConfigMaps client does, through the same gentype
+// code, without that client's scheme of every API group.
+func NewRESTClient(cfg *rest.Config, namespace string) (RESTClient, error) {
+	g, err := kubeclient.ForGroup(cfg, corev1.SchemeGroupVersion, corev1.AddToScheme)
 	if err != nil {
-		return nil, fmt.Errorf("REST client for %s: %w", cfg.Host, err)
+		return nil, fmt.Errorf("configmap client: %w", err)
 	}
-	return &restClient{rc: rc, namespace: namespace, params: runtime.NewParameterCodec(scheme)}, nil
-}
-
-func (c *restClient) List(ctx context.Context, opts metav1.ListOptions) (*corev1.ConfigMapList, error) {
-	out := &corev1.ConfigMapList{}
-	err := c.rc.Get().Namespace(c.namespace).Resource("configmaps").
-		VersionedParams(&opts, c.params).Timeout(timeout(opts)).Do(ctx).Into(out)
-	return out, err
-}
-
-func (c *restClient) Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
-	opts.Watch = true
-	return c.rc.Get().Namespace(c.namespace).Resource("configmaps").
-		VersionedParams(&opts, c.params).Timeout(timeout(opts)).Watch(ctx)
-}
-
-// timeout is the request's own bound: the reflector asks the server to end
-// a watch after TimeoutSeconds, and the client waits no longer either.
-func timeout(opts metav1.ListOptions) time.Duration {
-	if opts.TimeoutSeconds == nil {
-		return 0
-	}
-	return time.Duration(*opts.TimeoutSeconds) * time.Second
+	return gentype.NewClientWithList[*corev1.ConfigMap, *corev1.ConfigMapList]("configmaps", g.REST, g.Params, namespace,
+		func() *corev1.ConfigMap { return &corev1.ConfigMap{} },
+		func() *corev1.ConfigMapList { return &corev1.ConfigMapList{} }), nil
 }

@@ -10,8 +10,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
-	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
@@ -40,7 +38,7 @@ const DefaultFieldManager = "mvps-csi"
 // them a read, a backoff and a write per writer ahead of it.
 type Writer struct {
 	turn                    chan struct{} // held by the Create or Delete writing
-	client                  corev1client.ConfigMapsGetter
+	client                  WriterClient  // the ConfigMaps of namespace
 	namespace, name, server string
 	err                     error // a bad namespace or name: every call fails with it
 	attempts                int
@@ -69,9 +67,10 @@ func WithFieldManager(m string) WriterOption { return func(w *Writer) { w.fieldM
 func WithWriterServer(server string) WriterOption { return func(w *Writer) { w.server = server } }
 
 // NewWriter returns a Writer for the ConfigMap namespace/name, reached
-// through client (clientset.CoreV1(), or its fake). A namespace or name the
+// through client, which has the ConfigMaps of namespace (NewRESTClient's,
+// clientset.CoreV1().ConfigMaps(namespace), or its fake). A namespace or name the
 // API server would refuse makes every call of the Writer fail.
-func NewWriter(client corev1client.ConfigMapsGetter, namespace, name string, opts ...WriterOption) *Writer {
+func NewWriter(client WriterClient, namespace, name string, opts ...WriterOption) *Writer {
 	w := &Writer{
 		turn:         make(chan struct{}, 1),
 		client:       client,
@@ -95,7 +94,7 @@ func NewWriter(client corev1client.ConfigMapsGetter, namespace, name string, opt
 
 // NewWriterFromEnv is NewWriter for a program in the cluster: ref is
 // PROVISIONER_IMAGES_CM's "<namespace>/<name>", the connection comes from
-// RESTConfigFromEnv, the user agent names userAgent.
+// kubeclient.ConfigFromEnv, the user agent names userAgent.
 func NewWriterFromEnv(ref, userAgent string, opts ...WriterOption) (*Writer, error) {
 	namespace, name, cfg, err := refFromEnv(ref)
 	if err != nil {
@@ -104,11 +103,11 @@ func NewWriterFromEnv(ref, userAgent string, opts ...WriterOption) (*Writer, err
 	if userAgent != "" {
 		cfg.UserAgent = userAgent
 	}
-	cs, err := kubernetes.NewForConfig(cfg)
+	client, err := NewRESTClient(cfg, namespace)
 	if err != nil {
-		return nil, fmt.Errorf("PROVISIONER_IMAGES_CM %s: client for %s: %w", ref, cfg.Host, err)
+		return nil, fmt.Errorf("PROVISIONER_IMAGES_CM %s: %w", ref, err)
 	}
-	return NewWriter(cs.CoreV1(), namespace, name, append([]WriterOption{WithWriterServer(cfg.Host)}, opts...)...), nil
+	return NewWriter(client, namespace, name, append([]WriterOption{WithWriterServer(cfg.Host)}, opts...)...), nil
 }
 
 // jitteredBackoff is the wait before write attempt n (n ≥ 1, the first
@@ -141,14 +140,13 @@ func (w *Writer) Create(ctx context.Context, key string, cfg imageconfig.Config)
 	}
 	var recorded imageconfig.Config
 	err = w.retry(ctx, "create key "+key, func(ctx context.Context) (bool, error) {
-		cms := w.client.ConfigMaps(w.namespace)
-		cm, err := cms.Get(ctx, w.name, metav1.GetOptions{})
+		cm, err := w.client.Get(ctx, w.name, metav1.GetOptions{})
 		if apierrors.IsNotFound(err) {
 			cm = &corev1.ConfigMap{
 				ObjectMeta: metav1.ObjectMeta{Namespace: w.namespace, Name: w.name},
 				Data:       map[string]string{key: value},
 			}
-			if _, err := cms.Create(ctx, cm, metav1.CreateOptions{FieldManager: w.fieldManager}); err != nil {
+			if _, err := w.client.Create(ctx, cm, metav1.CreateOptions{FieldManager: w.fieldManager}); err != nil {
 				return apierrors.IsAlreadyExists(err), err
 			}
 			recorded = cfg
@@ -167,7 +165,7 @@ func (w *Writer) Create(ctx context.Context, key string, cfg imageconfig.Config)
 		}
 		cm.Data[key] = value
 		// cm carries the resourceVersion read: a change since is a Conflict.
-		if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{FieldManager: w.fieldManager}); err != nil {
+		if _, err := w.client.Update(ctx, cm, metav1.UpdateOptions{FieldManager: w.fieldManager}); err != nil {
 			return apierrors.IsConflict(err), err
 		}
 		recorded = cfg
@@ -187,7 +185,7 @@ func (w *Writer) Get(ctx context.Context, key string) (imageconfig.Config, error
 	if err := w.check(key); err != nil {
 		return imageconfig.Config{}, err
 	}
-	cm, err := w.client.ConfigMaps(w.namespace).Get(ctx, w.name, metav1.GetOptions{})
+	cm, err := w.client.Get(ctx, w.name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		return imageconfig.Config{}, imageconfig.NotFound(key)
 	}
@@ -208,8 +206,7 @@ func (w *Writer) Delete(ctx context.Context, key string) error {
 		return err
 	}
 	return w.retry(ctx, "delete key "+key, func(ctx context.Context) (bool, error) {
-		cms := w.client.ConfigMaps(w.namespace)
-		cm, err := cms.Get(ctx, w.name, metav1.GetOptions{})
+		cm, err := w.client.Get(ctx, w.name, metav1.GetOptions{})
 		if apierrors.IsNotFound(err) {
 			return false, nil
 		}
@@ -221,7 +218,7 @@ func (w *Writer) Delete(ctx context.Context, key string) error {
 		}
 		cm = cm.DeepCopy()
 		delete(cm.Data, key)
-		if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{FieldManager: w.fieldManager}); err != nil {
+		if _, err := w.client.Update(ctx, cm, metav1.UpdateOptions{FieldManager: w.fieldManager}); err != nil {
 			// NotFound: deleted since the read, and the key with it.
 			if apierrors.IsNotFound(err) {
 				return false, nil

@@ -85,7 +85,7 @@ func noBackoff(w *Writer) *Writer {
 
 func TestWriterCreateGetDelete(t *testing.T) {
 	cs := strictClientset()
-	w := NewWriter(cs.CoreV1(), ns, name)
+	w := NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name)
 	ctx := t.Context()
 
 	// No ConfigMap yet: both reads are not_found, as for a Source.
@@ -144,7 +144,7 @@ func TestWriterRefusesBadInput(t *testing.T) {
 	cs := strictClientset(configMap("1", map[string]string{
 		"broken": `{"image_id": "s3cr3t value", "image_size": 4096}`,
 	}))
-	w := NewWriter(cs.CoreV1(), ns, name)
+	w := NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name)
 	ctx := t.Context()
 	for _, key := range []string{"", ".hidden", "a/b", strings.Repeat("k", 254)} {
 		if _, err := w.Create(ctx, key, img("x", 4096)); !errors.Is(err, ErrBadKey) {
@@ -199,7 +199,7 @@ func TestWriterRefusesBadInput(t *testing.T) {
 
 	// A reference the API server would refuse fails every call, before
 	// any call.
-	bad := NewWriter(cs.CoreV1(), "Not_A_Namespace", name)
+	bad := NewWriter(cs.CoreV1().ConfigMaps("Not_A_Namespace"), "Not_A_Namespace", name)
 	before := len(cs.Actions())
 	if _, err := bad.Create(ctx, "k", img("x", 4096)); err == nil {
 		t.Error("Create through a bad namespace succeeded")
@@ -213,7 +213,7 @@ func TestWriterRefusesBadInput(t *testing.T) {
 // ConfigMap since the read reads again and keeps both keys.
 func TestWriterRetriesOnConflict(t *testing.T) {
 	cs := strictClientset(configMap("", map[string]string{}))
-	w := noBackoff(NewWriter(cs.CoreV1(), ns, name))
+	w := noBackoff(NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name))
 	// Twice, just before our update lands, another writer adds a key of
 	// its own: the update carries a stale resourceVersion.
 	raced := 0
@@ -256,7 +256,7 @@ func TestWriterRetriesOnConflict(t *testing.T) {
 // the create is refused, and the config that won is returned.
 func TestWriterCreateLosesTheConfigMapRace(t *testing.T) {
 	cs := strictClientset()
-	w := noBackoff(NewWriter(cs.CoreV1(), ns, name))
+	w := noBackoff(NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name))
 	theirs := img("theirs", 8192)
 	once := false
 	cs.PrependReactor("create", "configmaps", func(a k8stesting.Action) (bool, runtime.Object, error) {
@@ -290,13 +290,13 @@ func TestWriterGivesUp(t *testing.T) {
 	}
 
 	cs, calls := refuse(apierrors.NewForbidden(cmResource.GroupResource(), name, errors.New("RBAC")))
-	if _, err := noBackoff(NewWriter(cs.CoreV1(), ns, name)).Create(t.Context(), "new", img("x", 4096)); !apierrors.IsForbidden(err) || *calls != 1 {
+	if _, err := noBackoff(NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name)).Create(t.Context(), "new", img("x", 4096)); !apierrors.IsForbidden(err) || *calls != 1 {
 		t.Errorf("Create against Forbidden = %v after %d updates, want Forbidden after 1", err, *calls)
 	}
 
 	conflict := apierrors.NewConflict(cmResource.GroupResource(), name, errors.New("always"))
 	cs, calls = refuse(conflict)
-	w := noBackoff(NewWriter(cs.CoreV1(), ns, name, WithWriteAttempts(5)))
+	w := noBackoff(NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name, WithWriteAttempts(5)))
 	if _, err := w.Create(t.Context(), "new", img("x", 4096)); !apierrors.IsConflict(err) || *calls != 5 {
 		t.Errorf("Create against endless conflicts = %v after %d updates, want Conflict after 5", err, *calls)
 	}
@@ -305,7 +305,7 @@ func TestWriterGivesUp(t *testing.T) {
 	}
 
 	cs, calls = refuse(conflict)
-	w = NewWriter(cs.CoreV1(), ns, name)
+	w = NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name)
 	w.backoff = func(int) time.Duration { return time.Hour }
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -352,7 +352,7 @@ func TestWriterConcurrentCreates(t *testing.T) {
 			errs := make([]error, n)
 			for i := range n {
 				// A Writer each, as several controller replicas have.
-				w := NewWriter(cs.CoreV1(), ns, name)
+				w := NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name)
 				wg.Go(func() {
 					got[i], errs[i] = w.Create(t.Context(), "same", img("same", uint64(i+1)*4096))
 				})
@@ -387,7 +387,7 @@ func TestWriterConcurrentCreates(t *testing.T) {
 // refused, so each key costs one write.
 func TestWriterSharedByGoroutinesNeverConflicts(t *testing.T) {
 	cs := strictClientset()
-	w := NewWriter(cs.CoreV1(), ns, name)
+	w := NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name)
 	w.backoff = func(int) time.Duration { t.Error("a write was refused"); return 0 }
 	const n = 20
 	var wg sync.WaitGroup
@@ -431,7 +431,7 @@ func TestWriterSharedByGoroutinesNeverConflicts(t *testing.T) {
 func TestSourceSeesWriter(t *testing.T) {
 	cs := strictClientset()
 	s, _ := newWatchedSource(t, cs)
-	w := NewWriter(cs.CoreV1(), ns, name)
+	w := NewWriter(cs.CoreV1().ConfigMaps(ns), ns, name)
 	want := img("pvc-x", 1<<20)
 	if _, err := w.Create(t.Context(), "pvc-x", want); err != nil {
 		t.Fatal(err)

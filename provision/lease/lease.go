@@ -26,16 +26,41 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
-	coordinationclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
+	"k8s.io/client-go/gentype"
+	"k8s.io/client-go/rest"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/kubeclient"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
 )
+
+// Client is what a Locker needs of the API server: read, create and
+// update the Leases of one namespace. client-go's typed LeaseInterface
+// (clientset.CoordinationV1().Leases(namespace)) and its fake satisfy it,
+// as does NewRESTClient's.
+type Client interface {
+	Get(ctx context.Context, name string, opts metav1.GetOptions) (*coordinationv1.Lease, error)
+	Create(ctx context.Context, l *coordinationv1.Lease, opts metav1.CreateOptions) (*coordinationv1.Lease, error)
+	Update(ctx context.Context, l *coordinationv1.Lease, opts metav1.UpdateOptions) (*coordinationv1.Lease, error)
+}
+
+// NewRESTClient returns a Client for the Leases of namespace on the API
+// server cfg describes. It knows coordination.k8s.io/v1 only
+// (kubeclient.ForGroup): the typed Leases client's scheme of every API
+// group would make the daemon's binary and memory about half as large
+// again.
+func NewRESTClient(cfg *rest.Config, namespace string) (Client, error) {
+	g, err := kubeclient.ForGroup(cfg, coordinationv1.SchemeGroupVersion, coordinationv1.AddToScheme)
+	if err != nil {
+		return nil, fmt.Errorf("lease client: %w", err)
+	}
+	return gentype.NewClient[*coordinationv1.Lease]("leases", g.REST, g.Params, namespace,
+		func() *coordinationv1.Lease { return &coordinationv1.Lease{} }), nil
+}
 
 // Config says where the Leases are and who holds them.
 type Config struct {
-	Client    coordinationclient.LeasesGetter
+	// Client has the Leases of Namespace.
+	Client    Client
 	Namespace string
 	// Holder is this node's identity: stable across restarts, so that a
 	// restarted provisioner takes its own Leases again at once.
@@ -114,7 +139,7 @@ func Name(imageID string) string {
 // Acquire takes imageID's Lease for this node (see provision.Exclusivity).
 func (l *Locker) Acquire(ctx context.Context, imageID string, fence provision.Fence) (provision.Lock, error) {
 	name := Name(imageID)
-	leases := l.cfg.Client.Leases(l.cfg.Namespace)
+	leases := l.cfg.Client
 	for try := 0; ; try++ {
 		if try == 5 {
 			return nil, fmt.Errorf("lease %s/%s: kept changing under us", l.cfg.Namespace, name)
@@ -310,7 +335,7 @@ func (h *held) lastRenewal() time.Time {
 // it now: one update of the Lease as last written, and only on a conflict
 // (someone else wrote it) a read of what it is now.
 func (h *held) renew(ctx context.Context, sent time.Time) error {
-	leases := h.l.cfg.Client.Leases(h.l.cfg.Namespace)
+	leases := h.l.cfg.Client
 	next := h.last.DeepCopy()
 	h.l.hold(next, sent, false)
 	got, err := leases.Update(ctx, next, metav1.UpdateOptions{})
@@ -341,7 +366,7 @@ func (h *held) stopKeeping() {
 // take the Lease at once.
 func (h *held) Release(ctx context.Context) error {
 	h.stopKeeping()
-	leases := h.l.cfg.Client.Leases(h.l.cfg.Namespace)
+	leases := h.l.cfg.Client
 	for try := 0; try < 5; try++ {
 		cur, err := leases.Get(ctx, h.name, metav1.GetOptions{})
 		if err != nil {
@@ -375,9 +400,9 @@ func (h *held) Status() provision.LockStatus {
 }
 
 // NewFromEnv is New for the daemon: the connection comes from
-// configmap.RESTConfigFromEnv (in a pod, its service account).
+// kubeclient.ConfigFromEnv (in a pod, its service account).
 func NewFromEnv(namespace, holder string, duration time.Duration, events func(string), log *slog.Logger) (*Locker, error) {
-	cfg, err := configmap.RESTConfigFromEnv()
+	cfg, err := kubeclient.ConfigFromEnv()
 	if err != nil {
 		return nil, err
 	}
@@ -386,9 +411,9 @@ func NewFromEnv(namespace, holder string, duration time.Duration, events func(st
 	// requests a second would queue them behind each other on a node
 	// with many images attached.
 	cfg.QPS, cfg.Burst = 50, 100
-	cs, err := kubernetes.NewForConfig(cfg)
+	client, err := NewRESTClient(cfg, namespace)
 	if err != nil {
 		return nil, err
 	}
-	return New(Config{Client: cs.CoordinationV1(), Namespace: namespace, Holder: holder, Duration: duration, Events: events, Logger: log})
+	return New(Config{Client: client, Namespace: namespace, Holder: holder, Duration: duration, Events: events, Logger: log})
 }
