@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/interrupt"
 )
 
 // ErrUnreachable marks a session that failed before the engine took it:
@@ -178,17 +179,19 @@ const probeAgainHandle = 0x6d7670732d707232
 // begun is read to its end, within ctx.
 func awaitProbe(ctx context.Context, conn net.Conn, grace time.Duration) error {
 	deadline, _ := ctx.Deadline() // zero: none
-	// The AfterFunc's deadline ends any read once ctx ends; one set after
-	// it must not undo that.
+	// ctx's end ends any read; a deadline of the grace's set after it
+	// must not undo that.
 	setDeadline := func(t time.Time) {
 		conn.SetDeadline(t)
 		if ctx.Err() != nil {
 			conn.SetDeadline(time.Unix(1, 0))
 		}
 	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	defer conn.SetDeadline(time.Time{})
+	release := interrupt.OnDone(ctx, conn.SetDeadline)
+	defer func() {
+		release()
+		conn.SetDeadline(time.Time{})
+	}()
 	// within reads an answer whose first byte comes within d.
 	within := func(d time.Duration) (uint64, error) {
 		if until := time.Now().Add(d); deadline.IsZero() || until.Before(deadline) {
