@@ -558,6 +558,7 @@ func (b *bench) attachRows() {
 	}
 	b.res.Detach["floor: netlink disconnect to free"] = stats(det)
 	b.res.Attach["provisioner fd"] = stats(plat)
+	b.res.Intervals[fdRatio] = interval(ratioInterval(plat, lat))
 	b.res.Detach["provisioner fd: caller close to free"] = stats(pdet)
 	fdLog := b.p.Log()[logStart:]
 	b.res.Phases["fd"] = phases(fdLog, "fd")
@@ -632,6 +633,7 @@ func (b *bench) attachRows() {
 		b.res.Phases["floor mount"][k] = stats(v).P50
 	}
 	b.res.Attach["provisioner mount"] = stats(lat)
+	b.res.Intervals[mountRatio] = interval(ratioInterval(lat, flat))
 	b.res.Detach["provisioner mount: umount -l + close to free"] = stats(det)
 	mountLog := b.p.Log()[logStart:]
 	b.res.Phases["mount"] = phases(mountLog, "mount")
@@ -1186,6 +1188,8 @@ type results struct {
 	N       int                           `json:"n"`
 	Attach  map[string]dist               `json:"attach"`
 	Phases  map[string]map[string]float64 `json:"phases_p50_ms"`
+	// Intervals are the 90% bootstrap intervals of the target ratios of p50s (ratioInterval).
+	Intervals map[string][2]float64 `json:"p50_ratio_90pct_interval,omitempty"`
 	// Outside is, per fd cycle, the caller's time minus the sum of the daemon's phases.
 	Outside       dist                            `json:"fd_outside_phases,omitzero"`
 	MountSteps    map[string]float64              `json:"mount_steps_p50_ms,omitempty"`
@@ -1204,7 +1208,24 @@ type results struct {
 
 func newResults() *results {
 	return &results{Attach: map[string]dist{}, Phases: map[string]map[string]float64{}, Detach: map[string]dist{}, EngineIO: map[string]ioCount{},
-		Concurrent: map[string]float64{}, Usage: map[string]map[string]procUsage{}}
+		Concurrent: map[string]float64{}, Usage: map[string]map[string]procUsage{}, Intervals: map[string][2]float64{}}
+}
+
+// The ratios of p50s that have an interval.
+const (
+	fdRatio    = "provisioner fd / floor"
+	mountRatio = "provisioner mount / (floor + mount(2))"
+)
+
+func interval(lo, hi float64) [2]float64 { return [2]float64{lo, hi} }
+
+// intervalOf is "; 90% interval x.xxx to y.yyx" for the ratio named, or "" without one.
+func (r *results) intervalOf(name string) string {
+	iv, ok := r.Intervals[name]
+	if !ok || iv[1] == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; 90%% interval %.2fx to %.2fx", iv[0], iv[1])
 }
 
 func readTrimmed(p string) string {
@@ -1277,9 +1298,15 @@ func (r *results) print(w io.Writer) {
 	if len(r.MountSteps) > 0 {
 		p("   %-22s (p50 ms): %s", "mount phase, steps", inOrder(r.MountSteps, mountStepOrder))
 	}
-	p("   provisioner fd overhead over the floor (p50): %+.2f ms", r.Attach["provisioner fd"].P50-floor)
+	fd := r.Attach["provisioner fd"].P50
+	p("   provisioner fd overhead over the floor (p50): %+.2f ms; fd / floor %s%s", fd-floor, ratio(fd, floor), r.intervalOf(fdRatio))
 	if fm := r.Attach["floor + mount(2)"].P50; fm > 0 {
-		p("   provisioner mount / (floor + mount(2)) (p50): %s, %+.2f ms", ratio(r.Attach["provisioner mount"].P50, fm), r.Attach["provisioner mount"].P50-fm)
+		p("   provisioner mount / (floor + mount(2)) (p50): %s, %+.2f ms%s", ratio(r.Attach["provisioner mount"].P50, fm),
+			r.Attach["provisioner mount"].P50-fm, r.intervalOf(mountRatio))
+	}
+	if len(r.Intervals) > 0 {
+		p("   (90%% interval: how far the ratio of p50s could have come out otherwise by chance, a bootstrap over the")
+		p("   row's cycles, each cycle with the one of the other row that ran next to it)")
 	}
 	if o := r.Outside; o.N > 0 {
 		p("   outside the daemon's phases (the caller's connect and request up to the accept, the fd's delivery;")
@@ -1334,7 +1361,6 @@ func (r *results) print(w io.Writer) {
 		}
 		p("   %-49s %s  %s", name+":", value, verdict(ok))
 	}
-	fd := r.Attach["provisioner fd"].P50
 	target("attach p50 >=5x faster than nbd-client", ratio(nbdc, fd), nbdc > 0 && fd > 0, nbdc >= 5*fd)
 	target("attach p50 within 20% of the floor", ratio(fd, floor), fd > 0 && floor > 0, fd <= 1.2*floor)
 	target("fd attach p50 within 15% of the floor", ratio(fd, floor), fd > 0 && floor > 0, fd <= 1.15*floor)
