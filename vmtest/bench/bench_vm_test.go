@@ -1219,7 +1219,7 @@ const (
 
 func interval(lo, hi float64) [2]float64 { return [2]float64{lo, hi} }
 
-// intervalOf is "; 90% interval x.xxx to y.yyx" for the ratio named, or "" without one.
+// intervalOf is "; 90% interval 1.02x to 1.12x", say, for the ratio named, or "" without one.
 func (r *results) intervalOf(name string) string {
 	iv, ok := r.Intervals[name]
 	if !ok || iv[1] == 0 {

@@ -116,23 +116,32 @@ func lockCache(cache string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache lock: %w", err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err == nil {
-		return f, nil
-	}
 	// Runners started by the driver wait for its preparation: nothing to tell.
 	quiet := os.Getenv("VMRUN_PREPARED") != ""
-	if !quiet {
-		logf("waiting for another run using %s", cache)
-	}
-	t0 := time.Now()
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+	if err := flockTelling(f, "another run using "+cache, quiet); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("cache lock: %w", err)
 	}
-	if !quiet {
-		logf("waited %.1fs for the other run", time.Since(t0).Seconds())
-	}
 	return f, nil
+}
+
+// flockTelling takes an exclusive flock on f and, unless quiet, says when it has to wait for
+// its holder, whom holder names.
+func flockTelling(f *os.File, holder string, quiet bool) error {
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err == nil {
+		return nil
+	}
+	if !quiet {
+		logf("waiting for %s", holder)
+	}
+	t0 := time.Now()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		return err
+	}
+	if !quiet {
+		logf("waited %.1fs for %s", time.Since(t0).Seconds(), holder)
+	}
+	return nil
 }
 
 // run runs a command, returning its output, and its stderr in the error.
@@ -169,13 +178,8 @@ func apt(ctx context.Context, newCmd func() *exec.Cmd) ([]byte, error) {
 		return nil, fmt.Errorf("apt lock: %w", err)
 	}
 	defer f.Close()
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		t0 := time.Now()
-		logf("packages: waiting for another vmrun's apt-get")
-		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-			return nil, fmt.Errorf("apt lock: %w", err)
-		}
-		logf("packages: waited %.1fs for another vmrun's apt-get", time.Since(t0).Seconds())
+	if err := flockTelling(f, "another vmrun's apt-get", false); err != nil {
+		return nil, fmt.Errorf("apt lock: %w", err)
 	}
 	deadline := time.Now().Add(aptLockWait)
 	for pause := time.Second; ; pause = min(2*pause, 10*time.Second) {
