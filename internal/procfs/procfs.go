@@ -7,6 +7,7 @@ package procfs
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -84,15 +85,72 @@ func Alive(pid int) bool {
 // StartTime is the start time of process pid in clock ticks after boot
 // (field 22 of /proc/<pid>/stat): with the pid, it names one process for
 // good, as a pid alone does not once it is reused.
+//
+// It is read on every attach's path: one open, one read into a buffer on
+// the stack and a close, with nothing split into fields; a line longer
+// than the buffer (a command name of kernel threads' length and more) is
+// read whole.
 func StartTime(pid int) (uint64, error) {
-	fields, err := Stat(pid)
+	var buf [512]byte
+	line, err := readSmall("/proc/"+strconv.Itoa(pid)+"/stat", buf[:])
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("process stat: %w", err)
 	}
-	if len(fields) < 20 {
-		return 0, fmt.Errorf("process stat of %d: %d fields", pid, len(fields))
+	start, err := parseStartTime(line)
+	if err != nil {
+		return 0, fmt.Errorf("process stat of %d: %w", pid, err)
 	}
-	return strconv.ParseUint(fields[19], 10, 64)
+	return start, nil
+}
+
+// parseStartTime finds field 22 in a line of /proc/<pid>/stat.
+func parseStartTime(line []byte) (uint64, error) {
+	// The command name may hold spaces and parentheses: what follows
+	// starts after its last ')', with the state, field 3.
+	i := bytes.LastIndexByte(line, ')')
+	if i < 0 {
+		return 0, errors.New("no command name")
+	}
+	// Field 3 on, the start time the 20th of them.
+	rest := line[i+1:]
+	for n := 0; ; n++ {
+		rest = bytes.TrimLeft(rest, " ")
+		end := bytes.IndexAny(rest, " \n")
+		if end < 0 {
+			end = len(rest)
+		}
+		if n == 19 {
+			rest = rest[:end]
+			break
+		}
+		if end == len(rest) {
+			return 0, fmt.Errorf("%d fields, the start time is field 22", n+3)
+		}
+		rest = rest[end:]
+	}
+	start, err := strconv.ParseUint(string(rest), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("start time: %w", err)
+	}
+	return start, nil
+}
+
+// readSmall reads the file at path into buf when it fits, in one read, and
+// reads it whole otherwise.
+func readSmall(path string, buf []byte) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	n, err := unix.Read(fd, buf)
+	unix.Close(fd)
+	if err != nil {
+		return nil, &os.PathError{Op: "read", Path: path, Err: err}
+	}
+	if n < len(buf) {
+		return buf[:n], nil
+	}
+	return os.ReadFile(path)
 }
 
 // MountPoints lists where this process's mount namespace has mounted the
