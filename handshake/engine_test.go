@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 )
@@ -16,7 +17,7 @@ import (
 // and TCP, a valid token negotiates, a bad one is refused, and a request
 // sent with the export name is served.
 func TestAgainstEngine(t *testing.T) {
-	for name, start := range map[string]func(testing.TB) *devenginetest.Engine{
+	for name, start := range map[string]func(testing.TB, ...func(*devengine.Config)) *devenginetest.Engine{
 		"unix": devenginetest.New, "tcp": devenginetest.NewTCP,
 	} {
 		t.Run(name, func(t *testing.T) {

@@ -62,6 +62,10 @@ type Config struct {
 	// MaxInFlightBytes bounds the memory of requests being served per image,
 	// each counted as 4096 + its length. 0 means DefaultMaxInFlightBytes.
 	MaxInFlightBytes int64
+	// MaxRequestLength is the longest request served; a longer one ends
+	// the connection. 0 means MaxRequestLength, as mvps-te 0.1.4 and later;
+	// EarlyMaxRequestLength behaves as 0.1.0 to 0.1.3 do.
+	MaxRequestLength uint32
 	// HandshakeTimeout bounds the handshake, from accept to the export
 	// info: a client that stalls in it is dropped. 0 means
 	// DefaultHandshakeTimeout.
@@ -76,6 +80,8 @@ type Server struct {
 	cfg      Config
 	log      *slog.Logger
 	maxBytes int64
+	// maxRequest is Config.MaxRequestLength, its default applied.
+	maxRequest uint32
 	// imageDir is ImageDir, opened once: image files are opened relative
 	// to it, so a directory swapped on its path later changes nothing.
 	imageDir *os.File
@@ -116,10 +122,18 @@ func New(cfg Config) (*Server, error) {
 	if maxBytes == 0 {
 		maxBytes = DefaultMaxInFlightBytes
 	}
-	if maxBytes < requestCost(MaxRequestLength) {
+	maxRequest := cfg.MaxRequestLength
+	if maxRequest == 0 {
+		maxRequest = MaxRequestLength
+	}
+	if maxRequest > MaxRequestLength {
+		imageDir.Close()
+		return nil, fmt.Errorf("devengine: Config.MaxRequestLength %d is above any mvps-te's (%d)", maxRequest, MaxRequestLength)
+	}
+	if maxBytes < requestCost(maxRequest) {
 		imageDir.Close()
 		return nil, fmt.Errorf("devengine: Config.MaxInFlightBytes %d is below one maximal request (%d)",
-			maxBytes, requestCost(MaxRequestLength))
+			maxBytes, requestCost(maxRequest))
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -133,11 +147,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	cfg.Secret = slices.Clone(cfg.Secret)
 	return &Server{
-		cfg:      cfg,
-		log:      log,
-		maxBytes: maxBytes,
-		imageDir: imageDir,
-		sessions: make(map[string]*session),
+		cfg:        cfg,
+		log:        log,
+		maxBytes:   maxBytes,
+		maxRequest: maxRequest,
+		imageDir:   imageDir,
+		sessions:   make(map[string]*session),
 	}, nil
 }
 

@@ -375,6 +375,9 @@ func TestNewValidates(t *testing.T) {
 		{"image dir is a file", devengine.Config{Secret: []byte("s"), ImageDir: file}},
 		{"buffer dir is a file", devengine.Config{Secret: []byte("s"), ImageDir: dir, BufferDir: file}},
 		{"in-flight limit below one request", devengine.Config{Secret: []byte("s"), ImageDir: dir, MaxInFlightBytes: 1 << 20}},
+		{"request limit above mvps-te's", devengine.Config{Secret: []byte("s"), ImageDir: dir, MaxRequestLength: devengine.MaxRequestLength + 1}},
+		{"in-flight limit below one early request", devengine.Config{Secret: []byte("s"), ImageDir: dir,
+			MaxRequestLength: devengine.EarlyMaxRequestLength, MaxInFlightBytes: devengine.EarlyMaxRequestLength}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -385,5 +388,10 @@ func TestNewValidates(t *testing.T) {
 	}
 	if _, err := devengine.New(devengine.Config{Secret: []byte("s"), ImageDir: dir, BufferDir: dir}); err != nil {
 		t.Fatalf("New refused a good config: %v", err)
+	}
+	// An early engine's limit lets a smaller in-flight bound through.
+	if _, err := devengine.New(devengine.Config{Secret: []byte("s"), ImageDir: dir,
+		MaxRequestLength: devengine.EarlyMaxRequestLength, MaxInFlightBytes: 2 << 20}); err != nil {
+		t.Fatalf("New refused an early engine's config: %v", err)
 	}
 }

@@ -14,6 +14,10 @@ import (
 // a longer one ends the connection.
 const MaxRequestLength = 8 << 20
 
+// EarlyMaxRequestLength is the longest request mvps-te 0.1.0 to 0.1.3
+// serve, the one difference of their protocol from the later releases.
+const EarlyMaxRequestLength = 1 << 20
+
 // errDisconnect: the client ended the connection with NBD_CMD_DISC, which
 // mvps-te handles like any command it does not serve, by closing.
 var errDisconnect = errors.New("client sent NBD_CMD_DISC")
@@ -25,7 +29,7 @@ func requestCost(length uint32) int64 { return 4096 + int64(length) }
 // connection. READ and WRITE run concurrently and may be answered out of
 // order; anything else (DISC, FLUSH, TRIM, the transaction commands the
 // stand-in does not implement, unknown commands) ends the connection, as a
-// bad magic, a request longer than 8 MiB or an offset+length overflow do.
+// bad magic, a request longer than the limit (8 MiB) or an offset+length overflow do.
 // Requests already dispatched are finished, replies included, before it
 // returns, as mvps-te does.
 func (s *Server) transmit(c *conn, br *bufio.Reader, sess *session) error {
@@ -46,8 +50,8 @@ func (s *Server) transmit(c *conn, br *bufio.Reader, sess *session) error {
 		if err != nil {
 			return err
 		}
-		if req.Length > MaxRequestLength {
-			return fmt.Errorf("%v length %d exceeds %d", req.Type, req.Length, MaxRequestLength)
+		if req.Length > s.maxRequest {
+			return fmt.Errorf("%v length %d exceeds %d", req.Type, req.Length, s.maxRequest)
 		}
 		if req.Offset+uint64(req.Length) < req.Offset {
 			return fmt.Errorf("%v offset %d + length %d overflows", req.Type, req.Offset, req.Length)

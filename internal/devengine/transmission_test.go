@@ -138,30 +138,42 @@ func indexOf(s []uint64, v uint64) int {
 	return -1
 }
 
+// mvps-te serves requests of at most 8 MiB from 0.1.4 on, 1 MiB before.
 func TestRequestLengthLimit(t *testing.T) {
-	e := devenginetest.New(t)
-	const size = 16 << 20
-	t.Run("8 MiB WRITE and READ served", func(t *testing.T) {
-		c := attached(t, e, "limit.mvps-image", size)
-		data := randomBytes(4, devengine.MaxRequestLength)
-		c.write(1, 4096, data)
-		c.readAt(2, 4096, data)
-	})
-	t.Run("READ of 8 MiB + 1 closes", func(t *testing.T) {
-		c := attached(t, e, "limit.mvps-image", size)
-		c.request(nbd.CmdRead, 3, 0, devengine.MaxRequestLength+1, nil)
-		c.expectClosed("after a READ of 8 MiB + 1")
-	})
-	t.Run("WRITE of 8 MiB + 1 closes", func(t *testing.T) {
-		c := attached(t, e, "limit.mvps-image", size)
-		c.request(nbd.CmdWrite, 4, 0, devengine.MaxRequestLength+1, nil)
-		c.expectClosed("after a WRITE header of 8 MiB + 1")
-	})
-	t.Run("READ of 4 GiB - 1 closes", func(t *testing.T) {
-		c := attached(t, e, "limit.mvps-image", size)
-		c.request(nbd.CmdRead, 5, 0, 0xffffffff, nil)
-		c.expectClosed("after a READ of 4 GiB - 1")
-	})
+	for _, release := range []struct {
+		name  string
+		limit uint32 // Config.MaxRequestLength; 0 for the default
+		max   uint32
+	}{
+		{"0.1.4", 0, devengine.MaxRequestLength},
+		{"0.1.3", devengine.EarlyMaxRequestLength, devengine.EarlyMaxRequestLength},
+	} {
+		t.Run(release.name, func(t *testing.T) {
+			e := devenginetest.New(t, func(c *devengine.Config) { c.MaxRequestLength = release.limit })
+			const size = 16 << 20
+			t.Run("the limit's WRITE and READ served", func(t *testing.T) {
+				c := attached(t, e, "limit.mvps-image", size)
+				data := randomBytes(4, int(release.max))
+				c.write(1, 4096, data)
+				c.readAt(2, 4096, data)
+			})
+			t.Run("READ of the limit + 1 closes", func(t *testing.T) {
+				c := attached(t, e, "limit.mvps-image", size)
+				c.request(nbd.CmdRead, 3, 0, release.max+1, nil)
+				c.expectClosed("after a READ of the limit + 1")
+			})
+			t.Run("WRITE of the limit + 1 closes", func(t *testing.T) {
+				c := attached(t, e, "limit.mvps-image", size)
+				c.request(nbd.CmdWrite, 4, 0, release.max+1, nil)
+				c.expectClosed("after a WRITE header of the limit + 1")
+			})
+			t.Run("READ of 4 GiB - 1 closes", func(t *testing.T) {
+				c := attached(t, e, "limit.mvps-image", size)
+				c.request(nbd.CmdRead, 5, 0, 0xffffffff, nil)
+				c.expectClosed("after a READ of 4 GiB - 1")
+			})
+		})
+	}
 }
 
 // Every command but READ and WRITE ends the connection without a reply,

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
 	"github.com/mvps-provisioner/mvps-provisioner/nbd"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
@@ -59,7 +60,7 @@ func readThrough(t *testing.T, conn net.Conn, handle uint64) {
 // probe sent with the export name, is left clean for the kernel, and an
 // engine's refusals come out as what they are.
 func TestOpenAgainstEngine(t *testing.T) {
-	for name, start := range map[string]func(testing.TB) *devenginetest.Engine{
+	for name, start := range map[string]func(testing.TB, ...func(*devengine.Config)) *devenginetest.Engine{
 		"unix": devenginetest.New, "tcp": devenginetest.NewTCP,
 	} {
 		t.Run(name, func(t *testing.T) {

@@ -42,9 +42,13 @@ const (
 	// fails, a timed-out request while a connection lives or may return.
 	DefaultKernelRequestTimeout = 10 * time.Second
 	DefaultDeadConnTimeout      = 30 * time.Second
-	// maxSectorsKB keeps every kernel request within mvps-te's 8 MiB limit:
-	// a larger one makes the engine drop the connection.
-	maxSectorsKB = 8192
+	// maxSectorsKB keeps every kernel request within what every release of
+	// mvps-te serves: 1 MiB up to 0.1.3, 8 MiB from 0.1.4 on. A larger one
+	// makes the engine drop the connection, and the kernel's own limit is
+	// above 1 MiB (1280 KiB on 6.1, 4 MiB on later kernels). The engine
+	// serves a request page by page anyway, so a larger one saves it
+	// little more than a header.
+	maxSectorsKB = 1024
 )
 
 // New opens the netlink client, for devices of blockSize bytes a block.
@@ -157,9 +161,10 @@ func MaxPart() int {
 	return n
 }
 
-// capMaxSectors keeps dev's requests within the engine's limit. The
-// kernel's own default is far below it, so this is one ioctl on the open
-// device, and a sysfs write only if someone raised it.
+// capMaxSectors keeps dev's requests within the engine's limit: one ioctl
+// on the open device, and a sysfs write only when the device's limit is
+// above it. The kernel keeps a device's limit across its disconnects, so
+// the write is made once per device, on its first attach.
 func capMaxSectors(dev *Device) error {
 	var sectors uint16 // BLKSECTGET answers an unsigned short, saturated
 	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, dev.File.Fd(), unix.BLKSECTGET, uintptr(unsafe.Pointer(&sectors))); errno != 0 {

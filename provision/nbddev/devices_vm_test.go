@@ -9,12 +9,14 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/mvps-provisioner/mvps-provisioner/handshake"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/devengine/devenginetest"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 )
@@ -249,6 +251,87 @@ func TestVMDevicesCapMaxSectors(t *testing.T) {
 	if n, _ := strconv.Atoi(sysfs(dev.Index, "queue/max_sectors_kb")); n != maxSectorsKB {
 		t.Errorf("max_sectors_kb %d after the attach, want %d", n, maxSectorsKB)
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := d.Detach(ctx, dev); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// mvps-te 0.1.0 to 0.1.3 drop the connection on a request over 1 MiB, and
+// a kernel's own request size is larger (1280 KiB on 6.1, 4 MiB on later
+// kernels): large I/O must reach such an engine in requests it serves.
+func TestVMDevicesLargeIOOnAnEarlyEngine(t *testing.T) {
+	d := newDevices(t)
+	// No wait for a new connection: I/O on a dropped one fails at once,
+	// not after the default 30 s.
+	d.DeadConnTimeout = 0
+	e := devenginetest.New(t, func(c *devengine.Config) { c.MaxRequestLength = devengine.EarlyMaxRequestLength })
+	// The kernel picks the device: raise every free one as far as the
+	// kernel lets it, above any kernel's default, as if no attach had
+	// capped it before.
+	sts, err := d.Netlink.StatusAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range sts {
+		path := fmt.Sprintf("/sys/block/nbd%d/queue/max_sectors_kb", st.Index)
+		hw, err := readTrimmed(fmt.Sprintf("/sys/block/nbd%d/queue/max_hw_sectors_kb", st.Index))
+		old, err2 := readTrimmed(path)
+		if err != nil || err2 != nil || st.Connected {
+			continue
+		}
+		if err := os.WriteFile(path, []byte(hw), 0); err != nil {
+			t.Fatalf("raise %s: %v", path, err)
+		}
+		t.Cleanup(func() { os.WriteFile(path, []byte(old), 0) })
+	}
+	const size = 16 << 20
+	dev := attach(t, d, e, "early.mvps-image", size)
+	fd, err := unix.Open(dev.Path, unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closeFD := sync.OnceFunc(func() { unix.Close(fd) })
+	defer closeFD()
+	// Page aligned, as O_DIRECT requires.
+	buf, err := unix.Mmap(-1, 0, 8<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(buf)
+	data, back := buf[:4<<20], buf[4<<20:]
+	for i := range data {
+		data[i] = byte(i*7 + i>>12)
+	}
+	done := make(chan error, 1)
+	go func() {
+		if _, err := unix.Pwrite(fd, data, 4096); err != nil {
+			done <- fmt.Errorf("O_DIRECT write of 4 MiB: %w", err)
+			return
+		}
+		if _, err := unix.Pread(fd, back, 4096); err != nil {
+			done <- fmt.Errorf("O_DIRECT read of 4 MiB: %w", err)
+			return
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("%v (max_sectors_kb %s)", err, sysfs(dev.Index, "queue/max_sectors_kb"))
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("4 MiB of O_DIRECT I/O did not end in 60 s (max_sectors_kb %s)", sysfs(dev.Index, "queue/max_sectors_kb"))
+	}
+	if !bytes.Equal(back, data) {
+		t.Fatal("read back other bytes than written")
+	}
+	img, err := os.ReadFile(e.ImageDir + "/early.mvps-image")
+	if err != nil || !bytes.Equal(img[4096:4096+len(data)], data) {
+		t.Fatalf("the engine's image lacks the write (%v)", err)
+	}
+	closeFD()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := d.Detach(ctx, dev); err != nil {

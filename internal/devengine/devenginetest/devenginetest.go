@@ -40,8 +40,10 @@ type Engine struct {
 	logs     *tbWriter
 }
 
-// New starts an engine on a Unix socket in tb.TempDir().
-func New(tb testing.TB) *Engine {
+// New starts an engine on a Unix socket in tb.TempDir(). Each of configure
+// may change the engine's configuration before it starts, to behave like
+// another release of mvps-te, say.
+func New(tb testing.TB, configure ...func(*devengine.Config)) *Engine {
 	tb.Helper()
 	path := filepath.Join(tb.TempDir(), "te.sock")
 	if len(path) >= 100 {
@@ -54,16 +56,16 @@ func New(tb testing.TB) *Engine {
 		tb.Cleanup(func() { os.RemoveAll(dir) })
 		path = filepath.Join(dir, "te.sock")
 	}
-	return start(tb, "unix", path)
+	return start(tb, "unix", path, configure)
 }
 
-// NewTCP starts an engine on a TCP port of 127.0.0.1.
-func NewTCP(tb testing.TB) *Engine {
+// NewTCP starts an engine on a TCP port of 127.0.0.1, configured as New's.
+func NewTCP(tb testing.TB, configure ...func(*devengine.Config)) *Engine {
 	tb.Helper()
-	return start(tb, "tcp", "127.0.0.1:0")
+	return start(tb, "tcp", "127.0.0.1:0", configure)
 }
 
-func start(tb testing.TB, network, address string) *Engine {
+func start(tb testing.TB, network, address string, configure []func(*devengine.Config)) *Engine {
 	tb.Helper()
 	secret := make([]byte, 32)
 	rand.Read(secret)
@@ -73,11 +75,15 @@ func start(tb testing.TB, network, address string) *Engine {
 	_, fuzzing := tb.(*testing.F)
 	_, benchmark := tb.(*testing.B)
 	logs := &tbWriter{tb: tb, closed: fuzzing || benchmark}
-	srv, err := devengine.New(devengine.Config{
+	cfg := devengine.Config{
 		Secret:   secret,
 		ImageDir: imageDir,
 		Logger:   slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	})
+	}
+	for _, f := range configure {
+		f(&cfg)
+	}
+	srv, err := devengine.New(cfg)
 	if err != nil {
 		tb.Fatalf("devenginetest: %v", err)
 	}
@@ -89,8 +95,8 @@ func start(tb testing.TB, network, address string) *Engine {
 		Server:   srv,
 		Network:  network,
 		Addr:     ln.Addr().String(),
-		Secret:   secret,
-		ImageDir: imageDir,
+		Secret:   cfg.Secret,
+		ImageDir: cfg.ImageDir,
 		tb:       tb,
 		served:   make(chan error, 1),
 		logs:     logs,
