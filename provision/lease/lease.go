@@ -275,7 +275,10 @@ func (h *held) keep() {
 	cfg := h.l.cfg
 	tick := time.NewTicker(cfg.RenewEvery)
 	defer tick.Stop()
-	deadline := time.NewTimer(cfg.Duration - cfg.Margin)
+	// From when the acquiring write was sent, which is what the Lease's
+	// renew time says, not from now: an API server that answered late
+	// leaves less of the Lease, and another node counts from that time.
+	deadline := time.NewTimer(time.Until(h.lastRenewal().Add(cfg.Duration - cfg.Margin)))
 	defer deadline.Stop()
 	for {
 		select {
