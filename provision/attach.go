@@ -75,6 +75,7 @@ func (at *Attached) Detached() <-chan struct{} { return at.a.done }
 func (at *Attached) Delivered(m *Manager) {
 	a := at.a
 	at.sp.mark("reply")
+	m.reg.setDelivered(a)
 	m.cfg.Engine.Refill()
 	took := time.Since(at.sp.start)
 	attrs := []any{"image_id", a.imageID, "key", a.key, "device", at.Device, "mode", a.mode,
@@ -279,12 +280,20 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	if err := context.Cause(actx); err != nil {
 		return fail(err)
 	}
-	// Attached before the owner has it: an owner that is told and asks
-	// for the status sees it so.
-	m.reg.setState(a, StateAttached)
-	// The watcher's share of the work, which Delivered or Undelivered starts.
+	// The watcher's share of the work, which Delivered or Undelivered
+	// starts; taken while the attachment is still attaching, so that a
+	// shutdown that refuses it detaches the device even in a handover.
 	if !m.goTracked(nil) {
 		return fail(ErrShuttingDown)
+	}
+	// The engine failed since its session opened: the device's connection
+	// is dead, whether or not its link-dead event came in time to be kept.
+	gen, restarting := m.engineAt()
+	// Attached before the owner has it: an owner that is told and asks
+	// for the status sees it so.
+	if m.reg.attached(a, restarting || gen != engineGen) {
+		m.log.Warn("engine connection lost during the attach; reconnecting", "image_id", a.imageID, "device", dev.Path)
+		m.goTracked(func() { m.recover(a) }) // shutdown, if it refuses, ends the attachment anyway
 	}
 	return at, nil
 }
@@ -380,6 +389,13 @@ func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded
 	defer rec.r.close()
 	if err != nil {
 		return nil, nil, err
+	}
+	if m.reg.isSuspended(a) {
+		// The image's lock lapsed far enough to suspend it since it was
+		// taken: this session may have fenced the one that suspension
+		// opened, so it must not reach the kernel.
+		conn.Close()
+		return nil, nil, errSuspendedAttach
 	}
 	if rec.err != nil {
 		conn.Close()

@@ -61,8 +61,23 @@ type attachment struct {
 	lock Lock
 	// suspended is set while the lock could lapse: the device's engine
 	// connection is cut (fenceConn fenced it) and not reconnected.
-	suspended  bool
-	fenceConn  net.Conn
+	suspended bool
+	fenceConn net.Conn
+	// fenceEnded is set once the detach closed fenceConn: a fencing
+	// session that opens later is closed at once, not kept.
+	fenceEnded bool
+	// linkDead is a link-dead event that came while the attachment was
+	// attaching or reconnecting, when no reconnect could start: the next
+	// step to attached reconnects instead.
+	linkDead bool
+	// newConn is set while a reconnect hands its new connection to the
+	// kernel, until it ends: a link-dead event before that is the old
+	// connection's.
+	newConn bool
+	// delivered is set once the owner has the attachment (and for one
+	// taken over from an earlier run): only then does a handover leave it
+	// attached.
+	delivered  bool
 	state      State
 	since      time.Time
 	reconnects int
@@ -105,6 +120,7 @@ func (m *Manager) detach(a *attachment, reason string) {
 		a.cancel(errDetached)
 		if a.dev == nil {
 			// The attach failed before the kernel had a device.
+			m.reg.endFence(a)
 			m.forget(a)
 			return
 		}
@@ -157,6 +173,9 @@ func (m *Manager) detach(a *attachment, reason string) {
 		ctx, cancel := context.WithTimeout(context.Background(), m.cfg.DetachTimeout)
 		detachErr := m.cfg.Devices.Detach(ctx, a.dev)
 		cancel()
+		// After the detach: until then the device's connection could
+		// still be the one that suspension fenced.
+		m.reg.endFence(a)
 		m.forget(a)
 
 		attrs := []any{"image_id", a.imageID, "device", a.dev.Path, "reason", reason, "owner", a.owner.Kind,

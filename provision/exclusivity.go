@@ -67,6 +67,10 @@ type LockStatus struct {
 // errLockLost ends an attachment whose image's lock another node took.
 var errLockLost = errors.New("the image's lock was taken by another node")
 
+// errSuspendedAttach ends an attach whose image's lock was not renewed in
+// time while it attached (the API server unreachable, say).
+var errSuspendedAttach = failf(ErrAttachFailed, "the image's lock could not be renewed in time; try again")
+
 // acquireLock takes a's image's lock, when the Manager keeps images
 // exclusive across hosts. Its errors are of a kind.
 func (m *Manager) acquireLock(ctx context.Context, a *attachment) error {

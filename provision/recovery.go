@@ -30,7 +30,9 @@ func (m *Manager) LinkDead(index uint32) {
 	}
 	m.cfg.Metrics.LinkDead()
 	if !m.reg.startRecovery(a) {
-		return // attaching, detaching, or being recovered already
+		// Detaching or suspended; or attaching or being recovered, whose
+		// end reconnects it (startRecovery keeps the event for it).
+		return
 	}
 	m.log.Warn("engine connection lost; reconnecting", "image_id", a.imageID, "device", a.dev.Path)
 	m.goTracked(func() { m.recover(a) })
@@ -39,7 +41,9 @@ func (m *Manager) LinkDead(index uint32) {
 // recover reconnects a's device: a new session with a's client id (which
 // fences whatever is left of the old one), then the kernel's reconfigure.
 // It retries, with backoff, while the engine restarts, for at most
-// RecoveryTimeout; then it gives up and ends the attachment.
+// RecoveryTimeout; then it gives up and ends the attachment. A suspended
+// attachment is not reconnected: its lock's renewal (Resume) does it. It
+// reports whether the attachment lives on: reconnected, or suspended.
 func (m *Manager) recover(a *attachment) bool {
 	start := time.Now()
 	deadline := start.Add(m.cfg.RecoveryTimeout)
@@ -48,8 +52,23 @@ func (m *Manager) recover(a *attachment) bool {
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithDeadline(a.ctx, deadline)
 		conn, _, err := m.openSession(ctx, a.session())
+		if err == nil && m.reg.isSuspended(a) {
+			// Suspended since the reconnect began: this session may have
+			// fenced the one that cut the device off, and must not reach
+			// the kernel. (One suspended later is fenced by the session
+			// the suspension opens, which comes after this one.)
+			conn.Close()
+			cancel()
+			m.reg.endRecovery(a, false)
+			m.log.Warn("reconnect put off: the image's lock is not renewed; its renewal reconnects it", "image_id", a.imageID,
+				"device", a.dev.Path)
+			return true
+		}
 		if err == nil {
-			err = m.cfg.Devices.Reconnect(ctx, a.dev, conn, m.cfg.Engine.BackendID(a.imageID))
+			m.reg.handingConn(a, true)
+			if err = m.cfg.Devices.Reconnect(ctx, a.dev, conn, m.cfg.Engine.BackendID(a.imageID)); err != nil {
+				m.reg.handingConn(a, false)
+			}
 		}
 		cancel()
 		if err == nil {
@@ -57,11 +76,19 @@ func (m *Manager) recover(a *attachment) bool {
 			if err := m.record(a, int64(a.dev.Index)); err != nil {
 				m.log.Warn("state record not updated after the reconnect", "image_id", a.imageID, "err", err)
 			}
-			m.reg.endRecovery(a, true)
+			again := m.reg.endRecovery(a, true)
 			m.cfg.Metrics.Reconnected(true)
 			m.log.Info("reconnected", "image_id", a.imageID, "device", a.dev.Path, "attempts", attempt,
 				"took", time.Since(start).Round(time.Millisecond).String())
-			return true
+			if !again {
+				return true
+			}
+			// The connection died again meanwhile: it may be the one
+			// just handed to the kernel.
+			m.log.Warn("engine connection lost again while reconnecting; reconnecting again", "image_id", a.imageID,
+				"device", a.dev.Path)
+			start, deadline, backoff = time.Now(), time.Now().Add(m.cfg.RecoveryTimeout), 50*time.Millisecond
+			continue
 		}
 		lastErr = err
 		if a.ctx.Err() != nil {
@@ -199,6 +226,9 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 		return
 	}
 	m.reg.setState(a, StateReconnecting)
+	if !undelivered {
+		m.reg.setDelivered(a) // its owner had it from the earlier run
+	}
 	m.log.Info("taking over an attachment from an earlier run", append(attrs, "device", dev.Path, "owner", owner.Kind,
 		"caller_alive", alive)...)
 	// Connected to the engine that still runs: the connection is alive
@@ -214,10 +244,10 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 			m.detach(a, err.Error())
 			return
 		}
-		if keep {
-			m.reg.endRecovery(a, false)
+		if keep && !m.reg.endRecovery(a, false) {
 			m.log.Info("kept its connection to the engine that still runs", "image_id", a.imageID, "device", dev.Path)
 		} else if !m.recover(a) {
+			// Not kept, or kept and lost while the lock was taken again.
 			a.caller.Close()
 			m.detach(a, endReason(context.Cause(ctx)))
 			return

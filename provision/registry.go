@@ -218,28 +218,78 @@ func (r *registry) byIndex(index uint32) *attachment {
 }
 
 // startRecovery moves an attached a to reconnecting; false if it is not
-// attached (being attached, detached, or recovering already).
+// attached (being attached, detached, or recovering already). A link-dead
+// event that finds a being attached, or reconnected once the new
+// connection is on its way to the kernel (handingConn), is kept for the
+// end of that step (see attached and endRecovery): the connection that
+// died may be the new one.
 func (r *registry) startRecovery(a *attachment) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	// A suspended attachment stays cut off until its lock is renewed.
-	if a.state != StateAttached || a.suspended {
+	switch {
+	case a.state == StateAttaching || a.state == StateReconnecting && a.newConn:
+		a.linkDead = true
+		return false
+	case a.state == StateReconnecting:
+		// The connection being replaced; reported again, say.
+		return false
+	case a.state != StateAttached || a.suspended:
+		// A suspended attachment stays cut off until its lock is renewed,
+		// whose Resume reconnects it.
 		return false
 	}
-	a.state = StateReconnecting
+	a.state, a.linkDead = StateReconnecting, false
 	return true
 }
 
-// endRecovery moves a back to attached after a reconnect.
-func (r *registry) endRecovery(a *attachment, ok bool) {
+// attached moves a, being attached, to attached, or to reconnecting when
+// its connection died meanwhile (linkDied, or a link-dead event that came
+// while it was attaching): then the caller starts the reconnect. It
+// reports which.
+func (r *registry) attached(a *attachment, linkDied bool) (reconnect bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.state, a.since = StateAttached, time.Now()
+	if (linkDied || a.linkDead) && !a.suspended {
+		a.state, a.linkDead = StateReconnecting, false
+		return true
+	}
+	a.linkDead = a.linkDead || linkDied
+	return false
+}
+
+// endRecovery ends a reconnect of a (reconnected: it succeeded): a is
+// attached again, unless a link-dead event came meanwhile and a is not
+// suspended. Then the connection just handed to the kernel may be the one
+// that died: a stays reconnecting, and endRecovery reports that another
+// reconnect is needed.
+func (r *registry) endRecovery(a *attachment, reconnected bool) (again bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if a.state != StateReconnecting {
-		return
+		return false
+	}
+	a.newConn = false
+	if reconnected {
+		a.reconnects++
+	}
+	if a.linkDead && !a.suspended {
+		a.linkDead = false
+		return true
 	}
 	a.state = StateAttached
-	if ok {
-		a.reconnects++
+	return false
+}
+
+// handingConn marks a's reconnect as handing a new connection to the
+// kernel (handed is false once that failed): from then on a link-dead
+// event may be the new connection's.
+func (r *registry) handingConn(a *attachment, handed bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.newConn = handed
+	if !handed {
+		a.linkDead = false // the connection the kernel has is dead anyway
 	}
 }
 
@@ -256,12 +306,20 @@ func (r *registry) isUnrecoverable(a *attachment) bool {
 	return a.unrecoverable
 }
 
-// live reports whether a is attached and its caller has its reply: what a
-// handover leaves attached.
+// live reports whether a is attached and its owner has it: what a handover
+// leaves attached. One whose owner never got it (its reply could not be
+// sent, or the attach failed at its end) is detached.
 func (r *registry) live(a *attachment) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return a.dev != nil && (a.state == StateAttached || a.state == StateReconnecting)
+	return a.dev != nil && a.delivered && (a.state == StateAttached || a.state == StateReconnecting)
+}
+
+// setDelivered records that a's owner has it.
+func (r *registry) setDelivered(a *attachment) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.delivered = true
 }
 
 // setLock records a's lock.
@@ -328,7 +386,7 @@ func (r *registry) isSuspended(a *attachment) bool {
 func (r *registry) keepFence(a *attachment, conn net.Conn) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if !a.suspended {
+	if !a.suspended || a.fenceEnded {
 		conn.Close()
 		return
 	}
@@ -336,4 +394,17 @@ func (r *registry) keepFence(a *attachment, conn net.Conn) {
 		a.fenceConn.Close()
 	}
 	a.fenceConn = conn
+}
+
+// endFence closes the session that fenced a's connection, if one is kept,
+// and any that opens later: a's detach is over, and nothing of a's may
+// write again, nor hold an engine connection.
+func (r *registry) endFence(a *attachment) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.fenceEnded = true
+	if a.fenceConn != nil {
+		a.fenceConn.Close()
+		a.fenceConn = nil
+	}
 }

@@ -1,0 +1,325 @@
+package provision_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
+)
+
+// handedLocks is an Exclusivity whose locks are always granted and whose
+// fences the test calls itself, as a Locker does when renewals fail or
+// another node takes a lock.
+type handedLocks struct {
+	mu     sync.Mutex
+	fences map[string]provision.Fence
+}
+
+type handedLock struct{ name string }
+
+func (l handedLock) Release(context.Context) error { return nil }
+func (l handedLock) Abandon()                      {}
+func (l handedLock) Status() provision.LockStatus  { return provision.LockStatus{Name: l.name} }
+
+func (h *handedLocks) Acquire(ctx context.Context, imageID string, fence provision.Fence) (provision.Lock, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.fences == nil {
+		h.fences = map[string]provision.Fence{}
+	}
+	h.fences[imageID] = fence
+	return handedLock{name: "lease-" + imageID}, nil
+}
+
+func (h *handedLocks) fence(t *testing.T, imageID string) provision.Fence {
+	t.Helper()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	f, ok := h.fences[imageID]
+	if !ok {
+		t.Fatalf("no lock taken for %s", imageID)
+	}
+	return f
+}
+
+// A reconnect that was under way when the image's lock was suspended must
+// not reach the kernel: its session would fence the one that cut the
+// device off, and the image would be written while another node may take
+// it. The lock's renewal reconnects it.
+func TestReconnectWaitsForTheLocksRenewal(t *testing.T) {
+	sw := &engineSwitch{}
+	locks := &handedLocks{}
+	ts := provisiontest.New(t, withSwitch(sw, func(c *provisiontest.Config) { c.Exclusivity = locks }))
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+
+	// The engine restarts: the reconnect retries until it answers.
+	sw.set(true, nil)
+	ts.EngineFailed()
+	ts.LinkDead(0)
+	waitFor(t, func() bool { return stateOf(ts, volID) == provision.StateReconnecting })
+	// Renewals failed for too long; the fencing session finds no engine.
+	locks.fence(t, volID).Suspend()
+	sw.set(false, nil)
+	ts.EngineRestored()
+	waitFor(t, func() bool { return stateOf(ts, volID) == provision.StateAttached })
+	if n := ts.Devices.Reconnects(0); n != 0 {
+		t.Fatalf("the device was reconnected %d times while its lock was suspended", n)
+	}
+	if !infoOf(t, ts, volID).Suspended {
+		t.Fatal("the attachment is not suspended any more")
+	}
+
+	locks.fence(t, volID).Resume()
+	waitFor(t, func() bool { return ts.Devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+	if infoOf(t, ts, volID).Suspended {
+		t.Fatal("still suspended after the renewal")
+	}
+}
+
+// An attach whose image's lock is suspended while its engine session opens
+// fails: its session may have fenced the suspension's, and must not reach
+// the kernel.
+func TestAttachFailsWhenItsLockIsSuspendedMeanwhile(t *testing.T) {
+	sw := &engineSwitch{}
+	locks := &handedLocks{}
+	ts := provisiontest.New(t, withSwitch(sw, func(c *provisiontest.Config) { c.Exclusivity = locks }))
+	ts.AddImage(t, "vol", volID, 1<<20)
+	hold := make(chan struct{})
+	sw.set(false, hold)
+	attached := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		a, err := protocol.Attach(ctx, ts.Socket, "vol")
+		if err == nil {
+			a.Close()
+		}
+		attached <- err
+	}()
+	<-sw.held // the attach's session is dialing
+	// The suspension's fencing session opens first (it fences nothing
+	// yet); the attach's, opened after it, would fence it in turn.
+	sw.set(false, nil)
+	locks.fence(t, volID).Suspend()
+	close(hold)
+	if err := <-attached; provisiontest.Code(err) != protocol.CodeAttachFailed {
+		t.Fatalf("attach: %v, want %s", err, protocol.CodeAttachFailed)
+	}
+	if n, _ := ts.Devices.Counts(t); n != 0 {
+		t.Fatalf("%d devices attached", n)
+	}
+	if logs := ts.Logs(); !strings.Contains(logs, "lock could not be renewed in time") {
+		t.Errorf("the log does not say why:\n%s", logs)
+	}
+}
+
+// trackedConns records the engine connections a server dials and which of
+// them it closed.
+type trackedConns struct {
+	mu   sync.Mutex
+	open map[*trackedConn]bool
+}
+
+type trackedConn struct {
+	net.Conn
+	of *trackedConns
+}
+
+func (c *trackedConn) Close() error {
+	c.of.mu.Lock()
+	delete(c.of.open, c)
+	c.of.mu.Unlock()
+	return c.Conn.Close()
+}
+
+func (tc *trackedConns) wrap(dial func(context.Context) (net.Conn, error)) func(context.Context) (net.Conn, error) {
+	return func(ctx context.Context) (net.Conn, error) {
+		conn, err := dial(ctx)
+		if err != nil {
+			return nil, err
+		}
+		c := &trackedConn{Conn: conn, of: tc}
+		tc.mu.Lock()
+		tc.open[c] = true
+		tc.mu.Unlock()
+		return c, nil
+	}
+}
+
+func (tc *trackedConns) count() int {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	return len(tc.open)
+}
+
+// The session that fenced a suspended attachment's connection is closed
+// with the attachment's detach: nothing of a detached image holds an engine
+// connection with this node's client id.
+func TestFencingSessionClosedAtDetach(t *testing.T) {
+	conns := &trackedConns{open: map[*trackedConn]bool{}}
+	locks := &handedLocks{}
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.Exclusivity = locks
+		c.Sessions.Dial = conns.wrap(c.Sessions.Dial)
+		c.Sessions.Spares = 0 // no spare connection to count
+	})
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	f := locks.fence(t, volID)
+	f.Suspend() // opens the fencing session
+	f.Lost("node-b")
+	ts.Devices.WaitDetached(t, 0)
+	// The device's own connection the fake kernel closed at the detach;
+	// the fencing session is the provisioner's to close.
+	waitFor(t, func() bool { return stateOf(ts, volID) == "" && conns.count() == 0 })
+}
+
+// gatedMounter mounts nothing: Mount waits until released, so that a test
+// can act while an attach is in its mount phase.
+type gatedMounter struct {
+	in, release chan struct{}
+}
+
+func (g *gatedMounter) Mount(ctx context.Context, dev *os.File, path string, req mount.Request) (*os.File, bool, error) {
+	close(g.in)
+	<-g.release
+	root, err := os.Open(os.TempDir())
+	return root, false, err
+}
+
+func (g *gatedMounter) Unmount(ns, root *os.File) error { return nil }
+
+// A device whose engine connection dies while its attach is still in
+// progress (here, in the mount phase) is reconnected once attached: the
+// link-dead event that found it attaching is not dropped.
+func TestLinkDeadWhileAttachingReconnects(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// die kills the device's connection during the mount.
+		die func(ts *provisiontest.Server)
+	}{
+		{"link-dead event", func(ts *provisiontest.Server) {
+			ts.Devices.Conn(0).Close()
+			ts.LinkDead(0)
+		}},
+		{"engine restart without the event", func(ts *provisiontest.Server) {
+			ts.EngineFailed()
+			ts.Devices.Conn(0).Close()
+			ts.EngineRestored()
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			gate := &gatedMounter{in: make(chan struct{}), release: make(chan struct{})}
+			ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = gate })
+			ts.AddImage(t, "vol", volID, 1<<20)
+			ns, err := os.Open("/proc/self/ns/mnt")
+			if err != nil {
+				t.Fatal(err)
+			}
+			dir, err := os.Open(t.TempDir())
+			if err != nil {
+				t.Fatal(err)
+			}
+			type result struct {
+				at  *provision.Attached
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				at, err := ts.Manager.Attach(context.Background(), provision.Request{Key: "vol", Mount: &mount.Request{Namespace: ns, Dir: dir}},
+					provision.Owner{Kind: provision.OwnerVolume, Caller: provision.VolumeCaller, Volume: "pv-1"})
+				done <- result{at, err}
+			}()
+			<-gate.in
+			tc.die(ts)
+			close(gate.release)
+			r := <-done
+			if r.err != nil {
+				t.Fatalf("attach: %v", r.err)
+			}
+			r.at.Delivered(ts.Manager)
+			waitFor(t, func() bool { return ts.Devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+			ts.End(volID, errors.New("the test is over"))
+		})
+	}
+}
+
+// An attachment whose owner never got it (its reply could not be sent)
+// during a handover is detached, not left attached for the next start,
+// which would hold it for a caller that has nothing.
+func TestHandoverDetachesAnUndeliveredAttachment(t *testing.T) {
+	stateDir := t.TempDir()
+	ts := newWithState(t, stateDir)
+	ctx := context.Background()
+	at, err := ts.Manager.Attach(ctx, provision.Request{Key: "vol"}, provision.Owner{Kind: provision.OwnerConnection, Caller: provision.UnknownCaller})
+	if err != nil {
+		t.Fatal(err)
+	}
+	handedOver := make(chan error, 1)
+	go func() { handedOver <- ts.Handover(ctx) }()
+	// The handover has begun once the Manager refuses new attaches.
+	waitFor(t, func() bool {
+		_, err := ts.Manager.Attach(ctx, provision.Request{Key: "other"}, provision.Owner{Kind: provision.OwnerConnection, Caller: provision.UnknownCaller})
+		return errors.Is(err, provision.ErrShuttingDown)
+	})
+	at.Undelivered(ts.Manager, errors.New("the caller hung up before the reply"))
+	if err := <-handedOver; err != nil {
+		t.Fatal(err)
+	}
+	if _, detached := ts.Devices.Counts(t); detached != 1 {
+		t.Fatalf("%d devices detached, want the undelivered one", detached)
+	}
+	if _, err := os.Stat(stateDir + "/" + volID + ".json"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("its state record is still there (%v)", err)
+	}
+}
+
+// dyingReconnects are devices whose first reconnect's new connection dies
+// as soon as the kernel has it, its link-dead event sent to linkDead.
+type dyingReconnects struct {
+	*provisiontest.Devices
+	linkDead func(index uint32)
+	once     sync.Once
+}
+
+func (d *dyingReconnects) Reconnect(ctx context.Context, dev *nbddev.Device, conn net.Conn, backend string) error {
+	if err := d.Devices.Reconnect(ctx, dev, conn, backend); err != nil {
+		return err
+	}
+	d.once.Do(func() {
+		conn.Close()
+		d.linkDead(dev.Index)
+	})
+	return nil
+}
+
+// A reconnect whose new connection dies before the reconnect is over
+// reconnects again: the link-dead event that came meanwhile is the new
+// connection's, and is not dropped.
+func TestLinkDeadDuringReconnectReconnectsAgain(t *testing.T) {
+	devices := &dyingReconnects{}
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
+		devices.Devices = c.Devices.(*provisiontest.Devices)
+		c.Devices = devices
+	})
+	devices.linkDead = ts.LinkDead
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	ts.Devices.Conn(0).Close()
+	ts.LinkDead(0)
+	waitFor(t, func() bool { return ts.Devices.Reconnects(0) == 2 && stateOf(ts, volID) == provision.StateAttached })
+}
