@@ -287,6 +287,45 @@ func TestVMMountModeRefusesOtherContent(t *testing.T) {
 	}
 }
 
+// An image whose superblock says to panic on an error (mke2fs -e panic,
+// which anyone who can write the image in fd mode can set) is mounted with
+// errors=remount-ro: a corrupt block the caller wrote must not take the
+// host down.
+func TestVMMountModeNeverPanicsOnErrors(t *testing.T) {
+	p := vmharness.Start(t, nil)
+	const size = 16 << 20
+	p.AddImage(t, "panicky", "panicky.mvps-image", size)
+	store := filepath.Join(filepath.Dir(p.ConfigDir), "store")
+	os.MkdirAll(store, 0o755)
+	img := filepath.Join(store, "panicky.mvps-image")
+	writeImage(t, img, nil, size)
+	if out, err := exec.Command("/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-e", "panic", img).CombinedOutput(); err != nil {
+		t.Fatalf("mke2fs -e panic: %v\n%s", err, out)
+	}
+	dir := filepath.Join(t.TempDir(), "mnt")
+	child := newNSThread(t)
+	a, err := child.mount(t, p, "panicky", dir)
+	if err != nil {
+		t.Fatalf("mount mode: %v", err)
+	}
+	defer a.Close()
+	index, ok := ourDevice(t, "panicky.mvps-image")
+	if !ok {
+		t.Fatal("no device attached for the mount")
+	}
+	opts, err := os.ReadFile(fmt.Sprintf("/proc/fs/ext4/nbd%d/options", index))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(opts), "errors=remount-ro") || strings.Contains(string(opts), "errors=panic") {
+		t.Fatalf("the file system's options:\n%s\nwant errors=remount-ro", opts)
+	}
+	child.do(func() { err = unix.Unmount(dir, unix.MNT_DETACH) })
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 // writeImage creates the image file img of size bytes holding head.
 func writeImage(t *testing.T, img string, head []byte, size int64) {
 	t.Helper()

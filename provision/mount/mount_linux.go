@@ -210,6 +210,12 @@ func mountInto(dev blockDevice, req Request, steps *Steps) (*os.File, error) {
 	if err := unix.FsconfigSetFlag(fsfd, "noinit_itable"); err != nil {
 		return nil, fmt.Errorf("fsconfig noinit_itable: %w", err)
 	}
+	// Whoever can write the image (in fd mode, say) chooses what its
+	// superblock says to do on an error, panic included: the host's
+	// answer to a corrupt block is never the image's to choose.
+	if err := unix.FsconfigSetString(fsfd, "errors", "remount-ro"); err != nil {
+		return nil, fmt.Errorf("fsconfig errors=remount-ro: %w", err)
+	}
 	if err := unix.FsconfigCreate(fsfd); err != nil {
 		return nil, fmt.Errorf("mount ext4 from %s: %w", dev.Path, err)
 	}

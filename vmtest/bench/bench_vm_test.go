@@ -644,7 +644,7 @@ func (b *bench) attachRows() {
 
 // floorMountData is what the daemon gives the kernel's ext4 besides nosuid,nodev (see
 // provision/mount): the floor mounts with the same.
-const floorMountData = "noinit_itable"
+const floorMountData = "noinit_itable,errors=remount-ro"
 
 // readRows are the attach rows whose engine requests are counted, by the image and the client
 // id the engine logs for their connections. A cycle is one connection: the attach, what the
