@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -100,6 +101,12 @@ func checkMountDirectory(dir *os.File) error {
 	return nil
 }
 
+// processGone reports whether err says that the process whose procfs
+// entry was asked for no longer exists.
+func processGone(err error) bool {
+	return errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH)
+}
+
 // accountingUID is the uid a caller's connections count against: the uid
 // that created the outermost user namespace between the provisioner's and
 // the caller's, or the caller's own uid when it is in the provisioner's.
@@ -130,11 +137,17 @@ func accountingUID(pid, uid int32) int32 {
 	if ownLink, err := ownUserNamespaceLink(); err == nil {
 		var buf [64]byte
 		n, err := unix.Readlink(path, buf[:])
-		if err != nil || string(buf[:n]) == ownLink {
+		switch {
+		case processGone(err):
+			return UnattributedAccount
+		case err != nil || string(buf[:n]) == ownLink:
 			return uid
 		}
 	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if processGone(err) {
+		return UnattributedAccount
+	}
 	if err != nil {
 		return uid
 	}

@@ -48,6 +48,17 @@ func TestAccountingUIDOfUserNamespace(t *testing.T) {
 	if got := accountingUID(0, 4242); got != 4242 {
 		t.Errorf("accounting uid of an unknown pid: %d, want the caller's uid", got)
 	}
+	// A caller gone before its namespace was told (a connector that
+	// exits at once, a sibling keeping the connection) counts as no uid
+	// of its own, or each of a subuid range would get its own share.
+	gone := exec.Command(cat)
+	gone.Stdin = nil
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	if got := accountingUID(int32(gone.Process.Pid), 100005); got != UnattributedAccount {
+		t.Errorf("accounting uid of a process that is gone: %d, want %d (unattributed)", got, UnattributedAccount)
+	}
 }
 
 // waitExit wakes when the followed process exits, and when its context

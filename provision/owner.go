@@ -55,6 +55,13 @@ type Caller struct {
 	pidfd int
 }
 
+// UnattributedAccount is the account of a caller whose process was gone
+// before its user namespace could be told: all such callers share it.
+// Counting one by its own uid would let a user whose connecting process
+// exits at once (a sibling keeping the connection) count as each uid of
+// its subuid range.
+const UnattributedAccount int32 = -2
+
 // UnknownCaller is the Caller of an owner that is no process.
 var UnknownCaller = Caller{PID: -1, UID: -1, GID: -1, Account: -1, pidfd: -1}
 

@@ -147,6 +147,9 @@ func (s *Server) admit(caller provision.Caller) string {
 	switch {
 	case s.waiting >= s.cfg.MaxWaiting:
 		return fmt.Sprintf("%d connections are waiting for their request already", s.waiting)
+	case s.waitingByUID[caller.Account] >= s.cfg.MaxWaitingPerUID && caller.Account == provision.UnattributedAccount:
+		return fmt.Sprintf("callers whose process was gone when they connected have %d connections waiting for their answer already",
+			s.waitingByUID[caller.Account])
 	case s.waitingByUID[caller.Account] >= s.cfg.MaxWaitingPerUID:
 		return fmt.Sprintf("uid %d has %d connections waiting for their answer already", caller.Account, s.waitingByUID[caller.Account])
 	}
