@@ -73,15 +73,6 @@ func parseFDs(oob []byte) []int {
 	return fds
 }
 
-// CloseFDs closes every fd in fds that is not negative.
-func CloseFDs(fds []int) {
-	for _, fd := range fds {
-		if fd >= 0 {
-			unix.Close(fd)
-		}
-	}
-}
-
 // SendOK replies OK, with f's fd attached when f is not nil.
 func SendOK(conn *net.UnixConn, f *os.File) error {
 	send := func(oob []byte) error {

@@ -139,6 +139,11 @@ type callerConn struct {
 	accepted time.Time
 }
 
+// Close discards what the caller queued, whose fds could otherwise hold
+// the closing goroutine (the accept loop's, for a connection dropped at
+// once), then closes the connection.
+func (c *callerConn) Close() error { return protocol.Discard(c.UnixConn) }
+
 // admit counts a new connection as waiting for its request, or says why it
 // is dropped at once.
 func (s *Server) admit(caller provision.Caller) string {
@@ -184,6 +189,11 @@ func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller, accepted
 	// Counted out before the answer goes, so that a caller who has it
 	// sees the count without it.
 	reject := func(key string, err error) {
+		// The caller's fds are closed while its connection still counts
+		// against its waiting cap: a close the caller made slow holds its
+		// own share, never more.
+		protocol.CloseFDs(fds)
+		fds = nil
 		answered()
 		s.reject(conn, caller, key, err)
 	}
@@ -256,7 +266,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller, accepted
 	// up, or a forced detach or shutdown ended it), and the handler
 	// returns once the device is detached.
 	<-at.Ended()
-	conn.Close()
+	protocol.Discard(conn)
 	<-at.Detached()
 }
 
