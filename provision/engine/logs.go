@@ -172,7 +172,23 @@ func (r *logReader) emit(rec *logRecord) {
 		level = slog.LevelDebug
 		attrs = append(attrs, slog.String("note", "logged by mvps-te as an error; a client that leaves during the handshake is the provisioner's probe or an unused spare connection"))
 	}
+	if level == slog.LevelError && kernelDisconnected(rec) {
+		// Every detach ends with the kernel's NBD_CMD_DISC, which
+		// mvps-te serves no more than any command it does not know: it
+		// logs an error and drops the connection, as the kernel wants.
+		level = slog.LevelDebug
+		attrs = append(attrs, slog.String("note", "logged by mvps-te as an error; NBD_CMD_DISC is how the kernel ends a device's connection at every detach"))
+	}
 	r.log.LogAttrs(context.Background(), level, "engine: "+rec.msg, attrs...)
+}
+
+// kernelDisconnected tells mvps-te's record of a connection's request loop
+// ended by NBD_CMD_DISC (2), which it does not serve (session_manager.rs,
+// every release): "async operation failed, ..., error: unsupported request
+// type: 2, op_name: \"conn_loop\"".
+func kernelDisconnected(rec *logRecord) bool {
+	return strings.HasPrefix(rec.msg, "async operation failed") &&
+		strings.Contains(rec.msg, "unsupported request type: 2,") && strings.Contains(rec.msg, `op_name: "conn_loop"`)
 }
 
 // clientLeftDuringHandshake tells mvps-te's record of a client that hung

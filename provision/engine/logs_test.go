@@ -130,6 +130,27 @@ func TestHandshakeEOFIsNoError(t *testing.T) {
 	}
 }
 
+// mvps-te logs the kernel's NBD_CMD_DISC, which ends every detach, as an
+// error; any other command it refuses stays one.
+func TestKernelDisconnectIsNoError(t *testing.T) {
+	got := feed("stdout", `  2026-01-02T03:04:05.000001Z ERROR mvps_te::session_manager: async operation failed, remote: "unix", image_id: demo.mvps-image, error: unsupported request type: 2, op_name: "conn_loop"
+    at mvps-te/src/session_manager.rs:696
+    in mvps_te::session_manager::session with image_id: demo.mvps-image
+
+  2026-01-02T03:04:05.000002Z ERROR mvps_te::session_manager: async operation failed, remote: "unix", image_id: demo.mvps-image, error: unsupported request type: 3, op_name: "conn_loop"
+    at mvps-te/src/session_manager.rs:696
+`)
+	if len(got) != 2 {
+		t.Fatalf("%d records: %+v", len(got), got)
+	}
+	if got[0].level != slog.LevelDebug || got[0].attrs["note"] == "" {
+		t.Errorf("the kernel's disconnect logged at %v: %+v", got[0].level, got[0])
+	}
+	if got[1].level != slog.LevelError {
+		t.Errorf("an unknown command (FLUSH) logged at %v", got[1].level)
+	}
+}
+
 func TestOtherFormatsAtTheirLevels(t *testing.T) {
 	for _, tc := range []struct {
 		name, stream, line string
