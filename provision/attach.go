@@ -260,13 +260,18 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 		a.root, at.Formatted, err = m.cfg.Mounter.Mount(mctx, dev.File, dev.Path, mreq)
 		cancel()
 		// The directory is not kept: it would keep the file system it
-		// lies on busy. Nor is the namespace of a root caller, which
-		// unmounts for itself: it would keep the caller's mounts alive
-		// after the caller is gone. Any other caller cannot unmount, so
-		// the detach does it in that namespace.
-		if a.caller.root() || err != nil {
+		// lies on busy. A caller other than uid 0 cannot unmount, so the
+		// detach does it in its namespace. A root caller unmounts for
+		// itself, and its namespace, kept, would keep its mounts alive
+		// after it is gone: it is kept only until the caller has the
+		// attachment, so that an attach that fails or is never delivered
+		// unmounts what it mounted.
+		switch {
+		case err != nil:
 			mreq.Namespace.Close()
-		} else {
+		case a.caller.root():
+			m.reg.setUndeliveredNS(a, mreq.Namespace)
+		default:
 			a.mountNS = mreq.Namespace
 		}
 		mreq.Dir.Close()

@@ -50,6 +50,9 @@ type attachment struct {
 	once   sync.Once
 	// done is closed when the detach (or the handover) is over.
 	done chan struct{}
+	// recordMu orders a reconnect's rewrite of the state record after the
+	// detach's removal of it, which must be the last word.
+	recordMu sync.Mutex
 
 	// ---- guarded by registry.mu ----
 
@@ -77,10 +80,15 @@ type attachment struct {
 	// delivered is set once the owner has the attachment (and for one
 	// taken over from an earlier run): only then does a handover leave it
 	// attached.
-	delivered  bool
-	state      State
-	since      time.Time
-	reconnects int
+	delivered bool
+	// undeliveredNS is a root caller's mount namespace until its owner
+	// has the attachment: an attach that fails, or is never delivered,
+	// unmounts through it what it mounted there. A root caller unmounts
+	// for itself after that.
+	undeliveredNS *os.File
+	state         State
+	since         time.Time
+	reconnects    int
 	// released is closed when the image id is free again.
 	released chan struct{}
 }
@@ -139,9 +147,14 @@ func (m *Manager) detach(a *attachment, reason string) {
 		engineDead = engineDead || m.reg.isUnrecoverable(a) || m.reg.isSuspended(a)
 
 		var fsErr error
-		if a.root != nil && a.mountNS != nil {
+		ns := a.mountNS
+		if undelivered := m.reg.takeUndeliveredNS(a); undelivered != nil {
+			defer undelivered.Close()
+			ns = undelivered
+		}
+		if a.root != nil && ns != nil {
 			// Before the sync: no new writes through the caller's paths.
-			if err := m.cfg.Mounter.Unmount(a.mountNS, a.root); err != nil {
+			if err := m.cfg.Mounter.Unmount(ns, a.root); err != nil {
 				m.log.Warn("could not unmount the caller's mount; its device stays busy until it is unmounted",
 					"image_id", a.imageID, "caller_pid", a.caller.PID, "err", err)
 			}
@@ -229,6 +242,8 @@ func (m *Manager) forget(a *attachment) {
 	if m.cfg.State == nil {
 		return
 	}
+	a.recordMu.Lock()
+	defer a.recordMu.Unlock()
 	if err := m.cfg.State.remove(a.imageID); err != nil {
 		m.log.Error("state file left behind", "image_id", a.imageID, "err", err)
 	}

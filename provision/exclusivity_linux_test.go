@@ -191,6 +191,9 @@ func TestFencingSessionClosedAtDetach(t *testing.T) {
 // can act while an attach is in its mount phase.
 type gatedMounter struct {
 	in, release chan struct{}
+
+	mu       sync.Mutex
+	unmounts int
 }
 
 func (g *gatedMounter) Mount(ctx context.Context, dev *os.File, path string, req mount.Request) (*os.File, bool, error) {
@@ -200,7 +203,18 @@ func (g *gatedMounter) Mount(ctx context.Context, dev *os.File, path string, req
 	return root, false, err
 }
 
-func (g *gatedMounter) Unmount(ns, root *os.File) error { return nil }
+func (g *gatedMounter) Unmount(ns, root *os.File) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.unmounts++
+	return nil
+}
+
+func (g *gatedMounter) unmounted() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.unmounts
+}
 
 // A device whose engine connection dies while its attach is still in
 // progress (here, in the mount phase) is reconnected once attached: the
@@ -322,4 +336,97 @@ func TestLinkDeadDuringReconnectReconnectsAgain(t *testing.T) {
 	ts.Devices.Conn(0).Close()
 	ts.LinkDead(0)
 	waitFor(t, func() bool { return ts.Devices.Reconnects(0) == 2 && stateOf(ts, volID) == provision.StateAttached })
+}
+
+// An attach of a root caller that fails after its mount (the caller hung
+// up meanwhile) unmounts what it mounted in the caller's namespace: a
+// caller told "error" must not keep a mount of a detached device.
+func TestFailedAttachUnmountsARootCallersMount(t *testing.T) {
+	gate := &gatedMounter{in: make(chan struct{}), release: make(chan struct{})}
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = gate })
+	ts.AddImage(t, "vol", volID, 1<<20)
+	ns, err := os.Open("/proc/self/ns/mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, hangUp := context.WithCancel(context.Background())
+	type result struct {
+		at  *provision.Attached
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		at, err := ts.Manager.Attach(ctx, provision.Request{Key: "vol", Mount: &mount.Request{Namespace: ns, Dir: dir}},
+			provision.Owner{Kind: provision.OwnerVolume, Caller: provision.VolumeCaller, Volume: "pv-1"})
+		done <- result{at, err}
+	}()
+	<-gate.in
+	hangUp()
+	close(gate.release)
+	if r := <-done; r.err == nil {
+		// The hang-up came too late to end the attach: the transport's
+		// reply then fails.
+		r.at.Undelivered(ts.Manager, errors.New("the caller hung up"))
+	}
+	ts.Devices.WaitDetached(t, 0)
+	if n := gate.unmounted(); n != 1 {
+		t.Fatalf("%d unmounts after the failed attach, want 1", n)
+	}
+}
+
+// slowReconnects are devices whose reconnect returns only once the
+// attachment's detach has removed its state record.
+type slowReconnects struct {
+	*provisiontest.Devices
+	record string
+	end    func()
+}
+
+func (d *slowReconnects) Reconnect(ctx context.Context, dev *nbddev.Device, conn net.Conn, backend string) error {
+	if err := d.Devices.Reconnect(ctx, dev, conn, backend); err != nil {
+		return err
+	}
+	d.end()
+	// The detach cancels the reconnect's context first: wait for the
+	// record's removal regardless, as a kernel slow to answer would.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		if _, err := os.Stat(d.record); errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return errors.New("the detach never removed the record")
+}
+
+// A reconnect that ends after the attachment's detach removed its state
+// record does not write the record again: the next start would take over
+// a device nobody owns.
+func TestReconnectAfterTheDetachLeavesNoRecord(t *testing.T) {
+	stateDir := t.TempDir()
+	state, err := provision.OpenStateDir(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { state.Close() })
+	devices := &slowReconnects{record: stateDir + "/" + volID + ".json"}
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.State = state
+		devices.Devices = c.Devices.(*provisiontest.Devices)
+		c.Devices = devices
+	})
+	devices.end = func() { go ts.End(volID, errors.New("the owner is gone")) }
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	ts.Devices.Conn(0).Close()
+	ts.LinkDead(0)
+	ts.Devices.WaitDetached(t, 0)
+	waitFor(t, func() bool { return stateOf(ts, volID) == "" && strings.Contains(ts.Logs(), "msg=reconnected") })
+	if _, err := os.Stat(devices.record); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("state record after the detach: %v", err)
+	}
 }

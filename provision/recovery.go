@@ -72,10 +72,15 @@ func (m *Manager) recover(a *attachment) bool {
 		}
 		cancel()
 		if err == nil {
-			// The record names the engine of the new connection.
-			if err := m.record(a, int64(a.dev.Index)); err != nil {
-				m.log.Warn("state record not updated after the reconnect", "image_id", a.imageID, "err", err)
+			// The record names the engine of the new connection, unless
+			// the detach (which cancels a.ctx first) removed it meanwhile.
+			a.recordMu.Lock()
+			if a.ctx.Err() == nil {
+				if err := m.record(a, int64(a.dev.Index)); err != nil {
+					m.log.Warn("state record not updated after the reconnect", "image_id", a.imageID, "err", err)
+				}
 			}
+			a.recordMu.Unlock()
 			again := m.reg.endRecovery(a, true)
 			m.cfg.Metrics.Reconnected(true)
 			m.log.Info("reconnected", "image_id", a.imageID, "device", a.dev.Path, "attempts", attempt,

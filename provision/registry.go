@@ -3,6 +3,7 @@ package provision
 import (
 	"context"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -317,9 +318,37 @@ func (r *registry) live(a *attachment) bool {
 
 // setDelivered records that a's owner has it.
 func (r *registry) setDelivered(a *attachment) {
+	if ns := r.deliver(a); ns != nil {
+		ns.Close()
+	}
+}
+
+func (r *registry) deliver(a *attachment) *os.File {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	a.delivered = true
+	return r.takeUndeliveredNSLocked(a)
+}
+
+// setUndeliveredNS keeps ns, a root caller's mount namespace, until a is
+// delivered or detached.
+func (r *registry) setUndeliveredNS(a *attachment, ns *os.File) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.undeliveredNS = ns
+}
+
+// takeUndeliveredNS hands a's undelivered namespace to the caller, once.
+func (r *registry) takeUndeliveredNS(a *attachment) *os.File {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.takeUndeliveredNSLocked(a)
+}
+
+func (r *registry) takeUndeliveredNSLocked(a *attachment) *os.File {
+	ns := a.undeliveredNS
+	a.undeliveredNS = nil
+	return ns
 }
 
 // setLock records a's lock.
