@@ -31,7 +31,11 @@ func requestCost(length uint32) int64 { return 4096 + int64(length) }
 // stand-in does not implement, unknown commands) ends the connection, as a
 // bad magic, a request longer than the limit (8 MiB) or an offset+length overflow do.
 // Requests already dispatched are finished, replies included, before it
-// returns, as mvps-te does.
+// returns. mvps-te instead cancels them with the connection's loop: a
+// request it had not begun is never made nor answered, and which it had
+// begun depends on when its single-threaded executor got to run them
+// (docs/mvps-te.md). The kernel never counts on either: it fails what it
+// had in flight when it disconnects, and resends it on a reconnect.
 func (s *Server) transmit(c *conn, br *bufio.Reader, sess *session) error {
 	var (
 		replyMu  sync.Mutex // one reply at a time on the socket
