@@ -216,6 +216,25 @@ func (g *gatedMounter) unmounted() int {
 	return g.unmounts
 }
 
+// gatedMount is a server whose mounts wait on the returned mounter, with
+// the image "vol" and a mount-mode request for it into this process's
+// namespace.
+func gatedMount(t *testing.T) (*gatedMounter, *provisiontest.Server, provision.Request) {
+	t.Helper()
+	gate := &gatedMounter{in: make(chan struct{}), release: make(chan struct{})}
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = gate })
+	ts.AddImage(t, "vol", volID, 1<<20)
+	ns, err := os.Open("/proc/self/ns/mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return gate, ts, provision.Request{Key: "vol", Mount: &mount.Request{Namespace: ns, Dir: dir}}
+}
+
 // A device whose engine connection dies while its attach is still in
 // progress (here, in the mount phase) is reconnected once attached: the
 // link-dead event that found it attaching is not dropped.
@@ -236,24 +255,14 @@ func TestLinkDeadWhileAttachingReconnects(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			gate := &gatedMounter{in: make(chan struct{}), release: make(chan struct{})}
-			ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = gate })
-			ts.AddImage(t, "vol", volID, 1<<20)
-			ns, err := os.Open("/proc/self/ns/mnt")
-			if err != nil {
-				t.Fatal(err)
-			}
-			dir, err := os.Open(t.TempDir())
-			if err != nil {
-				t.Fatal(err)
-			}
+			gate, ts, req := gatedMount(t)
 			type result struct {
 				at  *provision.Attached
 				err error
 			}
 			done := make(chan result, 1)
 			go func() {
-				at, err := ts.Manager.Attach(context.Background(), provision.Request{Key: "vol", Mount: &mount.Request{Namespace: ns, Dir: dir}},
+				at, err := ts.Manager.Attach(context.Background(), req,
 					provision.Owner{Kind: provision.OwnerVolume, Caller: provision.VolumeCaller, Volume: "pv-1"})
 				done <- result{at, err}
 			}()
@@ -342,17 +351,7 @@ func TestLinkDeadDuringReconnectReconnectsAgain(t *testing.T) {
 // up meanwhile) unmounts what it mounted in the caller's namespace: a
 // caller told "error" must not keep a mount of a detached device.
 func TestFailedAttachUnmountsARootCallersMount(t *testing.T) {
-	gate := &gatedMounter{in: make(chan struct{}), release: make(chan struct{})}
-	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = gate })
-	ts.AddImage(t, "vol", volID, 1<<20)
-	ns, err := os.Open("/proc/self/ns/mnt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	gate, ts, req := gatedMount(t)
 	ctx, hangUp := context.WithCancel(context.Background())
 	type result struct {
 		at  *provision.Attached
@@ -360,7 +359,7 @@ func TestFailedAttachUnmountsARootCallersMount(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		at, err := ts.Manager.Attach(ctx, provision.Request{Key: "vol", Mount: &mount.Request{Namespace: ns, Dir: dir}},
+		at, err := ts.Manager.Attach(ctx, req,
 			provision.Owner{Kind: provision.OwnerVolume, Caller: provision.VolumeCaller, Volume: "pv-1"})
 		done <- result{at, err}
 	}()
