@@ -104,6 +104,9 @@ func (m *Manager) detach(a *attachment, reason string) {
 		// next start to take it over.
 		a.once.Do(func() {
 			defer close(a.done)
+			if m.reg.connectionCut(a) {
+				m.recordCut(a)
+			}
 			if lock := m.reg.takeLock(a); lock != nil {
 				lock.Abandon() // this node's still: the next start takes it
 			}
@@ -235,6 +238,23 @@ func (m *Manager) stateEntry(a *attachment, index int64) stateEntry {
 	return stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
 		Index: index, Mode: a.mode, CallerPID: a.caller.PID, CallerStart: a.caller.start, Owner: a.owner.Kind, Volume: a.owner.Volume,
 		Engine: m.cfg.EngineInstance(), Lease: m.reg.lockName(a)}
+}
+
+// recordCut rewrites a's state record, for a handover, without the engine
+// its device's connection was to: that connection is cut (suspended, or
+// dead and not reconnected yet), and the next start must reconnect it, not
+// keep it as a live connection to an engine that still runs.
+func (m *Manager) recordCut(a *attachment) {
+	if m.cfg.State == nil {
+		return
+	}
+	e := m.stateEntry(a, int64(a.dev.Index))
+	e.Engine = ""
+	a.recordMu.Lock()
+	defer a.recordMu.Unlock()
+	if err := m.cfg.State.write(e); err != nil {
+		m.log.Error("state record not updated for the next start; it may keep a dead connection", "image_id", a.imageID, "err", err)
+	}
 }
 
 // forget removes a's state file once its device is detached.

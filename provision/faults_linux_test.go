@@ -429,3 +429,34 @@ func TestReconnectAfterTheDetachLeavesNoRecord(t *testing.T) {
 		t.Fatalf("state record after the detach: %v", err)
 	}
 }
+
+// A handover of an attachment whose connection is cut (its lock
+// suspended) leaves a record that makes the next start reconnect the
+// device: keeping the fenced connection, as for a live one to the same
+// engine, would leave the device dead.
+func TestHandoverOfASuspendedAttachmentReconnectsNext(t *testing.T) {
+	stateDir := t.TempDir()
+	state := openState(t, stateDir)
+	locks := &handedLocks{}
+	old := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.State, c.Exclusivity, c.EngineInstance = state, locks, func() string { return "engine-1" }
+	})
+	old.AddImage(t, "vol", volID, 1<<20)
+	a := old.Attach(t, "vol")
+	t.Cleanup(func() { a.Close() })
+	locks.fence(t, volID).Suspend()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := old.Handover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	state.Close()
+	caller, _, start := standInCaller(t)
+	state = openState(t, stateDir)
+	rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = int32(caller.Process.Pid), start })
+	next := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.State, c.Devices, c.Exclusivity, c.EngineInstance = state, old.Devices, &handedLocks{}, func() string { return "engine-1" }
+	})
+	next.Adopt()
+	waitFor(t, func() bool { return old.Devices.Reconnects(0) == 1 && stateOf(next, volID) == provision.StateAttached })
+}

@@ -294,6 +294,15 @@ func (r *registry) handingConn(a *attachment, handed bool) {
 	}
 }
 
+// connectionCut reports whether a's device's engine connection is known
+// to be dead or fenced: suspended, being reconnected, or reported dead
+// while that could not start.
+func (r *registry) connectionCut(a *attachment) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return a.suspended || a.linkDead || a.state == StateReconnecting
+}
+
 // markUnrecoverable records that a's device could not be reconnected.
 func (r *registry) markUnrecoverable(a *attachment) {
 	r.mu.Lock()
