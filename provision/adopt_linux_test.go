@@ -378,23 +378,36 @@ func TestAdoptKeepsTheConnectionToARunningEngine(t *testing.T) {
 			old.AddImage(t, "vol", volID, 1<<20)
 			a := old.Attach(t, "vol")
 			t.Cleanup(func() { a.Close() })
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			if err := old.Handover(ctx); err != nil {
-				t.Fatal(err)
-			}
-			state.Close()
-			caller, _, start := standInCaller(t)
-			state = openState(t, stateDir)
-			rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = int32(caller.Process.Pid), start })
-			ts := provisiontest.New(t, func(c *provisiontest.Config) {
-				c.State, c.Devices, c.EngineInstance = state, old.Devices, func() string { return tc.next }
+			ts := handOver(t, old, state, stateDir, func(c *provisiontest.Config) {
+				c.EngineInstance = func() string { return tc.next }
 			})
-			ts.Adopt()
 			waitFor(t, func() bool { return stateOf(ts, volID) == provision.StateAttached })
 			if n := old.Devices.Reconnects(0); n != tc.reconnects {
 				t.Errorf("%d reconnects, want %d", n, tc.reconnects)
 			}
 		})
 	}
+}
+
+// handOver hands old over and starts the next run on its state directory
+// (state, which it closes) and its devices, tweaked by tweak, with the
+// record of volID's caller pointed at a live stand-in process; the next
+// run has adopted what old left.
+func handOver(t *testing.T, old *provisiontest.Server, state *provision.StateDir, stateDir string, tweak func(*provisiontest.Config)) *provisiontest.Server {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := old.Handover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	state.Close()
+	caller, _, start := standInCaller(t)
+	state = openState(t, stateDir)
+	rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = int32(caller.Process.Pid), start })
+	next := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.State, c.Devices = state, old.Devices
+		tweak(c)
+	})
+	next.Adopt()
+	return next
 }

@@ -445,18 +445,8 @@ func TestHandoverOfASuspendedAttachmentReconnectsNext(t *testing.T) {
 	a := old.Attach(t, "vol")
 	t.Cleanup(func() { a.Close() })
 	locks.fence(t, volID).Suspend()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := old.Handover(ctx); err != nil {
-		t.Fatal(err)
-	}
-	state.Close()
-	caller, _, start := standInCaller(t)
-	state = openState(t, stateDir)
-	rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = int32(caller.Process.Pid), start })
-	next := provisiontest.New(t, func(c *provisiontest.Config) {
-		c.State, c.Devices, c.Exclusivity, c.EngineInstance = state, old.Devices, &handedLocks{}, func() string { return "engine-1" }
+	next := handOver(t, old, state, stateDir, func(c *provisiontest.Config) {
+		c.Exclusivity, c.EngineInstance = &handedLocks{}, func() string { return "engine-1" }
 	})
-	next.Adopt()
 	waitFor(t, func() bool { return old.Devices.Reconnects(0) == 1 && stateOf(next, volID) == provision.StateAttached })
 }
