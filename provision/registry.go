@@ -325,18 +325,17 @@ func (r *registry) live(a *attachment) bool {
 	return a.dev != nil && a.delivered && (a.state == StateAttached || a.state == StateReconnecting)
 }
 
-// setDelivered records that a's owner has it.
+// setDelivered records that a's owner has it, and closes a root caller's
+// namespace, kept until then.
 func (r *registry) setDelivered(a *attachment) {
-	if ns := r.deliver(a); ns != nil {
+	r.mu.Lock()
+	a.delivered = true
+	ns := a.undeliveredNS
+	a.undeliveredNS = nil
+	r.mu.Unlock()
+	if ns != nil {
 		ns.Close()
 	}
-}
-
-func (r *registry) deliver(a *attachment) *os.File {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	a.delivered = true
-	return r.takeUndeliveredNSLocked(a)
 }
 
 // setUndeliveredNS keeps ns, a root caller's mount namespace, until a is
@@ -351,10 +350,6 @@ func (r *registry) setUndeliveredNS(a *attachment, ns *os.File) {
 func (r *registry) takeUndeliveredNS(a *attachment) *os.File {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.takeUndeliveredNSLocked(a)
-}
-
-func (r *registry) takeUndeliveredNSLocked(a *attachment) *os.File {
 	ns := a.undeliveredNS
 	a.undeliveredNS = nil
 	return ns
