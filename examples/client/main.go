@@ -27,17 +27,23 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvps-provisioner/mvps-provisioner/internal/version"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 )
 
 func main() {
 	check := flag.Bool("check", false, "do a non-destructive read/write check of the last block")
 	mountDir := flag.String("mount", "", "mount the image's file system on this directory instead of receiving the device")
+	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Usage = func() {
-		fmt.Fprintln(os.Stderr, "usage: example-client [--check | --mount DIR] <socket> <image_key>")
+		fmt.Fprintln(os.Stderr, "usage: example-client [--check | --mount DIR] <socket> <image_key> | --version")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
+	if *showVersion {
+		fmt.Println("example-client", version.Get())
+		return
+	}
 	if flag.NArg() != 2 {
 		flag.Usage()
 		os.Exit(2)

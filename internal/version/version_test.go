@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"testing"
 )
 
@@ -58,7 +59,21 @@ func TestBinariesPrintVersion(t *testing.T) {
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("make build: %v\n%s", err, b)
 	}
-	for _, bin := range []string{"mvps-provisioner", "mvps-sidecar", "mvps-te-dev"} {
+	bins, err := os.ReadDir(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Every binary make build writes, so that a new one cannot be left out.
+	var names []string
+	for _, e := range bins {
+		names = append(names, e.Name())
+	}
+	for _, want := range []string{"mvps-provisioner", "mvps-sidecar", "mvps-te-dev", "mvps-csi", "example-client"} {
+		if !slices.Contains(names, want) {
+			t.Errorf("make build wrote %v, not %s", names, want)
+		}
+	}
+	for _, bin := range names {
 		cmd := exec.Command(filepath.Join(out, bin), "--version")
 		cmd.Env = []string{} // no settings at all
 		b, err := cmd.Output()
