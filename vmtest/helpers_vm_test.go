@@ -44,6 +44,11 @@ func startEngine(t *testing.T) *engineProc {
 		ImageDir:  filepath.Join(dir, "images"),
 		BufferDir: filepath.Join(dir, "buffer"),
 	}
+	for _, d := range []string{e.ImageDir, e.BufferDir} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
 	e.start(t)
 	t.Cleanup(func() { e.kill() })
 	return e

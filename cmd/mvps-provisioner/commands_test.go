@@ -177,7 +177,8 @@ func TestRunEngine(t *testing.T) {
 	cmd := exec.Command(bin, "run-engine")
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "PROVISIONER_ENGINE_BIN=" + engine,
 		"PROVISIONER_ENGINE_LISTEN=unix:/run/e.sock", "PROVISIONER_ENGINE_SECRET_FILE=" + secretFile,
-		"MVPS_TE_JWT_SECRET=not-this-one"}
+		"MVPS_TE_JWT_SECRET=not-this-one",
+		"MVPS_TE_BUFFER_STORE_PATH=" + filepath.Join(dir, "buffer"), "MVPS_TE_IMAGE_STORE_LOCAL_PATH=" + filepath.Join(dir, "images")}
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -198,5 +199,25 @@ func TestRunEngine(t *testing.T) {
 	}
 	if strings.Contains(got, "not-this-one") {
 		t.Errorf("the engine got the launcher's own MVPS_TE_JWT_SECRET:\n%s", got)
+	}
+	// mvps-te exits without its buffer directory: the volume's fresh
+	// directories are made before it starts.
+	for _, d := range []string{"buffer", "images"} {
+		if st, err := os.Stat(filepath.Join(dir, d)); err != nil || !st.IsDir() || st.Mode().Perm() != 0o700 {
+			t.Errorf("%s: %v %v, want a 0700 directory", d, st.Mode(), err)
+		}
+	}
+
+	// A missing parent is a mistyped path: refused, nothing made.
+	cmd = exec.Command(bin, "run-engine")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "PROVISIONER_ENGINE_BIN=" + engine,
+		"PROVISIONER_ENGINE_LISTEN=unix:/run/e.sock", "PROVISIONER_ENGINE_SECRET_FILE=" + secretFile,
+		"MVPS_TE_BUFFER_STORE_PATH=" + filepath.Join(dir, "typo", "buffer")}
+	b, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitConfig || !strings.Contains(string(b), "MVPS_TE_BUFFER_STORE_PATH") {
+		t.Errorf("run-engine with a mistyped buffer path: %v\n%s", err, b)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "typo")); err == nil {
+		t.Error("run-engine made the mistyped path's parent")
 	}
 }

@@ -41,6 +41,7 @@ func TestLibnbd(t *testing.T) {
 	secretBytes := make([]byte, 16)
 	rand.Read(secretBytes)
 	secret := hex.EncodeToString(secretBytes)
+	mkdirs(t, filepath.Join(dir, "images"), filepath.Join(dir, "buffer"))
 	cmd := exec.Command(bin)
 	cmd.Env = append(withoutEngineEnv(os.Environ()),
 		"MVPS_TE_LISTEN=unix:"+sock,

@@ -10,10 +10,9 @@
 //	MVPS_TE_JWT_SECRET              HMAC key of the tokens (required; prefer the
 //	                                variable, a flag is visible in /proc/PID/cmdline)
 //	MVPS_TE_IMAGE_STORE             local (s3 is not supported by the stand-in)
-//	MVPS_TE_IMAGE_STORE_LOCAL_PATH  image directory, created if its parent exists
-//	MVPS_TE_BUFFER_STORE_PATH       write buffer directory: created like the image
-//	                                directory, unused
-//	MVPS_TE_DEV_CREATE_DIRS=1       create missing parents of both too
+//	MVPS_TE_IMAGE_STORE_LOCAL_PATH  image directory; must exist
+//	MVPS_TE_BUFFER_STORE_PATH       write buffer directory; must exist, unused
+//	MVPS_TE_DEV_CREATE_DIRS=1       create both (and their parents) if missing
 //
 // mvps-te's tuning and encryption settings are accepted and ignored. A
 // missing or bad setting exits with status 2; SIGTERM or SIGINT shut down
@@ -30,7 +29,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -140,25 +139,30 @@ func shutdown(srv *devengine.Server, log *slog.Logger) bool {
 	return true
 }
 
-// makeStoreDir makes a store directory whose parent exists. A missing
-// parent is most likely a typo, and creating the whole path would put the
-// images somewhere nobody looks; MVPS_TE_DEV_CREATE_DIRS=1 creates it all.
+// makeStoreDir checks that a store directory exists, as mvps-te needs: it
+// exits at start without its buffer directory and refuses every session
+// without its image directory. A missing one is refused rather than made,
+// so that a mistyped path fails here and not at the real engine, and never
+// keeps images where nobody looks; MVPS_TE_DEV_CREATE_DIRS=1 makes it, and
+// its parents.
 func makeStoreDir(path string, lookupEnv func(string) (string, bool)) error {
-	if v, _ := lookupEnv("MVPS_TE_DEV_CREATE_DIRS"); v == "1" {
+	create := false
+	if v, ok := lookupEnv("MVPS_TE_DEV_CREATE_DIRS"); ok && v != "" {
+		var err error
+		if create, err = strconv.ParseBool(v); err != nil {
+			return fmt.Errorf("MVPS_TE_DEV_CREATE_DIRS=%q: want 1 or 0 (true or false)", v)
+		}
+	}
+	st, err := os.Stat(path)
+	switch {
+	case err == nil && !st.IsDir():
+		return fmt.Errorf("%s is not a directory", path)
+	case err == nil:
+		return nil
+	case !errors.Is(err, fs.ErrNotExist):
+		return err
+	case create:
 		return os.MkdirAll(path, 0o700)
 	}
-	if st, err := os.Stat(path); err == nil {
-		if !st.IsDir() {
-			return fmt.Errorf("%s is not a directory", path)
-		}
-		return nil
-	}
-	parent := filepath.Dir(filepath.Clean(path))
-	if st, err := os.Stat(parent); err != nil || !st.IsDir() {
-		return fmt.Errorf("neither %s nor its parent %s exists; create it, or set MVPS_TE_DEV_CREATE_DIRS=1 to create the whole path", path, parent)
-	}
-	if err := os.Mkdir(path, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-		return err
-	}
-	return nil
+	return fmt.Errorf("%s does not exist; create it (mvps-te will not), or set MVPS_TE_DEV_CREATE_DIRS=1 for the stand-in to", path)
 }

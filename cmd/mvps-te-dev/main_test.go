@@ -30,6 +30,7 @@ func TestRunBadSettings(t *testing.T) {
 	if err := os.WriteFile(notSocket, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	mkdirs(t, filepath.Join(dir, "img"), filepath.Join(dir, "buf"))
 	good := []string{
 		"MVPS_TE_JWT_SECRET", "do-not-print-me",
 		"MVPS_TE_IMAGE_STORE", "local",
@@ -65,6 +66,13 @@ func TestRunBadSettings(t *testing.T) {
 		{"local path is a file", nil, replace("MVPS_TE_IMAGE_STORE_LOCAL_PATH", notSocket), "MVPS_TE_IMAGE_STORE_LOCAL_PATH"},
 		{"unknown flag", []string{"--jwt-secrit", "x"}, good, "jwt-secrit"},
 		{"mistyped store path", nil, replace("MVPS_TE_IMAGE_STORE_LOCAL_PATH", filepath.Join(dir, "typo", "img")), "MVPS_TE_DEV_CREATE_DIRS"},
+		// mvps-te exits at start without its buffer directory, and refuses
+		// every session without its image directory: the stand-in must not
+		// make either, or a deployment that forgets them passes its tests.
+		{"missing image directory", nil, replace("MVPS_TE_IMAGE_STORE_LOCAL_PATH", filepath.Join(dir, "img2")), "does not exist"},
+		{"missing buffer directory", nil, replace("MVPS_TE_BUFFER_STORE_PATH", filepath.Join(dir, "buf2")), "MVPS_TE_BUFFER_STORE_PATH"},
+		{"bad create switch", nil, append(replace("MVPS_TE_BUFFER_STORE_PATH", filepath.Join(dir, "buf2")), "MVPS_TE_DEV_CREATE_DIRS", "yes"),
+			"MVPS_TE_DEV_CREATE_DIRS"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -81,6 +89,49 @@ func TestRunBadSettings(t *testing.T) {
 				t.Fatalf("the secret was printed:\n%s", out)
 			}
 		})
+	}
+	for _, missing := range []string{"img2", "buf2"} {
+		if _, err := os.Stat(filepath.Join(dir, missing)); err == nil {
+			t.Errorf("a refused start made %s", missing)
+		}
+	}
+}
+
+// MVPS_TE_DEV_CREATE_DIRS makes the store directories, parents and all.
+func TestRunCreatesStoreDirsWhenAsked(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "te.sock")
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	var stderr logbuf.Buffer
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		run(ctx, nil, env(
+			"MVPS_TE_LISTEN", "unix:"+sock,
+			"MVPS_TE_JWT_SECRET", "s",
+			"MVPS_TE_IMAGE_STORE", "local",
+			"MVPS_TE_IMAGE_STORE_LOCAL_PATH", filepath.Join(dir, "a", "images"),
+			"MVPS_TE_BUFFER_STORE_PATH", filepath.Join(dir, "b", "buffer"),
+			"MVPS_TE_DEV_CREATE_DIRS", "true",
+		), &stderr)
+	}()
+	waitReady(t, "unix", sock, exited)
+	cancel()
+	<-exited
+	for _, d := range []string{"a/images", "b/buffer"} {
+		if st, err := os.Stat(filepath.Join(dir, d)); err != nil || !st.IsDir() {
+			t.Errorf("%s: %v", d, err)
+		}
+	}
+}
+
+func mkdirs(t *testing.T, dirs ...string) {
+	t.Helper()
+	for _, d := range dirs {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 
@@ -121,6 +172,7 @@ func TestRunServesAndShutsDown(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "te.sock")
 	secret := "in-process secret"
+	mkdirs(t, filepath.Join(dir, "images"), filepath.Join(dir, "buffer"), filepath.Join(dir, "images2"), filepath.Join(dir, "buffer2"))
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	var stderr logbuf.Buffer

@@ -71,7 +71,7 @@ func TestEngineRunsWithoutCapabilities(t *testing.T) {
 		Listen: "unix:" + filepath.Join(dir, "te.sock"),
 		Secret: secret,
 		Env: append(os.Environ(), "MVPS_TE_IMAGE_STORE=local", "MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "img"),
-			"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buf")),
+			"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buf"), "MVPS_TE_DEV_CREATE_DIRS=1"),
 		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
 	})
 	if err != nil {
@@ -275,7 +275,7 @@ func TestStartEngineStandInTCP(t *testing.T) {
 		Listen: address,
 		Secret: []byte("tcp-secret-0123456789"),
 		Env: append(os.Environ(), "MVPS_TE_IMAGE_STORE=local", "MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "img"),
-			"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buf")),
+			"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buf"), "MVPS_TE_DEV_CREATE_DIRS=1"),
 		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
 	})
 	if err != nil {

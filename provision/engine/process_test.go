@@ -95,7 +95,7 @@ func TestStartEngineStandIn(t *testing.T) {
 		Listen: "unix:" + filepath.Join(dir, "te.sock"),
 		Secret: secret,
 		Env: append(os.Environ(), "MVPS_TE_IMAGE_STORE=local", "MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "img"),
-			"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buf"), "MVPS_TE_JWT_SECRET=overridden"),
+			"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buf"), "MVPS_TE_DEV_CREATE_DIRS=1", "MVPS_TE_JWT_SECRET=overridden"),
 		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
 	})
 	if err != nil {
