@@ -95,6 +95,9 @@ func TestBadRequests(t *testing.T) {
 		msg  []byte
 		code string
 	}{
+		// On a SEQPACKET socket an empty message reads like the end of the
+		// connection; a caller still there gets its answer.
+		{"empty", []byte{}, protocol.CodeBadRequest},
 		{"short", []byte{0x57, 0xa7, 0xe9}, protocol.CodeBadRequest},
 		{"bad magic", append([]byte{1, 2, 3, 4}, protocol.AppendRequest(nil, 1, "vol")[4:]...), protocol.CodeBadRequest},
 		{"length mismatch", protocol.AppendRequest(nil, 1, "vol")[:11], protocol.CodeBadRequest},
@@ -776,5 +779,32 @@ func TestAttachPhasesStartAtAccept(t *testing.T) {
 	want := "accept request token dial handshake probe record connect open reply"
 	if got := strings.Join(names, " "); got != want {
 		t.Fatalf("phases %q, want the steps %q", phases, want)
+	}
+}
+
+// One line per attach and per detach, each with the image id, the device,
+// the caller's pid and uid and how long it took.
+func TestAttachAndDetachLinesSayWhoAndHowLong(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	a := ts.Attach(t, "vol")
+	a.Close()
+	ts.Devices.WaitDetached(t, 0)
+	for _, msg := range []string{"msg=attached", "msg=detached"} {
+		var line string
+		waitFor(t, func() bool {
+			for l := range strings.SplitSeq(ts.Logs(), "\n") {
+				if strings.Contains(l, msg+" ") {
+					line = l
+					return true
+				}
+			}
+			return false
+		})
+		for _, field := range []string{"image_id=vol.mvps-image", "device=", "caller_pid=", "caller_uid=", "duration="} {
+			if !strings.Contains(line, " "+field) {
+				t.Errorf("%s line lacks %s: %s", msg, field, line)
+			}
+		}
 	}
 }

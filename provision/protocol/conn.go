@@ -41,6 +41,11 @@ func ReadRequest(conn *net.UnixConn, deadline time.Time) ([]byte, []int, error) 
 		return nil, fds, fmt.Errorf("read request: %w", err)
 	}
 	if n == 0 && oobn == 0 {
+		// An empty message reads as the end of the connection does: a
+		// caller still connected sent one, and is owed its refusal.
+		if peerConnected(conn) {
+			return nil, fds, fmt.Errorf("%w: empty request", ErrBadRequest)
+		}
 		return nil, fds, ErrEmptyConnection
 	}
 	if flags&unix.MSG_CTRUNC != 0 {

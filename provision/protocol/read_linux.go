@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"errors"
 	"net"
 
 	"golang.org/x/sys/unix"
@@ -23,4 +24,20 @@ func readWaiting(conn *net.UnixConn, buf, oob []byte) (n, oobn, flags int, err e
 		return 0, 0, 0, err
 	}
 	return n, oobn, flags, nil
+}
+
+// peerConnected reports whether the caller is still connected, without
+// waiting or taking anything it sent: nothing to read yet, or a message
+// waiting, rather than the end of the connection.
+func peerConnected(conn *net.UnixConn) bool {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	connected := false
+	rc.Control(func(fd uintptr) {
+		n, _, err := unix.Recvfrom(int(fd), make([]byte, 1), unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		connected = errors.Is(err, unix.EAGAIN) || n > 0
+	})
+	return connected
 }
