@@ -80,7 +80,7 @@ func (at *Attached) Delivered(m *Manager) {
 	took := time.Since(at.sp.start)
 	attrs := []any{"image_id", a.imageID, "key", a.key, "device", at.Device, "mode", a.mode,
 		"formatted", at.Formatted, "owner", a.owner.Kind, "caller_pid", a.caller.PID, "caller_uid", a.caller.UID,
-		"took", took.Round(time.Millisecond).String(), "phases", at.sp.String()}
+		"duration", took.Round(time.Millisecond).String(), "phases", at.sp.String()}
 	if at.mountSteps != nil {
 		attrs = append(attrs, "mount_steps", at.mountSteps)
 	}
