@@ -217,6 +217,9 @@ func TestVMOperations(t *testing.T) {
 	if len(st.Attachments) != 2 || st.Engine.PID != p.EnginePid(t) || !st.Engine.Answering {
 		t.Fatalf("status --json: %+v", st)
 	}
+	if st.Version == "" || st.Version != st.Daemon.Version {
+		t.Errorf("status --json: version %q, the daemon's build %+v", st.Version, st.Daemon)
+	}
 	for _, at := range st.Attachments {
 		if at.State != "attached" || at.CallerPID != int32(os.Getpid()) || at.IO == nil {
 			t.Errorf("attachment %+v", at)

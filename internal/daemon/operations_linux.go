@@ -221,7 +221,8 @@ type adminBackend struct{ o *operations }
 
 func (b adminBackend) Status(ctx context.Context) admin.Status {
 	o := b.o
-	st := admin.Status{Time: time.Now(), Daemon: version.Get(), Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
+	build := version.Get()
+	st := admin.Status{Time: time.Now(), Daemon: build, Version: build.Version, Attachments: []admin.Attachment{}, Foreign: []admin.Device{}}
 	st.OwnPIDNamespace = o.ownPIDNamespace
 	snapshot := o.mgr.Snapshot()
 	for _, info := range snapshot {

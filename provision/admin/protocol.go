@@ -85,7 +85,9 @@ type Status struct {
 	Time time.Time `json:"time"`
 	// Daemon is the running daemon's build, which is not the command's
 	// after an upgrade that has not restarted it.
-	Daemon      version.Info `json:"daemon"`
+	Daemon version.Info `json:"daemon"`
+	// Version is Daemon.Version, at the top for scripts (jq .version).
+	Version     string       `json:"version"`
 	Attachments []Attachment `json:"attachments"`
 	Engine      Engine       `json:"engine"`
 	// Foreign lists connected nbd devices with an "mvps:" backend that
