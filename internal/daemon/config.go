@@ -222,8 +222,12 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 			return Config{}, fmt.Errorf("PROVISIONER_ENGINE_SECRET_FILE (--engine-secret-file) %q: not an absolute path of a readable file (%v)", cfg.SecretFile, err)
 		}
 	}
+	source := "MVPS_TE_JWT_SECRET"
+	if cfg.SecretFile != "" {
+		source = "PROVISIONER_ENGINE_SECRET_FILE (--engine-secret-file) " + cfg.SecretFile
+	}
 	if err := checkSecret(cfg.Secret); err != nil {
-		return Config{}, err
+		return Config{}, fmt.Errorf("%s %w", source, err)
 	}
 	if cfg.EngineExternal, err = parseBool(p.external); err != nil {
 		return Config{}, fmt.Errorf("PROVISIONER_ENGINE_EXTERNAL (--engine-external) %w", err)
@@ -334,20 +338,24 @@ func parseBool(v string) (bool, error) {
 const MinSecretLen = 16
 
 // checkSecret refuses a secret that is no secret: too short, or a sample's
-// placeholder that was deployed as it is. Its errors never quote it.
+// placeholder that was deployed as it is (a word like REPLACE-ME, or a
+// sample's "<the output of ...>"). Its errors never quote it, and begin
+// with a verb for the setting's name.
 func checkSecret(secret string) error {
 	if secret == "" {
 		return nil // a random one is made at start
 	}
 	upper := strings.ToUpper(secret)
-	for _, placeholder := range []string{"REPLACE-ME", "REPLACE_ME", "CHANGE-ME", "CHANGEME"} {
-		if strings.Contains(upper, placeholder) {
-			return errors.New("MVPS_TE_JWT_SECRET is a sample's placeholder, not a secret: set a random one " +
-				"(openssl rand -hex 32) or leave it unset for a random secret per run")
-		}
+	placeholder := strings.HasPrefix(secret, "<") && strings.HasSuffix(secret, ">")
+	for _, word := range []string{"REPLACE-ME", "REPLACE_ME", "CHANGE-ME", "CHANGEME"} {
+		placeholder = placeholder || strings.Contains(upper, word)
+	}
+	if placeholder {
+		return errors.New("is a sample's placeholder, not a secret: set a random one " +
+			"(openssl rand -hex 32) or leave it unset for a random secret per run")
 	}
 	if len(secret) < MinSecretLen {
-		return fmt.Errorf("MVPS_TE_JWT_SECRET is %d bytes long; at least %d are needed, 32 random ones are best "+
+		return fmt.Errorf("is %d bytes long; at least %d are needed, 32 random ones are best "+
 			"(openssl rand -hex 32), or leave it unset for a random secret per run", len(secret), MinSecretLen)
 	}
 	return nil

@@ -192,6 +192,7 @@ func TestSecretFile(t *testing.T) {
 		{"empty", "\n", "", "is empty"},
 		{"short", "short-secret\n", "", "at least"},
 		{"placeholder", "REPLACE-ME-with-32-random-bytes\n", "", "placeholder"},
+		{"sample text", "<the output of: openssl rand -hex 32>\n", "", "placeholder"},
 	} {
 		path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-"))
 		if err := os.WriteFile(path, []byte(tc.content), 0o600); err != nil {
@@ -204,6 +205,10 @@ func TestSecretFile(t *testing.T) {
 			t.Errorf("%s: %v, want an error saying %q", tc.name, err, tc.err)
 		case tc.err == "" && (err != nil || cfg.Secret != tc.want || !cfg.EngineExternal):
 			t.Errorf("%s: secret %q external %v (%v)", tc.name, cfg.Secret, cfg.EngineExternal, err)
+		}
+		// The setting named is the one the secret came from.
+		if err != nil && (!strings.HasPrefix(err.Error(), "PROVISIONER_ENGINE_SECRET_FILE") || strings.Contains(err.Error(), "MVPS_TE_JWT_SECRET")) {
+			t.Errorf("%s: %q does not name PROVISIONER_ENGINE_SECRET_FILE alone", tc.name, err)
 		}
 		if err != nil && strings.Contains(err.Error(), strings.TrimSpace(tc.content)) && strings.TrimSpace(tc.content) != "" {
 			t.Errorf("%s: the error %q shows the secret", tc.name, err)
