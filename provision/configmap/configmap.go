@@ -94,6 +94,12 @@ type Source struct {
 	// firstSyncFail ends New's wait early on an error that retrying will
 	// not fix (forbidden, unauthorized).
 	firstSyncFail context.CancelCauseFunc
+	// reported holds, for each data key now invalid (as an image key or
+	// as a config), the value whose warning was logged: the ConfigMap is
+	// written on every CSI CreateVolume and DeleteVolume, and an unchanged
+	// bad entry is not logged again. It is rebuilt on each change, so it
+	// holds only the current keys; it is never modified once stored.
+	reported map[string]string
 }
 
 // Status is the health of a Source, for status output and metrics.
@@ -159,6 +165,7 @@ func New(ctx context.Context, client Client, namespace, name string, log *slog.L
 		log:       log.With("configmap", namespace+"/"+name),
 		done:      make(chan struct{}),
 		entries:   map[string]entry{},
+		reported:  map[string]string{},
 	}
 
 	// Only the one object: list and watch with a field selector on its
@@ -268,7 +275,7 @@ func (s *Source) Lookup(key string) (imageconfig.Config, error) {
 		return imageconfig.Config{}, imageconfig.NotFound(key)
 	}
 	if e.invalid {
-		// The reason was logged when the change arrived; the caller gets
+		// The reason was logged when the value arrived; the caller gets
 		// only the key, as the value may hold what it should not see.
 		return imageconfig.Config{}, fmt.Errorf("image config for key %q in ConfigMap %s/%s: %w", key, s.namespace, s.name, ErrInvalidConfig)
 	}
@@ -343,9 +350,13 @@ func (s *Source) apply(obj any) {
 		s.mu.Unlock()
 		return
 	}
-	entries, invalid := parseData(cm, s.log)
+	s.mu.RLock()
+	reported := s.reported
+	s.mu.RUnlock()
+	entries, invalid, reported := parseData(cm, reported, s.log)
 	s.mu.Lock()
 	s.present, s.resourceVersion, s.entries, s.invalidKeys, s.lastSync = true, cm.ResourceVersion, entries, invalid, now
+	s.reported = reported
 	synced := s.synced
 	s.mu.Unlock()
 	if synced {
@@ -354,7 +365,8 @@ func (s *Source) apply(obj any) {
 	}
 }
 
-// remove forgets every config: a deleted ConfigMap means not_found.
+// remove forgets every config: a deleted ConfigMap means not_found. The bad
+// entries of a ConfigMap created again are logged again.
 func (s *Source) remove(obj any) {
 	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = d.Obj
@@ -364,17 +376,26 @@ func (s *Source) remove(obj any) {
 	}
 	s.mu.Lock()
 	s.present, s.resourceVersion, s.entries, s.invalidKeys, s.lastSync = false, "", map[string]entry{}, 0, time.Now()
+	s.reported = map[string]string{}
 	s.mu.Unlock()
 	s.log.Warn("ConfigMap deleted; every image key is not_found until it is created again")
 }
 
-// parseData parses every data key of cm, logging each bad one (this runs
-// once per resourceVersion).
-func parseData(cm *corev1.ConfigMap, log *slog.Logger) (map[string]entry, int) {
+// parseData parses every data key of cm (this runs once per
+// resourceVersion). It logs each bad entry whose value is not the one in
+// reported, the bad entries already logged, and once each a key of reported
+// that is now valid or gone; it returns the bad entries of cm, to pass as
+// reported for the next resourceVersion. reported is not modified.
+func parseData(cm *corev1.ConfigMap, reported map[string]string, log *slog.Logger) (map[string]entry, int, map[string]string) {
 	entries := make(map[string]entry, len(cm.Data))
 	invalid := 0
+	bad := map[string]string{}
 	for key, value := range cm.Data {
 		if err := protocol.ValidateKey(key); err != nil {
+			bad[key] = value
+			if old, ok := reported[key]; ok && old == value {
+				continue
+			}
 			// Lookup refuses such a key before looking, so it can never be
 			// served; say so instead of dropping it silently.
 			log.Warn("ConfigMap key is not a valid image key and is ignored", "key", key,
@@ -393,6 +414,10 @@ func parseData(cm *corev1.ConfigMap, log *slog.Logger) (map[string]entry, int) {
 		if err != nil {
 			invalid++
 			entries[key] = entry{invalid: true}
+			bad[key] = value
+			if old, ok := reported[key]; ok && old == value {
+				continue
+			}
 			// The reason goes to the operator's log only, never to a caller.
 			log.Warn("invalid image config in ConfigMap; the key answers invalid_config", "key", key,
 				"resource_version", cm.ResourceVersion, "err", err)
@@ -400,11 +425,22 @@ func parseData(cm *corev1.ConfigMap, log *slog.Logger) (map[string]entry, int) {
 		}
 		entries[key] = entry{cfg: cfg}
 	}
+	for key := range reported {
+		if _, ok := bad[key]; ok {
+			continue
+		}
+		now := "valid"
+		if _, ok := cm.Data[key]; !ok {
+			now = "removed"
+		}
+		log.Info("ConfigMap key is no longer invalid", "key", key, "now", now,
+			"resource_version", cm.ResourceVersion)
+	}
 	for key := range cm.BinaryData {
 		if _, dup := cm.Data[key]; !dup {
 			log.Warn("ConfigMap binaryData is not read; the key answers not_found", "key", key,
 				"resource_version", cm.ResourceVersion)
 		}
 	}
-	return entries, invalid
+	return entries, invalid, bad
 }

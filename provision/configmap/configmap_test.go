@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -165,13 +166,16 @@ func TestEditsApplyAndBadEntriesLogOncePerChange(t *testing.T) {
 		cfg, err := s.Lookup("demo")
 		return err == nil && cfg.ImageSize == 8192
 	})
-	if n := rec.count("invalid image config"); n != 2 {
-		t.Errorf("bad entry logged %d times over two changes, want 2", n)
+	if n := rec.count("invalid image config"); n != 1 {
+		t.Errorf("bad entry logged %d times over two changes of another key, want 1", n)
+	}
+	if n := rec.count("image configs updated"); n != 1 {
+		t.Errorf("edit summary logged %d times, want 1", n)
 	}
 	// A relist after an outage delivers the same resourceVersion again: not
 	// a change, not logged again.
 	s.apply(edited.DeepCopy())
-	if n := rec.count("invalid image config"); n != 2 {
+	if n := rec.count("invalid image config"); n != 1 {
 		t.Errorf("bad entry logged again for an unchanged resourceVersion (%d)", n)
 	}
 
@@ -183,6 +187,69 @@ func TestEditsApplyAndBadEntriesLogOncePerChange(t *testing.T) {
 		_, err := s.Lookup("demo")
 		return errors.Is(err, os.ErrNotExist)
 	})
+}
+
+// Each CSI CreateVolume or DeleteVolume writes the ConfigMap: a bad entry
+// must be logged when its value arrives, not again on every write that
+// changes only other keys, or the operator reads old news as new failures.
+func TestBadEntryLoggedOncePerValue(t *testing.T) {
+	cs := fake.NewClientset(configMap("1", map[string]string{"demo": good, "bad": "{", ".hidden": good}))
+	cms := cs.CoreV1().ConfigMaps(ns)
+	s, rec := newWatchedSource(t, cs)
+
+	update := func(rv string, data map[string]string) {
+		t.Helper()
+		if _, err := cms.Update(t.Context(), configMap(rv, data), metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		testwait.Until(t, 5*time.Second, "resourceVersion "+rv+" applied", func() bool {
+			return s.Status().ResourceVersion == rv
+		})
+	}
+	const badLog, badKeyLog, fixedLog = "invalid_config key=bad ", "image key and is ignored key=.hidden ", "no longer invalid key=bad "
+	for i, rv := range []string{"2", "3", "4"} {
+		size := strconv.Itoa(4096 * (i + 1))
+		update(rv, map[string]string{"demo": `{"image_id": "demo.mvps-image", "image_size": ` + size + `}`, "bad": "{", ".hidden": good})
+		if _, err := s.Lookup("bad"); !errors.Is(err, ErrInvalidConfig) {
+			t.Fatalf("Lookup(bad) at resourceVersion %s = %v, want ErrInvalidConfig", rv, err)
+		}
+	}
+	if n := rec.count(badLog); n != 1 {
+		t.Errorf("unchanged bad entry logged %d times over four resourceVersions, want 1: %q", n, rec.msgs)
+	}
+	if n := rec.count(badKeyLog); n != 1 {
+		t.Errorf("unchanged bad key logged %d times over four resourceVersions, want 1", n)
+	}
+	if n := rec.count("image configs updated"); n != 3 {
+		t.Errorf("summary logged %d times over three updates, want 3", n)
+	}
+
+	// Another bad value for the key is news.
+	update("5", map[string]string{"demo": good, "bad": "[", ".hidden": good})
+	if n := rec.count(badLog); n != 2 {
+		t.Errorf("bad entry logged %d times after its value changed, want 2", n)
+	}
+	// Fixed, then broken again with a value already seen: both are news.
+	update("6", map[string]string{"demo": good, "bad": good, ".hidden": good})
+	update("7", map[string]string{"demo": good, "bad": "[", ".hidden": good})
+	if n := rec.count(badLog); n != 3 {
+		t.Errorf("bad entry logged %d times after being fixed and broken again, want 3", n)
+	}
+	// Keys that left are forgotten, and logged as gone once.
+	update("8", map[string]string{"demo": good})
+	update("9", map[string]string{"demo": good, "other": good})
+	if n := rec.count(fixedLog); n != 2 {
+		t.Errorf("bad key fixed and removed: %d info lines, want 2: %q", n, rec.msgs)
+	}
+	if n := rec.count("no longer invalid key=.hidden "); n != 1 {
+		t.Errorf("bad key removed: %d info lines, want 1", n)
+	}
+	s.mu.RLock()
+	left := len(s.reported)
+	s.mu.RUnlock()
+	if left != 0 {
+		t.Errorf("%d bad entries still remembered after they left the ConfigMap", left)
+	}
 }
 
 func TestDeletedAndRecreated(t *testing.T) {
