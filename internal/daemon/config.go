@@ -166,6 +166,23 @@ var settings = []setting{
 	{"PROVISIONER_ENGINE_SPARES", "engine-spares", "1", "engine connections dialed ahead (greeting read) after an attach for the next, each kept at most 2 s; 0 to 8", func(p *parsed) *string { return &p.spares }},
 }
 
+// switches are the boolean settings' flags: given alone they mean true, as
+// Go's own boolean flags do, and --flag=false works too.
+var switches = map[string]bool{"engine-external": true, "metrics-allow-remote": true}
+
+// switchFlag is a boolean flag kept as its text, which parseBool checks
+// with the environment's.
+type switchFlag struct{ text *string }
+
+func (f switchFlag) String() string {
+	if f.text == nil {
+		return ""
+	}
+	return *f.text
+}
+func (f switchFlag) Set(v string) error { *f.text = v; return nil }
+func (f switchFlag) IsBoolFlag() bool   { return true }
+
 // ErrVersion is ParseConfig's answer to --version: print the version and
 // exit, whatever else is set or missing.
 var ErrVersion = errors.New("version requested")
@@ -180,6 +197,11 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 		v := getenv(s.env)
 		if v == "" {
 			v = s.def
+		}
+		if switches[s.flag] {
+			*s.field(&p) = v
+			fset.Var(switchFlag{s.field(&p)}, s.flag, s.usage+" [$"+s.env+"]")
+			continue
 		}
 		fset.StringVar(s.field(&p), s.flag, v, s.usage+" [$"+s.env+"]")
 	}
