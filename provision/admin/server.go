@@ -32,8 +32,10 @@ type Backend interface {
 	// id or device) on behalf of who. It returns an *Error with
 	// CodeNotFound when nothing matches.
 	ForceDetach(ctx context.Context, target string, who Peer) (DetachResult, error)
-	// Handover begins the daemon's handover on behalf of who; it is
-	// called once the request is answered.
+	// Handover begins the daemon's handover on behalf of who, and
+	// returns once nothing (a signal included) can turn it into a
+	// shutdown; the request is answered after it returns, while the
+	// handover goes on.
 	Handover(who Peer)
 	// RestartEngine restarts the engine on behalf of who.
 	RestartEngine(ctx context.Context, who Peer) (EngineRestart, error)
@@ -169,10 +171,14 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		s.send(conn, Reply{Version: Version, OK: true, Engine: &res})
 	case CommandHandover:
 		s.log().Warn("admin: handover requested", "peer_uid", peer.UID, "peer_pid", peer.PID)
-		// Answered first: the handover closes this server, and the
-		// requester must still learn that it began.
-		s.send(conn, Reply{Version: Version, OK: true})
+		// Begun, then answered: a supervisor that stops the daemon as
+		// soon as the command returns (Kubernetes' preStop, then
+		// SIGTERM) must find the handover decided, not a daemon that
+		// takes the signal for a shutdown and detaches every device.
+		// Backend.Handover only starts it, so this server is still open
+		// for the answer.
 		s.Backend.Handover(peer)
+		s.send(conn, Reply{Version: Version, OK: true})
 	}
 }
 
