@@ -115,8 +115,13 @@ func New(cfg Config) (*Locker, error) {
 
 // Name is the Lease of an image: "mvps-", the image id made a valid object
 // name (lower case; anything but letters, digits, '-' and '.' becomes '-';
-// cut to fit), "-" and the first 10 hex digits of the image id's SHA-256,
-// so that two ids that clean alike still name two Leases.
+// cut to fit; each part between dots stripped of leading and trailing '-',
+// empty parts dropped), "-" and the first 10 hex digits of the image id's
+// SHA-256, so that two ids that clean alike still name two Leases.
+//
+// The stripping of the parts came later: it changes only names the API
+// server refused ("data_.mvps-image" gave "mvps-data-.mvps-image-…"), so
+// every Lease a provisioner could hold keeps its name.
 func Name(imageID string) string {
 	sum := sha256.Sum256([]byte(imageID))
 	var b strings.Builder
@@ -132,7 +137,14 @@ func Name(imageID string) string {
 	if len(clean) > max {
 		clean = clean[:max]
 	}
-	clean = strings.Trim(clean, "-.")
+	parts := strings.Split(clean, ".")
+	kept := parts[:0]
+	for _, p := range parts {
+		if p = strings.Trim(p, "-"); p != "" {
+			kept = append(kept, p)
+		}
+	}
+	clean = strings.Join(kept, ".")
 	return "mvps-" + clean + "-" + hex.EncodeToString(sum[:5])
 }
 
