@@ -150,7 +150,7 @@ unit:
 FUZZTIME ?= 20000x
 FUZZ_TARGETS := ./provision/protocol:FuzzParseRequest ./provision/imageconfig:FuzzParseImageConfig \
 	./handshake:FuzzNegotiate ./internal/devengine:FuzzTransmission ./internal/devengine:FuzzHandshake \
-	./internal/devengine:FuzzVerifyToken ./internal/devengine:FuzzClaims
+	./internal/devengine:FuzzVerifyToken ./internal/devengine:FuzzClaims ./provision/lease:FuzzName
 fuzz:
 	@logs=$$(mktemp -d); trap 'rm -rf "$$logs"' EXIT; \
 	for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \
