@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
 
@@ -386,6 +387,38 @@ func TestAdoptKeepsTheConnectionToARunningEngine(t *testing.T) {
 				t.Errorf("%d reconnects, want %d", n, tc.reconnects)
 			}
 		})
+	}
+}
+
+// A connection the engine fenced while no provisioner ran is dead,
+// although its record names the engine that still runs: the kernel's
+// link-dead event came while nobody listened. The next run finds it out
+// and reconnects, rather than keeping it and failing the caller's I/O at
+// the dead-connection timeout.
+func TestAdoptReconnectsAConnectionThatDiedMeanwhile(t *testing.T) {
+	stateDir := t.TempDir()
+	state := openState(t, stateDir)
+	old := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.State, c.EngineInstance = state, func() string { return "engine-1" }
+	})
+	old.AddImage(t, "vol", volID, 1<<20)
+	a := old.Attach(t, "vol")
+	t.Cleanup(func() { a.Close() })
+	ts := handOver(t, old, state, stateDir, func(c *provisiontest.Config) {
+		c.EngineInstance = func() string { return "engine-1" }
+		// Another session of the device's client id: the engine closes
+		// the device's connection.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		conn, _, err := old.Sessions.Open(ctx, engine.Session{ImageID: volID, ImageSize: 1 << 20, ClientID: engine.ClientID("testhost", volID)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close()
+	})
+	waitFor(t, func() bool { return old.Devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+	if !strings.Contains(ts.Logs(), "does not answer; reconnecting") {
+		t.Errorf("no reconnect logged:\n%s", ts.Logs())
 	}
 }
 

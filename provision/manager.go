@@ -53,6 +53,11 @@ type Devices interface {
 	Connected() (map[uint32]string, error)
 	// WaitUnmounted waits until no file system holds dev.
 	WaitUnmounted(ctx context.Context, dev *nbddev.Device) error
+	// Responds reads dev's first block from the engine, around any
+	// cache: nil once the engine answered, an error if the read failed
+	// or ctx ended first (a device whose connection died queues the read
+	// until it is reconnected).
+	Responds(ctx context.Context, dev *nbddev.Device) error
 }
 
 // Mounter puts an attached device's file system into a caller's mount

@@ -171,6 +171,31 @@ func (m *Manager) Adopt() {
 	}
 }
 
+// keptProbeTimeout bounds the read that proves a kept connection alive. A
+// live engine answers it in milliseconds, or a few seconds from cold
+// object storage; a dead connection never does.
+const keptProbeTimeout = 5 * time.Second
+
+// proveKept reads a's device through the connection an adoption kept. The
+// kernel reports a connection's death once, and while no provisioner ran
+// nobody heard it: a connection fenced or dropped then is dead although
+// its record names the engine that still runs. Such a device is
+// reconnected. It reports whether the attachment lives on.
+func (m *Manager) proveKept(a *attachment) bool {
+	ctx, cancel := context.WithTimeout(a.ctx, keptProbeTimeout)
+	err := m.cfg.Devices.Responds(ctx, a.dev)
+	cancel()
+	if err == nil || a.ctx.Err() != nil {
+		return a.ctx.Err() == nil
+	}
+	if !m.reg.startRecovery(a) {
+		return true // a link-dead event's reconnect has it, or its detach
+	}
+	m.log.Warn("the engine connection kept from the earlier run does not answer; reconnecting", "image_id", a.imageID,
+		"device", a.dev.Path, "err", err)
+	return m.recover(a)
+}
+
 func (m *Manager) adopt(e stateEntry, undelivered bool) {
 	attrs := []any{"image_id", e.ImageID, "key", e.Key, "index", e.Index, "caller_pid", e.CallerPID}
 	if e.Index < 0 {
@@ -251,6 +276,11 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 		}
 		if keep && !m.reg.endRecovery(a, false) {
 			m.log.Info("kept its connection to the engine that still runs", "image_id", a.imageID, "device", dev.Path)
+			if !m.proveKept(a) {
+				a.caller.Close()
+				m.detach(a, endReason(context.Cause(ctx)))
+				return
+			}
 		} else if !m.recover(a) {
 			// Not kept, or kept and lost while the lock was taken again.
 			a.caller.Close()

@@ -94,3 +94,38 @@ func (d *Devices) WaitUnmounted(ctx context.Context, dev *Device) error {
 	}
 	return nil
 }
+
+// Responds reads dev's first block with O_DIRECT, so from the engine, not
+// the page cache. A device whose connection died queues the read until a
+// reconnect or the dead-connection timeout: then the read is left to
+// finish on its own (its descriptor closed when it does) and Responds
+// returns ctx's error.
+func (d *Devices) Responds(ctx context.Context, dev *Device) error {
+	fd, err := unix.Open(dev.Path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", dev.Path, err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		defer unix.Close(fd)
+		// O_DIRECT wants a buffer aligned to the logical block size;
+		// a page is aligned to any.
+		buf, err := unix.Mmap(-1, 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+		if err != nil {
+			done <- err
+			return
+		}
+		defer unix.Munmap(buf)
+		_, err = unix.Pread(fd, buf, 0)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("read %s: %w", dev.Path, err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("read %s: %w", dev.Path, ctx.Err())
+	}
+}

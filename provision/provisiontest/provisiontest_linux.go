@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -219,6 +220,38 @@ func (f *Devices) Connected() (map[uint32]string, error) {
 // WaitUnmounted implements provision.Devices: no file system is ever
 // mounted from a fake device.
 func (f *Devices) WaitUnmounted(ctx context.Context, dev *nbddev.Device) error { return nil }
+
+// Responds implements provision.Devices: the device's engine connection
+// answers unless the engine closed it (a fence) or it was closed here.
+func (f *Devices) Responds(ctx context.Context, dev *nbddev.Device) error {
+	f.Mu.Lock()
+	conn := f.conns[dev.Index]
+	f.Mu.Unlock()
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("nbd%d: no engine connection", dev.Index)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var n int
+	var rerr error
+	if err := rc.Control(func(fd uintptr) {
+		n, _, rerr = unix.Recvfrom(int(fd), make([]byte, 1), unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	}); err != nil {
+		return err
+	}
+	switch {
+	case errors.Is(rerr, unix.EAGAIN):
+		return nil
+	case rerr != nil:
+		return rerr
+	case n == 0:
+		return fmt.Errorf("nbd%d: the engine closed the connection", dev.Index)
+	}
+	return nil
+}
 
 // WaitDetached waits until device index has been detached.
 func (f *Devices) WaitDetached(t testing.TB, index uint32) {
