@@ -91,9 +91,11 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 		return nil, err
 	}
 	key := VolumeKey(name)
-	unlock, ok := c.locks.tryLock(key)
-	if !ok {
-		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is in progress", key)
+	// A second create of the name waits for the first, then finds the
+	// volume it recorded.
+	unlock, err := c.locks.lock(ctx, key)
+	if err != nil {
+		return nil, err
 	}
 	defer unlock()
 	imageID, err := newImageID(name)
@@ -160,9 +162,9 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 		// No such key can be recorded: nothing to delete.
 		return &csipb.DeleteVolumeResponse{}, nil
 	}
-	unlock, ok := c.locks.tryLock(id)
-	if !ok {
-		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is in progress", id)
+	unlock, err := c.locks.lock(ctx, id)
+	if err != nil {
+		return nil, err
 	}
 	defer unlock()
 	if err := c.store.Delete(ctx, id); err != nil {

@@ -2,6 +2,7 @@ package csi
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -132,6 +134,125 @@ func TestConcurrentCreatesAgree(t *testing.T) {
 	entries, _ := os.ReadDir(dir)
 	if len(entries) != 1 {
 		t.Fatalf("directory holds %d entries after the creates, want 1", len(entries))
+	}
+}
+
+// gatedStore is a directory store whose Create, once entered, says so on
+// entered and waits for release: a create that holds its name's lock for
+// as long as a test needs.
+type gatedStore struct {
+	imageconfig.Dir
+	entered chan struct{}
+	release chan struct{}
+}
+
+func newGatedStore(t *testing.T) *gatedStore {
+	return &gatedStore{Dir: imageconfig.Dir(t.TempDir()), entered: make(chan struct{}, 1), release: make(chan struct{})}
+}
+
+func (s *gatedStore) Create(ctx context.Context, key string, cfg imageconfig.Config) (imageconfig.Config, error) {
+	select {
+	case s.entered <- struct{}{}:
+	default:
+	}
+	<-s.release
+	return s.Dir.Create(ctx, key, cfg)
+}
+
+// Concurrent creates of one name on one controller (the CO retried a call
+// it lost track of) all answer OK with the one volume: the later ones wait
+// for the first, then find what it recorded.
+func TestConcurrentCreatesOnOneControllerWait(t *testing.T) {
+	store := newGatedStore(t)
+	c := NewController(store, discard)
+	ctx := context.Background()
+	answers := make([]*csipb.Volume, 8)
+	errs := make([]error, len(answers))
+	var wg sync.WaitGroup
+	create := func(i int) {
+		wg.Go(func() {
+			r, err := c.CreateVolume(ctx, createReq("pvc-one", 1<<20, 0))
+			answers[i], errs[i] = r.GetVolume(), err
+		})
+	}
+	create(0)
+	<-store.entered // the first holds the name's lock, in the store
+	for i := 1; i < len(answers); i++ {
+		create(i)
+	}
+	time.Sleep(100 * time.Millisecond) // the others reach the lock
+	close(store.release)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("create %d: %v", i, err)
+		}
+	}
+	cfg, err := imageconfig.Load(string(store.Dir), "pvc-one")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range answers {
+		if v.GetVolumeId() != "pvc-one" || v.GetCapacityBytes() != int64(cfg.ImageSize) {
+			t.Fatalf("answers differ: %v", answers)
+		}
+	}
+	if entries, _ := os.ReadDir(string(store.Dir)); len(entries) != 1 {
+		t.Fatalf("directory holds %d entries after the creates, want 1", len(entries))
+	}
+}
+
+// A call waiting for another on its volume ends with its context, with the
+// context's code, or after maxWait with Aborted; a DeleteVolume waits as a
+// CreateVolume does.
+func TestWaitForABusyVolumeIsBounded(t *testing.T) {
+	store := newGatedStore(t)
+	c := NewController(store, discard)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.CreateVolume(context.Background(), createReq("pvc-busy", 1<<20, 0))
+		done <- err
+	}()
+	<-store.entered
+
+	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	_, err := c.CreateVolume(short, createReq("pvc-busy", 1<<20, 0))
+	wantCode(t, err, codes.DeadlineExceeded)
+	_, err = c.DeleteVolume(short, &csipb.DeleteVolumeRequest{VolumeId: "pvc-busy"})
+	wantCode(t, err, codes.DeadlineExceeded)
+
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err = c.DeleteVolume(cancelled, &csipb.DeleteVolumeRequest{VolumeId: "pvc-busy"})
+	wantCode(t, err, codes.Canceled)
+
+	c.locks.maxWait = 20 * time.Millisecond
+	_, err = c.CreateVolume(context.Background(), createReq("pvc-busy", 1<<20, 0))
+	wantCode(t, err, codes.Aborted)
+	c.locks.maxWait = 0
+
+	// Another name is not held up.
+	if _, err := c.DeleteVolume(context.Background(), &csipb.DeleteVolumeRequest{VolumeId: "pvc-other"}); err != nil {
+		t.Fatal(err)
+	}
+
+	// A delete queued behind the create runs after it.
+	deleted := make(chan error, 1)
+	go func() {
+		_, err := c.DeleteVolume(context.Background(), &csipb.DeleteVolumeRequest{VolumeId: "pvc-busy"})
+		deleted <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	close(store.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-deleted; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := imageconfig.Load(string(store.Dir), "pvc-busy"); !errors.Is(err, imageconfig.ErrNotFound) {
+		t.Fatalf("config after the queued delete: %v", err)
 	}
 }
 
