@@ -72,23 +72,3 @@ func (l *keyLocks) lock(ctx context.Context, key string) (unlock func(), err err
 		}
 	}
 }
-
-// tryLock takes key's lock, unless an operation holds it.
-func (l *keyLocks) tryLock(key string) (unlock func(), ok bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if _, busy := l.held[key]; busy {
-		return nil, false
-	}
-	if l.held == nil {
-		l.held = make(map[string]chan struct{})
-	}
-	mine := make(chan struct{})
-	l.held[key] = mine
-	return func() {
-		l.mu.Lock()
-		delete(l.held, key)
-		l.mu.Unlock()
-		close(mine)
-	}, true
-}

@@ -57,17 +57,13 @@ func (n *Node) NodeGetInfo(context.Context, *csipb.NodeGetInfoRequest) (*csipb.N
 }
 
 // begin checks a call's required fields, the volume id and the pairs of
-// name and value in fields, and takes the volume's lock for the call, or
-// answers Aborted.
-func (n *Node) begin(id string, fields ...string) (func(), error) {
+// name and value in fields, and takes the volume's lock for the call,
+// waiting for a call that holds it (keyLocks.lock).
+func (n *Node) begin(ctx context.Context, id string, fields ...string) (func(), error) {
 	if err := required(append([]string{"volume id", id}, fields...)...); err != nil {
 		return nil, err
 	}
-	unlock, ok := n.locks.tryLock(id)
-	if !ok {
-		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is in progress", id)
-	}
-	return unlock, nil
+	return n.locks.lock(ctx, id)
 }
 
 // required answers InvalidArgument for the first empty field.

@@ -22,7 +22,7 @@ import (
 // already, as asked, is success.
 func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRequest) (*csipb.NodeStageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	unlock, err := n.begin(id, "staging target path", staging)
+	unlock, err := n.begin(ctx, id, "staging target path", staging)
 	if err != nil {
 		return nil, err
 	}
@@ -105,7 +105,7 @@ func stagingMount(staging string) (*mount.Request, error) {
 // answer. Not staged is success.
 func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	unlock, err := n.begin(id, "staging target path", staging)
+	unlock, err := n.begin(ctx, id, "staging target path", staging)
 	if err != nil {
 		return nil, err
 	}
@@ -163,7 +163,7 @@ func unmountStaging(info provision.Info, staging string) error {
 // success.
 func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	id, staging, target := req.GetVolumeId(), req.GetStagingTargetPath(), req.GetTargetPath()
-	unlock, err := n.begin(id, "target path", target, "staging target path", staging)
+	unlock, err := n.begin(ctx, id, "target path", target, "staging target path", staging)
 	if err != nil {
 		return nil, err
 	}
@@ -201,7 +201,7 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 // published is success.
 func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	unlock, err := n.begin(id, "target path", target)
+	unlock, err := n.begin(ctx, id, "target path", target)
 	if err != nil {
 		return nil, err
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
@@ -159,6 +160,37 @@ func TestNodeRefuses(t *testing.T) {
 	}
 	if attached, _ := s.Devices.Counts(t); attached != 0 {
 		t.Fatalf("%d devices attached by refused calls", attached)
+	}
+}
+
+// A node call on a volume another call holds waits for it, bounded by its
+// context, instead of answering Aborted.
+func TestNodeCallsWaitForABusyVolume(t *testing.T) {
+	s := provisiontest.New(t, nil)
+	n := NewNode(s.Manager, "node-a", 0, discard)
+	target := filepath.Join(t.TempDir(), "target")
+	unlock, err := n.locks.lock(context.Background(), "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	_, err = n.NodeUnpublishVolume(short, &csipb.NodeUnpublishVolumeRequest{VolumeId: "vol", TargetPath: target})
+	wantCode(t, err, codes.DeadlineExceeded)
+
+	done := make(chan error, 1)
+	go func() {
+		_, err := n.NodeUnpublishVolume(context.Background(), &csipb.NodeUnpublishVolumeRequest{VolumeId: "vol", TargetPath: target})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("answered while the volume was busy: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	unlock()
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }
 
