@@ -163,7 +163,7 @@ func unmountStaging(info provision.Info, staging string) error {
 // success.
 func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	id, staging, target := req.GetVolumeId(), req.GetStagingTargetPath(), req.GetTargetPath()
-	unlock, err := n.begin(ctx, id, "target path", target, "staging target path", staging)
+	unlock, err := n.begin(ctx, id, "target path", target)
 	if err != nil {
 		return nil, err
 	}
@@ -171,6 +171,13 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 	vc := req.GetVolumeCapability()
 	if err := checkCapability(vc); err != nil {
 		return nil, err
+	}
+	if staging == "" {
+		// Not a missing field (InvalidArgument): for a node with
+		// STAGE_UNSTAGE_VOLUME, CSI names this case FailedPrecondition.
+		// After the checks above, which csi-sanity sends without a
+		// staging path and expects InvalidArgument of.
+		return nil, status.Errorf(codes.FailedPrecondition, "staging target path is not set; volume %s is published from where NodeStageVolume staged it", id)
 	}
 	flags, err := publishMountFlags(vc.GetMount().GetMountFlags(), isBlock(vc),
 		req.GetReadonly() || vc.GetAccessMode().GetMode() == csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY)

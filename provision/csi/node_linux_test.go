@@ -121,7 +121,7 @@ func TestNodeRefuses(t *testing.T) {
 	n, s := nodeClient(t)
 	ctx := context.Background()
 	s.WriteConfig(t, "only-1000", `{"image_id": "x.mvps-image", "image_size": 4096, "allowed_uids": [1000]}`)
-	staging := t.TempDir()
+	staging, target := t.TempDir(), filepath.Join(t.TempDir(), "target")
 	for _, tc := range []struct {
 		name string
 		call func() error
@@ -147,6 +147,19 @@ func TestNodeRefuses(t *testing.T) {
 			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "../etc", StagingTargetPath: staging, VolumeCapability: block})
 			return err
 		}, codes.InvalidArgument},
+		// csi-sanity sends these two without a staging path too.
+		{"publish without target", func() error {
+			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "v"})
+			return err
+		}, codes.InvalidArgument},
+		{"publish without capability", func() error {
+			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "v", TargetPath: target})
+			return err
+		}, codes.InvalidArgument},
+		{"publish without staging target path", func() error {
+			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "v", TargetPath: target, VolumeCapability: block})
+			return err
+		}, codes.FailedPrecondition},
 		{"unpublish without target", func() error {
 			_, err := n.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: "v"})
 			return err
