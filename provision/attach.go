@@ -349,6 +349,18 @@ func endReason(cause error) string {
 // mode. A caller the config leaves out learns nothing of the image, not
 // even that it exists, unless the config discloses it.
 func authorize(caller Caller, key string, image imageconfig.Config, mode string) error {
+	if err := authorizeCaller(caller, key, image); err != nil {
+		return err
+	}
+	if !image.AllowsMode(mode) {
+		return failf(ErrForbidden, "this image is not offered in %s mode", mode)
+	}
+	return nil
+}
+
+// authorizeCaller is authorize's check of the caller, a ConcealedError
+// showing ErrNotFound where the config does not disclose the image.
+func authorizeCaller(caller Caller, key string, image imageconfig.Config) error {
 	var refused error
 	switch {
 	case !caller.known() && (image.AllowedUIDs != nil || image.AllowedGIDs != nil):
@@ -359,13 +371,7 @@ func authorize(caller Caller, key string, image imageconfig.Config, mode string)
 	if refused != nil && !image.DiscloseExistence {
 		return &ConcealedError{Shown: imageconfig.NotFound(key), Actual: refused}
 	}
-	if refused != nil {
-		return refused
-	}
-	if !image.AllowsMode(mode) {
-		return failf(ErrForbidden, "this image is not offered in %s mode", mode)
-	}
-	return nil
+	return refused
 }
 
 // recordResult is the first state record's write: the record, still

@@ -186,7 +186,7 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 	}
 	info, ok := n.m.Volume(id)
 	if !ok {
-		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+		return nil, n.notStaged(id)
 	}
 	block := isBlock(vc)
 	if block != (info.Mode == "fd") {
@@ -202,6 +202,20 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 		return nil, err
 	}
 	return &csipb.NodePublishVolumeResponse{}, nil
+}
+
+// notStaged answers a publish of a volume this node has not staged:
+// NotFound for a volume the image source does not hold (for the volume
+// owner), InvalidArgument for a key it cannot hold, as a stage answers;
+// FailedPrecondition for one it holds, which the CO must stage first.
+func (n *Node) notStaged(id string) error {
+	if err := n.m.LookupVolume(id); err != nil {
+		st := status.Convert(statusOf("volume "+id, err))
+		if st.Code() == codes.NotFound || st.Code() == codes.InvalidArgument {
+			return st.Err()
+		}
+	}
+	return status.Errorf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
 }
 
 // NodeUnpublishVolume unmounts the target path and removes it. Not

@@ -60,7 +60,7 @@ func TestNodeBlockVolume(t *testing.T) {
 
 	_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
 		TargetPath: target, VolumeCapability: block})
-	wantCode(t, err, codes.FailedPrecondition) // not staged
+	wantCode(t, err, codes.FailedPrecondition) // the volume exists, not staged
 	for range 2 {
 		if _, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
 			VolumeCapability: block}); err != nil {
@@ -160,6 +160,21 @@ func TestNodeRefuses(t *testing.T) {
 			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "v", TargetPath: target, VolumeCapability: block})
 			return err
 		}, codes.FailedPrecondition},
+		{"publish an unknown key", func() error {
+			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "missing", StagingTargetPath: staging,
+				TargetPath: target, VolumeCapability: block})
+			return err
+		}, codes.NotFound},
+		{"publish an image for uid 1000 only (concealed)", func() error {
+			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "only-1000", StagingTargetPath: staging,
+				TargetPath: target, VolumeCapability: block})
+			return err
+		}, codes.NotFound},
+		{"publish a bad key", func() error {
+			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "../etc", StagingTargetPath: staging,
+				TargetPath: target, VolumeCapability: block})
+			return err
+		}, codes.InvalidArgument},
 		{"unpublish without target", func() error {
 			_, err := n.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: "v"})
 			return err
