@@ -190,7 +190,10 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 	}
 	block := isBlock(vc)
 	if block != (info.Mode == "fd") {
-		return nil, status.Errorf(codes.InvalidArgument, "volume %s is staged as a %s volume", id, accessType(info.Mode))
+		if publishedAt(target, info) {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %s is published at %s as a %s volume", id, target, accessType(info.Mode))
+		}
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged as a %s volume", id, accessType(info.Mode))
 	}
 	source := staging
 	if block {
@@ -216,6 +219,16 @@ func (n *Node) notStaged(id string) error {
 		}
 	}
 	return status.Errorf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+}
+
+// publishedAt reports whether the staged volume info is published at
+// target: its device node bound there, or its file system mounted there.
+func publishedAt(target string, info provision.Info) bool {
+	if same, err := sameFile(target, info.Device); err == nil && same {
+		return true
+	}
+	mounted, err := mountedFrom(target, info.Device)
+	return err == nil && mounted
 }
 
 // NodeUnpublishVolume unmounts the target path and removes it. Not

@@ -80,6 +80,14 @@ func TestNodeBlockVolume(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A mount publish of the block volume: at its target, published
+	// but incompatible; elsewhere, beyond what it is staged as.
+	_, err = n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
+		TargetPath: target, VolumeCapability: writer})
+	wantCode(t, err, codes.AlreadyExists)
+	_, err = n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
+		TargetPath: filepath.Join(t.TempDir(), "mnt"), VolumeCapability: writer})
+	wantCode(t, err, codes.FailedPrecondition)
 	if err := os.WriteFile(target, []byte("through the target"), 0); err != nil {
 		t.Fatal(err)
 	}
