@@ -130,6 +130,10 @@ func TestNodeRefuses(t *testing.T) {
 	ctx := context.Background()
 	s.WriteConfig(t, "only-1000", `{"image_id": "x.mvps-image", "image_size": 4096, "allowed_uids": [1000]}`)
 	staging, target := t.TempDir(), filepath.Join(t.TempDir(), "target")
+	multi := &csipb.VolumeCapability{
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER},
+		AccessType: &csipb.VolumeCapability_Block{Block: &csipb.VolumeCapability_BlockVolume{}},
+	}
 	for _, tc := range []struct {
 		name string
 		call func() error
@@ -153,6 +157,18 @@ func TestNodeRefuses(t *testing.T) {
 		}, codes.NotFound},
 		{"stage a bad key", func() error {
 			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "../etc", StagingTargetPath: staging, VolumeCapability: block})
+			return err
+		}, codes.InvalidArgument},
+		// A capability no mvps volume offers is an unsupported field
+		// (InvalidArgument), not one beyond this volume's
+		// (FailedPrecondition, "Exceeds capabilities").
+		{"stage a multi-node writer", func() error {
+			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "v", StagingTargetPath: staging, VolumeCapability: multi})
+			return err
+		}, codes.InvalidArgument},
+		{"publish a multi-node writer", func() error {
+			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "v", StagingTargetPath: staging,
+				TargetPath: target, VolumeCapability: multi})
 			return err
 		}, codes.InvalidArgument},
 		// csi-sanity sends these two without a staging path too.
