@@ -21,7 +21,8 @@ import (
 // The CSI controller as it runs in the cluster (its service account under
 // the shipped RBAC, the ConfigMap the nodes read): eight concurrent
 // CreateVolumes of one name from separate replicas answer one volume and
-// write one image config, which a node's Source serves; DeleteVolume
+// write one image config, which a node's Source serves, and so do eight
+// on one replica; DeleteVolume
 // removes it, and again is no error.
 func TestCSIControllerOnTheAPIServer(t *testing.T) {
 	api := cluster(t)
@@ -82,6 +83,24 @@ func TestCSIControllerOnTheAPIServer(t *testing.T) {
 	})
 
 	c := csi.NewController(configmap.NewWriter(writerClientFor(t, api, controllerToken), cmNamespace, cmName), discard)
+	// Eight at once on one replica: the later ones wait for the first
+	// and answer its volume, none Aborted.
+	for i := range answers {
+		wg.Go(func() {
+			r, err := c.CreateVolume(ctx, req)
+			if err != nil {
+				t.Errorf("CreateVolume on one replica: %v", err)
+				return
+			}
+			answers[i] = r.GetVolume()
+		})
+	}
+	wg.Wait()
+	for _, v := range answers {
+		if v.GetVolumeId() != id || v.GetCapacityBytes() != 100<<20+4096 {
+			t.Fatalf("answers on one replica differ: %v", answers)
+		}
+	}
 	for range 2 {
 		if _, err := c.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Fatalf("DeleteVolume: %v", err)
