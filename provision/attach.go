@@ -172,6 +172,13 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 		if err := authorizeMount(caller, req.Mount.Namespace, req.Mount.Dir); err != nil {
 			return nil, err
 		}
+		// Checked again by the mount, but refused here before an engine
+		// session, a device or a format is spent on it.
+		if req.Mount.Base != "" {
+			if err := mount.CheckInsideBase(req.Mount.Namespace, req.Mount.Dir, req.Mount.Base); err != nil {
+				return nil, classify(ErrAttachFailed, fmt.Errorf("mount: %w", err))
+			}
+		}
 	}
 	if err := m.checkLingering(caller); err != nil {
 		return nil, err

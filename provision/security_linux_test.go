@@ -240,9 +240,15 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 	ts.WriteConfig(t, "vol", `{"image_id": "vol.mvps-image", "image_size": 4096, "mount_options": ["suid", "dev"]}`)
 	ts.AddImage(t, "plain", "plain.mvps-image", 4096)
 
-	ownDir := t.TempDir()
-	if err := os.Chown(ownDir, nobody, nobody); err != nil {
-		t.Fatal(err)
+	ownDir := filepath.Join(base, "own")
+	outsideDir := t.TempDir()
+	for _, d := range []string{ownDir, outsideDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(d, nobody, nobody); err != nil {
+			t.Fatal(err)
+		}
 	}
 	rootDir := t.TempDir() // like /usr/local/bin or /etc/cron.d
 	self := "/proc/self/ns/mnt"
@@ -256,11 +262,13 @@ func TestMountModeUnprivilegedCaller(t *testing.T) {
 		return r
 	}
 
-	// Another namespace than the caller's own, or a directory it does not
-	// own, is refused before any device is attached.
+	// Another namespace than the caller's own, a directory it does not
+	// own, or one outside the base, is refused before any device is
+	// attached (or formatted).
 	for name, fds := range map[string][]int{
 		"root-owned directory": mountFDs(t, self, rootDir),
 		"other namespace":      {int(other.Fd()), mountFDs(t, ownDir, ownDir)[0]},
+		"outside the base":     mountFDs(t, self, outsideDir),
 	} {
 		conn, err := requestAs(t, ts.Socket, nobody, nobody, "vol", fds)
 		if provisiontest.Code(err) != protocol.CodeForbidden {

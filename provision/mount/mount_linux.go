@@ -267,6 +267,21 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int, base string, steps *Steps) err
 	})
 }
 
+// CheckInsideBase checks that dir is base or below it as the mount
+// namespace ns sees it: what the mount itself checks again, for a request
+// to be refused before its image is attached (or formatted).
+func CheckInsideBase(ns, dir *os.File, base string) error {
+	return ownthread.Run(func() error {
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			return fmt.Errorf("unshare CLONE_FS: %w", err)
+		}
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNS); err != nil {
+			return fmt.Errorf("enter caller's mount namespace: %w", err)
+		}
+		return checkInside(int(dir.Fd()), base)
+	})
+}
+
 // checkInside runs on a thread that has entered the caller's namespace:
 // the directory's path as that namespace sees it is the thread's working
 // directory after fchdir, which /proc of some other pid namespace could

@@ -32,3 +32,6 @@ func Unmount(ns, root *os.File) error { return errNotLinux }
 
 // Unmount fails on systems other than Linux.
 func (m *Ext4) Unmount(ns, root *os.File) error { return errNotLinux }
+
+// CheckInsideBase fails on systems other than Linux.
+func CheckInsideBase(ns, dir *os.File, base string) error { return errNotLinux }
