@@ -154,6 +154,14 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	if err != nil {
 		return nil, err
 	}
+	// No answer names the image id, only the key the owner asked by:
+	// whatever failed may have put it in its words (a record's path, a
+	// Lease's name).
+	defer func() {
+		if err != nil {
+			err = concealImageID(err, image.ImageID)
+		}
+	}()
 	if err := authorize(caller, req.Key, image, mode); err != nil {
 		return nil, err
 	}

@@ -3,6 +3,7 @@ package provision
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
@@ -69,3 +70,28 @@ type ConcealedError struct {
 
 func (e *ConcealedError) Error() string { return e.Actual.Error() }
 func (e *ConcealedError) Unwrap() error { return e.Actual }
+
+// concealImageID returns err with imageID (as it is, and lowercased, as a
+// Lease's name has it) kept from what an owner is shown: a ConcealedError
+// whose Shown says "the image" instead and keeps err's kind. The whole
+// error stays the log's.
+func concealImageID(err error, imageID string) error {
+	if _, ok := errors.AsType[*ConcealedError](err); ok || imageID == "" {
+		return err
+	}
+	msg := err.Error()
+	shown := strings.ReplaceAll(strings.ReplaceAll(msg, imageID, "the image"), strings.ToLower(imageID), "the image")
+	if shown == msg {
+		return err
+	}
+	return &ConcealedError{Shown: &rewordedError{err: err, msg: shown}, Actual: err}
+}
+
+// rewordedError is err said in other words.
+type rewordedError struct {
+	err error
+	msg string
+}
+
+func (e *rewordedError) Error() string { return e.msg }
+func (e *rewordedError) Unwrap() error { return e.err }

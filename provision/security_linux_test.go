@@ -643,3 +643,30 @@ func TestWaitingInReserveCounts(t *testing.T) {
 		<-answered
 	}
 }
+
+// refusingLocks fails every Acquire the way an API server does, naming the
+// Lease, which is named for the image id.
+type refusingLocks struct{}
+
+func (refusingLocks) Acquire(ctx context.Context, imageID string, fence provision.Fence) (provision.Lock, error) {
+	return nil, fmt.Errorf(`leases.coordination.k8s.io "mvps-%s-0123456789" is forbidden: no update`, strings.ToLower(imageID))
+}
+
+// No answer names an image id, whatever failed: the caller knows the key
+// it asked by, the log has the rest.
+func TestNoReplyNamesTheImageID(t *testing.T) {
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Exclusivity = refusingLocks{} })
+	ts.AddImage(t, "vol", "Secret-Volume.mvps-image", 1<<20)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := protocol.Attach(ctx, ts.Socket, "vol")
+	if provisiontest.Code(err) != protocol.CodeAttachFailed {
+		t.Fatalf("attach: %v, want attach_failed", err)
+	}
+	if strings.Contains(strings.ToLower(err.Error()), "secret-volume") {
+		t.Errorf("the reply names the image id: %v", err)
+	}
+	if !strings.Contains(ts.Logs(), "mvps-secret-volume.mvps-image-0123456789") {
+		t.Errorf("the log lacks the whole error:\n%s", ts.Logs())
+	}
+}
