@@ -138,12 +138,11 @@ func Adopt(ctx context.Context, cfg Config, rec Record) (*Process, error) {
 	e := &Process{cfg: cfg, pid: rec.PID, start: rec.Start, pidfd: fd, done: make(chan struct{}), logFiles: files}
 	e.readLogs(readers)
 	go func() {
+		// The exit, not the end of the output (held open by whoever else
+		// has the FIFOs open), ends the engine; its last words are logged
+		// before the exit is reported.
 		pidfd.Wait(context.Background(), fd)
-		// Its last words first, then the exit.
-		e.logs.Wait()
-		for _, f := range files {
-			f.Close()
-		}
+		e.endLogs()
 		e.err = errors.New("engine exited")
 		close(e.done)
 	}()

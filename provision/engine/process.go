@@ -142,11 +142,11 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		e.start, _ = procfs.StartTime(e.pid)
 		started <- startResult{keptBounding: kept}
 		e.readLogs(outputs.readers)
-		// Drained first, so that the engine's last words are logged
-		// before its exit is reported.
-		e.logs.Wait()
-		outputs.closeReaders()
+		// The exit ends the engine, not the end of its output, which
+		// another process may hold open: a child the engine left behind,
+		// or another engine writing to the same log FIFOs.
 		err = cmd.Wait()
+		e.endLogs()
 		if err == nil {
 			err = errors.New("engine exited with status 0")
 		}
@@ -251,6 +251,34 @@ func (e *Process) copyLog(r io.Reader, stream string) {
 	// Keep draining after an over-long line so the engine never blocks on
 	// a full pipe.
 	io.Copy(io.Discard, r)
+}
+
+// logDrainGrace is how long the output of an engine that has exited is
+// still read: what it wrote before its exit is buffered and read at once,
+// and when nobody else holds its outputs open the end comes at once too;
+// the grace only bounds the wait for an end that another holder of the
+// outputs (a child the engine left behind, another engine on the same log
+// FIFOs) would put off for as long as it runs.
+const logDrainGrace = 2 * time.Second
+
+// endLogs ends the relaying of the output of an engine that has exited:
+// its last lines are logged, then our side of its outputs is closed.
+func (e *Process) endLogs() {
+	deadline := time.Now().Add(logDrainGrace)
+	for _, f := range e.logFiles {
+		// Pipes and FIFOs take deadlines; one that did not is waited
+		// for below, and closed regardless.
+		f.SetReadDeadline(deadline)
+	}
+	drained := make(chan struct{})
+	go func() { e.logs.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(logDrainGrace + time.Second):
+	}
+	for _, f := range e.logFiles {
+		f.Close()
+	}
 }
 
 // Done is closed when the engine has exited.
