@@ -106,7 +106,10 @@ var ErrEngineGone = errors.New("the recorded engine is no longer running")
 // and cfg.LogFIFO its log. It fails with ErrEngineGone when that process
 // has exited (a reused pid has another start time). An engine that runs
 // but does not answer is stopped, and Adopt fails: the caller starts a new
-// one.
+// one. That includes an engine still starting, whose provisioner died
+// before it answered (Start records it before): it is stopped at once
+// rather than waited for, since a new one starts as fast and no device
+// was ever connected to it.
 func Adopt(ctx context.Context, cfg Config, rec Record) (*Process, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = defaultLogger()

@@ -27,8 +27,9 @@ func TestAdoptAnEngineWithALogFIFO(t *testing.T) {
 		Secret: []byte("adopt-secret-0123456789"),
 		Env: append(os.Environ(), "MVPS_TE_IMAGE_STORE=local", "MVPS_TE_IMAGE_STORE_LOCAL_PATH="+filepath.Join(dir, "img"),
 			"MVPS_TE_BUFFER_STORE_PATH="+filepath.Join(dir, "buf"), "MVPS_TE_DEV_CREATE_DIRS=1"),
-		LogFIFO: filepath.Join(dir, "log"),
-		Logger:  slog.New(slog.NewTextHandler(&first, nil)),
+		LogFIFO:   filepath.Join(dir, "log"),
+		RecordDir: dir,
+		Logger:    slog.New(slog.NewTextHandler(&first, nil)),
 	}
 	e, err := Start(context.Background(), cfg)
 	if err != nil {
@@ -38,6 +39,9 @@ func TestAdoptAnEngineWithALogFIFO(t *testing.T) {
 	rec := e.Record()
 	if rec.PID != e.Pid() || rec.Start == 0 || rec.SecretSHA256 != SecretDigest(cfg.Secret) || strings.Contains(rec.SecretSHA256, string(cfg.Secret)) {
 		t.Fatalf("record %+v", rec)
+	}
+	if got, err := ReadRecord(dir); err != nil || got != rec {
+		t.Fatalf("recorded %+v, %v; want %+v", got, err, rec)
 	}
 
 	for _, tc := range []struct {

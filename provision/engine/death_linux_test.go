@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/procfs"
+	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 )
 
 // The end of an engine is its exit, not the end of its output: another
@@ -105,5 +107,81 @@ func TestEngineDeathNoticedWhileItsOutputIsHeld(t *testing.T) {
 				t.Fatalf("the engine's last line is not in the log:\n%s", logs.String())
 			}
 		})
+	}
+}
+
+// The engine is recorded as soon as it runs, before it answers, so that a
+// provisioner that dies while it starts leaves a record for the next run;
+// a start that fails removes the record and keeps the secret.
+func TestStartRecordsTheEngineBeforeItAnswers(t *testing.T) {
+	dir := t.TempDir()
+	stale := Record{PID: 1, Start: 1, Listen: "unix:/x", Bin: "/b"}
+	if err := WriteRecord(dir, stale); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteSecret(dir, []byte("kept-secret")); err != nil {
+		t.Fatal(err)
+	}
+	var logs logbuf.Buffer
+	cfg := Config{
+		Bin:          script(t, "exec sleep 60"), // never answers
+		Listen:       "unix:" + filepath.Join(dir, "te.sock"),
+		Secret:       []byte("kept-secret"),
+		StartTimeout: 20 * time.Second,
+		LogFIFO:      filepath.Join(dir, "log"),
+		RecordDir:    dir,
+		Logger:       slog.New(slog.NewTextHandler(&logs, nil)),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	started := make(chan error, 1)
+	go func() {
+		e, err := Start(ctx, cfg)
+		if err == nil {
+			e.Stop(context.Background())
+			err = errors.New("started")
+		}
+		started <- err
+	}()
+	var rec Record
+	testwait.Until(t, 10*time.Second, "the starting engine's record", func() bool {
+		var err error
+		rec, err = ReadRecord(dir)
+		return err == nil && rec != stale
+	})
+	if rec.PID <= 1 {
+		t.Fatalf("record %+v", rec)
+	}
+	t.Cleanup(func() { syscall.Kill(-rec.PID, syscall.SIGKILL) })
+	select {
+	case err := <-started:
+		t.Fatalf("Start returned first: %v", err)
+	default:
+	}
+	if start, err := procfs.StartTime(rec.PID); err != nil || start != rec.Start || !procfs.Alive(rec.PID) {
+		t.Fatalf("the record %+v names no running engine (start %d, %v)", rec, start, err)
+	}
+	if rec.Listen != cfg.Listen || rec.Bin != cfg.Bin || rec.SecretSHA256 != SecretDigest(cfg.Secret) {
+		t.Fatalf("record %+v", rec)
+	}
+
+	// The start fails (here: the daemon is told to stop).
+	cancel()
+	select {
+	case err := <-started:
+		if err == nil || err.Error() == "started" {
+			t.Fatalf("Start: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Start did not return")
+	}
+	if procfs.Alive(rec.PID) {
+		t.Fatal("the engine of a failed start still runs")
+	}
+	if _, err := ReadRecord(dir); !os.IsNotExist(err) {
+		t.Fatalf("record after a failed start: %v", err)
+	}
+	if s, err := ReadSecret(dir); err != nil || string(s) != "kept-secret" {
+		t.Fatalf("secret after a failed start: %q, %v", s, err)
 	}
 }

@@ -51,6 +51,12 @@ type Config struct {
 	// next provisioner takes it over (Adopt) and reads on. Without it the
 	// engine gets pipes and SIGTERM when the provisioner dies.
 	LogFIFO string
+	// RecordDir, when set (with LogFIFO), is where Start records the
+	// engine (WriteRecord) as soon as it runs, before it answers: a
+	// provisioner that dies at any moment after that leaves a record, by
+	// which the next run takes the engine over or stops it, and so never
+	// runs a second one next to it. A start that fails removes the record.
+	RecordDir string
 }
 
 // Process is a running engine process: one this provisioner started, or
@@ -164,11 +170,42 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 	}
 	cfg.Logger.Info("engine started", "bin", cfg.Bin, "pid", e.pid, "listen", cfg.Listen, "outlives_provisioner", cfg.LogFIFO != "")
 
+	// Before the wait for its answer, which may take StartTimeout: an
+	// engine nobody records is one the next run cannot know of.
+	if cfg.RecordDir != "" {
+		if err := WriteRecord(cfg.RecordDir, e.Record()); err != nil {
+			e.abandon()
+			return nil, fmt.Errorf("record the engine: %w", err)
+		}
+	}
 	if err := e.waitReady(ctx, network, address); err != nil {
-		e.Stop(context.Background())
+		e.abandon()
 		return nil, err
 	}
 	return e, nil
+}
+
+// failedStartStopTimeout bounds the stop of an engine whose start failed
+// before it is killed: it serves nothing yet.
+const failedStartStopTimeout = 10 * time.Second
+
+// abandon stops an engine whose start failed and removes its record.
+func (e *Process) abandon() {
+	ctx, cancel := context.WithTimeout(context.Background(), failedStartStopTimeout)
+	defer cancel()
+	if err := e.Stop(ctx); err != nil {
+		e.cfg.Logger.Warn("stopping the engine of a failed start", "pid", e.pid, "err", err)
+	}
+	if e.cfg.RecordDir == "" {
+		return
+	}
+	// Only a record of this engine; a record left behind would name a
+	// process that has exited, which Adopt finds gone.
+	if rec, err := ReadRecord(e.cfg.RecordDir); err == nil && rec.PID == e.pid && rec.Start == e.start {
+		if err := removeIfThere(filepath.Join(e.cfg.RecordDir, recordFile)); err != nil {
+			e.cfg.Logger.Warn("removing the record of the engine of a failed start", "err", err)
+		}
+	}
 }
 
 // waitReady dials until the engine sends its greeting: a socket that
