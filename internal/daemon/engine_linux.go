@@ -43,6 +43,10 @@ func newEngineSupervisor(stateDir string, cfg engine.Config, external bool, log 
 		cfg.Listen = "unix:" + filepath.Join(dir, engine.SocketName)
 	}
 	cfg.LogFIFO = filepath.Join(dir, engine.LogFIFOName)
+	// Recorded by Start as soon as it runs: a daemon killed while the
+	// engine starts leaves a record, and the next start stops that engine
+	// instead of running a second one next to it.
+	cfg.RecordDir = dir
 	cfg.Logger = log
 	return &engineSupervisor{dir: dir, cfg: cfg, log: log, external: external}, nil
 }
@@ -101,7 +105,7 @@ func (s *engineSupervisor) start(ctx context.Context, configured string) ([]byte
 	if err != nil {
 		return nil, err
 	}
-	s.started(eng)
+	s.current.Store(eng)
 	return secret, nil
 }
 
@@ -145,14 +149,6 @@ func (s *engineSupervisor) adopt(ctx context.Context, configured string) (*engin
 	return nil, nil
 }
 
-// started makes eng the current engine and records it for the next run.
-func (s *engineSupervisor) started(eng *engine.Process) {
-	s.current.Store(eng)
-	if err := engine.WriteRecord(s.dir, eng.Record()); err != nil {
-		s.log.Error("engine not recorded: the next start cannot take it over", "err", err)
-	}
-}
-
 // engine is the current engine.
 func (s *engineSupervisor) engine() *engine.Process { return s.current.Load() }
 
@@ -184,7 +180,7 @@ func (s *engineSupervisor) restart(ctx context.Context) error {
 		eng, err := engine.Start(ctx, s.cfg)
 		if err == nil {
 			s.log.Info("engine restarted", "try", try, "pid", eng.Pid())
-			s.started(eng)
+			s.current.Store(eng)
 			return nil
 		}
 		s.log.Error("engine restart failed", "try", try, "err", err, "next_try_in", backoff.String())
