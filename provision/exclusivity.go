@@ -126,15 +126,13 @@ func (m *Manager) fence(a *attachment) Fence {
 			// and the link-dead event that follows must find nothing to
 			// reconnect.
 			m.reg.suspend(a, nil)
-			ctx, cancel := context.WithTimeout(a.ctx, m.cfg.AttachTimeout)
-			conn, _, err := m.openSession(ctx, a.session())
-			cancel()
-			if err != nil {
-				// No engine to fence at: none writes either.
-				m.log.Error("could not fence the image's engine connection", "image_id", a.imageID, "err", err)
+			if m.fenceOnce(a) {
 				return
 			}
-			m.reg.keepFence(a, conn)
+			// Not fenced, and the connection may still write: tried
+			// again, beside the lock's renewals (which this must not
+			// hold up), until it is fenced or the suspension ends.
+			m.goTracked(func() { m.fenceUntilDone(a) })
 		},
 		Resume: func() {
 			if !m.reg.unsuspend(a) {
@@ -152,6 +150,37 @@ func (m *Manager) fence(a *attachment) Fence {
 			m.reg.markUnrecoverable(a)
 			a.cancel(errLockLost)
 		},
+	}
+}
+
+// fenceOnce opens the session that fences a's device connection at the
+// engine and keeps it; it reports whether a needs no more fencing: fenced,
+// no longer suspended, or ended.
+func (m *Manager) fenceOnce(a *attachment) bool {
+	ctx, cancel := context.WithTimeout(a.ctx, m.cfg.AttachTimeout)
+	conn, _, err := m.openSession(ctx, a.session())
+	cancel()
+	if err != nil {
+		m.log.Error("could not fence the image's engine connection; trying again", "image_id", a.imageID, "err", err)
+		return a.ctx.Err() != nil || !m.reg.isSuspended(a)
+	}
+	m.reg.keepFence(a, conn)
+	return true
+}
+
+// fenceUntilDone tries fenceOnce with backoff until it needs no more.
+func (m *Manager) fenceUntilDone(a *attachment) {
+	backoff := 100 * time.Millisecond
+	for {
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		if !m.reg.isSuspended(a) || m.fenceOnce(a) {
+			return
+		}
+		backoff = min(2*backoff, 2*time.Second)
 	}
 }
 

@@ -88,6 +88,33 @@ func TestReconnectWaitsForTheLocksRenewal(t *testing.T) {
 	}
 }
 
+// A suspension whose fencing session cannot be opened (the engine does not
+// answer a new connection) while the device's connection still writes
+// tries again until it is fenced: a node whose lock may lapse must not go
+// on writing because one dial failed.
+func TestSuspensionFencesOnceTheEngineAnswers(t *testing.T) {
+	sw := &engineSwitch{}
+	locks := &handedLocks{}
+	ts := provisiontest.New(t, withSwitch(sw, func(c *provisiontest.Config) {
+		c.Exclusivity = locks
+		c.Sessions.Spares = 0 // the fence must dial
+	}))
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	dev := &nbddev.Device{Index: 0}
+	if err := ts.Devices.Responds(context.Background(), dev); err != nil {
+		t.Fatalf("the device's connection before the suspension: %v", err)
+	}
+	sw.set(true, nil)
+	locks.fence(t, volID).Suspend()
+	sw.set(false, nil)
+	waitFor(t, func() bool { return ts.Devices.Responds(context.Background(), dev) != nil })
+	if !infoOf(t, ts, volID).Suspended {
+		t.Fatal("not suspended")
+	}
+}
+
 // An attach whose image's lock is suspended while its engine session opens
 // fails: its session may have fenced the suspension's, and must not reach
 // the kernel.
