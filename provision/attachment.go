@@ -33,8 +33,9 @@ type attachment struct {
 	// owner is what the attachment lives for (its Caller is in caller).
 	owner Owner
 	dev   *nbddev.Device
-	// root, in mount mode, is held open on the file system's root; nil for
-	// an attachment taken over from an earlier run.
+	// root, in mount mode, is held open on the file system's root; for an
+	// attachment taken over from an earlier run only when its caller is
+	// not uid 0 (found again in the caller's namespace), else nil.
 	root *os.File
 	// mountNS, in mount mode for a caller other than uid 0, is the
 	// caller's mount namespace, where the detach unmounts root.

@@ -8,8 +8,10 @@ import (
 	"strconv"
 	"syscall"
 
-	"github.com/mvps-provisioner/mvps-provisioner/internal/pidfd"
 	"golang.org/x/sys/unix"
+
+	"github.com/mvps-provisioner/mvps-provisioner/internal/pidfd"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 )
 
 // NewCaller is the process pid, running as uid and gid (-1 where unknown),
@@ -64,6 +66,34 @@ func (c *Caller) Close() {
 		unix.Close(c.pidfd)
 		c.pidfd = -1
 	}
+}
+
+// takeMount finds, in the caller's mount namespace, the mount of dev an
+// earlier run made there: the namespace and the mount's root, which an
+// attach of a caller other than uid 0 holds, so that its detach can
+// unmount what the caller itself cannot.
+func (c Caller) takeMount(dev *os.File) (ns, root *os.File, err error) {
+	if c.pidfd < 0 {
+		return nil, nil, errCallerGone
+	}
+	if ns, err = os.Open("/proc/" + strconv.Itoa(int(c.PID)) + "/ns/mnt"); err != nil {
+		return nil, nil, fmt.Errorf("%w: %v", errCallerGone, err)
+	}
+	// Opened while the pidfd proves the pid is still the caller's.
+	if !c.alive() {
+		ns.Close()
+		return nil, nil, errCallerGone
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(dev.Fd()), &st); err != nil {
+		ns.Close()
+		return nil, nil, fmt.Errorf("stat the device: %w", err)
+	}
+	if root, err = mount.FindRoot(ns, st.Rdev); err != nil {
+		ns.Close()
+		return nil, nil, err
+	}
+	return ns, root, nil
 }
 
 // errCallerGone: the process that connected is no longer there to compare

@@ -4,6 +4,7 @@ package provision
 
 import (
 	"context"
+	"errors"
 	"os"
 )
 
@@ -32,3 +33,7 @@ func findCaller(pid int32, start uint64) (Caller, bool) {
 }
 
 func (c Caller) waitExit(ctx context.Context) bool { <-ctx.Done(); return false }
+
+func (c Caller) takeMount(dev *os.File) (ns, root *os.File, err error) {
+	return nil, nil, errors.New("mount mode needs Linux")
+}

@@ -248,9 +248,22 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 	a := &attachment{imageID: e.ImageID, imageSize: e.ImageSize, clientID: clientID, key: e.Key, mode: e.Mode,
 		owner: owner, dev: dev, caller: owner.Caller, ctx: ctx, cancel: cancel, done: make(chan struct{})}
 	a.owner.Caller = UnknownCaller // its pidfd is a.caller's
+	if a.mode == "mount" && alive && a.caller.UID > 0 {
+		// The caller cannot unmount what was mounted for it: hold its
+		// namespace and the mount, as the attach did, for the detach.
+		if ns, root, err := a.caller.takeMount(dev.File); err == nil {
+			a.mountNS, a.root = ns, root
+		} else {
+			m.log.Warn("the caller's mount of the device was not found; the detach waits for it to go", append(attrs, "err", err)...)
+		}
+	}
 	if _, err := m.reg.reserve(ctx, a, 0); err != nil {
 		m.log.Error("state record for an image attached twice; leaving the device alone", append(attrs, "err", err)...)
-		dev.File.Close()
+		for _, f := range []*os.File{a.root, a.mountNS, dev.File} {
+			if f != nil {
+				f.Close()
+			}
+		}
 		a.caller.Close()
 		cancel(err)
 		return

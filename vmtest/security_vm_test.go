@@ -559,3 +559,36 @@ func TestVMMountModeFreshImageOwnedByCaller(t *testing.T) {
 	}
 	c.stop()
 }
+
+// A caller other than uid 0 cannot unmount what was mounted for it, so the
+// detach does; a provisioner killed and started again in between finds the
+// mount again in the caller's namespace, and still does, rather than
+// leaving the mount (and its device) behind until the host reboots.
+func TestVMMountModeUnprivilegedMountUnmountedAfterARestart(t *testing.T) {
+	p := startSharedProvisioner(t, nil)
+	p.AddImage(t, "vol", "vol.mvps-image", 64<<20)
+	ownDir := sharedDir(t, nobodyUID)
+	c := startCaller(t, p, "vol", ownDir, nil)
+	t.Cleanup(func() { unix.Unmount(ownDir, unix.MNT_DETACH); c.stop() })
+	if c.report.Err != "" {
+		t.Fatalf("unprivileged mount: %s", c.report.Err)
+	}
+	p.Kill(t)
+	p.Launch(t)
+	waitUntil(t, 10*time.Second, "the attachment taken over", func() bool {
+		return logHas(p, "taking over an attachment from an earlier run")
+	})
+	c.stop()
+	waitUntil(t, 30*time.Second, "the attachment detached", func() bool {
+		_, attached := ourDevice(t, "vol.mvps-image")
+		return !attached
+	})
+	if info, _ := os.ReadFile("/proc/self/mountinfo"); mountedIn(info, ownDir) {
+		t.Error("the unprivileged caller's mount is still there after its detach")
+	}
+	for _, bad := range []string{"stays busy", "mount of the device was not found"} {
+		if logHas(p, bad) {
+			t.Errorf("the log says %q", bad)
+		}
+	}
+}

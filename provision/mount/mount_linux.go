@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -265,6 +267,93 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int, base string, steps *Steps) err
 		steps.mark("move")
 		return nil
 	})
+}
+
+// FindRoot opens the root of a mount of the block device dev (its st_rdev)
+// in the mount namespace ns, O_PATH: the handle an attach keeps on the file
+// system it mounted, found again by a provisioner that took the attachment
+// over. Paths in the namespace's mount table are the caller's to change
+// meanwhile, so one is followed without symbolic links and what it leads
+// to must be on dev. It fails with fs.ErrNotExist when ns has no mount of
+// dev.
+func FindRoot(ns *os.File, dev uint64) (*os.File, error) {
+	proc, err := unix.Open("/proc", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open /proc: %w", err)
+	}
+	defer unix.Close(proc)
+	var root *os.File
+	err = ownthread.Run(func() error {
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			return fmt.Errorf("unshare CLONE_FS: %w", err)
+		}
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNS); err != nil {
+			return fmt.Errorf("enter caller's mount namespace: %w", err)
+		}
+		table, err := readAt(proc, "thread-self/mountinfo")
+		if err != nil {
+			return err
+		}
+		for _, point := range mountPointsOf(table, dev) {
+			fd, err := unix.Openat2(unix.AT_FDCWD, point, &unix.OpenHow{
+				Flags:   unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC,
+				Resolve: unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+			})
+			if err != nil {
+				continue
+			}
+			var st unix.Stat_t
+			if unix.Fstat(fd, &st) == nil && st.Dev == dev {
+				root = os.NewFile(uintptr(fd), point)
+				return nil
+			}
+			unix.Close(fd)
+		}
+		return fmt.Errorf("no mount of device %d:%d in the caller's namespace: %w", unix.Major(dev), unix.Minor(dev), fs.ErrNotExist)
+	})
+	return root, err
+}
+
+// readAt reads the file name below dir.
+func readAt(dir int, name string) ([]byte, error) {
+	fd, err := unix.Openat(dir, name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open /proc/%s: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), name)
+	defer f.Close()
+	return io.ReadAll(f)
+}
+
+// mountPointsOf lists the mount points of dev's mounts in a mountinfo
+// table (proc_pid_mountinfo(5)), unescaped.
+func mountPointsOf(table []byte, dev uint64) []string {
+	want := fmt.Sprintf("%d:%d", unix.Major(dev), unix.Minor(dev))
+	var points []string
+	for line := range strings.SplitSeq(string(table), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) < 5 || fields[2] != want {
+			continue
+		}
+		points = append(points, unescapeMountinfo(fields[4]))
+	}
+	return points
+}
+
+// unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMountinfo(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // CheckInsideBase checks that dir is base or below it as the mount

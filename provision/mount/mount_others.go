@@ -35,3 +35,6 @@ func (m *Ext4) Unmount(ns, root *os.File) error { return errNotLinux }
 
 // CheckInsideBase fails on systems other than Linux.
 func CheckInsideBase(ns, dir *os.File, base string) error { return errNotLinux }
+
+// FindRoot fails on systems other than Linux.
+func FindRoot(ns *os.File, dev uint64) (*os.File, error) { return nil, errNotLinux }

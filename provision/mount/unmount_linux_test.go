@@ -1,7 +1,9 @@
 package mount
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"testing"
@@ -113,4 +115,54 @@ func selfNamespace(t *testing.T) *os.File {
 	}
 	t.Cleanup(func() { f.Close() })
 	return f
+}
+
+// A provisioner that took an attachment over finds the mount it made in
+// the caller's namespace again by its device, even under a path that
+// mountinfo escapes, and can unmount it from there; a namespace without
+// it says so.
+func TestFindRootOfATakenOverMount(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Fatal("this test mounts and needs root (CI and make test run as root)")
+	}
+	path := filepath.Join(t.TempDir(), "mount point")
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ns, dir := privateNamespace(t, path)
+	fsfd, err := unix.Fsopen("tmpfs", unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fsfd)
+	if err := unix.FsconfigCreate(fsfd); err != nil {
+		t.Fatal(err)
+	}
+	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(mntfd, &st); err != nil {
+		t.Fatal(err)
+	}
+	if err := moveMountInNamespace(mntfd, int(ns.Fd()), int(dir.Fd()), "", nil); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(mntfd) // what an earlier run held is gone with it
+
+	if _, err := FindRoot(selfNamespace(t), st.Dev); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("FindRoot in a namespace without the mount: %v, want ErrNotExist", err)
+	}
+	root, err := FindRoot(ns, st.Dev)
+	if err != nil {
+		t.Fatalf("FindRoot: %v", err)
+	}
+	defer root.Close()
+	if err := Unmount(ns, root); err != nil {
+		t.Fatalf("Unmount: %v", err)
+	}
+	if mountedIn(t, ns, path) {
+		t.Fatal("still mounted after Unmount of the root FindRoot found")
+	}
 }
