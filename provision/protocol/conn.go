@@ -3,6 +3,7 @@ package protocol
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"syscall"
@@ -35,6 +36,11 @@ func ReadRequest(conn *net.UnixConn, deadline time.Time) ([]byte, []int, error) 
 		}
 		n, oobn, flags, _, err = conn.ReadMsgUnix(buf, oob)
 		conn.SetReadDeadline(time.Time{})
+		if n == 0 && errors.Is(err, io.EOF) {
+			// Go's poller says EOF for any empty read of a SEQPACKET
+			// socket, an empty message too: told apart below.
+			err = nil
+		}
 	}
 	fds := parseFDs(oob[:oobn])
 	if err != nil {

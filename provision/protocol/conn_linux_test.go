@@ -185,3 +185,49 @@ func TestWaitAgainAfterItsContextEnded(t *testing.T) {
 		t.Fatalf("wait after the provisioner closed: %v", err)
 	}
 }
+
+// An empty message is a bad request, whether it was there before the read
+// or came while it waited (Go's poller reports that one as EOF); a caller
+// that closed without a message is an empty connection.
+func TestReadRequestEmpty(t *testing.T) {
+	ln, path := listen(t)
+	for _, tc := range []struct {
+		name   string
+		before bool
+		close  bool
+		want   error
+	}{
+		{"empty message waiting", true, false, ErrBadRequest},
+		{"empty message while it waits", false, false, ErrBadRequest},
+		{"closed", true, true, ErrEmptyConnection},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			client, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer client.Close()
+			server, err := ln.AcceptUnix()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer server.Close()
+			send := func() {
+				if tc.close {
+					client.Close()
+				} else if _, _, err := client.WriteMsgUnix(nil, nil, nil); err != nil {
+					t.Error(err)
+				}
+			}
+			if tc.before {
+				send()
+			} else {
+				time.AfterFunc(50*time.Millisecond, send)
+			}
+			_, _, err = ReadRequest(server, time.Now().Add(10*time.Second))
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("ReadRequest: %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
