@@ -199,7 +199,7 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	// The attachment's life: the owner's, and the Manager's.
 	life, end := context.WithCancelCause(m.ctx)
 	a := &attachment{imageID: image.ImageID, imageSize: image.ImageSize, clientID: engine.ClientID(m.cfg.Host, image.ImageID),
-		key: req.Key, mode: mode, owner: owner, caller: caller, ctx: life, cancel: end, done: make(chan struct{})}
+		key: req.Key, mode: mode, owner: owner, caller: caller, ctx: life, cancel: end, done: make(chan struct{}), connectedIndex: -1}
 	a.owner.Caller = UnknownCaller // its pidfd is a.caller's
 	if owner.Life != nil {
 		stop := context.AfterFunc(owner.Life, func() { end(context.Cause(owner.Life)) })
@@ -434,7 +434,10 @@ func (m *Manager) attach(ctx context.Context, a *attachment, sp *spans, recorded
 		return nil, nil, errEngineRestarting
 	}
 	sp.mark("record")
-	trace := &nbddev.Trace{Connected: func(uint32) { sp.mark("connect") }}
+	trace := &nbddev.Trace{Connected: func(index uint32) {
+		sp.mark("connect")
+		m.reg.setConnected(a, index)
+	}}
 	dev, err = m.cfg.Devices.Attach(nbddev.WithTrace(ctx, trace), conn, export, m.cfg.Engine.BackendID(a.imageID))
 	if err != nil {
 		return nil, nil, failf(ErrAttachFailed, "%w", err)

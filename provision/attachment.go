@@ -70,6 +70,9 @@ type attachment struct {
 	// fenceEnded is set once the detach closed fenceConn: a fencing
 	// session that opens later is closed at once, not kept.
 	fenceEnded bool
+	// connectedIndex is the device's index from the kernel's connect on,
+	// before dev is set: a link-dead event for it finds the attachment.
+	connectedIndex int64
 	// linkDead is a link-dead event that came while the attachment was
 	// attaching or reconnecting, when no reconnect could start: the next
 	// step to attached reconnects instead.

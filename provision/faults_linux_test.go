@@ -88,6 +88,23 @@ func TestReconnectWaitsForTheLocksRenewal(t *testing.T) {
 	}
 }
 
+// A connection that dies between the kernel's connect and the end of the
+// attach (here at once) is reconnected: its link-dead event names a
+// device the attach has not been told of yet, and must not be dropped.
+func TestLinkDeadRightAfterTheKernelConnectReconnects(t *testing.T) {
+	ts := provisiontest.New(t, nil)
+	ts.Devices.Mu.Lock()
+	ts.Devices.OnConnect = func(index uint32) {
+		ts.Devices.Conn(index).Close()
+		ts.LinkDead(index)
+	}
+	ts.Devices.Mu.Unlock()
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	waitFor(t, func() bool { return ts.Devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+}
+
 // A suspension whose fencing session cannot be opened (the engine does not
 // answer a new connection) while the device's connection still writes
 // tries again until it is fenced: a node whose lock may lapse must not go

@@ -246,7 +246,7 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 			"client_id", clientID)...)
 	}
 	a := &attachment{imageID: e.ImageID, imageSize: e.ImageSize, clientID: clientID, key: e.Key, mode: e.Mode,
-		owner: owner, dev: dev, caller: owner.Caller, ctx: ctx, cancel: cancel, done: make(chan struct{})}
+		owner: owner, dev: dev, caller: owner.Caller, ctx: ctx, cancel: cancel, done: make(chan struct{}), connectedIndex: -1}
 	a.owner.Caller = UnknownCaller // its pidfd is a.caller's
 	if a.mode == "mount" && alive && a.caller.UID > 0 {
 		// The caller cannot unmount what was mounted for it: hold its

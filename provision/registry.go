@@ -211,11 +211,19 @@ func (r *registry) byIndex(index uint32) *attachment {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, a := range r.byImage {
-		if a.dev != nil && a.dev.Index == index {
+		if a.dev != nil && a.dev.Index == index || a.dev == nil && a.connectedIndex == int64(index) {
 			return a
 		}
 	}
 	return nil
+}
+
+// setConnected tells that the kernel connected a's device as index, which
+// a link-dead event may name before the attach sets a's device.
+func (r *registry) setConnected(a *attachment, index uint32) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.connectedIndex = int64(index)
 }
 
 // startRecovery moves an attached a to reconnecting; false if it is not

@@ -58,6 +58,10 @@ type Devices struct {
 	// KeepConns leaves the engine connection open at Detach, as a kernel
 	// does while the engine still works on requests it was sent.
 	KeepConns bool
+	// OnConnect, when set, is called in Attach once the "kernel" has the
+	// device, before Attach returns: where a link-dead event can come
+	// before the provisioner knows the device.
+	OnConnect func(index uint32)
 }
 
 // NewDevices returns fake devices backed by files in a test directory, in
@@ -120,6 +124,12 @@ func (f *Devices) Attach(ctx context.Context, conn net.Conn, export handshake.Ex
 	f.conns[index] = conn
 	if t := nbddev.ContextTrace(ctx); t != nil && t.Connected != nil {
 		t.Connected(index)
+	}
+	if f.OnConnect != nil {
+		onConnect := f.OnConnect
+		f.Mu.Unlock()
+		onConnect(index)
+		f.Mu.Lock()
 	}
 	return &nbddev.Device{Index: index, Path: path, File: file}, nil
 }
