@@ -53,6 +53,8 @@ type Devices interface {
 	Connected() (map[uint32]string, error)
 	// WaitUnmounted waits until no file system holds dev.
 	WaitUnmounted(ctx context.Context, dev *nbddev.Device) error
+	// SetTimeouts gives a device taken over the timeouts of this run.
+	SetTimeouts(dev *nbddev.Device, backend string) error
 	// Responds reads dev's first block from the engine, around any
 	// cache: nil once the engine answered, an error if the read failed
 	// or ctx ended first (a device whose connection died queues the read

@@ -214,6 +214,9 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 		}
 		return
 	}
+	if err := m.cfg.Devices.SetTimeouts(dev, m.cfg.Engine.BackendID(e.ImageID)); err != nil {
+		m.log.Warn("the device keeps the timeouts an earlier run gave it", append(attrs, "err", err)...)
+	}
 	owner := Owner{Kind: OwnerProcess, Caller: UnknownCaller}
 	alive := true
 	switch {

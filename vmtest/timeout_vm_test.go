@@ -98,3 +98,28 @@ func TestVMReadHeldPastIOTimeout(t *testing.T) {
 		return strings.Contains(string(log), "msg=reconnected")
 	})
 }
+
+// A device taken over gets the timeouts of the run that took it: an
+// operator changes PROVISIONER_IO_TIMEOUT and restarts to have it.
+func TestVMIOTimeoutOfATakenOverDevice(t *testing.T) {
+	p := vmharness.Start(t, map[string]string{"PROVISIONER_IO_TIMEOUT": "2s"})
+	p.AddImage(t, "vol", "vol.mvps-image", 16<<20)
+	a, index := p.Attach(t, "vol")
+	defer a.Close()
+	if got := vmharness.Sysfs(index, "queue/io_timeout"); got != "2000" {
+		t.Fatalf("the device's io_timeout is %q, want 2000", got)
+	}
+	p.Kill(t)
+	for i, kv := range p.Env {
+		if strings.HasPrefix(kv, "PROVISIONER_IO_TIMEOUT=") {
+			p.Env[i] = "PROVISIONER_IO_TIMEOUT=5s"
+		}
+	}
+	p.Launch(t)
+	waitUntil(t, 10*time.Second, "the device taken over", func() bool {
+		return logHas(p, "taking over an attachment from an earlier run")
+	})
+	if got := vmharness.Sysfs(index, "queue/io_timeout"); got != "5000" {
+		t.Errorf("the taken-over device's io_timeout is %q, want 5000", got)
+	}
+}

@@ -58,6 +58,21 @@ func (d *Devices) Adopt(index uint32, backend string, size uint64) (*Device, err
 	return dev, nil
 }
 
+// SetTimeouts gives a device taken over this run's timeouts, which an
+// earlier run may have set otherwise: an operator who changed them
+// restarted to have them.
+func (d *Devices) SetTimeouts(dev *Device, backend string) error {
+	err := d.Netlink.Reconfigure(dev.Index, netlinknbd.ReconfigureConfig{
+		Timeout:           &d.RequestTimeout,
+		DeadConnTimeout:   &d.DeadConnTimeout,
+		BackendIdentifier: backend,
+	})
+	if err != nil {
+		return fmt.Errorf("set the timeouts of %s: %w", dev.Path, err)
+	}
+	return nil
+}
+
 // Connected lists the connected devices with their backend identifiers.
 func (d *Devices) Connected() (map[uint32]string, error) {
 	all, err := d.Netlink.StatusAll()

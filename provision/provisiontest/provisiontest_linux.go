@@ -231,6 +231,9 @@ func (f *Devices) Connected() (map[uint32]string, error) {
 // mounted from a fake device.
 func (f *Devices) WaitUnmounted(ctx context.Context, dev *nbddev.Device) error { return nil }
 
+// SetTimeouts implements provision.Devices: a fake device has none.
+func (f *Devices) SetTimeouts(dev *nbddev.Device, backend string) error { return nil }
+
 // Responds implements provision.Devices: the device's engine connection
 // answers unless the engine closed it (a fence) or it was closed here.
 func (f *Devices) Responds(ctx context.Context, dev *nbddev.Device) error {
