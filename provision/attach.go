@@ -200,6 +200,7 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	life, end := context.WithCancelCause(m.ctx)
 	a := &attachment{imageID: image.ImageID, imageSize: image.ImageSize, clientID: engine.ClientID(m.cfg.Host, image.ImageID),
 		key: req.Key, mode: mode, owner: owner, caller: caller, ctx: life, cancel: end, done: make(chan struct{}), connectedIndex: -1}
+	a.rctx, a.rcancel = context.WithCancelCause(m.ctx)
 	a.owner.Caller = UnknownCaller // its pidfd is a.caller's
 	if owner.Life != nil {
 		stop := context.AfterFunc(owner.Life, func() { end(context.Cause(owner.Life)) })
@@ -217,6 +218,7 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 
 	if holder, err := m.reg.reserve(actx, a, m.cfg.FlushTimeout+m.cfg.DetachTimeout); err != nil {
 		end(err)
+		a.rcancel(err)
 		if holder != nil {
 			// Who holds it is the operator's business, not another
 			// caller's: the log has it, the error does not.
@@ -313,7 +315,7 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	// for the status sees it so.
 	if m.reg.attached(a, restarting || gen != engineGen) {
 		m.log.Warn("engine connection lost during the attach; reconnecting", "image_id", a.imageID, "device", dev.Path)
-		m.goTracked(func() { m.recover(a) }) // shutdown, if it refuses, ends the attachment anyway
+		m.goRecover(a) // shutdown, if it refuses, ends the attachment anyway
 	}
 	return at, nil
 }

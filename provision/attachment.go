@@ -48,12 +48,27 @@ type attachment struct {
 	// says which.
 	ctx    context.Context
 	cancel context.CancelCauseFunc
-	once   sync.Once
+	// rctx bounds a's reconnects. It outlives ctx, so that a detach can
+	// wait for a reconnect in progress before its sync and flush: it ends
+	// at shutdown (a handover too), when the image's lock is lost, and
+	// when the detach stops waiting.
+	rctx    context.Context
+	rcancel context.CancelCauseFunc
+	once    sync.Once
 	// done is closed when the detach (or the handover) is over.
 	done chan struct{}
+	// wake tells a detach that waits for a's reconnect that something it
+	// waits on changed; set by reserve.
+	wake chan struct{}
 	// recordMu orders a reconnect's rewrite of the state record after the
 	// detach's removal of it, which must be the last word.
 	recordMu sync.Mutex
+	// detachBegun (under recordMu) is set when the detach begins: a
+	// reconnect that ends while it waits still rewrites the record.
+	detachBegun bool
+	// forgotten (under recordMu) is set once the detach removed the
+	// record: nothing writes it again.
+	forgotten bool
 
 	// ---- guarded by registry.mu ----
 
@@ -81,6 +96,14 @@ type attachment struct {
 	// kernel, until it ends: a link-dead event before that is the old
 	// connection's.
 	newConn bool
+	// recovering is set while a reconnect runs in a goroutine of its own
+	// (goRecover), from startRecovery (or attached) until it returns.
+	recovering bool
+	// detaching is set when the detach begins: the image counts as
+	// detaching (reserve waits for it), while a reconnect may still be
+	// started and waited for, until the detach's flush decision
+	// (settle) moves a to StateDetaching.
+	detaching bool
 	// delivered is set once the owner has the attachment (and for one
 	// taken over from an earlier run): only then does a handover leave it
 	// attached.
@@ -132,6 +155,7 @@ func (m *Manager) detach(a *attachment, reason string) {
 		// After the detach and before the image is free here: the next
 		// holder, here or elsewhere, finds everything written.
 		defer m.releaseLock(a)
+		defer a.rcancel(errDetached)
 		a.cancel(errDetached)
 		if a.dev == nil {
 			// The attach failed before the kernel had a device.
@@ -143,15 +167,12 @@ func (m *Manager) detach(a *attachment, reason string) {
 			defer a.mountNS.Close()
 		}
 		since := time.Now()
-		if old := m.reg.setState(a, StateDetaching); old == StateAttached {
+		if m.reg.beginDetach(a) == StateAttached {
 			since = a.since
 		}
-		m.mu.Lock()
-		engineDead := m.engineDead
-		m.mu.Unlock()
-		// Suspended: the image's lock may have lapsed, so nothing more
-		// may be written, a flush included.
-		engineDead = engineDead || m.reg.isUnrecoverable(a) || m.reg.isSuspended(a)
+		a.recordMu.Lock()
+		a.detachBegun = true
+		a.recordMu.Unlock()
 
 		var fsErr error
 		ns := a.mountNS
@@ -166,27 +187,38 @@ func (m *Manager) detach(a *attachment, reason string) {
 					"image_id", a.imageID, "caller_pid", a.caller.PID, "err", err)
 			}
 		}
+		// A reconnect in progress, or the engine's restart, is waited for:
+		// the sync and the flush must reach an engine, or what the owner
+		// wrote is lost.
+		flush, skipped, waited := m.settle(a)
+		if !flush {
+			// No reconnect may reach the kernel any more.
+			a.rcancel(errDetached)
+		}
+		// The wait counts against the flush's bound: a detach takes no
+		// longer than it did without one.
+		flushTimeout := max(m.cfg.FlushTimeout-waited, time.Second)
 		switch {
-		case a.root != nil && engineDead:
-			// A sync would wait out the dead-connection timeout for an
-			// engine that is gone.
+		case a.root != nil && !flush:
+			// A sync would wait out the dead-connection timeout for a
+			// connection that is gone.
 			a.root.Close()
-			fsErr = errors.New("sync skipped: engine is gone")
+			fsErr = errors.New("sync skipped: " + skipped)
 		case a.root != nil:
 			// The file system first: its dirty data goes to the device,
 			// and once released an unmounted file system shuts down.
 			fsErr = mount.SyncAndRelease(a.root)
-		case a.mode == "mount" && !engineDead:
+		case a.mode == "mount" && flush:
 			// Taken over from an earlier run, which held the file system:
 			// wait (bounded) until the caller's mounts are gone and the
 			// file system has written itself back and shut down.
-			ctx, cancel := context.WithTimeout(context.Background(), m.cfg.FlushTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), flushTimeout)
 			fsErr = m.cfg.Devices.WaitUnmounted(ctx, a.dev)
 			cancel()
 		}
-		flushErr := errors.New("skipped: engine is gone")
-		if !engineDead {
-			ctx, cancel := context.WithTimeout(context.Background(), m.cfg.FlushTimeout)
+		flushErr := errors.New("skipped: " + skipped)
+		if flush {
+			ctx, cancel := context.WithTimeout(context.Background(), flushTimeout)
 			flushErr = m.cfg.Devices.Flush(ctx, a.dev)
 			cancel()
 		}
@@ -218,6 +250,70 @@ func (m *Manager) detach(a *attachment, reason string) {
 		}
 		m.cfg.Metrics.Detached(a.mode, detachResult(flushErr, detachErr))
 	})
+}
+
+// settle waits, for a's detach, until its device's engine connection can
+// take the sync and the flush: a reconnect in progress is over, or the
+// engine, restarting, is back (and the device reconnected, if its
+// link-dead event comes meanwhile). It waits no longer than a reconnect
+// would try (RecoveryTimeout; past it a reconnect gives up, and the
+// kernel's dead-connection timeout is near), nor than FlushTimeout, nor
+// past the start of a shutdown, which ends the reconnects. It reports
+// whether to flush; if not, why (the connection cannot be recovered, the
+// image's lock is suspended or lost, the engine is gone); and how long it
+// waited. a is StateDetaching when it returns: no reconnect starts after.
+func (m *Manager) settle(a *attachment) (flush bool, skipped string, waited time.Duration) {
+	start := time.Now()
+	var limit *time.Timer // once it waits
+	final := false
+	for {
+		_, engineDown := m.engineAt()
+		flush, skipped, wait := m.reg.settle(a, engineDown, final || m.ctx.Err() != nil)
+		if !wait {
+			if waited = time.Since(start); waited > time.Millisecond {
+				m.log.Info("waited for the device's engine connection before the flush", "image_id", a.imageID,
+					"device", a.dev.Path, "waited", waited.Round(time.Millisecond).String(), "flush", flush)
+			}
+			return flush, skipped, waited
+		}
+		if limit == nil {
+			limit = time.NewTimer(min(m.cfg.RecoveryTimeout, m.cfg.FlushTimeout))
+			defer limit.Stop()
+		}
+		select {
+		case <-a.wake:
+		case <-m.ctx.Done():
+		case <-limit.C:
+			final = true
+		}
+	}
+}
+
+// goRecover runs a's reconnect, which startRecovery or attached has just
+// begun, in the Manager's work; a detach waits for it to return. One that
+// shutdown refuses is over at once.
+func (m *Manager) goRecover(a *attachment) {
+	if !m.goTracked(func() {
+		defer m.reg.recoveryOver(a)
+		m.recover(a)
+	}) {
+		m.reg.recoveryOver(a)
+	}
+}
+
+// recordReconnected rewrites a's state record after a reconnect, to name
+// the engine of its new connection: while a lives, and while its detach
+// waits for the reconnect; not once the detach removed the record, nor
+// after a handover, whose record is the last word.
+func (m *Manager) recordReconnected(a *attachment) {
+	a.recordMu.Lock()
+	defer a.recordMu.Unlock()
+	if a.forgotten || a.ctx.Err() != nil && !a.detachBegun {
+		return
+	}
+	if err := m.record(a, int64(a.dev.Index)); err != nil {
+		m.log.Warn("state record not updated after the reconnect", "image_id", a.imageID, "err", err)
+	}
 }
 
 // recordAttaching writes a's first state record, before the kernel attach
@@ -268,6 +364,7 @@ func (m *Manager) forget(a *attachment) {
 	}
 	a.recordMu.Lock()
 	defer a.recordMu.Unlock()
+	a.forgotten = true
 	if err := m.cfg.State.remove(a.imageID); err != nil {
 		m.log.Error("state file left behind", "image_id", a.imageID, "err", err)
 	}

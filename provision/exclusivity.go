@@ -142,13 +142,14 @@ func (m *Manager) fence(a *attachment) Fence {
 			if a.dev == nil || !m.reg.startRecovery(a) {
 				return
 			}
-			m.goTracked(func() { m.recover(a) })
+			m.goRecover(a)
 		},
 		Lost: func(holder string) {
 			m.log.Error("image lock taken by another node: detaching without writing more", "image_id", a.imageID,
 				"holder", holder)
 			m.reg.markUnrecoverable(a)
 			a.cancel(errLockLost)
+			a.rcancel(errLockLost) // no reconnect may reach the kernel
 		},
 	}
 }
@@ -157,12 +158,13 @@ func (m *Manager) fence(a *attachment) Fence {
 // engine and keeps it; it reports whether a needs no more fencing: fenced,
 // no longer suspended, or ended.
 func (m *Manager) fenceOnce(a *attachment) bool {
-	ctx, cancel := context.WithTimeout(a.ctx, m.cfg.AttachTimeout)
+	// a.rctx: a detach that waits for a reconnect still needs the fence.
+	ctx, cancel := context.WithTimeout(a.rctx, m.cfg.AttachTimeout)
 	conn, _, err := m.openSession(ctx, a.session())
 	cancel()
 	if err != nil {
 		m.log.Error("could not fence the image's engine connection; trying again", "image_id", a.imageID, "err", err)
-		return a.ctx.Err() != nil || !m.reg.isSuspended(a)
+		return a.rctx.Err() != nil || !m.reg.isSuspended(a)
 	}
 	m.reg.keepFence(a, conn)
 	return true
@@ -173,7 +175,7 @@ func (m *Manager) fenceUntilDone(a *attachment) {
 	backoff := 100 * time.Millisecond
 	for {
 		select {
-		case <-a.ctx.Done():
+		case <-a.rctx.Done():
 			return
 		case <-time.After(backoff):
 		}

@@ -434,8 +434,9 @@ func (d *slowReconnects) Reconnect(ctx context.Context, dev *nbddev.Device, conn
 		return err
 	}
 	d.end()
-	// The detach cancels the reconnect's context first: wait for the
-	// record's removal regardless, as a kernel slow to answer would.
+	// The detach waits for the reconnect no longer than RecoveryTimeout,
+	// then cancels its context: wait for the record's removal
+	// regardless, as a kernel slow to answer would.
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
 		if _, err := os.Stat(d.record); errors.Is(err, os.ErrNotExist) {
 			return nil
@@ -460,6 +461,7 @@ func TestReconnectAfterTheDetachLeavesNoRecord(t *testing.T) {
 		c.State = state
 		devices.Devices = c.Devices.(*provisiontest.Devices)
 		c.Devices = devices
+		c.RecoveryTimeout = 300 * time.Millisecond
 	})
 	devices.end = func() { go ts.End(volID, errors.New("the owner is gone")) }
 	ts.AddImage(t, "vol", volID, 1<<20)

@@ -113,7 +113,8 @@ type Config struct {
 	// AttachTimeout bounds the engine session, the kernel attach and the
 	// mount.
 	AttachTimeout time.Duration
-	// FlushTimeout bounds the flush before a detach; after it the device is
+	// FlushTimeout bounds the flush before a detach, with the detach's
+	// wait for a reconnect in progress before it; after it the device is
 	// disconnected anyway, and what was not flushed is lost.
 	FlushTimeout time.Duration
 	// DetachTimeout bounds the disconnect and the wait for the device to
@@ -125,6 +126,8 @@ type Config struct {
 	// RecoveryTimeout bounds the reconnects of a device whose engine
 	// connection died; past it the attachment is detached. It should not
 	// exceed the kernel's dead-connection timeout, after which I/O fails.
+	// A detach waits no longer for a reconnect (or the engine's return)
+	// before its flush.
 	RecoveryTimeout time.Duration
 	// MountBase, when set, confines the mounts of callers other than uid 0
 	// to directories under it (as their namespace sees it).
@@ -246,9 +249,10 @@ func (m *Manager) goTracked(fn func()) bool {
 	return true
 }
 
-// EngineFailed tells the Manager the engine is gone: detaches skip the
-// flush, which could only wait for a connection that will never answer,
-// until EngineRestored.
+// EngineFailed tells the Manager the engine is gone: until
+// EngineRestored, attaches are refused, and detaches wait (bounded, see
+// settle) for its return and their device's reconnect before they flush;
+// a flush now could only wait for a connection that will never answer.
 func (m *Manager) EngineFailed() {
 	m.mu.Lock()
 	m.engineDead = true
@@ -275,6 +279,8 @@ func (m *Manager) EngineRestored() {
 	m.mu.Lock()
 	m.engineDead = false
 	m.mu.Unlock()
+	// Detaches that wait for the engine go on.
+	m.reg.wakeAll()
 }
 
 // Shutdown ends every attachment (aborting attaches in progress) and

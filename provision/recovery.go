@@ -35,7 +35,7 @@ func (m *Manager) LinkDead(index uint32) {
 		return
 	}
 	m.log.Warn("engine connection lost; reconnecting", "image_id", a.imageID, "device", a.dev.Path)
-	m.goTracked(func() { m.recover(a) })
+	m.goRecover(a)
 }
 
 // recover reconnects a's device: a new session with a's client id (which
@@ -50,7 +50,7 @@ func (m *Manager) recover(a *attachment) bool {
 	backoff := 50 * time.Millisecond
 	var lastErr error
 	for attempt := 1; ; attempt++ {
-		ctx, cancel := context.WithDeadline(a.ctx, deadline)
+		ctx, cancel := context.WithDeadline(a.rctx, deadline)
 		conn, _, err := m.openSession(ctx, a.session())
 		if err == nil && m.reg.isSuspended(a) {
 			// Suspended since the reconnect began: this session may have
@@ -72,15 +72,8 @@ func (m *Manager) recover(a *attachment) bool {
 		}
 		cancel()
 		if err == nil {
-			// The record names the engine of the new connection, unless
-			// the detach (which cancels a.ctx first) removed it meanwhile.
-			a.recordMu.Lock()
-			if a.ctx.Err() == nil {
-				if err := m.record(a, int64(a.dev.Index)); err != nil {
-					m.log.Warn("state record not updated after the reconnect", "image_id", a.imageID, "err", err)
-				}
-			}
-			a.recordMu.Unlock()
+			// The record names the engine of the new connection.
+			m.recordReconnected(a)
 			again := m.reg.endRecovery(a, true)
 			m.cfg.Metrics.Reconnected(true)
 			m.log.Info("reconnected", "image_id", a.imageID, "device", a.dev.Path, "attempts", attempt,
@@ -96,8 +89,8 @@ func (m *Manager) recover(a *attachment) bool {
 			continue
 		}
 		lastErr = err
-		if a.ctx.Err() != nil {
-			return false // detached meanwhile
+		if a.rctx.Err() != nil {
+			return false // shut down, or detached meanwhile
 		}
 		if !time.Now().Add(backoff).Before(deadline) {
 			break
@@ -105,7 +98,7 @@ func (m *Manager) recover(a *attachment) bool {
 		m.log.Debug("reconnect failed; retrying", "image_id", a.imageID, "attempt", attempt, "err", err)
 		select {
 		case <-time.After(backoff):
-		case <-a.ctx.Done():
+		case <-a.rctx.Done():
 			return false
 		}
 		backoff = min(2*backoff, time.Second)
@@ -182,11 +175,11 @@ const keptProbeTimeout = 5 * time.Second
 // its record names the engine that still runs. Such a device is
 // reconnected. It reports whether the attachment lives on.
 func (m *Manager) proveKept(a *attachment) bool {
-	ctx, cancel := context.WithTimeout(a.ctx, keptProbeTimeout)
+	ctx, cancel := context.WithTimeout(a.rctx, keptProbeTimeout)
 	err := m.cfg.Devices.Responds(ctx, a.dev)
 	cancel()
-	if err == nil || a.ctx.Err() != nil {
-		return a.ctx.Err() == nil
+	if err == nil || a.rctx.Err() != nil {
+		return a.rctx.Err() == nil
 	}
 	if !m.reg.startRecovery(a) {
 		return true // a link-dead event's reconnect has it, or its detach
@@ -240,6 +233,7 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 		}
 	}
 	ctx, cancel := context.WithCancelCause(m.ctx)
+	rctx, rcancel := context.WithCancelCause(m.ctx)
 	// The client id is this node's, never what a record says: a record
 	// from before a change of identity (or one planted) must not name a
 	// session to fence.
@@ -249,7 +243,8 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 			"client_id", clientID)...)
 	}
 	a := &attachment{imageID: e.ImageID, imageSize: e.ImageSize, clientID: clientID, key: e.Key, mode: e.Mode,
-		owner: owner, dev: dev, caller: owner.Caller, ctx: ctx, cancel: cancel, done: make(chan struct{}), connectedIndex: -1}
+		owner: owner, dev: dev, caller: owner.Caller, ctx: ctx, cancel: cancel, rctx: rctx, rcancel: rcancel, done: make(chan struct{}),
+		connectedIndex: -1}
 	a.owner.Caller = UnknownCaller // its pidfd is a.caller's
 	if a.mode == "mount" && alive && a.caller.UID > 0 {
 		// The caller cannot unmount what was mounted for it: hold its
@@ -269,6 +264,7 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 		}
 		a.caller.Close()
 		cancel(err)
+		rcancel(err)
 		return
 	}
 	m.reg.setState(a, StateReconnecting)

@@ -306,3 +306,123 @@ func openState(t *testing.T, dir string) *provision.StateDir {
 	t.Cleanup(func() { state.Close() })
 	return state
 }
+
+// A caller that hangs up while its device is being reconnected (its
+// engine restarting, say) has its detach wait for the reconnect, then
+// flush through the new connection: what it wrote reaches the engine.
+// Flushed through the dead connection, it would wait out the kernel's
+// dead-connection timeout and fail; skipped, the caller's writes would
+// be lost.
+func TestDetachWaitsForTheReconnect(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// die takes the engine away from the attached device.
+		die func(ts *provisiontest.Server, sw *engineSwitch)
+		// reconnects is how often the device is reconnected.
+		reconnects int
+	}{
+		{"link-dead event", func(ts *provisiontest.Server, sw *engineSwitch) {
+			sw.set(true, nil)
+			ts.EngineFailed()
+			ts.Devices.Conn(0).Close()
+			ts.LinkDead(0)
+			waitFor(t, func() bool { return stateOf(ts, volID) == provision.StateReconnecting })
+		}, 1},
+		{"engine restart before its event", func(ts *provisiontest.Server, sw *engineSwitch) {
+			sw.set(true, nil)
+			ts.EngineFailed()
+		}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sw := &engineSwitch{}
+			ts := provisiontest.New(t, withSwitch(sw, nil))
+			ts.AddImage(t, "vol", volID, 1<<20)
+			a := ts.Attach(t, "vol")
+			defer a.Close()
+
+			tc.die(ts, sw)
+			a.Close()
+			// The detach has begun (or is over): it must not end before
+			// the engine is back.
+			waitFor(t, func() bool { s := stateOf(ts, volID); return s == provision.StateDetaching || s == "" })
+			time.Sleep(100 * time.Millisecond)
+			if _, detached := ts.Devices.Counts(t); detached != 0 {
+				t.Fatalf("detached while the engine was away (%d flushes, %d reconnects)",
+					ts.Devices.FlushCount(0), ts.Devices.Reconnects(0))
+			}
+			sw.set(false, nil)
+			ts.EngineRestored()
+			ts.Devices.WaitDetached(t, 0)
+			if n := ts.Devices.Reconnects(0); n != tc.reconnects {
+				t.Errorf("reconnected %d times before the detach, want %d", n, tc.reconnects)
+			}
+			if n := ts.Devices.FlushCount(0); n != 1 {
+				t.Errorf("flushed %d times, want 1: the caller's writes are lost", n)
+			}
+			if attached, detached := ts.Devices.Counts(t); attached != 1 || detached != 1 {
+				t.Errorf("attached %d, detached %d; want the device detached once", attached, detached)
+			}
+			waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+		})
+	}
+}
+
+// A detach that waits for a reconnect which then gives up (the engine
+// never comes back) detaches without a flush, once, when the reconnect
+// gives up: there is no connection to flush through.
+func TestDetachDuringAReconnectThatGivesUp(t *testing.T) {
+	sw := &engineSwitch{}
+	ts := provisiontest.New(t, withSwitch(sw, func(c *provisiontest.Config) {
+		c.RecoveryTimeout = 300 * time.Millisecond
+	}))
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+
+	sw.set(true, nil)
+	ts.EngineFailed()
+	ts.Devices.Conn(0).Close()
+	ts.LinkDead(0)
+	a.Close()
+	ts.Devices.WaitDetached(t, 0)
+	if n := ts.Devices.FlushCount(0); n != 0 {
+		t.Errorf("flushed %d times with no engine connection, want 0", n)
+	}
+	if attached, detached := ts.Devices.Counts(t); attached != 1 || detached != 1 {
+		t.Errorf("attached %d, detached %d; want the device detached once", attached, detached)
+	}
+	waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+}
+
+// A shutdown ends the reconnects, and with them the wait of a detach for
+// one: it stays as quick as it was, and the device is detached once,
+// without a flush through its dead connection.
+func TestShutdownEndsADetachsWaitForTheReconnect(t *testing.T) {
+	sw := &engineSwitch{}
+	ts := provisiontest.New(t, withSwitch(sw, nil))
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+
+	sw.set(true, nil)
+	ts.EngineFailed()
+	ts.Devices.Conn(0).Close()
+	ts.LinkDead(0)
+	a.Close()
+	waitFor(t, func() bool { return stateOf(ts, volID) == provision.StateDetaching })
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("shutdown took %v with a detach waiting for a reconnect", took)
+	}
+	if n := ts.Devices.FlushCount(0); n != 0 {
+		t.Errorf("flushed %d times with no engine connection, want 0", n)
+	}
+	if attached, detached := ts.Devices.Counts(t); attached != 1 || detached != 1 {
+		t.Errorf("attached %d, detached %d; want the device detached once", attached, detached)
+	}
+}

@@ -88,11 +88,12 @@ func (r *registry) reserve(ctx context.Context, a *attachment, wait time.Duratio
 		if !ok {
 			a.state, a.since = StateAttaching, time.Now()
 			a.released = make(chan struct{})
+			a.wake = make(chan struct{}, 1)
 			r.byImage[a.imageID] = a
 			r.mu.Unlock()
 			return nil, nil
 		}
-		detaching := other.state == StateDetaching
+		detaching := other.state == StateDetaching || other.detaching
 		r.mu.Unlock()
 		if !detaching {
 			return other, failf(ErrBusy, "the image is already attached on this host")
@@ -187,6 +188,9 @@ func (r *registry) snapshot() []Info {
 func (a *attachment) infoLocked() Info {
 	info := Info{Key: a.key, ImageID: a.imageID, Mode: a.mode, State: a.state, Owner: a.owner.Kind, Volume: a.owner.Volume,
 		CallerPID: a.caller.PID, CallerUID: a.caller.UID, Since: a.since, Reconnects: a.reconnects}
+	if a.detaching {
+		info.State = StateDetaching
+	}
 	if a.dev != nil {
 		info.Device = a.dev.Path
 	}
@@ -247,7 +251,7 @@ func (r *registry) startRecovery(a *attachment) bool {
 		// whose Resume reconnects it.
 		return false
 	}
-	a.state, a.linkDead = StateReconnecting, false
+	a.state, a.linkDead, a.recovering = StateReconnecting, false, true
 	return true
 }
 
@@ -260,7 +264,7 @@ func (r *registry) attached(a *attachment, linkDied bool) (reconnect bool) {
 	defer r.mu.Unlock()
 	a.state, a.since = StateAttached, time.Now()
 	if (linkDied || a.linkDead) && !a.suspended {
-		a.state, a.linkDead = StateReconnecting, false
+		a.state, a.linkDead, a.recovering = StateReconnecting, false, true
 		return true
 	}
 	a.linkDead = a.linkDead || linkDied
@@ -316,6 +320,7 @@ func (r *registry) markUnrecoverable(a *attachment) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	a.unrecoverable = true
+	a.wakeLocked()
 }
 
 func (r *registry) isUnrecoverable(a *attachment) bool {
@@ -400,6 +405,7 @@ func (r *registry) suspend(a *attachment, conn net.Conn) {
 		a.fenceConn.Close()
 	}
 	a.fenceConn = conn
+	a.wakeLocked()
 }
 
 // unsuspend ends a's suspension and closes its fencing session; it reports
@@ -448,4 +454,79 @@ func (r *registry) endFence(a *attachment) {
 		a.fenceConn.Close()
 		a.fenceConn = nil
 	}
+}
+
+// recoveryOver records that a's reconnect (goRecover's) has returned.
+func (r *registry) recoveryOver(a *attachment) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.recovering = false
+	a.wakeLocked()
+}
+
+// wakeLocked wakes a detach that waits for a's connection (settle); the
+// registry's lock is held.
+func (a *attachment) wakeLocked() {
+	select {
+	case a.wake <- struct{}{}:
+	default: // a wake-up is pending already
+	}
+}
+
+// wakeAll wakes every detach that waits for its connection: the engine is
+// back.
+func (r *registry) wakeAll() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.byImage {
+		a.wakeLocked()
+	}
+}
+
+// beginDetach marks a as detaching and reports the state it was in. Its
+// state stays until settle decides about the flush: a link-dead event
+// meanwhile still starts a reconnect, which the detach waits for.
+func (r *registry) beginDetach(a *attachment) State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.detaching = true
+	return a.state
+}
+
+// settle decides, for a's detach, whether its device's engine connection
+// can take a flush now (flush), never will (skipped says why), or may
+// once a reconnect in progress or the engine's restart is over (wait;
+// final turns a wait into a skip). Unless it waits, a is StateDetaching
+// when it returns, and no reconnect starts any more.
+func (r *registry) settle(a *attachment, engineDown, final bool) (flush bool, skipped string, wait bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch {
+	case a.unrecoverable:
+		// Recovery gave up, or the image's lock was lost: nothing more
+		// may be written either.
+		skipped = "the engine connection could not be recovered, or the image's lock was lost"
+	case a.suspended:
+		// The image's lock may lapse: nothing more may be written.
+		skipped = "the image's lock is suspended"
+	case a.recovering:
+		wait, skipped = true, "not reconnected in time"
+	case a.state == StateReconnecting || a.linkDead:
+		// Dead, and no reconnect runs: shutdown refused it or ended it,
+		// or the attach never got to start it.
+		skipped = "the engine connection is dead"
+	case engineDown && a.state == StateAttached:
+		// The device's link-dead event, and its reconnect, may still
+		// come; or the engine returns without one.
+		wait, skipped = true, "engine is gone"
+	case engineDown:
+		skipped = "engine is gone"
+	default:
+		flush = true
+	}
+	if wait && !final {
+		return false, "", true
+	}
+	a.state = StateDetaching
+	return flush, skipped, false
 }

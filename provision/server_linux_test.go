@@ -396,10 +396,11 @@ func TestReserveWaitsForDetach(t *testing.T) {
 	ts.Devices.WaitDetached(t, 1)
 }
 
-// With the engine gone, a detach does not wait on a flush that can never
-// complete.
+// With the engine gone for good, a detach waits for its return no longer
+// than a reconnect would (RecoveryTimeout), and then does not wait on a
+// flush that can never complete.
 func TestDetachSkipsFlushWhenEngineIsDead(t *testing.T) {
-	ts := provisiontest.New(t, nil)
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.RecoveryTimeout = 300 * time.Millisecond })
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
 	a := ts.Attach(t, "vol")
 	ts.EngineFailed()
