@@ -13,6 +13,8 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/engine"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
 
@@ -443,4 +445,122 @@ func handOver(t *testing.T, old *provisiontest.Server, state *provision.StateDir
 	})
 	next.Adopt()
 	return next
+}
+
+// crashingDevices are an earlier run's devices, which it stops using at
+// its crash: its flush waits (until the test ends) and what it does after
+// that never reaches the device, as a killed process's would not.
+type crashingDevices struct {
+	*provisiontest.Devices
+	// flushing gets a value when a flush begins to wait.
+	flushing chan struct{}
+	// end ends the waits, when the test is over.
+	end chan struct{}
+}
+
+func (d *crashingDevices) Flush(ctx context.Context, dev *nbddev.Device) error {
+	d.flushing <- struct{}{}
+	<-d.end
+	return errors.New("killed")
+}
+
+func (d *crashingDevices) Detach(ctx context.Context, dev *nbddev.Device) error {
+	return dev.File.Close()
+}
+
+// copyRecords copies the state records of from into a new state
+// directory: what a crash at this moment would leave.
+func copyRecords(t *testing.T, from string) string {
+	t.Helper()
+	to := t.TempDir()
+	names, err := filepath.Glob(filepath.Join(from, "*.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		data, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(to, filepath.Base(name)), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return to
+}
+
+// A provisioner killed during a detach (its flush, here) leaves a record
+// that the next start finishes the detach by: the device is reconnected,
+// flushed and detached, and its record removed. It is not handed back to
+// its owner, who let it go (a caller that hung up while still running, an
+// operator's detach): kept, the device would stay attached for nobody,
+// and the image busy.
+func TestAdoptFinishesAnInterruptedDetach(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// end ends the attachment, which the caller holds by the
+		// connection a, while the caller's process runs on.
+		end func(ts *provisiontest.Server, a *protocol.Attachment)
+	}{
+		{"caller hung up", func(_ *provisiontest.Server, a *protocol.Attachment) { a.Close() }},
+		{"operator detach", func(ts *provisiontest.Server, _ *protocol.Attachment) {
+			go ts.End(volID, errors.New("detached by the operator"))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			stateDir := t.TempDir()
+			state := openState(t, stateDir)
+			devices := &crashingDevices{flushing: make(chan struct{}, 1), end: make(chan struct{})}
+			old := provisiontest.New(t, func(c *provisiontest.Config) {
+				c.State = state
+				devices.Devices = c.Devices.(*provisiontest.Devices)
+				c.Devices = devices
+			})
+			// Before the earlier run's shutdown, which waits for its
+			// detach.
+			t.Cleanup(func() { close(devices.end) })
+			old.AddImage(t, "vol", volID, 1<<20)
+			a := old.Attach(t, "vol")
+			t.Cleanup(func() { a.Close() })
+
+			tc.end(old, a)
+			select {
+			case <-devices.flushing:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the detach never flushed")
+			}
+			// Killed now.
+			crashed := copyRecords(t, stateDir)
+			ts, next := nextRun(t, crashed, devices.Devices)
+			gate := make(chan struct{})
+			devices.Mu.Lock()
+			devices.FlushGate = gate
+			devices.Mu.Unlock()
+			ts.Adopt()
+			// Reconnected, and flushing: a crash now too leaves the
+			// record marked.
+			waitFor(t, func() bool { return devices.FlushCount(0) == 1 })
+			if n := devices.Reconnects(0); n != 1 {
+				t.Errorf("flushing after %d reconnects, want 1: the writes go nowhere", n)
+			}
+			if records, _ := next.Records(); len(records) != 1 || !records[0].Detaching {
+				t.Errorf("records while the next start detaches: %+v, want one marked detaching", records)
+			}
+			close(gate)
+			devices.WaitDetached(t, 0)
+			waitFor(t, func() bool { return len(ts.Snapshot()) == 0 })
+			if n := devices.FlushCount(0); n != 1 {
+				t.Errorf("flushed %d times by the next start, want 1", n)
+			}
+			if recordExists(t, crashed, volID) {
+				t.Error("the record outlived the detach")
+			}
+			if attached, detached := devices.Counts(t); attached != 1 || detached != 1 {
+				t.Errorf("attached %d, detached %d; want the device detached once", attached, detached)
+			}
+			if logs := ts.Logs(); strings.Contains(logs, "caller_alive=true") {
+				t.Errorf("the device was handed back to its caller:\n%s", logs)
+			}
+		})
+	}
 }

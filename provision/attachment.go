@@ -63,8 +63,10 @@ type attachment struct {
 	// recordMu orders a reconnect's rewrite of the state record after the
 	// detach's removal of it, which must be the last word.
 	recordMu sync.Mutex
-	// detachBegun (under recordMu) is set when the detach begins: a
-	// reconnect that ends while it waits still rewrites the record.
+	// detachBegun (under recordMu) is set when the detach begins (or for
+	// one taken over whose record says so), and its record marked
+	// detaching: a reconnect that ends while it waits rewrites the
+	// record, mark and all, and so does a handover.
 	detachBegun bool
 	// forgotten (under recordMu) is set once the detach removed the
 	// record: nothing writes it again.
@@ -170,9 +172,10 @@ func (m *Manager) detach(a *attachment, reason string) {
 		if m.reg.beginDetach(a) == StateAttached {
 			since = a.since
 		}
-		a.recordMu.Lock()
-		a.detachBegun = true
-		a.recordMu.Unlock()
+		// Marked before the sync and the flush, which may take a minute:
+		// a crash before the record is removed leaves one the next start
+		// finishes the detach by, instead of one it hands back.
+		m.recordDetaching(a)
 
 		var fsErr error
 		ns := a.mountNS
@@ -308,11 +311,35 @@ func (m *Manager) goRecover(a *attachment) {
 func (m *Manager) recordReconnected(a *attachment) {
 	a.recordMu.Lock()
 	defer a.recordMu.Unlock()
-	if a.forgotten || a.ctx.Err() != nil && !a.detachBegun {
+	if a.forgotten || a.ctx.Err() != nil && !a.detachBegun || m.cfg.State == nil {
 		return
 	}
-	if err := m.record(a, int64(a.dev.Index)); err != nil {
+	e := m.stateEntry(a, int64(a.dev.Index))
+	e.Detaching = a.detachBegun
+	if err := m.cfg.State.write(e); err != nil {
 		m.log.Warn("state record not updated after the reconnect", "image_id", a.imageID, "err", err)
+	}
+}
+
+// recordDetaching marks a's state record detaching, as its detach
+// begins: a restart then finishes the detach rather than hand the device
+// back to its owner. A connection known to be cut is recorded without
+// its engine, so that the restart reconnects it rather than keep it.
+func (m *Manager) recordDetaching(a *attachment) {
+	a.recordMu.Lock()
+	defer a.recordMu.Unlock()
+	a.detachBegun = true
+	if m.cfg.State == nil {
+		return
+	}
+	e := m.stateEntry(a, int64(a.dev.Index))
+	e.Detaching = true
+	if m.reg.connectionCut(a) {
+		e.Engine = ""
+	}
+	if err := m.cfg.State.write(e); err != nil {
+		m.log.Error("state record not marked detaching: a crash before the detach ends would leave the device to its owner",
+			"image_id", a.imageID, "err", err)
 	}
 }
 
@@ -352,6 +379,7 @@ func (m *Manager) recordCut(a *attachment) {
 	e.Engine = ""
 	a.recordMu.Lock()
 	defer a.recordMu.Unlock()
+	e.Detaching = a.detachBegun // taken over in the middle of its detach
 	if err := m.cfg.State.write(e); err != nil {
 		m.log.Error("state record not updated for the next start; it may keep a dead connection", "image_id", a.imageID, "err", err)
 	}

@@ -117,7 +117,8 @@ func (m *Manager) recover(a *attachment) bool {
 // is reconnected with a new session, so that its caller's I/O goes on
 // through the fd it holds; the caller's process (checked by pid and start
 // time) is then followed, and when it exits the device is flushed and
-// detached. A device whose caller died meanwhile is reconnected (so its
+// detached. A device whose caller died meanwhile, or whose detach the
+// earlier run began (its record marked detaching), is reconnected (so its
 // writes reach the engine), flushed and detached. A record whose device is
 // gone is dropped. A connected mvps device with no record is never touched.
 func (m *Manager) Adopt() {
@@ -215,6 +216,9 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 	switch {
 	case undelivered:
 		alive = false
+	case e.Detaching:
+		// Its owner let it go: the detach is finished, not handed back.
+		alive = false
 	case e.Owner == OwnerVolume:
 		owner = Owner{Kind: OwnerVolume, Caller: UnknownCaller, Volume: e.Volume}
 	case e.CallerPID == 0:
@@ -244,7 +248,7 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 	}
 	a := &attachment{imageID: e.ImageID, imageSize: e.ImageSize, clientID: clientID, key: e.Key, mode: e.Mode,
 		owner: owner, dev: dev, caller: owner.Caller, ctx: ctx, cancel: cancel, rctx: rctx, rcancel: rcancel, done: make(chan struct{}),
-		connectedIndex: -1}
+		connectedIndex: -1, detachBegun: e.Detaching}
 	a.owner.Caller = UnknownCaller // its pidfd is a.caller's
 	if a.mode == "mount" && alive && a.caller.UID > 0 {
 		// The caller cannot unmount what was mounted for it: hold its
@@ -272,7 +276,7 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 		m.reg.setDelivered(a) // its owner had it from the earlier run
 	}
 	m.log.Info("taking over an attachment from an earlier run", append(attrs, "device", dev.Path, "owner", owner.Kind,
-		"caller_alive", alive)...)
+		"caller_alive", alive, "detaching", e.Detaching)...)
 	// Connected to the engine that still runs: the connection is alive
 	// (only a new session of ours would fence it), and a reconnect would
 	// stall the I/O in flight on it until its request timeout.
@@ -304,6 +308,8 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 			reason := "caller exited while the provisioner was down"
 			if undelivered {
 				reason = "the attach never reached its caller"
+			} else if e.Detaching {
+				reason = "its detach was cut short by the provisioner's end"
 			}
 			m.detach(a, reason)
 			return

@@ -54,6 +54,15 @@ type stateEntry struct {
 	// Lease names the image's cross-host lock, which a restart takes
 	// again (this node's still) before anything else.
 	Lease string `json:"lease,omitempty"`
+	// Detaching marks the record of an attachment whose detach began
+	// (written before its sync and flush): its owner let it go, so a
+	// restart finishes the detach (reconnect if need be, flush, detach,
+	// remove the record) and hands the device to no owner. Like every
+	// field added since, it is left out when unset, so that a record
+	// without it reads as before; an older provisioner, which decodes
+	// records strictly, skips a record with it as unreadable (logged) and
+	// leaves its device alone, never handing it back.
+	Detaching bool `json:"detaching,omitempty"`
 }
 
 // StateDir holds one state file per attachment, and a lock that keeps a

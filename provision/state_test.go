@@ -123,3 +123,42 @@ func TestStateIndexWrittenInPlace(t *testing.T) {
 		d.Close()
 	}
 }
+
+// A detach marks its record before its sync and flush. The mark is a
+// field of its own, left out of every other record, so that those read as
+// before (older provisioners decode records strictly); it is written over
+// the whole record, whose index stays first, in its fixed place.
+func TestStateDetachingMark(t *testing.T) {
+	d, err := OpenStateDir(filepath.Join(t.TempDir(), "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	e := stateEntry{Key: "vol", ImageID: "vol.mvps-image", ImageSize: 1 << 20, ClientID: "c", Index: 3, Mode: "fd",
+		CallerPID: 42, CallerStart: 7, Engine: "engine-1"}
+	path := filepath.Join(d.Path(), "vol.mvps-image.json")
+	if err := d.write(e); err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile(path); strings.Contains(string(data), "detaching") {
+		t.Errorf("a record not detaching names the mark: %s", data)
+	}
+	e.Detaching = true
+	if err := d.write(e); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(string(data), indexPrefix+string(indexField(3))+",") || !strings.Contains(string(data), `"detaching":true`) {
+		t.Errorf("marked record: %s", data)
+	}
+	got, errs := d.list()
+	if errs != nil {
+		t.Fatal(errs)
+	}
+	if diff := cmp.Diff([]stateEntry{e}, got); diff != "" {
+		t.Errorf("records (-want +got):\n%s", diff)
+	}
+}
