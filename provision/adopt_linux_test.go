@@ -564,3 +564,47 @@ func TestAdoptFinishesAnInterruptedDetach(t *testing.T) {
 		})
 	}
 }
+
+// slowLocks answers Acquire only once release is closed: an API server that
+// is slow, or unreachable for a while, when the provisioner starts again.
+type slowLocks struct{ release chan struct{} }
+
+func (s slowLocks) Acquire(ctx context.Context, imageID string, fence provision.Fence) (provision.Lock, error) {
+	select {
+	case <-s.release:
+		return handedLock{name: "lease-" + imageID}, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// A connection kept from an earlier run writes only briefly while the
+// image's lock is not taken again: the Lease may have lapsed while no
+// provisioner ran. Past the grace the connection is fenced; once the lock
+// is this node's the device is reconnected and its I/O goes on.
+func TestAdoptFencesWhileTheLockIsNotTakenAgain(t *testing.T) {
+	stateDir := t.TempDir()
+	state := openState(t, stateDir)
+	old := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.State, c.EngineInstance = state, func() string { return "engine-1" }
+	})
+	old.AddImage(t, "vol", volID, 1<<20)
+	a := old.Attach(t, "vol")
+	t.Cleanup(func() { a.Close() })
+	locks := slowLocks{release: make(chan struct{})}
+	ts := handOver(t, old, state, stateDir, func(c *provisiontest.Config) {
+		c.EngineInstance = func() string { return "engine-1" }
+		c.Sessions.Dial, c.Sessions.Secret = old.Engine.Dial, old.Engine.Secret // the engine that still runs
+		c.Exclusivity = locks
+		c.LockTakeOverGrace = 50 * time.Millisecond
+	})
+	dev := &nbddev.Device{Index: 0}
+	waitFor(t, func() bool { return old.Devices.Responds(context.Background(), dev) != nil })
+	if !infoOf(t, ts, volID).Suspended {
+		t.Fatal("fenced, but not suspended")
+	}
+	close(locks.release)
+	waitFor(t, func() bool {
+		return old.Devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached && !infoOf(t, ts, volID).Suspended
+	})
+}

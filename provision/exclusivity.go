@@ -190,11 +190,41 @@ func (m *Manager) fenceUntilDone(a *attachment) {
 // run, retrying (the API server may be starting too) for at most the
 // recovery timeout. A lock another node holds, or one that cannot be had
 // in time, ends the attachment without a write: the image cannot be proven
-// this node's.
-func (m *Manager) reacquireLock(a *attachment) error {
+// this node's. A connection kept from the earlier run writes meanwhile,
+// for LockTakeOverGrace at most: the Lease may have lapsed while no
+// provisioner ran, so past the grace the image's I/O is suspended (its
+// connection fenced) until the lock is taken; fenced says so, and the
+// caller reconnects the device.
+func (m *Manager) reacquireLock(a *attachment) (fenced bool, err error) {
 	if m.cfg.Exclusivity == nil {
-		return nil
+		return false, nil
 	}
+	result := make(chan error, 1)
+	go func() { result <- m.retryLock(a) }()
+	grace := time.NewTimer(m.cfg.LockTakeOverGrace)
+	defer grace.Stop()
+	select {
+	case err := <-result:
+		return false, err
+	case <-grace.C:
+	}
+	m.log.Warn("the image's lock is not taken again yet: suspending its I/O until it is", "image_id", a.imageID,
+		"waited", m.cfg.LockTakeOverGrace.String())
+	m.reg.suspend(a, nil)
+	backoff := 100 * time.Millisecond
+	for !m.fenceOnce(a) {
+		select {
+		case err := <-result:
+			return true, err
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+	return true, <-result
+}
+
+// retryLock takes a's lock, retrying for at most the recovery timeout.
+func (m *Manager) retryLock(a *attachment) error {
 	ctx, cancel := context.WithTimeout(a.ctx, m.cfg.RecoveryTimeout)
 	defer cancel()
 	backoff := 100 * time.Millisecond

@@ -151,6 +151,10 @@ type Config struct {
 	// (a Kubernetes Lease per image): an attach takes the image's lock
 	// before its engine session opens, and the detach releases it.
 	Exclusivity Exclusivity
+	// LockTakeOverGrace is how long a connection kept from an earlier run
+	// may go on writing while its image's lock is not taken again yet;
+	// past it the image's I/O is suspended until the lock is this node's.
+	LockTakeOverGrace time.Duration
 }
 
 // Defaults for zero Config durations and bounds.
@@ -162,6 +166,10 @@ const (
 	// timeout (nbddev.DefaultDeadConnTimeout, 30 s), so that I/O waiting
 	// for a reconnect never fails while one is still being tried.
 	DefaultRecoveryTimeout = 25 * time.Second
+	// DefaultLockTakeOverGrace is far above what taking a Lease again
+	// takes (milliseconds), and far below what a Lease lasts: the time no
+	// provisioner ran is unknown, and the Lease may have lapsed meanwhile.
+	DefaultLockTakeOverGrace = 2 * time.Second
 
 	DefaultMaxLingering       = 128
 	DefaultMaxLingeringPerUID = 16
@@ -204,6 +212,7 @@ func NewManager(cfg Config) (*Manager, error) {
 	}
 	orDefault(&cfg.AttachTimeout, DefaultAttachTimeout)
 	orDefault(&cfg.FlushTimeout, DefaultFlushTimeout)
+	orDefault(&cfg.LockTakeOverGrace, DefaultLockTakeOverGrace)
 	orDefault(&cfg.DetachTimeout, DefaultDetachTimeout)
 	orDefault(&cfg.RecoveryTimeout, DefaultRecoveryTimeout)
 	orDefault(&cfg.MaxLingering, DefaultMaxLingering)

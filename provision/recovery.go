@@ -284,11 +284,18 @@ func (m *Manager) adopt(e stateEntry, undelivered bool) {
 	started := m.goTracked(func() {
 		// The image's lock first, this node's still: nothing is written
 		// before it is proven ours.
-		if err := m.reacquireLock(a); err != nil {
+		fenced, err := m.reacquireLock(a)
+		if err != nil {
 			m.reg.markUnrecoverable(a)
 			a.caller.Close()
 			m.detach(a, err.Error())
 			return
+		}
+		if fenced {
+			// The lock is this node's again; its connection was cut
+			// meanwhile, and is made anew.
+			m.reg.unsuspend(a)
+			keep = false
 		}
 		if keep && !m.reg.endRecovery(a, false) {
 			m.log.Info("kept its connection to the engine that still runs", "image_id", a.imageID, "device", dev.Path)
