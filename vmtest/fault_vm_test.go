@@ -732,6 +732,16 @@ func TestVMHandover(t *testing.T) {
 			}
 		})
 	})
+	// Kubernetes runs the command as the pod's preStop hook and sends
+	// SIGTERM the moment it returns: the handover it answered stands.
+	t.Run("command then SIGTERM", func(t *testing.T) {
+		testHandover(t, func(p *vmharness.Provisioner) {
+			if out, err := provisionerCmd(t, p, "handover"); err != nil || !strings.Contains(out, "handing over") {
+				t.Fatalf("mvps-provisioner handover: %v\n%s", err, out)
+			}
+			p.Cmd.Process.Signal(syscall.SIGTERM)
+		})
+	})
 }
 
 func testHandover(t *testing.T, handOver func(*vmharness.Provisioner)) {

@@ -93,6 +93,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// Every listener is bound before anything is taken over: a failure
 	// after that would end in a shutdown that detaches what was adopted.
 	ops := newOperations(cfg, log, func() { stop(provision.ErrHandover) })
+	// A handover: asked by SIGUSR2, or decided on the admin socket, which
+	// no signal that comes after it undoes.
+	handingOver := func() bool { return context.Cause(ctx) == provision.ErrHandover || ops.handoverDecided.Load() }
 	ops.ownPIDNamespace = nested
 	defer ops.close()
 	if err := ops.listen(ln); err != nil {
@@ -211,7 +214,7 @@ serve:
 	for {
 		select {
 		case <-ctx.Done():
-			if context.Cause(ctx) == provision.ErrHandover {
+			if handingOver() {
 				log.Info("handing over: stopping with every device left attached for the next start")
 			} else {
 				log.Info("shutting down")
@@ -247,12 +250,12 @@ serve:
 	// handed over is decided before their connections end.
 	// A CSI node plugin's stop is a handover: what the kubelet staged
 	// stays attached, under its pods, until the kubelet unstages it.
-	if cfg.CSIEndpoint != "" && context.Cause(ctx) != provision.ErrHandover {
+	if cfg.CSIEndpoint != "" && !handingOver() {
 		handover = true
 		log.Info("CSI node plugin: leaving every device attached for the next start")
 	}
 	end := mgr.Shutdown
-	if handover || context.Cause(ctx) == provision.ErrHandover {
+	if handover || handingOver() {
 		end = mgr.Handover
 	}
 	if err := errors.Join(end(sctx), srv.Shutdown(sctx), stopCSI(sctx, csiServer)); err != nil {
@@ -261,8 +264,8 @@ serve:
 	}
 	// Handed over, or the control plane failed: the devices stay attached,
 	// and so the engine that serves them stays too.
-	keepEngine = handover || context.Cause(ctx) == provision.ErrHandover
-	if runErr == nil && context.Cause(ctx) == provision.ErrHandover {
+	keepEngine = handover || handingOver()
+	if runErr == nil && handingOver() {
 		log.Info("handed over")
 		return provision.ErrHandover
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/unixsocket"
@@ -47,6 +48,9 @@ type operations struct {
 	wg         sync.WaitGroup
 	// handover ends the run with every device left attached.
 	handover func()
+	// handoverDecided is set once the admin socket was asked for a
+	// handover: from then on the run ends in one, whatever ends it.
+	handoverDecided atomic.Bool
 	// ownPIDNamespace: the daemon runs in a PID namespace of its own,
 	// found once at start.
 	ownPIDNamespace bool
@@ -271,9 +275,10 @@ type engineRestartResult struct {
 	err error
 }
 
-func (b adminBackend) Handover(who admin.Peer) {
+func (b adminBackend) Handover(who admin.Peer) func() {
 	b.o.log.Warn("handover requested on the admin socket", "peer_pid", who.PID, "peer_uid", who.UID)
-	b.o.handover()
+	b.o.handoverDecided.Store(true)
+	return b.o.handover
 }
 
 func (b adminBackend) ForceDetach(ctx context.Context, target string, who admin.Peer) (admin.DetachResult, error) {

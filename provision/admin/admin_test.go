@@ -30,11 +30,12 @@ func (f *fakeBackend) RestartEngine(_ context.Context, who Peer) (EngineRestart,
 	return EngineRestart{OldPID: 10, NewPID: 11, Took: time.Second}, nil
 }
 
-func (f *fakeBackend) Handover(who Peer) {
+func (f *fakeBackend) Handover(who Peer) func() {
 	time.Sleep(f.handoverDelay)
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.handovers = append(f.handovers, who)
+	return func() {}
 }
 
 func (f *fakeBackend) Status(context.Context) Status {

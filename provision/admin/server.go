@@ -32,11 +32,11 @@ type Backend interface {
 	// id or device) on behalf of who. It returns an *Error with
 	// CodeNotFound when nothing matches.
 	ForceDetach(ctx context.Context, target string, who Peer) (DetachResult, error)
-	// Handover begins the daemon's handover on behalf of who, and
-	// returns once nothing (a signal included) can turn it into a
-	// shutdown; the request is answered after it returns, while the
-	// handover goes on.
-	Handover(who Peer)
+	// Handover decides the daemon's handover on behalf of who: once it
+	// returns, nothing (a signal included) turns the daemon's end into a
+	// shutdown. It returns what starts the handover, which the server
+	// calls once the request is answered: the handover closes the server.
+	Handover(who Peer) (start func())
 	// RestartEngine restarts the engine on behalf of who.
 	RestartEngine(ctx context.Context, who Peer) (EngineRestart, error)
 }
@@ -171,14 +171,15 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		s.send(conn, Reply{Version: Version, OK: true, Engine: &res})
 	case CommandHandover:
 		s.log().Warn("admin: handover requested", "peer_uid", peer.UID, "peer_pid", peer.PID)
-		// Begun, then answered: a supervisor that stops the daemon as
-		// soon as the command returns (Kubernetes' preStop, then
-		// SIGTERM) must find the handover decided, not a daemon that
-		// takes the signal for a shutdown and detaches every device.
-		// Backend.Handover only starts it, so this server is still open
-		// for the answer.
-		s.Backend.Handover(peer)
+		// Decided, answered, then begun: a supervisor that stops the
+		// daemon as soon as the command returns (Kubernetes' preStop,
+		// then SIGTERM) must find the handover decided, not a daemon
+		// that takes the signal for a shutdown and detaches every
+		// device; and the handover, which closes this server, begins
+		// only once the answer is out.
+		start := s.Backend.Handover(peer)
 		s.send(conn, Reply{Version: Version, OK: true})
+		start()
 	}
 }
 
