@@ -352,15 +352,6 @@ func (m *Manager) recordAttaching(a *attachment) (*openRecord, error) {
 // errDetached ends an attachment's context once its detach has begun.
 var errDetached = errors.New("detached")
 
-// record writes a's state file, so that a restarted provisioner can take
-// the attachment over; index is -1 before the kernel attach.
-func (m *Manager) record(a *attachment, index int64) error {
-	if m.cfg.State == nil {
-		return nil
-	}
-	return m.cfg.State.write(m.stateEntry(a, index))
-}
-
 func (m *Manager) stateEntry(a *attachment, index int64) stateEntry {
 	return stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
 		Index: index, Mode: a.mode, CallerPID: a.caller.PID, CallerStart: a.caller.start, Owner: a.owner.Kind, Volume: a.owner.Volume,

@@ -323,12 +323,6 @@ func (r *registry) markUnrecoverable(a *attachment) {
 	a.wakeLocked()
 }
 
-func (r *registry) isUnrecoverable(a *attachment) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return a.unrecoverable
-}
-
 // live reports whether a is attached and its owner has it: what a handover
 // leaves attached. One whose owner never got it (its reply could not be
 // sent, or the attach failed at its end) is detached.

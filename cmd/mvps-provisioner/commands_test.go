@@ -55,7 +55,7 @@ func (backend) Status(context.Context) admin.Status {
 		Engine: admin.Engine{PID: 99, Answering: true}}
 }
 
-func (backend) Handover(admin.Peer) {}
+func (backend) Handover(admin.Peer) func() { return func() {} }
 
 func (backend) RestartEngine(context.Context, admin.Peer) (admin.EngineRestart, error) {
 	return admin.EngineRestart{OldPID: 99, NewPID: 100, Took: 1500 * time.Millisecond}, nil
