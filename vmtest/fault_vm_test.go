@@ -346,14 +346,7 @@ func TestVMFaultEngineKilled(t *testing.T) {
 // the same client_id: the link dies while the engine lives, and the device
 // is reconnected on its own.
 func TestVMFaultConnectionKilled(t *testing.T) {
-	dir := t.TempDir()
-	listen := "unix:" + filepath.Join(dir, "engine.sock")
-	p := vmharness.Start(t, map[string]string{"PROVISIONER_ENGINE_LISTEN": listen})
-	p.AddImage(t, "vol", "vol.mvps-image", 16<<20)
-	w := startWriter(t, p, "vol")
-	writerDevice(t, "vol.mvps-image")
-	before := w.waitAcked(t, 50, 30*time.Second)
-
+	p, listen, w, before := fenceableLoad(t)
 	fenceImage(t, p, listen, "vol.mvps-image", 16<<20)
 	after := w.waitAcked(t, before+100, 30*time.Second)
 	t.Logf("device connection fenced at %d writes; %d acknowledged since", before, after-before)
@@ -369,14 +362,7 @@ func TestVMFaultConnectionKilled(t *testing.T) {
 // that runs. The next start finds the kept connection dead and reconnects
 // it; nothing fails, nothing acknowledged is lost.
 func TestVMFaultConnectionKilledWhileProvisionerDown(t *testing.T) {
-	dir := t.TempDir()
-	listen := "unix:" + filepath.Join(dir, "engine.sock")
-	p := vmharness.Start(t, map[string]string{"PROVISIONER_ENGINE_LISTEN": listen})
-	p.AddImage(t, "vol", "vol.mvps-image", 16<<20)
-	w := startWriter(t, p, "vol")
-	writerDevice(t, "vol.mvps-image")
-	before := w.waitAcked(t, 50, 30*time.Second)
-
+	p, listen, w, before := fenceableLoad(t)
 	p.Kill(t)
 	fenceImage(t, p, listen, "vol.mvps-image", 16<<20)
 	p.Launch(t)
@@ -386,6 +372,19 @@ func TestVMFaultConnectionKilledWhileProvisionerDown(t *testing.T) {
 	waitUntil(t, 5*time.Second, "the reconnect in the log", func() bool {
 		return logHas(p, "does not answer; reconnecting") && logHas(p, "reconnected")
 	})
+}
+
+// fenceableLoad starts the daemon with its engine at a known address and a
+// writer on the 16 MiB image vol.mvps-image (key "vol"), and waits for its
+// first 50 acknowledged writes.
+func fenceableLoad(t *testing.T) (p *vmharness.Provisioner, listen string, w *writerProc, before int) {
+	t.Helper()
+	listen = "unix:" + filepath.Join(t.TempDir(), "engine.sock")
+	p = vmharness.Start(t, map[string]string{"PROVISIONER_ENGINE_LISTEN": listen})
+	p.AddImage(t, "vol", "vol.mvps-image", 16<<20)
+	w = startWriter(t, p, "vol")
+	writerDevice(t, "vol.mvps-image")
+	return p, listen, w, w.waitAcked(t, 50, 30*time.Second)
 }
 
 // fenceImage opens a session of imageID with the client id the

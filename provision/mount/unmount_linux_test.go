@@ -66,19 +66,7 @@ func TestUnmountFromCallerNamespace(t *testing.T) {
 	}
 	path := t.TempDir()
 	ns, dir := privateNamespace(t, path)
-
-	fsfd, err := unix.Fsopen("tmpfs", unix.FSOPEN_CLOEXEC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fsfd)
-	if err := unix.FsconfigCreate(fsfd); err != nil {
-		t.Fatal(err)
-	}
-	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mntfd := newTmpfs(t)
 	defer unix.Close(mntfd)
 	rootfd, err := unix.Openat(mntfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -107,6 +95,24 @@ func TestUnmountFromCallerNamespace(t *testing.T) {
 	}
 }
 
+// newTmpfs makes a tmpfs, not attached anywhere yet: its mount's fd.
+func newTmpfs(t *testing.T) int {
+	t.Helper()
+	fsfd, err := unix.Fsopen("tmpfs", unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fsfd)
+	if err := unix.FsconfigCreate(fsfd); err != nil {
+		t.Fatal(err)
+	}
+	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mntfd
+}
+
 func selfNamespace(t *testing.T) *os.File {
 	t.Helper()
 	f, err := os.Open("/proc/self/ns/mnt")
@@ -130,18 +136,7 @@ func TestFindRootOfATakenOverMount(t *testing.T) {
 		t.Fatal(err)
 	}
 	ns, dir := privateNamespace(t, path)
-	fsfd, err := unix.Fsopen("tmpfs", unix.FSOPEN_CLOEXEC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fsfd)
-	if err := unix.FsconfigCreate(fsfd); err != nil {
-		t.Fatal(err)
-	}
-	mntfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mntfd := newTmpfs(t)
 	var st unix.Stat_t
 	if err := unix.Fstat(mntfd, &st); err != nil {
 		t.Fatal(err)
