@@ -608,3 +608,45 @@ func TestAdoptFencesWhileTheLockIsNotTakenAgain(t *testing.T) {
 		return old.Devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached && !infoOf(t, ts, volID).Suspended
 	})
 }
+
+// The read that proves a kept connection waits on that connection; if the
+// device was reconnected meanwhile (its engine restarted) the read fails
+// although the device's connection now is a good one: no second reconnect
+// follows, and the attachment's detach still flushes.
+func TestAdoptProbeOutlivedByAReconnect(t *testing.T) {
+	stateDir := t.TempDir()
+	state := openState(t, stateDir)
+	old := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.State, c.EngineInstance = state, func() string { return "engine-1" }
+	})
+	old.AddImage(t, "vol", volID, 1<<20)
+	a := old.Attach(t, "vol")
+	t.Cleanup(func() { a.Close() })
+	var ts *provisiontest.Server
+	probed := make(chan struct{})
+	old.Devices.Mu.Lock()
+	old.Devices.OnResponds = func(index uint32) error {
+		<-probed // the next run is set up
+		ts.EngineFailed()
+		ts.LinkDead(index)
+		ts.EngineRestored()
+		waitFor(t, func() bool { return old.Devices.Reconnects(index) == 1 })
+		return errors.New("read timed out on the connection it was sent on")
+	}
+	old.Devices.Mu.Unlock()
+	ts = handOver(t, old, state, stateDir, func(c *provisiontest.Config) {
+		c.EngineInstance = func() string { return "engine-1" }
+		c.RecoveryTimeout = 2 * time.Second
+	})
+	close(probed)
+	waitFor(t, func() bool { return strings.Contains(ts.Logs(), "kept its connection") })
+	waitFor(t, func() bool { return old.Devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+	flushes := old.Devices.FlushCount(0)
+	ts.End(volID, errors.New("the test is over"))
+	if n := old.Devices.Reconnects(0); n != 1 {
+		t.Errorf("%d reconnects, want the engine restart's alone", n)
+	}
+	if old.Devices.FlushCount(0) != flushes+1 {
+		t.Errorf("the detach did not flush:\n%s", ts.Logs())
+	}
+}

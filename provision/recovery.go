@@ -176,15 +176,23 @@ const keptProbeTimeout = 5 * time.Second
 // its record names the engine that still runs. Such a device is
 // reconnected. It reports whether the attachment lives on.
 func (m *Manager) proveKept(a *attachment) bool {
+	before := m.reg.reconnectCount(a)
 	ctx, cancel := context.WithTimeout(a.rctx, keptProbeTimeout)
 	err := m.cfg.Devices.Responds(ctx, a.dev)
 	cancel()
 	if err == nil || a.rctx.Err() != nil {
 		return a.rctx.Err() == nil
 	}
+	if m.reg.reconnectCount(a) != before {
+		// Reconnected meanwhile (the engine restarted, say): the read
+		// waits on the connection it was sent on, the kept one, which is
+		// gone; the device's connection now is a new one, proven so.
+		return true
+	}
 	if !m.reg.startRecovery(a) {
 		return true // a link-dead event's reconnect has it, or its detach
 	}
+	defer m.reg.recoveryOver(a)
 	m.log.Warn("the engine connection kept from the earlier run does not answer; reconnecting", "image_id", a.imageID,
 		"device", a.dev.Path, "err", err)
 	return m.recover(a)

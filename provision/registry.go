@@ -451,6 +451,13 @@ func (r *registry) endFence(a *attachment) {
 }
 
 // recoveryOver records that a's reconnect (goRecover's) has returned.
+// reconnectCount is how often a's device was reconnected.
+func (r *registry) reconnectCount(a *attachment) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return a.reconnects
+}
+
 func (r *registry) recoveryOver(a *attachment) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

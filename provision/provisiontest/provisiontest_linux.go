@@ -58,6 +58,8 @@ type Devices struct {
 	// KeepConns leaves the engine connection open at Detach, as a kernel
 	// does while the engine still works on requests it was sent.
 	KeepConns bool
+	// OnResponds, when set, answers Responds in its place.
+	OnResponds func(index uint32) error
 	// OnConnect, when set, is called in Attach once the "kernel" has the
 	// device, before Attach returns: where a link-dead event can come
 	// before the provisioner knows the device.
@@ -238,8 +240,11 @@ func (f *Devices) SetTimeouts(dev *nbddev.Device, backend string) error { return
 // answers unless the engine closed it (a fence) or it was closed here.
 func (f *Devices) Responds(ctx context.Context, dev *nbddev.Device) error {
 	f.Mu.Lock()
-	conn := f.conns[dev.Index]
+	conn, hook := f.conns[dev.Index], f.OnResponds
 	f.Mu.Unlock()
+	if hook != nil {
+		return hook(dev.Index)
+	}
 	sc, ok := conn.(syscall.Conn)
 	if !ok {
 		return fmt.Errorf("nbd%d: no engine connection", dev.Index)
