@@ -45,7 +45,7 @@ func runEngineCommand(args []string, getenv func(string) string, stdout, stderr 
 		fmt.Fprintf(stderr, "mvps-provisioner run-engine: PROVISIONER_ENGINE_BIN: %v\n", err)
 		return exitConfig
 	}
-	if err := makeStoreDirs(getenv); err != nil {
+	if err := daemon.MakeEngineStoreDirs(getenv); err != nil {
 		fmt.Fprintf(stderr, "mvps-provisioner run-engine: %v\n", err)
 		return exitConfig
 	}
@@ -64,29 +64,6 @@ func runEngineCommand(args []string, getenv func(string) string, stdout, stderr 
 	err = syscall.Exec(path, []string{path}, env)
 	fmt.Fprintf(stderr, "mvps-provisioner run-engine: exec %s: %v\n", path, err)
 	return exitFailure
-}
-
-// makeStoreDirs makes the engine's local directories (its write buffer,
-// and the image directory of a local store) in the volume the engine
-// container mounts, as the systemd unit's StateDirectory= does: mvps-te
-// exits at start without its buffer directory and refuses every session
-// without its image directory. Only the last element is made: a missing
-// parent is a mistyped path, and making it would put the engine's data in
-// the container's own file system, gone with the container.
-func makeStoreDirs(getenv func(string) string) error {
-	for _, env := range []string{"MVPS_TE_BUFFER_STORE_PATH", "MVPS_TE_IMAGE_STORE_LOCAL_PATH"} {
-		dir := getenv(env)
-		if dir == "" {
-			continue
-		}
-		if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("%s: %w", env, err)
-		}
-		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
-			return fmt.Errorf("%s: %s is not a directory", env, dir)
-		}
-	}
-	return nil
 }
 
 // waitForSecret reads the secret in path once it is there.

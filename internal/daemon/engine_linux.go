@@ -39,6 +39,11 @@ func newEngineSupervisor(stateDir string, cfg engine.Config, external bool, log 
 	if err := makeOwnDir(dir); err != nil {
 		return nil, fmt.Errorf("engine directory: %w", err)
 	}
+	if !external {
+		if err := MakeEngineStoreDirs(envLookup(cfg.Env)); err != nil {
+			return nil, fmt.Errorf("engine store directory: %w", err)
+		}
+	}
 	if cfg.Listen == "" {
 		cfg.Listen = "unix:" + filepath.Join(dir, engine.SocketName)
 	}

@@ -96,12 +96,10 @@ func Prepare(t testing.TB, dir string, override map[string]string) *Provisioner 
 		Secret:    Secret,
 		LogPath:   filepath.Join(dir, "provisioner.log"),
 	}
-	// The engine's store directories, as the systemd unit's
-	// StateDirectory= makes them: mvps-te makes neither.
-	for _, d := range []string{p.ConfigDir, filepath.Join(dir, "store"), filepath.Join(dir, "buffer")} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
+	// The engine's store directories (store/, buffer/) are the daemon's
+	// to make: mvps-te makes neither.
+	if err := os.MkdirAll(p.ConfigDir, 0o755); err != nil {
+		t.Fatal(err)
 	}
 	base := append(os.Environ(),
 		"PROVISIONER_LISTEN_PATH="+p.Socket,
