@@ -789,42 +789,73 @@ func testHandover(t *testing.T, handOver func(*vmharness.Provisioner)) {
 	}
 }
 
-// A metrics port that some local user bound first must not turn a restart
-// into a detach of everything it would take over: every listener is bound
-// before anything is adopted, so the failed start leaves each device
-// attached for the next one.
-func TestVMFaultSquattedMetricsPort(t *testing.T) {
-	const addr = "127.0.0.1:19105"
-	p := vmharness.Start(t, map[string]string{"PROVISIONER_METRICS_ADDR": addr})
-	w, index, before := writeLoad(t, p)
-	p.Kill(t)
+// A listener's address that some local user took first (the metrics port,
+// or the CSI endpoint) must not turn a restart into a detach of everything
+// it would take over, nor stop the engine that serves it: every listener is
+// bound before anything is taken over, so the failed start leaves each
+// device attached, and its engine running, for the next one.
+func TestVMFaultSquattedListener(t *testing.T) {
+	for _, tc := range []struct {
+		name, setting string
+		value         func(dir string) string
+		squat         func(t *testing.T, value string) net.Listener
+	}{
+		{"metrics port", "PROVISIONER_METRICS_ADDR", func(string) string { return "127.0.0.1:19105" },
+			func(t *testing.T, addr string) net.Listener {
+				ln, err := net.Listen("tcp", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return ln
+			}},
+		{"CSI endpoint", "PROVISIONER_CSI_ENDPOINT", func(dir string) string { return "unix://" + filepath.Join(dir, "csi.sock") },
+			func(t *testing.T, endpoint string) net.Listener {
+				os.Remove(strings.TrimPrefix(endpoint, "unix://")) // the killed daemon's
+				ln, err := net.Listen("unix", strings.TrimPrefix(endpoint, "unix://"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				return ln
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			value := tc.value(t.TempDir())
+			p := vmharness.Start(t, map[string]string{tc.setting: value})
+			w, index, before := writeLoad(t, p)
+			engine := p.EnginePid(t)
+			p.Kill(t)
 
-	squat, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, vmharness.Bin(t, "mvps-provisioner"))
-	cmd.Env = p.Env
-	out, err := cmd.CombinedOutput()
-	squat.Close()
-	if err == nil {
-		t.Fatalf("the daemon started with its metrics port taken:\n%s", out)
-	}
-	if !strings.Contains(string(out), "PROVISIONER_METRICS_ADDR") {
-		t.Errorf("the failed start does not name the setting:\n%s", out)
-	}
-	if vmharness.DeviceFree(index) {
-		t.Fatalf("the failed start detached nbd%d:\n%s", index, out)
-	}
+			squat := tc.squat(t, value)
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, vmharness.Bin(t, "mvps-provisioner"))
+			cmd.Env = p.Env
+			out, err := cmd.CombinedOutput()
+			squat.Close()
+			if err == nil {
+				t.Fatalf("the daemon started with its %s taken:\n%s", tc.name, out)
+			}
+			if !strings.Contains(string(out), tc.setting) {
+				t.Errorf("the failed start does not name the setting:\n%s", out)
+			}
+			if vmharness.DeviceFree(index) {
+				t.Fatalf("the failed start detached nbd%d:\n%s", index, out)
+			}
+			if strings.Contains(string(out), "taking over an attachment") {
+				t.Errorf("the failed start took attachments over before it had all its listeners:\n%s", out)
+			}
+			if got := p.EnginePid(t); got != engine {
+				t.Errorf("the failed start left engine %d, want the one that ran (%d):\n%s", got, engine, out)
+			}
 
-	p.Launch(t)
-	after := w.waitAcked(t, before+100, 30*time.Second)
-	t.Logf("after the failed start and a good one: %d writes acknowledged (%d before the kill)", after, before)
-	w.checkReport(t, w.verify(t))
-	if got, _ := ourDevice(t, "vol.mvps-image"); got != index {
-		t.Fatalf("device changed from nbd%d to nbd%d", index, got)
+			p.Launch(t)
+			after := w.waitAcked(t, before+100, 30*time.Second)
+			t.Logf("after the failed start and a good one: %d writes acknowledged (%d before the kill)", after, before)
+			w.checkReport(t, w.verify(t))
+			if got, _ := ourDevice(t, "vol.mvps-image"); got != index {
+				t.Fatalf("device changed from nbd%d to nbd%d", index, got)
+			}
+		})
 	}
 }
 

@@ -101,6 +101,16 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err := ops.listen(ln); err != nil {
 		return err
 	}
+	// The CSI endpoint too, before the engine is taken over and anything
+	// adopted: one that cannot be had fails the start while it touches
+	// nothing.
+	var csiLn net.Listener
+	if cfg.CSIEndpoint != "" {
+		if csiLn, err = csi.Listen(cfg.CSIEndpoint); err != nil {
+			return fmt.Errorf("PROVISIONER_CSI_ENDPOINT: %w", err)
+		}
+		defer csiLn.Close() // once served, the server's: a second close is harmless
+	}
 
 	// The engine outlives the daemon: taken over from the run before if it
 	// still serves, left running by a handover or a crash.
@@ -199,10 +209,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// The admin socket; READY=1 once the engine answers and the server
 	// accepts, then watchdog pings.
 	var csiServer *grpc.Server
-	if cfg.CSIEndpoint != "" {
-		if csiServer, err = serveCSI(cfg, mgr, served, log); err != nil {
-			return err
-		}
+	if csiLn != nil {
+		csiServer = serveCSI(cfg, csiLn, mgr, served, log)
 	}
 	ops.start(mgr, srv, sup.engine(), devices)
 	log.Info("provisioner ready", "listen_path", cfg.ListenPath, "image_config_directory", cfg.ImageConfigDir,
@@ -362,11 +370,7 @@ func restartEngineOnRequest(ctx context.Context, sup *engineSupervisor, mgr *pro
 
 // serveCSI serves the CSI Identity and Node services on the endpoint; a
 // failure to serve ends the run through served, as the caller socket's does.
-func serveCSI(cfg Config, mgr *provision.Manager, served chan<- error, log *slog.Logger) (*grpc.Server, error) {
-	ln, err := csi.Listen(cfg.CSIEndpoint)
-	if err != nil {
-		return nil, fmt.Errorf("PROVISIONER_CSI_ENDPOINT: %w", err)
-	}
+func serveCSI(cfg Config, ln net.Listener, mgr *provision.Manager, served chan<- error, log *slog.Logger) *grpc.Server {
 	s := csi.NewGRPCServer(log.With("service", "csi"))
 	csipb.RegisterIdentityServer(s, csi.NewIdentity(version.Get().Version, nil))
 	csipb.RegisterNodeServer(s, csi.NewNode(mgr, cfg.NodeIdentity(), 0, log.With("service", "csi")))
@@ -378,7 +382,7 @@ func serveCSI(cfg Config, mgr *provision.Manager, served chan<- error, log *slog
 			}
 		}
 	}()
-	return s, nil
+	return s
 }
 
 // stopCSI stops the CSI server: the calls in flight are waited for, until
