@@ -183,10 +183,7 @@ func TestAdoptCallerGone(t *testing.T) {
 	ts, state := nextRun(t, stateDir, devices)
 	callerGone(t, state, volID)
 	// The flush waits here, so that the test sees what came before it.
-	gate := make(chan struct{})
-	devices.Mu.Lock()
-	devices.FlushGate = gate
-	devices.Mu.Unlock()
+	gate := devices.GateFlushes()
 
 	ts.Adopt()
 	waitFor(t, func() bool { return devices.FlushCount(0) == 1 })
@@ -532,10 +529,7 @@ func TestAdoptFinishesAnInterruptedDetach(t *testing.T) {
 			// Killed now.
 			crashed := copyRecords(t, stateDir)
 			ts, next := nextRun(t, crashed, devices.Devices)
-			gate := make(chan struct{})
-			devices.Mu.Lock()
-			devices.FlushGate = gate
-			devices.Mu.Unlock()
+			gate := devices.GateFlushes()
 			ts.Adopt()
 			// Reconnected, and flushing: a crash now too leaves the
 			// record marked.

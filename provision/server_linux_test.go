@@ -744,10 +744,7 @@ func TestAdoptUsesThisNodesClientID(t *testing.T) {
 func holdInDetach(t *testing.T, ts *provisiontest.Server, key, imageID string) chan struct{} {
 	t.Helper()
 	first := ts.Attach(t, key)
-	gate := make(chan struct{})
-	ts.Devices.Mu.Lock()
-	ts.Devices.FlushGate = gate
-	ts.Devices.Mu.Unlock()
+	gate := ts.Devices.GateFlushes()
 	first.Close()
 	waitFor(t, func() bool { return stateOf(ts, imageID) == provision.StateDetaching })
 	return gate

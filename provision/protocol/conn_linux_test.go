@@ -26,6 +26,22 @@ func listen(t *testing.T) (*net.UnixListener, string) {
 	return ln, path
 }
 
+// connect dials ln at path and accepts: both ends, closed when t ends.
+func connect(t *testing.T, ln *net.UnixListener, path string) (client, server *net.UnixConn) {
+	t.Helper()
+	client, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	server, err = ln.AcceptUnix()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Close() })
+	return client, server
+}
+
 // ReadRequest reads a request that was there before it was called, one
 // that comes while it waits, with the fds each carries, and gives up at
 // its deadline on a caller who sends nothing.
@@ -45,16 +61,7 @@ func TestReadRequest(t *testing.T) {
 		send   bool
 	}{{"waiting", true, true}, {"sent while it waits", false, true}, {"never sent", false, false}} {
 		t.Run(tc.name, func(t *testing.T) {
-			client, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer client.Close()
-			server, err := ln.AcceptUnix()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer server.Close()
+			client, server := connect(t, ln, path)
 			send := func() {
 				if _, _, err := client.WriteMsgUnix(msg, oob, nil); err != nil {
 					t.Error(err)
@@ -161,15 +168,7 @@ func TestSendRawLeavesNoDeadlineWhenCancelledAtTheReply(t *testing.T) {
 // was: the next Wait waits again, and tells a closed connection apart.
 func TestWaitAgainAfterItsContextEnded(t *testing.T) {
 	ln, path := listen(t)
-	client, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err := ln.AcceptUnix()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
+	client, server := connect(t, ln, path)
 	a := &Attachment{Conn: client}
 	defer a.Close()
 	for i := range 2 {
@@ -202,16 +201,7 @@ func TestReadRequestEmpty(t *testing.T) {
 		{"closed", true, true, ErrEmptyConnection},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			client, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer client.Close()
-			server, err := ln.AcceptUnix()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer server.Close()
+			client, server := connect(t, ln, path)
 			send := func() {
 				if tc.close {
 					client.Close()
@@ -224,7 +214,7 @@ func TestReadRequestEmpty(t *testing.T) {
 			} else {
 				time.AfterFunc(50*time.Millisecond, send)
 			}
-			_, _, err = ReadRequest(server, time.Now().Add(10*time.Second))
+			_, _, err := ReadRequest(server, time.Now().Add(10*time.Second))
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("ReadRequest: %v, want %v", err, tc.want)
 			}

@@ -193,6 +193,15 @@ func (f *Devices) Reconnect(ctx context.Context, dev *nbddev.Device, conn net.Co
 	return nil
 }
 
+// GateFlushes makes every Flush wait until the returned gate is closed.
+func (f *Devices) GateFlushes() chan struct{} {
+	gate := make(chan struct{})
+	f.Mu.Lock()
+	f.FlushGate = gate
+	f.Mu.Unlock()
+	return gate
+}
+
 // Reconnects is how often device index was reconnected.
 func (f *Devices) Reconnects(index uint32) int {
 	f.Mu.Lock()
