@@ -212,7 +212,7 @@ func ensureBase(c *config, s baseSpec) (path string, cached bool, nmods []string
 	}
 	old, _ := filepath.Glob(filepath.Join(dir, "base-*"))
 	for _, o := range old {
-		if kver, ok := baseKernel(filepath.Base(o)); !ok || kver == s.Kernel || !kernelComplete(c.cache, kver) {
+		if kver, ok := baseKernel(filepath.Base(o)); !ok || kver == s.Kernel || !kernelComplete(c.kernelDir(), kver) {
 			os.Remove(o)
 		}
 	}

@@ -265,6 +265,11 @@ type preparedState struct {
 func prepare(ctx context.Context, c *config, binDir string) (preparedState, error) {
 	var st preparedState
 	t0 := time.Now()
+	klock, err := lockKernels(c)
+	if err != nil {
+		return st, err
+	}
+	defer klock.Close() // closed at once after the kernel's part, or here on an error
 	src, err := c.aptSource()
 	if err != nil {
 		return st, err
@@ -296,6 +301,7 @@ func prepare(ctx context.Context, c *config, binDir string) (preparedState, erro
 	if err != nil {
 		return st, err
 	}
+	klock.Close()
 	base, cached, mods, err := ensureBase(c, spec)
 	if err != nil {
 		return st, err

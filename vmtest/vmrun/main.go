@@ -61,8 +61,10 @@ environment:
                         lists in the cache, refreshed daily; nothing is installed
   VM_KERNEL_PKG=        pin the kernel package of that suite (e.g. linux-image-6.1.0-56-amd64);
                         default: what the suite's linux-image-amd64 depends on now
-  VM_CACHE=.cache/vm    kernels (one per suite), binaries, initramfs and console logs
-                        (out/<suite>/<package>.console.log)
+  VM_CACHE=.cache/vm    binaries, initramfs and console logs (out/<suite>/<package>.console.log)
+  VM_KERNEL_CACHE=~/.cache/mvps-provisioner/vm-kernels
+                        the unpacked kernels (one per suite) and the private apt lists, shared
+                        by every checkout on the machine ($XDG_CACHE_HOME when set)
   GO=go                 go command
 `
 

@@ -21,6 +21,7 @@ import (
 type config struct {
 	root      string // module root
 	cache     string // VM_CACHE
+	kernels   string // VM_KERNEL_CACHE, shared by every checkout (see kernelDir)
 	goCmd     string // GO
 	timeout   time.Duration
 	mem, smp  string
@@ -49,6 +50,7 @@ func loadConfig(root string) (*config, error) {
 	c := &config{
 		root:         root,
 		cache:        getenv("VM_CACHE", filepath.Join(root, ".cache", "vm")),
+		kernels:      os.Getenv("VM_KERNEL_CACHE"),
 		goCmd:        getenv("GO", "go"),
 		mem:          getenv("VM_MEM", "2048"),
 		smp:          getenv("VM_SMP", "1"),
@@ -67,6 +69,13 @@ func loadConfig(root string) (*config, error) {
 	}
 	if !filepath.IsAbs(c.cache) {
 		c.cache = filepath.Join(root, c.cache)
+	}
+	if c.kernels == "" {
+		if dir, err := os.UserCacheDir(); err == nil {
+			c.kernels = filepath.Join(dir, "mvps-provisioner", "vm-kernels")
+		}
+	} else if !filepath.IsAbs(c.kernels) {
+		c.kernels = filepath.Join(root, c.kernels)
 	}
 	if v := os.Getenv("VM_TIMEOUT"); v != "" {
 		n, err := strconv.Atoi(v)
@@ -104,6 +113,35 @@ func moduleRoot(dir string) (string, error) {
 			return "", fmt.Errorf("no go.mod in %s or above", dir)
 		}
 	}
+}
+
+// kernelDir is where c's kernels and private apt lists are: the machine's kernel cache, shared
+// by every checkout (a fresh clone, as CI makes, finds the kernel unpacked there, and its
+// suite's package lists current), or VM_CACHE without one.
+func (c *config) kernelDir() string {
+	if c.kernels != "" {
+		return c.kernels
+	}
+	return c.cache
+}
+
+// lockKernels takes the lock of c's suite in the kernel cache: one run at a time, of any
+// checkout, updates the suite's lists or downloads, unpacks or removes its kernels there.
+// Take it after the cache lock, never before.
+func lockKernels(c *config) (*os.File, error) {
+	dir := c.kernelDir()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("kernel cache: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "lock-"+c.suite), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("kernel cache lock: %w", err)
+	}
+	if err := flockTelling(f, "another run preparing the "+c.suite+" kernel in "+dir, os.Getenv("VMRUN_PREPARED") != ""); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("kernel cache lock: %w", err)
+	}
+	return f, nil
 }
 
 // lockCache takes the lock of the cache dir (exclusive: downloads, builds and clean-ups), and
@@ -318,7 +356,7 @@ func ensureKernel(ctx context.Context, c *config, pkg string) (*kernel, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &kernel{Version: ver, Dir: filepath.Join(c.cache, "kernel-"+ver)}
+	k := &kernel{Version: ver, Dir: filepath.Join(c.kernelDir(), "kernel-"+ver)}
 	k.Image = filepath.Join(k.Dir, "boot", "vmlinuz-"+ver)
 	if c.pvh {
 		if img, err := ensureVmlinux(ctx, k); err != nil {
@@ -339,7 +377,7 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 	if pkg == "" {
 		pkg = c.kernelPkg
 	}
-	if pkg != "" && kernelComplete(c.cache, strings.TrimPrefix(pkg, "linux-image-")) {
+	if pkg != "" && kernelComplete(c.kernelDir(), strings.TrimPrefix(pkg, "linux-image-")) {
 		return strings.TrimPrefix(pkg, "linux-image-"), nil // the runners' case: the driver got it
 	}
 	src, err := c.aptSource()
@@ -359,14 +397,18 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 		return cachedKernel(c, fmt.Errorf("cannot resolve linux-image-amd64 of %s with apt-cache depends", c.suite))
 	}
 	ver := strings.TrimPrefix(pkg, "linux-image-")
-	if kernelComplete(c.cache, ver) {
+	kdir := c.kernelDir()
+	if kernelComplete(kdir, ver) {
 		return ver, nil
 	}
-	old, _ := filepath.Glob(filepath.Join(c.cache, ".kernel-*")) // leftovers of interrupted runs
+	if moveCheckoutKernel(c, ver) {
+		return ver, nil
+	}
+	old, _ := filepath.Glob(filepath.Join(kdir, ".kernel-*")) // leftovers of interrupted runs
 	for _, d := range old {
 		os.RemoveAll(d)
 	}
-	tmp, err := os.MkdirTemp(c.cache, ".kernel-"+ver+".")
+	tmp, err := os.MkdirTemp(kdir, ".kernel-"+ver+".")
 	if err != nil {
 		return "", fmt.Errorf("kernel: %w", err)
 	}
@@ -418,13 +460,13 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 	if err := os.WriteFile(filepath.Join(root, suiteFile), []byte(c.suite+"\n"), 0o644); err != nil {
 		return "", fmt.Errorf("kernel: %w", err)
 	}
-	dst := filepath.Join(c.cache, "kernel-"+ver)
+	dst := filepath.Join(kdir, "kernel-"+ver)
 	os.RemoveAll(dst)
 	if err := os.Rename(root, dst); err != nil {
 		return "", fmt.Errorf("kernel: %w", err)
 	}
 	// A cached kernel takes 130 to 400 MB: keep one per suite.
-	others, _ := filepath.Glob(filepath.Join(c.cache, "kernel-*"))
+	others, _ := filepath.Glob(filepath.Join(kdir, "kernel-*"))
 	for _, d := range others {
 		if d != dst && kernelSuite(d) == c.suite {
 			os.RemoveAll(d)
@@ -432,6 +474,17 @@ func downloadKernel(ctx context.Context, c *config, pkg string) (string, error) 
 	}
 	logf("kernel: downloaded and unpacked %s (%d MB in %.1fs; with depmod %.1fs)", ver, size>>20, tDownload.Seconds(), time.Since(t0).Seconds())
 	return ver, nil
+}
+
+// moveCheckoutKernel moves kernel ver of c's suite, unpacked into the checkout's cache before
+// the kernel cache was shared, into the kernel cache, and reports whether it is there now.
+func moveCheckoutKernel(c *config, ver string) bool {
+	kdir := c.kernelDir()
+	old := filepath.Join(c.cache, "kernel-"+ver)
+	if kdir == c.cache || !kernelComplete(c.cache, ver) || kernelSuite(old) != c.suite {
+		return false
+	}
+	return os.Rename(old, filepath.Join(kdir, "kernel-"+ver)) == nil
 }
 
 // normalizeKernelTree gives an unpacked kernel the layout of Debian 12's packages, which the
@@ -475,11 +528,11 @@ func exists(p string) bool { _, err := os.Stat(p); return err == nil }
 // cachedKernel picks the suite's newest complete kernel in the cache when the current one
 // cannot be had (offline runs).
 func cachedKernel(c *config, why error) (string, error) {
-	dirs, _ := filepath.Glob(filepath.Join(c.cache, "kernel-*"))
+	dirs, _ := filepath.Glob(filepath.Join(c.kernelDir(), "kernel-*"))
 	slices.Sort(dirs)
 	for i := len(dirs) - 1; i >= 0; i-- {
 		v := strings.TrimPrefix(filepath.Base(dirs[i]), "kernel-")
-		if kernelComplete(c.cache, v) && kernelSuite(dirs[i]) == c.suite {
+		if kernelComplete(c.kernelDir(), v) && kernelSuite(dirs[i]) == c.suite {
 			logf("kernel: WARNING: %v; using the cached %s", why, v)
 			return v, nil
 		}

@@ -174,7 +174,7 @@ func openSuite(c *config) (*aptSource, error) {
 	if !ok {
 		return nil, fmt.Errorf("VM_KERNEL_SUITE=%s: no Debian archive (a deb stanza with a release suite) in %s", c.suite, systemSources)
 	}
-	src.dir = filepath.Join(c.cache, "apt", c.suite)
+	src.dir = filepath.Join(c.kernelDir(), "apt", c.suite)
 	for _, d := range []string{"sources", "lists/partial", "cache/archives/partial"} {
 		if err := os.MkdirAll(filepath.Join(src.dir, d), 0o755); err != nil {
 			return nil, fmt.Errorf("apt for %s: %w", c.suite, err)

@@ -300,3 +300,44 @@ func TestBaseKernel(t *testing.T) {
 		}
 	}
 }
+
+func TestKernelCacheSharedByCheckouts(t *testing.T) {
+	t.Setenv("XDG_CACHE_HOME", t.TempDir())
+	t.Setenv("VM_KERNEL_CACHE", "")
+	root := t.TempDir()
+	c, err := loadConfig(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := filepath.Join(os.Getenv("XDG_CACHE_HOME"), "mvps-provisioner", "vm-kernels")
+	if c.kernelDir() != want {
+		t.Errorf("kernel cache %q, want %q: outside the checkout, so that a fresh clone finds it", c.kernelDir(), want)
+	}
+	t.Setenv("VM_KERNEL_CACHE", "k")
+	if c, err = loadConfig(root); err != nil || c.kernelDir() != filepath.Join(root, "k") {
+		t.Errorf("VM_KERNEL_CACHE=k: kernel cache %q (%v), want it under the module root", c.kernelDir(), err)
+	}
+	if (&config{cache: root}).kernelDir() != root {
+		t.Error("without a kernel cache, the kernels are not in VM_CACHE")
+	}
+}
+
+func TestCheckoutKernelMovedToTheKernelCache(t *testing.T) {
+	checkout, shared := t.TempDir(), t.TempDir()
+	const ver = "6.1.0-57-amd64"
+	d := "kernel-" + ver + "/"
+	mkfiles(t, checkout, d+"boot/vmlinuz-"+ver, d+"lib/modules/"+ver+"/modules.dep")
+	if moveCheckoutKernel(&config{cache: checkout, kernels: shared, suite: "trixie-backports"}, ver) {
+		t.Fatal("another suite's kernel was taken")
+	}
+	if !moveCheckoutKernel(&config{cache: checkout, kernels: shared, suite: defaultSuite}, ver) {
+		t.Fatal("the checkout's kernel was not moved")
+	}
+	if !kernelComplete(shared, ver) || kernelComplete(checkout, ver) {
+		t.Errorf("after the move: in the kernel cache %v, in the checkout %v; want true, false",
+			kernelComplete(shared, ver), kernelComplete(checkout, ver))
+	}
+	if moveCheckoutKernel(&config{cache: checkout, kernels: shared, suite: defaultSuite}, ver) {
+		t.Error("moved twice")
+	}
+}

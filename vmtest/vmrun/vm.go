@@ -173,6 +173,11 @@ func prepareRun(ctx context.Context, c *config, testBin, name string, args []str
 	if st.Kernel != "" {
 		pkg = "linux-image-" + st.Kernel
 	}
+	klock, err := lockKernels(c)
+	if err != nil {
+		return "", nil, err
+	}
+	defer klock.Close()
 	k, err := ensureKernel(ctx, c, pkg)
 	if err != nil {
 		return "", nil, err
@@ -205,7 +210,7 @@ func prepareRun(ctx context.Context, c *config, testBin, name string, args []str
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		return "", nil, fmt.Errorf("run dir: %w", err)
 	}
-	if err := os.Link(k.Image, filepath.Join(dir, "kernel")); err != nil {
+	if err := linkOrCopy(k.Image, filepath.Join(dir, "kernel")); err != nil {
 		os.RemoveAll(dir)
 		return "", nil, fmt.Errorf("run dir: %w", err)
 	}
@@ -219,6 +224,30 @@ func prepareRun(ctx context.Context, c *config, testBin, name string, args []str
 		return "", nil, err
 	}
 	return dir, k, nil
+}
+
+// linkOrCopy links dst to src, or copies src where the two are on different file systems (the
+// kernel cache and the checkout may be). The run's own name for the kernel keeps it whole
+// while another run replaces the cached one.
+func linkOrCopy(src, dst string) error {
+	err := os.Link(src, dst)
+	if !errors.Is(err, syscall.EXDEV) {
+		return err
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
 }
 
 // removeStaleRuns removes the run dirs of runner processes that are gone.
