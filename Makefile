@@ -104,12 +104,13 @@ help:
 	@echo "  bench        Go benchmarks, then the VM benchmark against nbd-client (BENCH_N=200); JSON in .cache/bench/"
 	@echo "  clean        remove bin/, var/ and the VM output (rm -rf .cache drops every cache, ~1 GB)"
 
-# check (lint and unit tests, a couple of minutes) comes first, so that a
-# lint error fails in minutes, not after the VM suite. The image's test,
-# fuzzing and the tests against a real API server run side by side, each
-# target's output shown whole once it is done; then the VM suites.
-test: deps check
-	@$(MAKE) --no-print-directory -j3 --output-sync=target image-test fuzz k8s-test
+# The lint comes first, so that a lint error fails in seconds. The unit
+# tests, the alert rules, the image's test, fuzzing and the tests against a
+# real API server then run side by side (a good part of each is waiting, on
+# timers or on other processes), each target's output shown whole once it
+# is done; then the VM suites. The same as check, and the rest.
+test: deps lint
+	@$(MAKE) --no-print-directory -j4 --output-sync=target unit rules image-test fuzz k8s-test
 	@$(MAKE) --no-print-directory integration
 
 check: lint unit rules
@@ -166,13 +167,13 @@ fuzz:
 VM_KERNELS ?= $(or $(VM_KERNEL_SUITE),bookworm trixie-backports)
 # The Lease test runs a real etcd and kube-apiserver inside the VM, next
 # to the devices: kubetest/build.sh makes them; they want 2 CPUs and about
-# 1 GiB, and take two minutes to start under TCG, so that test runs once,
+# 1 GiB, and half a minute to start under TCG, so that test runs once,
 # apart from the rest: on the first kernel of VM_KERNELS, right after that
 # kernel's suite (the shorter one), with its cache, while the other suite
 # still runs. The kernels' suites run side by side (each VM uses one CPU
-# under TCG), each with a cache of its own (.cache/vm/<suite>: its kernel,
-# and binaries the other run cannot overwrite under it), their output
-# shown in turn.
+# under TCG), each with a cache of its own (.cache/vm/<suite>: binaries the
+# other run cannot overwrite under it; the kernels are in the machine's
+# kernel cache, see vmrun -h), their output shown in turn.
 K8S_BIN := $(CURDIR)/.cache/k8s/bin
 LEASE_VM_TESTS := ^TestVMLease
 VM_TEST_TIMEOUT ?= 900s
