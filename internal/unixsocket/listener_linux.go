@@ -24,9 +24,19 @@ type ListenConfig struct {
 	Mode fs.FileMode
 	// Group, a name or a numeric id, owns the socket when set.
 	Group string
+	// Stream makes a stream socket (gRPC's, for the CSI endpoint) instead
+	// of the caller socket's SEQPACKET one.
+	Stream bool
 }
 
-// Listen opens the SEQPACKET socket. A socket file left by a dead instance
+func (cfg ListenConfig) network() string {
+	if cfg.Stream {
+		return "unix"
+	}
+	return "unixpacket"
+}
+
+// Listen opens the socket. A socket file left by a dead instance
 // is replaced; one that a live instance answers on is left alone and is an
 // error, as is any other kind of file at the path.
 //
@@ -47,7 +57,7 @@ func Listen(cfg ListenConfig) (*Listener, error) {
 	if cfg.Mode&^fs.ModePerm != 0 {
 		return nil, fmt.Errorf("socket mode %v: only permission bits can be set", cfg.Mode)
 	}
-	if err := removeStaleSocket(cfg.Path); err != nil {
+	if err := removeStaleSocket(cfg.Path, cfg.network()); err != nil {
 		return nil, err
 	}
 	dir, name := filepath.Split(filepath.Clean(cfg.Path))
@@ -63,7 +73,7 @@ func Listen(cfg ListenConfig) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Path, err)
 	}
-	ln, err := bindPrivate(private, name)
+	ln, err := bindPrivate(private, name, cfg.network())
 	if err != nil {
 		unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR)
 		unix.Close(private)
@@ -195,10 +205,10 @@ func makePrivateDir(parent int, name string) (string, int, error) {
 
 // bindPrivate binds a socket called name in the directory open as dirfd.
 // There is no bindat, so the socket is bound through /proc/self/fd.
-func bindPrivate(dirfd int, name string) (*net.UnixListener, error) {
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{
+func bindPrivate(dirfd int, name, network string) (*net.UnixListener, error) {
+	ln, err := net.ListenUnix(network, &net.UnixAddr{
 		Name: "/proc/self/fd/" + strconv.Itoa(dirfd) + "/" + name,
-		Net:  "unixpacket",
+		Net:  network,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("bind the socket (a name of at most about 85 bytes fits): %w", err)
@@ -211,7 +221,7 @@ func bindPrivate(dirfd int, name string) (*net.UnixListener, error) {
 // socket's directory could swap things around.
 var listenRaceHook func()
 
-func removeStaleSocket(path string) error {
+func removeStaleSocket(path, network string) error {
 	st, err := os.Lstat(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
@@ -222,10 +232,14 @@ func removeStaleSocket(path string) error {
 	if st.Mode().Type() != fs.ModeSocket {
 		return fmt.Errorf("%s exists and is not a socket; not replacing it", path)
 	}
-	c, err := net.DialTimeout("unixpacket", path, time.Second)
+	c, err := net.DialTimeout(network, path, time.Second)
 	if err == nil {
 		c.Close()
 		return fmt.Errorf("%s: another provisioner is listening there", path)
+	}
+	if errors.Is(err, syscall.EPROTOTYPE) {
+		// A socket of the other type: not a stale one of ours.
+		return fmt.Errorf("%s: another program's socket is there; not replacing it", path)
 	}
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("%s: cannot tell whether another provisioner listens there: %w", path, err)

@@ -77,6 +77,26 @@ func TestListen(t *testing.T) {
 	if _, err := Listen(ListenConfig{Path: filepath.Join(dir, "g.sock"), Mode: 0o660, Group: "no-such-group-here"}); err == nil {
 		t.Fatal("unknown group accepted")
 	}
+
+	// A stream socket (the CSI endpoint's), and a live socket of the other
+	// type, which is not a stale one of ours.
+	streamPath := filepath.Join(dir, "s.sock")
+	sln, err := Listen(ListenConfig{Path: streamPath, Mode: 0o600, Stream: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sln.Close()
+	if c, err := net.Dial("unix", streamPath); err != nil {
+		t.Fatalf("stream socket: %v", err)
+	} else {
+		c.Close()
+	}
+	if _, err := Listen(ListenConfig{Path: streamPath, Mode: 0o600}); err == nil || !strings.Contains(err.Error(), "another program's socket") {
+		t.Fatalf("SEQPACKET listener over a live stream socket: %v", err)
+	}
+	if _, err := os.Lstat(streamPath); err != nil {
+		t.Fatalf("the stream socket was removed: %v", err)
+	}
 }
 
 // Someone who can write the socket's directory swaps a symlink in right
@@ -84,6 +104,12 @@ func TestListen(t *testing.T) {
 // target (here a private file) world-writable; the socket must also never
 // appear at its path with the umask's permissions.
 func TestListenRace(t *testing.T) {
+	for _, stream := range []bool{false, true} {
+		t.Run(ListenConfig{Stream: stream}.network(), func(t *testing.T) { testListenRace(t, stream) })
+	}
+}
+
+func testListenRace(t *testing.T, stream bool) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "p.sock")
 	victim := filepath.Join(dir, "victim")
@@ -102,7 +128,7 @@ func TestListenRace(t *testing.T) {
 	}
 	defer func() { listenRaceHook = nil }()
 
-	ln, err := Listen(ListenConfig{Path: path, Mode: 0o666, Group: strconv.Itoa(os.Getgid())})
+	ln, err := Listen(ListenConfig{Path: path, Mode: 0o666, Group: strconv.Itoa(os.Getgid()), Stream: stream})
 	if err == nil {
 		ln.Close()
 		t.Fatal("Listen replaced what appeared at its path")

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -261,15 +263,21 @@ func TestListenRefusesALiveEndpoint(t *testing.T) {
 		t.Fatal("a second Listen took over a live endpoint")
 	}
 	ln.Close()
-	// Closing removed it; a stale socket file is replaced.
-	ln, err = Listen(sock)
+	if _, err := os.Lstat(sock); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("closing left the socket behind: %v", err)
+	}
+	// A socket file that a dead instance left is replaced.
+	stale, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln.(interface{ SetUnlinkOnClose(bool) }).SetUnlinkOnClose(false)
-	ln.Close()
+	stale.SetUnlinkOnClose(false)
+	stale.Close()
 	if ln, err = Listen(sock); err != nil {
 		t.Fatalf("a stale socket was not replaced: %v", err)
+	}
+	if st, err := os.Lstat(sock); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("the endpoint: %v, %v; want a socket of mode 0600", st.Mode(), err)
 	}
 	ln.Close()
 	if err := os.WriteFile(sock, nil, 0o600); err != nil {

@@ -13,8 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"os"
 	"strings"
 	"time"
 
@@ -30,38 +28,6 @@ import (
 // DriverName is the CSI driver's name, as CSIDriver objects, StorageClasses
 // and the kubelet's plugin registry know it.
 const DriverName = "csi.mvps-provisioner.io"
-
-// Listen opens the gRPC endpoint: a Unix socket path, or a unix:// URL as
-// the CSI sidecars take it. A socket file left by a dead instance is
-// replaced; anything else at the path is an error. The socket is made
-// root's only: whoever can reach it attaches and mounts as root would.
-func Listen(endpoint string) (net.Listener, error) {
-	path, err := SocketPath(endpoint)
-	if err != nil {
-		return nil, err
-	}
-	if st, err := os.Lstat(path); err == nil {
-		if st.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("CSI endpoint %s exists and is not a socket", path)
-		}
-		if conn, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			conn.Close()
-			return nil, fmt.Errorf("CSI endpoint %s is in use by another process", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("remove stale CSI socket: %w", err)
-		}
-	}
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("listen on CSI endpoint: %w", err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("chmod CSI socket: %w", err)
-	}
-	return ln, nil
-}
 
 // SocketPath is endpoint's file system path.
 func SocketPath(endpoint string) (string, error) {
