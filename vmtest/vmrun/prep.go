@@ -131,7 +131,13 @@ func (c *config) kernelDir() string {
 func lockKernels(c *config) (*os.File, error) {
 	dir := c.kernelDir()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("kernel cache: %w", err)
+		if dir == c.cache {
+			return nil, fmt.Errorf("kernel cache: %w", err)
+		}
+		// A home that cannot be written (a CI user's, say): this checkout's cache will do.
+		logf("kernel cache: %v; keeping the kernels in %s", err, c.cache)
+		c.kernels = ""
+		return lockKernels(c)
 	}
 	f, err := os.OpenFile(filepath.Join(dir, "lock-"+c.suite), os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {

@@ -341,3 +341,19 @@ func TestCheckoutKernelMovedToTheKernelCache(t *testing.T) {
 		t.Error("moved twice")
 	}
 }
+
+func TestKernelCacheThatCannotBeMade(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := &config{cache: t.TempDir(), kernels: filepath.Join(file, "kernels"), suite: defaultSuite}
+	lock, err := lockKernels(c)
+	if err != nil {
+		t.Fatalf("lockKernels: %v; want the checkout's cache used instead", err)
+	}
+	lock.Close()
+	if c.kernelDir() != c.cache {
+		t.Errorf("kernels in %q, want the checkout's cache %q", c.kernelDir(), c.cache)
+	}
+}
