@@ -57,6 +57,12 @@ func Listen(cfg ListenConfig) (*Listener, error) {
 	if cfg.Mode&^fs.ModePerm != 0 {
 		return nil, fmt.Errorf("socket mode %v: only permission bits can be set", cfg.Mode)
 	}
+	// The socket is bound through a short name (bindPrivate), so a longer
+	// path would bind, and nobody could connect to it.
+	if limit := len(unix.RawSockaddrUnix{}.Path) - 1; len(cfg.Path) > limit {
+		return nil, fmt.Errorf("socket path %s is %d bytes: a Unix socket address holds at most %d, so nobody could connect to it",
+			cfg.Path, len(cfg.Path), limit)
+	}
 	if err := removeStaleSocket(cfg.Path, cfg.network()); err != nil {
 		return nil, err
 	}

@@ -77,6 +77,16 @@ func TestListen(t *testing.T) {
 	if _, err := Listen(ListenConfig{Path: filepath.Join(dir, "g.sock"), Mode: 0o660, Group: "no-such-group-here"}); err == nil {
 		t.Fatal("unknown group accepted")
 	}
+	long := filepath.Join(dir, strings.Repeat("d", 100), "p.sock")
+	if err := os.MkdirAll(filepath.Dir(long), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if ln, err := Listen(ListenConfig{Path: long, Mode: 0o600}); err == nil || !strings.Contains(err.Error(), "nobody could connect") {
+		if ln != nil {
+			ln.Close()
+		}
+		t.Fatalf("Listen on a %d-byte path, which no caller can connect to: %v", len(long), err)
+	}
 
 	// A stream socket (the CSI endpoint's), and a live socket of the other
 	// type, which is not a stale one of ours.
