@@ -100,9 +100,9 @@ help:
 	@echo "  integration  the VM integration suite (vmtest/vmrun) on each kernel of VM_KERNELS ($(VM_KERNELS))"
 	@echo "  run          build and run the daemon here on the default engine (needs the nbd module)"
 	@echo "  demo         the whole story (attach, write, detach, reattach, verify) in a VM"
-	@echo "  k8s-test     tests against a real kube-apiserver (built once into .cache/k8s)"
+	@echo "  k8s-test     tests against a real kube-apiserver (built once into ~/.cache/mvps-provisioner/k8s)"
 	@echo "  bench        Go benchmarks, then the VM benchmark against nbd-client (BENCH_N=200); JSON in .cache/bench/"
-	@echo "  clean        remove bin/, var/ and the VM output (rm -rf .cache drops every cache, ~1 GB)"
+	@echo "  clean        remove bin/, var/ and the VM output (rm -rf .cache drops the checkout's caches, ~1 GB; ~/.cache/mvps-provisioner holds the kernels and kube-apiserver)"
 
 # The lint comes first, so that a lint error fails in seconds. The unit
 # tests, the alert rules, the image's test, fuzzing and the tests against a
@@ -174,7 +174,7 @@ VM_KERNELS ?= $(or $(VM_KERNEL_SUITE),bookworm trixie-backports)
 # under TCG), each with a cache of its own (.cache/vm/<suite>: binaries the
 # other run cannot overwrite under it; the kernels are in the machine's
 # kernel cache, see vmrun -h), their output shown in turn.
-K8S_BIN := $(CURDIR)/.cache/k8s/bin
+K8S_BIN := $(shell bash kubetest/build.sh --bin-dir)
 LEASE_VM_TESTS := ^TestVMLease
 VM_TEST_TIMEOUT ?= 900s
 # What the kernels' suites build alike (the test binaries, the binaries in
@@ -234,8 +234,9 @@ clean:
 	rm -rf bin var .cache/vmrun .cache/vm/out
 
 # A real kube-apiserver and etcd, built from the Go module proxy into
-# .cache/k8s/bin (about 10 min and 3 GB of build cache the first time on 2
-# cores; nothing to do afterwards), and the tests that need them. With
+# ~/.cache/mvps-provisioner/k8s/bin, which every checkout on the machine
+# shares (about 10 min and 3 GB of build cache the first time on 2 cores;
+# nothing to do afterwards), and the tests that need them. With
 # MVPS_K8S_TESTS=1 those tests fail instead of skipping when the servers are
 # missing.
 .PHONY: k8s-cache k8s-test
@@ -243,4 +244,4 @@ k8s-cache:
 	bash kubetest/build.sh
 
 k8s-test: k8s-cache
-	MVPS_K8S_TESTS=1 $(GO) test -race -count=1 ./kubetest ./provision/configmap
+	MVPS_K8S_BIN=$(K8S_BIN) MVPS_K8S_TESTS=1 $(GO) test -race -count=1 ./kubetest ./provision/configmap

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # kubetest/build.sh: build a real kube-apiserver and etcd from the Go module proxy into
-# .cache/k8s/bin/ (gitignored), for the tests in kubetest/ ("make k8s-test").
+# ~/.cache/mvps-provisioner/k8s/bin/ (K8S_CACHE), for the tests in kubetest/ ("make k8s-test").
 #
-#   bash kubetest/build.sh        (from anywhere; does nothing when the binaries are current)
+#   bash kubetest/build.sh            (from anywhere; does nothing when the binaries are current)
+#   bash kubetest/build.sh --bin-dir  (says where they are)
 #
 # No prebuilt Kubernetes binary can be fetched here, and `go install
 # k8s.io/kubernetes/cmd/kube-apiserver@VERSION` fails because kubernetes' go.mod replaces its
@@ -26,11 +27,28 @@ STAGING_VERSION=v0.37.2      # k8s.io/api, k8s.io/client-go, ... of that release
 ETCD_VERSION=v3.7.0          # what kubernetes v1.37.2's go.mod pins
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-cache=${K8S_CACHE:-$root/.cache/k8s}
+# One copy for every checkout on the machine, as Go's own caches: a fresh clone (what CI
+# runs) need not relink 140 MB of servers. Where that cannot be made, the checkout's cache.
+if [[ -n ${K8S_CACHE:-} ]]; then
+	cache=$K8S_CACHE
+elif [[ -n ${XDG_CACHE_HOME:-} || -n ${HOME:-} ]]; then
+	cache=${XDG_CACHE_HOME:-$HOME/.cache}/mvps-provisioner/k8s
+else
+	cache=$root/.cache/k8s
+fi
+if ! mkdir -p "$cache" 2>/dev/null || [[ ! -w $cache ]]; then
+	cache=$root/.cache/k8s
+fi
 src=$cache/src
 bin=$cache/bin
 stamp="kube-apiserver $K8S_VERSION etcd $ETCD_VERSION"
 GO=${GO:-go}
+
+# --bin-dir: say where the binaries are (or will be), for make and the tests.
+if [[ ${1:-} == --bin-dir ]]; then
+	echo "$bin"
+	exit 0
+fi
 
 mkdir -p "$cache"
 # Two make runs at once (a developer and an editor's test run) must not build twice into

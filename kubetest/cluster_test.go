@@ -6,7 +6,9 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -20,12 +22,17 @@ import (
 // set-up; what the provisioner does is tested with a service account token.
 const adminToken = kubecluster.AdminToken
 
-// binDir is where kubetest/build.sh puts the servers.
+// binDir is where kubetest/build.sh puts the servers: MVPS_K8S_BIN (make
+// sets it), or what the script says.
 func binDir() string {
 	if d := os.Getenv("MVPS_K8S_BIN"); d != "" {
 		return d
 	}
-	return filepath.Join("..", ".cache", "k8s", "bin")
+	out, err := exec.Command("bash", "build.sh", "--bin-dir").Output()
+	if err != nil {
+		return filepath.Join("..", ".cache", "k8s", "bin")
+	}
+	return strings.TrimSpace(string(out))
 }
 
 // shared is one etcd and one API server for the whole package, started by
