@@ -309,12 +309,12 @@ func (s *APIServer) Start() error {
 	return nil
 }
 
+// readyzQuery is the query of Start's /readyz: its ReadyzExclude.
 func readyzQuery() string {
-	q := url.Values{"exclude": ReadyzExclude}
 	if len(ReadyzExclude) == 0 {
 		return ""
 	}
-	return "?" + q.Encode()
+	return "?" + url.Values{"exclude": ReadyzExclude}.Encode()
 }
 
 // Stop ends the server (SIGTERM).
