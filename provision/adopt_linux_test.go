@@ -370,14 +370,7 @@ func TestAdoptKeepsTheConnectionToARunningEngine(t *testing.T) {
 		{"engine restarted", "engine-2", 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			stateDir := t.TempDir()
-			state := openState(t, stateDir)
-			old := provisiontest.New(t, func(c *provisiontest.Config) {
-				c.State, c.EngineInstance = state, func() string { return "engine-1" }
-			})
-			old.AddImage(t, "vol", volID, 1<<20)
-			a := old.Attach(t, "vol")
-			t.Cleanup(func() { a.Close() })
+			old, state, stateDir := attachedOnEngine1(t)
 			ts := handOver(t, old, state, stateDir, func(c *provisiontest.Config) {
 				c.EngineInstance = func() string { return tc.next }
 			})
@@ -395,14 +388,7 @@ func TestAdoptKeepsTheConnectionToARunningEngine(t *testing.T) {
 // and reconnects, rather than keeping it and failing the caller's I/O at
 // the dead-connection timeout.
 func TestAdoptReconnectsAConnectionThatDiedMeanwhile(t *testing.T) {
-	stateDir := t.TempDir()
-	state := openState(t, stateDir)
-	old := provisiontest.New(t, func(c *provisiontest.Config) {
-		c.State, c.EngineInstance = state, func() string { return "engine-1" }
-	})
-	old.AddImage(t, "vol", volID, 1<<20)
-	a := old.Attach(t, "vol")
-	t.Cleanup(func() { a.Close() })
+	old, state, stateDir := attachedOnEngine1(t)
 	ts := handOver(t, old, state, stateDir, func(c *provisiontest.Config) {
 		c.EngineInstance = func() string { return "engine-1" }
 		// Another session of the device's client id: the engine closes
@@ -419,6 +405,22 @@ func TestAdoptReconnectsAConnectionThatDiedMeanwhile(t *testing.T) {
 	if !strings.Contains(ts.Logs(), "does not answer; reconnecting") {
 		t.Errorf("no reconnect logged:\n%s", ts.Logs())
 	}
+}
+
+// attachedOnEngine1 is the run before a restart: a provisioner with a
+// state directory, on engine instance "engine-1", with volID attached as
+// "vol" until the test ends.
+func attachedOnEngine1(t *testing.T) (old *provisiontest.Server, state *provision.StateDir, stateDir string) {
+	t.Helper()
+	stateDir = t.TempDir()
+	state = openState(t, stateDir)
+	old = provisiontest.New(t, func(c *provisiontest.Config) {
+		c.State, c.EngineInstance = state, func() string { return "engine-1" }
+	})
+	old.AddImage(t, "vol", volID, 1<<20)
+	a := old.Attach(t, "vol")
+	t.Cleanup(func() { a.Close() })
+	return old, state, stateDir
 }
 
 // handOver hands old over and starts the next run on its state directory
@@ -577,14 +579,7 @@ func (s slowLocks) Acquire(ctx context.Context, imageID string, fence provision.
 // provisioner ran. Past the grace the connection is fenced; once the lock
 // is this node's the device is reconnected and its I/O goes on.
 func TestAdoptFencesWhileTheLockIsNotTakenAgain(t *testing.T) {
-	stateDir := t.TempDir()
-	state := openState(t, stateDir)
-	old := provisiontest.New(t, func(c *provisiontest.Config) {
-		c.State, c.EngineInstance = state, func() string { return "engine-1" }
-	})
-	old.AddImage(t, "vol", volID, 1<<20)
-	a := old.Attach(t, "vol")
-	t.Cleanup(func() { a.Close() })
+	old, state, stateDir := attachedOnEngine1(t)
 	locks := slowLocks{release: make(chan struct{})}
 	ts := handOver(t, old, state, stateDir, func(c *provisiontest.Config) {
 		c.EngineInstance = func() string { return "engine-1" }
@@ -608,14 +603,7 @@ func TestAdoptFencesWhileTheLockIsNotTakenAgain(t *testing.T) {
 // although the device's connection now is a good one: no second reconnect
 // follows, and the attachment's detach still flushes.
 func TestAdoptProbeOutlivedByAReconnect(t *testing.T) {
-	stateDir := t.TempDir()
-	state := openState(t, stateDir)
-	old := provisiontest.New(t, func(c *provisiontest.Config) {
-		c.State, c.EngineInstance = state, func() string { return "engine-1" }
-	})
-	old.AddImage(t, "vol", volID, 1<<20)
-	a := old.Attach(t, "vol")
-	t.Cleanup(func() { a.Close() })
+	old, state, stateDir := attachedOnEngine1(t)
 	var ts *provisiontest.Server
 	probed := make(chan struct{})
 	old.Devices.Mu.Lock()
