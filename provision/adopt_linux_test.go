@@ -134,18 +134,26 @@ func recordExists(t *testing.T, stateDir, imageID string) bool {
 	return err == nil
 }
 
+// adoptedFollowingACaller takes "vol" over from an earlier run, its
+// record naming a stand-in caller that still runs, and waits until it is
+// reconnected and attached; exit ends the caller.
+func adoptedFollowingACaller(t *testing.T) (ts *provisiontest.Server, devices *provisiontest.Devices, stateDir string, pid int32, exit func()) {
+	t.Helper()
+	stateDir, devices = earlierRun(t, "vol")
+	caller, exit, start := standInCaller(t)
+	pid = int32(caller.Process.Pid)
+	ts, state := nextRun(t, stateDir, devices)
+	rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = pid, start })
+	ts.Adopt()
+	waitFor(t, func() bool { return devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+	return ts, devices, stateDir, pid, exit
+}
+
 // A device taken over whose caller still runs is reconnected and kept,
 // its caller followed by pid and start time; when the caller exits, the
 // device is flushed and detached, and its record removed.
 func TestAdoptFollowsALiveCaller(t *testing.T) {
-	stateDir, devices := earlierRun(t, "vol")
-	caller, exit, start := standInCaller(t)
-	pid := int32(caller.Process.Pid)
-	ts, state := nextRun(t, stateDir, devices)
-	rewrite(t, state, volID, func(r *provision.StateRecord) { r.CallerPID, r.CallerStart = pid, start })
-
-	ts.Adopt()
-	waitFor(t, func() bool { return devices.Reconnects(0) == 1 && stateOf(ts, volID) == provision.StateAttached })
+	ts, devices, stateDir, pid, exit := adoptedFollowingACaller(t)
 	if info := infoOf(t, ts, volID); info.CallerPID != pid || info.Key != "vol" || info.Mode != "fd" || info.Reconnects != 1 {
 		t.Errorf("adopted attachment %+v, want key vol, fd mode, caller %d, one reconnect", info, pid)
 	}
@@ -630,5 +638,28 @@ func TestAdoptProbeOutlivedByAReconnect(t *testing.T) {
 	}
 	if old.Devices.FlushCount(0) != flushes+1 {
 		t.Errorf("the detach did not flush:\n%s", ts.Logs())
+	}
+}
+
+// A handover right after the exit of the caller an attachment taken over
+// follows detaches it, however soon after, rather than leave it to a next
+// start that could only find the caller gone. Run many times: the race is
+// lost by the follower's goroutine more often than not.
+func TestHandoverDetachesAFollowedCallerThatExited(t *testing.T) {
+	for i := range 20 {
+		ts, devices, stateDir, _, exit := adoptedFollowingACaller(t)
+		exit()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := ts.Handover(ctx)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if attached, detached := devices.Counts(t); attached != 1 || detached != 1 {
+			t.Fatalf("round %d: attached %d, detached %d; want the exited caller's device detached:\n%s", i, attached, detached, ts.Logs())
+		}
+		if recordExists(t, stateDir, volID) {
+			t.Fatalf("round %d: the record outlived the handover", i)
+		}
 	}
 }

@@ -122,13 +122,31 @@ type attachment struct {
 	released chan struct{}
 }
 
-// detach flushes and disconnects a's device, once, however many of its
-// owner's end, shutdown, a forced detach and engine failure ask for it.
-func (m *Manager) detach(a *attachment, reason string) {
+// handsOver reports whether a handover leaves a attached: its owner has
+// it, as far as the daemon can tell now. One that ended for a reason of its
+// own (its owner's end, a forced detach, a lost lock) is detached, and so
+// is one whose owner is gone though its end is not seen yet: the next
+// start would follow the caller's process as if it still had the device.
+func (m *Manager) handsOver(a *attachment) bool {
 	m.mu.Lock()
 	handover := m.handover
 	m.mu.Unlock()
-	if handover && m.reg.live(a) {
+	if !handover || !m.reg.live(a) {
+		return false
+	}
+	if cause := context.Cause(a.ctx); cause != nil && !errors.Is(cause, ErrShuttingDown) {
+		return false
+	}
+	if a.owner.HungUp != nil && a.owner.HungUp() {
+		return false
+	}
+	return a.owner.Kind == OwnerVolume || !a.caller.exited()
+}
+
+// detach flushes and disconnects a's device, once, however many of its
+// owner's end, shutdown, a forced detach and engine failure ask for it.
+func (m *Manager) detach(a *attachment, reason string) {
+	if m.handsOver(a) {
 		// Handed over: the device stays attached, its record stays for the
 		// next start to take it over.
 		a.once.Do(func() {

@@ -16,6 +16,10 @@ type Owner struct {
 	// Life is the owner's life; nil for an owner that ends only when it is
 	// told to (End), as a persisted volume does.
 	Life context.Context
+	// HungUp, if set, reports without waiting whether the owner has ended
+	// though Life may not say so yet: a handover asks it, so that it
+	// never leaves attached what its owner let go of just before.
+	HungUp func() bool
 }
 
 // OwnerKind says what an attachment lives for.

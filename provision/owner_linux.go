@@ -60,6 +60,10 @@ func (c Caller) alive() bool {
 	return pidfd.Alive(c.pidfd)
 }
 
+// exited reports, without waiting, whether the pinned process has exited;
+// false for a caller not pinned.
+func (c Caller) exited() bool { return pidfd.Exited(c.pidfd) }
+
 // Close releases the pidfd.
 func (c *Caller) Close() {
 	if c.pidfd >= 0 {

@@ -32,6 +32,8 @@ func findCaller(pid int32, start uint64) (Caller, bool) {
 	return Caller{PID: pid, UID: -1, GID: -1, Account: -1, pidfd: -1}, false
 }
 
+func (c Caller) exited() bool { return false }
+
 func (c Caller) waitExit(ctx context.Context) bool { <-ctx.Done(); return false }
 
 func (c Caller) takeMount(dev *os.File) (ns, root *os.File, err error) {

@@ -17,6 +17,10 @@ func Open(pid int) (int, error) { return unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK
 // Alive reports whether the process of fd has not exited.
 func Alive(fd int) bool { return fd >= 0 && unix.PidfdSendSignal(fd, 0, nil, 0) == nil }
 
+// Exited reports, without waiting, whether the process of fd has exited;
+// unlike Alive, a zombie counts as exited.
+func Exited(fd int) bool { return fd >= 0 && readable(fd, 0) }
+
 // Signal sends sig to the process of fd, which cannot be another process
 // that took its pid.
 func Signal(fd int, sig unix.Signal) error { return unix.PidfdSendSignal(fd, sig, nil, 0) }

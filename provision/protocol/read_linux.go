@@ -41,3 +41,7 @@ func peerConnected(conn *net.UnixConn) bool {
 	})
 	return connected
 }
+
+// HungUp reports whether the caller has closed its end of conn (or died),
+// without waiting or taking anything it sent.
+func HungUp(conn *net.UnixConn) bool { return !peerConnected(conn) }

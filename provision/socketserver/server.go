@@ -251,7 +251,8 @@ func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller, accepted
 		return
 	}
 	pinned = false // the Manager's now
-	at, err := s.m.Attach(ctx, req, provision.Owner{Kind: provision.OwnerConnection, Caller: caller, Life: ctx})
+	hangup := &hangupProbe{conn: conn}
+	at, err := s.m.Attach(ctx, req, provision.Owner{Kind: provision.OwnerConnection, Caller: caller, Life: ctx, HungUp: hangup.hungUp})
 	if err != nil {
 		reject(req.Key, err)
 		return
@@ -266,8 +267,36 @@ func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller, accepted
 	// up, or a forced detach or shutdown ended it), and the handler
 	// returns once the device is detached.
 	<-at.Ended()
-	protocol.Discard(conn)
+	hangup.discard()
 	<-at.Detached()
+}
+
+// hangupProbe tells whether a caller hung up, for a handover's decision,
+// which may come after the server closed the connection: then the answer
+// is what it was at the close.
+type hangupProbe struct {
+	mu     sync.Mutex
+	conn   *net.UnixConn
+	closed bool
+	hung   bool
+}
+
+func (p *hangupProbe) hungUp() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed {
+		return protocol.HungUp(p.conn)
+	}
+	return p.hung
+}
+
+// discard closes the connection as protocol.Discard does.
+func (p *hangupProbe) discard() {
+	p.mu.Lock()
+	p.hung = protocol.HungUp(p.conn)
+	p.closed = true
+	p.mu.Unlock()
+	protocol.Discard(p.conn)
 }
 
 // reject answers a failed request and logs it.

@@ -73,13 +73,14 @@ func Start(t testing.TB, override map[string]string) *Provisioner {
 	p := Prepare(t, t.TempDir(), override)
 	t.Cleanup(func() {
 		p.Stop(t)
-		if t.Failed() {
-			t.Logf("provisioner log:\n%s", p.Log())
-		}
 		// The engine outlives a daemon that was killed or handed over
 		// and not started again: nothing of a test may outlive it.
 		p.StopLeftEngine(t)
 		DetachLeftovers(t)
+		// After the leftovers, which are the daemon's failure too.
+		if t.Failed() {
+			t.Logf("provisioner log:\n%s", p.Log())
+		}
 	})
 	p.Launch(t)
 	return p
