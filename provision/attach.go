@@ -340,16 +340,26 @@ func (m *Manager) watch(a *attachment) {
 }
 
 // End ends the attachment id names (its image id) with cause, as its
-// owner's end would, and waits for its detach. It reports whether there
-// was one.
-func (m *Manager) End(id string, cause error) bool {
+// owner's end would, and waits for its detach. The error is ErrNotFound
+// when there is none, and of kind ErrShuttingDown when a handover that
+// came first left its device attached for the next start: then the owner
+// must ask that one again.
+func (m *Manager) End(id string, cause error) error {
 	a := m.reg.get(id)
 	if a == nil {
-		return false
+		return failf(ErrNotFound, "no attachment of image %s", id)
 	}
 	a.cancel(cause)
 	<-a.done
-	return true
+	if a.handedOver {
+		return errLeftForTheNextStart(a)
+	}
+	return nil
+}
+
+// errLeftForTheNextStart says that a handover left a's device attached.
+func errLeftForTheNextStart(a *attachment) error {
+	return failf(ErrShuttingDown, "image %s was left attached by a handover, for the next start to detach", a.imageID)
 }
 
 // endReason says in the log why an attachment ended.

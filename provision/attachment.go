@@ -57,6 +57,9 @@ type attachment struct {
 	once    sync.Once
 	// done is closed when the detach (or the handover) is over.
 	done chan struct{}
+	// handedOver is set, before done is closed, when a handover left the
+	// device attached for the next start instead of detaching it.
+	handedOver bool
 	// wake tells a detach that waits for a's reconnect that something it
 	// waits on changed; set by reserve.
 	wake chan struct{}
@@ -151,6 +154,7 @@ func (m *Manager) detach(a *attachment, reason string) {
 		// next start to take it over.
 		a.once.Do(func() {
 			defer close(a.done)
+			a.handedOver = true
 			if m.reg.connectionCut(a) {
 				m.recordCut(a)
 			}

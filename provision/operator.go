@@ -162,6 +162,9 @@ func (m *Manager) ForceDetach(ctx context.Context, target, who string) (Info, st
 		<-a.released
 	default:
 		<-a.done
+		if a.handedOver {
+			return info, "", errLeftForTheNextStart(a)
+		}
 	}
 	if a.dev != nil && m.isLingering(a.dev.Index) {
 		return info, ForcedStillOpen, nil

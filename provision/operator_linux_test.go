@@ -128,6 +128,25 @@ func TestForceDetach(t *testing.T) {
 	ts.Devices.WaitDetached(t, 2)
 }
 
+// A forced detach that finds the attachment handed over does not report a
+// detach: the device stays attached for the next start.
+func TestForceDetachAfterAHandover(t *testing.T) {
+	ts := newWithState(t, t.TempDir())
+	a := ts.Attach(t, "vol")
+	defer a.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Handover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, result, err := ts.ForceDetach(ctx, "vol", "uid 0 pid 5"); !errors.Is(err, provision.ErrShuttingDown) {
+		t.Fatalf("forced detach after the handover: %q, %v; want %v", result, err, provision.ErrShuttingDown)
+	}
+	if attached, detached := ts.Devices.Counts(t); attached != 1 || detached != 0 {
+		t.Fatalf("attached %d, detached %d; want the device left for the next start", attached, detached)
+	}
+}
+
 func TestForceDetachWhileAttaching(t *testing.T) {
 	ts, scrape := withMetrics(t)
 	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)

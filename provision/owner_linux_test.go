@@ -49,15 +49,15 @@ func TestVolumeOwnerLivesUntilEnded(t *testing.T) {
 	}
 
 	cause := errors.New("unstaged")
-	if !ts.End(at.ID(), cause) {
-		t.Fatal("End found no attachment")
+	if err := ts.End(at.ID(), cause); err != nil {
+		t.Fatal(err)
 	}
 	ts.Devices.WaitDetached(t, 0)
 	if n := ts.Devices.FlushCount(0); n != 1 {
 		t.Errorf("flushed %d times, want 1", n)
 	}
-	if ts.End(at.ID(), cause) {
-		t.Error("End found the attachment again after its detach")
+	if err := ts.End(at.ID(), cause); !errors.Is(err, provision.ErrNotFound) {
+		t.Errorf("End of an attachment detached already: %v, want %v", err, provision.ErrNotFound)
 	}
 	if !strings.Contains(ts.Logs(), `reason=unstaged`) {
 		t.Errorf("the detach does not give End's cause:\n%s", ts.Logs())
@@ -88,8 +88,8 @@ func TestAdoptKeepsAVolume(t *testing.T) {
 	if !recordExists(t, stateDir, volID) {
 		t.Error("the record of the kept volume is gone")
 	}
-	if !ts.End(volID, errors.New("unstaged")) {
-		t.Fatal("End found no attachment")
+	if err := ts.End(volID, errors.New("unstaged")); err != nil {
+		t.Fatal(err)
 	}
 	old.Devices.WaitDetached(t, 0)
 	if recordExists(t, stateDir, volID) {
@@ -117,5 +117,25 @@ func TestShutdownDetachesVolumesAndRefuses(t *testing.T) {
 	if _, err := ts.Manager.Attach(ctx, provision.Request{Key: "vol"},
 		provision.Owner{Kind: provision.OwnerVolume, Caller: provision.UnknownCaller}); !errors.Is(err, provision.ErrShuttingDown) {
 		t.Errorf("attach after shutdown: %v, want %v", err, provision.ErrShuttingDown)
+	}
+}
+
+// End after a handover left the volume's device attached says so: the
+// device is the next start's to detach, and a caller told it was detached
+// (a kubelet unstaging) would never ask again.
+func TestEndAfterAHandover(t *testing.T) {
+	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.State = openState(t, t.TempDir()) })
+	ts.AddImage(t, "vol", volID, 1<<20)
+	at := attachVolume(t, ts, "vol", "pvc-1")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Handover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.End(at.ID(), errors.New("unstaged")); !errors.Is(err, provision.ErrShuttingDown) {
+		t.Fatalf("End after the handover: %v, want %v", err, provision.ErrShuttingDown)
+	}
+	if attached, detached := ts.Devices.Counts(t); attached != 1 || detached != 0 {
+		t.Fatalf("attached %d, detached %d; want the device left for the next start", attached, detached)
 	}
 }

@@ -119,7 +119,11 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 			return nil, err
 		}
 	}
-	n.m.End(info.ImageID, errUnstaged)
+	// Gone meanwhile (its device could not be recovered, say) is
+	// unstaged too; left attached by the plugin's stop is not.
+	if err := n.m.End(info.ImageID, errUnstaged); err != nil && !errors.Is(err, provision.ErrNotFound) {
+		return nil, status.Errorf(codes.Unavailable, "volume %s: %v; the plugin is stopping, retry", info.Volume, err)
+	}
 	return &csipb.NodeUnstageVolumeResponse{}, nil
 }
 

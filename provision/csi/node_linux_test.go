@@ -292,3 +292,28 @@ func TestListenRefusesALiveEndpoint(t *testing.T) {
 		}
 	}
 }
+
+// An unstage that finds the volume handed over (the plugin is stopping)
+// fails, so that the kubelet asks the next start again: told it was
+// unstaged, it never would, and the device and the image's lock would be
+// this node's for good.
+func TestNodeUnstageAfterAHandover(t *testing.T) {
+	n, s := nodeClient(t)
+	ctx := context.Background()
+	s.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	staging := t.TempDir()
+	if _, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
+		VolumeCapability: block}); err != nil {
+		t.Fatal(err)
+	}
+	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := s.Manager.Handover(hctx); err != nil {
+		t.Fatal(err)
+	}
+	_, err := n.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: "vol", StagingTargetPath: staging})
+	wantCode(t, err, codes.Unavailable)
+	if attached, detached := s.Devices.Counts(t); attached != 1 || detached != 0 {
+		t.Fatalf("attached %d, detached %d; want the device left for the next start", attached, detached)
+	}
+}
