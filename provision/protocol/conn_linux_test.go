@@ -221,3 +221,45 @@ func TestReadRequestEmpty(t *testing.T) {
 		})
 	}
 }
+
+// HungUp tells a caller still connected, one who hung up, and one who sent
+// a message and then hung up (the message does not hide the hang-up), and
+// takes nothing the caller sent.
+func TestHungUp(t *testing.T) {
+	ln, path := listen(t)
+	for _, tc := range []struct {
+		name        string
+		send, close bool
+	}{
+		{"connected", false, false},
+		{"connected, a message waiting", true, false},
+		{"hung up", false, true},
+		{"hung up after a message", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			client, server := connect(t, ln, path)
+			if tc.send {
+				if _, err := client.Write([]byte("more")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tc.close {
+				client.Close()
+			}
+			if got := HungUp(server); got != tc.close {
+				t.Fatalf("HungUp = %v, want %v", got, tc.close)
+			}
+			if tc.send {
+				buf := make([]byte, 8)
+				if n, err := server.Read(buf); err != nil || string(buf[:n]) != "more" {
+					t.Fatalf("after HungUp, read %q, %v; want the message", buf[:n], err)
+				}
+			}
+		})
+	}
+	_, server := connect(t, ln, path)
+	server.Close()
+	if HungUp(server) {
+		t.Fatal("a connection closed here counts as the caller's hang-up")
+	}
+}

@@ -42,6 +42,20 @@ func peerConnected(conn *net.UnixConn) bool {
 	return connected
 }
 
-// HungUp reports whether the caller has closed its end of conn (or died),
-// without waiting or taking anything it sent.
-func HungUp(conn *net.UnixConn) bool { return !peerConnected(conn) }
+// HungUp reports whether the caller has closed its end of conn (or died,
+// or shut its sending side), without waiting or taking anything it sent:
+// messages it sent before it hung up do not hide the hang-up, as they
+// would from a peek. False for a conn closed here.
+func HungUp(conn *net.UnixConn) bool {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	hung := false
+	rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		n, err := unix.Poll(fds, 0)
+		hung = err == nil && n > 0 && fds[0].Revents&(unix.POLLHUP|unix.POLLRDHUP) != 0
+	})
+	return hung
+}
