@@ -1,7 +1,6 @@
 package protocol
 
 import (
-	"errors"
 	"net"
 
 	"golang.org/x/sys/unix"
@@ -27,20 +26,8 @@ func readWaiting(conn *net.UnixConn, buf, oob []byte) (n, oobn, flags int, err e
 }
 
 // peerConnected reports whether the caller is still connected, without
-// waiting or taking anything it sent: nothing to read yet, or a message
-// waiting, rather than the end of the connection.
-func peerConnected(conn *net.UnixConn) bool {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return false
-	}
-	connected := false
-	rc.Control(func(fd uintptr) {
-		n, _, err := unix.Recvfrom(int(fd), make([]byte, 1), unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		connected = errors.Is(err, unix.EAGAIN) || n > 0
-	})
-	return connected
-}
+// waiting or taking anything it sent.
+func peerConnected(conn *net.UnixConn) bool { return !HungUp(conn) }
 
 // HungUp reports whether the caller has closed its end of conn (or died,
 // or shut its sending side), without waiting or taking anything it sent:
