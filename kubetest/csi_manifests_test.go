@@ -498,3 +498,61 @@ func TestCSIManifestsServerDryRun(t *testing.T) {
 	}
 	serverDryRun(t, api, []manifest{{file: "40-controller-deployment.yaml (template)", doc: doc, obj: &unstructured.Unstructured{Object: obj}}})
 }
+
+// The node pod's API token reaches the provisioner container alone: the
+// engine parses what the image store holds and the registrar needs no API,
+// and either, with the token, could rewrite any image's Lease.
+func TestOnlyTheProvisionerGetsAnAPIToken(t *testing.T) {
+	const tokenDir = "/var/run/secrets/kubernetes.io/serviceaccount"
+	for _, sa := range all[corev1.ServiceAccount](t, manifests(t), "ServiceAccount") {
+		if sa.Name == "mvps-provisioner" && (sa.AutomountServiceAccountToken == nil || *sa.AutomountServiceAccountToken) {
+			t.Errorf("ServiceAccount %s mounts its token into every container of its pods", sa.Name)
+		}
+	}
+	for name, ds := range map[string]*appsv1.DaemonSet{
+		"50-daemonset.yaml":     decode[appsv1.DaemonSet](t, manifests(t), "DaemonSet"),
+		"csi/30-node-daemonset": readCSI(t).node,
+	} {
+		spec := ds.Spec.Template.Spec
+		if spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken {
+			t.Errorf("%s: the pod mounts its token into every container", name)
+		}
+		var holders []string
+		for _, c := range allContainers(spec) {
+			v, _, ok := volumeAt(spec, c, tokenDir+"/token")
+			if !ok || v.Projected == nil {
+				continue
+			}
+			for _, src := range v.Projected.Sources {
+				if src.ServiceAccountToken != nil {
+					holders = append(holders, c.Name)
+				}
+			}
+		}
+		if !slices.Equal(holders, []string{"provisioner"}) {
+			t.Errorf("%s: the token is mounted in %v, want the provisioner container alone", name, holders)
+		}
+		c := container(t, spec, "provisioner")
+		for _, f := range []string{"token", "ca.crt", "namespace"} {
+			v, rel, ok := volumeAt(spec, c, tokenDir+"/"+f)
+			if !ok || v.Projected == nil || !projects(v.Projected, rel) {
+				t.Errorf("%s: the provisioner has no %s in %s, where in-cluster clients read it", name, f, tokenDir)
+			}
+		}
+	}
+}
+
+// projects reports whether p puts a file at path.
+func projects(p *corev1.ProjectedVolumeSource, path string) bool {
+	for _, src := range p.Sources {
+		switch {
+		case src.ServiceAccountToken != nil && src.ServiceAccountToken.Path == path:
+			return true
+		case src.ConfigMap != nil && slices.ContainsFunc(src.ConfigMap.Items, func(k corev1.KeyToPath) bool { return k.Path == path }):
+			return true
+		case src.DownwardAPI != nil && slices.ContainsFunc(src.DownwardAPI.Items, func(f corev1.DownwardAPIVolumeFile) bool { return f.Path == path }):
+			return true
+		}
+	}
+	return false
+}
