@@ -199,7 +199,8 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 	// The attachment's life: the owner's, and the Manager's.
 	life, end := context.WithCancelCause(m.ctx)
 	a := &attachment{imageID: image.ImageID, imageSize: image.ImageSize, clientID: engine.ClientID(m.cfg.Host, image.ImageID),
-		key: req.Key, mode: mode, owner: owner, caller: caller, ctx: life, cancel: end, done: make(chan struct{}), connectedIndex: -1}
+		key: req.Key, mode: mode, owner: owner, caller: caller, ctx: life, cancel: end, done: make(chan struct{}), connectedIndex: -1,
+		mounting: req.Mount != nil}
 	a.rctx, a.rcancel = context.WithCancelCause(m.ctx)
 	a.owner.Caller = UnknownCaller // its pidfd is a.caller's
 	if owner.Life != nil {
@@ -292,6 +293,9 @@ func (m *Manager) Attach(ctx context.Context, req Request, owner Owner) (at *Att
 			a.mountNS = mreq.Namespace
 		}
 		mreq.Dir.Close()
+		if err == nil {
+			err = m.recordMounted(a)
+		}
 		sp.mark("mount")
 		if err != nil {
 			err = classify(ErrAttachFailed, fmt.Errorf("mount: %w", err))

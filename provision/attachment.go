@@ -74,6 +74,10 @@ type attachment struct {
 	// forgotten (under recordMu) is set once the detach removed the
 	// record: nothing writes it again.
 	forgotten bool
+	// mounting (under recordMu) is set for a mount-mode attach until its
+	// mount is done: its records say so, and a restart finishes an attach
+	// killed in its mount as a failed one, never handing the device on.
+	mounting bool
 
 	// ---- guarded by registry.mu ----
 
@@ -368,16 +372,32 @@ func (m *Manager) recordDetaching(a *attachment) {
 // recordAttaching writes a's first state record, before the kernel attach
 // (index -1), and keeps it open for the device's index.
 func (m *Manager) recordAttaching(a *attachment) (*openRecord, error) {
+	a.recordMu.Lock()
+	defer a.recordMu.Unlock()
 	return m.cfg.State.writeOpen(m.stateEntry(a, -1))
+}
+
+// recordMounted rewrites a's state record once its mount is done, without
+// the mark that has a restart finish the attach as a failed one. Unless
+// its detach began meanwhile, whose record is the last word.
+func (m *Manager) recordMounted(a *attachment) error {
+	a.recordMu.Lock()
+	defer a.recordMu.Unlock()
+	a.mounting = false
+	if a.forgotten || a.detachBegun || m.cfg.State == nil {
+		return nil
+	}
+	return m.cfg.State.write(m.stateEntry(a, int64(a.dev.Index)))
 }
 
 // errDetached ends an attachment's context once its detach has begun.
 var errDetached = errors.New("detached")
 
+// stateEntry is a's record with index; a.recordMu is held.
 func (m *Manager) stateEntry(a *attachment, index int64) stateEntry {
 	return stateEntry{Key: a.key, ImageID: a.imageID, ImageSize: a.imageSize, ClientID: a.clientID,
 		Index: index, Mode: a.mode, CallerPID: a.caller.PID, CallerStart: a.caller.start, Owner: a.owner.Kind, Volume: a.owner.Volume,
-		Engine: m.cfg.EngineInstance(), Lease: m.reg.lockName(a)}
+		Engine: m.cfg.EngineInstance(), Lease: m.reg.lockName(a), Mounting: a.mounting}
 }
 
 // recordCut rewrites a's state record, for a handover, without the engine
@@ -388,10 +408,10 @@ func (m *Manager) recordCut(a *attachment) {
 	if m.cfg.State == nil {
 		return
 	}
-	e := m.stateEntry(a, int64(a.dev.Index))
-	e.Engine = ""
 	a.recordMu.Lock()
 	defer a.recordMu.Unlock()
+	e := m.stateEntry(a, int64(a.dev.Index))
+	e.Engine = ""
 	e.Detaching = a.detachBegun // taken over in the middle of its detach
 	if err := m.cfg.State.write(e); err != nil {
 		m.log.Error("state record not updated for the next start; it may keep a dead connection", "image_id", a.imageID, "err", err)

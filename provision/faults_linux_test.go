@@ -5,11 +5,13 @@ import (
 	"errors"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/mvps-provisioner/mvps-provisioner/handshake"
 	"github.com/mvps-provisioner/mvps-provisioner/provision"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/nbddev"
@@ -495,4 +497,72 @@ func TestHandoverOfASuspendedAttachmentReconnectsNext(t *testing.T) {
 		c.Exclusivity, c.EngineInstance = &handedLocks{}, func() string { return "engine-1" }
 	})
 	waitFor(t, func() bool { return old.Devices.Reconnects(0) == 1 && stateOf(next, volID) == provision.StateAttached })
+}
+
+// A daemon killed while an attach is in its mount phase (after the kernel
+// attach wrote the device's index into the record) leaves a record the
+// next start must not take for a delivered one: the stage was never
+// answered, and a volume kept as staged but never mounted would answer
+// every retried stage with "attached here but not mounted", for good.
+func TestKilledDuringTheMountIsNotKept(t *testing.T) {
+	stateDir := t.TempDir()
+	gate := &gatedMounter{in: make(chan struct{}), release: make(chan struct{})}
+	old := provisiontest.New(t, func(c *provisiontest.Config) { c.State, c.Mounter = openState(t, stateDir), gate })
+	old.AddImage(t, "vol", volID, 1<<20)
+	ns, err := os.Open("/proc/self/ns/mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan *provision.Attached, 1)
+	go func() {
+		at, _ := old.Manager.Attach(context.Background(), provision.Request{Key: "vol", Mount: &mount.Request{Namespace: ns, Dir: dir}},
+			provision.Owner{Kind: provision.OwnerVolume, Caller: provision.VolumeCaller, Volume: "pv-1"})
+		done <- at
+	}()
+	<-gate.in
+	// What a SIGKILL now leaves: the record as it is, and the device
+	// still connected to the image.
+	record, err := os.ReadFile(filepath.Join(stateDir, volID+".json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := old.Devices.Backend(0)
+	close(gate.release)
+	if at := <-done; at != nil {
+		// Once mounted, the record says so: a kill now keeps it.
+		after, err := os.ReadFile(filepath.Join(stateDir, volID+".json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(after), `"mounting"`) {
+			t.Errorf("the record still says mounting once the mount is done: %s", after)
+		}
+		at.Delivered(old.Manager)
+	}
+
+	nextDir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(nextDir, volID+".json"), record, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	devices := provisiontest.NewDevices(t)
+	c1, c2 := net.Pipe()
+	t.Cleanup(func() { c2.Close() })
+	if _, err := devices.Attach(context.Background(), c1, handshake.Export{Size: 1 << 20}, backend); err != nil {
+		t.Fatal(err)
+	}
+	next := provisiontest.New(t, func(c *provisiontest.Config) { c.State, c.Devices = openState(t, nextDir), devices })
+	next.AddImage(t, "vol", volID, 1<<20)
+	next.Adopt()
+	// Finished as a failed attach is: flushed, detached, its record gone.
+	waitFor(t, func() bool { return stateOf(next, volID) == "" })
+	if _, ok := next.Volume("pv-1"); ok {
+		t.Fatal("a stage killed in its mount phase is kept after the restart as the volume's")
+	}
+	if _, err := os.Stat(filepath.Join(nextDir, volID+".json")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("its record is left: %v", err)
+	}
 }

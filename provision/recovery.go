@@ -141,7 +141,8 @@ func (m *Manager) Adopt() {
 		}
 	}
 	for _, e := range entries {
-		undelivered := false
+		// Killed in its mount: never answered either.
+		undelivered := e.Mounting
 		if e.Index < 0 {
 			// Killed during the kernel attach: a device connected to the
 			// image and claimed by no record is the one it made.

@@ -63,6 +63,10 @@ type stateEntry struct {
 	// records strictly, skips a record with it as unreadable (logged) and
 	// leaves its device alone, never handing it back.
 	Detaching bool `json:"detaching,omitempty"`
+	// Mounting marks the record of a mount-mode attach whose mount is not
+	// done: the owner was never answered, so a restart finishes the
+	// attach as a failed one (flush, detach) rather than keep it.
+	Mounting bool `json:"mounting,omitempty"`
 }
 
 // StateDir holds one state file per attachment, and a lock that keeps a
