@@ -40,6 +40,13 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	}
 	areq := provision.Request{Key: id}
 	if !block {
+		// Not attached here, so what is mounted at the staging path is a
+		// stage's that outlived its device (an attachment ended without
+		// an unstage, a daemon killed in the middle of a stage): not to
+		// be stacked on.
+		if err := unmountAll(staging, unix.MNT_DETACH); err != nil {
+			return nil, status.Errorf(codes.Internal, "unmount what is left at the staging path: %v", err)
+		}
 		mreq, err := stagingMount(staging)
 		if err != nil {
 			return nil, err
@@ -102,7 +109,8 @@ func stagingMount(staging string) (*mount.Request, error) {
 
 // NodeUnstageVolume unmounts the staging path (after a sync) and ends the
 // volume's attachment: its device is flushed and detached before the
-// answer. Not staged is success.
+// answer. Not attached is success, once nothing is left mounted at the
+// staging path.
 func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
 	unlock, err := n.begin(ctx, id, "staging target path", staging)
@@ -112,6 +120,13 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 	defer unlock()
 	info, ok := n.m.Volume(id)
 	if !ok {
+		// Its attachment may have ended without an unstage (a Lease lost
+		// to another node, a forced detach, a device that could not be
+		// recovered): its file system is still mounted at the staging
+		// path, on a device that is gone, and held open there.
+		if err := unmountAll(staging, unix.MNT_DETACH); err != nil {
+			return nil, status.Errorf(codes.Internal, "unmount staging path of volume %s: %v", id, err)
+		}
 		return &csipb.NodeUnstageVolumeResponse{}, nil
 	}
 	if info.Mode == "mount" {

@@ -8,14 +8,17 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
 
@@ -28,7 +31,13 @@ var block = &csipb.VolumeCapability{
 // socket as the kubelet reaches it.
 func nodeClient(t *testing.T) (csipb.NodeClient, *provisiontest.Server) {
 	t.Helper()
-	s := provisiontest.New(t, nil)
+	return nodeClientWith(t, nil)
+}
+
+// nodeClientWith is nodeClient on a Manager that configure changes.
+func nodeClientWith(t *testing.T, configure func(*provisiontest.Config)) (csipb.NodeClient, *provisiontest.Server) {
+	t.Helper()
+	s := provisiontest.New(t, configure)
 	sock := filepath.Join(filepath.Dir(s.Socket), "csi.sock")
 	ln, err := Listen("unix://" + sock)
 	if err != nil {
@@ -315,5 +324,82 @@ func TestNodeUnstageAfterAHandover(t *testing.T) {
 	wantCode(t, err, codes.Unavailable)
 	if attached, detached := s.Devices.Counts(t); attached != 1 || detached != 0 {
 		t.Fatalf("attached %d, detached %d; want the device left for the next start", attached, detached)
+	}
+}
+
+// tmpfsMounter stands in for ext4 in mount mode: it mounts a tmpfs at the
+// request's directory, the staging path.
+type tmpfsMounter struct{}
+
+func (tmpfsMounter) Mount(ctx context.Context, dev *os.File, path string, req mount.Request) (*os.File, bool, error) {
+	dir := req.Dir.Name()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=1m"); err != nil {
+		return nil, false, err
+	}
+	root, err := os.Open(dir)
+	return root, false, err
+}
+
+func (tmpfsMounter) Unmount(ns, root *os.File) error { return nil }
+
+// mounts counts the mounts stacked at path.
+func mounts(t *testing.T, path string) int {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for line := range strings.Lines(string(data)) {
+		// id parent major:minor root mount-point ... (the test's paths
+		// need no unescaping)
+		if fields := strings.Fields(line); len(fields) > 4 && fields[4] == path {
+			n++
+		}
+	}
+	return n
+}
+
+// A staged mount volume whose attachment ended without an unstage (a
+// forced detach here; a Lease lost to another node ends it alike): the
+// unstage unmounts its staging path all the same, and a new stage mounts
+// afresh rather than on top of what the old one left.
+func TestNodeStagingPathOutlivesItsAttachment(t *testing.T) {
+	n, s := nodeClientWith(t, func(c *provisiontest.Config) { c.Mounter = tmpfsMounter{} })
+	ctx := context.Background()
+	s.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+	staging := filepath.Join(t.TempDir(), "staging")
+	if err := os.Mkdir(staging, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unmountAll(staging, unix.MNT_DETACH) })
+	stage := func() {
+		t.Helper()
+		if _, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "vol", StagingTargetPath: staging,
+			VolumeCapability: writer}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stage()
+	if got := mounts(t, staging); got != 1 {
+		t.Fatalf("%d mounts at the staging path after the stage; want 1", got)
+	}
+	if _, _, err := s.Manager.ForceDetach(ctx, "vol", "test"); err != nil {
+		t.Fatal(err)
+	}
+	stage()
+	if got := mounts(t, staging); got != 1 {
+		t.Fatalf("%d mounts at the staging path after a stage over what the ended attachment left; want 1", got)
+	}
+	if _, _, err := s.Manager.ForceDetach(ctx, "vol", "test"); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := n.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: "vol", StagingTargetPath: staging}); err != nil {
+			t.Fatal(err)
+		}
+		if got := mounts(t, staging); got != 0 {
+			t.Fatalf("the unstage answered OK with %d mounts left at the staging path", got)
+		}
 	}
 }
