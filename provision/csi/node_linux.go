@@ -198,6 +198,9 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 		// staging path and expects InvalidArgument of.
 		return nil, status.Errorf(codes.FailedPrecondition, "staging target path is not set; volume %s is published from where NodeStageVolume staged it", id)
 	}
+	if isBlock(vc) && req.GetReadonly() {
+		return nil, errReadOnlyBlock
+	}
 	flags, err := publishMountFlags(vc.GetMount().GetMountFlags(), isBlock(vc),
 		req.GetReadonly() || vc.GetAccessMode().GetMode() == csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY)
 	if err != nil {

@@ -145,6 +145,10 @@ func TestNodeRefuses(t *testing.T) {
 		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER},
 		AccessType: &csipb.VolumeCapability_Block{Block: &csipb.VolumeCapability_BlockVolume{}},
 	}
+	readOnlyBlock := &csipb.VolumeCapability{
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY},
+		AccessType: block.AccessType,
+	}
 	for _, tc := range []struct {
 		name string
 		call func() error
@@ -180,6 +184,17 @@ func TestNodeRefuses(t *testing.T) {
 		{"publish a multi-node writer", func() error {
 			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "v", StagingTargetPath: staging,
 				TargetPath: target, VolumeCapability: multi})
+			return err
+		}, codes.InvalidArgument},
+		// A read-only bind mount of a device node keeps no write from
+		// the device: a block volume is never offered read-only.
+		{"stage a read-only block volume", func() error {
+			_, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "v", StagingTargetPath: staging, VolumeCapability: readOnlyBlock})
+			return err
+		}, codes.InvalidArgument},
+		{"publish a block volume read-only", func() error {
+			_, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "v", StagingTargetPath: staging,
+				TargetPath: target, VolumeCapability: block, Readonly: true})
 			return err
 		}, codes.InvalidArgument},
 		// csi-sanity sends these two without a staging path too.

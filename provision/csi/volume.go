@@ -70,6 +70,9 @@ func checkCapability(c *csipb.VolumeCapability) error {
 	}
 	switch t := c.GetAccessType().(type) {
 	case *csipb.VolumeCapability_Block:
+		if c.GetAccessMode().GetMode() == csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY {
+			return errReadOnlyBlock
+		}
 	case *csipb.VolumeCapability_Mount:
 		if fs := t.Mount.GetFsType(); fs != "" && fs != "ext4" {
 			return status.Errorf(codes.InvalidArgument, "file system %q is not offered; mvps volumes are ext4", fs)
@@ -82,6 +85,12 @@ func checkCapability(c *csipb.VolumeCapability) error {
 	}
 	return nil
 }
+
+// errReadOnlyBlock refuses a block volume read-only: a published block
+// volume is its device node bound at the target, and a read-only mount
+// stops writes to files, not to a device through its node.
+var errReadOnlyBlock = status.Error(codes.InvalidArgument,
+	"a block volume cannot be published read-only: a read-only bind mount does not keep writes from a device node")
 
 // isBlock reports a block volume capability.
 func isBlock(c *csipb.VolumeCapability) bool { return c.GetBlock() != nil }
