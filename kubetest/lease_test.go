@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/logbuf"
@@ -365,4 +366,66 @@ func (n *node) waitSuspended(t *testing.T) time.Time {
 		return false
 	})
 	return at
+}
+
+// A Lease deleted while its image is attached (kubectl delete lease, a
+// clean-up job) is kept by its finalizer, held: the other node is refused
+// past the time it would have lapsed, the holder's I/O runs on, and the
+// Lease is gone once its holder lets it go. One whose finalizer was taken
+// off by hand as well is made again by the holder's next renewal.
+func TestLeaseOutlivesADelete(t *testing.T) {
+	api := cluster(t)
+	token := deploy(t, api)
+	a := startNode(t, api, token, "node-a", nil)
+	b := startNode(t, api, token, "node-b", nil)
+	leases := api.admin(t).CoordinationV1().Leases(cmNamespace)
+	name := lease.Name("vol.mvps-image")
+
+	att := a.Attach(t, "vol")
+	if err := leases.Delete(ctxFor(t, 10*time.Second), name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deleted := time.Now()
+	testwait.Until(t, 3*testLeaseDuration, "the deleted lease's lapse time to pass", func() bool {
+		if code := b.AttachCode(t, "vol"); code != "busy" {
+			t.Fatalf("node-b's attach of the image whose lease was deleted while node-a holds it: %q, want busy", code)
+		}
+		return time.Since(deleted) > testLeaseDuration+testLeaseSkew+testLeaseRenew
+	})
+	if infos := a.Snapshot(); len(infos) != 1 || infos[0].Suspended {
+		t.Fatalf("node-a's attachment after its lease was deleted: %+v, want it running", infos)
+	}
+	if holder, _ := holderOf(t, api); holder != "node-a" {
+		t.Fatalf("the deleted lease is held by %q, want node-a", holder)
+	}
+
+	// The finalizer taken off too: the object goes, and the holder makes
+	// it again before anyone else can.
+	l, err := leases.Get(ctxFor(t, 10*time.Second), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Finalizers = nil
+	if _, err := leases.Update(ctxFor(t, 10*time.Second), l, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	testwait.Until(t, 10*time.Second, "node-a to create its lease again", func() bool {
+		l, err := leases.Get(ctxFor(t, 10*time.Second), name, metav1.GetOptions{})
+		return err == nil && l.DeletionTimestamp == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == "node-a"
+	})
+	if infos := a.Snapshot(); len(infos) != 1 || infos[0].Suspended {
+		t.Fatalf("node-a's attachment after its lease was made again: %+v, want it running", infos)
+	}
+	if err := leases.Delete(ctxFor(t, 10*time.Second), name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Released: the deleted Lease goes, and the image is free.
+	att.Close()
+	a.Devices.WaitDetached(t, 0)
+	testwait.Until(t, 10*time.Second, "the released lease to be gone", func() bool {
+		_, err := leases.Get(ctxFor(t, 10*time.Second), name, metav1.GetOptions{})
+		return apierrors.IsNotFound(err)
+	})
+	b.Attach(t, "vol").Close()
 }

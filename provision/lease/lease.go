@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -148,6 +149,16 @@ func Name(imageID string) string {
 	return "mvps-" + clean + "-" + hex.EncodeToString(sum[:5])
 }
 
+// Finalizer is on every Lease a node holds, and taken off when it releases
+// it: a Lease deleted while held (kubectl delete, a clean-up job) stays,
+// held, until its holder lets it go. Without it another node would find
+// no Lease and take the image at once while its holder still writes.
+const Finalizer = "mvps.io/held"
+
+// errBeingDeleted is a Lease deleted while no node held it, which no
+// finalizer keeps: gone in a moment, and then free.
+var errBeingDeleted = errors.New("is being deleted; try again")
+
 // Acquire takes imageID's Lease for this node (see provision.Exclusivity).
 func (l *Locker) Acquire(ctx context.Context, imageID string, fence provision.Fence) (provision.Lock, error) {
 	name := Name(imageID)
@@ -176,6 +187,9 @@ func (l *Locker) Acquire(ctx context.Context, imageID string, fence provision.Fe
 		}
 		holder := holderOf(cur)
 		switch {
+		case cur.DeletionTimestamp != nil && !slices.Contains(cur.Finalizers, Finalizer):
+			// A finalizer cannot be added to it, and it is not held.
+			return nil, fmt.Errorf("lease %s/%s %w", l.cfg.Namespace, name, errBeingDeleted)
 		case holder == l.cfg.Holder || holder == "":
 		case l.lapsed(cur, sent):
 			l.cfg.Logger.Warn("taking over the lapsed lease of another node", "lease", name, "image_id", imageID,
@@ -215,6 +229,10 @@ func (l *Locker) hold(lease *coordinationv1.Lease, now time.Time, taken bool) {
 			n = *lease.Spec.LeaseTransitions + 1
 		}
 		lease.Spec.LeaseTransitions = &n
+	}
+	// (A Lease being deleted takes no new finalizer; one it has stays.)
+	if !slices.Contains(lease.Finalizers, Finalizer) && lease.DeletionTimestamp == nil {
+		lease.Finalizers = append(lease.Finalizers, Finalizer)
 	}
 }
 
@@ -347,23 +365,36 @@ func (h *held) lastRenewal() time.Time {
 }
 
 // renew writes the Lease's renewal time, sent, unless another node holds
-// it now: one update of the Lease as last written, and only on a conflict
-// (someone else wrote it) a read of what it is now.
+// it now: one update of the Lease as last written, and only when that
+// fails (someone else wrote it, or deleted it) a read of what it is now.
 func (h *held) renew(ctx context.Context, sent time.Time) error {
 	leases := h.l.cfg.Client
 	next := h.last.DeepCopy()
 	h.l.hold(next, sent, false)
 	got, err := leases.Update(ctx, next, metav1.UpdateOptions{})
-	if apierrors.IsConflict(err) {
+	for try := 0; try < 2 && (apierrors.IsConflict(err) || apierrors.IsNotFound(err)); try++ {
 		cur, gerr := leases.Get(ctx, h.name, metav1.GetOptions{})
-		if gerr != nil {
+		switch {
+		case apierrors.IsNotFound(gerr):
+			// Deleted from under its finalizer (taken off by hand, or a
+			// Lease from before it): made again, unless another node
+			// made it first, whose it is then.
+			h.l.cfg.Logger.Warn("image lease deleted while held; creating it again", "lease", h.name, "image_id", h.imageID)
+			again := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: next.Name, Namespace: next.Namespace,
+				Annotations: next.Annotations}, Spec: next.Spec}
+			h.l.hold(again, sent, false)
+			got, err = leases.Create(ctx, again, metav1.CreateOptions{})
+			if apierrors.IsAlreadyExists(err) {
+				err = apierrors.NewConflict(coordinationv1.Resource("leases"), h.name, err) // look again
+			}
+		case gerr != nil:
 			return gerr
+		case holderOf(cur) != h.l.cfg.Holder:
+			return errLost{holder: holderOf(cur)}
+		default:
+			h.l.hold(cur, sent, false)
+			got, err = leases.Update(ctx, cur, metav1.UpdateOptions{})
 		}
-		if holder := holderOf(cur); holder != h.l.cfg.Holder {
-			return errLost{holder: holder}
-		}
-		h.l.hold(cur, sent, false)
-		got, err = leases.Update(ctx, cur, metav1.UpdateOptions{})
 	}
 	if err != nil {
 		return err
@@ -390,7 +421,10 @@ func (h *held) Release(ctx context.Context) error {
 		if holderOf(cur) != h.l.cfg.Holder {
 			return nil // another node's already
 		}
+		// Off with the holder goes the finalizer: a Lease deleted while
+		// held is gone with this update.
 		cur.Spec.HolderIdentity = nil
+		cur.Finalizers = slices.DeleteFunc(cur.Finalizers, func(f string) bool { return f == Finalizer })
 		if _, err = leases.Update(ctx, cur, metav1.UpdateOptions{}); apierrors.IsConflict(err) {
 			continue
 		}
