@@ -20,6 +20,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/internal/kubecluster"
 	"github.com/mvps-provisioner/mvps-provisioner/internal/testwait"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/configmap"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/imageconfig"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
 )
@@ -92,11 +93,7 @@ func TestSourceFollowsConfigMap(t *testing.T) {
 	t.Setenv("KUBERNETES_SERVICE_HOST", "")
 	t.Setenv("KUBECONFIG", b.kubeconfig(t, token))
 	start = time.Now()
-	src, err := configmap.NewFromEnv(t.Context(), cmRef, slog.New(slog.NewTextHandler(os.Stderr, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(src.Close)
+	src := startFromEnv(t)
 	t.Logf("first sync in %v", time.Since(start).Round(time.Millisecond))
 	if got := sizeOf(src, "demo"); got != 1<<30 {
 		t.Fatalf("demo size = %d after the first sync", got)
@@ -234,11 +231,7 @@ func TestProvisionerServesFromConfigMap(t *testing.T) {
 	setData(t, admin, map[string]string{"demo": `{"image_id": "demo.mvps-image", "image_size": 1048576}`})
 	t.Setenv("KUBERNETES_SERVICE_HOST", "")
 	t.Setenv("KUBECONFIG", a.kubeconfig(t, token))
-	src, err := configmap.NewFromEnv(t.Context(), cmRef, slog.New(slog.NewTextHandler(os.Stderr, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(src.Close)
+	src := startFromEnv(t)
 	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Images = src })
 
 	att := ts.Attach(t, "demo")
@@ -267,4 +260,61 @@ func TestProvisionerServesFromConfigMap(t *testing.T) {
 	}
 	setData(t, admin, map[string]string{})
 	testwait.Until(t, 2*time.Second, "removed key not_found", func() bool { return code("demo") == protocol.CodeNotFound })
+}
+
+// startFromEnv starts the daemon's source, as the daemon does, and waits
+// for its first sync.
+func startFromEnv(t *testing.T) *configmap.Source {
+	t.Helper()
+	src, err := configmap.StartFromEnv(t.Context(), cmRef, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(src.Close)
+	if err := src.WaitSynced(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	return src
+}
+
+// A start while the API server does not answer: the source says it does
+// not know yet (not "no such image"), the daemon's bounded wait fails
+// naming the server and the object, and the source goes on trying: once
+// the server answers, it serves.
+func TestSourceBeforeItsFirstSync(t *testing.T) {
+	a := cluster(t)
+	token := deploy(t, a)
+	setData(t, a.admin(t), map[string]string{"demo": `{"image_id": "demo.mvps-image", "image_size": 1048576}`})
+	cs, err := kubecluster.StartAPIServer(binDir(), shared.dir, "c", shared.etcd.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cs.Stop)
+	cs.Stop()
+	client, err := configmap.NewRESTClient(cs.RESTConfig(token), cmNamespace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := configmap.Start(t.Context(), client, cmNamespace, cmName, nil, configmap.WithServer(cs.Host()),
+		configmap.WithSyncTimeout(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(src.Close)
+
+	if _, err := src.Lookup("demo"); !errors.Is(err, imageconfig.ErrUnavailable) || errors.Is(err, imageconfig.ErrNotFound) {
+		t.Fatalf("lookup before the first sync: %v, want unavailable", err)
+	}
+	err = src.WaitSynced(t.Context())
+	if err == nil || !strings.Contains(err.Error(), cs.Host()) || !strings.Contains(err.Error(), cmRef) {
+		t.Fatalf("wait for the first sync with the API server down: %v, want an error naming it and %s", err, cmRef)
+	}
+
+	if err := cs.Start(); err != nil {
+		t.Fatal(err)
+	}
+	testwait.Until(t, 60*time.Second, "the first sync once the API server answers", func() bool { return sizeOf(src, "demo") == 1<<20 })
+	if err := src.WaitSynced(t.Context()); err != nil {
+		t.Fatalf("wait after the first sync: %v", err)
+	}
 }

@@ -78,17 +78,16 @@ func main() {
 	}()
 
 	if cfg.ImagesConfigMap != "" {
-		// Waits for the first sync, bounded; the error names the API
-		// server and the object.
-		src, err := configmap.NewFromEnv(ctx, cfg.ImagesConfigMap, log)
+		// Run waits for the first sync, once it has taken over what an
+		// earlier run left attached (daemon.Config.ImagesSynced).
+		src, err := configmap.StartFromEnv(ctx, cfg.ImagesConfigMap, log)
 		if err != nil {
-			// The API server may answer on the next start: not a
-			// setting that only an operator can fix.
 			fmt.Fprintf(os.Stderr, "mvps-provisioner: %v\n", err)
 			os.Exit(exitFailure)
 		}
 		defer src.Close()
 		cfg.Images = src
+		cfg.ImagesSynced = src.WaitSynced
 		cfg.ImagesLastSync = func() time.Time { return src.Status().LastSync }
 	}
 	if cfg.Leases {

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -37,6 +38,12 @@ type Config struct {
 	// ImageConfigDir: the ConfigMap source, which the command opens so that
 	// this package never links the Kubernetes client.
 	Images provision.ImageSource
+	// ImagesSynced, when set with Images, waits (bounded) for Images'
+	// first sync. Run calls it once it has taken over what an earlier run
+	// left attached: a start without it fails, unless it holds devices,
+	// whose I/O and Leases it must keep in hand whatever the API server
+	// does; it then serves, refusing attaches until the sync.
+	ImagesSynced func(ctx context.Context) error
 	// ImagesLastSync, when set with Images, says when the ConfigMap was
 	// last synced, for the metrics.
 	ImagesLastSync func() time.Time

@@ -204,6 +204,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	go func() { defer close(watching); watchLinkDead(wctx, watcher, mgr, log) }()
 	defer func() { stopWatching(); <-watching }()
 	mgr.Adopt()
+	if cfg.ImagesSynced != nil {
+		if err := awaitImages(ctx, cfg.ImagesSynced, len(mgr.Snapshot()), log); err != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
+			defer cancel()
+			return errors.Join(err, mgr.Shutdown(sctx))
+		}
+	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	// The admin socket; READY=1 once the engine answers and the server
@@ -281,6 +288,25 @@ serve:
 		log.Info("stopped cleanly")
 	}
 	return runErr
+}
+
+// awaitImages waits for the image source's first sync (synced). A start
+// that holds no device fails without it, as a start with a bad setting
+// does. One that took attachments over (held) serves on without it: exiting
+// would leave their devices writing with nobody to renew or fence their
+// Leases, and an unreachable API server is exactly when fencing matters.
+// Attaches are refused meanwhile (the source says it is not synced).
+func awaitImages(ctx context.Context, synced func(context.Context) error, held int, log *slog.Logger) error {
+	err := synced(ctx)
+	switch {
+	case err == nil, ctx.Err() != nil:
+		return nil // a stop meanwhile is the serve loop's to handle
+	case held == 0:
+		return err
+	}
+	log.Error("image configs not synced; serving on for the devices taken over, refusing attaches until they are",
+		"err", err, "attachments", held)
+	return nil
 }
 
 // watchLinkDead hands the kernel's link-dead events to m until ctx ends.

@@ -91,9 +91,14 @@ type Source struct {
 	failingSince    time.Time
 	lastErr         string
 	synced          bool
-	// firstSyncFail ends New's wait early on an error that retrying will
-	// not fix (forbidden, unauthorized).
-	firstSyncFail context.CancelCauseFunc
+	// syncedCh is closed at the first sync.
+	syncedCh chan struct{}
+	// refusedCh is closed, and refused set, on an error of a first sync
+	// that retrying will not fix (forbidden, unauthorized): WaitSynced
+	// ends early.
+	refusedCh   chan struct{}
+	refused     error
+	syncTimeout time.Duration
 	// reported holds, for each data key now invalid (as an image key or
 	// as a config), the value whose warning was logged: the ConfigMap is
 	// written on every CSI CreateVolume and DeleteVolume, and an unchanged
@@ -143,11 +148,27 @@ type noWatchList struct{}
 func (noWatchList) IsWatchListSemanticsUnSupported() bool { return true }
 
 // New starts an informer on the ConfigMap namespace/name and waits for its
-// first sync, at most the sync timeout. It fails at once if the API server
-// refuses the list (forbidden or unauthorized). A ConfigMap that does not
-// exist is not an error: every key is not_found until it is created. The
-// informer runs until ctx is cancelled or Close is called.
+// first sync, at most the sync timeout (Start, then WaitSynced). It fails
+// at once if the API server refuses the list (forbidden or unauthorized).
+// A ConfigMap that does not exist is not an error: every key is not_found
+// until it is created. The informer runs until ctx is cancelled or Close
+// is called.
 func New(ctx context.Context, client Client, namespace, name string, log *slog.Logger, opts ...Option) (*Source, error) {
+	s, err := Start(ctx, client, namespace, name, log, opts...)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.WaitSynced(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Start starts an informer on the ConfigMap namespace/name and returns at
+// once. Until its first sync, Lookup answers imageconfig.ErrUnavailable;
+// the informer keeps trying until ctx is cancelled or Close is called.
+func Start(ctx context.Context, client Client, namespace, name string, log *slog.Logger, opts ...Option) (*Source, error) {
 	o := options{syncTimeout: DefaultSyncTimeout, server: "the API server"}
 	for _, opt := range opts {
 		opt(&o)
@@ -159,13 +180,16 @@ func New(ctx context.Context, client Client, namespace, name string, log *slog.L
 		return nil, err
 	}
 	s := &Source{
-		namespace: namespace,
-		name:      name,
-		server:    o.server,
-		log:       log.With("configmap", namespace+"/"+name),
-		done:      make(chan struct{}),
-		entries:   map[string]entry{},
-		reported:  map[string]string{},
+		namespace:   namespace,
+		name:        name,
+		server:      o.server,
+		log:         log.With("configmap", namespace+"/"+name),
+		done:        make(chan struct{}),
+		entries:     map[string]entry{},
+		reported:    map[string]string{},
+		syncedCh:    make(chan struct{}),
+		refusedCh:   make(chan struct{}),
+		syncTimeout: o.syncTimeout,
 	}
 
 	// Only the one object: list and watch with a field selector on its
@@ -204,49 +228,65 @@ func New(ctx context.Context, client Client, namespace, name string, log *slog.L
 		return nil, fmt.Errorf("configmap %s/%s: %w", namespace, name, err)
 	}
 
-	waitCtx, failWait := context.WithCancelCause(ctx)
-	defer failWait(nil)
-	s.mu.Lock()
-	s.firstSyncFail = failWait
-	s.mu.Unlock()
-
 	runCtx, cancel := context.WithCancel(ctx)
 	s.cancel = cancel
 	go func() {
 		defer close(s.done)
 		informer.RunWithContext(runCtx)
 	}()
+	go func() {
+		select {
+		case <-reg.HasSyncedChecker().Done():
+			s.markSynced()
+		case <-runCtx.Done():
+		}
+	}()
+	return s, nil
+}
 
-	timer := time.NewTimer(o.syncTimeout)
+// markSynced records the first sync and says what it found.
+func (s *Source) markSynced() {
+	s.mu.Lock()
+	s.synced = true
+	present := s.present
+	s.mu.Unlock()
+	close(s.syncedCh)
+	if !present {
+		s.log.Warn("ConfigMap does not exist; every image key is not_found until it is created", "server", s.server)
+	}
+	st := s.Status()
+	s.log.Info("image configs synced from ConfigMap", "server", s.server, "resource_version", st.ResourceVersion,
+		"keys", st.Keys, "invalid_keys", st.InvalidKeys)
+}
+
+// WaitSynced waits for the first sync, at most the sync timeout; at once
+// if it came already. Its error names the API server and the object, and
+// the last error the API server gave; the Source goes on trying.
+func (s *Source) WaitSynced(ctx context.Context) error {
+	// Synced since a refusal (an API server still starting may refuse)
+	// is synced.
+	select {
+	case <-s.syncedCh:
+		return nil
+	default:
+	}
+	timer := time.NewTimer(s.syncTimeout)
 	defer timer.Stop()
 	var cause error
 	select {
-	case <-reg.HasSyncedChecker().Done():
+	case <-s.syncedCh:
+		return nil
 	case <-timer.C:
-		cause = fmt.Errorf("not synced within %v", o.syncTimeout)
+		cause = fmt.Errorf("not synced within %v", s.syncTimeout)
 		if last := s.Status().LastError; last != "" {
 			cause = fmt.Errorf("%w; last error: %s", cause, last)
 		}
-	case <-waitCtx.Done():
-		cause = context.Cause(waitCtx)
+	case <-s.refusedCh:
+		cause = s.refused
+	case <-ctx.Done():
+		cause = context.Cause(ctx)
 	}
-	if cause != nil {
-		s.Close()
-		return nil, fmt.Errorf("configmap %s/%s on %s: first sync failed: %w", namespace, name, o.server, cause)
-	}
-
-	s.mu.Lock()
-	s.synced = true
-	s.firstSyncFail = nil
-	present := s.present
-	s.mu.Unlock()
-	if !present {
-		s.log.Warn("ConfigMap does not exist; every image key is not_found until it is created", "server", o.server)
-	}
-	st := s.Status()
-	s.log.Info("image configs synced from ConfigMap", "server", o.server, "resource_version", st.ResourceVersion,
-		"keys", st.Keys, "invalid_keys", st.InvalidKeys)
-	return s, nil
+	return fmt.Errorf("configmap %s/%s on %s: first sync failed: %w", s.namespace, s.name, s.server, cause)
 }
 
 // Close stops the informer and waits for it to end. Lookup keeps answering
@@ -268,7 +308,14 @@ func (s *Source) Lookup(key string) (imageconfig.Config, error) {
 	}
 	s.mu.RLock()
 	e, ok := s.entries[key]
+	synced := s.synced
 	s.mu.RUnlock()
+	if !synced {
+		// Not "no such image": the answer is not known yet. (What the
+		// API server said is the log's.)
+		return imageconfig.Config{}, fmt.Errorf("ConfigMap %s/%s: %w: not synced from the API server yet", s.namespace, s.name,
+			imageconfig.ErrUnavailable)
+	}
 	if !ok {
 		// The same words as for a missing file: a refused caller gets
 		// them too, and must not tell the two apart.
@@ -325,8 +372,9 @@ func (s *Source) noteCall(err error) {
 				"resource_version", s.resourceVersion, "err", err)
 		}
 	}
-	if !s.synced && s.firstSyncFail != nil && (apierrors.IsForbidden(err) || apierrors.IsUnauthorized(err)) {
-		s.firstSyncFail(err)
+	if !s.synced && s.refused == nil && (apierrors.IsForbidden(err) || apierrors.IsUnauthorized(err)) {
+		s.refused = err
+		close(s.refusedCh)
 	}
 }
 

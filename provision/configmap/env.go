@@ -38,11 +38,12 @@ func ValidateRef(namespace, name string) error {
 	return nil
 }
 
-// NewFromEnv is New for the daemon: ref is PROVISIONER_IMAGES_CM, the
-// connection comes from kubeclient.ConfigFromEnv. It also sends client-go's own
-// log lines (klog) to log, so the daemon has one log format; that setting
-// is process-wide, which suits the daemon and nothing else.
-func NewFromEnv(ctx context.Context, ref string, log *slog.Logger, opts ...Option) (*Source, error) {
+// StartFromEnv is Start for the daemon, which waits for the first sync
+// itself (WaitSynced): ref is PROVISIONER_IMAGES_CM, the connection comes
+// from kubeclient.ConfigFromEnv. It also sends client-go's own log lines
+// (klog) to log, so the daemon has one log format; that setting is
+// process-wide, which suits the daemon and nothing else.
+func StartFromEnv(ctx context.Context, ref string, log *slog.Logger, opts ...Option) (*Source, error) {
 	namespace, name, cfg, err := refFromEnv(ref)
 	if err != nil {
 		return nil, err
@@ -55,7 +56,7 @@ func NewFromEnv(ctx context.Context, ref string, log *slog.Logger, opts ...Optio
 	if log != nil {
 		klog.SetSlogLogger(log.With("component", "client-go"))
 	}
-	return New(ctx, client, namespace, name, log, append([]Option{WithServer(cfg.Host)}, opts...)...)
+	return Start(ctx, client, namespace, name, log, append([]Option{WithServer(cfg.Host)}, opts...)...)
 }
 
 // refFromEnv parses PROVISIONER_IMAGES_CM's ref and finds the connection

@@ -75,6 +75,7 @@ var statusCodes = []struct {
 	{protocol.ErrBadRequest, codes.InvalidArgument},
 	{imageconfig.ErrNotFound, codes.NotFound},
 	{imageconfig.ErrInvalid, codes.FailedPrecondition},
+	{imageconfig.ErrUnavailable, codes.Unavailable},
 	{provision.ErrForbidden, codes.PermissionDenied},
 	{provision.ErrBusy, codes.FailedPrecondition},
 	{provision.ErrEngineUnavailable, codes.Unavailable},

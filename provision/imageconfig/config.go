@@ -83,10 +83,13 @@ func (c Config) AllowsMountOption(opt string) bool {
 // handshake is refused here before anything is attached.
 var imageIDPattern = regexp.MustCompile(`^[0-9a-zA-Z_-]{1,64}\.mvps-image$`)
 
-// Errors of Load, answered with CodeNotFound and CodeInvalidConfig.
+// Errors of Load, answered with CodeNotFound and CodeInvalidConfig; and
+// of a source that cannot say yet (a ConfigMap not synced since start),
+// which is worth asking again.
 var (
-	ErrNotFound = errors.New("no such image")
-	ErrInvalid  = errors.New("invalid image config")
+	ErrNotFound    = errors.New("no such image")
+	ErrInvalid     = errors.New("invalid image config")
+	ErrUnavailable = errors.New("image configs unavailable")
 )
 
 // Dir is the image config directory: one file per key, read at every
