@@ -21,6 +21,7 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/kubecluster"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
@@ -130,6 +131,62 @@ func TestVMLeaseSuspendsARealDevice(t *testing.T) {
 	}
 	took := w.killAndWaitFree(t, index)
 	t.Logf("device free %v after the caller's SIGKILL", took.Round(time.Millisecond))
+	p.Stop(t)
+
+	t.Run("a restart during the outage fences and serves on", func(t *testing.T) {
+		restartDuringOutage(t, api, cs, kubeconfig)
+	})
+}
+
+// restartDuringOutage: a daemon with its image configs in a ConfigMap,
+// killed under a writer while the API server is down. Its next start
+// cannot sync them; it must not exit (nothing would renew the Lease or
+// fence the writes), but take the device over, fence it, refuse attaches,
+// and resume once the API server answers, every acknowledged block intact.
+func restartDuringOutage(t *testing.T, api *kubecluster.APIServer, cs kubernetes.Interface, kubeconfig string) {
+	if _, err := cs.CoreV1().ConfigMaps("mvps-system").Create(t.Context(), &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: "mvps-images"},
+		Data:       map[string]string{"cmvol": `{"image_id": "cmvol.mvps-image", "image_size": 16777216}`},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p := vmharness.Start(t, map[string]string{
+		"KUBECONFIG": kubeconfig, "PROVISIONER_IMAGES_CM": "mvps-system/mvps-images", "IMAGE_CONFIG_DIRECTORY": "",
+		"PROVISIONER_LEASE_DURATION": "12s", "PROVISIONER_NODE_NAME": "vm-node", "PROVISIONER_DEAD_CONN_TIMEOUT": "300s",
+	})
+	w := startWriter(t, p, "cmvol")
+	index := writerDevice(t, "cmvol.mvps-image")
+	before := w.waitAcked(t, 100, 30*time.Second)
+
+	p.Kill(t)
+	api.Stop()
+	// After the bounded wait for the first sync (30 s).
+	p.LaunchUntil(t, 90*time.Second, func() bool { return logHas(p, "serving on for the devices taken over") })
+	waitUntil(t, 60*time.Second, "the taken-over device's suspension", func() bool { return logHas(p, "suspending its I/O") })
+	if att, err := protocol.Attach(t.Context(), p.Socket, "cmvol"); err == nil || !strings.Contains(err.Error(), "not synced") {
+		if err == nil {
+			att.Close()
+		}
+		t.Errorf("an attach before the first sync: %v, want it refused as not synced", err)
+	}
+	select {
+	case <-p.Exited():
+		t.Fatalf("the daemon exited during the outage: %v", p.ExitErr())
+	default:
+	}
+
+	if err := api.Launch(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 120*time.Second, "the first sync after the outage", func() bool {
+		b, _ := os.ReadFile(p.LogPath)
+		return strings.Count(string(b), "image configs synced from ConfigMap") >= 2
+	})
+	// The Lease taken again, the device reconnected: the writes go on.
+	after := w.waitAcked(t, before+100, 120*time.Second)
+	t.Logf("writes went on after the outage: %d acknowledged", after)
+	w.checkReport(t, w.verify(t))
+	w.killAndWaitFree(t, index)
 }
 
 // leaseStatus is the one attachment's status, from the admin socket.

@@ -138,6 +138,13 @@ const answerPoll = time.Millisecond
 // time from exec to the first answer.
 func (p *Provisioner) Launch(t testing.TB) time.Duration {
 	t.Helper()
+	return p.LaunchUntil(t, 30*time.Second, p.Answers)
+}
+
+// LaunchUntil is Launch waiting up to bound for ready instead of an answer: for a daemon
+// that does not answer not_found yet.
+func (p *Provisioner) LaunchUntil(t testing.TB, bound time.Duration, ready func() bool) time.Duration {
+	t.Helper()
 	log, err := os.OpenFile(p.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
@@ -159,16 +166,16 @@ func (p *Provisioner) Launch(t testing.TB) time.Duration {
 	}()
 	tick := time.NewTicker(answerPoll)
 	defer tick.Stop()
-	for !p.Answers() {
+	for !ready() {
 		select {
 		case <-exited:
 			t.Fatalf("provisioner exited at start (%v):\n%s", p.exitErr, p.Log())
 		case <-tick.C:
 		}
-		if time.Since(start) > 30*time.Second {
+		if time.Since(start) > bound {
 			p.Cmd.Process.Kill()
 			<-exited
-			t.Fatalf("timed out after 30s waiting for provisioner to answer:\n%s", p.Log())
+			t.Fatalf("timed out after %v waiting for the provisioner to be ready:\n%s", bound, p.Log())
 		}
 	}
 	return time.Since(start)
