@@ -438,8 +438,8 @@ func (m *Manager) checkLingering(caller Caller) error {
 	all, mine := m.reg.lingeringCount(caller.Account)
 	switch {
 	case mine >= m.cfg.MaxLingeringPerUID:
-		m.log.Warn("attach refused: too many detached devices of this uid are still held open", "lingering_devices", mine,
-			"max_lingering_per_uid", m.cfg.MaxLingeringPerUID, "uid", caller.Account)
+		m.log.Warn("attach refused: too many detached devices of this account are still held open", "lingering_devices", mine,
+			"max_lingering_per_uid", m.cfg.MaxLingeringPerUID, "account", caller.Account.String())
 		return failf(ErrBusy, "%d devices detached from your earlier attachments are still held open; try again once they are closed", mine)
 	case all >= m.cfg.MaxLingering:
 		m.log.Warn("attach refused: too many detached devices are still held open", "lingering_devices", all,

@@ -133,10 +133,11 @@ type Config struct {
 	// to directories under it (as their namespace sees it).
 	MountBase string
 	// MaxLingering bounds the detached devices that earlier callers still
-	// hold open, in all, and MaxLingeringPerUID those of one uid (counted
-	// by Caller.Account): each keeps a kernel device busy, and past a
-	// bound new attaches are refused with busy until some are closed;
-	// past the per-uid one only that uid's.
+	// hold open, in all, and MaxLingeringPerUID those of one account
+	// (Caller.Account: a uid, or a user namespace root made): each keeps
+	// a kernel device busy, and past a bound new attaches are refused
+	// with busy until some are closed; past the per-account one only
+	// that account's.
 	MaxLingering, MaxLingeringPerUID int
 	Logger                           *slog.Logger
 	// Metrics, when set, is told of attaches, detaches and reconnects.

@@ -107,25 +107,33 @@ func processGone(err error) bool {
 	return errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH)
 }
 
-// accountingUID is the uid a caller's connections count against: the uid
-// that created the outermost user namespace between the provisioner's and
-// the caller's, or the caller's own uid when it is in the provisioner's.
-// Inside a user namespace of its own a user has many uids (its
-// /etc/subuid range); by its own uid, it would get a cap per uid of the
-// range.
+// accountOf is what a caller's connections and devices count against:
+// the uid that created the outermost user namespace between the
+// provisioner's and the caller's, or the caller's own uid when it is in
+// the provisioner's. Inside a user namespace of its own a user has many
+// uids (its /etc/subuid range); by its own uid, it would get a cap per
+// uid of the range.
+//
+// An outermost namespace that uid 0 made is an account of its own. A
+// container runtime makes its containers' namespaces as root (Kubernetes
+// with hostUsers: false, LXD, nspawn -U, Docker with userns-remap):
+// counted as uid 0, an unprivileged process in one container could use up
+// the caps of every root caller and every other such container. The
+// namespaces a container makes inside its own count as that container.
 //
 // A caller that is uid 0 in the provisioner's namespace counts as 0
 // without the walk, which costs a procfs lookup on the path of every
 // connection. Only a process that is root there, or holds CAP_SETUID
 // there (and can become root at will), can map uid 0 into a namespace it
 // makes: the walk would name root or such a process.
-func accountingUID(pid, uid int32) int32 {
+func accountOf(pid, uid int32) Account {
+	byUID := Account{UID: uid}
 	if pid <= 0 || uid == 0 {
-		return uid
+		return byUID
 	}
 	own, err := ownUserNamespace()
 	if err != nil {
-		return uid
+		return byUID
 	}
 	path := "/proc/" + strconv.Itoa(int(pid)) + "/ns/user"
 	// Nearly every caller is in the provisioner's own user namespace: the
@@ -141,7 +149,7 @@ func accountingUID(pid, uid int32) int32 {
 		case processGone(err):
 			return UnattributedAccount
 		case err != nil || string(buf[:n]) == ownLink:
-			return uid
+			return byUID
 		}
 	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -149,13 +157,13 @@ func accountingUID(pid, uid int32) int32 {
 		return UnattributedAccount
 	}
 	if err != nil {
-		return uid
+		return byUID
 	}
+	defer func() { unix.Close(fd) }()
 	for depth := 0; depth < 33; depth++ { // the kernel nests at most 32
 		id, err := nsIDOf(fd)
 		if err != nil || id == own {
-			unix.Close(fd)
-			return uid
+			return byUID
 		}
 		parent, err := unix.IoctlRetInt(fd, unix.NS_GET_PARENT)
 		if err != nil {
@@ -171,9 +179,15 @@ func accountingUID(pid, uid int32) int32 {
 		fd = parent
 	}
 	owner, err := unix.IoctlGetUint32(fd, unix.NS_GET_OWNER_UID)
-	unix.Close(fd)
 	if err != nil {
-		return uid
+		return byUID
 	}
-	return int32(owner)
+	if owner != 0 {
+		return Account{UID: int32(owner)}
+	}
+	id, err := nsIDOf(fd)
+	if err != nil {
+		return byUID
+	}
+	return Account{UID: 0, UserNS: id.ino}
 }

@@ -1,6 +1,9 @@
 package provision
 
-import "context"
+import (
+	"context"
+	"fmt"
+)
 
 // An attachment belongs to an Owner and lives as long as it does: until the
 // owner's Life ends (its cause says why), an End or ForceDetach names it,
@@ -46,11 +49,12 @@ const (
 // pidfd on that process once pinned. A field the kernel did not tell is -1.
 type Caller struct {
 	PID, UID, GID int32
-	// Account is the uid the caller's connections and devices count
-	// against: its own, or the creator of the user namespace it is in
-	// (accountingUID), so that a user cannot multiply its share by the
-	// uids of its subuid range.
-	Account int32
+	// Account is what the caller's connections and devices count
+	// against (accountOf): its own uid, the creator of the user
+	// namespace it is in, so that a user cannot multiply its share by
+	// the uids of its subuid range, or that namespace itself when root
+	// made it for a container.
+	Account Account
 	// start is the process's start time (clock ticks after boot), which
 	// with the pid names it for good; 0 if unknown.
 	start uint64
@@ -59,15 +63,44 @@ type Caller struct {
 	pidfd int
 }
 
+// Account is what a caller's waiting connections and lingering devices
+// count against, each account with caps of its own: a uid of the
+// provisioner's user namespace, or a user namespace that uid 0 made.
+type Account struct {
+	// UID is the uid, as the provisioner's user namespace sees it; for
+	// a user namespace's account, the uid that made it (0).
+	UID int32
+	// UserNS is the inode number of the user namespace (as lsns and the
+	// /proc/<pid>/ns/user link name it), 0 for a uid's account. A
+	// container runtime (Kubernetes with hostUsers: false, LXD, nspawn
+	// -U, Docker with userns-remap) makes its containers' namespaces as
+	// root: counted as uid 0, one container's unprivileged process could
+	// use up the share of root's callers and of every other container.
+	// The kernel gives the number again once the namespace is gone: devices
+	// a gone container's callers still hold count against the namespace
+	// given it next, until they are closed.
+	UserNS uint64
+}
+
+func (a Account) String() string {
+	switch {
+	case a == UnattributedAccount:
+		return "callers whose process was gone when they connected"
+	case a.UserNS != 0:
+		return fmt.Sprintf("user namespace %d (made by uid %d)", a.UserNS, a.UID)
+	}
+	return fmt.Sprintf("uid %d", a.UID)
+}
+
 // UnattributedAccount is the account of a caller whose process was gone
 // before its user namespace could be told: all such callers share it.
 // Counting one by its own uid would let a user whose connecting process
 // exits at once (a sibling keeping the connection) count as each uid of
 // its subuid range.
-const UnattributedAccount int32 = -2
+var UnattributedAccount = Account{UID: -2}
 
 // UnknownCaller is the Caller of an owner that is no process.
-var UnknownCaller = Caller{PID: -1, UID: -1, GID: -1, Account: -1, pidfd: -1}
+var UnknownCaller = Caller{PID: -1, UID: -1, GID: -1, Account: Account{UID: -1}, pidfd: -1}
 
 func (c Caller) known() bool { return c.UID >= 0 && c.GID >= 0 }
 
@@ -79,4 +112,4 @@ func (c Caller) root() bool { return c.UID == 0 }
 // VolumeCaller is the Caller of a volume owner: the container
 // orchestrator, which reaches the provisioner through a socket only root
 // may use and acts as root on the node (mounts where it says, as root would).
-var VolumeCaller = Caller{PID: -1, UID: 0, GID: 0, Account: 0, pidfd: -1}
+var VolumeCaller = Caller{PID: -1, UID: 0, GID: 0, Account: Account{UID: 0}, pidfd: -1}

@@ -18,7 +18,7 @@ import (
 // as the kernel named it: a caller's connection's peer credentials. It
 // holds no pidfd until Pin.
 func NewCaller(pid, uid, gid int32) Caller {
-	return Caller{PID: pid, UID: uid, GID: gid, Account: accountingUID(pid, uid), pidfd: -1}
+	return Caller{PID: pid, UID: uid, GID: gid, Account: accountOf(pid, uid), pidfd: -1}
 }
 
 // Pin pins the caller's process with pidfd, which it takes over; with a
@@ -176,7 +176,7 @@ func authorizeMount(caller Caller, ns, dir *os.File) error {
 // pid, if it still runs and started at start. A reused pid has another
 // start time and is never taken for it.
 func findCaller(pid int32, start uint64) (Caller, bool) {
-	c := Caller{PID: pid, UID: -1, GID: -1, Account: -1, pidfd: -1}
+	c := Caller{PID: pid, UID: -1, GID: -1, Account: Account{UID: -1}, pidfd: -1}
 	if pid <= 0 || start == 0 {
 		return c, false
 	}
@@ -196,7 +196,7 @@ func findCaller(pid int32, start uint64) (Caller, bool) {
 			c.UID, c.GID = int32(sys.Uid), int32(sys.Gid)
 		}
 	}
-	c.Account = accountingUID(pid, c.UID)
+	c.Account = accountOf(pid, c.UID)
 	return c, true
 }
 

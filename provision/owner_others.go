@@ -13,7 +13,7 @@ import (
 
 // NewCaller is the process pid, running as uid and gid.
 func NewCaller(pid, uid, gid int32) Caller {
-	return Caller{PID: pid, UID: uid, GID: gid, Account: uid, pidfd: -1}
+	return Caller{PID: pid, UID: uid, GID: gid, Account: Account{UID: uid}, pidfd: -1}
 }
 
 // Pin takes over pidfd; elsewhere than Linux there is none.
@@ -29,7 +29,7 @@ func authorizeMount(caller Caller, ns, dir *os.File) error {
 }
 
 func findCaller(pid int32, start uint64) (Caller, bool) {
-	return Caller{PID: pid, UID: -1, GID: -1, Account: -1, pidfd: -1}, false
+	return Caller{PID: pid, UID: -1, GID: -1, Account: Account{UID: -1}, pidfd: -1}, false
 }
 
 func (c Caller) exited() bool { return false }

@@ -58,11 +58,11 @@ type registry struct {
 	lingering map[uint32]lingeringDevice
 }
 
-// lingeringDevice is a detached device still held open, and the accounting
-// uid of the caller it was attached for.
+// lingeringDevice is a detached device still held open, and the account
+// of the caller it was attached for.
 type lingeringDevice struct {
 	info    Info
-	account int32
+	account Account
 }
 
 func newRegistry() *registry {
@@ -138,7 +138,7 @@ func (r *registry) setState(a *attachment, state State) State {
 }
 
 // linger counts a detached device as held open, and returns how many are.
-func (r *registry) linger(index uint32, info Info, account int32) int {
+func (r *registry) linger(index uint32, info Info, account Account) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	info.State = StateLingering
@@ -153,7 +153,7 @@ func (r *registry) unlinger(index uint32) {
 }
 
 // lingeringCount counts the lingering devices, in all and of account.
-func (r *registry) lingeringCount(account int32) (all, mine int) {
+func (r *registry) lingeringCount(account Account) (all, mine int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, d := range r.lingering {

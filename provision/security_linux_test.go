@@ -25,6 +25,7 @@ import (
 	"github.com/mvps-provisioner/mvps-provisioner/provision/mount"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/provisiontest"
+	"github.com/mvps-provisioner/mvps-provisioner/provision/socketserver"
 )
 
 const nobody = 65534
@@ -466,7 +467,7 @@ func TestIdleFloodDoesNotLockOutOthers(t *testing.T) {
 
 	// The flood comes from another process, whose fds do not count
 	// against this one's limit.
-	flood := startFlooder(t, ts.Socket, 400)
+	flood := startFlooder(t, ts.Socket, 400, nil)
 	defer flood.stop()
 
 	// Locked out, the attach would wait in the backlog until the flood's
@@ -486,6 +487,44 @@ func TestIdleFloodDoesNotLockOutOthers(t *testing.T) {
 	}
 }
 
+// A container's unprivileged process, in a user namespace that root made
+// (as Kubernetes with hostUsers: false, LXD, nspawn -U and Docker with
+// userns-remap make them), uses up its own waiting allowance, never root's
+// or another container's: the namespace is an account of its own.
+func TestContainerFloodDoesNotLockOutRoot(t *testing.T) {
+	requireRoot(t)
+	ts := provisiontest.New(t, nil)
+	openToAll(t, ts)
+	ts.AddImage(t, "vol", "vol.mvps-image", 1<<20)
+
+	// Root makes the namespace; the flooder runs as nobody in it (host
+	// uid 165534) and holds more connections than its allowance.
+	flood := startFlooder(t, ts.Socket, socketserver.DefaultMaxWaitingPerUID+8, &syscall.SysProcAttr{
+		Cloneflags:                 syscall.CLONE_NEWUSER,
+		UidMappings:                []syscall.SysProcIDMap{{ContainerID: 0, HostID: 100000, Size: 65536}},
+		GidMappings:                []syscall.SysProcIDMap{{ContainerID: 0, HostID: 100000, Size: 65536}},
+		GidMappingsEnableSetgroups: true,
+		Credential:                 &syscall.Credential{Uid: 0, Gid: 0},
+	})
+	defer flood.stop()
+	waitFor(t, func() bool { return ts.Sockets.Waiting() == socketserver.DefaultMaxWaitingPerUID })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	a, err := protocol.Attach(ctx, ts.Socket, "vol")
+	if err != nil {
+		t.Fatalf("root's attach while a container's process uses up its allowance: %v\n%s", err, ts.Logs())
+	}
+	a.Close()
+	// The drops name the container's namespace.
+	waitFor(t, func() bool { return strings.Contains(ts.Logs(), "connection dropped") })
+	for l := range strings.SplitSeq(ts.Logs(), "\n") {
+		if strings.Contains(l, "connection dropped") && !strings.Contains(l, "user namespace") {
+			t.Errorf("a dropped connection's line does not name the container's namespace: %s", l)
+		}
+	}
+}
+
 type flooder struct {
 	cmd   *exec.Cmd
 	stdin io.WriteCloser
@@ -497,10 +536,20 @@ func (f *flooder) stop() {
 }
 
 // startFlooder starts a process of uid nobody that holds n idle
-// connections to socket, and returns once they are made.
-func startFlooder(t *testing.T, socket string, n int) *flooder {
+// connections to socket, and returns once they are made. With container
+// set, the process runs in the user namespace that makes.
+func startFlooder(t *testing.T, socket string, n int, container *syscall.SysProcAttr) *flooder {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperFlood$")
+	// The test binary may lie where a container's root cannot reach it:
+	// it is handed over open.
+	exe, err := os.Open(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer exe.Close()
+	cmd := exec.Command("/proc/self/fd/3", "-test.run=^TestHelperFlood$")
+	cmd.ExtraFiles = []*os.File{exe}
+	cmd.SysProcAttr = container
 	cmd.Env = append(os.Environ(), "MVPS_FLOOD_SOCKET="+socket, fmt.Sprint("MVPS_FLOOD_N=", n))
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -524,8 +573,8 @@ func startFlooder(t *testing.T, socket string, n int) *flooder {
 	return f
 }
 
-// TestHelperFlood is the flooder process of TestIdleFloodDoesNotLockOutOthers;
-// run on its own it does nothing.
+// TestHelperFlood is the flooder process of TestIdleFloodDoesNotLockOutOthers
+// and TestContainerFloodDoesNotLockOutRoot; run on its own it does nothing.
 func TestHelperFlood(t *testing.T) {
 	socket := os.Getenv("MVPS_FLOOD_SOCKET")
 	if socket == "" {

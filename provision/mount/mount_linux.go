@@ -243,8 +243,9 @@ func mountInto(dev blockDevice, req Request, steps *Steps) (*os.File, error) {
 
 // moveMountInNamespace attaches the detached mount mntfd on dirfd inside
 // the mount namespace nsfd, after checking that dirfd is inside base there
-// (when base is set). move_mount only attaches into the caller's own
-// namespace, so this runs on a thread of its own that enters ns.
+// (when base is set), and checks again where the mount landed. move_mount
+// only attaches into the caller's own namespace, so this runs on a thread
+// of its own that enters ns.
 func moveMountInNamespace(mntfd, nsfd, dirfd int, base string, steps *Steps) error {
 	return ownthread.Run(func() error {
 		// Marked from the thread while the caller waits for it.
@@ -260,13 +261,45 @@ func moveMountInNamespace(mntfd, nsfd, dirfd int, base string, steps *Steps) err
 			if err := checkInside(dirfd, base); err != nil {
 				return err
 			}
+			steps.mark("base")
 		}
 		if err := unix.MoveMount(mntfd, "", dirfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
 			return fmt.Errorf("move mount onto the caller's directory: %w", err)
 		}
 		steps.mark("move")
+		if base != "" {
+			// The caller may have renamed its directory out of the base
+			// between the check and the move, and the mount went with
+			// it. A mount point cannot be renamed in its namespace
+			// (EBUSY), so the caller cannot bring it back in before this
+			// look at where the mount itself is. A directory above it
+			// can still be renamed later: the base holds when the mount
+			// is made (docs/security.md).
+			if err := checkInside(mntfd, base); err != nil {
+				if uerr := undoMove(mntfd); uerr != nil {
+					return fmt.Errorf("mount landed outside the base: %w; and it could not be undone: %v", err, uerr)
+				}
+				return fmt.Errorf("mount landed outside the base, undone: %w", err)
+			}
+			steps.mark("landed")
+		}
 		return nil
 	})
+}
+
+// undoMove detaches the mount mntfd that moveMountInNamespace attached,
+// from the thread in the caller's namespace. umount2 takes a path only:
+// "." from the mount's root names that mount and no other, as nothing can
+// be stacked on it in a namespace where only root mounts, and needs no
+// /proc, which the caller's namespace may lack.
+func undoMove(mntfd int) error {
+	if err := unix.Fchdir(mntfd); err != nil {
+		return fmt.Errorf("enter the mount's root: %w", err)
+	}
+	if err := unix.Unmount(".", unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("unmount: %w", err)
+	}
+	return nil
 }
 
 // FindRoot opens the root of a mount of the block device dev (its st_rdev)
@@ -379,16 +412,25 @@ func checkInside(dirfd int, base string) error {
 	if err := unix.Fchdir(dirfd); err != nil {
 		return fmt.Errorf("enter the mount directory: %w", err)
 	}
-	buf := make([]byte, unix.PathMax)
-	n, err := unix.Getcwd(buf)
+	path, err := workingDir()
 	if err != nil {
 		return fmt.Errorf("%w: the mount directory's path cannot be told: %v", ErrOutsideBase, err)
 	}
-	path := strings.TrimRight(string(buf[:n]), "\x00")
 	if !pathInside(path, base) {
 		return fmt.Errorf("%w: %s is not inside %s", ErrOutsideBase, path, base)
 	}
 	return nil
+}
+
+// workingDir is the calling thread's working directory as its mount
+// namespace sees it.
+func workingDir() (string, error) {
+	buf := make([]byte, unix.PathMax)
+	n, err := unix.Getcwd(buf)
+	if err != nil {
+		return "", fmt.Errorf("getcwd: %w", err)
+	}
+	return strings.TrimRight(string(buf[:n]), "\x00"), nil
 }
 
 // pathInside reports whether path is base or below it. Both are clean

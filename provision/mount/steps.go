@@ -11,11 +11,16 @@ import (
 // Steps times what a Mount did, step by step, for the line that logs the
 // attach (as the attach's own phases are): reading the superblock, blkid,
 // the fresh check, mke2fs, the kernel's mount (fsopen to fsmount), the
-// root fd, the thread that enters the caller's namespace, and the move.
-// A step that did not run is absent. The zero value is ready to use.
+// root fd, the thread that enters the caller's namespace, the base check,
+// the move, and the check of where the mount landed. A step that did not
+// run is absent. The zero value is ready to use.
 type Steps struct {
 	last  time.Time
 	steps []Step
+	// onMark, when set, is called with each step's name as it ends, from
+	// the goroutine or thread that ran it: a test acts between two steps
+	// with it, as a caller racing the provisioner would.
+	onMark func(name string)
 }
 
 // Step is one timed step of a Mount.
@@ -53,6 +58,9 @@ func (s *Steps) mark(name string) {
 	now := time.Now()
 	s.steps = append(s.steps, Step{Name: name, Took: now.Sub(s.last)})
 	s.last = now
+	if s.onMark != nil {
+		s.onMark(name)
+	}
 }
 
 // All returns the steps in the order they ran.

@@ -29,6 +29,8 @@ const (
 	sbCompat       = 0x5c  // le32
 	sbIncompat     = 0x60  // le32
 	sbROCompat     = 0x64  // le32
+	sbJournalInum  = 0xe0  // le32
+	sbJournalDev   = 0xe4  // le32, new_encode_dev's
 	sbFlags        = 0x160 // le32
 	sbChecksumType = 0x175 // u8
 	sbChecksum     = 0x3fc // le32, over the bytes before it
@@ -118,7 +120,8 @@ func readHead(r io.ReaderAt) ([]byte, error) {
 // fresh. When found, err is nil for an ext4 file system the kernel will
 // mount read-write, and otherwise says why it is refused: ErrNotExt4 for
 // ext2, ext3, ext4dev and an external journal (which blkid names so, and
-// which mount mode has always refused), ErrUnsupportedExt4 for the rest.
+// which mount mode has always refused), ErrUnsupportedExt4 for the rest,
+// an ext4 that uses an external journal included.
 func checkExt4(first []byte) (found bool, err error) {
 	if len(first) < superblockOffset+superblockSize {
 		return false, nil
@@ -165,5 +168,34 @@ func checkExt4(first []byte) (found bool, err error) {
 			return true, fmt.Errorf("%w: superblock checksum %#08x, computed %#08x", ErrUnsupportedExt4, want, got)
 		}
 	}
-	return true, nil
+	return true, checkJournal(sb, compat)
+}
+
+// checkJournal refuses a file system whose journal is not an inode of its
+// own. The kernel's mount opens a journal that no inode holds by the
+// device number in the superblock, read-write and exclusively, from the
+// provisioner's context, and replays into it whatever that device's
+// journal holds: the superblock is the caller's to write (in fd mode), so
+// the number could name any block device of the host. A superblock naming
+// both an inode and a device the kernel refuses as corrupt; it is refused
+// here as well, with the reason. Without has_journal the kernel reads
+// neither field.
+func checkJournal(sb []byte, compat uint32) error {
+	if compat&compatHasJournal == 0 {
+		return nil
+	}
+	le := binary.LittleEndian
+	inum, dev := le.Uint32(sb[sbJournalInum:]), le.Uint32(sb[sbJournalDev:])
+	switch {
+	case dev != 0:
+		// The kernel's new_decode_dev: this file builds on every system,
+		// and not all have unix.Major.
+		major, minor := (dev&0xfff00)>>8, (dev&0xff)|((dev>>12)&0xfff00)
+		return fmt.Errorf("%w: its journal is on another device (%d:%d); only a journal inside the file system is mounted",
+			ErrUnsupportedExt4, major, minor)
+	case inum == 0:
+		return fmt.Errorf("%w: it has a journal but names no journal inode; only a journal inside the file system is mounted",
+			ErrUnsupportedExt4)
+	}
+	return nil
 }

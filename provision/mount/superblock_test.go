@@ -65,25 +65,49 @@ func firstBlock(t *testing.T, path string) []byte {
 	return b
 }
 
-// setFeatures sets feature bits in a copy of the superblock and recomputes
-// its checksum, as a tool that turned the features on would have.
-func setFeatures(b []byte, incompat, roCompat uint32) []byte {
+// editSuperblock edits the superblock in a copy of b and recomputes its
+// checksum, as a tool that made the change would have.
+func editSuperblock(b []byte, edit func(sb []byte)) []byte {
 	b = append([]byte(nil), b...)
 	sb := b[superblockOffset : superblockOffset+superblockSize]
-	le := binary.LittleEndian
-	le.PutUint32(sb[sbIncompat:], le.Uint32(sb[sbIncompat:])|incompat)
-	le.PutUint32(sb[sbROCompat:], le.Uint32(sb[sbROCompat:])|roCompat)
-	le.PutUint32(sb[sbChecksum:], ^crc32.Checksum(sb[:sbChecksum], crc32.MakeTable(crc32.Castagnoli)))
+	edit(sb)
+	binary.LittleEndian.PutUint32(sb[sbChecksum:], ^crc32.Checksum(sb[:sbChecksum], crc32.MakeTable(crc32.Castagnoli)))
 	return b
+}
+
+// setFeatures sets feature bits in a copy of the superblock.
+func setFeatures(b []byte, incompat, roCompat uint32) []byte {
+	return editSuperblock(b, func(sb []byte) {
+		le := binary.LittleEndian
+		le.PutUint32(sb[sbIncompat:], le.Uint32(sb[sbIncompat:])|incompat)
+		le.PutUint32(sb[sbROCompat:], le.Uint32(sb[sbROCompat:])|roCompat)
+	})
+}
+
+// setJournal names the journal's inode and device in a copy of the
+// superblock: what a caller can write through fd mode, and what mke2fs
+// -J device= writes for a journal on a real block device.
+func setJournal(b []byte, inum, dev uint32) []byte {
+	return editSuperblock(b, func(sb []byte) {
+		binary.LittleEndian.PutUint32(sb[sbJournalInum:], inum)
+		binary.LittleEndian.PutUint32(sb[sbJournalDev:], dev)
+	})
 }
 
 // What each kind of content in the first 8 KiB makes of a mount: ext4 as
 // mke2fs makes it is mounted; ext2, ext3 and an external journal are
 // refused as not ext4, as blkid named them before; ext4 with a feature
-// the kernel may not mount read-write, or a damaged superblock, is
-// refused and says why; no magic at all is for the probe to judge.
+// the kernel may not mount read-write, a journal on another device (which
+// the kernel would open by number from the provisioner's context), or a
+// damaged superblock, is refused and says why; no magic at all is for the
+// probe to judge.
 func TestCheckExt4(t *testing.T) {
 	ext4 := firstBlock(t, imageFile(t, "mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096"))
+	if compat := binary.LittleEndian.Uint32(ext4[superblockOffset+sbCompat:]); compat&compatHasJournal == 0 {
+		t.Fatal("mke2fs made ext4 without a journal: the journal cases below would test nothing")
+	}
+	journalInum := binary.LittleEndian.Uint32(ext4[superblockOffset+sbJournalInum:])
+	noJournal := firstBlock(t, imageFile(t, "mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal"))
 	damaged := append([]byte(nil), ext4...)
 	damaged[superblockOffset+0x78] ^= 0xff // the volume name, under the checksum
 
@@ -111,6 +135,16 @@ func TestCheckExt4(t *testing.T) {
 			err: ErrUnsupportedExt4, says: "incompat 0x1"},
 		{name: "read-only feature", first: setFeatures(ext4, 0, 0x1000), found: true,
 			err: ErrUnsupportedExt4, says: "ro_compat 0x1000"},
+		{name: "journal on another device", first: setJournal(ext4, 0, 0x0800), found: true,
+			err: ErrUnsupportedExt4, says: "journal is on another device (8:0)"},
+		{name: "journal on a device with a large minor", first: setJournal(ext4, 0, 0x1234567), found: true,
+			err: ErrUnsupportedExt4, says: "(837:4711)"},
+		{name: "journal inode and device both", first: setJournal(ext4, journalInum, 0x0800), found: true,
+			err: ErrUnsupportedExt4, says: "another device"},
+		{name: "journal in neither inode nor device", first: setJournal(ext4, 0, 0), found: true,
+			err: ErrUnsupportedExt4, says: "no journal inode"},
+		{name: "no journal", first: noJournal, found: true},
+		{name: "no journal, stale journal fields", first: setJournal(noJournal, 0, 0x0800), found: true},
 		{name: "damaged superblock", first: damaged, found: true, err: ErrUnsupportedExt4, says: "checksum"},
 		{name: "zeros", first: make([]byte, headRead)},
 		{name: "swap", first: firstBlock(t, imageFile(t, "mkswap"))},

@@ -57,10 +57,10 @@ type Server struct {
 
 	mu sync.Mutex
 	// waiting counts connections whose request is not answered yet, in
-	// all and by accounting uid.
-	waiting      int
-	waitingByUID map[int32]int
-	dropLog      rateLimited
+	// all and by account.
+	waiting          int
+	waitingByAccount map[provision.Account]int
+	dropLog          rateLimited
 
 	ctx    context.Context // cancelled by Shutdown: aborts attaches in progress
 	cancel context.CancelCauseFunc
@@ -78,7 +78,7 @@ func New(m *provision.Manager, cfg Config) *Server {
 		cfg.Refused = func(string) {}
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
-	return &Server{m: m, cfg: cfg, log: cfg.Logger, waitingByUID: make(map[int32]int),
+	return &Server{m: m, cfg: cfg, log: cfg.Logger, waitingByAccount: make(map[provision.Account]int),
 		dropLog: rateLimited{every: time.Second}, ctx: ctx, cancel: cancel}
 }
 
@@ -152,14 +152,11 @@ func (s *Server) admit(caller provision.Caller) string {
 	switch {
 	case s.waiting >= s.cfg.MaxWaiting:
 		return fmt.Sprintf("%d connections are waiting for their request already", s.waiting)
-	case s.waitingByUID[caller.Account] >= s.cfg.MaxWaitingPerUID && caller.Account == provision.UnattributedAccount:
-		return fmt.Sprintf("callers whose process was gone when they connected have %d connections waiting for their answer already",
-			s.waitingByUID[caller.Account])
-	case s.waitingByUID[caller.Account] >= s.cfg.MaxWaitingPerUID:
-		return fmt.Sprintf("uid %d has %d connections waiting for their answer already", caller.Account, s.waitingByUID[caller.Account])
+	case s.waitingByAccount[caller.Account] >= s.cfg.MaxWaitingPerUID:
+		return fmt.Sprintf("%v: %d connections waiting for their answer already", caller.Account, s.waitingByAccount[caller.Account])
 	}
 	s.waiting++
-	s.waitingByUID[caller.Account]++
+	s.waitingByAccount[caller.Account]++
 	return ""
 }
 
@@ -168,8 +165,8 @@ func (s *Server) requestDone(caller provision.Caller) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.waiting--
-	if s.waitingByUID[caller.Account]--; s.waitingByUID[caller.Account] <= 0 {
-		delete(s.waitingByUID, caller.Account)
+	if s.waitingByAccount[caller.Account]--; s.waitingByAccount[caller.Account] <= 0 {
+		delete(s.waitingByAccount, caller.Account)
 	}
 }
 

@@ -1400,7 +1400,7 @@ func kib2mib(s string) string {
 var phaseOrder = []string{"accept", "request", "token", "dial", "handshake", "probe", "record", "connect", "size", "open", "mount", "reply"}
 
 // mountStepOrder is the order of the steps of the daemon's mount phase (provision/mount.Steps).
-var mountStepOrder = []string{"superblock", "blkid", "fresh", "mke2fs", "fsconfig", "fsmount", "root", "thread", "setns", "move"}
+var mountStepOrder = []string{"superblock", "blkid", "fresh", "mke2fs", "fsconfig", "fsmount", "root", "thread", "setns", "base", "move", "landed"}
 
 // inOrder gives ph as "name=ms ..." in order, then whatever order does not name.
 func inOrder(ph map[string]float64, order []string) string {
