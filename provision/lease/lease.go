@@ -8,7 +8,9 @@
 // bounded by 5 s; when the last successful renewal was sent 20 s ago the
 // image's I/O is suspended (Fence.Suspend cuts its engine connection), so
 // at the latest 25 s after it, while another node may take the Lease only
-// 32 s after it (its duration plus a 2 s allowance for clock skew). An API
+// 32 s after it (its duration plus a 2 s allowance for clock skew), and
+// only once it has watched the Lease unchanged, by its own clock, for 22 s
+// (the renew time is on the holder's clock, which may be off). An API
 // server outage shorter than 15 s costs nothing.
 package lease
 
@@ -163,6 +165,9 @@ var errBeingDeleted = errors.New("is being deleted; try again")
 func (l *Locker) Acquire(ctx context.Context, imageID string, fence provision.Fence) (provision.Lock, error) {
 	name := Name(imageID)
 	leases := l.cfg.Client
+	// watched is another node's Lease that looked lapsed, as it was
+	// when this node began to watch it.
+	var watched *coordinationv1.Lease
 	for try := 0; ; try++ {
 		if try == 5 {
 			return nil, fmt.Errorf("lease %s/%s: kept changing under us", l.cfg.Namespace, name)
@@ -191,10 +196,32 @@ func (l *Locker) Acquire(ctx context.Context, imageID string, fence provision.Fe
 			// A finalizer cannot be added to it, and it is not held.
 			return nil, fmt.Errorf("lease %s/%s %w", l.cfg.Namespace, name, errBeingDeleted)
 		case holder == l.cfg.Holder || holder == "":
-		case l.lapsed(cur, sent):
+		case l.lapsed(cur, sent) && (watched == nil || watched.ResourceVersion != cur.ResourceVersion && holderOf(watched) != holder):
+			// Lapsed by this node's clock, which the holder's renew time
+			// is not on: watched unchanged, by this node's own clock,
+			// for as long as its holder would write on without a
+			// renewal, it has lapsed whatever either clock says.
+			watched = cur
+			l.cfg.Logger.Info("the lease of another node looks lapsed; watching that it is not renewed before taking it over",
+				"lease", name, "image_id", imageID, "holder", holder, "renewed", renewTimeOf(cur), "for", l.watchFor().String())
+			select {
+			case <-time.After(l.watchFor()):
+			case <-ctx.Done():
+				return nil, fmt.Errorf("lease %s/%s: %w", l.cfg.Namespace, name, context.Cause(ctx))
+			}
+			try--
+			continue
+		case l.lapsed(cur, sent) && watched.ResourceVersion == cur.ResourceVersion:
 			l.cfg.Logger.Warn("taking over the lapsed lease of another node", "lease", name, "image_id", imageID,
 				"previous_holder", holder, "renewed", renewTimeOf(cur))
 			l.cfg.Events("takeover")
+		case l.lapsed(cur, sent):
+			// Renewed while watched, yet lapsed by this node's clock:
+			// the two clocks differ by more than the Lease's duration.
+			l.cfg.Logger.Warn("the lease's holder renews it although its renew time is past its duration by this node's clock: "+
+				"the nodes' clocks differ", "lease", name, "image_id", imageID, "holder", holder, "renewed", renewTimeOf(cur))
+			l.cfg.Events("refused")
+			return nil, fmt.Errorf("%w: lease %s/%s is held by %s, who renews it", provision.ErrHeldElsewhere, l.cfg.Namespace, name, holder)
 		default:
 			l.cfg.Events("refused")
 			return nil, fmt.Errorf("%w: lease %s/%s is held by %s (renewed %v)", provision.ErrHeldElsewhere, l.cfg.Namespace, name,
@@ -245,6 +272,13 @@ func (l *Locker) lapsed(lease *coordinationv1.Lease, now time.Time) bool {
 	}
 	return now.After(renewTimeOf(lease).Add(d + l.cfg.Skew))
 }
+
+// watchFor is how long another node's lapsed-looking Lease must stay
+// unchanged before it is taken over: its holder suspends the image's I/O
+// Duration-Margin after sending its last successful renewal, which was
+// before this node read the Lease; the skew allowance covers the two
+// clocks' rates and the read's own time.
+func (l *Locker) watchFor() time.Duration { return l.cfg.Duration - l.cfg.Margin + l.cfg.Skew }
 
 func holderOf(lease *coordinationv1.Lease) string {
 	if lease.Spec.HolderIdentity == nil {
