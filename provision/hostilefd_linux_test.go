@@ -131,8 +131,9 @@ func expectBadRequest(t *testing.T, conn *net.UnixConn) {
 // returning the fd that carries it.
 
 // queued returns a unix socket of type typ whose queue holds the messages
-// sent by send on its peer, which is closed.
-func queued(t *testing.T, typ int, send func(peer int) error) int {
+// sent by send on its peer, which is closed, and then each of then does
+// its part on the socket itself.
+func queued(t *testing.T, typ int, send func(peer int) error, then ...func(own int) error) int {
 	t.Helper()
 	pair, err := unix.Socketpair(unix.AF_UNIX, typ|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -142,6 +143,11 @@ func queued(t *testing.T, typ int, send func(peer int) error) int {
 		t.Fatal(err)
 	}
 	unix.Close(pair[0])
+	for _, f := range then {
+		if err := f(pair[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return pair[1]
 }
 
@@ -400,4 +406,38 @@ func TestHangUpNeverHiddenByWhatTheCallerSends(t *testing.T) {
 	a.Close()
 	waitFor(t, func() bool { _, detached := ts.Devices.Counts(t); return detached == 1 })
 	expectReset(t, peer)
+}
+
+// behindReadUrgentByte: fd carried by an urgent byte of a stream socket,
+// read (MSG_OOB) by the caller before it sends the socket. Whatever reads
+// the socket next, or closes it, drops fd with the byte's remains, in its
+// own thread: no discarding defuses it.
+func behindReadUrgentByte(t *testing.T, fd int) int {
+	return queued(t, unix.SOCK_STREAM, func(peer int) error {
+		if err := unix.Sendmsg(peer, []byte{0}, unix.UnixRights(fd), nil, unix.MSG_OOB); err != nil {
+			return err
+		}
+		unix.Close(fd)
+		return nil
+	}, func(own int) error {
+		_, _, _, _, err := unix.Recvmsg(own, make([]byte, 1), nil, unix.MSG_OOB)
+		return err
+	})
+}
+
+// A dropped connection whose close blocks whatever is done first never
+// holds the accept loop: it is closed in a goroutine of its own.
+func TestDroppedConnectionClosedAside(t *testing.T) {
+	ts, idle := overCap(t)
+	handedOver(t, behindReadUrgentByte, func(fd int) {
+		dropped(t, ts, func(conn *net.UnixConn) error {
+			_, _, err := conn.WriteMsgUnix(protocol.AppendRequest(nil, protocol.CommandAttach, "vol"), unix.UnixRights(fd), nil)
+			return err
+		})
+	})
+	// The accept loop takes connections in turn: a later one dropped
+	// proves the first dropped (and the loop free), whose own close, still
+	// held, shows nothing.
+	expectDropped(t, dropped(t, ts, func(*net.UnixConn) error { return nil }))
+	expectAccepting(t, ts, idle)
 }
