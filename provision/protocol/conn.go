@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -12,9 +13,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxRequestFDs is the most fds a request can carry (mount mode sends two);
-// room for more lets the server see, close and refuse a few extra.
-const maxRequestFDs = 8
+// scmMaxFDs is the most fds the kernel passes in one message (SCM_MAX_FD).
+const scmMaxFDs = 253
+
+// oobSize is room for every control message that one read can bring: the
+// fds (all of them: those a read has no room for, the kernel closes in
+// the reading thread before the read returns, and their close is the
+// caller's to make block), and what else a socket's options ask for
+// (credentials, a pidfd, a security label), room for which is beside.
+var oobSize = unix.CmsgSpace(scmMaxFDs*4) + unix.CmsgSpace(4096)
 
 // ErrEmptyConnection: the caller connected and closed without a request.
 var ErrEmptyConnection = errors.New("connection closed without a request")
@@ -25,7 +32,7 @@ func ReadRequest(conn *net.UnixConn, deadline time.Time) ([]byte, []int, error) 
 	// One byte more than the longest valid request tells "too long" from
 	// "exactly right" even if the kernel did not flag truncation.
 	buf := make([]byte, MaxRequestSize+1)
-	oob := make([]byte, unix.CmsgSpace(maxRequestFDs*4))
+	oob := make([]byte, oobSize)
 	// A caller sends its request as soon as it is connected, so it is
 	// nearly always there already: read without the deadline's set-up
 	// first, and wait (with it) only if it is not.
@@ -55,7 +62,9 @@ func ReadRequest(conn *net.UnixConn, deadline time.Time) ([]byte, []int, error) 
 		return nil, fds, ErrEmptyConnection
 	}
 	if flags&unix.MSG_CTRUNC != 0 {
-		return nil, fds, fmt.Errorf("%w: request carries more than %d fds", ErrBadRequest, maxRequestFDs)
+		// The kernel dropped control data the buffer had no room for,
+		// which only a caller up to no good can have sent.
+		return nil, fds, fmt.Errorf("%w: request's control data does not fit %d bytes", ErrBadRequest, len(oob))
 	}
 	if flags&unix.MSG_TRUNC != 0 || n > MaxRequestSize {
 		return nil, fds, fmt.Errorf("%w: request is longer than %d bytes", ErrBadRequest, MaxRequestSize)
@@ -63,6 +72,10 @@ func ReadRequest(conn *net.UnixConn, deadline time.Time) ([]byte, []int, error) 
 	return buf[:n], fds, nil
 }
 
+// parseFDs returns every fd that the kernel put in the fd table with a
+// message, so that none is left open: those passed (SCM_RIGHTS), and on
+// Linux the sender's pidfd that SO_PASSPIDFD asks for, which a caller can
+// set on a socket it sends.
 func parseFDs(oob []byte) []int {
 	if len(oob) == 0 {
 		return nil
@@ -73,12 +86,18 @@ func parseFDs(oob []byte) []int {
 	}
 	var fds []int
 	for _, m := range msgs {
-		if m.Header.Level != unix.SOL_SOCKET || m.Header.Type != unix.SCM_RIGHTS {
+		if m.Header.Level != unix.SOL_SOCKET {
 			continue
 		}
-		got, err := unix.ParseUnixRights(&m)
-		if err == nil {
-			fds = append(fds, got...)
+		switch m.Header.Type {
+		case unix.SCM_RIGHTS:
+			if got, err := unix.ParseUnixRights(&m); err == nil {
+				fds = append(fds, got...)
+			}
+		case scmPIDFD:
+			if len(m.Data) == 4 {
+				fds = append(fds, int(int32(binary.NativeEndian.Uint32(m.Data))))
+			}
 		}
 	}
 	return fds
@@ -116,19 +135,4 @@ func SendError(conn *net.UnixConn, rerr *ReplyError, deadline time.Time) error {
 		return fmt.Errorf("send refusal: %w", err)
 	}
 	return nil
-}
-
-// WaitForClose blocks until the caller's end of conn is closed, which the
-// kernel also does when the caller dies. Anything sent meanwhile is
-// discarded, fds included.
-func WaitForClose(conn *net.UnixConn) {
-	buf := make([]byte, 512)
-	oob := make([]byte, unix.CmsgSpace(maxRequestFDs*4))
-	for {
-		n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
-		CloseFDs(parseFDs(oob[:oobn]))
-		if err != nil || n == 0 && oobn == 0 {
-			return
-		}
-	}
 }

@@ -6,6 +6,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// scmPIDFD is the type of a control message with the sender's pidfd.
+const scmPIDFD = unix.SCM_PIDFD
+
 // readWaiting reads a message that is waiting on conn, without waiting for
 // one: EAGAIN if there is none. Received fds are close-on-exec, as Go's
 // own reads make them.
@@ -39,10 +42,27 @@ func HungUp(conn *net.UnixConn) bool {
 		return false
 	}
 	hung := false
-	rc.Control(func(fd uintptr) {
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
-		n, err := unix.Poll(fds, 0)
-		hung = err == nil && n > 0 && fds[0].Revents&(unix.POLLHUP|unix.POLLRDHUP) != 0
-	})
+	rc.Control(func(fd uintptr) { hung = hungUp(int(fd)) })
 	return hung
+}
+
+func hungUp(fd int) bool {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0 && fds[0].Revents&(unix.POLLHUP|unix.POLLRDHUP) != 0
+}
+
+// WaitForClose blocks until the caller's end of conn is closed, which the
+// kernel also does when the caller dies, or conn is closed here. It reads
+// nothing: whatever the caller sends meanwhile stays queued until conn is
+// discarded. A read would take the fds it carries, and both their close
+// and the kernel's of those the read had no room for are the caller's to
+// make block, hiding the hang-up.
+func WaitForClose(conn *net.UnixConn) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return
+	}
+	// Woken by each message as well as by the hang-up: the check tells.
+	rc.Read(func(fd uintptr) bool { return hungUp(int(fd)) })
 }

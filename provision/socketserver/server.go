@@ -54,6 +54,8 @@ type Server struct {
 	// conns are the listeners, the callers' connections and their
 	// handlers.
 	conns acceptloop.Group[*callerConn]
+	// closer closes the callers' connections.
+	closer *closer
 
 	mu sync.Mutex
 	// waiting counts connections whose request is not answered yet, in
@@ -79,7 +81,7 @@ func New(m *provision.Manager, cfg Config) *Server {
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	return &Server{m: m, cfg: cfg, log: cfg.Logger, waitingByAccount: make(map[provision.Account]int),
-		dropLog: rateLimited{every: time.Second}, ctx: ctx, cancel: cancel}
+		dropLog: rateLimited{every: time.Second}, closer: newCloser(), ctx: ctx, cancel: cancel}
 }
 
 func orDefault[T comparable](v *T, def T) {
@@ -105,7 +107,8 @@ func (s *Server) Serve(ln UnixListener) error {
 		Listener: ln,
 		Accept: acceptloop.Wrapped(ln.AcceptUnix, func(conn *net.UnixConn) *callerConn {
 			accepted := time.Now()
-			return &callerConn{UnixConn: conn, caller: peerCredentials(conn), accepted: accepted}
+			return &callerConn{UnixConn: conn, caller: peerCredentials(conn), accepted: accepted,
+				close: sync.OnceFunc(func() { s.closer.close(conn) })}
 		}),
 		Admit: func(c *callerConn) bool {
 			reason := s.admit(c.caller)
@@ -118,7 +121,7 @@ func (s *Server) Serve(ln UnixListener) error {
 			return reason == ""
 		},
 		Abandon: func(c *callerConn) { s.requestDone(c.caller) },
-		Handle:  func(c *callerConn) { s.serveConn(c.UnixConn, c.caller, c.accepted) },
+		Handle:  s.serveConn,
 		Retrying: func(err error, pause time.Duration) {
 			// Out of fds, say: callers queue in the listen backlog
 			// meanwhile.
@@ -137,12 +140,16 @@ type callerConn struct {
 	*net.UnixConn
 	caller   provision.Caller
 	accepted time.Time
+	close    func()
 }
 
-// Close discards what the caller queued, whose fds could otherwise hold
-// the closing goroutine (the accept loop's, for a connection dropped at
-// once), then closes the connection.
-func (c *callerConn) Close() error { return protocol.Discard(c.UnixConn) }
+// Close has the server's closer discard what the caller queued and close
+// the connection, the first time only: the close of the caller's fds can
+// be slow, and the goroutine closing can be the accept loop's.
+func (c *callerConn) Close() error {
+	c.close()
+	return nil
+}
 
 // admit counts a new connection as waiting for its request, or says why it
 // is dropped at once.
@@ -174,9 +181,9 @@ func (s *Server) requestDone(caller provision.Caller) {
 var errHungUp = errors.New("connection closed")
 
 // serveConn handles one caller: one request, then, on success, the life of
-// the attachment, which ends with the connection. accepted is when the
-// connection was accepted, for the attach's timing.
-func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller, accepted time.Time) {
+// the attachment, which ends with the connection.
+func (s *Server) serveConn(c *callerConn) {
+	conn, caller, accepted := c.UnixConn, c.caller, c.accepted
 	msg, fds, err := protocol.ReadRequest(conn, time.Now().Add(s.cfg.RequestTimeout))
 	// The connection counts as waiting until it has its answer: a request
 	// waiting for an image's previous detach holds a descriptor as long
@@ -248,7 +255,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller, accepted
 		return
 	}
 	pinned = false // the Manager's now
-	hangup := &hangupProbe{conn: conn}
+	hangup := &hangupProbe{conn: conn, close: c.close}
 	at, err := s.m.Attach(ctx, req, provision.Owner{Kind: provision.OwnerConnection, Caller: caller, Life: ctx, HungUp: hangup.hungUp})
 	if err != nil {
 		reject(req.Key, err)
@@ -274,6 +281,7 @@ func (s *Server) serveConn(conn *net.UnixConn, caller provision.Caller, accepted
 type hangupProbe struct {
 	mu     sync.Mutex
 	conn   *net.UnixConn
+	close  func()
 	closed bool
 	hung   bool
 }
@@ -287,13 +295,13 @@ func (p *hangupProbe) hungUp() bool {
 	return p.hung
 }
 
-// discard closes the connection as protocol.Discard does.
+// discard closes the connection.
 func (p *hangupProbe) discard() {
 	p.mu.Lock()
 	p.hung = protocol.HungUp(p.conn)
 	p.closed = true
 	p.mu.Unlock()
-	protocol.Discard(p.conn)
+	p.close()
 }
 
 // reject answers a failed request and logs it.
@@ -316,6 +324,9 @@ func (s *Server) reject(conn *net.UnixConn, caller provision.Caller, key string,
 // devices are detached or handed over is the Manager's to say, which is
 // shut down (or handed over) first.
 func (s *Server) Shutdown(ctx context.Context) error {
+	// The closes of the connections wait for nothing from here on: they
+	// are made from under the Group's lock.
+	s.closer.stop()
 	s.conns.Close()
 	s.cancel(provision.ErrShuttingDown)
 	done := make(chan struct{})
