@@ -250,13 +250,14 @@ func (s *Source) markSynced() {
 	s.synced = true
 	present := s.present
 	s.mu.Unlock()
-	close(s.syncedCh)
+	// Logged before the wait ends: who waited finds them written.
 	if !present {
 		s.log.Warn("ConfigMap does not exist; every image key is not_found until it is created", "server", s.server)
 	}
 	st := s.Status()
 	s.log.Info("image configs synced from ConfigMap", "server", s.server, "resource_version", st.ResourceVersion,
 		"keys", st.Keys, "invalid_keys", st.InvalidKeys)
+	close(s.syncedCh)
 }
 
 // WaitSynced waits for the first sync, at most the sync timeout; at once
