@@ -254,6 +254,9 @@ func (m *Manager) detach(a *attachment, reason string) {
 		ctx, cancel := context.WithTimeout(context.Background(), m.cfg.DetachTimeout)
 		detachErr := m.cfg.Devices.Detach(ctx, a.dev)
 		cancel()
+		if detachErr != nil && !errors.Is(detachErr, nbddev.ErrStillOpen) {
+			m.fenceUndetached(a)
+		}
 		// After the detach: until then the device's connection could
 		// still be the one that suspension fenced.
 		m.reg.endFence(a)
@@ -279,6 +282,29 @@ func (m *Manager) detach(a *attachment, reason string) {
 		}
 		m.cfg.Metrics.Detached(a.mode, detachResult(flushErr, detachErr))
 	})
+}
+
+// fenceUndetached cuts, at the engine, the connection of a's device that
+// the kernel may still have after a failed detach: whoever holds the
+// device could write on through it, and the image's lock is released
+// next. A session with the attachment's client id ends it. One that cannot
+// be opened leaves the lock to lapse, never released, since another node
+// could otherwise take the image at once.
+func (m *Manager) fenceUndetached(a *attachment) {
+	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.AttachTimeout)
+	conn, _, err := m.openSession(ctx, a.session())
+	cancel()
+	if err == nil {
+		conn.Close()
+		m.log.Warn("the device could not be detached: its engine connection is cut, so nothing more reaches the image",
+			"image_id", a.imageID, "device", a.dev.Path)
+		return
+	}
+	m.log.Error("the device could not be detached nor its engine connection cut: the image's lock is left to lapse",
+		"image_id", a.imageID, "device", a.dev.Path, "err", err)
+	if lock := m.reg.takeLock(a); lock != nil {
+		lock.Abandon()
+	}
 }
 
 // settle waits, for a's detach, until its device's engine connection can

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,13 +26,23 @@ import (
 type handedLocks struct {
 	mu     sync.Mutex
 	fences map[string]provision.Fence
+	// onRelease, when set, is called by each lock's Release.
+	onRelease func()
 }
 
-type handedLock struct{ name string }
+type handedLock struct {
+	name      string
+	onRelease func()
+}
 
-func (l handedLock) Release(context.Context) error { return nil }
-func (l handedLock) Abandon()                      {}
-func (l handedLock) Status() provision.LockStatus  { return provision.LockStatus{Name: l.name} }
+func (l handedLock) Release(context.Context) error {
+	if l.onRelease != nil {
+		l.onRelease()
+	}
+	return nil
+}
+func (l handedLock) Abandon()                     {}
+func (l handedLock) Status() provision.LockStatus { return provision.LockStatus{Name: l.name} }
 
 func (h *handedLocks) Acquire(ctx context.Context, imageID string, fence provision.Fence) (provision.Lock, error) {
 	h.mu.Lock()
@@ -40,7 +51,7 @@ func (h *handedLocks) Acquire(ctx context.Context, imageID string, fence provisi
 		h.fences = map[string]provision.Fence{}
 	}
 	h.fences[imageID] = fence
-	return handedLock{name: "lease-" + imageID}, nil
+	return handedLock{name: "lease-" + imageID, onRelease: h.onRelease}, nil
 }
 
 func (h *handedLocks) fence(t *testing.T, imageID string) provision.Fence {
@@ -564,5 +575,61 @@ func TestKilledDuringTheMountIsNotKept(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(nextDir, volID+".json")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("its record is left: %v", err)
+	}
+}
+
+// A detach the kernel refused leaves the device connected, and whoever
+// holds it could write on: its engine connection is cut before the
+// image's lock is released, so that no write reaches the image once
+// another node may take it.
+func TestFailedDetachCutsTheConnectionBeforeTheRelease(t *testing.T) {
+	var ts *provisiontest.Server
+	cutAtRelease := make(chan bool, 1)
+	locks := &handedLocks{onRelease: func() {
+		conn := ts.Devices.Conn(0)
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err := conn.Read(make([]byte, 1))
+		var timeout interface{ Timeout() bool }
+		cutAtRelease <- err != nil && !(errors.As(err, &timeout) && timeout.Timeout())
+	}}
+	ts = provisiontest.New(t, func(c *provisiontest.Config) { c.Exclusivity = locks })
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	ts.Devices.Mu.Lock()
+	ts.Devices.DetachErr = errors.New("netlink: disconnect failed")
+	ts.Devices.Mu.Unlock()
+	a.Close()
+	select {
+	case cut := <-cutAtRelease:
+		if !cut {
+			t.Fatalf("the lock was released with the undetached device's engine connection still open:\n%s", ts.Logs())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the lock was not released:\n%s", ts.Logs())
+	}
+}
+
+// A detach the kernel refused, with no session to cut the device's
+// connection (the engine does not answer): the lock is left to lapse,
+// never released, since another node could otherwise take the image while
+// the device may still reach it.
+func TestFailedDetachWithoutAFenceLeavesTheLockToLapse(t *testing.T) {
+	sw := &engineSwitch{}
+	var released atomic.Bool
+	locks := &handedLocks{onRelease: func() { released.Store(true) }}
+	ts := provisiontest.New(t, withSwitch(sw, func(c *provisiontest.Config) {
+		c.Exclusivity = locks
+		c.AttachTimeout = time.Second
+	}))
+	ts.AddImage(t, "vol", volID, 1<<20)
+	a := ts.Attach(t, "vol")
+	ts.Devices.Mu.Lock()
+	ts.Devices.DetachErr = errors.New("netlink: disconnect failed")
+	ts.Devices.Mu.Unlock()
+	sw.set(true, nil)
+	a.Close()
+	waitFor(t, func() bool { return stateOf(ts, volID) == "" && strings.Contains(ts.Logs(), "left to lapse") })
+	if released.Load() {
+		t.Fatalf("the lock was released although the undetached device's connection could not be cut:\n%s", ts.Logs())
 	}
 }

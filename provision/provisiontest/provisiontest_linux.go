@@ -58,6 +58,10 @@ type Devices struct {
 	// KeepConns leaves the engine connection open at Detach, as a kernel
 	// does while the engine still works on requests it was sent.
 	KeepConns bool
+	// DetachErr, when set, fails Detach with it, the device left
+	// connected (its engine connection open), as a netlink disconnect
+	// that failed leaves it.
+	DetachErr error
 	// OnResponds, when set, answers Responds in its place.
 	OnResponds func(index uint32) error
 	// OnConnect, when set, is called in Attach once the "kernel" has the
@@ -155,6 +159,10 @@ func (f *Devices) Flush(ctx context.Context, dev *nbddev.Device) error {
 // Detach implements provision.Devices.
 func (f *Devices) Detach(ctx context.Context, dev *nbddev.Device) error {
 	f.Mu.Lock()
+	if err := f.DetachErr; err != nil {
+		f.Mu.Unlock()
+		return err
+	}
 	f.detaches[dev.Index]++
 	if !f.KeepConns {
 		f.conns[dev.Index].Close()
