@@ -21,7 +21,6 @@ import (
 
 	"github.com/mvps-provisioner/mvps-provisioner/internal/kubecluster"
 	"github.com/mvps-provisioner/mvps-provisioner/provision/admin"
-	"github.com/mvps-provisioner/mvps-provisioner/provision/protocol"
 	"github.com/mvps-provisioner/mvps-provisioner/vmtest/vmharness"
 )
 
@@ -140,9 +139,12 @@ func TestVMLeaseSuspendsARealDevice(t *testing.T) {
 
 // restartDuringOutage: a daemon with its image configs in a ConfigMap,
 // killed under a writer while the API server is down. Its next start
-// cannot sync them; it must not exit (nothing would renew the Lease or
-// fence the writes), but take the device over, fence it, refuse attaches,
-// and resume once the API server answers, every acknowledged block intact.
+// cannot sync them; it must take the device over and fence it while the
+// API server is still down (nothing else would renew the Lease or stop the
+// writes), and resume once the API server answers, every acknowledged
+// block intact. (That a start holding devices outlives a sync that fails,
+// refusing attaches, is TestAwaitImages' and TestSourceBeforeItsFirstSync's:
+// waiting out the 30 s bound here would cost every CI run as much.)
 func restartDuringOutage(t *testing.T, api *kubecluster.APIServer, cs kubernetes.Interface, kubeconfig string) {
 	if _, err := cs.CoreV1().ConfigMaps("mvps-system").Create(t.Context(), &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: "mvps-images"},
@@ -160,15 +162,9 @@ func restartDuringOutage(t *testing.T, api *kubecluster.APIServer, cs kubernetes
 
 	p.Kill(t)
 	api.Stop()
-	// After the bounded wait for the first sync (30 s).
-	p.LaunchUntil(t, 90*time.Second, func() bool { return logHas(p, "serving on for the devices taken over") })
-	waitUntil(t, 60*time.Second, "the taken-over device's suspension", func() bool { return logHas(p, "suspending its I/O") })
-	if att, err := protocol.Attach(t.Context(), p.Socket, "cmvol"); err == nil || !strings.Contains(err.Error(), "not synced") {
-		if err == nil {
-			att.Close()
-		}
-		t.Errorf("an attach before the first sync: %v, want it refused as not synced", err)
-	}
+	// It does not answer before the first sync; its taking the device over
+	// is what tells it runs.
+	p.LaunchUntil(t, 60*time.Second, func() bool { return logHas(p, "suspending its I/O") })
 	select {
 	case <-p.Exited():
 		t.Fatalf("the daemon exited during the outage: %v", p.ExitErr())
