@@ -278,8 +278,19 @@ func (g *gatedMounter) unmounted() int {
 // namespace.
 func gatedMount(t *testing.T) (*gatedMounter, *provisiontest.Server, provision.Request) {
 	t.Helper()
+	return gatedMountWith(t, nil)
+}
+
+// gatedMountWith is gatedMount on a server that configure changes too.
+func gatedMountWith(t *testing.T, configure func(*provisiontest.Config)) (*gatedMounter, *provisiontest.Server, provision.Request) {
+	t.Helper()
 	gate := &gatedMounter{in: make(chan struct{}), release: make(chan struct{})}
-	ts := provisiontest.New(t, func(c *provisiontest.Config) { c.Mounter = gate })
+	ts := provisiontest.New(t, func(c *provisiontest.Config) {
+		c.Mounter = gate
+		if configure != nil {
+			configure(c)
+		}
+	})
 	ts.AddImage(t, "vol", volID, 1<<20)
 	ns, err := os.Open("/proc/self/ns/mnt")
 	if err != nil {
@@ -517,20 +528,10 @@ func TestHandoverOfASuspendedAttachmentReconnectsNext(t *testing.T) {
 // every retried stage with "attached here but not mounted", for good.
 func TestKilledDuringTheMountIsNotKept(t *testing.T) {
 	stateDir := t.TempDir()
-	gate := &gatedMounter{in: make(chan struct{}), release: make(chan struct{})}
-	old := provisiontest.New(t, func(c *provisiontest.Config) { c.State, c.Mounter = openState(t, stateDir), gate })
-	old.AddImage(t, "vol", volID, 1<<20)
-	ns, err := os.Open("/proc/self/ns/mnt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	gate, old, req := gatedMountWith(t, func(c *provisiontest.Config) { c.State = openState(t, stateDir) })
 	done := make(chan *provision.Attached, 1)
 	go func() {
-		at, _ := old.Manager.Attach(context.Background(), provision.Request{Key: "vol", Mount: &mount.Request{Namespace: ns, Dir: dir}},
+		at, _ := old.Manager.Attach(context.Background(), req,
 			provision.Owner{Kind: provision.OwnerVolume, Caller: provision.VolumeCaller, Volume: "pv-1"})
 		done <- at
 	}()

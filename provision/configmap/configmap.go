@@ -132,7 +132,7 @@ type Status struct {
 // Client is what a Source needs of the API server: list and watch the
 // ConfigMaps of one namespace. client-go's typed ConfigMapInterface
 // (clientset.CoreV1().ConfigMaps(namespace)) and its fake satisfy it;
-// NewFromEnv uses NewRESTClient, which knows only core/v1, because the typed
+// StartFromEnv uses NewRESTClient, which knows only core/v1, because the typed
 // clientset's scheme links every API group into the daemon (measured: about
 // 17 MB more).
 type Client interface {
